@@ -1,0 +1,157 @@
+//! The command line: `serve`, `check`, `demo-server`. The only place besides `main` that uses
+//! `anyhow`: everything here reports to a person and exits.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Config, Transport};
+
+/// Portcullis: an authenticating gateway for MCP servers.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file (default: ./portcullis.yaml, then ./portcullis.json, else the built-in demo).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding the config's `listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Log format on stderr.
+        #[arg(long, value_enum, default_value_t)]
+        log_format: LogFormat,
+        /// Test hook: panic on the main thread after this long (e.g. `2s`), to prove that no
+        /// child process outlives a crash of the gateway.
+        #[arg(long, hide = true)]
+        test_panic_after: Option<String>,
+    },
+    /// Validate a config file: every error with its path and line; a summary per server.
+    Check {
+        /// Config file (default: ./portcullis.yaml, then ./portcullis.json).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run the bundled demo MCP server (stdio by default).
+    DemoServer {
+        /// Serve streamable HTTP on this address instead of stdio.
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// Page size of its lists (default: everything on one page).
+        #[arg(long)]
+        page_size: Option<usize>,
+        /// The name it reports in serverInfo.
+        #[arg(long, default_value = "portcullis-demo")]
+        name: String,
+    },
+}
+
+/// Loads the config named on the command line, or the default file, or the built-in demo.
+pub fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
+    match path.or_else(config::default_path) {
+        Some(p) => Ok(config::load(&p)?),
+        None => {
+            let exe = std::env::current_exe().context("cannot find the portcullis executable")?;
+            Ok(config::demo(&exe))
+        }
+    }
+}
+
+/// Runs `check`; returns the process exit code.
+pub fn check(path: Option<PathBuf>) -> i32 {
+    let Some(path) = path.or_else(config::default_path) else {
+        eprintln!("no config file: pass --config FILE (looked for ./portcullis.yaml and ./portcullis.json)");
+        return 2;
+    };
+    match config::load(&path) {
+        Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("warning: {}: {w}", path.display());
+            }
+            println!("{}: ok, {} server(s), listen {}", path.display(), c.servers.len(), c.listen);
+            for s in &c.servers {
+                let what = match &s.transport {
+                    Transport::Stdio { command, args, .. } => format!("stdio: {command} {}", args.join(" ")),
+                    Transport::Http { url, mode, .. } => format!("{mode:?} {url}").to_lowercase(),
+                };
+                let state = if s.enabled { "" } else { " (disabled)" };
+                println!("  {}: {}{state}", s.name, what.trim_end());
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+/// Sets up logging on stderr (stdout may carry protocol).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Runs the gateway until SIGTERM/SIGINT.
+pub async fn serve(mut config: Config, listen: Option<SocketAddr>, panic_after: Option<String>) -> anyhow::Result<()> {
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    match &config.source {
+        Some(p) => tracing::info!(config = %p.display(), servers = config.servers.len(), "config loaded"),
+        None => tracing::info!("no config file; running the built-in demo configuration"),
+    }
+    let gateway = crate::mcp::gateway::Gateway::start(config);
+    let running = crate::server::serve(listener, gateway).await?;
+    tracing::info!("listening on http://{addr}/mcp");
+    let trigger = running.trigger();
+    let panic_delay = panic_after.map(|d| config::parse_duration(&d)).transpose().map_err(anyhow::Error::msg)?;
+    tokio::select! {
+        _ = crate::server::termination() => {}
+        _ = async {
+            match panic_delay {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        } => panic!("test hook: --test-panic-after elapsed"),
+    }
+    trigger.cancel();
+    running.wait().await;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Environment substitution in config string values, and the `.env` file beside the config.
+//!
+//! Supported forms: `${VAR}`, `${VAR:-default}`, `${env:VAR}` (VS Code), `$$` for a literal `$`,
+//! and MCP Front's `$env:VAR|default` / `$env:VAR` as a whole value. `${input:…}` is refused:
+//! Portcullis runs unattended and cannot prompt. A `$` not starting one of these forms is literal.
+//! Invariant: substitution is applied to typed string fields after parsing, never to the raw
+//! file, so a variable's value cannot inject structure.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Where variable values come from: the process environment over the `.env` file.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    dotenv: HashMap<String, String>,
+    process: HashMap<String, String>,
+}
+
+/// Why a value could not be substituted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubstError {
+    /// A referenced variable is unset and has no default.
+    #[error("environment variable {0} is not set (and has no default)")]
+    Missing(String),
+    /// `${input:…}`: VS Code prompts for these; a gateway cannot.
+    #[error(
+        "`${{input:{0}}}` asks for interactive input, which Portcullis cannot prompt for; use ${{env:VAR}} instead"
+    )]
+    Input(String),
+    /// `${` without a closing brace, or an empty name.
+    #[error("malformed variable reference: {0}")]
+    Malformed(String),
+}
+
+impl Env {
+    /// The process environment plus the `.env` file in `dir`, if present.
+    pub fn load(dir: Option<&Path>) -> Self {
+        let dotenv = dir
+            .map(|d| d.join(".env"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|s| parse_dotenv(&s))
+            .unwrap_or_default();
+        Env { dotenv, process: std::env::vars().collect() }
+    }
+
+    /// An environment with exactly these variables (tests).
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Env { dotenv: HashMap::new(), process: pairs.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect() }
+    }
+
+    /// A variable's value; the process environment wins over `.env`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.process.get(name).or_else(|| self.dotenv.get(name)).map(String::as_str)
+    }
+
+    /// Substitutes every reference in `input`, collecting every problem rather than the first.
+    pub fn substitute(&self, input: &str) -> Result<String, Vec<SubstError>> {
+        if !input.contains('$') {
+            return Ok(input.to_owned());
+        }
+        if let Some(rest) = input.strip_prefix("$env:") {
+            let (name, default) = match rest.split_once('|') {
+                Some((n, d)) => (n, Some(d)),
+                None => (rest, None),
+            };
+            if is_name(name) {
+                return match (self.get(name), default) {
+                    (Some(v), _) => Ok(v.to_owned()),
+                    (None, Some(d)) => Ok(d.to_owned()),
+                    (None, None) => Err(vec![SubstError::Missing(name.to_owned())]),
+                };
+            }
+        }
+        let mut out = String::with_capacity(input.len());
+        let mut errors = Vec::new();
+        let mut rest = input;
+        while let Some(pos) = rest.find('$') {
+            out.push_str(&rest[..pos]);
+            let after = &rest[pos + 1..];
+            if let Some(tail) = after.strip_prefix('$') {
+                out.push('$');
+                rest = tail;
+            } else if let Some(body) = after.strip_prefix('{') {
+                let Some(end) = body.find('}') else {
+                    errors.push(SubstError::Malformed(rest.to_owned()));
+                    break;
+                };
+                let reference = &body[..end];
+                rest = &body[end + 1..];
+                match self.reference(reference) {
+                    Ok(v) => out.push_str(&v),
+                    Err(e) => errors.push(e),
+                }
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        if errors.is_empty() { Ok(out) } else { Err(errors) }
+    }
+
+    fn reference(&self, reference: &str) -> Result<String, SubstError> {
+        if let Some(input) = reference.strip_prefix("input:") {
+            return Err(SubstError::Input(input.to_owned()));
+        }
+        let reference = reference.strip_prefix("env:").unwrap_or(reference);
+        let (name, default) = match reference.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (reference, None),
+        };
+        if !is_name(name) {
+            return Err(SubstError::Malformed(format!("${{{reference}}}")));
+        }
+        match (self.get(name), default) {
+            (Some(v), _) if !(v.is_empty() && default.is_some()) => Ok(v.to_owned()),
+            (_, Some(d)) => Ok(d.to_owned()),
+            (Some(v), None) => Ok(v.to_owned()),
+            (None, None) => Err(SubstError::Missing(name.to_owned())),
+        }
+    }
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Parses `KEY=VALUE` lines (`export ` prefix, `#` comments, single or double quotes).
+pub fn parse_dotenv(text: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((key, value)) = line.split_once('=') else { continue };
+        let key = key.trim();
+        if !is_name(key) {
+            continue;
+        }
+        let value = value.trim();
+        let value = if value.len() >= 2
+            && ((value.starts_with('"') && value.ends_with('"')) || (value.starts_with('\'') && value.ends_with('\'')))
+        {
+            &value[1..value.len() - 1]
+        } else {
+            value.split(" #").next().unwrap_or(value).trim_end()
+        };
+        out.insert(key.to_owned(), value.to_owned());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> Env {
+        Env::from_pairs([("A", "alpha"), ("EMPTY", "")])
+    }
+
+    #[test]
+    fn forms() {
+        let e = env();
+        assert_eq!(e.substitute("x-${A}-y").unwrap(), "x-alpha-y");
+        assert_eq!(e.substitute("${env:A}").unwrap(), "alpha");
+        assert_eq!(e.substitute("${B:-dflt}").unwrap(), "dflt");
+        assert_eq!(e.substitute("${EMPTY:-dflt}").unwrap(), "dflt");
+        assert_eq!(e.substitute("$$HOME and $5").unwrap(), "$HOME and $5");
+        assert_eq!(e.substitute("$env:A|zzz").unwrap(), "alpha");
+        assert_eq!(e.substitute("$env:B|zzz").unwrap(), "zzz");
+        assert_eq!(e.substitute("plain").unwrap(), "plain");
+    }
+
+    #[test]
+    fn all_errors_at_once() {
+        let errs = env().substitute("${B}${C}${input:tok}").unwrap_err();
+        assert_eq!(
+            errs,
+            vec![SubstError::Missing("B".into()), SubstError::Missing("C".into()), SubstError::Input("tok".into())]
+        );
+        assert!(env().substitute("${A").is_err());
+        assert!(env().substitute("$env:B").is_err());
+    }
+
+    #[test]
+    fn dotenv() {
+        let m = parse_dotenv("# c\nexport X=1\nY=\"two words\"\nZ=3 # trailing\nbad line\n");
+        assert_eq!(m["X"], "1");
+        assert_eq!(m["Y"], "two words");
+        assert_eq!(m["Z"], "3");
+        assert_eq!(m.len(), 3);
+    }
+}

@@ -1,0 +1,750 @@
+//! Configuration: the file format (raw serde types, documented field by field), and its
+//! validation into the runtime [`Config`].
+//!
+//! Invariants: a file is validated whole, into an immutable `Config` that is swapped in
+//! atomically (never edited in place); every problem is reported at once, each with the path of
+//! the field (`servers.github.url`) and its line where known; unknown keys in Portcullis' own
+//! schema are errors, unknown keys in entries written for other clients (`mcpServers`, VS Code's
+//! `mcp.json`) are warnings.
+
+pub mod env;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+pub use env::Env;
+
+/// The default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The default separator between a server's name and a tool or prompt name.
+pub const DEFAULT_SEPARATOR: &str = "__";
+/// The default per-request deadline for an upstream call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// The default idle timeout of an upstream SSE stream.
+pub const DEFAULT_SSE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The default request body limit.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Paths a server name may not take, because they are the gateway's own.
+pub const RESERVED_NAMES: &[&str] =
+    &["mcp", "sse", "messages", "servers", "health", "rpc", "stats", "metrics", "admin", ".well-known"];
+
+type S = Spanned<String>;
+
+/// The top level of a Portcullis config file (YAML or JSON).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address and port to listen on, e.g. `127.0.0.1:8080` (the default). `--listen` overrides it.
+    #[serde(default)]
+    pub listen: Option<S>,
+    /// Synonym of `listen`, as Open MCP Gateway spells it.
+    #[serde(default)]
+    pub listen_addr: Option<S>,
+    /// What joins a server's name to a tool or prompt name in the aggregated view: `files__read`
+    /// with the default `__`. Server names may not contain it.
+    #[serde(default)]
+    pub separator: Option<S>,
+    /// Origins (`scheme://host[:port]`) allowed in the `Origin` header of browser requests. A
+    /// request with any other `Origin` gets 403. Default: only the listen address' own origin.
+    #[serde(default)]
+    pub allowed_origins: Vec<S>,
+    /// Host names (with or without port) allowed in the `Host` header. When empty and the
+    /// listener is on loopback, only `localhost`, `127.0.0.1` and `[::1]` are allowed (DNS
+    /// rebinding protection); when empty on another address, any host is allowed.
+    #[serde(default)]
+    pub allowed_hosts: Vec<S>,
+    /// The largest request body accepted, in bytes (default 4 MiB). Larger bodies get 413.
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+    /// The MCP servers to front, by name (`[a-z0-9_-]+`).
+    #[serde(default)]
+    pub servers: BTreeMap<String, Spanned<RawServer>>,
+    /// Claude Desktop / Claude Code / Cursor style server map; entries as in those files.
+    #[serde(default, rename = "mcpServers")]
+    pub mcp_servers: BTreeMap<String, Spanned<RawServer>>,
+    /// VS Code `mcp.json` prompt inputs. Portcullis cannot prompt: referencing one is an error.
+    #[serde(default)]
+    pub inputs: Option<serde::de::IgnoredAny>,
+}
+
+/// One upstream MCP server: a local command (stdio) or a remote URL.
+///
+/// Keys from other clients' formats are accepted too (`type`, `disabled`, `authTokens`).
+#[derive(Debug, Default, Deserialize)]
+pub struct RawServer {
+    /// The program to run for a stdio server (looked up on `PATH`).
+    #[serde(default)]
+    pub command: Option<S>,
+    /// Arguments to the command.
+    #[serde(default)]
+    pub args: Vec<S>,
+    /// Extra environment variables for the command (added to Portcullis' own environment).
+    #[serde(default)]
+    pub env: BTreeMap<String, S>,
+    /// Working directory for the command (default: Portcullis' own).
+    #[serde(default)]
+    pub cwd: Option<S>,
+    /// The MCP endpoint of a remote server, `http://` or `https://`.
+    #[serde(default)]
+    pub url: Option<S>,
+    /// How to talk to `url`: `streamable_http`, `sse` (the 2024-11-05 HTTP+SSE transport) or
+    /// `auto` (the default: try streamable HTTP, fall back to SSE).
+    #[serde(default)]
+    pub transport: Option<S>,
+    /// Synonym of the transport, as other clients write it: `stdio`, `http`
+    /// (`streamable-http`, `streamableHttp`) or `sse`.
+    #[serde(default, rename = "type")]
+    pub kind: Option<S>,
+    /// HTTP headers sent with every request to `url` (e.g. an upstream API key). Never the
+    /// client's own credentials: those are not forwarded.
+    #[serde(default)]
+    pub headers: BTreeMap<String, S>,
+    /// Deadline for one request to this server, e.g. `30s` or `5m` (default `5m`); a number
+    /// is milliseconds, as Claude's format has it. Progress notifications do not extend it.
+    #[serde(default)]
+    pub timeout: Option<Spanned<DurationValue>>,
+    /// How long an upstream SSE stream may stay silent before it is dropped (default `5m`).
+    #[serde(default)]
+    pub sse_idle_timeout: Option<Spanned<DurationValue>>,
+    /// Set to `false` to keep the entry but not run it.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Claude's spelling of `enabled: false`.
+    #[serde(default)]
+    pub disabled: Option<bool>,
+    /// `shared` (default): one process or connection serves every client session, with request
+    /// ids and progress tokens rewritten. `per_session`: one per client session, for servers
+    /// that keep per-client state or ask clients things (sampling, elicitation, roots).
+    #[serde(default)]
+    pub share: Option<S>,
+    /// MCP Front: names of the tokens allowed to reach this server.
+    #[serde(default, rename = "authTokens")]
+    pub auth_tokens: Vec<S>,
+}
+
+/// A duration written as text (`30s`, `5m`, `1h30m`) or as a number of milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationValue(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as `30s` or `5m`, or a number of milliseconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DurationValue, E> {
+                Ok(DurationValue(Duration::from_millis(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DurationValue, E> {
+                u64::try_from(v).map(|v| DurationValue(Duration::from_millis(v))).map_err(E::custom)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationValue, E> {
+                parse_duration(v).map(DurationValue).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `30s`, `5m`, `1h30m`, `250ms`, `2d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// The keys a server entry may have in Portcullis' own schema.
+const OWN_SERVER_KEYS: &[&str] = &[
+    "command",
+    "args",
+    "env",
+    "cwd",
+    "url",
+    "transport",
+    "type",
+    "headers",
+    "timeout",
+    "sse_idle_timeout",
+    "enabled",
+    "disabled",
+    "share",
+    "authTokens",
+];
+
+#[derive(Deserialize, Default)]
+struct KeysOnly {
+    #[serde(default)]
+    servers: BTreeMap<String, BTreeMap<String, serde::de::IgnoredAny>>,
+    #[serde(default, rename = "mcpServers")]
+    mcp_servers: BTreeMap<String, BTreeMap<String, serde::de::IgnoredAny>>,
+}
+
+/// How a server is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// A child process speaking newline-delimited JSON-RPC on stdin/stdout.
+    Stdio {
+        /// The program.
+        command: String,
+        /// Its arguments.
+        args: Vec<String>,
+        /// Extra environment.
+        env: BTreeMap<String, String>,
+        /// Working directory.
+        cwd: Option<PathBuf>,
+    },
+    /// A remote server over HTTP.
+    Http {
+        /// The endpoint URL.
+        url: String,
+        /// Which HTTP transport.
+        mode: HttpMode,
+        /// Static headers sent upstream.
+        headers: Vec<(String, String)>,
+    },
+}
+
+/// The HTTP transport of a remote server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMode {
+    /// Streamable HTTP (2025-03-26 and later, both eras).
+    Streamable,
+    /// HTTP+SSE (2024-11-05).
+    Sse,
+    /// Streamable HTTP, falling back to SSE when the server does not speak it.
+    Auto,
+}
+
+/// Whether clients share one upstream process/connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// One for all sessions (request ids and progress tokens rewritten).
+    Shared,
+    /// One per downstream session.
+    PerSession,
+}
+
+/// One validated server definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerDef {
+    /// The server's name.
+    pub name: String,
+    /// How to reach it.
+    pub transport: Transport,
+    /// Per-request deadline.
+    pub timeout: Duration,
+    /// Idle timeout of upstream SSE streams.
+    pub sse_idle_timeout: Duration,
+    /// Whether it runs.
+    pub enabled: bool,
+    /// Sharing mode.
+    pub share: Share,
+    /// MCP Front token names allowed to reach it (empty: no restriction from this list).
+    pub auth_tokens: Vec<String>,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Name separator.
+    pub separator: String,
+    /// Allowed `Origin` values (normalised, lowercase).
+    pub allowed_origins: Vec<String>,
+    /// Allowed `Host` values (lowercase).
+    pub allowed_hosts: Vec<String>,
+    /// Request body limit.
+    pub max_body_bytes: usize,
+    /// Servers, in name order.
+    pub servers: Vec<Arc<ServerDef>>,
+    /// The file this came from (None for the built-in demo).
+    pub source: Option<PathBuf>,
+    /// Warnings found while loading (unknown keys in foreign entries).
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// A server by name.
+    pub fn server(&self, name: &str) -> Option<&Arc<ServerDef>> {
+        self.servers.iter().find(|s| s.name == name)
+    }
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the field (empty for file-level errors).
+    pub path: String,
+    /// 1-based line, when known.
+    pub line: Option<u32>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.path.is_empty()) {
+            (Some(l), false) => write!(f, "line {l}: {}: {}", self.path, self.message),
+            (Some(l), true) => write!(f, "line {l}: {}", self.message),
+            (None, false) => write!(f, "{}: {}", self.path, self.message),
+            (None, true) => write!(f, "{}", self.message),
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors {
+    /// The file, when there is one.
+    pub file: Option<PathBuf>,
+    /// The problems, in file order where known.
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "config".into());
+        let n = self.errors.len();
+        write!(f, "{file}: {n} error{}", if n == 1 { "" } else { "s" })?;
+        for e in &self.errors {
+            write!(f, "\n  {file}:{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where to look when no `--config` is given: `./portcullis.yaml`, then `./portcullis.json`.
+pub fn default_path() -> Option<PathBuf> {
+    ["portcullis.yaml", "portcullis.yml", "portcullis.json"].iter().map(PathBuf::from).find(|p| p.is_file())
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        file: Some(path.to_owned()),
+        errors: vec![ConfigError { path: String::new(), line: None, message: format!("cannot read: {e}") }],
+    })?;
+    let env = Env::load(path.parent());
+    let mut config =
+        parse(&text, is_json(path), &env).map_err(|errors| ConfigErrors { file: Some(path.to_owned()), errors })?;
+    config.source = Some(path.to_owned());
+    Ok(config)
+}
+
+fn is_json(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// The built-in configuration used when no file exists: the bundled demo server over stdio.
+pub fn demo(exe: &Path) -> Config {
+    Config {
+        listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
+        separator: DEFAULT_SEPARATOR.to_owned(),
+        allowed_origins: Vec::new(),
+        allowed_hosts: Vec::new(),
+        max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        servers: vec![Arc::new(ServerDef {
+            name: "demo".to_owned(),
+            transport: Transport::Stdio {
+                command: exe.display().to_string(),
+                args: vec!["demo-server".to_owned()],
+                env: BTreeMap::new(),
+                cwd: None,
+            },
+            timeout: DEFAULT_TIMEOUT,
+            sse_idle_timeout: DEFAULT_SSE_IDLE_TIMEOUT,
+            enabled: true,
+            share: Share::Shared,
+            auth_tokens: Vec::new(),
+        })],
+        source: None,
+        warnings: Vec::new(),
+    }
+}
+
+fn line_of<T>(s: &Spanned<T>) -> Option<u32> {
+    let l = s.referenced.line();
+    (l > 0).then_some(l as u32)
+}
+
+/// Parses and validates config text; `json` selects strict JSON syntax.
+pub fn parse(text: &str, json: bool, env: &Env) -> Result<Config, Vec<ConfigError>> {
+    let err = |message: String, line: Option<u32>| vec![ConfigError { path: String::new(), line, message }];
+    if json && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        return Err(err(format!("invalid JSON: {e}"), Some(e.line() as u32)));
+    }
+    // JSON is YAML, so one parser (with line numbers) serves both once the JSON syntax is checked.
+    let raw: RawConfig = if text.trim().is_empty() {
+        RawConfig::default()
+    } else {
+        serde_saphyr::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line() as u32).filter(|l| *l > 0);
+            err(first_line(&e.to_string()), line)
+        })?
+    };
+    let keys: KeysOnly = serde_saphyr::from_str(text).unwrap_or_default();
+    Validator { env, errors: Vec::new(), warnings: Vec::new() }.validate(raw, keys)
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim().to_owned()
+}
+
+struct Validator<'a> {
+    env: &'a Env,
+    errors: Vec<ConfigError>,
+    warnings: Vec<String>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, path: impl Into<String>, line: Option<u32>, message: impl Into<String>) {
+        self.errors.push(ConfigError { path: path.into(), line, message: message.into() });
+    }
+
+    fn subst(&mut self, path: &str, value: &S) -> String {
+        match self.env.substitute(&value.value) {
+            Ok(v) => v,
+            Err(errs) => {
+                for e in errs {
+                    self.error(path, line_of(value), e.to_string());
+                }
+                String::new()
+            }
+        }
+    }
+
+    fn validate(mut self, raw: RawConfig, keys: KeysOnly) -> Result<Config, Vec<ConfigError>> {
+        let listen_raw = raw.listen.as_ref().or(raw.listen_addr.as_ref());
+        let listen = match listen_raw {
+            Some(l) => {
+                let path = if raw.listen.is_some() { "listen" } else { "listen_addr" };
+                let text = self.subst(path, l);
+                match text.parse::<SocketAddr>() {
+                    Ok(a) => a,
+                    Err(_) => {
+                        if !text.is_empty() {
+                            self.error(
+                                path,
+                                line_of(l),
+                                format!("{text:?} is not an address:port such as 127.0.0.1:8080"),
+                            );
+                        }
+                        SocketAddr::from(([127, 0, 0, 1], 8080))
+                    }
+                }
+            }
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        let separator = match &raw.separator {
+            Some(s) => {
+                let v = self.subst("separator", s);
+                if v.is_empty() || v.chars().any(|c| c.is_whitespace()) {
+                    self.error("separator", line_of(s), "must be non-empty and contain no whitespace");
+                }
+                v
+            }
+            None => DEFAULT_SEPARATOR.to_owned(),
+        };
+        let allowed_origins = raw
+            .allowed_origins
+            .iter()
+            .enumerate()
+            .map(|(i, o)| self.subst(&format!("allowed_origins[{i}]"), o).trim_end_matches('/').to_ascii_lowercase())
+            .collect();
+        let allowed_hosts = raw
+            .allowed_hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| self.subst(&format!("allowed_hosts[{i}]"), h).to_ascii_lowercase())
+            .collect();
+        let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            self.error("max_body_bytes", None, "must be greater than 0");
+        }
+
+        // VS Code's mcp.json (it has `inputs`) is a foreign format too.
+        let own_servers_foreign = raw.inputs.is_some();
+        for (section, entries, foreign) in
+            [("servers", &keys.servers, own_servers_foreign), ("mcpServers", &keys.mcp_servers, true)]
+        {
+            for (name, fields) in entries {
+                for key in fields.keys().filter(|k| !OWN_SERVER_KEYS.contains(&k.as_str())) {
+                    let path = format!("{section}.{name}.{key}");
+                    if foreign {
+                        self.warnings.push(format!("{path}: unknown key ignored"));
+                    } else {
+                        let line = raw.servers.get(name).and_then(line_of);
+                        self.error(path, line, "unknown field (check the spelling)");
+                    }
+                }
+            }
+        }
+
+        let mut servers = Vec::new();
+        for (section, map) in [("servers", raw.servers), ("mcpServers", raw.mcp_servers)] {
+            for (name, entry) in map {
+                if let Some(def) = self.server(section, &name, &entry, &separator) {
+                    if servers.iter().any(|s: &Arc<ServerDef>| s.name == def.name) {
+                        self.error(format!("{section}.{name}"), line_of(&entry), "defined twice");
+                    } else {
+                        servers.push(Arc::new(def));
+                    }
+                }
+            }
+        }
+        servers.sort_by(|a, b| a.name.cmp(&b.name));
+        if !self.errors.is_empty() {
+            self.errors.sort_by_key(|e| e.line.unwrap_or(u32::MAX));
+            return Err(self.errors);
+        }
+        Ok(Config {
+            listen,
+            separator,
+            allowed_origins,
+            allowed_hosts,
+            max_body_bytes,
+            servers,
+            source: None,
+            warnings: self.warnings,
+        })
+    }
+
+    fn server(&mut self, section: &str, name: &str, entry: &Spanned<RawServer>, separator: &str) -> Option<ServerDef> {
+        let base = format!("{section}.{name}");
+        let line = line_of(entry);
+        let before = self.errors.len();
+        let s = &entry.value;
+        if name.is_empty()
+            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            self.error(&base, line, "server names may use only a-z, 0-9, `_` and `-`");
+        } else if name.contains(separator) {
+            self.error(&base, line, format!("server names may not contain the separator {separator:?}"));
+        } else if RESERVED_NAMES.contains(&name) {
+            self.error(&base, line, format!("{name:?} is reserved for the gateway's own endpoints"));
+        }
+        let kind = s.kind.as_ref().map(|k| (k.value.to_ascii_lowercase(), line_of(k)));
+        let transport_kw = s.transport.as_ref().map(|t| (t.value.to_ascii_lowercase(), line_of(t)));
+        let transport = match (&s.command, &s.url) {
+            (Some(_), Some(_)) => {
+                self.error(&base, line, "give either `command` (stdio) or `url` (remote), not both");
+                None
+            }
+            (None, None) => {
+                self.error(&base, line, "needs `command` (stdio) or `url` (remote)");
+                None
+            }
+            (Some(command), None) => {
+                if let Some((k, l)) = &kind
+                    && k != "stdio"
+                {
+                    self.error(format!("{base}.type"), *l, format!("{k:?} needs `url`, not `command`"));
+                }
+                if s.transport.is_some() || !s.headers.is_empty() {
+                    self.error(&base, line, "`transport` and `headers` apply only to `url` servers");
+                }
+                let command = self.subst(&format!("{base}.command"), command);
+                if command.trim().is_empty() && self.errors.len() == before {
+                    self.error(format!("{base}.command"), line, "must not be empty");
+                }
+                let args =
+                    s.args.iter().enumerate().map(|(i, a)| self.subst(&format!("{base}.args[{i}]"), a)).collect();
+                let env = s.env.iter().map(|(k, v)| (k.clone(), self.subst(&format!("{base}.env.{k}"), v))).collect();
+                let cwd = s.cwd.as_ref().map(|c| PathBuf::from(self.subst(&format!("{base}.cwd"), c)));
+                Some(Transport::Stdio { command, args, env, cwd })
+            }
+            (None, Some(url_raw)) => {
+                if !s.args.is_empty() || !s.env.is_empty() || s.cwd.is_some() {
+                    self.error(&base, line, "`args`, `env` and `cwd` apply only to `command` servers");
+                }
+                let url = self.subst(&format!("{base}.url"), url_raw);
+                if !url.is_empty() {
+                    match reqwest::Url::parse(&url) {
+                        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                        _ => self.error(
+                            format!("{base}.url"),
+                            line_of(url_raw),
+                            format!("{url:?} is not an http(s) URL"),
+                        ),
+                    }
+                }
+                let from_kind = match &kind {
+                    None => None,
+                    Some((k, l)) => match k.as_str() {
+                        "http" | "streamable-http" | "streamable_http" | "streamablehttp" => Some(HttpMode::Streamable),
+                        "sse" => Some(HttpMode::Sse),
+                        other => {
+                            self.error(
+                                format!("{base}.type"),
+                                *l,
+                                format!("unknown type {other:?} for a `url` server (http, sse)"),
+                            );
+                            None
+                        }
+                    },
+                };
+                let from_transport = match &transport_kw {
+                    None => None,
+                    Some((t, l)) => match t.as_str() {
+                        "streamable_http" | "streamable-http" | "http" => Some(HttpMode::Streamable),
+                        "sse" => Some(HttpMode::Sse),
+                        "auto" => Some(HttpMode::Auto),
+                        other => {
+                            self.error(
+                                format!("{base}.transport"),
+                                *l,
+                                format!("unknown transport {other:?} (streamable_http, sse, auto)"),
+                            );
+                            None
+                        }
+                    },
+                };
+                if let (Some(a), Some(b)) = (from_kind, from_transport)
+                    && a != b
+                {
+                    self.error(&base, line, "`type` and `transport` disagree");
+                }
+                let mode = from_transport.or(from_kind).unwrap_or(HttpMode::Auto);
+                let mut headers = Vec::new();
+                for (k, v) in &s.headers {
+                    let value = self.subst(&format!("{base}.headers.{k}"), v);
+                    if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                        self.error(format!("{base}.headers.{k}"), line_of(v), "not a valid header name");
+                    } else if reqwest::header::HeaderValue::from_str(&value).is_err() {
+                        self.error(format!("{base}.headers.{k}"), line_of(v), "not a valid header value");
+                    }
+                    headers.push((k.clone(), value));
+                }
+                Some(Transport::Http { url, mode, headers })
+            }
+        };
+        let timeout = s.timeout.as_ref().map_or(DEFAULT_TIMEOUT, |t| t.value.0);
+        if timeout.is_zero() {
+            self.error(format!("{base}.timeout"), s.timeout.as_ref().and_then(line_of), "must be greater than 0");
+        }
+        let sse_idle_timeout = s.sse_idle_timeout.as_ref().map_or(DEFAULT_SSE_IDLE_TIMEOUT, |t| t.value.0);
+        let share = match &s.share {
+            None => Share::Shared,
+            Some(v) => match v.value.as_str() {
+                "shared" => Share::Shared,
+                "per_session" | "per-session" => Share::PerSession,
+                other => {
+                    self.error(
+                        format!("{base}.share"),
+                        line_of(v),
+                        format!("unknown value {other:?} (shared, per_session)"),
+                    );
+                    Share::Shared
+                }
+            },
+        };
+        let enabled = s.enabled.unwrap_or(true) && !s.disabled.unwrap_or(false);
+        let auth_tokens = s.auth_tokens.iter().map(|t| t.value.clone()).collect();
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(ServerDef {
+            name: name.to_owned(),
+            transport: transport?,
+            timeout,
+            sse_idle_timeout,
+            enabled,
+            share,
+            auth_tokens,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> Env {
+        Env::from_pairs([("TOKEN", "t0k"), ("HOST", "example.com")])
+    }
+
+    #[test]
+    fn own_format() {
+        let yaml = r#"
+listen: 127.0.0.1:9000
+servers:
+  files:
+    command: npx
+    args: ["-y", "server-files", "${HOME:-/tmp}"]
+    env: { KEY: "${TOKEN}" }
+    timeout: 30s
+    share: per_session
+  remote:
+    url: https://${HOST}/mcp
+    headers: { Authorization: "Bearer ${TOKEN}" }
+    transport: sse
+"#;
+        let c = parse(yaml, false, &env()).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.servers.len(), 2);
+        let files = c.server("files").unwrap();
+        assert_eq!(files.timeout, Duration::from_secs(30));
+        assert_eq!(files.share, Share::PerSession);
+        let Transport::Stdio { env, .. } = &files.transport else { panic!() };
+        assert_eq!(env["KEY"], "t0k");
+        let Transport::Http { url, mode, .. } = &c.server("remote").unwrap().transport else { panic!() };
+        assert_eq!(url, "https://example.com/mcp");
+        assert_eq!(*mode, HttpMode::Sse);
+    }
+
+    #[test]
+    fn claude_and_vscode_formats() {
+        let json = r#"{"mcpServers": {"fs": {"command": "x", "disabled": true, "timeout": 1500, "alwaysAllow": []}}}"#;
+        let c = parse(json, true, &env()).unwrap();
+        let fs = c.server("fs").unwrap();
+        assert!(!fs.enabled);
+        assert_eq!(fs.timeout, Duration::from_millis(1500));
+        assert_eq!(c.warnings, vec!["mcpServers.fs.alwaysAllow: unknown key ignored".to_owned()]);
+
+        let vscode =
+            r#"{"inputs": [], "servers": {"gh": {"type": "http", "url": "https://${env:HOST}/x", "gallery": true}}}"#;
+        let c = parse(vscode, true, &env()).unwrap();
+        assert!(matches!(c.server("gh").unwrap().transport, Transport::Http { mode: HttpMode::Streamable, .. }));
+        assert_eq!(c.warnings.len(), 1);
+
+        let input = r#"{"inputs": [], "servers": {"gh": {"type": "http", "url": "https://x/${input:tok}"}}}"#;
+        let errs = parse(input, true, &env()).unwrap_err();
+        assert!(errs[0].message.contains("cannot prompt"), "{errs:?}");
+    }
+
+    #[test]
+    fn reports_every_error_with_path_and_line() {
+        let yaml = "servers:\n  a:\n    url: ${NOPE}\n  b:\n    command: ${ALSO_NOPE}\n    colour: red\n  Bad:\n    command: x\n";
+        let errs = parse(yaml, false, &env()).unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert!(
+            text.iter().any(|e| e.contains("servers.a.url") && e.contains("NOPE") && e.starts_with("line 3")),
+            "{text:?}"
+        );
+        assert!(text.iter().any(|e| e.contains("servers.b.command") && e.contains("ALSO_NOPE")), "{text:?}");
+        assert!(text.iter().any(|e| e.contains("servers.b.colour")), "{text:?}");
+        assert!(text.iter().any(|e| e.contains("servers.Bad")), "{text:?}");
+    }
+
+    #[test]
+    fn typos_at_top_level_fail() {
+        let errs = parse("lisen: 1.2.3.4:5\n", false, &env()).unwrap_err();
+        assert_eq!(errs[0].line, Some(1), "{errs:?}");
+        assert!(parse("{\"servers\": {", true, &env()).is_err());
+    }
+
+    #[test]
+    fn reserved_and_separator_names() {
+        assert!(parse("servers:\n  mcp:\n    command: x\n", false, &env()).is_err());
+        assert!(parse("servers:\n  a__b:\n    command: x\n", false, &env()).is_err());
+        assert!(parse("separator: '.'\nservers:\n  a__b:\n    command: x\n", false, &env()).is_ok());
+    }
+}

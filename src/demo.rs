@@ -1,0 +1,421 @@
+//! The bundled demo MCP server (`portcullis demo-server`): stdio by default, streamable HTTP in
+//! both eras with `--http`. Deterministic tools for the built-in config, the README and the
+//! tests: echo, add, sleep, fail, crash, progress, sample (a sampling round-trip),
+//! spawn_grandchild, big, stats (including the most calls it had in flight at once).
+//!
+//! It is a test fixture, not part of the gateway's hot path, so it uses `serde_json::Value`
+//! freely. Invariant: in stdio mode nothing but protocol goes to stdout.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::mcp::session::lock;
+
+/// Demo server options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Serve HTTP on this address instead of stdio.
+    pub http: Option<SocketAddr>,
+    /// Page size of lists.
+    pub page_size: Option<usize>,
+    /// serverInfo name.
+    pub name: String,
+}
+
+struct Demo {
+    opts: Options,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    calls: AtomicU64,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<String, oneshot::Sender<Value>>>,
+    cancels: Mutex<HashMap<String, CancellationToken>>,
+    sessions: Mutex<HashMap<String, String>>,
+}
+
+type Out = mpsc::UnboundedSender<String>;
+
+/// Runs the demo server until stdin closes (stdio) or forever (HTTP).
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let demo = Arc::new(Demo {
+        opts: opts.clone(),
+        in_flight: AtomicUsize::new(0),
+        max_in_flight: AtomicUsize::new(0),
+        calls: AtomicU64::new(0),
+        next_id: AtomicU64::new(1),
+        pending: Mutex::new(HashMap::new()),
+        cancels: Mutex::new(HashMap::new()),
+        sessions: Mutex::new(HashMap::new()),
+    });
+    match opts.http {
+        Some(addr) => serve_http(demo, addr).await,
+        None => serve_stdio(demo).await,
+    }
+}
+
+async fn serve_stdio(demo: Arc<Demo>) -> anyhow::Result<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let writer = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        while let Some(line) = rx.recv().await {
+            let mut buf = line.into_bytes();
+            buf.push(b'\n');
+            while let Ok(more) = rx.try_recv() {
+                buf.extend_from_slice(more.as_bytes());
+                buf.push(b'\n');
+            }
+            if stdout.write_all(&buf).await.is_err() || stdout.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+            let _ =
+                tx.send(json!({"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}).to_string());
+            continue;
+        };
+        let demo = demo.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Some(resp) = demo.dispatch(msg, &tx).await {
+                let _ = tx.send(resp.to_string());
+            }
+        });
+    }
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    Ok(())
+}
+
+impl Demo {
+    /// Handles any incoming message; returns the response for requests.
+    async fn dispatch(self: &Arc<Self>, msg: Value, out: &Out) -> Option<Value> {
+        let id = msg.get("id").cloned();
+        let method = msg.get("method").and_then(Value::as_str).map(str::to_owned);
+        match (method, id) {
+            (None, Some(id)) => {
+                if let Some(tx) = lock(&self.pending).remove(&id.to_string()) {
+                    let _ = tx.send(msg.get("result").cloned().unwrap_or(Value::Null));
+                }
+                None
+            }
+            (Some(m), None) => {
+                if m == "notifications/cancelled"
+                    && let Some(rid) = msg.pointer("/params/requestId")
+                    && let Some(t) = lock(&self.cancels).remove(&rid.to_string())
+                {
+                    t.cancel();
+                }
+                None
+            }
+            (Some(m), Some(id)) => {
+                let params = msg.get("params").cloned().unwrap_or(json!({}));
+                let token = CancellationToken::new();
+                lock(&self.cancels).insert(id.to_string(), token.clone());
+                let result = self.request(&m, &params, out, &token).await;
+                lock(&self.cancels).remove(&id.to_string());
+                if token.is_cancelled() {
+                    return None;
+                }
+                Some(match result {
+                    Ok(r) => json!({"jsonrpc":"2.0","id":id,"result":r}),
+                    Err((code, message)) => json!({"jsonrpc":"2.0","id":id,"error":{"code":code,"message":message}}),
+                })
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn page(&self, items: Vec<Value>, field: &str, params: &Value) -> Result<Value, (i64, String)> {
+        let start = match params.get("cursor").and_then(Value::as_str) {
+            Some(c) => c.parse::<usize>().map_err(|_| (-32602, "Invalid cursor".to_owned()))?,
+            None => 0,
+        };
+        let size = self.opts.page_size.unwrap_or(usize::MAX);
+        let end = start.saturating_add(size).min(items.len());
+        let page: Vec<Value> = items.get(start..end).map(<[Value]>::to_vec).unwrap_or_default();
+        let mut out = json!({ field: page });
+        if end < items.len() {
+            out["nextCursor"] = json!(end.to_string());
+        }
+        Ok(out)
+    }
+
+    async fn request(
+        self: &Arc<Self>,
+        method: &str,
+        params: &Value,
+        out: &Out,
+        cancel: &CancellationToken,
+    ) -> Result<Value, (i64, String)> {
+        let info = json!({"name": self.opts.name, "version": env!("CARGO_PKG_VERSION")});
+        let caps = json!({"tools":{"listChanged":true},"prompts":{},"resources":{"subscribe":true},"logging":{},"completions":{}});
+        match method {
+            "initialize" => {
+                let requested = params.get("protocolVersion").and_then(Value::as_str).unwrap_or("2025-11-25");
+                let version = if ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"].contains(&requested) {
+                    requested
+                } else {
+                    "2025-11-25"
+                };
+                Ok(json!({"protocolVersion": version, "capabilities": caps, "serverInfo": info}))
+            }
+            "server/discover" => Ok(json!({
+                "supportedVersions": ["2026-07-28"], "capabilities": caps, "resultType": "complete",
+                "_meta": {"io.modelcontextprotocol/serverInfo": info}
+            })),
+            "ping" | "logging/setLevel" | "resources/subscribe" | "resources/unsubscribe" => Ok(json!({})),
+            "tools/list" => self.page(tools(), "tools", params),
+            "prompts/list" => self.page(
+                vec![json!({"name":"greet","description":"A greeting","arguments":[{"name":"name","required":true}]})],
+                "prompts",
+                params,
+            ),
+            "prompts/get" => {
+                if params.get("name").and_then(Value::as_str) != Some("greet") {
+                    return Err((-32602, "Unknown prompt".into()));
+                }
+                let who = params.pointer("/arguments/name").and_then(Value::as_str).unwrap_or("world");
+                Ok(json!({"messages":[{"role":"user","content":{"type":"text","text":format!("Hello, {who}!")}}]}))
+            }
+            "resources/list" => {
+                self.page(vec![json!({"uri":"demo://info","name":"info","mimeType":"text/plain"})], "resources", params)
+            }
+            "resources/templates/list" => {
+                self.page(vec![json!({"uriTemplate":"demo://items/{id}","name":"item"})], "resourceTemplates", params)
+            }
+            "resources/read" => {
+                let uri = params.get("uri").and_then(Value::as_str).unwrap_or("");
+                let text = if uri == "demo://info" {
+                    format!("{} demo resource", self.opts.name)
+                } else if let Some(id) = uri.strip_prefix("demo://items/") {
+                    format!("item {id}")
+                } else {
+                    return Err((-32002, format!("Resource not found: {uri}")));
+                };
+                Ok(json!({"contents":[{"uri":uri,"mimeType":"text/plain","text":text}]}))
+            }
+            "completion/complete" => Ok(json!({"completion":{"values":["alice","bob"],"total":2,"hasMore":false}})),
+            "tools/call" => {
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                let r = self.call(params, out, cancel).await;
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                r
+            }
+            other => Err((-32601, format!("Method not found: {other}"))),
+        }
+    }
+
+    async fn call(
+        self: &Arc<Self>,
+        params: &Value,
+        out: &Out,
+        cancel: &CancellationToken,
+    ) -> Result<Value, (i64, String)> {
+        let name = params.get("name").and_then(Value::as_str).unwrap_or("");
+        let args = params.get("arguments").cloned().unwrap_or(json!({}));
+        let text = |t: String| Ok(json!({"content":[{"type":"text","text":t}]}));
+        match name {
+            "echo" => text(args.get("text").and_then(Value::as_str).unwrap_or("").to_owned()),
+            "add" => {
+                let a = args.get("a").and_then(Value::as_f64).unwrap_or(0.0);
+                let b = args.get("b").and_then(Value::as_f64).unwrap_or(0.0);
+                text(format!("{}", a + b))
+            }
+            "sleep" => {
+                let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(100);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(ms)) => text(format!("slept {ms} ms")),
+                    _ = cancel.cancelled() => Err((-32800, "cancelled".into())),
+                }
+            }
+            "fail" => {
+                let m = args.get("message").and_then(Value::as_str).unwrap_or("failed on purpose");
+                Ok(json!({"content":[{"type":"text","text":m}],"isError":true}))
+            }
+            "crash" => {
+                tracing::warn!("crash tool called: exiting");
+                std::process::exit(3);
+            }
+            "progress" => {
+                let steps = args.get("steps").and_then(Value::as_u64).unwrap_or(3);
+                let token = params.pointer("/_meta/progressToken").cloned();
+                for i in 1..=steps {
+                    if let Some(t) = &token {
+                        let n = json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":t,"progress":i,"total":steps}});
+                        let _ = out.send(n.to_string());
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                text(format!("done {steps} steps"))
+            }
+            "sample" => {
+                let prompt = args.get("prompt").and_then(Value::as_str).unwrap_or("hello");
+                let id = format!("\"s-{}\"", self.next_id.fetch_add(1, Ordering::Relaxed));
+                let (tx, rx) = oneshot::channel();
+                lock(&self.pending).insert(id.clone(), tx);
+                let req = format!(
+                    r#"{{"jsonrpc":"2.0","id":{id},"method":"sampling/createMessage","params":{}}}"#,
+                    json!({"messages":[{"role":"user","content":{"type":"text","text":prompt}}],"maxTokens":100})
+                );
+                let _ = out.send(req);
+                match tokio::time::timeout(Duration::from_secs(30), rx).await {
+                    Ok(Ok(v)) => {
+                        let t = v.pointer("/content/text").and_then(Value::as_str).unwrap_or("").to_owned();
+                        text(format!("sampled: {t}"))
+                    }
+                    _ => {
+                        lock(&self.pending).remove(&id);
+                        Err((-32603, "no answer to sampling".into()))
+                    }
+                }
+            }
+            "spawn_grandchild" => {
+                let child =
+                    std::process::Command::new("sleep").arg("3600").spawn().map_err(|e| (-32603, e.to_string()))?;
+                let pid = child.id();
+                // Deliberately not waited for: the test checks the gateway reaps the group.
+                std::mem::forget(child);
+                text(pid.to_string())
+            }
+            "big" => {
+                let n = args.get("bytes").and_then(Value::as_u64).unwrap_or(1024) as usize;
+                text("x".repeat(n))
+            }
+            "stats" => Ok(json!({"content":[{"type":"text","text":json!({
+                "max_in_flight": self.max_in_flight.load(Ordering::SeqCst),
+                "in_flight": self.in_flight.load(Ordering::SeqCst),
+                "calls": self.calls.load(Ordering::Relaxed),
+                "pid": std::process::id(),
+            }).to_string()}]})),
+            other => Err((-32602, format!("Unknown tool: {other}"))),
+        }
+    }
+}
+
+fn tools() -> Vec<Value> {
+    let obj = |props: Value| json!({"type":"object","properties":props});
+    vec![
+        json!({"name":"echo","description":"Echoes text","inputSchema":obj(json!({"text":{"type":"string"}}))}),
+        json!({"name":"add","description":"Adds two numbers","inputSchema":obj(json!({"a":{"type":"number"},"b":{"type":"number"}}))}),
+        json!({"name":"sleep","description":"Sleeps ms milliseconds","inputSchema":obj(json!({"ms":{"type":"integer"}}))}),
+        json!({"name":"fail","description":"Returns a tool error","inputSchema":obj(json!({"message":{"type":"string"}}))}),
+        json!({"name":"crash","description":"Exits the server process","inputSchema":obj(json!({}))}),
+        json!({"name":"progress","description":"Reports progress","inputSchema":obj(json!({"steps":{"type":"integer"}}))}),
+        json!({"name":"sample","description":"Asks the client to sample","inputSchema":obj(json!({"prompt":{"type":"string"}}))}),
+        json!({"name":"spawn_grandchild","description":"Starts a child process and returns its pid","inputSchema":obj(json!({}))}),
+        json!({"name":"big","description":"Returns a text of the given size","inputSchema":obj(json!({"bytes":{"type":"integer"}}))}),
+        json!({"name":"stats","description":"Call statistics","inputSchema":obj(json!({}))}),
+    ]
+}
+
+async fn serve_http(demo: Arc<Demo>, addr: SocketAddr) -> anyhow::Result<()> {
+    let app = axum::Router::new().route("/mcp", axum::routing::any(http_mcp)).with_state(demo);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    // The tests read this line to learn the port.
+    eprintln!("demo-server listening on http://{}/mcp", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: HeaderMap, body: Body) -> Response {
+    let modern = headers.get("mcp-protocol-version").and_then(|v| v.to_str().ok()) == Some("2026-07-28");
+    let sid = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    match method {
+        Method::POST => {}
+        Method::DELETE => {
+            if let Some(s) = sid {
+                lock(&demo.sessions).remove(&s);
+            }
+            return StatusCode::OK.into_response();
+        }
+        _ => return StatusCode::METHOD_NOT_ALLOWED.into_response(),
+    }
+    let Ok(bytes) = crate::mcp::downstream::http::read_body(body, 16 * 1024 * 1024).await else {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    };
+    let Ok(msg) = serde_json::from_slice::<Value>(&bytes) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}"#.into(),
+        );
+    };
+    let method_name = msg.get("method").and_then(Value::as_str).unwrap_or("").to_owned();
+    let is_request = msg.get("id").is_some() && msg.get("method").is_some();
+    let mut new_session = None;
+    if !modern {
+        if method_name == "initialize" {
+            let id = crate::mcp::session::random_id();
+            lock(&demo.sessions).insert(id.clone(), String::new());
+            new_session = Some(id);
+        } else {
+            match &sid {
+                None => {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Missing session"}}"#.into(),
+                    );
+                }
+                Some(s) if !lock(&demo.sessions).contains_key(s) => return StatusCode::NOT_FOUND.into_response(),
+                _ => {}
+            }
+        }
+    } else if method_name == "initialize" {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32601,"message":"Method not found"}}"#.into(),
+        );
+    }
+    if !is_request {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        demo.dispatch(msg, &tx).await;
+        return StatusCode::ACCEPTED.into_response();
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let d = demo.clone();
+    let mut work = Box::pin(async move { d.dispatch(msg, &tx).await });
+    let mut resp = tokio::select! {
+        biased;
+        r = &mut work => json_response(StatusCode::OK, r.map(|v| v.to_string()).unwrap_or_default()),
+        Some(first) = rx.recv() => {
+            let stream = crate::mcp::downstream::http::async_stream(move |out| async move {
+                let _ = out.send(crate::mcp::sse::message(first.as_bytes(), None)).await;
+                loop {
+                    tokio::select! {
+                        r = &mut work => {
+                            while let Ok(m) = rx.try_recv() { let _ = out.send(crate::mcp::sse::message(m.as_bytes(), None)).await; }
+                            if let Some(r) = r { let _ = out.send(crate::mcp::sse::message(r.to_string().as_bytes(), None)).await; }
+                            return;
+                        }
+                        Some(m) = rx.recv() => { let _ = out.send(crate::mcp::sse::message(m.as_bytes(), None)).await; }
+                    }
+                }
+            });
+            crate::mcp::downstream::http::sse_response(stream, None)
+        }
+    };
+    if let Some(id) = new_session.and_then(|s| axum::http::HeaderValue::from_str(&s).ok()) {
+        resp.headers_mut().insert("mcp-session-id", id);
+    }
+    resp
+}

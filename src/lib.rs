@@ -1,0 +1,19 @@
+//! Portcullis: an authenticating gateway for MCP (Model Context Protocol) servers.
+//!
+//! # Layout
+//! - [`config`]: the file format and its validation into an immutable runtime `Config`.
+//! - [`mcp::jsonrpc`]: JSON-RPC envelopes over raw bytes (parse only what the gateway acts on).
+//! - [`mcp::upstream`]: the gateway as an MCP client: stdio children, streamable HTTP (both
+//!   eras) and HTTP+SSE, supervised with restart, backoff and a crash-loop breaker.
+//! - [`mcp::gateway`]: routing and the aggregated view (namespacing, merged lists, resources).
+//! - [`mcp::session`]: downstream sessions and per-request callers.
+//! - [`mcp::downstream`]: the gateway as an MCP server (streamable HTTP, both eras).
+//! - [`server`]: the HTTP listener, health, graceful shutdown.
+//! - [`cli`]: the command line. [`demo`]: the bundled demo MCP server.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod mcp;
+pub mod server;

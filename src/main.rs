@@ -1,0 +1,36 @@
+//! The `portcullis` binary: parses the command line and runs it.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use portcullis::cli::{self, Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let args = Cli::parse();
+    // A panic on the main thread ends the process: take every child process group with it.
+    // (A panic inside one request's task is contained by the runtime and ends only that task.)
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some("main") {
+            portcullis::mcp::upstream::stdio::kill_all();
+        }
+        default_hook(info);
+    }));
+    match args.command {
+        Command::Check { config } => std::process::exit(cli::check(config)),
+        Command::Serve { config, listen, workers, log_format, test_panic_after } => {
+            cli::init_logging(log_format);
+            let config = cli::load_config(config)?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = workers {
+                rt.worker_threads(n.max(1));
+            }
+            let rt = rt.enable_all().build()?;
+            rt.block_on(cli::serve(config, listen, test_panic_after))
+        }
+        Command::DemoServer { http, page_size, name } => {
+            cli::init_logging(cli::LogFormat::Text);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(portcullis::demo::run(portcullis::demo::Options { http, page_size, name }))
+        }
+    }
+}

@@ -1,0 +1,624 @@
+//! Streamable HTTP for clients, both eras on one endpoint (`/mcp`, `/servers/{name}/mcp`).
+//!
+//! Per request: Origin/Host check → body limit → envelope → era (a 2026-07-28
+//! `MCP-Protocol-Version` header or `_meta` version makes it stateless; else session rules) →
+//! route → answer as JSON, or as SSE once a related message (progress, a server-to-client
+//! request) arrives before the result. Invariants: every malformed input gets a 4xx with a
+//! JSON-RPC error body, never a 5xx; a modern request never mints or reads a session; a
+//! legacy request without a session id (other than `initialize`) gets 400, with an unknown
+//! one 404.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::mcp::gateway::{self, Ctx, Gateway, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Request};
+use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
+use crate::mcp::session::{Caller, Scope, Session, Transport};
+use crate::mcp::sse;
+
+/// Interval of keep-alive comments on idle SSE streams.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+
+const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
+const CLIENT_CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
+
+/// A JSON response with a status.
+pub fn json(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut r = Response::new(body.into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// A JSON-RPC error response with an HTTP status.
+pub fn rpc_error(status: StatusCode, id: Option<&str>, code: i64, message: &str) -> Response {
+    json(status, jsonrpc::error_response(id, code, message, None))
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Checks `Origin` (when present) and `Host` (on loopback, or when `allowed_hosts` is set).
+/// Returns the 403 response to send when the request must be refused.
+pub fn check_origin(config: &Config, headers: &HeaderMap) -> Option<Response> {
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("").trim_end_matches('/').to_ascii_lowercase();
+        let allowed = if config.allowed_origins.is_empty() {
+            own_origins(config).contains(&origin)
+        } else {
+            config.allowed_origins.iter().any(|o| *o == origin || o == "*")
+        };
+        if !allowed {
+            return Some(rpc_error(
+                StatusCode::FORBIDDEN,
+                None,
+                code::INVALID_REQUEST,
+                "Forbidden: origin not allowed",
+            ));
+        }
+    }
+    let host = header_str(headers, "host").unwrap_or("").to_ascii_lowercase();
+    let ok = if !config.allowed_hosts.is_empty() {
+        config.allowed_hosts.iter().any(|h| *h == host || host_name(&host) == h.as_str())
+    } else if config.listen.ip().is_loopback() {
+        matches!(host_name(&host), "localhost" | "127.0.0.1" | "[::1]" | "")
+    } else {
+        true
+    };
+    if !ok {
+        return Some(rpc_error(StatusCode::FORBIDDEN, None, code::INVALID_REQUEST, "Forbidden: host not allowed"));
+    }
+    None
+}
+
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
+    }
+    host.split(':').next().unwrap_or(host)
+}
+
+fn own_origins(config: &Config) -> Vec<String> {
+    let port = config.listen.port();
+    let mut out = Vec::new();
+    for scheme in ["http", "https"] {
+        out.push(format!("{scheme}://{}", config.listen));
+        if config.listen.ip().is_loopback() {
+            out.push(format!("{scheme}://localhost:{port}"));
+            out.push(format!("{scheme}://127.0.0.1:{port}"));
+            out.push(format!("{scheme}://[::1]:{port}"));
+        }
+    }
+    out
+}
+
+/// Reads a body up to the limit; `Err` is the 413/400 response.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(rpc_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            None,
+            code::INVALID_REQUEST,
+            &format!("Request body larger than {limit} bytes"),
+        )),
+        Err(_) => Err(rpc_error(StatusCode::BAD_REQUEST, None, code::PARSE_ERROR, "Could not read the request body")),
+    }
+}
+
+fn accepts(headers: &HeaderMap, mime: &str) -> bool {
+    match headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(a) => a.split(',').any(|p| {
+            let p = p.split(';').next().unwrap_or("").trim();
+            p == mime || p == "*/*" || (p.ends_with("/*") && mime.starts_with(&p[..p.len() - 1]))
+        }),
+    }
+}
+
+fn is_modern_version(v: &str) -> bool {
+    MODERN_VERSIONS.contains(&v)
+}
+
+/// Handles POST, GET and DELETE on an MCP endpoint.
+pub async fn handle(gw: Arc<Gateway>, scope: Scope, method: Method, headers: HeaderMap, body: Body) -> Response {
+    let config = gw.config();
+    if let Some(r) = check_origin(&config, &headers) {
+        return r;
+    }
+    if let Scope::One(name) = &scope
+        && config.server(name).is_none_or(|d| !d.enabled)
+    {
+        return rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, &format!("No such server: {name}"));
+    }
+    let version_header = header_str(&headers, "mcp-protocol-version").map(str::to_owned);
+    let modern_header = version_header.as_deref().is_some_and(is_modern_version);
+    match method {
+        Method::POST => post(gw, &config, scope, headers, body, version_header).await,
+        Method::GET if modern_header => method_not_allowed(),
+        Method::GET => get_stream(gw, scope, &headers).await,
+        Method::DELETE if modern_header => method_not_allowed(),
+        Method::DELETE => match session_of(&gw, &scope, &headers) {
+            Ok(s) => {
+                gw.end_session(&s.id).await;
+                StatusCode::NO_CONTENT.into_response()
+            }
+            Err(r) => r,
+        },
+        _ => method_not_allowed(),
+    }
+}
+
+fn method_not_allowed() -> Response {
+    let mut r = rpc_error(StatusCode::METHOD_NOT_ALLOWED, None, code::INVALID_REQUEST, "Method not allowed");
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+    r
+}
+
+fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap) -> Result<Arc<Session>, Response> {
+    let Some(id) = header_str(headers, "mcp-session-id") else {
+        return Err(rpc_error(
+            StatusCode::BAD_REQUEST,
+            None,
+            code::INVALID_REQUEST,
+            "Bad Request: Mcp-Session-Id header is required",
+        ));
+    };
+    match gw.session(id) {
+        Some(s) if s.scope == *scope && s.transport == Transport::Streamable => Ok(s),
+        _ => Err(rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found")),
+    }
+}
+
+async fn get_stream(gw: Arc<Gateway>, scope: Scope, headers: &HeaderMap) -> Response {
+    if !accepts(headers, "text/event-stream") {
+        return rpc_error(
+            StatusCode::NOT_ACCEPTABLE,
+            None,
+            code::INVALID_REQUEST,
+            "Not Acceptable: use Accept: text/event-stream",
+        );
+    }
+    let session = match session_of(&gw, &scope, headers) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    session.attach_stream(tx);
+    sse_response(stream_with_keepalive(rx, session.closed.clone()), None)
+}
+
+/// An SSE body from a channel, with keep-alive comments, ending when `closed` fires.
+pub fn stream_with_keepalive(
+    mut rx: mpsc::Receiver<Bytes>,
+    closed: tokio_util::sync::CancellationToken,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    async_stream(move |tx| async move {
+        let mut tick = tokio::time::interval(KEEPALIVE);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => { if tx.send(sse::message(&m, None)).await.is_err() { break } }
+                    None => break,
+                },
+                _ = tick.tick() => { if tx.send(Bytes::from_static(sse::KEEPALIVE)).await.is_err() { break } }
+                _ = closed.cancelled() => break,
+            }
+        }
+    })
+}
+
+/// A tiny generator: runs `f` with a sender and streams what it sends.
+pub fn async_stream<F, Fut>(f: F) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static
+where
+    F: FnOnce(mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let task = tokio::spawn(f(tx));
+    let guard = AbortOnDrop(task);
+    futures_util::stream::unfold(
+        (rx, guard),
+        |(mut rx, guard)| async move { rx.recv().await.map(|b| (Ok(b), (rx, guard))) },
+    )
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Wraps a byte stream as an SSE response.
+pub fn sse_response(
+    stream: impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+    session_id: Option<&str>,
+) -> Response {
+    let mut r = Response::new(Body::from_stream(stream));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Some(id) = session_id.and_then(|s| HeaderValue::from_str(s).ok()) {
+        h.insert("mcp-session-id", id);
+    }
+    r
+}
+
+/// The parts of a request the router needs, owned so the response may stream.
+struct Owned {
+    id: String,
+    method: String,
+    params: Option<Box<RawValue>>,
+}
+
+impl Owned {
+    fn from(env: &Envelope<'_>) -> Self {
+        Owned {
+            id: env.id.map_or_else(|| "null".to_owned(), |i| i.get().to_owned()),
+            method: env.method().to_owned(),
+            params: env.params.map(|p| p.to_owned()),
+        }
+    }
+}
+
+async fn post(
+    gw: Arc<Gateway>,
+    config: &Config,
+    scope: Scope,
+    headers: HeaderMap,
+    body: Body,
+    version_header: Option<String>,
+) -> Response {
+    if let Some(ct) = header_str(&headers, "content-type")
+        && !ct.to_ascii_lowercase().starts_with("application/json")
+    {
+        return rpc_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            None,
+            code::INVALID_REQUEST,
+            "Unsupported Media Type: use application/json",
+        );
+    }
+    if !accepts(&headers, "application/json") && !accepts(&headers, "text/event-stream") {
+        return rpc_error(
+            StatusCode::NOT_ACCEPTABLE,
+            None,
+            code::INVALID_REQUEST,
+            "Not Acceptable: accept application/json or text/event-stream",
+        );
+    }
+    let body = match read_body(body, config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if jsonrpc::is_array(&body) {
+        return batch(gw, scope, &headers, body, version_header).await;
+    }
+    let env = match Envelope::parse(&body) {
+        Ok(e) => e,
+        Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
+    };
+    let meta_version = meta_version(&env);
+    let modern = version_header.as_deref().is_some_and(is_modern_version)
+        || (meta_version.is_some() && !headers.contains_key("mcp-session-id"));
+    if modern {
+        return modern_post(gw, scope, &headers, &env, version_header, meta_version).await;
+    }
+    if let Some(v) = &version_header
+        && !HANDSHAKE_VERSIONS.contains(&v.as_str())
+    {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            env.id.map(RawValue::get),
+            code::INVALID_REQUEST,
+            &format!("Bad Request: unsupported MCP-Protocol-Version {v:?}"),
+        );
+    }
+    if env.kind == Kind::Request && env.method() == "initialize" {
+        return initialize(gw, scope, &env).await;
+    }
+    let session = match session_of(&gw, &scope, &headers) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let ctx = Ctx {
+        scope,
+        caller: Caller { session: Some(session.clone()), related: None, cancel_on_drop: false },
+        protocol_version: session.protocol_version.clone(),
+    };
+    match env.kind {
+        Kind::Notification => {
+            gw.notification(&ctx, &env);
+            StatusCode::ACCEPTED.into_response()
+        }
+        Kind::Result | Kind::Error => {
+            gw.response(&ctx, &env);
+            StatusCode::ACCEPTED.into_response()
+        }
+        Kind::Request => answer(gw, ctx, Owned::from(&env), accepts(&headers, "text/event-stream"), false).await,
+    }
+}
+
+fn meta_version(env: &Envelope<'_>) -> Option<String> {
+    let params = env.params?;
+    if !params.get().contains(PROTOCOL_VERSION_META) {
+        return None;
+    }
+    let meta = RawObject::parse(params).ok()?.get("_meta")?;
+    let meta = RawObject::parse(meta).ok()?;
+    meta.get(PROTOCOL_VERSION_META)
+        .map(|v| serde_json::from_str::<String>(v.get()).unwrap_or_else(|_| v.get().to_owned()))
+}
+
+async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>) -> Response {
+    let requested = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("protocolVersion"));
+    let Some(requested) = requested else {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            env.id.map(RawValue::get),
+            code::INVALID_PARAMS,
+            "initialize: params.protocolVersion is required",
+        );
+    };
+    let version = gateway::negotiate(Some(&requested));
+    let session = Session::new(scope.clone(), version.to_owned(), Transport::Streamable);
+    let caller = Caller { session: Some(session.clone()), related: None, cancel_on_drop: false };
+    let result = gw.initialize_result(&scope, version, &caller).await;
+    gw.add_session(session.clone());
+    let id = env.id.map_or("null", RawValue::get);
+    let msg = jsonrpc::result_response(id, &result);
+    let mut r = json(StatusCode::OK, msg);
+    if let Ok(v) = HeaderValue::from_str(&session.id) {
+        r.headers_mut().insert("mcp-session-id", v);
+    }
+    r
+}
+
+/// The 2026-07-28 validation ladder, then routing without a session.
+async fn modern_post(
+    gw: Arc<Gateway>,
+    scope: Scope,
+    headers: &HeaderMap,
+    env: &Envelope<'_>,
+    version_header: Option<String>,
+    meta_version: Option<String>,
+) -> Response {
+    let id = env.id.map(RawValue::get);
+    let reject = |code: i64, msg: &str| rpc_error(StatusCode::BAD_REQUEST, id, code, msg);
+    match env.kind {
+        Kind::Result | Kind::Error => {
+            return reject(code::INVALID_REQUEST, "Bad Request: 2026-07-28 clients must not send responses");
+        }
+        Kind::Notification => {
+            return if version_header.as_deref().is_some_and(is_modern_version) {
+                StatusCode::ACCEPTED.into_response()
+            } else {
+                reject(code::HEADER_MISMATCH, "MCP-Protocol-Version header is required")
+            };
+        }
+        Kind::Request => {}
+    }
+    for name in ["mcp-protocol-version", "mcp-method", "mcp-name"] {
+        if headers.get_all(name).iter().count() > 1 {
+            return reject(code::HEADER_MISMATCH, &format!("{name} header appears more than once"));
+        }
+    }
+    let params = env.params.and_then(|p| RawObject::parse(p).ok());
+    let meta = params.as_ref().and_then(|p| p.get("_meta")).and_then(|m| RawObject::parse(m).ok());
+    let Some(meta) = meta else {
+        return reject(
+            code::INVALID_PARAMS,
+            &format!(
+                "params._meta must be an object carrying {PROTOCOL_VERSION_META:?} and {CLIENT_CAPABILITIES_META:?}"
+            ),
+        );
+    };
+    let missing: Vec<&str> =
+        [PROTOCOL_VERSION_META, CLIENT_CAPABILITIES_META].into_iter().filter(|k| meta.get(k).is_none()).collect();
+    if !missing.is_empty() {
+        return reject(code::INVALID_PARAMS, &format!("params._meta is missing: {}", missing.join(", ")));
+    }
+    if version_header.is_none() || version_header != meta_version {
+        return reject(
+            code::HEADER_MISMATCH,
+            "MCP-Protocol-Version header does not match the request envelope's protocol version",
+        );
+    }
+    if header_str(headers, "mcp-method") != Some(env.method()) {
+        return reject(code::HEADER_MISMATCH, "Mcp-Method header does not match the request body's method");
+    }
+    let name_key = match env.method() {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    };
+    if let Some(key) = name_key
+        && let Some(body_value) = params.as_ref().and_then(|p| p.get_str(key))
+        && decode_header_value(header_str(headers, "mcp-name")).as_deref() != Some(body_value.as_str())
+    {
+        return reject(code::HEADER_MISMATCH, &format!("Mcp-Name header does not match the request body's {key:?}"));
+    }
+    let version = meta_version.unwrap_or_default();
+    if !is_modern_version(&version) {
+        let data = format!(
+            r#"{{"supported":["{}"],"requested":{}}}"#,
+            MODERN_VERSIONS.join("\",\""),
+            jsonrpc::quote(&version)
+        );
+        return json(
+            StatusCode::BAD_REQUEST,
+            jsonrpc::error_response(id, code::UNSUPPORTED_VERSION, "Unsupported protocol version", Some(&data)),
+        );
+    }
+    let ctx =
+        Ctx { scope, caller: Caller { session: None, related: None, cancel_on_drop: true }, protocol_version: version };
+    answer(gw, ctx, Owned::from(env), accepts(headers, "text/event-stream"), true).await
+}
+
+/// Decodes an `Mcp-Name`-style header value (`=?base64?…?=` or plain).
+pub fn decode_header_value(v: Option<&str>) -> Option<String> {
+    use base64::Engine;
+    let v = v?;
+    match v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {
+        Some(payload) => {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(payload).ok()?;
+            String::from_utf8(bytes).ok()
+        }
+        None => Some(v.to_owned()),
+    }
+}
+
+/// HTTP status for a modern-era JSON error (as the 2026-07-28 SDKs map them).
+fn modern_status(reply: &Reply) -> StatusCode {
+    if !reply.is_error {
+        return StatusCode::OK;
+    }
+    #[derive(serde::Deserialize)]
+    struct E {
+        code: i64,
+    }
+    match serde_json::from_str::<E>(reply.payload_str()).map(|e| e.code) {
+        Ok(code::PARSE_ERROR | code::INVALID_REQUEST | code::INVALID_PARAMS) => StatusCode::BAD_REQUEST,
+        Ok(code::HEADER_MISMATCH | code::MISSING_CAPABILITY | code::UNSUPPORTED_VERSION) => StatusCode::BAD_REQUEST,
+        Ok(code::METHOD_NOT_FOUND) => StatusCode::NOT_FOUND,
+        _ => StatusCode::OK,
+    }
+}
+
+/// Routes a request and answers: JSON when the result comes first, SSE when a related message
+/// (progress, a server-to-client request) comes first and the client accepts SSE.
+async fn answer(gw: Arc<Gateway>, mut ctx: Ctx, req: Owned, sse_ok: bool, modern: bool) -> Response {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(64);
+    if sse_ok {
+        ctx.caller.related = Some(tx);
+    }
+    let id = req.id.clone();
+    let work = async move {
+        let r = Request { method: &req.method, params: req.params.as_deref(), id: Some(&req.id) };
+        gw.request(&ctx, &r).await
+    };
+    let mut work = Box::pin(work);
+    tokio::select! {
+        biased;
+        reply = &mut work => {
+            let status = if modern { modern_status(&reply) } else { StatusCode::OK };
+            let chunks = reply.to_chunks(&id);
+            let body = Body::from_stream(futures_util::stream::iter(chunks.into_iter().map(Ok::<_, Infallible>)));
+            json(status, body)
+        }
+        first = rx.recv() => {
+            let Some(first) = first else {
+                let reply = work.await;
+                return json(StatusCode::OK, reply.to_message(&id));
+            };
+            let stream = async_stream(move |out| async move {
+                if out.send(sse::message(&first, None)).await.is_err() { return; }
+                let mut tick = tokio::time::interval(KEEPALIVE);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        reply = &mut work => {
+                            while let Ok(m) = rx.try_recv() {
+                                let _ = out.send(sse::message(&m, None)).await;
+                            }
+                            let _ = out.send(sse::message(reply.to_message(&id).as_bytes(), None)).await;
+                            return;
+                        }
+                        Some(m) = rx.recv() => { if out.send(sse::message(&m, None)).await.is_err() { return; } }
+                        _ = tick.tick() => { if out.send(Bytes::from_static(sse::KEEPALIVE)).await.is_err() { return; } }
+                    }
+                }
+            });
+            sse_response(stream, None)
+        }
+    }
+}
+
+/// JSON-RPC batches: only in sessions negotiated at 2025-03-26; each element on its own.
+async fn batch(
+    gw: Arc<Gateway>,
+    scope: Scope,
+    headers: &HeaderMap,
+    body: Bytes,
+    version_header: Option<String>,
+) -> Response {
+    let invalid = || {
+        rpc_error(
+            StatusCode::BAD_REQUEST,
+            None,
+            code::INVALID_REQUEST,
+            "Bad Request: JSON-RPC batches are not supported in this protocol version",
+        )
+    };
+    if version_header.as_deref().is_some_and(is_modern_version) {
+        return invalid();
+    }
+    let session = match session_of(&gw, &scope, headers) {
+        Ok(s) if s.protocol_version == "2025-03-26" => s,
+        Ok(_) => return invalid(),
+        Err(_) if !headers.contains_key("mcp-session-id") => return invalid(),
+        Err(r) => return r,
+    };
+    let items: Vec<&RawValue> = match serde_json::from_slice(&body) {
+        Ok(i) => i,
+        Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, code::PARSE_ERROR, &format!("Parse error: {e}")),
+    };
+    if items.is_empty() {
+        return rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, "Bad Request: empty batch");
+    }
+    let ctx = Ctx {
+        scope,
+        caller: Caller { session: Some(session.clone()), related: None, cancel_on_drop: false },
+        protocol_version: session.protocol_version.clone(),
+    };
+    let futs = items.iter().map(|item| {
+        let gw = gw.clone();
+        let ctx = &ctx;
+        async move {
+            let env = match Envelope::parse(item.get().as_bytes()) {
+                Ok(e) => e,
+                Err(e) => return Some(jsonrpc::error_response(None, e.code(), &e.to_string(), None)),
+            };
+            match env.kind {
+                Kind::Request if env.method() == "initialize" => Some(jsonrpc::error_response(
+                    env.id.map(RawValue::get),
+                    code::INVALID_REQUEST,
+                    "initialize may not be part of a batch",
+                    None,
+                )),
+                Kind::Request => {
+                    let id = env.id.map_or("null", RawValue::get);
+                    let r = Request { method: env.method(), params: env.params, id: Some(id) };
+                    Some(gw.request(ctx, &r).await.to_message(id))
+                }
+                Kind::Notification => {
+                    gw.notification(ctx, &env);
+                    None
+                }
+                Kind::Result | Kind::Error => {
+                    gw.response(ctx, &env);
+                    None
+                }
+            }
+        }
+    });
+    let answers: Vec<String> = futures_util::future::join_all(futs).await.into_iter().flatten().collect();
+    if answers.is_empty() {
+        return StatusCode::ACCEPTED.into_response();
+    }
+    json(StatusCode::OK, format!("[{}]", answers.join(",")))
+}

@@ -1,0 +1,742 @@
+//! The gateway core: which upstream instance serves a request, and the aggregated view.
+//!
+//! `/mcp` presents every server as one: tools and prompts are named `server{sep}name`, lists are
+//! merged across servers with one opaque, MAC-protected cursor, resources are routed by an index
+//! of each server's URIs and templates. `/servers/{name}/mcp` passes one server through
+//! unchanged. Invariants: a server that is down is left out of lists (the rest answer); a request
+//! reads one config snapshot; unknown names get the same JSON-RPC error whether the server or the
+//! tool is unknown; resource subscriptions on shared upstreams are reference-counted across
+//! sessions, so one session's unsubscribe never ends another's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::future::join_all;
+use hmac::{KeyInit, Mac};
+use serde_json::value::RawValue;
+
+use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
+use super::session::{Caller, Scope, Session, lock};
+use super::upstream::{Hub, MODERN_VERSION, Status, Upstream};
+use crate::config::{Config, ServerDef, Share};
+
+/// Protocol versions reachable through `initialize`, oldest first.
+pub const HANDSHAKE_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
+/// The newest handshake version (offered when the client asks for one we do not know).
+pub const LATEST_HANDSHAKE: &str = "2025-11-25";
+/// Stateless protocol versions.
+pub const MODERN_VERSIONS: &[&str] = &[MODERN_VERSION];
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// One request as the gateway routes it.
+pub struct Request<'a> {
+    /// The method.
+    pub method: &'a str,
+    /// Raw params.
+    pub params: Option<&'a RawValue>,
+    /// The caller's raw id (for cancellation tracking).
+    pub id: Option<&'a str>,
+}
+
+/// Per-request context.
+pub struct Ctx {
+    /// Which servers are visible.
+    pub scope: Scope,
+    /// Who is asking.
+    pub caller: Caller,
+    /// The protocol version of this request (negotiated, or the modern `_meta` one).
+    pub protocol_version: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ListKind {
+    Tools,
+    Prompts,
+    Resources,
+    Templates,
+}
+
+impl ListKind {
+    fn field(self) -> &'static str {
+        match self {
+            ListKind::Tools => "tools",
+            ListKind::Prompts => "prompts",
+            ListKind::Resources => "resources",
+            ListKind::Templates => "resourceTemplates",
+        }
+    }
+    fn method(self) -> &'static str {
+        match self {
+            ListKind::Tools => "tools/list",
+            ListKind::Prompts => "prompts/list",
+            ListKind::Resources => "resources/list",
+            ListKind::Templates => "resources/templates/list",
+        }
+    }
+}
+
+/// The gateway.
+pub struct Gateway {
+    config: ArcSwap<Config>,
+    upstreams: RwLock<HashMap<String, Arc<Upstream>>>,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    resource_index: Mutex<HashMap<String, String>>,
+    templates: Mutex<Vec<(String, String)>>,
+    subscriptions: Mutex<HashMap<(String, String), usize>>,
+    cursor_key: [u8; 32],
+    http: reqwest::Client,
+    me: Weak<Gateway>,
+}
+
+impl Gateway {
+    /// Builds the gateway and starts every enabled shared server.
+    pub fn start(config: Config) -> Arc<Self> {
+        let mut cursor_key = [0u8; 32];
+        let _ = getrandom::fill(&mut cursor_key);
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        let gw = Arc::new_cyclic(|me| Gateway {
+            config: ArcSwap::from_pointee(config),
+            upstreams: RwLock::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            resource_index: Mutex::new(HashMap::new()),
+            templates: Mutex::new(Vec::new()),
+            subscriptions: Mutex::new(HashMap::new()),
+            cursor_key,
+            http,
+            me: me.clone(),
+        });
+        let config = gw.config();
+        for def in &config.servers {
+            if def.share == Share::Shared {
+                gw.start_shared(def.clone());
+            }
+        }
+        gw
+    }
+
+    fn hub(&self) -> Weak<dyn Hub> {
+        let w: Weak<dyn Hub> = self.me.clone();
+        w
+    }
+
+    fn start_shared(&self, def: Arc<ServerDef>) -> Arc<Upstream> {
+        let up = Upstream::start(def.clone(), self.hub(), None, self.http.clone());
+        self.upstreams.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(def.name.clone(), up.clone());
+        up
+    }
+
+    /// The current config snapshot.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// The shared instance of a server.
+    pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
+        self.upstreams.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
+    }
+
+    /// Status of every server, in config order.
+    pub fn statuses(&self) -> Vec<(Arc<ServerDef>, Option<Status>)> {
+        self.config().servers.iter().map(|d| (d.clone(), self.upstream(&d.name).map(|u| u.status()))).collect()
+    }
+
+    /// Registers a new session.
+    pub fn add_session(&self, s: Arc<Session>) {
+        lock(&self.sessions).insert(s.id.clone(), s);
+    }
+
+    /// Looks a session up by id.
+    pub fn session(&self, id: &str) -> Option<Arc<Session>> {
+        lock(&self.sessions).get(id).cloned()
+    }
+
+    /// Number of open sessions.
+    pub fn session_count(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    /// Ends a session: closes its streams, releases its subscriptions, stops its own servers.
+    pub async fn end_session(&self, id: &str) -> bool {
+        let Some(s) = lock(&self.sessions).remove(id) else { return false };
+        s.close();
+        for up in s.take_per_session() {
+            up.stop().await;
+        }
+        let subs: Vec<(String, String)> = {
+            let all = lock(&self.subscriptions);
+            all.keys().filter(|(_, uri)| s.is_subscribed(uri)).cloned().collect()
+        };
+        for (server, uri) in subs {
+            self.release_subscription(&server, &uri).await;
+        }
+        true
+    }
+
+    /// Closes every session's streams (first step of shutdown).
+    pub fn close_all_sessions(&self) {
+        for s in lock(&self.sessions).values() {
+            s.close();
+        }
+    }
+
+    /// Stops every upstream instance (children included).
+    pub async fn shutdown(&self) {
+        self.close_all_sessions();
+        let sessions: Vec<Arc<Session>> = lock(&self.sessions).drain().map(|(_, s)| s).collect();
+        let mut stops = Vec::new();
+        for s in sessions {
+            stops.extend(s.take_per_session());
+        }
+        let shared: Vec<Arc<Upstream>> =
+            self.upstreams.write().unwrap_or_else(std::sync::PoisonError::into_inner).drain().map(|(_, u)| u).collect();
+        stops.extend(shared);
+        for up in &stops {
+            up.stop_now();
+        }
+        join_all(stops.iter().map(|u| u.stop())).await;
+    }
+
+    /// The instance serving `server` for this caller: its own for `per_session` servers.
+    fn instance(&self, config: &Config, server: &str, caller: &Caller) -> Option<Arc<Upstream>> {
+        let def = config.server(server)?;
+        if !def.enabled {
+            return None;
+        }
+        if def.share == Share::PerSession {
+            if let Some(session) = &caller.session {
+                if let Some(up) = session.per_session(server) {
+                    return Some(up);
+                }
+                let up = Upstream::start(def.clone(), self.hub(), Some(Arc::downgrade(session)), self.http.clone());
+                session.set_per_session(server, up.clone());
+                return Some(up);
+            }
+            // Stateless callers have no session to own an instance: one instance serves them all.
+            if let Some(up) = self.upstream(server) {
+                return Some(up);
+            }
+            return Some(self.start_shared(def.clone()));
+        }
+        self.upstream(server)
+    }
+
+    fn servers_in_scope(&self, config: &Config, scope: &Scope) -> Vec<Arc<ServerDef>> {
+        config.servers.iter().filter(|d| d.enabled && scope.includes(&d.name)).cloned().collect()
+    }
+
+    /// Answers `initialize` (the caller has already negotiated the version).
+    pub async fn initialize_result(&self, scope: &Scope, version: &str, caller: &Caller) -> String {
+        let (caps, info, instructions) = self.identity(scope, caller).await;
+        let mut out =
+            format!(r#"{{"protocolVersion":{},"capabilities":{caps},"serverInfo":{info}"#, jsonrpc::quote(version));
+        if let Some(i) = instructions {
+            out.push_str(&format!(r#","instructions":{}"#, jsonrpc::quote(&i)));
+        }
+        out.push('}');
+        out
+    }
+
+    /// Answers `server/discover`.
+    pub async fn discover_result(&self, scope: &Scope, caller: &Caller) -> String {
+        let (caps, info, instructions) = self.identity(scope, caller).await;
+        let mut out = format!(r#"{{"supportedVersions":["{MODERN_VERSION}"],"capabilities":{caps}"#);
+        if let Some(i) = instructions {
+            out.push_str(&format!(r#","instructions":{}"#, jsonrpc::quote(&i)));
+        }
+        out.push_str(&format!(r#","resultType":"complete","_meta":{{"io.modelcontextprotocol/serverInfo":{info}}}}}"#));
+        out
+    }
+
+    async fn identity(&self, scope: &Scope, caller: &Caller) -> (String, String, Option<String>) {
+        let own_info = format!(r#"{{"name":"portcullis","version":"{}"}}"#, env!("CARGO_PKG_VERSION"));
+        let config = self.config();
+        if let Scope::One(name) = scope {
+            if let Some(up) = self.instance(&config, name, caller) {
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+                if let Ok(conn) = up.ready_by(deadline).await {
+                    return (
+                        conn.info.capabilities.get().to_owned(),
+                        conn.info.server_info.get().to_owned(),
+                        conn.info.instructions.clone(),
+                    );
+                }
+            }
+            return (r#"{"tools":{}}"#.to_owned(), own_info, None);
+        }
+        // The union of what the running servers offer; list_changed always, since servers come
+        // and go behind the gateway.
+        let mut has = HashMap::<&str, bool>::new();
+        let mut subscribe = false;
+        for def in self.servers_in_scope(&config, scope) {
+            let Some(conn) = self.upstream(&def.name).and_then(|u| u.connection()) else { continue };
+            let Ok(obj) = RawObject::parse(&conn.info.capabilities) else { continue };
+            for key in ["prompts", "resources", "logging", "completions"] {
+                if obj.get(key).is_some() {
+                    has.insert(key, true);
+                }
+            }
+            if let Some(r) = obj.get("resources") {
+                subscribe |= r.get().contains("\"subscribe\":true");
+            }
+        }
+        let mut caps = String::from(r#"{"tools":{"listChanged":true}"#);
+        if has.contains_key("prompts") {
+            caps.push_str(r#","prompts":{"listChanged":true}"#);
+        }
+        if has.contains_key("resources") {
+            caps.push_str(&format!(r#","resources":{{"listChanged":true,"subscribe":{subscribe}}}"#));
+        }
+        if has.contains_key("logging") {
+            caps.push_str(r#","logging":{}"#);
+        }
+        if has.contains_key("completions") {
+            caps.push_str(r#","completions":{}"#);
+        }
+        caps.push('}');
+        (caps, own_info, Some("Portcullis aggregates several MCP servers; tool and prompt names are prefixed with their server's name.".to_owned()))
+    }
+
+    /// Routes one request and returns its result or error.
+    pub async fn request(&self, ctx: &Ctx, req: &Request<'_>) -> Reply {
+        let config = self.config();
+        match req.method {
+            "ping" => Reply::owned("{}".into(), false),
+            "server/discover" => Reply::owned(self.discover_result(&ctx.scope, &ctx.caller).await, false),
+            "initialize" => {
+                Reply::error(code::INVALID_REQUEST, "initialize is only valid as the first request of a session")
+            }
+            "tools/list" => self.list(&config, ctx, req, ListKind::Tools).await,
+            "prompts/list" => self.list(&config, ctx, req, ListKind::Prompts).await,
+            "resources/list" => self.list(&config, ctx, req, ListKind::Resources).await,
+            "resources/templates/list" => self.list(&config, ctx, req, ListKind::Templates).await,
+            "tools/call" | "prompts/get" => self.by_name(&config, ctx, req).await,
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => self.by_uri(&config, ctx, req).await,
+            "completion/complete" => self.complete(&config, ctx, req).await,
+            "logging/setLevel" => self.fan_out(&config, ctx, req).await,
+            other => Reply::error(code::METHOD_NOT_FOUND, &format!("Method not found: {other}")),
+        }
+    }
+
+    async fn list(&self, config: &Config, ctx: &Ctx, req: &Request<'_>, kind: ListKind) -> Reply {
+        if let Scope::One(name) = &ctx.scope {
+            let Some(up) = self.instance(config, name, &ctx.caller) else {
+                return Reply::error(code::UPSTREAM_ERROR, &format!("server {name} is not available"));
+            };
+            return match up.call(req.method, req.params, &[], &ctx.caller, req.id).await {
+                Ok(r) => {
+                    if kind == ListKind::Resources || kind == ListKind::Templates {
+                        self.index_resources(name, kind, &r);
+                    }
+                    r
+                }
+                Err(e) => e.to_reply(),
+            };
+        }
+        let cursor = req.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("cursor"));
+        let entries: Vec<(String, Option<String>)> = match cursor {
+            Some(c) => match self.open_cursor(&c) {
+                Some(e) => e,
+                None => return Reply::error(code::INVALID_PARAMS, "Invalid cursor"),
+            },
+            None => self.servers_in_scope(config, &ctx.scope).iter().map(|d| (d.name.clone(), None)).collect(),
+        };
+        let calls = entries.iter().map(|(server, upstream_cursor)| async move {
+            let up = self.instance(config, server, &ctx.caller)?;
+            up.connection()?;
+            let params = upstream_cursor.as_ref().map(|c| format!(r#"{{"cursor":{}}}"#, jsonrpc::quote(c)));
+            let params = params.map(jsonrpc::raw);
+            match up.call(kind.method(), params.as_deref(), &[], &ctx.caller, None).await {
+                Ok(r) if !r.is_error => Some((server.clone(), r)),
+                Ok(r) => {
+                    tracing::debug!(server, error = r.payload_str(), "list failed; left out");
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(server, error = %e, "list failed; left out");
+                    None
+                }
+            }
+        });
+        let results = join_all(calls).await;
+        let mut items = String::from("[");
+        let mut next: Vec<(String, Option<String>)> = Vec::new();
+        for (server, reply) in results.into_iter().flatten() {
+            if kind == ListKind::Resources || kind == ListKind::Templates {
+                self.index_resources(&server, kind, &reply);
+            }
+            #[derive(serde::Deserialize)]
+            struct Page<'a> {
+                #[serde(borrow, default, rename = "nextCursor")]
+                next_cursor: Option<std::borrow::Cow<'a, str>>,
+            }
+            let payload = reply.payload_str();
+            let Ok(obj) = serde_json::from_str::<RawObject<'_>>(payload) else { continue };
+            if let Ok(page) = serde_json::from_str::<Page<'_>>(payload)
+                && let Some(c) = page.next_cursor
+            {
+                next.push((server.clone(), Some(c.into_owned())));
+            }
+            let Some(list) = obj.get(kind.field()) else { continue };
+            let Ok(list) = serde_json::from_str::<Vec<&RawValue>>(list.get()) else { continue };
+            for item in list {
+                let rewritten = match kind {
+                    ListKind::Tools | ListKind::Prompts => {
+                        let Ok(o) = RawObject::parse(item) else { continue };
+                        let Some(name) = o.get_str("name") else { continue };
+                        let full = format!("{server}{}{name}", config.separator);
+                        o.to_json_with(&[("name", &jsonrpc::quote(&full))])
+                    }
+                    ListKind::Resources | ListKind::Templates => item.get().to_owned(),
+                };
+                if items.len() > 1 {
+                    items.push(',');
+                }
+                items.push_str(&rewritten);
+            }
+        }
+        items.push(']');
+        let mut out = format!(r#"{{"{}":{items}"#, kind.field());
+        if !next.is_empty() {
+            out.push_str(&format!(r#","nextCursor":{}"#, jsonrpc::quote(&self.seal_cursor(&next))));
+        }
+        out.push('}');
+        Reply::owned(out, false)
+    }
+
+    fn seal_cursor(&self, entries: &[(String, Option<String>)]) -> String {
+        let payload = serde_json::to_vec(entries).unwrap_or_default();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.cursor_key).unwrap_or_else(|_| unreachable_mac());
+        mac.update(&payload);
+        let tag = mac.finalize().into_bytes();
+        format!("{}.{}", b64.encode(&payload), b64.encode(&tag[..16]))
+    }
+
+    fn open_cursor(&self, cursor: &str) -> Option<Vec<(String, Option<String>)>> {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let (payload, tag) = cursor.split_once('.')?;
+        let payload = b64.decode(payload).ok()?;
+        let tag = b64.decode(tag).ok()?;
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.cursor_key).ok()?;
+        mac.update(&payload);
+        mac.verify_truncated_left(&tag).ok()?;
+        serde_json::from_slice(&payload).ok()
+    }
+
+    fn index_resources(&self, server: &str, kind: ListKind, reply: &Reply) {
+        if reply.is_error {
+            return;
+        }
+        let Ok(obj) = serde_json::from_str::<RawObject<'_>>(reply.payload_str()) else { return };
+        let Some(list) = obj.get(kind.field()) else { return };
+        let Ok(list) = serde_json::from_str::<Vec<&RawValue>>(list.get()) else { return };
+        for item in list {
+            let Ok(o) = RawObject::parse(item) else { continue };
+            match kind {
+                ListKind::Resources => {
+                    if let Some(uri) = o.get_str("uri") {
+                        lock(&self.resource_index).insert(uri, server.to_owned());
+                    }
+                }
+                ListKind::Templates => {
+                    if let Some(t) = o.get_str("uriTemplate") {
+                        let prefix = t.split('{').next().unwrap_or("").to_owned();
+                        let mut templates = lock(&self.templates);
+                        if !templates.iter().any(|(s, p)| s == server && *p == prefix) {
+                            templates.push((server.to_owned(), prefix));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn find_resource(&self, uri: &str, scope: &Scope) -> Option<String> {
+        if let Some(s) = lock(&self.resource_index).get(uri)
+            && scope.includes(s)
+        {
+            return Some(s.clone());
+        }
+        lock(&self.templates)
+            .iter()
+            .filter(|(s, p)| scope.includes(s) && !p.is_empty() && uri.starts_with(p.as_str()))
+            .max_by_key(|(_, p)| p.len())
+            .map(|(s, _)| s.clone())
+    }
+
+    async fn refresh_resource_index(&self, config: &Config, ctx: &Ctx) {
+        for def in self.servers_in_scope(config, &ctx.scope) {
+            let Some(up) = self.instance(config, &def.name, &ctx.caller) else { continue };
+            if up.connection().is_none() {
+                continue;
+            }
+            for kind in [ListKind::Resources, ListKind::Templates] {
+                let mut cursor: Option<String> = None;
+                for _ in 0..100 {
+                    let params =
+                        cursor.as_ref().map(|c| jsonrpc::raw(format!(r#"{{"cursor":{}}}"#, jsonrpc::quote(c))));
+                    let Ok(r) = up.call(kind.method(), params.as_deref(), &[], &ctx.caller, None).await else { break };
+                    self.index_resources(&def.name, kind, &r);
+                    cursor = RawObject::parse(jsonrpc::raw(r.payload_str().to_owned()).as_ref())
+                        .ok()
+                        .and_then(|o| o.get_str("nextCursor"));
+                    if cursor.is_none() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn by_name(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
+        let what = if req.method == "tools/call" { "tool" } else { "prompt" };
+        let Some(params) = req.params else {
+            return Reply::error(code::INVALID_PARAMS, "params.name is required");
+        };
+        let Ok(obj) = RawObject::parse(params) else {
+            return Reply::error(code::INVALID_PARAMS, "params must be an object");
+        };
+        let Some(name) = obj.get_str("name") else {
+            return Reply::error(code::INVALID_PARAMS, "params.name is required");
+        };
+        let unknown = || Reply::error(code::INVALID_PARAMS, &format!("Unknown {what}: {name}"));
+        let (server, inner, edit) = match &ctx.scope {
+            Scope::One(s) => (s.clone(), name.clone(), false),
+            Scope::All => match name.split_once(config.separator.as_str()) {
+                Some((s, t)) if !t.is_empty() => (s.to_owned(), t.to_owned(), true),
+                _ => return unknown(),
+            },
+        };
+        if !ctx.scope.includes(&server) {
+            return unknown();
+        }
+        let Some(up) = self.instance(config, &server, &ctx.caller) else { return unknown() };
+        let quoted = jsonrpc::quote(&inner);
+        let edits: &[(&str, &str)] = if edit { &[("name", &quoted)] } else { &[] };
+        match up.call(req.method, Some(params), edits, &ctx.caller, req.id).await {
+            Ok(r) => r,
+            Err(e) => e.to_reply(),
+        }
+    }
+
+    async fn by_uri(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
+        let Some(uri) = req.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("uri")) else {
+            return Reply::error(code::INVALID_PARAMS, "params.uri is required");
+        };
+        let server = match &ctx.scope {
+            Scope::One(s) => Some(s.clone()),
+            Scope::All => match self.find_resource(&uri, &ctx.scope) {
+                Some(s) => Some(s),
+                None => {
+                    self.refresh_resource_index(config, ctx).await;
+                    self.find_resource(&uri, &ctx.scope)
+                }
+            },
+        };
+        let Some(server) = server else {
+            return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
+        };
+        let Some(up) = self.instance(config, &server, &ctx.caller) else {
+            return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
+        };
+        match req.method {
+            "resources/subscribe" => {
+                let Some(session) = &ctx.caller.session else {
+                    return Reply::error(
+                        code::METHOD_NOT_FOUND,
+                        "resources/subscribe needs a session; use subscriptions/listen",
+                    );
+                };
+                if !session.subscribe(&uri) {
+                    return Reply::owned("{}".into(), false);
+                }
+                let first = {
+                    let mut subs = lock(&self.subscriptions);
+                    let n = subs.entry((server.clone(), uri.clone())).or_insert(0);
+                    *n += 1;
+                    *n == 1
+                };
+                if !first && up.def.share == Share::Shared {
+                    return Reply::owned("{}".into(), false);
+                }
+                match up.call(req.method, req.params, &[], &ctx.caller, req.id).await {
+                    Ok(r) => r,
+                    Err(e) => e.to_reply(),
+                }
+            }
+            "resources/unsubscribe" => {
+                if let Some(session) = &ctx.caller.session
+                    && session.unsubscribe(&uri)
+                {
+                    self.release_subscription(&server, &uri).await;
+                }
+                Reply::owned("{}".into(), false)
+            }
+            _ => match up.call(req.method, req.params, &[], &ctx.caller, req.id).await {
+                Ok(r) => r,
+                Err(e) => e.to_reply(),
+            },
+        }
+    }
+
+    async fn release_subscription(&self, server: &str, uri: &str) {
+        let last = {
+            let mut subs = lock(&self.subscriptions);
+            let key = (server.to_owned(), uri.to_owned());
+            match subs.get_mut(&key) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    subs.remove(&key);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last && let Some(up) = self.upstream(server) {
+            let params = jsonrpc::raw(format!(r#"{{"uri":{}}}"#, jsonrpc::quote(uri)));
+            let _ = up.call("resources/unsubscribe", Some(&params), &[], &Caller::default(), None).await;
+        }
+    }
+
+    async fn complete(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
+        let Some(params) = req.params else { return Reply::error(code::INVALID_PARAMS, "params.ref is required") };
+        let Ok(obj) = RawObject::parse(params) else {
+            return Reply::error(code::INVALID_PARAMS, "params must be an object");
+        };
+        let Some(r) = obj.get("ref").and_then(|r| RawObject::parse(r).ok()) else {
+            return Reply::error(code::INVALID_PARAMS, "params.ref is required");
+        };
+        let (server, edits) = match (r.get_str("type").as_deref(), &ctx.scope) {
+            (_, Scope::One(s)) => (Some(s.clone()), None),
+            (Some("ref/prompt"), Scope::All) => {
+                match r.get_str("name").as_deref().and_then(|n| n.split_once(config.separator.as_str())) {
+                    Some((s, p)) => (Some(s.to_owned()), Some(r.to_json_with(&[("name", &jsonrpc::quote(p))]))),
+                    None => (None, None),
+                }
+            }
+            (Some("ref/resource"), Scope::All) => {
+                let uri = r.get_str("uri").unwrap_or_default();
+                let s = self.find_resource(&uri, &ctx.scope);
+                (s, None)
+            }
+            _ => (None, None),
+        };
+        let Some(server) = server else { return Reply::error(code::INVALID_PARAMS, "Unknown completion reference") };
+        let Some(up) = self.instance(config, &server, &ctx.caller) else {
+            return Reply::error(code::INVALID_PARAMS, "Unknown completion reference");
+        };
+        let edit_list: Vec<(&str, &str)> = edits.as_deref().map(|e| vec![("ref", e)]).unwrap_or_default();
+        match up.call(req.method, Some(params), &edit_list, &ctx.caller, req.id).await {
+            Ok(r) => r,
+            Err(e) => e.to_reply(),
+        }
+    }
+
+    async fn fan_out(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
+        let servers = self.servers_in_scope(config, &ctx.scope);
+        let calls = servers.iter().filter_map(|d| self.instance(config, &d.name, &ctx.caller)).map(|up| async move {
+            if up.connection().is_some() {
+                let _ = up.call(req.method, req.params, &[], &ctx.caller, None).await;
+            }
+        });
+        join_all(calls).await;
+        Reply::owned("{}".into(), false)
+    }
+
+    /// Handles a notification from a client.
+    pub fn notification(&self, ctx: &Ctx, env: &Envelope<'_>) {
+        match env.method() {
+            "notifications/cancelled" => {
+                let (Some(session), Some(params)) = (&ctx.caller.session, env.params) else { return };
+                let Ok(obj) = RawObject::parse(params) else { return };
+                let Some(id) = obj.get("requestId") else { return };
+                if let Some((up, up_id)) = session.inflight(id.get()) {
+                    up.cancel(up_id, obj.get_str("reason").as_deref());
+                }
+            }
+            "notifications/roots/list_changed" => {
+                let config = self.config();
+                for def in self.servers_in_scope(&config, &ctx.scope) {
+                    if let Some(up) = ctx.caller.session.as_ref().and_then(|s| s.per_session(&def.name)) {
+                        let _ = up.notify("notifications/roots/list_changed", None);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Handles a client's answer to a server-to-client request.
+    pub fn response(&self, ctx: &Ctx, env: &Envelope<'_>) {
+        let Some(session) = &ctx.caller.session else { return };
+        let Some(id) = env.id.map(|i| i.get().trim_matches('"')) else { return };
+        let Some(n) = id.strip_prefix("pcs-").and_then(|n| n.parse().ok()) else { return };
+        if let Some(route) = session.take_client_request(n) {
+            route.upstream.answer(&route.upstream_id, env);
+        }
+    }
+
+    fn broadcast(&self, server: &str, msg: &Bytes, filter: impl Fn(&Session) -> bool) {
+        let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
+        for s in sessions {
+            if s.scope.includes(server) && filter(&s) {
+                s.send(msg.clone());
+            }
+        }
+    }
+}
+
+fn unreachable_mac() -> HmacSha256 {
+    // HMAC accepts keys of any length; this is never reached.
+    <HmacSha256 as KeyInit>::new_from_slice(b"k").unwrap_or_else(|_| unreachable_mac())
+}
+
+impl Hub for Gateway {
+    fn list_changed(&self, server: &str, method: &str) {
+        let methods: &[&str] = if method.is_empty() {
+            &[
+                "notifications/tools/list_changed",
+                "notifications/prompts/list_changed",
+                "notifications/resources/list_changed",
+            ]
+        } else {
+            &[method][..]
+        };
+        if method.is_empty() || method == "notifications/resources/list_changed" {
+            lock(&self.resource_index).retain(|_, s| s != server);
+            lock(&self.templates).retain(|(s, _)| s != server);
+        }
+        for m in methods {
+            let msg = Bytes::from(jsonrpc::notification(m, None));
+            self.broadcast(server, &msg, |_| true);
+        }
+    }
+
+    fn resource_updated(&self, server: &str, params: &RawValue) {
+        let Some(uri) = RawObject::parse(params).ok().and_then(|o| o.get_str("uri")) else { return };
+        let msg = Bytes::from(jsonrpc::notification("notifications/resources/updated", Some(params.get())));
+        self.broadcast(server, &msg, |s| s.is_subscribed(&uri));
+    }
+}
+
+/// Picks the version to answer `initialize` with.
+pub fn negotiate(requested: Option<&str>) -> &'static str {
+    requested.and_then(|r| HANDSHAKE_VERSIONS.iter().find(|v| **v == r)).copied().unwrap_or(LATEST_HANDSHAKE)
+}
+
+/// Checks an `Envelope` is a request (for callers that only route requests).
+pub fn is_request(env: &Envelope<'_>) -> bool {
+    env.kind == Kind::Request
+}

@@ -1,0 +1,402 @@
+//! JSON-RPC 2.0 envelopes over raw bytes.
+//!
+//! The gateway parses only the envelope (`jsonrpc`, `id`, `method`, and the *spans* of `params`,
+//! `result` and `error`) and forwards everything else byte for byte, so fields from newer protocol
+//! revisions survive the trip. Invariants: this module knows nothing of HTTP, processes or config;
+//! messages it builds are single-line JSON (stdio framing relies on that); ids are kept as the raw
+//! JSON text the peer sent and echoed back verbatim.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Standard JSON-RPC and MCP error codes used by the gateway.
+pub mod code {
+    /// Invalid JSON was received.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// The JSON sent is not a valid request object.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// The method does not exist or is not available.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Invalid method parameters (also: unknown tool, prompt or tampered cursor).
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// Internal error.
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// MCP: resource not found.
+    pub const RESOURCE_NOT_FOUND: i64 = -32002;
+    /// MCP 2026-07-28: HTTP headers disagree with the body.
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// MCP 2026-07-28: a capability the request needs was not declared by the client.
+    pub const MISSING_CAPABILITY: i64 = -32021;
+    /// MCP 2026-07-28: unsupported protocol version (`data.supported` lists ours).
+    pub const UNSUPPORTED_VERSION: i64 = -32022;
+    /// Gateway-specific: the upstream server is unavailable, crashed or timed out.
+    pub const UPSTREAM_ERROR: i64 = -32000;
+    /// Gateway-specific: the request was cancelled.
+    pub const REQUEST_CANCELLED: i64 = -32800;
+}
+
+/// Why bytes could not be read as a JSON-RPC message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    /// Not JSON at all (JSON-RPC -32700).
+    #[error("parse error: {0}")]
+    Parse(String),
+    /// JSON, but not a JSON-RPC 2.0 message (JSON-RPC -32600).
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+}
+
+impl EnvelopeError {
+    /// The JSON-RPC error code for this failure.
+    pub fn code(&self) -> i64 {
+        match self {
+            EnvelopeError::Parse(_) => code::PARSE_ERROR,
+            EnvelopeError::Invalid(_) => code::INVALID_REQUEST,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow, default)]
+    jsonrpc: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "raw_or_null")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    params: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+/// Keeps a present `null` (as the raw text `null`) distinct from an absent field.
+fn raw_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue as Deserialize>::deserialize(d).map(Some)
+}
+
+/// What kind of message an envelope carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Has `method` and `id`: expects a response.
+    Request,
+    /// Has `method`, no `id`.
+    Notification,
+    /// Has `id` and `result`.
+    Result,
+    /// Has `id` (possibly null) and `error`.
+    Error,
+}
+
+/// A parsed view of one JSON-RPC message, borrowing from its bytes.
+#[derive(Debug)]
+pub struct Envelope<'a> {
+    /// The message kind.
+    pub kind: Kind,
+    /// The raw JSON text of `id` (a number or a string), if any.
+    pub id: Option<&'a RawValue>,
+    /// The method of a request or notification.
+    pub method: Option<Cow<'a, str>>,
+    /// The raw `params`.
+    pub params: Option<&'a RawValue>,
+    /// The raw `result`.
+    pub result: Option<&'a RawValue>,
+    /// The raw `error`.
+    pub error: Option<&'a RawValue>,
+}
+
+impl<'a> Envelope<'a> {
+    /// Parses one message. Arrays (batches) are rejected here; see [`is_array`].
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, EnvelopeError> {
+        let raw: RawEnvelope<'a> = match serde_json::from_slice(bytes) {
+            Ok(raw) => raw,
+            Err(e) if e.is_data() => return Err(EnvelopeError::Invalid("not a JSON-RPC object")),
+            Err(e) => return Err(EnvelopeError::Parse(e.to_string())),
+        };
+        if raw.jsonrpc.as_deref() != Some("2.0") {
+            return Err(EnvelopeError::Invalid("jsonrpc must be \"2.0\""));
+        }
+        let id = match raw.id {
+            Some(id) if id.get() == "null" => None,
+            Some(id) => {
+                let first = id.get().as_bytes().first().copied();
+                if !matches!(first, Some(b'"' | b'-' | b'0'..=b'9')) {
+                    return Err(EnvelopeError::Invalid("id must be a string or a number"));
+                }
+                Some(id)
+            }
+            None => None,
+        };
+        let had_id = raw.id.is_some();
+        let kind = match (&raw.method, raw.result, raw.error) {
+            (Some(_), None, None) if id.is_some() => Kind::Request,
+            (Some(_), None, None) if !had_id => Kind::Notification,
+            (Some(_), _, _) => return Err(EnvelopeError::Invalid("malformed request")),
+            (None, Some(_), None) if id.is_some() => Kind::Result,
+            (None, None, Some(_)) if had_id => Kind::Error,
+            _ => return Err(EnvelopeError::Invalid("neither a request nor a response")),
+        };
+        Ok(Envelope { kind, id, method: raw.method, params: raw.params, result: raw.result, error: raw.error })
+    }
+
+    /// The method name, or "" for responses.
+    pub fn method(&self) -> &str {
+        self.method.as_deref().unwrap_or("")
+    }
+
+    /// The id as a `u64` when it is a plain non-negative integer (the form the gateway mints).
+    pub fn id_u64(&self) -> Option<u64> {
+        self.id.and_then(|id| id.get().parse().ok())
+    }
+}
+
+/// True when the body (after leading whitespace) is a JSON array.
+pub fn is_array(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+}
+
+/// The byte range of `part` inside `whole`; `part` must borrow from `whole`.
+pub fn span_of(whole: &[u8], part: &RawValue) -> Range<usize> {
+    let start = part.get().as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.get().len()
+}
+
+/// The result or error of a response, held as a slice of the bytes it arrived in (no copy).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The whole message the payload came from.
+    pub bytes: Bytes,
+    /// The span of the `result` or `error` value in `bytes`.
+    pub span: Range<usize>,
+    /// True for `error`, false for `result`.
+    pub is_error: bool,
+}
+
+impl Reply {
+    /// A reply built from an already-serialised result or error value.
+    pub fn owned(value: String, is_error: bool) -> Self {
+        let len = value.len();
+        Reply { bytes: Bytes::from(value), span: 0..len, is_error }
+    }
+
+    /// An error reply with a code and message.
+    pub fn error(code: i64, message: &str) -> Self {
+        Reply::owned(error_object(code, message, None), true)
+    }
+
+    /// The raw JSON of the result or error value.
+    pub fn payload(&self) -> Bytes {
+        self.bytes.slice(self.span.clone())
+    }
+
+    /// The payload as text.
+    pub fn payload_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[self.span.clone()]).unwrap_or("null")
+    }
+
+    /// The full response message for a downstream id, as chunks that can be written without
+    /// copying the payload.
+    pub fn to_chunks(&self, id: &str) -> [Bytes; 3] {
+        let field = if self.is_error { "error" } else { "result" };
+        [Bytes::from(format!(r#"{{"jsonrpc":"2.0","id":{id},"{field}":"#)), self.payload(), Bytes::from_static(b"}")]
+    }
+
+    /// The full response message as one string.
+    pub fn to_message(&self, id: &str) -> String {
+        let [a, b, c] = self.to_chunks(id);
+        let mut s = String::with_capacity(a.len() + b.len() + c.len());
+        s.push_str(std::str::from_utf8(&a).unwrap_or_default());
+        s.push_str(std::str::from_utf8(&b).unwrap_or("null"));
+        s.push('}');
+        s
+    }
+}
+
+/// Serialises a JSON string literal.
+pub fn quote(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+/// A JSON-RPC error object.
+pub fn error_object(code: i64, message: &str, data: Option<&str>) -> String {
+    match data {
+        Some(data) => format!(r#"{{"code":{code},"message":{},"data":{data}}}"#, quote(message)),
+        None => format!(r#"{{"code":{code},"message":{}}}"#, quote(message)),
+    }
+}
+
+/// A full error response; `id` is raw JSON (`null` when the request's id is unknown).
+pub fn error_response(id: Option<&str>, code: i64, message: &str, data: Option<&str>) -> String {
+    format!(r#"{{"jsonrpc":"2.0","id":{},"error":{}}}"#, id.unwrap_or("null"), error_object(code, message, data))
+}
+
+/// A full success response; `id` and `result` are raw JSON.
+pub fn result_response(id: &str, result: &str) -> String {
+    format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#)
+}
+
+/// A request; `id` and `params` are raw JSON.
+pub fn request(id: &str, method: &str, params: Option<&str>) -> String {
+    match params {
+        Some(p) => format!(r#"{{"jsonrpc":"2.0","id":{id},"method":{},"params":{p}}}"#, quote(method)),
+        None => format!(r#"{{"jsonrpc":"2.0","id":{id},"method":{}}}"#, quote(method)),
+    }
+}
+
+/// A notification; `params` is raw JSON.
+pub fn notification(method: &str, params: Option<&str>) -> String {
+    match params {
+        Some(p) => format!(r#"{{"jsonrpc":"2.0","method":{},"params":{p}}}"#, quote(method)),
+        None => format!(r#"{{"jsonrpc":"2.0","method":{}}}"#, quote(method)),
+    }
+}
+
+/// Rebuilds a message with another id (requests and responses), keeping every other part raw.
+pub fn with_id(env: &Envelope<'_>, id: &str) -> String {
+    match env.kind {
+        Kind::Request => request(id, env.method(), env.params.map(RawValue::get)),
+        Kind::Notification => notification(env.method(), env.params.map(RawValue::get)),
+        Kind::Result => result_response(id, env.result.map_or("null", RawValue::get)),
+        Kind::Error => {
+            format!(r#"{{"jsonrpc":"2.0","id":{id},"error":{}}}"#, env.error.map_or("{}", RawValue::get))
+        }
+    }
+}
+
+/// An object's members in order, values raw. Used to rewrite one field without touching others.
+#[derive(Debug, Default)]
+pub struct RawObject<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = RawObject<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    out.push((key, value));
+                }
+                Ok(RawObject(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+impl<'a> RawObject<'a> {
+    /// Parses a raw value as an object.
+    pub fn parse(raw: &'a RawValue) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(raw.get())
+    }
+
+    /// The raw value of a member.
+    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    /// A member as a string, when it is one.
+    pub fn get_str(&self, key: &str) -> Option<String> {
+        self.get(key).and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+    }
+
+    /// Serialises the object with some members replaced (raw JSON values) or added.
+    pub fn to_json_with(&self, replace: &[(&str, &str)]) -> String {
+        let mut out =
+            String::with_capacity(self.0.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>() + 16);
+        out.push('{');
+        let mut first = true;
+        let mut push = |out: &mut String, k: &str, v: &str| {
+            if !std::mem::take(&mut first) {
+                out.push(',');
+            }
+            out.push_str(&quote(k));
+            out.push(':');
+            out.push_str(v);
+        };
+        for (k, v) in &self.0 {
+            let value = replace.iter().find(|(rk, _)| *rk == k.as_ref()).map_or(v.get(), |(_, rv)| *rv);
+            push(&mut out, k, value);
+        }
+        for (rk, rv) in replace {
+            if !self.0.iter().any(|(k, _)| k == rk) {
+                push(&mut out, rk, rv);
+            }
+        }
+        out.push('}');
+        out
+    }
+}
+
+/// Converts a string to a boxed raw JSON value (the string must be valid JSON).
+pub fn raw(json: String) -> Box<RawValue> {
+    RawValue::from_string(json).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kinds() {
+        let r = Envelope::parse(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).unwrap();
+        assert_eq!(r.kind, Kind::Request);
+        assert_eq!(r.id.unwrap().get(), "1");
+        let n = Envelope::parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
+        assert_eq!(n.kind, Kind::Notification);
+        let ok = Envelope::parse(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#).unwrap();
+        assert_eq!(ok.kind, Kind::Result);
+        let err = Envelope::parse(br#"{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}"#).unwrap();
+        assert_eq!(err.kind, Kind::Error);
+    }
+
+    #[test]
+    fn rejects_bad_messages() {
+        assert!(matches!(Envelope::parse(b"{"), Err(EnvelopeError::Parse(_))));
+        assert!(matches!(Envelope::parse(b"[]"), Err(EnvelopeError::Invalid(_))));
+        assert!(matches!(Envelope::parse(br#"{"id":1,"method":"x"}"#), Err(EnvelopeError::Invalid(_))));
+        assert!(matches!(
+            Envelope::parse(br#"{"jsonrpc":"2.0","id":{},"method":"x"}"#),
+            Err(EnvelopeError::Invalid(_))
+        ));
+        assert!(matches!(
+            Envelope::parse(br#"{"jsonrpc":"2.0","id":null,"method":"x"}"#),
+            Err(EnvelopeError::Invalid(_))
+        ));
+        assert!(matches!(Envelope::parse(br#"{"jsonrpc":"2.0","id":1}"#), Err(EnvelopeError::Invalid(_))));
+    }
+
+    #[test]
+    fn rewrites_id_and_fields() {
+        let msg = br#"{"jsonrpc":"2.0","id":"abc","method":"tools/call","params":{"name":"a__b","arguments":{"x":1}}}"#;
+        let env = Envelope::parse(msg).unwrap();
+        let out = with_id(&env, "7");
+        assert_eq!(
+            out,
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"a__b","arguments":{"x":1}}}"#
+        );
+        let obj = RawObject::parse(env.params.unwrap()).unwrap();
+        assert_eq!(obj.get_str("name").as_deref(), Some("a__b"));
+        assert_eq!(obj.to_json_with(&[("name", "\"b\"")]), r#"{"name":"b","arguments":{"x":1}}"#);
+    }
+
+    #[test]
+    fn reply_chunks_do_not_copy_payload() {
+        let msg = Bytes::from_static(br#"{"jsonrpc":"2.0","id":3,"result":{"ok":true}}"#);
+        let env = Envelope::parse(&msg).unwrap();
+        let span = span_of(&msg, env.result.unwrap());
+        let reply = Reply { bytes: msg.clone(), span, is_error: false };
+        assert_eq!(reply.to_message("\"x\""), r#"{"jsonrpc":"2.0","id":"x","result":{"ok":true}}"#);
+        assert_eq!(reply.payload().as_ptr(), msg[reply.span.clone()].as_ptr());
+    }
+}

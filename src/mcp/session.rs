@@ -1,0 +1,235 @@
+//! Downstream client sessions and the per-request caller context.
+//!
+//! A [`Session`] exists for session-based clients (2025 era, legacy SSE); stateless 2026-07-28
+//! requests run with a [`Caller`] that has no session. Invariants: session ids are 256-bit
+//! CSPRNG values; a message for a client goes on exactly one stream (the request's own stream
+//! when it relates to a request, else the session's standalone stream); routes for
+//! server-to-client requests are removed when answered or when the session closes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::upstream::Upstream;
+
+/// Which servers a downstream endpoint exposes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// All servers, names prefixed (`/mcp`).
+    All,
+    /// One server, unchanged (`/servers/{name}/mcp`).
+    One(String),
+}
+
+impl Scope {
+    /// Whether the scope includes a server.
+    pub fn includes(&self, server: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::One(s) => s == server,
+        }
+    }
+}
+
+/// The transport a session arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Streamable HTTP (2025 era).
+    Streamable,
+    /// HTTP+SSE (2024-11-05).
+    Sse,
+    /// stdio.
+    Stdio,
+}
+
+/// Where a server-to-client request must be answered.
+#[derive(Clone)]
+pub struct ClientRequestRoute {
+    /// The upstream that asked.
+    pub upstream: Arc<Upstream>,
+    /// The raw id the upstream used.
+    pub upstream_id: Box<str>,
+}
+
+/// Returns a new random id: 32 bytes from the OS, base64url.
+pub fn random_id() -> String {
+    use base64::Engine;
+    let mut b = [0u8; 32];
+    // getrandom only fails when the OS has no entropy source at all; a zero id would still be
+    // unique per process via the counter mixed in below, but we treat it as fatal upstream.
+    if getrandom::fill(&mut b).is_err() {
+        let n = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+        b[..8].copy_from_slice(&n.to_le_bytes());
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// An upstream call in flight: the instance and the id it was sent under.
+type InflightCall = (Arc<Upstream>, u64);
+
+/// One downstream client session.
+pub struct Session {
+    /// The session id the client presents.
+    pub id: String,
+    /// A small process-unique key (cheap to compare and hash).
+    pub key: u64,
+    /// The servers this session sees.
+    pub scope: Scope,
+    /// The negotiated protocol version.
+    pub protocol_version: String,
+    /// The transport.
+    pub transport: Transport,
+    /// Cancelled when the session ends (DELETE, stream closed, shutdown).
+    pub closed: CancellationToken,
+    stream: Mutex<Option<mpsc::Sender<Bytes>>>,
+    next_client_id: AtomicU64,
+    client_requests: Mutex<HashMap<u64, ClientRequestRoute>>,
+    inflight: Mutex<HashMap<Box<str>, InflightCall>>,
+    per_session: Mutex<HashMap<String, Arc<Upstream>>>,
+    subscriptions: Mutex<HashSet<String>>,
+}
+
+impl Session {
+    /// A new session with a fresh random id.
+    pub fn new(scope: Scope, protocol_version: String, transport: Transport) -> Arc<Self> {
+        Arc::new(Session {
+            id: random_id(),
+            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+            scope,
+            protocol_version,
+            transport,
+            closed: CancellationToken::new(),
+            stream: Mutex::new(None),
+            next_client_id: AtomicU64::new(1),
+            client_requests: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            per_session: Mutex::new(HashMap::new()),
+            subscriptions: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Attaches the standalone stream (GET or legacy SSE), replacing an earlier one.
+    pub fn attach_stream(&self, tx: mpsc::Sender<Bytes>) {
+        *lock(&self.stream) = Some(tx);
+    }
+
+    /// Whether a standalone stream is attached and open.
+    pub fn has_stream(&self) -> bool {
+        lock(&self.stream).as_ref().is_some_and(|s| !s.is_closed())
+    }
+
+    /// Sends a message on the standalone stream; false when there is none or it is full.
+    pub fn send(&self, msg: Bytes) -> bool {
+        let tx = lock(&self.stream).clone();
+        match tx {
+            Some(tx) => tx.try_send(msg).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Registers a server-to-client request and returns the id to use downstream.
+    pub fn add_client_request(&self, route: ClientRequestRoute) -> u64 {
+        let id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.client_requests).insert(id, route);
+        id
+    }
+
+    /// Removes and returns the route of a server-to-client request.
+    pub fn take_client_request(&self, id: u64) -> Option<ClientRequestRoute> {
+        lock(&self.client_requests).remove(&id)
+    }
+
+    /// Records an in-flight upstream call for cancellation.
+    pub fn track(&self, down_id: &str, upstream: Arc<Upstream>, up_id: u64) {
+        lock(&self.inflight).insert(down_id.into(), (upstream, up_id));
+    }
+
+    /// Forgets an in-flight call.
+    pub fn untrack(&self, down_id: &str) {
+        lock(&self.inflight).remove(down_id);
+    }
+
+    /// The upstream call for a downstream request id.
+    pub fn inflight(&self, down_id: &str) -> Option<(Arc<Upstream>, u64)> {
+        lock(&self.inflight).get(down_id).cloned()
+    }
+
+    /// The session's own instance of a `per_session` server, if started.
+    pub fn per_session(&self, name: &str) -> Option<Arc<Upstream>> {
+        lock(&self.per_session).get(name).cloned()
+    }
+
+    /// Stores a `per_session` instance.
+    pub fn set_per_session(&self, name: &str, up: Arc<Upstream>) {
+        lock(&self.per_session).insert(name.to_owned(), up);
+    }
+
+    /// Takes every `per_session` instance (to stop them).
+    pub fn take_per_session(&self) -> Vec<Arc<Upstream>> {
+        lock(&self.per_session).drain().map(|(_, v)| v).collect()
+    }
+
+    /// Records a resource subscription; true if new.
+    pub fn subscribe(&self, uri: &str) -> bool {
+        lock(&self.subscriptions).insert(uri.to_owned())
+    }
+
+    /// Removes a resource subscription; true if it existed.
+    pub fn unsubscribe(&self, uri: &str) -> bool {
+        lock(&self.subscriptions).remove(uri)
+    }
+
+    /// Whether the session subscribed to a URI.
+    pub fn is_subscribed(&self, uri: &str) -> bool {
+        lock(&self.subscriptions).contains(uri)
+    }
+
+    /// Ends the session: closes its stream and drops its routes.
+    pub fn close(&self) {
+        self.closed.cancel();
+        lock(&self.stream).take();
+        lock(&self.client_requests).clear();
+    }
+}
+
+/// Who made a request: the session (if any) and the request's own response stream (if any).
+#[derive(Clone, Default)]
+pub struct Caller {
+    /// The session, for session-based clients.
+    pub session: Option<Arc<Session>>,
+    /// Messages related to this request (progress, server-to-client requests) go here.
+    pub related: Option<mpsc::Sender<Bytes>>,
+    /// True when dropping the request means cancelling it (2026-07-28: closing the response
+    /// stream cancels; in the 2025 era a disconnect is not a cancellation).
+    pub cancel_on_drop: bool,
+}
+
+impl Caller {
+    /// The session key, or 0 for stateless callers.
+    pub fn key(&self) -> u64 {
+        self.session.as_ref().map_or(0, |s| s.key)
+    }
+
+    /// Delivers a message related to this caller's request: on its own stream if it has one,
+    /// else on the session's standalone stream.
+    pub fn deliver(&self, msg: Bytes) -> bool {
+        if let Some(tx) = &self.related
+            && tx.try_send(msg.clone()).is_ok()
+        {
+            return true;
+        }
+        self.session.as_ref().is_some_and(|s| s.send(msg))
+    }
+}
+
+/// Locks a std mutex, recovering from poisoning (state behind these locks stays consistent
+/// because every critical section is a single map operation).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

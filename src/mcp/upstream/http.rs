@@ -1,0 +1,657 @@
+//! Remote upstreams over HTTP: streamable HTTP in both eras, and the 2024-11-05 HTTP+SSE
+//! transport.
+//!
+//! Era detection: a `server/discover` probe at 2026-07-28 first; a result listing that version
+//! makes the link stateless (every request a POST with `_meta` and `Mcp-*` headers). Anything
+//! else falls back to `initialize` with `Mcp-Session-Id`, and, for `transport: auto`, a 404/405
+//! on POST falls back to HTTP+SSE.
+//!
+//! Invariants: every response, JSON or SSE, is fed to the upstream's multiplexer as whole
+//! messages; an HTTP failure for a request becomes a JSON-RPC error for that request id, so no
+//! caller waits on a request the transport already knows failed; a 404 on a session request ends
+//! the connection (the supervisor re-initializes); only the headers from config go upstream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{StatusCode, Url};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Connected, Link, MODERN_VERSION, ServerInfo, Upstream};
+use crate::config::{HttpMode, Transport};
+use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, code};
+use crate::mcp::session::lock;
+use crate::mcp::sse;
+
+/// The largest JSON body or SSE event accepted from an upstream.
+const MAX_UPSTREAM_MESSAGE: usize = 64 * 1024 * 1024;
+/// How many times one response stream is resumed with `Last-Event-ID`.
+const MAX_RESUMES: u32 = 5;
+
+enum Mode {
+    Streamable,
+    Modern,
+    Sse { post_url: Url },
+}
+
+/// A connection to a remote server.
+pub(crate) struct HttpLink {
+    up: Weak<Upstream>,
+    client: reqwest::Client,
+    url: Url,
+    headers: HeaderMap,
+    mode: Mode,
+    session_id: Mutex<Option<HeaderValue>>,
+    protocol_version: Mutex<Option<HeaderValue>>,
+    modern_info: OnceLock<ServerInfo>,
+    closed: CancellationToken,
+    tasks: Mutex<HashMap<u64, AbortHandle>>,
+    idle: Duration,
+    name: String,
+}
+
+fn static_headers(headers: &[(String, String)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            map.append(k, v);
+        }
+    }
+    map
+}
+
+pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Connected, String> {
+    let Transport::Http { url, mode, headers } = &up.def.transport else {
+        return Err("not an HTTP server".into());
+    };
+    let url = Url::parse(url).map_err(|e| format!("bad url: {e}"))?;
+    let headers = static_headers(headers);
+    let closed = CancellationToken::new();
+    let make = |mode: Mode| HttpLink {
+        up: Arc::downgrade(up),
+        client: up.http.clone(),
+        url: url.clone(),
+        headers: headers.clone(),
+        mode,
+        session_id: Mutex::new(None),
+        protocol_version: Mutex::new(None),
+        modern_info: OnceLock::new(),
+        closed: closed.clone(),
+        tasks: Mutex::new(HashMap::new()),
+        idle: up.def.sse_idle_timeout,
+        name: up.def.name.clone(),
+    };
+    let link = match mode {
+        HttpMode::Sse => connect_sse(make, &url, &headers, up).await?,
+        HttpMode::Streamable | HttpMode::Auto => match probe_modern(&up.http, &url, &headers, up.def.timeout).await {
+            Probe::Modern(info) => {
+                let link = make(Mode::Modern);
+                let _ = link.modern_info.set(info);
+                if let Ok(v) = HeaderValue::from_str(MODERN_VERSION) {
+                    *lock(&link.protocol_version) = Some(v);
+                }
+                Arc::new(link)
+            }
+            Probe::NoPost if *mode == HttpMode::Auto => connect_sse(make, &url, &headers, up).await?,
+            Probe::Legacy | Probe::NoPost => Arc::new(make(Mode::Streamable)),
+            Probe::Unreachable(e) => return Err(e),
+        },
+    };
+    Ok(Connected { link: Link::Http(link), closed, pid: None })
+}
+
+enum Probe {
+    Modern(ServerInfo),
+    Legacy,
+    NoPost,
+    Unreachable(String),
+}
+
+fn client_meta() -> String {
+    format!(
+        r#"{{"io.modelcontextprotocol/protocolVersion":"{MODERN_VERSION}","io.modelcontextprotocol/clientCapabilities":{{}},"io.modelcontextprotocol/clientInfo":{{"name":"portcullis","version":"{}"}}}}"#,
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+async fn probe_modern(client: &reqwest::Client, url: &Url, headers: &HeaderMap, timeout: Duration) -> Probe {
+    let body = jsonrpc::request("0", "server/discover", Some(&format!(r#"{{"_meta":{}}}"#, client_meta())));
+    let resp = client
+        .post(url.clone())
+        .headers(headers.clone())
+        .header(CONTENT_TYPE, "application/json")
+        .header(ACCEPT, "application/json, text/event-stream")
+        .header("mcp-protocol-version", MODERN_VERSION)
+        .header("mcp-method", "server/discover")
+        .timeout(timeout.min(Duration::from_secs(30)))
+        .body(body)
+        .send()
+        .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => return Probe::Unreachable(format!("cannot reach {url}: {}", error_chain(&e))),
+    };
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
+        return Probe::NoPost;
+    }
+    if !status.is_success() {
+        return Probe::Legacy;
+    }
+    let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
+    let body = match read_limited(resp).await {
+        Ok(b) => b,
+        Err(_) => return Probe::Legacy,
+    };
+    let message = if is_sse {
+        let mut parser = sse::Parser::new(MAX_UPSTREAM_MESSAGE);
+        match parser.feed(&body) {
+            Ok(events) => {
+                events.into_iter().rev().find(|e| e.is_message() && !e.data.is_empty()).map(|e| e.data.into_bytes())
+            }
+            Err(_) => None,
+        }
+    } else {
+        Some(body.to_vec())
+    };
+    let Some(message) = message else { return Probe::Legacy };
+    let Ok(env) = Envelope::parse(&message) else { return Probe::Legacy };
+    if env.kind != Kind::Result {
+        return Probe::Legacy;
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Discover {
+        supported_versions: Vec<String>,
+        #[serde(default)]
+        capabilities: Option<Box<serde_json::value::RawValue>>,
+        #[serde(default)]
+        instructions: Option<String>,
+        #[serde(default, rename = "_meta")]
+        meta: Option<HashMap<String, Box<serde_json::value::RawValue>>>,
+    }
+    let Some(Ok(d)) = env.result.map(|r| serde_json::from_str::<Discover>(r.get())) else { return Probe::Legacy };
+    if !d.supported_versions.iter().any(|v| v == MODERN_VERSION) {
+        return Probe::Legacy;
+    }
+    let server_info = d
+        .meta
+        .and_then(|mut m| m.remove("io.modelcontextprotocol/serverInfo"))
+        .unwrap_or_else(|| jsonrpc::raw("{}".into()));
+    Probe::Modern(ServerInfo {
+        protocol_version: MODERN_VERSION.to_owned(),
+        capabilities: d.capabilities.unwrap_or_else(|| jsonrpc::raw("{}".into())),
+        server_info,
+        instructions: d.instructions,
+    })
+}
+
+async fn connect_sse(
+    make: impl FnOnce(Mode) -> HttpLink,
+    url: &Url,
+    headers: &HeaderMap,
+    up: &Arc<Upstream>,
+) -> Result<Arc<HttpLink>, String> {
+    let resp = up
+        .http
+        .get(url.clone())
+        .headers(headers.clone())
+        .header(ACCEPT, "text/event-stream")
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {url}: {}", error_chain(&e)))?;
+    if !resp.status().is_success() {
+        return Err(format!("GET {url} answered {}", resp.status()));
+    }
+    let mut stream = resp.bytes_stream();
+    let mut parser = sse::Parser::new(MAX_UPSTREAM_MESSAGE);
+    let idle = up.def.sse_idle_timeout;
+    let mut backlog = Vec::new();
+    let post_url = loop {
+        let chunk = tokio::time::timeout(idle.min(Duration::from_secs(30)), stream.next())
+            .await
+            .map_err(|_| "no endpoint event from the SSE server".to_owned())?;
+        let Some(Ok(chunk)) = chunk else { return Err("the SSE stream ended before its endpoint event".into()) };
+        let events = parser.feed(&chunk).map_err(|e| e.to_string())?;
+        let mut found = None;
+        for ev in events {
+            if ev.event == "endpoint" && found.is_none() {
+                found = Some(ev.data);
+            } else if found.is_some() {
+                backlog.push(ev);
+            }
+        }
+        if let Some(endpoint) = found {
+            let post = url.join(endpoint.trim()).map_err(|e| format!("bad endpoint event: {e}"))?;
+            if post.origin() != url.origin() {
+                return Err(format!(
+                    "the SSE server named an endpoint on another origin ({}); refused",
+                    post.origin().ascii_serialization()
+                ));
+            }
+            break post;
+        }
+    };
+    let link = Arc::new(make(Mode::Sse { post_url }));
+    let reader = link.clone();
+    let up_weak = Arc::downgrade(up);
+    tokio::spawn(async move {
+        if let Some(up) = up_weak.upgrade() {
+            for ev in backlog {
+                if ev.is_message() && !ev.data.is_empty() {
+                    up.on_message(Bytes::from(ev.data));
+                }
+            }
+        }
+        let closed = reader.closed.clone();
+        tokio::select! {
+            _ = reader.pump(stream, parser, None) => {}
+            _ = closed.cancelled() => {}
+        }
+        tracing::warn!(server = %reader.name, "upstream SSE stream ended");
+        reader.closed.cancel();
+    });
+    Ok(link)
+}
+
+impl HttpLink {
+    pub(crate) fn modern_info(&self) -> Option<ServerInfo> {
+        self.modern_info.get().cloned()
+    }
+
+    pub(crate) fn set_protocol_version(&self, v: &str) {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            *lock(&self.protocol_version) = Some(v);
+        }
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        let tasks: Vec<AbortHandle> = lock(&self.tasks).drain().map(|(_, t)| t).collect();
+        for t in tasks {
+            t.abort();
+        }
+        if matches!(self.mode, Mode::Streamable) {
+            let sid = lock(&self.session_id).clone();
+            if let Some(sid) = sid {
+                let _ = self
+                    .client
+                    .delete(self.url.clone())
+                    .headers(self.headers.clone())
+                    .header("mcp-session-id", sid)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await;
+            }
+        }
+        self.closed.cancel();
+    }
+
+    pub(crate) fn abort(&self, id: u64) -> bool {
+        if !matches!(self.mode, Mode::Modern) {
+            return false;
+        }
+        if let Some(t) = lock(&self.tasks).remove(&id) {
+            t.abort();
+        }
+        true
+    }
+
+    pub(crate) fn send(self: &Arc<Self>, msg: Bytes, id: Option<u64>) -> Result<(), String> {
+        if self.closed.is_cancelled() {
+            return Err("the connection is closed".into());
+        }
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            this.post(msg, id).await;
+            if let Some(id) = id {
+                lock(&this.tasks).remove(&id);
+            }
+        });
+        if let Some(id) = id
+            && !task.is_finished()
+        {
+            lock(&self.tasks).insert(id, task.abort_handle());
+        }
+        Ok(())
+    }
+
+    fn fail(&self, id: Option<u64>, message: &str) {
+        let (Some(id), Some(up)) = (id, self.up.upgrade()) else { return };
+        up.on_message(Bytes::from(jsonrpc::error_response(Some(&id.to_string()), code::UPSTREAM_ERROR, message, None)));
+    }
+
+    fn request(&self, msg: Bytes) -> Result<reqwest::RequestBuilder, String> {
+        let (url, msg) = match &self.mode {
+            Mode::Sse { post_url } => (post_url.clone(), msg),
+            Mode::Modern => (self.url.clone(), msg),
+            Mode::Streamable => (self.url.clone(), msg),
+        };
+        let mut req = self
+            .client
+            .post(url)
+            .headers(self.headers.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "application/json, text/event-stream");
+        if matches!(self.mode, Mode::Modern) {
+            let (msg, method, name) = modernize(&msg)?;
+            req = req.header("mcp-protocol-version", MODERN_VERSION).header("mcp-method", method);
+            if let Some(name) = name {
+                req = req.header("mcp-name", name);
+            }
+            return Ok(req.body(msg));
+        }
+        if matches!(self.mode, Mode::Streamable) {
+            if let Some(sid) = lock(&self.session_id).clone() {
+                req = req.header("mcp-session-id", sid);
+            }
+            if let Some(v) = lock(&self.protocol_version).clone() {
+                req = req.header("mcp-protocol-version", v);
+            }
+        }
+        Ok(req.body(msg))
+    }
+
+    async fn post(self: &Arc<Self>, msg: Bytes, id: Option<u64>) {
+        let req = match self.request(msg) {
+            Ok(r) => r,
+            Err(e) => return self.fail(id, &e),
+        };
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return self.fail(id, &format!("request failed: {}", error_chain(&e))),
+        };
+        let status = resp.status();
+        if matches!(self.mode, Mode::Streamable) {
+            if let Some(sid) = resp.headers().get("mcp-session-id") {
+                let mut cur = lock(&self.session_id);
+                if cur.is_none() {
+                    *cur = Some(sid.clone());
+                }
+            }
+            if status == StatusCode::NOT_FOUND && lock(&self.session_id).is_some() {
+                tracing::info!(server = %self.name, "upstream session expired; re-initializing");
+                self.fail(id, "the upstream session expired; it is being re-initialized, retry the request");
+                self.closed.cancel();
+                return;
+            }
+        }
+        if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT {
+            return;
+        }
+        let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
+        // A modern server answers JSON-RPC errors with 4xx and a JSON body: deliver those as is.
+        let modern_json_error = matches!(self.mode, Mode::Modern) && !is_sse;
+        if !status.is_success() && !modern_json_error {
+            let body = read_limited(resp).await.unwrap_or_default();
+            let snippet = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            return self.fail(id, &format!("HTTP {status}: {snippet}"));
+        }
+        if matches!(self.mode, Mode::Sse { .. }) {
+            return; // answers arrive on the stream
+        }
+        if is_sse {
+            let stream = resp.bytes_stream();
+            let last = self.pump(stream, sse::Parser::new(MAX_UPSTREAM_MESSAGE), id).await;
+            if let (Some(id), Some((last_id, retry))) = (id, last) {
+                self.resume(id, last_id, retry).await;
+            }
+            return;
+        }
+        match read_limited(resp).await {
+            Ok(body) => self.deliver_json(body, id),
+            Err(e) => self.fail(id, &e),
+        }
+    }
+
+    fn deliver_json(&self, body: Bytes, id: Option<u64>) {
+        let Some(up) = self.up.upgrade() else { return };
+        if jsonrpc::is_array(&body) {
+            match serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&body) {
+                Ok(items) => {
+                    for item in items {
+                        up.on_message(body.slice(jsonrpc::span_of(&body, item)));
+                    }
+                }
+                Err(e) => self.fail(id, &format!("bad JSON from upstream: {e}")),
+            }
+        } else if body.is_empty() {
+            self.fail(id, "empty response from upstream");
+        } else {
+            up.on_message(body);
+        }
+    }
+
+    /// Reads an SSE stream, delivering messages. Returns the last event id and retry delay when
+    /// the stream ended without the response to `id` (so it may be resumed).
+    async fn pump<S>(&self, mut stream: S, mut parser: sse::Parser, id: Option<u64>) -> Option<(String, Duration)>
+    where
+        S: futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin,
+    {
+        let mut last_id = None;
+        let mut retry = Duration::from_millis(1000);
+        let up = self.up.upgrade()?;
+        loop {
+            let chunk = match tokio::time::timeout(self.idle, stream.next()).await {
+                Ok(Some(Ok(c))) => c,
+                Ok(Some(Err(_))) | Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(server = %self.name, "upstream SSE stream idle for {:?}; dropped", self.idle);
+                    break;
+                }
+            };
+            let events = match parser.feed(&chunk) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.fail(id, &e.to_string());
+                    return None;
+                }
+            };
+            for ev in events {
+                if let Some(i) = &ev.id {
+                    last_id = Some(i.clone());
+                }
+                if let Some(r) = ev.retry {
+                    retry = Duration::from_millis(r);
+                }
+                if ev.is_message() && !ev.data.is_empty() {
+                    up.on_message(Bytes::from(ev.data));
+                }
+            }
+            if let Some(id) = id
+                && !up.is_pending(id)
+            {
+                return None;
+            }
+        }
+        let id = id?;
+        if !up.is_pending(id) {
+            return None;
+        }
+        match last_id {
+            Some(l) if !matches!(self.mode, Mode::Modern) => Some((l, retry)),
+            _ => {
+                self.fail(Some(id), "the upstream closed the response stream without answering");
+                None
+            }
+        }
+    }
+
+    /// Resumes a response stream with GET + `Last-Event-ID`, honouring `retry`.
+    async fn resume(&self, id: u64, mut last_id: String, mut retry: Duration) {
+        for _ in 0..MAX_RESUMES {
+            tokio::time::sleep(retry.min(Duration::from_secs(30))).await;
+            let mut req = self
+                .client
+                .get(self.url.clone())
+                .headers(self.headers.clone())
+                .header(ACCEPT, "text/event-stream")
+                .header("last-event-id", last_id.clone());
+            if let Some(sid) = lock(&self.session_id).clone() {
+                req = req.header("mcp-session-id", sid);
+            }
+            if let Some(v) = lock(&self.protocol_version).clone() {
+                req = req.header("mcp-protocol-version", v);
+            }
+            let resp = match req.send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    return self.fail(Some(id), &format!("resuming the response stream failed: HTTP {}", r.status()));
+                }
+                Err(e) => {
+                    return self.fail(Some(id), &format!("resuming the response stream failed: {}", error_chain(&e)));
+                }
+            };
+            match self.pump(resp.bytes_stream(), sse::Parser::new(MAX_UPSTREAM_MESSAGE), Some(id)).await {
+                Some((l, r)) => {
+                    last_id = l;
+                    retry = r;
+                }
+                None => return,
+            }
+        }
+        self.fail(Some(id), "the upstream response stream kept closing without an answer");
+    }
+
+    /// Opens the standalone GET stream of a session-based server, for its own requests and
+    /// notifications. Servers that answer 405 have none.
+    pub(crate) fn start_get_stream(self: &Arc<Self>, _up: &Arc<Upstream>) {
+        if !matches!(self.mode, Mode::Streamable) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            let mut last_id: Option<String> = None;
+            while !this.closed.is_cancelled() && failures < 5 {
+                let mut req =
+                    this.client.get(this.url.clone()).headers(this.headers.clone()).header(ACCEPT, "text/event-stream");
+                if let Some(sid) = lock(&this.session_id).clone() {
+                    req = req.header("mcp-session-id", sid);
+                }
+                if let Some(v) = lock(&this.protocol_version).clone() {
+                    req = req.header("mcp-protocol-version", v);
+                }
+                if let Some(l) = &last_id {
+                    req = req.header("last-event-id", l.clone());
+                }
+                let resp = tokio::select! {
+                    r = req.send() => r,
+                    _ = this.closed.cancelled() => return,
+                };
+                let resp = match resp {
+                    Ok(r) if r.status().is_success() => r,
+                    Ok(r) if r.status() == StatusCode::METHOD_NOT_ALLOWED => return,
+                    _ => {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(250 * u64::from(failures))).await;
+                        continue;
+                    }
+                };
+                failures = 0;
+                let closed = this.closed.clone();
+                let r = tokio::select! {
+                    r = this.pump(resp.bytes_stream(), sse::Parser::new(MAX_UPSTREAM_MESSAGE), None) => r,
+                    _ = closed.cancelled() => return,
+                };
+                if let Some((l, _)) = r {
+                    last_id = Some(l);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+    }
+}
+
+/// Adds the 2026-07-28 per-request `_meta` fields and returns the body with its `Mcp-Method`
+/// and `Mcp-Name` header values.
+fn modernize(msg: &[u8]) -> Result<(Bytes, String, Option<String>), String> {
+    let env = Envelope::parse(msg).map_err(|e| e.to_string())?;
+    let method = env.method().to_owned();
+    if env.kind != Kind::Request && env.kind != Kind::Notification {
+        return Ok((Bytes::copy_from_slice(msg), method, None));
+    }
+    let meta = client_meta();
+    let (params, name) = match env.params {
+        Some(p) => {
+            let obj = RawObject::parse(p).map_err(|e| format!("params must be an object: {e}"))?;
+            let name_key = match method.as_str() {
+                "tools/call" | "prompts/get" => Some("name"),
+                "resources/read" => Some("uri"),
+                _ => None,
+            };
+            let name = name_key.and_then(|k| obj.get_str(k));
+            let merged_meta = match obj.get("_meta").map(RawObject::parse) {
+                Some(Ok(m)) => {
+                    let ours = RawObject::parse(jsonrpc::raw(meta.clone()).as_ref())
+                        .map(|o| o.0.iter().map(|(k, v)| (k.to_string(), v.get().to_owned())).collect::<Vec<_>>());
+                    let ours = ours.unwrap_or_default();
+                    let refs: Vec<(&str, &str)> = ours.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    m.to_json_with(&refs)
+                }
+                _ => meta,
+            };
+            (obj.to_json_with(&[("_meta", &merged_meta)]), name)
+        }
+        None => (format!(r#"{{"_meta":{meta}}}"#), None),
+    };
+    let out = match env.kind {
+        Kind::Request => jsonrpc::request(env.id.map_or("null", |i| i.get()), &method, Some(&params)),
+        _ => jsonrpc::notification(&method, Some(&params)),
+    };
+    let name = name.map(|n| encode_header_value(&n));
+    Ok((Bytes::from(out), method, name))
+}
+
+/// Encodes a header value: as is when it is visible ASCII, else `=?base64?…?=`.
+pub fn encode_header_value(v: &str) -> String {
+    use base64::Engine;
+    if v.bytes().all(|b| (0x20..0x7f).contains(&b)) && !v.starts_with(' ') && !v.ends_with(' ') {
+        v.to_owned()
+    } else {
+        format!("=?base64?{}?=", base64::engine::general_purpose::STANDARD.encode(v))
+    }
+}
+
+fn content_type(h: &HeaderMap) -> String {
+    h.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase()
+}
+
+async fn read_limited(resp: reqwest::Response) -> Result<Bytes, String> {
+    let mut stream = resp.bytes_stream();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| format!("reading the response failed: {}", error_chain(&e)))?;
+        if buf.is_empty() && chunk.len() <= MAX_UPSTREAM_MESSAGE {
+            // Common case: one chunk; keep it without copying.
+            if let Some(next) = stream.next().await {
+                buf.extend_from_slice(&chunk);
+                let next = next.map_err(|e| format!("reading the response failed: {}", error_chain(&e)))?;
+                buf.extend_from_slice(&next);
+            } else {
+                return Ok(chunk);
+            }
+        } else {
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() > MAX_UPSTREAM_MESSAGE {
+            return Err(format!("the upstream response is larger than {MAX_UPSTREAM_MESSAGE} bytes"));
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,839 @@
+//! Upstream MCP servers: the gateway as an MCP client.
+//!
+//! An [`Upstream`] is one running instance of a server definition: a supervisor task that
+//! connects (spawns the child, or initializes the HTTP session), watches the connection, and
+//! restarts it with exponential backoff behind a crash-loop breaker; plus a multiplexer that
+//! gives every request a gateway-minted id and remembers which downstream caller it belongs to.
+//!
+//! Invariants:
+//! - Every upstream request id is minted here (a per-instance counter), so ids from different
+//!   downstream sessions never collide; progress tokens are rewritten to that id and restored on
+//!   the way back, so progress reaches only its caller.
+//! - When a connection ends, every request in flight on it is answered at once with an error
+//!   naming the server; no caller waits for a deadline on a dead connection.
+//! - A request is removed from the pending map exactly once (answered, timed out, failed or
+//!   dropped by its caller).
+//! - Client credentials never reach this module: it sends only what config names.
+
+pub mod http;
+pub mod stdio;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
+use super::session::{Caller, ClientRequestRoute, lock};
+use crate::config::{ServerDef, Transport};
+
+/// The protocol version Portcullis offers upstream in `initialize`.
+pub const UPSTREAM_HANDSHAKE_VERSION: &str = "2025-11-25";
+/// The modern (stateless) protocol version.
+pub const MODERN_VERSION: &str = "2026-07-28";
+
+/// Crash-loop breaker: this many failed starts or crashes ...
+const BREAKER_FAILURES: usize = 5;
+/// ... within this window open the breaker ...
+const BREAKER_WINDOW: Duration = Duration::from_secs(60);
+/// ... for this long, during which calls fail fast.
+const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
+/// First restart delay, doubled per failure up to `BACKOFF_MAX`.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A connection that stayed up this long resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+/// Why an upstream call failed. All are the upstream's fault (or its absence), never the
+/// client's: the edge answers them with a JSON-RPC error, not a 4xx.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// Not running (starting, restarting, stopped, or the breaker is open).
+    #[error("server {server} is unavailable: {reason}")]
+    Unavailable {
+        /// The server's name.
+        server: String,
+        /// Why.
+        reason: String,
+    },
+    /// The connection ended while the request was in flight.
+    #[error("server {server} closed the connection while handling the request ({reason})")]
+    Closed {
+        /// The server's name.
+        server: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The deadline passed.
+    #[error("server {server} did not answer within {after:?}")]
+    Timeout {
+        /// The server's name.
+        server: String,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The upstream broke the protocol or the transport failed.
+    #[error("server {server}: {reason}")]
+    Protocol {
+        /// The server's name.
+        server: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl UpstreamError {
+    /// The JSON-RPC error object for a downstream response.
+    pub fn to_reply(&self) -> Reply {
+        Reply::error(code::UPSTREAM_ERROR, &self.to_string())
+    }
+}
+
+/// Lifecycle state of an upstream instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// First start in progress.
+    Starting,
+    /// Connected and initialized.
+    Running,
+    /// Lost its connection; reconnecting after a backoff.
+    Restarting,
+    /// Crash loop: the breaker is open and calls fail fast until it closes.
+    Failed,
+    /// Stopped on purpose.
+    Stopped,
+}
+
+impl State {
+    /// Lowercase name for APIs and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Restarting => "restarting",
+            State::Failed => "failed",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+/// What the upstream said about itself at connect time.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// Negotiated protocol version.
+    pub protocol_version: String,
+    /// Raw `capabilities` object.
+    pub capabilities: Box<RawValue>,
+    /// Raw `serverInfo` object.
+    pub server_info: Box<RawValue>,
+    /// `instructions`, if any.
+    pub instructions: Option<String>,
+}
+
+/// A live connection.
+pub struct Connection {
+    link: Link,
+    /// What the server said in its handshake.
+    pub info: ServerInfo,
+    closed: CancellationToken,
+    pid: Option<u32>,
+}
+
+impl Connection {
+    /// The child's pid, for stdio servers.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+}
+
+enum Link {
+    Stdio(stdio::StdioLink),
+    Http(Arc<http::HttpLink>),
+}
+
+impl Link {
+    fn send(&self, msg: Bytes, id: Option<u64>) -> Result<(), String> {
+        match self {
+            Link::Stdio(l) => l.send(msg),
+            Link::Http(l) => l.send(msg, id),
+        }
+    }
+
+    /// Stops a request the transport can stop by itself (modern HTTP: closing the POST).
+    fn abort(&self, id: u64) -> bool {
+        match self {
+            Link::Stdio(_) => false,
+            Link::Http(l) => l.abort(id),
+        }
+    }
+
+    async fn shutdown(&self) {
+        match self {
+            Link::Stdio(l) => l.shutdown().await,
+            Link::Http(l) => l.shutdown().await,
+        }
+    }
+}
+
+/// What a transport hands back when it connects, before the handshake.
+pub(crate) struct Connected {
+    link: Link,
+    closed: CancellationToken,
+    pid: Option<u32>,
+}
+
+/// A snapshot of an instance's status.
+#[derive(Clone)]
+pub struct Status {
+    /// Lifecycle state.
+    pub state: State,
+    /// The live connection when running.
+    pub conn: Option<Arc<Connection>>,
+    /// The last error, for operators.
+    pub last_error: Option<String>,
+    /// How many times it was restarted.
+    pub restarts: u64,
+    /// When the current connection came up.
+    pub since: Option<Instant>,
+}
+
+/// Receives what an upstream says that is not an answer to a request.
+pub trait Hub: Send + Sync {
+    /// A `notifications/*/list_changed` from `server`, or its visible set changed (it started,
+    /// stopped or failed).
+    fn list_changed(&self, server: &str, method: &str);
+    /// `notifications/resources/updated` from `server` (raw params).
+    fn resource_updated(&self, server: &str, params: &RawValue);
+}
+
+struct Pending {
+    reply: oneshot::Sender<Reply>,
+    caller: Caller,
+    progress_token: Option<Box<RawValue>>,
+}
+
+/// One running instance of a server definition.
+pub struct Upstream {
+    /// The definition it runs.
+    pub def: Arc<ServerDef>,
+    status: watch::Sender<Status>,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, Pending>>,
+    stop: CancellationToken,
+    hub: Weak<dyn Hub>,
+    /// The session owning a `per_session` instance.
+    owner: Option<Weak<super::session::Session>>,
+    http: reqwest::Client,
+}
+
+impl Upstream {
+    /// Starts an instance; it connects in the background.
+    pub fn start(
+        def: Arc<ServerDef>,
+        hub: Weak<dyn Hub>,
+        owner: Option<Weak<super::session::Session>>,
+        http: reqwest::Client,
+    ) -> Arc<Self> {
+        let initial = Status {
+            state: if def.enabled { State::Starting } else { State::Stopped },
+            conn: None,
+            last_error: None,
+            restarts: 0,
+            since: None,
+        };
+        let up = Arc::new(Upstream {
+            def,
+            status: watch::Sender::new(initial),
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
+            hub,
+            owner,
+            http,
+        });
+        if up.def.enabled {
+            tokio::spawn(up.clone().supervise());
+        }
+        up
+    }
+
+    /// The server's name.
+    pub fn name(&self) -> &str {
+        &self.def.name
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// The live connection, if running.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        self.status.borrow().conn.clone()
+    }
+
+    /// Stops the instance: ends its connection (children included) and fails calls in flight.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        let mut rx = self.status.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.state == State::Stopped)).await;
+    }
+
+    /// Marks stopping without waiting.
+    pub fn stop_now(&self) {
+        self.stop.cancel();
+    }
+
+    fn set(&self, f: impl FnOnce(&mut Status)) {
+        self.status.send_modify(f);
+    }
+
+    async fn supervise(self: Arc<Self>) {
+        let mut failures: VecDeque<Instant> = VecDeque::new();
+        let mut backoff = BACKOFF_START;
+        let mut first = true;
+        loop {
+            if self.stop.is_cancelled() {
+                break;
+            }
+            if !first {
+                self.set(|s| s.restarts += 1);
+            }
+            first = false;
+            let started = Instant::now();
+            let attempt = tokio::select! {
+                r = self.connect() => r,
+                _ = self.stop.cancelled() => break,
+            };
+            match attempt {
+                Ok(conn) => {
+                    let conn = Arc::new(conn);
+                    self.set(|s| {
+                        s.state = State::Running;
+                        s.conn = Some(conn.clone());
+                        s.since = Some(Instant::now());
+                    });
+                    tracing::info!(server = %self.def.name, pid = ?conn.pid, version = %conn.info.protocol_version, "upstream connected");
+                    self.changed();
+                    let stopping = tokio::select! {
+                        _ = conn.closed.cancelled() => false,
+                        _ = self.stop.cancelled() => true,
+                    };
+                    // Unpublish first (no new calls land on it), reap, then say Stopped.
+                    self.set(|s| {
+                        s.conn = None;
+                        s.since = None;
+                        if !stopping {
+                            s.state = State::Restarting;
+                        }
+                    });
+                    conn.link.shutdown().await;
+                    if stopping {
+                        self.fail_all("the server was stopped");
+                        self.changed();
+                        break;
+                    }
+                    let reason = "the connection ended".to_owned();
+                    tracing::warn!(server = %self.def.name, "upstream connection ended; restarting");
+                    self.set(|s| s.last_error = Some(reason.clone()));
+                    self.fail_all(&reason);
+                    self.changed();
+                    if started.elapsed() >= HEALTHY_AFTER {
+                        failures.clear();
+                        backoff = BACKOFF_START;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(server = %self.def.name, error = %e, "upstream failed to start");
+                    self.set(|s| {
+                        s.last_error = Some(e.clone());
+                        if s.state == State::Running {
+                            s.state = State::Restarting;
+                        }
+                    });
+                }
+            }
+            let now = Instant::now();
+            failures.push_back(now);
+            while failures.front().is_some_and(|t| now.duration_since(*t) > BREAKER_WINDOW) {
+                failures.pop_front();
+            }
+            let delay = if failures.len() >= BREAKER_FAILURES {
+                tracing::error!(server = %self.def.name, "crash loop: breaker open for {:?}", BREAKER_COOLDOWN);
+                self.set(|s| s.state = State::Failed);
+                self.fail_all("the server is in a crash loop");
+                failures.clear();
+                backoff = BACKOFF_START;
+                BREAKER_COOLDOWN
+            } else {
+                if self.status.borrow().state != State::Starting {
+                    self.set(|s| s.state = State::Restarting);
+                }
+                let d = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                d
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stop.cancelled() => break,
+            }
+        }
+        self.set(|s| {
+            s.state = State::Stopped;
+            s.conn = None;
+        });
+        self.fail_all("the server was stopped");
+    }
+
+    fn changed(&self) {
+        if let Some(hub) = self.hub.upgrade() {
+            hub.list_changed(&self.def.name, "");
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<Connection, String> {
+        let connected = match &self.def.transport {
+            Transport::Stdio { .. } => stdio::spawn(self).await?,
+            Transport::Http { .. } => http::connect(self).await?,
+        };
+        let Connected { link, closed, pid } = connected;
+        let handshake = async {
+            if let Link::Http(h) = &link
+                && let Some(info) = h.modern_info()
+            {
+                return Ok(info);
+            }
+            self.handshake(&link).await
+        };
+        let info = tokio::select! {
+            r = tokio::time::timeout(self.def.timeout.min(Duration::from_secs(60)), handshake) => match r {
+                Ok(r) => r,
+                Err(_) => Err("no answer to initialize".to_owned()),
+            },
+            _ = closed.cancelled() => Err("exited during initialize".to_owned()),
+        };
+        match info {
+            Ok(info) => Ok(Connection { link, info, closed, pid }),
+            Err(e) => {
+                link.shutdown().await;
+                self.fail_all(&e);
+                Err(e)
+            }
+        }
+    }
+
+    async fn handshake(self: &Arc<Self>, link: &Link) -> Result<ServerInfo, String> {
+        let params = format!(
+            r#"{{"protocolVersion":"{UPSTREAM_HANDSHAKE_VERSION}","capabilities":{{"sampling":{{}},"elicitation":{{}},"roots":{{"listChanged":true}}}},"clientInfo":{{"name":"portcullis","version":"{}"}}}}"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        let reply = self.raw_call(link, "initialize", Some(&params), &Caller::default()).await?;
+        if reply.is_error {
+            return Err(format!("initialize failed: {}", reply.payload_str()));
+        }
+        let info = parse_init(reply.payload_str())?;
+        if let Link::Http(h) = link {
+            h.set_protocol_version(&info.protocol_version);
+        }
+        link.send(Bytes::from(jsonrpc::notification("notifications/initialized", None)), None)?;
+        if let Link::Http(h) = link {
+            h.start_get_stream(self);
+        }
+        Ok(info)
+    }
+
+    /// Sends a request on a link that may not be published yet (handshake).
+    async fn raw_call(
+        &self,
+        link: &Link,
+        method: &str,
+        params: Option<&str>,
+        caller: &Caller,
+    ) -> Result<Reply, String> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, Pending { reply: tx, caller: caller.clone(), progress_token: None });
+        link.send(Bytes::from(jsonrpc::request(&id.to_string(), method, params)), Some(id))?;
+        rx.await.map_err(|_| "connection closed".to_owned())
+    }
+
+    /// Waits until running (up to `deadline`); fails fast when stopped or the breaker is open.
+    pub async fn ready_by(&self, deadline: Instant) -> Result<Arc<Connection>, UpstreamError> {
+        self.ready(deadline).await
+    }
+
+    async fn ready(&self, deadline: Instant) -> Result<Arc<Connection>, UpstreamError> {
+        let mut rx = self.status.subscribe();
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                if let Some(c) = &s.conn {
+                    return Ok(c.clone());
+                }
+                let unavailable = |reason: String| UpstreamError::Unavailable { server: self.def.name.clone(), reason };
+                match s.state {
+                    State::Failed => {
+                        return Err(unavailable(format!(
+                            "crash loop, not restarting for a while (last error: {})",
+                            s.last_error.as_deref().unwrap_or("none")
+                        )));
+                    }
+                    State::Stopped => return Err(unavailable("stopped".into())),
+                    _ => {}
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => {
+                    let reason = self.status.borrow().last_error.clone().unwrap_or_else(|| "not ready".into());
+                    return Err(UpstreamError::Unavailable { server: self.def.name.clone(), reason });
+                }
+            }
+        }
+    }
+
+    /// Calls a method upstream on behalf of `caller`.
+    ///
+    /// `edits` replaces top-level members of `params` (e.g. an unprefixed tool name); the
+    /// caller's progress token is swapped for the upstream id and restored on the way back.
+    /// `down_id` (the caller's raw request id) registers the call for cancellation.
+    pub async fn call(
+        self: &Arc<Self>,
+        method: &str,
+        params: Option<&RawValue>,
+        edits: &[(&str, &str)],
+        caller: &Caller,
+        down_id: Option<&str>,
+    ) -> Result<Reply, UpstreamError> {
+        let deadline = Instant::now() + self.def.timeout;
+        let conn = self.ready(deadline).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id_text = id.to_string();
+        let (params, progress_token) =
+            rewrite_params(params, edits, &id_text, conn.info.protocol_version == MODERN_VERSION)
+                .map_err(|reason| UpstreamError::Protocol { server: self.def.name.clone(), reason })?;
+        let msg = jsonrpc::request(&id_text, method, params.as_deref());
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, Pending { reply: tx, caller: caller.clone(), progress_token });
+        let mut guard = CallGuard { up: self, conn: &conn, id, down_id, caller, armed: true };
+        if let (Some(s), Some(d)) = (&caller.session, down_id) {
+            s.track(d, self.clone(), id);
+        }
+        if let Err(reason) = conn.link.send(Bytes::from(msg), Some(id)) {
+            return Err(UpstreamError::Closed { server: self.def.name.clone(), reason });
+        }
+        let result = tokio::time::timeout_at(deadline, rx).await;
+        match result {
+            Ok(Ok(reply)) => {
+                guard.armed = false;
+                Ok(reply)
+            }
+            Ok(Err(_)) => {
+                guard.armed = false;
+                Err(UpstreamError::Closed { server: self.def.name.clone(), reason: "no answer".into() })
+            }
+            Err(_) => {
+                guard.cancel_upstream("timed out");
+                guard.armed = false;
+                Err(UpstreamError::Timeout { server: self.def.name.clone(), after: self.def.timeout })
+            }
+        }
+    }
+
+    /// Sends a notification upstream (no answer expected).
+    pub fn notify(&self, method: &str, params: Option<&str>) -> Result<(), UpstreamError> {
+        let conn = self.connection().ok_or_else(|| UpstreamError::Unavailable {
+            server: self.def.name.clone(),
+            reason: "not running".into(),
+        })?;
+        conn.link
+            .send(Bytes::from(jsonrpc::notification(method, params)), None)
+            .map_err(|reason| UpstreamError::Closed { server: self.def.name.clone(), reason })
+    }
+
+    /// Cancels an in-flight call on behalf of its caller (`notifications/cancelled`).
+    pub fn cancel(&self, id: u64, reason: Option<&str>) {
+        if let Some(p) = lock(&self.pending).remove(&id) {
+            let _ = p.reply.send(Reply::error(code::REQUEST_CANCELLED, "request cancelled"));
+        }
+        if let Some(conn) = self.connection() {
+            send_cancel(&conn, id, reason);
+        }
+    }
+
+    /// Sends a client's answer to a server-to-client request back upstream.
+    pub fn answer(&self, upstream_id: &str, env: &Envelope<'_>) {
+        if let Some(conn) = self.connection() {
+            let _ = conn.link.send(Bytes::from(jsonrpc::with_id(env, upstream_id)), None);
+        }
+    }
+
+    /// Whether a request is still waiting for its answer.
+    pub(crate) fn is_pending(&self, id: u64) -> bool {
+        lock(&self.pending).contains_key(&id)
+    }
+
+    fn fail_all(&self, reason: &str) {
+        let drained: Vec<(u64, Pending)> = lock(&self.pending).drain().collect();
+        if drained.is_empty() {
+            return;
+        }
+        let err = UpstreamError::Closed { server: self.def.name.clone(), reason: reason.to_owned() }.to_reply();
+        for (_, p) in drained {
+            let _ = p.reply.send(err.clone());
+        }
+    }
+
+    /// Handles one message from the upstream.
+    pub(crate) fn on_message(self: &Arc<Self>, bytes: Bytes) {
+        let env = match Envelope::parse(&bytes) {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::warn!(server = %self.def.name, error = %e, "ignoring malformed message from upstream");
+                return;
+            }
+        };
+        match env.kind {
+            Kind::Result | Kind::Error => {
+                let Some(id) = env.id_u64() else {
+                    tracing::warn!(server = %self.def.name, "response with an id Portcullis did not send");
+                    return;
+                };
+                let Some(p) = lock(&self.pending).remove(&id) else { return };
+                let part = if env.kind == Kind::Result { env.result } else { env.error };
+                let span = part.map(|r| jsonrpc::span_of(&bytes, r));
+                let reply = match span {
+                    Some(span) => Reply { bytes: bytes.clone(), span, is_error: env.kind == Kind::Error },
+                    None => Reply::error(code::INTERNAL_ERROR, "empty response"),
+                };
+                let _ = p.reply.send(reply);
+            }
+            Kind::Notification => self.on_notification(&env),
+            Kind::Request => self.on_request(&env),
+        }
+    }
+
+    fn on_notification(self: &Arc<Self>, env: &Envelope<'_>) {
+        let method = env.method();
+        match method {
+            "notifications/progress" => {
+                let Some(params) = env.params else { return };
+                let Ok(obj) = RawObject::parse(params) else { return };
+                let Some(id) = obj.get("progressToken").and_then(|t| t.get().trim_matches('"').parse::<u64>().ok())
+                else {
+                    return;
+                };
+                let route = lock(&self.pending)
+                    .get(&id)
+                    .and_then(|p| p.progress_token.as_ref().map(|t| (p.caller.clone(), t.get().to_owned())));
+                if let Some((caller, token)) = route {
+                    let params = obj.to_json_with(&[("progressToken", &token)]);
+                    caller.deliver(Bytes::from(jsonrpc::notification(method, Some(&params))));
+                }
+            }
+            "notifications/tools/list_changed"
+            | "notifications/prompts/list_changed"
+            | "notifications/resources/list_changed" => {
+                if let Some(hub) = self.hub.upgrade() {
+                    hub.list_changed(&self.def.name, method);
+                }
+            }
+            "notifications/resources/updated" => {
+                if let (Some(hub), Some(p)) = (self.hub.upgrade(), env.params) {
+                    hub.resource_updated(&self.def.name, p);
+                }
+            }
+            "notifications/cancelled" => {
+                // The server withdrew a request it sent to a client; nothing to route for the
+                // gateway's own requests, and client-bound requests time out on their own.
+            }
+            _ => {
+                // Logging and other notifications: deliver to the one caller they can belong to.
+                if let Some(caller) = self.sole_caller() {
+                    caller.deliver(Bytes::from(jsonrpc::notification(method, env.params.map(RawValue::get))));
+                } else {
+                    tracing::debug!(server = %self.def.name, method, "notification not attributable to one session; dropped");
+                }
+            }
+        }
+    }
+
+    /// The caller a server-initiated message belongs to: the owner of a per-session instance,
+    /// or the only session with calls in flight on a shared one.
+    fn sole_caller(&self) -> Option<Caller> {
+        let pending = lock(&self.pending);
+        let mut found: Option<&Caller> = None;
+        for p in pending.values() {
+            if p.caller.session.is_none() && p.caller.related.is_none() {
+                continue;
+            }
+            match found {
+                None => found = Some(&p.caller),
+                Some(f) if f.key() == p.caller.key() && f.key() != 0 => {
+                    // Two calls from one session: the session is known, the request is not.
+                    if f.related.is_some() {
+                        found = Some(&p.caller);
+                    }
+                }
+                Some(_) => return None,
+            }
+        }
+        if let Some(c) = found {
+            return Some(c.clone());
+        }
+        drop(pending);
+        let owner = self.owner.as_ref()?.upgrade()?;
+        Some(Caller { session: Some(owner), related: None, cancel_on_drop: false })
+    }
+
+    fn on_request(self: &Arc<Self>, env: &Envelope<'_>) {
+        let id = env.id.map(|i| i.get().to_owned()).unwrap_or_default();
+        let reply_err = |code: i64, msg: &str| {
+            if let Some(conn) = self.connection() {
+                let _ = conn.link.send(Bytes::from(jsonrpc::error_response(Some(&id), code, msg, None)), None);
+            }
+        };
+        if env.method() == "ping" {
+            if let Some(conn) = self.connection() {
+                let _ = conn.link.send(Bytes::from(jsonrpc::result_response(&id, "{}")), None);
+            }
+            return;
+        }
+        let Some(caller) = self.sole_caller() else {
+            tracing::warn!(server = %self.def.name, method = env.method(), "server-to-client request cannot be attributed to one session; refused");
+            reply_err(
+                code::INTERNAL_ERROR,
+                "Portcullis cannot route this request: several clients share this server (set share: per_session)",
+            );
+            return;
+        };
+        let Some(session) = caller.session.clone() else {
+            reply_err(code::METHOD_NOT_FOUND, "the client is stateless and cannot answer requests");
+            return;
+        };
+        let down_id =
+            session.add_client_request(ClientRequestRoute { upstream: self.clone(), upstream_id: id.clone().into() });
+        let msg = jsonrpc::with_id(env, &format!("\"pcs-{down_id}\""));
+        if !caller.deliver(Bytes::from(msg)) {
+            session.take_client_request(down_id);
+            reply_err(code::INTERNAL_ERROR, "the client has no open stream to receive this request");
+        }
+    }
+}
+
+/// Removes the pending entry if the call did not complete (caller dropped or timed out), and
+/// cancels upstream when the caller's era says a dropped request is a cancelled one.
+struct CallGuard<'a> {
+    up: &'a Arc<Upstream>,
+    conn: &'a Arc<Connection>,
+    id: u64,
+    down_id: Option<&'a str>,
+    caller: &'a Caller,
+    armed: bool,
+}
+
+impl CallGuard<'_> {
+    fn cancel_upstream(&self, reason: &str) {
+        if lock(&self.up.pending).remove(&self.id).is_some() || self.armed {
+            send_cancel(self.conn, self.id, Some(reason));
+        }
+    }
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if let (Some(s), Some(d)) = (&self.caller.session, self.down_id) {
+            s.untrack(d);
+        }
+        if self.armed && lock(&self.up.pending).remove(&self.id).is_some() && self.caller.cancel_on_drop {
+            send_cancel(self.conn, self.id, Some("the client closed the request"));
+        }
+    }
+}
+
+fn send_cancel(conn: &Connection, id: u64, reason: Option<&str>) {
+    if conn.link.abort(id) {
+        return;
+    }
+    let params = match reason {
+        Some(r) => format!(r#"{{"requestId":{id},"reason":{}}}"#, jsonrpc::quote(r)),
+        None => format!(r#"{{"requestId":{id}}}"#),
+    };
+    let _ = conn.link.send(Bytes::from(jsonrpc::notification("notifications/cancelled", Some(&params))), None);
+}
+
+/// Applies member edits and swaps `_meta.progressToken` for the upstream id.
+/// Returns the params to send and the caller's original token.
+fn rewrite_params(
+    params: Option<&RawValue>,
+    edits: &[(&str, &str)],
+    id_text: &str,
+    modern: bool,
+) -> Result<(Option<String>, Option<Box<RawValue>>), String> {
+    let Some(params) = params else {
+        return Ok((None, None));
+    };
+    let needs_meta = params.get().contains("progressToken");
+    if edits.is_empty() && !needs_meta && !modern {
+        return Ok((Some(params.get().to_owned()), None));
+    }
+    let obj = RawObject::parse(params).map_err(|e| format!("params must be an object: {e}"))?;
+    let mut token = None;
+    let mut meta_json = None;
+    if let Some(meta) = obj.get("_meta")
+        && let Ok(meta_obj) = RawObject::parse(meta)
+        && let Some(t) = meta_obj.get("progressToken")
+    {
+        token = Some(t.to_owned());
+        meta_json = Some(meta_obj.to_json_with(&[("progressToken", id_text)]));
+    }
+    let mut all: Vec<(&str, &str)> = edits.to_vec();
+    if let Some(m) = &meta_json {
+        all.push(("_meta", m));
+    }
+    Ok((Some(obj.to_json_with(&all)), token))
+}
+
+fn parse_init(result: &str) -> Result<ServerInfo, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Init {
+        protocol_version: String,
+        #[serde(default)]
+        capabilities: Option<Box<RawValue>>,
+        #[serde(default)]
+        server_info: Option<Box<RawValue>>,
+        #[serde(default)]
+        instructions: Option<String>,
+    }
+    let init: Init = serde_json::from_str(result).map_err(|e| format!("bad initialize result: {e}"))?;
+    Ok(ServerInfo {
+        protocol_version: init.protocol_version,
+        capabilities: init.capabilities.unwrap_or_else(|| jsonrpc::raw("{}".into())),
+        server_info: init.server_info.unwrap_or_else(|| jsonrpc::raw("{}".into())),
+        instructions: init.instructions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_token_is_swapped() {
+        let p = jsonrpc::raw(r#"{"name":"x__y","_meta":{"progressToken":"abc","other":1},"arguments":{}}"#.into());
+        let (out, token) = rewrite_params(Some(&p), &[("name", "\"y\"")], "42", false).unwrap();
+        assert_eq!(out.unwrap(), r#"{"name":"y","_meta":{"progressToken":42,"other":1},"arguments":{}}"#);
+        assert_eq!(token.unwrap().get(), "\"abc\"");
+        let plain = jsonrpc::raw(r#"{"a":1}"#.into());
+        let (out, token) = rewrite_params(Some(&plain), &[], "1", false).unwrap();
+        assert_eq!(out.unwrap(), r#"{"a":1}"#);
+        assert!(token.is_none());
+    }
+}

@@ -1,0 +1,141 @@
+//! The HTTP listener: routes, the health endpoint, and graceful shutdown.
+//!
+//! Shutdown order: stop accepting → close every session's streams (so SSE responses end) →
+//! let in-flight requests finish within the grace period → stop every upstream (children and
+//! their process groups) → sweep any process group left. Invariant: nothing this process
+//! started outlives it on SIGTERM, SIGINT or a panic on the main thread.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use axum::routing::{any, get};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::mcp::downstream::http::{self as mcp_http, json};
+use crate::mcp::gateway::Gateway;
+use crate::mcp::session::Scope;
+use crate::mcp::upstream::{State as UpState, stdio};
+
+/// How long in-flight requests get to finish after a shutdown signal.
+pub const GRACE: Duration = Duration::from_secs(10);
+
+/// Builds the router over a gateway.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/mcp", any(aggregated))
+        .route("/servers/{name}/mcp", any(one_server))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .with_state(gw)
+}
+
+async fn aggregated(State(gw): State<Arc<Gateway>>, method: Method, headers: HeaderMap, body: Body) -> Response {
+    mcp_http::handle(gw, Scope::All, method, headers, body).await
+}
+
+async fn one_server(
+    State(gw): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    mcp_http::handle(gw, Scope::One(name), method, headers, body).await
+}
+
+async fn health(State(gw): State<Arc<Gateway>>) -> Response {
+    let mut up = 0;
+    let mut down = 0;
+    for (def, status) in gw.statuses() {
+        if !def.enabled {
+            continue;
+        }
+        match status.map(|s| s.state) {
+            Some(UpState::Running) => up += 1,
+            _ => down += 1,
+        }
+    }
+    let status = if down == 0 { "ok" } else { "degraded" };
+    json(StatusCode::OK, format!(r#"{{"status":"{status}","servers":{{"up":{up},"down":{down}}}}}"#))
+}
+
+async fn not_found() -> Response {
+    json(StatusCode::NOT_FOUND, r#"{"error":"not_found","message":"No such endpoint"}"#)
+}
+
+/// A running gateway server.
+pub struct Running {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The gateway core.
+    pub gateway: Arc<Gateway>,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts a graceful shutdown and waits for it to finish.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.done.await;
+    }
+
+    /// Waits until the server stops (after [`Running::trigger`] or a signal).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// The token that starts a shutdown.
+    pub fn trigger(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Binds and serves until the returned handle is shut down.
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Result<Running> {
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let app = router(gateway.clone());
+    let gw = gateway.clone();
+    let token = shutdown.clone();
+    let done = tokio::spawn(async move {
+        let signal = token.clone();
+        let gw2 = gw.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            signal.cancelled().await;
+            gw2.close_all_sessions();
+        });
+        let server = server.into_future();
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => { if let Err(e) = r { tracing::error!(error = %e, "server error"); } }
+            _ = async { token.cancelled().await; tokio::time::sleep(GRACE).await } => {
+                tracing::warn!("grace period over; closing remaining connections");
+            }
+        }
+        gw.shutdown().await;
+        stdio::kill_all();
+        tracing::info!("stopped");
+    });
+    Ok(Running { addr, gateway, shutdown, done })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

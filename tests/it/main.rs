@@ -1,0 +1,2 @@
+//! Integration tests: real Portcullis instances and real upstream processes on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
