@@ -153,5 +153,7 @@ pub async fn serve(mut config: Config, listen: Option<SocketAddr>, panic_after: 
     }
     trigger.cancel();
     running.wait().await;
+    // Anything still registered (a child that ignored every signal) goes now.
+    crate::mcp::upstream::stdio::kill_all();
     Ok(())
 }

@@ -255,15 +255,17 @@ impl Demo {
             }
             "progress" => {
                 let steps = args.get("steps").and_then(Value::as_u64).unwrap_or(3);
+                let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(5);
+                let marker = args.get("text").and_then(Value::as_str).unwrap_or("");
                 let token = params.pointer("/_meta/progressToken").cloned();
                 for i in 1..=steps {
                     if let Some(t) = &token {
                         let n = json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":t,"progress":i,"total":steps}});
                         let _ = out.send(n.to_string());
                     }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
-                text(format!("done {steps} steps"))
+                text(format!("done {steps} steps {marker}").trim_end().to_owned())
             }
             "sample" => {
                 let prompt = args.get("prompt").and_then(Value::as_str).unwrap_or("hello");
@@ -300,7 +302,8 @@ impl Demo {
             }
             "stats" => Ok(json!({"content":[{"type":"text","text":json!({
                 "max_in_flight": self.max_in_flight.load(Ordering::SeqCst),
-                "in_flight": self.in_flight.load(Ordering::SeqCst),
+                // Not counting this stats call itself.
+                "in_flight": self.in_flight.load(Ordering::SeqCst).saturating_sub(1),
                 "calls": self.calls.load(Ordering::Relaxed),
                 "pid": std::process::id(),
             }).to_string()}]})),
@@ -317,7 +320,7 @@ fn tools() -> Vec<Value> {
         json!({"name":"sleep","description":"Sleeps ms milliseconds","inputSchema":obj(json!({"ms":{"type":"integer"}}))}),
         json!({"name":"fail","description":"Returns a tool error","inputSchema":obj(json!({"message":{"type":"string"}}))}),
         json!({"name":"crash","description":"Exits the server process","inputSchema":obj(json!({}))}),
-        json!({"name":"progress","description":"Reports progress","inputSchema":obj(json!({"steps":{"type":"integer"}}))}),
+        json!({"name":"progress","description":"Reports progress","inputSchema":obj(json!({"steps":{"type":"integer"},"ms":{"type":"integer"},"text":{"type":"string"}}))}),
         json!({"name":"sample","description":"Asks the client to sample","inputSchema":obj(json!({"prompt":{"type":"string"}}))}),
         json!({"name":"spawn_grandchild","description":"Starts a child process and returns its pid","inputSchema":obj(json!({}))}),
         json!({"name":"big","description":"Returns a text of the given size","inputSchema":obj(json!({"bytes":{"type":"integer"}}))}),

@@ -1,9 +1,9 @@
 //! The HTTP listener: routes, the health endpoint, and graceful shutdown.
 //!
 //! Shutdown order: stop accepting → close every session's streams (so SSE responses end) →
-//! let in-flight requests finish within the grace period → stop every upstream (children and
-//! their process groups) → sweep any process group left. Invariant: nothing this process
-//! started outlives it on SIGTERM, SIGINT or a panic on the main thread.
+//! let in-flight requests finish within the grace period → stop this gateway's upstreams
+//! (children and their process groups). The binary then sweeps any process group left
+//! (`stdio::kill_all`), so nothing it started outlives it on SIGTERM, SIGINT or a panic.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::mcp::downstream::http::{self as mcp_http, json};
 use crate::mcp::gateway::Gateway;
 use crate::mcp::session::Scope;
-use crate::mcp::upstream::{State as UpState, stdio};
+use crate::mcp::upstream::State as UpState;
 
 /// How long in-flight requests get to finish after a shutdown signal.
 pub const GRACE: Duration = Duration::from_secs(10);
@@ -120,8 +120,9 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Res
                 tracing::warn!("grace period over; closing remaining connections");
             }
         }
+        // Stops this gateway's own upstreams (and their process groups) only: other gateways in
+        // the same process are untouched. The process-wide sweep is the binary's job.
         gw.shutdown().await;
-        stdio::kill_all();
         tracing::info!("stopped");
     });
     Ok(Running { addr, gateway, shutdown, done })

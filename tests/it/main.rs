@@ -1,2 +1,8 @@
 //! Integration tests: real Portcullis instances and real upstream processes on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod aggregate;
+mod process;
+mod protocol;
+mod support;
+mod upstream;

@@ -1,0 +1,348 @@
+//! Builder harnesses: in-process gateways, demo upstreams (stdio and HTTP child processes), a
+//! small MCP client over reqwest that understands JSON and SSE answers.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use portcullis::config::{self, Env};
+use portcullis::mcp::gateway::Gateway;
+use portcullis::mcp::sse;
+use portcullis::server::{self, Running};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The portcullis binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+/// A YAML config under construction.
+#[derive(Default)]
+pub struct GatewayBuilder {
+    yaml: String,
+}
+
+pub fn gateway() -> GatewayBuilder {
+    GatewayBuilder { yaml: "servers:\n".into() }
+}
+
+impl GatewayBuilder {
+    /// A stdio demo server; `extra` is added to its entry (indented YAML lines).
+    pub fn demo(mut self, name: &str, args: &[&str], extra: &str) -> Self {
+        let mut all = vec!["demo-server", "--name", name];
+        all.extend_from_slice(args);
+        self.yaml.push_str(&format!("  {name}:\n    command: {BIN:?}\n    args: {}\n", json!(all)));
+        for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+            self.yaml.push_str(&format!("    {}\n", line.trim()));
+        }
+        self
+    }
+
+    /// Any stdio command.
+    pub fn command(mut self, name: &str, command: &str, args: &[&str], extra: &str) -> Self {
+        self.yaml.push_str(&format!("  {name}:\n    command: {command:?}\n    args: {}\n", json!(args)));
+        for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+            self.yaml.push_str(&format!("    {}\n", line.trim()));
+        }
+        self
+    }
+
+    /// A remote server.
+    pub fn remote(mut self, name: &str, url: &str, extra: &str) -> Self {
+        self.yaml.push_str(&format!("  {name}:\n    url: {url:?}\n"));
+        for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+            self.yaml.push_str(&format!("    {}\n", line.trim()));
+        }
+        self
+    }
+
+    /// The YAML text.
+    pub fn yaml(&self) -> &str {
+        &self.yaml
+    }
+
+    /// Starts the gateway in this process on 127.0.0.1:0 and waits until every server runs.
+    pub async fn start(self) -> TestGateway {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .try_init();
+        let mut config = config::parse(&self.yaml, false, &Env::from_pairs([])).expect("valid test config");
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let names: Vec<String> = config.servers.iter().filter(|s| s.enabled).map(|s| s.name.clone()).collect();
+        let gw = Gateway::start(config);
+        for n in names {
+            if let Some(up) = gw.upstream(&n) {
+                let _ = up.ready_by(tokio::time::Instant::now() + Duration::from_secs(20)).await;
+            }
+        }
+        let running = server::serve(listener, gw).await.unwrap();
+        TestGateway { url: format!("http://{}", running.addr), running: Some(running) }
+    }
+}
+
+pub struct TestGateway {
+    pub url: String,
+    pub running: Option<Running>,
+}
+
+impl TestGateway {
+    pub fn mcp(&self) -> String {
+        format!("{}/mcp", self.url)
+    }
+    pub fn server(&self, name: &str) -> String {
+        format!("{}/servers/{name}/mcp", self.url)
+    }
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.running.as_ref().unwrap().gateway.clone()
+    }
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// A demo server over HTTP in a child process.
+pub struct HttpDemo {
+    pub url: String,
+    /// Kept so the process lives as long as the handle (kill on drop).
+    pub _child: Child,
+}
+
+pub async fn http_demo(args: &[&str]) -> HttpDemo {
+    let mut child = Command::new(BIN)
+        .arg("demo-server")
+        .args(["--http", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.trim().to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    HttpDemo { url, _child: child }
+}
+
+/// What one request produced: the response and the messages that came before it.
+#[derive(Debug, Default)]
+pub struct Answer {
+    pub status: u16,
+    pub response: Value,
+    pub related: Vec<Value>,
+}
+
+/// A streamable-HTTP MCP client for tests.
+#[derive(Clone)]
+pub struct Client {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub session: Option<String>,
+    pub version: String,
+    pub modern: bool,
+}
+
+impl Client {
+    pub fn new(url: &str) -> Self {
+        Client {
+            http: reqwest::Client::new(),
+            url: url.to_owned(),
+            session: None,
+            version: "2025-11-25".into(),
+            modern: false,
+        }
+    }
+
+    /// A session-based client after `initialize`.
+    pub async fn connect(url: &str) -> Self {
+        Self::connect_version(url, "2025-11-25").await
+    }
+
+    pub async fn connect_version(url: &str, version: &str) -> Self {
+        let mut c = Client::new(url);
+        let resp = c
+            .post(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":version,"capabilities":{"sampling":{}},"clientInfo":{"name":"it","version":"1"}}}))
+            .await;
+        assert_eq!(resp.status(), 200);
+        c.session = resp.headers().get("mcp-session-id").map(|v| v.to_str().unwrap().to_owned());
+        let body: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+        c.version = body["result"]["protocolVersion"].as_str().unwrap().to_owned();
+        c.notify("notifications/initialized", None).await;
+        c
+    }
+
+    /// A stateless 2026-07-28 client.
+    pub fn modern(url: &str) -> Self {
+        let mut c = Client::new(url);
+        c.modern = true;
+        c.version = "2026-07-28".into();
+        c
+    }
+
+    pub fn request_builder(&self, body: &Value) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream");
+        if let Some(s) = &self.session {
+            req = req.header("mcp-session-id", s);
+        }
+        if self.modern {
+            req = req.header("mcp-protocol-version", &self.version);
+            if let Some(m) = body.get("method").and_then(Value::as_str) {
+                req = req.header("mcp-method", m);
+                let name = match m {
+                    "tools/call" | "prompts/get" => body.pointer("/params/name"),
+                    "resources/read" => body.pointer("/params/uri"),
+                    _ => None,
+                };
+                if let Some(n) = name.and_then(Value::as_str) {
+                    req = req.header("mcp-name", n);
+                }
+            }
+        } else if self.session.is_some() {
+            req = req.header("mcp-protocol-version", &self.version);
+        }
+        req.body(body.to_string())
+    }
+
+    pub async fn post(&self, body: Value) -> reqwest::Response {
+        self.request_builder(&body).send().await.unwrap()
+    }
+
+    fn add_meta(&self, mut params: Value) -> Value {
+        if self.modern {
+            let meta = params.as_object_mut().unwrap().entry("_meta").or_insert_with(|| json!({}));
+            meta["io.modelcontextprotocol/protocolVersion"] = json!(self.version);
+            meta["io.modelcontextprotocol/clientCapabilities"] = json!({});
+        }
+        params
+    }
+
+    pub async fn notify(&self, method: &str, params: Option<Value>) {
+        let mut body = json!({"jsonrpc":"2.0","method":method});
+        if let Some(p) = params {
+            body["params"] = p;
+        }
+        let r = self.post(body).await;
+        assert_eq!(r.status(), 202, "notification {method}");
+    }
+
+    /// Sends a request and reads the whole answer (JSON or SSE). Server-to-client requests on
+    /// the stream are answered with `on_request`.
+    pub async fn request_with(
+        &self,
+        id: Value,
+        method: &str,
+        params: Value,
+        on_request: impl Fn(&Value) -> Value,
+    ) -> Answer {
+        let params = self.add_meta(params);
+        let resp = self.post(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params})).await;
+        let status = resp.status().as_u16();
+        let is_sse =
+            resp.headers().get("content-type").is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+        if !is_sse {
+            let text = resp.text().await.unwrap();
+            return Answer {
+                status,
+                response: serde_json::from_str(&text).unwrap_or(json!({"raw": text})),
+                related: vec![],
+            };
+        }
+        let mut parser = sse::Parser::new(1 << 26);
+        let mut stream = resp.bytes_stream();
+        let mut related = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            for ev in parser.feed(&chunk.unwrap()).unwrap() {
+                let msg: Value = serde_json::from_str(&ev.data).unwrap();
+                if msg.get("id") == Some(&id) && msg.get("method").is_none() {
+                    return Answer { status, response: msg, related };
+                }
+                if msg.get("method").is_some() && msg.get("id").is_some() {
+                    let result = on_request(&msg);
+                    let r = self.post(json!({"jsonrpc":"2.0","id":msg["id"],"result":result})).await;
+                    assert_eq!(r.status(), 202);
+                }
+                related.push(msg);
+            }
+        }
+        panic!("stream ended without a response to {id}");
+    }
+
+    pub async fn request(&self, id: Value, method: &str, params: Value) -> Answer {
+        self.request_with(id, method, params, |_| json!({})).await
+    }
+
+    pub async fn call(&self, tool: &str, args: Value) -> Answer {
+        self.request(json!(1), "tools/call", json!({"name": tool, "arguments": args})).await
+    }
+
+    /// The text of a tool result, or panics with the answer.
+    pub async fn call_text(&self, tool: &str, args: Value) -> String {
+        let a = self.call(tool, args).await;
+        a.response["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{tool}: {:?}", a.response))
+            .to_owned()
+    }
+
+    /// Every tool name, following cursors.
+    pub async fn all_tools(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..100 {
+            let params = match &cursor {
+                Some(c) => json!({"cursor": c}),
+                None => json!({}),
+            };
+            let a = self.request(json!(9), "tools/list", params).await;
+            let r = &a.response["result"];
+            for t in r["tools"].as_array().unwrap_or_else(|| panic!("{:?}", a.response)) {
+                out.push(t["name"].as_str().unwrap().to_owned());
+            }
+            match r.get("nextCursor").and_then(Value::as_str) {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return out,
+            }
+        }
+        panic!("pagination did not end");
+    }
+}
+
+/// Polls `f` until it returns Some, up to `limit` (for state that has no event to wait on).
+pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not reached within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether a pid is alive (present in /proc and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("");
+            state != "Z" && state != "X"
+        }
+        Err(_) => false,
+    }
+}

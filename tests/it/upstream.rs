@@ -1,0 +1,180 @@
+//! Upstream behaviour: concurrency over a shared child, crashes, the breaker, timeouts,
+//! cancellation, sampling in per-session children.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{Client, eventually, gateway};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_calls_share_one_child_without_crossing() {
+    let gw = gateway().demo("s", &[], "").start().await;
+    let a = Client::connect(&gw.mcp()).await;
+    let b = Client::connect(&gw.mcp()).await;
+    let mut tasks = Vec::new();
+    for (who, client) in [("a", a.clone()), ("b", b.clone())] {
+        for i in 0..100 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                // Both sessions use the same request ids and progress tokens.
+                let params = json!({"name": "s__progress", "arguments": {"steps": 2, "ms": 150, "text": format!("{who}-{i}")},
+                    "_meta": {"progressToken": format!("tok-{i}")}});
+                let ans = client.request(json!(i), "tools/call", params).await;
+                assert_eq!(ans.response["id"], json!(i));
+                let text = ans.response["result"]["content"][0]["text"].as_str().unwrap().to_owned();
+                assert_eq!(text, format!("done 2 steps {who}-{i}"));
+                let progress: Vec<&Value> = ans.related.iter().filter(|m| m["method"] == "notifications/progress").collect();
+                assert_eq!(progress.len(), 2, "{who}-{i}: {:?}", ans.related);
+                for p in progress {
+                    assert_eq!(p["params"]["progressToken"], json!(format!("tok-{i}")));
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats: Value = serde_json::from_str(&a.call_text("s__stats", json!({})).await).unwrap();
+    assert!(stats["max_in_flight"].as_u64().unwrap() >= 50, "gateway serialised calls: {stats}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_call_fails_fast_restarts_and_next_call_works() {
+    let gw = gateway().demo("c", &[], "").start().await;
+    let client = Client::connect(&gw.mcp()).await;
+    let pid_before: Value = serde_json::from_str(&client.call_text("c__stats", json!({})).await).unwrap();
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            (client.call("c__sleep", json!({"ms": 20000})).await, t.elapsed())
+        })
+    };
+    eventually(Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let s: Value = serde_json::from_str(&client.call_text("c__stats", json!({})).await).ok()?;
+            (s["in_flight"].as_u64()? >= 1).then_some(())
+        }
+    })
+    .await;
+    let crash = client.call("c__crash", json!({})).await;
+    assert!(crash.response["error"]["message"].as_str().unwrap().contains("server c"), "{:?}", crash.response);
+    let (slow, took) = slow.await.unwrap();
+    assert!(took < Duration::from_secs(10), "in-flight call waited {took:?}");
+    assert_eq!(slow.response["error"]["code"], -32000);
+    assert!(slow.response["error"]["message"].as_str().unwrap().contains("server c"));
+    // The next call waits for the restart and succeeds, on a new process.
+    assert_eq!(client.call_text("c__echo", json!({"text": "back"})).await, "back");
+    let pid_after: Value = serde_json::from_str(&client.call_text("c__stats", json!({})).await).unwrap();
+    assert_ne!(pid_before["pid"], pid_after["pid"]);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_opens_the_breaker_and_calls_fail_fast() {
+    let gw = gateway().command("bad", "sh", &["-c", "exit 1"], "").demo("good", &[], "").start().await;
+    let client = Client::connect(&gw.mcp()).await;
+    eventually(Duration::from_secs(20), || {
+        let client = client.clone();
+        async move {
+            let a = client.call("bad__echo", json!({})).await;
+            a.response["error"]["message"].as_str().is_some_and(|m| m.contains("crash loop")).then_some(())
+        }
+    })
+    .await;
+    let t = Instant::now();
+    let a = client.call("bad__echo", json!({})).await;
+    assert!(t.elapsed() < Duration::from_millis(500), "breaker did not fail fast: {:?}", t.elapsed());
+    assert_eq!(a.response["error"]["code"], -32000);
+    // The other server is untouched, and lists leave the failed one out.
+    assert_eq!(client.call_text("good__echo", json!({"text": "ok"})).await, "ok");
+    let tools = client.all_tools().await;
+    assert!(tools.iter().all(|t| t.starts_with("good__")), "{tools:?}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_answers_with_an_error_naming_the_server() {
+    let gw = gateway().demo("t", &[], "timeout: 300ms").start().await;
+    let client = Client::connect(&gw.mcp()).await;
+    let t = Instant::now();
+    let a = client.call("t__sleep", json!({"ms": 10000})).await;
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let msg = a.response["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("server t") && msg.contains("did not answer"), "{msg}");
+    // The upstream was told to cancel: nothing stays in flight there.
+    eventually(Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let s: Value = serde_json::from_str(&client.call_text("t__stats", json!({})).await).ok()?;
+            (s["in_flight"] == 0).then_some(())
+        }
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_is_forwarded_with_the_mapped_id() {
+    let gw = gateway().demo("k", &[], "").start().await;
+    let client = Client::connect(&gw.mcp()).await;
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client.request(json!("req-7"), "tools/call", json!({"name": "k__sleep", "arguments": {"ms": 30000}})).await
+        })
+    };
+    eventually(Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let s: Value = serde_json::from_str(&client.call_text("k__stats", json!({})).await).ok()?;
+            (s["in_flight"].as_u64()? >= 1).then_some(())
+        }
+    })
+    .await;
+    client.notify("notifications/cancelled", Some(json!({"requestId": "req-7", "reason": "user"}))).await;
+    let a = tokio::time::timeout(Duration::from_secs(10), call).await.unwrap().unwrap();
+    assert_eq!(a.response["error"]["code"], -32800, "{:?}", a.response);
+    eventually(Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let s: Value = serde_json::from_str(&client.call_text("k__stats", json!({})).await).ok()?;
+            (s["in_flight"].as_u64()? == 0).then_some(())
+        }
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_round_trip_reaches_only_its_caller_in_per_session_children() {
+    let gw = gateway().demo("m", &[], "share: per_session").start().await;
+    let mut tasks = Vec::new();
+    for who in ["alice", "bob"] {
+        let url = gw.mcp();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::connect(&url).await;
+            let ans = client
+                .request_with(json!(1), "tools/call", json!({"name": "m__sample", "arguments": {"prompt": who}}), move |req| {
+                    assert_eq!(req["method"], "sampling/createMessage");
+                    let prompt = req["params"]["messages"][0]["content"]["text"].as_str().unwrap();
+                    assert_eq!(prompt, who, "a sampling request reached the wrong session");
+                    json!({"role": "assistant", "content": {"type": "text", "text": format!("answer for {who}")}, "model": "test"})
+                })
+                .await;
+            assert_eq!(ans.response["result"]["content"][0]["text"], format!("sampled: answer for {who}"));
+            // Each session has its own child.
+            let s: Value = serde_json::from_str(&client.call_text("m__stats", json!({})).await).unwrap();
+            s["pid"].as_u64().unwrap()
+        }));
+    }
+    let mut pids = Vec::new();
+    for t in tasks {
+        pids.push(t.await.unwrap());
+    }
+    assert_ne!(pids[0], pids[1]);
+    gw.stop().await;
+}
