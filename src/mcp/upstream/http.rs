@@ -306,16 +306,23 @@ impl HttpLink {
             return Err("the connection is closed".into());
         }
         let this = self.clone();
-        let task = tokio::spawn(async move {
+        let run = async move {
             this.post(msg, id).await;
             if let Some(id) = id {
                 lock(&this.tasks).remove(&id);
             }
-        });
-        if let Some(id) = id
-            && !task.is_finished()
-        {
-            lock(&self.tasks).insert(id, task.abort_handle());
+        };
+        match id {
+            // Insert under the lock the task must take to remove itself, so a fast answer
+            // cannot remove its entry before it exists (which would leave a stale one behind).
+            Some(id) => {
+                let mut tasks = lock(&self.tasks);
+                let task = tokio::spawn(run);
+                tasks.insert(id, task.abort_handle());
+            }
+            None => {
+                tokio::spawn(run);
+            }
         }
         Ok(())
     }
