@@ -4,10 +4,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::support::{BIN, Client, alive, eventually, gateway};
+use crate::support::{BIN, Client, alive, eventually, gateway, listen_url};
 
 async fn run_and_end(how: &str) {
     let dir = std::env::temp_dir().join(format!("pcs-orphans-{how}-{}", std::process::id()));
@@ -20,14 +19,7 @@ async fn run_and_end(how: &str) {
         cmd.args(["--test-panic-after", "4s"]);
     }
     let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.trim().to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let url = listen_url(&mut child).await;
     let client = Client::connect(&url).await;
     let mut pids = Vec::new();
     for server in ["o", "p"] {

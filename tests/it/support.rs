@@ -122,6 +122,12 @@ pub async fn http_demo(args: &[&str]) -> HttpDemo {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let url = listen_url(&mut child).await;
+    HttpDemo { url, _child: child }
+}
+
+/// Reads a child's stderr until its `listening on URL` line; keeps draining it afterwards.
+pub async fn listen_url(child: &mut Child) -> String {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let url = loop {
         let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
@@ -130,7 +136,7 @@ pub async fn http_demo(args: &[&str]) -> HttpDemo {
         }
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    HttpDemo { url, _child: child }
+    url
 }
 
 /// What one request produced: the response and the messages that came before it.
