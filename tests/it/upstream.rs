@@ -7,6 +7,21 @@ use serde_json::{Value, json};
 
 use crate::support::{Client, eventually, gateway};
 
+/// Waits until the demo server `server` reports a number of calls in flight (not counting the
+/// stats call itself) that satisfies `pred`.
+async fn wait_in_flight(client: &Client, server: &str, pred: impl Fn(u64) -> bool) {
+    let tool = format!("{server}__stats");
+    eventually(Duration::from_secs(10), || {
+        let (client, tool) = (client.clone(), tool.clone());
+        let pred = &pred;
+        async move {
+            let s: Value = serde_json::from_str(&client.call_text(&tool, json!({})).await).ok()?;
+            pred(s["in_flight"].as_u64()?).then_some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_calls_share_one_child_without_crossing() {
     let gw = gateway().demo("s", &[], "").start().await;
@@ -52,14 +67,7 @@ async fn crash_mid_call_fails_fast_restarts_and_next_call_works() {
             (client.call("c__sleep", json!({"ms": 20000})).await, t.elapsed())
         })
     };
-    eventually(Duration::from_secs(10), || {
-        let client = client.clone();
-        async move {
-            let s: Value = serde_json::from_str(&client.call_text("c__stats", json!({})).await).ok()?;
-            (s["in_flight"].as_u64()? >= 1).then_some(())
-        }
-    })
-    .await;
+    wait_in_flight(&client, "c", |n| n >= 1).await;
     let crash = client.call("c__crash", json!({})).await;
     assert!(crash.response["error"]["message"].as_str().unwrap().contains("server c"), "{:?}", crash.response);
     let (slow, took) = slow.await.unwrap();
@@ -106,14 +114,7 @@ async fn timeout_answers_with_an_error_naming_the_server() {
     let msg = a.response["error"]["message"].as_str().unwrap();
     assert!(msg.contains("server t") && msg.contains("did not answer"), "{msg}");
     // The upstream was told to cancel: nothing stays in flight there.
-    eventually(Duration::from_secs(10), || {
-        let client = client.clone();
-        async move {
-            let s: Value = serde_json::from_str(&client.call_text("t__stats", json!({})).await).ok()?;
-            (s["in_flight"] == 0).then_some(())
-        }
-    })
-    .await;
+    wait_in_flight(&client, "t", |n| n == 0).await;
     gw.stop().await;
 }
 
@@ -127,25 +128,11 @@ async fn cancellation_is_forwarded_with_the_mapped_id() {
             client.request(json!("req-7"), "tools/call", json!({"name": "k__sleep", "arguments": {"ms": 30000}})).await
         })
     };
-    eventually(Duration::from_secs(10), || {
-        let client = client.clone();
-        async move {
-            let s: Value = serde_json::from_str(&client.call_text("k__stats", json!({})).await).ok()?;
-            (s["in_flight"].as_u64()? >= 1).then_some(())
-        }
-    })
-    .await;
+    wait_in_flight(&client, "k", |n| n >= 1).await;
     client.notify("notifications/cancelled", Some(json!({"requestId": "req-7", "reason": "user"}))).await;
     let a = tokio::time::timeout(Duration::from_secs(10), call).await.unwrap().unwrap();
     assert_eq!(a.response["error"]["code"], -32800, "{:?}", a.response);
-    eventually(Duration::from_secs(10), || {
-        let client = client.clone();
-        async move {
-            let s: Value = serde_json::from_str(&client.call_text("k__stats", json!({})).await).ok()?;
-            (s["in_flight"].as_u64()? == 0).then_some(())
-        }
-    })
-    .await;
+    wait_in_flight(&client, "k", |n| n == 0).await;
     gw.stop().await;
 }
 

@@ -134,7 +134,7 @@ async fn probe_modern(client: &reqwest::Client, url: &Url, headers: &HeaderMap, 
         .await;
     let resp = match resp {
         Ok(r) => r,
-        Err(e) => return Probe::Unreachable(format!("cannot reach {url}: {}", error_chain(&e))),
+        Err(e) => return Probe::Unreachable(format!("cannot reach {}: {}", shown(url), error_chain(e))),
     };
     let status = resp.status();
     if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
@@ -204,9 +204,9 @@ async fn connect_sse(
         .header(ACCEPT, "text/event-stream")
         .send()
         .await
-        .map_err(|e| format!("cannot reach {url}: {}", error_chain(&e)))?;
+        .map_err(|e| format!("cannot reach {}: {}", shown(url), error_chain(e)))?;
     if !resp.status().is_success() {
-        return Err(format!("GET {url} answered {}", resp.status()));
+        return Err(format!("GET {} answered {}", shown(url), resp.status()));
     }
     let mut stream = resp.bytes_stream();
     let mut parser = sse::Parser::new(MAX_UPSTREAM_MESSAGE);
@@ -370,7 +370,7 @@ impl HttpLink {
         };
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return self.fail(id, &format!("request failed: {}", error_chain(&e))),
+            Err(e) => return self.fail(id, &format!("request failed: {}", error_chain(e))),
         };
         let status = resp.status();
         if matches!(self.mode, Mode::Streamable) {
@@ -510,7 +510,7 @@ impl HttpLink {
                     return self.fail(Some(id), &format!("resuming the response stream failed: HTTP {}", r.status()));
                 }
                 Err(e) => {
-                    return self.fail(Some(id), &format!("resuming the response stream failed: {}", error_chain(&e)));
+                    return self.fail(Some(id), &format!("resuming the response stream failed: {}", error_chain(e)));
                 }
             };
             match self.pump(resp.bytes_stream(), sse::Parser::new(MAX_UPSTREAM_MESSAGE), Some(id)).await {
@@ -632,12 +632,12 @@ async fn read_limited(resp: reqwest::Response) -> Result<Bytes, String> {
     let mut stream = resp.bytes_stream();
     let mut buf = BytesMut::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| format!("reading the response failed: {}", error_chain(&e)))?;
+        let chunk = chunk.map_err(|e| format!("reading the response failed: {}", error_chain(e)))?;
         if buf.is_empty() && chunk.len() <= MAX_UPSTREAM_MESSAGE {
             // Common case: one chunk; keep it without copying.
             if let Some(next) = stream.next().await {
                 buf.extend_from_slice(&chunk);
-                let next = next.map_err(|e| format!("reading the response failed: {}", error_chain(&e)))?;
+                let next = next.map_err(|e| format!("reading the response failed: {}", error_chain(e)))?;
                 buf.extend_from_slice(&next);
             } else {
                 return Ok(chunk);
@@ -652,13 +652,44 @@ async fn read_limited(resp: reqwest::Response) -> Result<Bytes, String> {
     Ok(buf.freeze())
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// A URL as it may appear in messages: scheme, host, port and path only. Query strings and
+/// userinfo can carry credentials, and messages reach clients and logs.
+fn shown(url: &Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    u.set_fragment(None);
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.to_string()
+}
+
+/// An error and its causes, without the request URL (see [`shown`]).
+fn error_chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
     let mut s = e.to_string();
-    let mut src = e.source();
+    let mut src = std::error::Error::source(&e);
     while let Some(inner) = src {
         s.push_str(": ");
         s.push_str(&inner.to_string());
         src = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_never_show_query_or_userinfo() {
+        let u = Url::parse("https://user:pw@example.com:8443/mcp?api_key=SECRET#x").unwrap();
+        assert_eq!(shown(&u), "https://example.com:8443/mcp");
+    }
+
+    #[tokio::test]
+    async fn transport_errors_omit_the_url() {
+        let e = reqwest::Client::new().get("http://127.0.0.1:1/mcp?api_key=SECRET").send().await.unwrap_err();
+        let msg = error_chain(e);
+        assert!(!msg.contains("SECRET") && !msg.contains("api_key"), "{msg}");
+    }
 }
