@@ -1,6 +1,7 @@
 //! The bundled demo MCP server (`portcullis demo-server`): stdio by default, streamable HTTP in
 //! both eras with `--http`. Deterministic tools for the built-in config, the README and the
-//! tests: echo, add, sleep, fail, crash, progress, sample (a sampling round-trip),
+//! tests: echo, add, sleep, fail, crash, progress, sample (a sampling round-trip), touch (a
+//! `resources/updated` to subscribers), log (a `notifications/message`, honouring `logging/setLevel`),
 //! spawn_grandchild, big, stats (including the most calls it had in flight at once).
 //!
 //! It is a test fixture, not part of the gateway's hot path, so it uses `serde_json::Value`
@@ -43,6 +44,11 @@ struct Demo {
     pending: Mutex<HashMap<String, oneshot::Sender<Value>>>,
     cancels: Mutex<HashMap<String, CancellationToken>>,
     sessions: Mutex<HashMap<String, String>>,
+    /// Who hears `notifications/resources/updated`: (URIs, stream) from `resources/subscribe`
+    /// (stdio) and `subscriptions/listen` (2026-07-28).
+    watchers: Mutex<Vec<(Vec<String>, Out)>>,
+    /// The level from the last `logging/setLevel` (none: log everything).
+    log_level: Mutex<Option<String>>,
 }
 
 type Out = mpsc::UnboundedSender<String>;
@@ -58,6 +64,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         pending: Mutex::new(HashMap::new()),
         cancels: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
+        watchers: Mutex::new(Vec::new()),
+        log_level: Mutex::new(None),
     });
     match opts.http {
         Some(addr) => serve_http(demo, addr).await,
@@ -178,7 +186,29 @@ impl Demo {
                 "supportedVersions": ["2026-07-28"], "capabilities": caps, "resultType": "complete",
                 "_meta": {"io.modelcontextprotocol/serverInfo": info}
             })),
-            "ping" | "logging/setLevel" | "resources/subscribe" | "resources/unsubscribe" => Ok(json!({})),
+            "ping" | "resources/unsubscribe" => Ok(json!({})),
+            "logging/setLevel" => {
+                *lock(&self.log_level) = params.get("level").and_then(Value::as_str).map(str::to_owned);
+                Ok(json!({}))
+            }
+            "resources/subscribe" => {
+                let uri = params.get("uri").and_then(Value::as_str).unwrap_or("").to_owned();
+                lock(&self.watchers).push((vec![uri], out.clone()));
+                Ok(json!({}))
+            }
+            "subscriptions/listen" => {
+                let filter = params.get("notifications").cloned().unwrap_or(json!({}));
+                let uris: Vec<String> = filter
+                    .get("resourceSubscriptions")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                    .unwrap_or_default();
+                let ack = json!({"jsonrpc":"2.0","method":"notifications/subscriptions/acknowledged","params":{"notifications":filter}});
+                let _ = out.send(ack.to_string());
+                lock(&self.watchers).push((uris, out.clone()));
+                cancel.cancelled().await;
+                Ok(json!({"resultType":"complete","_meta":{}}))
+            }
             "tools/list" => self.page(tools(), "tools", params),
             "prompts/list" => self.page(
                 vec![json!({"name":"greet","description":"A greeting","arguments":[{"name":"name","required":true}]})],
@@ -267,6 +297,19 @@ impl Demo {
                 }
                 text(format!("done {steps} steps {marker}").trim_end().to_owned())
             }
+            "sample"
+                if params.pointer("/_meta/io.modelcontextprotocol~1protocolVersion") == Some(&json!("2026-07-28")) =>
+            {
+                // 2026-07-28: no back-channel; ask with InputRequiredResult, answer on the retry.
+                let prompt = args.get("prompt").and_then(Value::as_str).unwrap_or("hello");
+                match params.pointer("/inputResponses/sampling/content/text").and_then(Value::as_str) {
+                    Some(t) => text(format!("sampled: {t}")),
+                    None => Ok(json!({"resultType":"input_required","inputRequests":{"sampling":{
+                        "method":"sampling/createMessage",
+                        "params":{"messages":[{"role":"user","content":{"type":"text","text":prompt}}],"maxTokens":100}
+                    }}})),
+                }
+            }
             "sample" => {
                 let prompt = args.get("prompt").and_then(Value::as_str).unwrap_or("hello");
                 let id = format!("\"s-{}\"", self.next_id.fetch_add(1, Ordering::Relaxed));
@@ -296,6 +339,31 @@ impl Demo {
                 std::mem::forget(child);
                 text(pid.to_string())
             }
+            "log" => {
+                let level = args.get("level").and_then(Value::as_str).unwrap_or("info");
+                let rank = |l: &str| crate::mcp::session::log_rank(l).unwrap_or(0);
+                let min = lock(&self.log_level).clone();
+                if min.as_deref().is_none_or(|m| rank(level) >= rank(m)) {
+                    let data = args.get("text").cloned().unwrap_or(json!("log line"));
+                    let n =
+                        json!({"jsonrpc":"2.0","method":"notifications/message","params":{"level":level,"data":data}});
+                    let _ = out.send(n.to_string());
+                }
+                text(format!("logged at {level}"))
+            }
+            "touch" => {
+                let uri = args.get("uri").and_then(Value::as_str).unwrap_or("").to_owned();
+                let note = json!({"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":uri}});
+                let mut watchers = lock(&self.watchers);
+                watchers.retain(|(_, w)| !w.is_closed());
+                let mut told = 0;
+                for (uris, w) in watchers.iter() {
+                    if uris.contains(&uri) && w.send(note.to_string()).is_ok() {
+                        told += 1;
+                    }
+                }
+                text(format!("told {told}"))
+            }
             "big" => {
                 let n = args.get("bytes").and_then(Value::as_u64).unwrap_or(1024) as usize;
                 text("x".repeat(n))
@@ -305,6 +373,7 @@ impl Demo {
                 // Not counting this stats call itself.
                 "in_flight": self.in_flight.load(Ordering::SeqCst).saturating_sub(1),
                 "calls": self.calls.load(Ordering::Relaxed),
+                "log_level": lock(&self.log_level).clone(),
                 "pid": std::process::id(),
             }).to_string()}]})),
             other => Err((-32602, format!("Unknown tool: {other}"))),
@@ -316,6 +385,8 @@ fn tools() -> Vec<Value> {
     let obj = |props: Value| json!({"type":"object","properties":props});
     vec![
         json!({"name":"echo","description":"Echoes text","inputSchema":obj(json!({"text":{"type":"string"}}))}),
+        json!({"name":"log","description":"Sends a log message at a level","inputSchema":obj(json!({"level":{"type":"string"},"text":{"type":"string"}}))}),
+        json!({"name":"touch","description":"Announces that a resource changed","inputSchema":obj(json!({"uri":{"type":"string"}}))}),
         json!({"name":"add","description":"Adds two numbers","inputSchema":obj(json!({"a":{"type":"number"},"b":{"type":"number"}}))}),
         json!({"name":"sleep","description":"Sleeps ms milliseconds","inputSchema":obj(json!({"ms":{"type":"integer"}}))}),
         json!({"name":"fail","description":"Returns a tool error","inputSchema":obj(json!({"message":{"type":"string"}}))}),

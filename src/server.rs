@@ -101,6 +101,7 @@ impl Running {
 /// Binds and serves until the returned handle is shut down.
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
+    gateway.set_bound_address(addr);
     let shutdown = CancellationToken::new();
     let app = router(gateway.clone());
     let gw = gateway.clone();

@@ -9,6 +9,7 @@
 //! sessions, so one session's unsubscribe never ends another's.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use arc_swap::ArcSwap;
@@ -17,9 +18,10 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use hmac::{KeyInit, Mac};
 use serde_json::value::RawValue;
+use tokio::sync::mpsc;
 
 use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
-use super::session::{Caller, Scope, Session, lock};
+use super::session::{self, Caller, ClientRequestRoute, Scope, Session, lock};
 use super::upstream::{Hub, MODERN_VERSION, Status, Upstream};
 use crate::config::{Config, ServerDef, Share};
 
@@ -90,6 +92,18 @@ pub struct Gateway {
     cursor_key: [u8; 32],
     http: reqwest::Client,
     me: Weak<Gateway>,
+    initializes: AtomicU64,
+    discovers: AtomicU64,
+}
+
+/// How clients have opened conversations since start: `initialize` handshakes (each mints a
+/// session) and 2026-07-28 `server/discover` requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handshakes {
+    /// `initialize` requests answered.
+    pub initialize: u64,
+    /// `server/discover` requests answered.
+    pub discover: u64,
 }
 
 impl Gateway {
@@ -112,6 +126,8 @@ impl Gateway {
             cursor_key,
             http,
             me: me.clone(),
+            initializes: AtomicU64::new(0),
+            discovers: AtomicU64::new(0),
         });
         let config = gw.config();
         for def in &config.servers {
@@ -136,6 +152,18 @@ impl Gateway {
     /// The current config snapshot.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// Records the address the listener actually bound (port 0 resolves to a real port), which
+    /// the Origin and Host checks compare against.
+    pub fn set_bound_address(&self, addr: std::net::SocketAddr) {
+        if self.config.load().listen != addr {
+            self.config.rcu(|c| {
+                let mut c = Config::clone(c);
+                c.listen = addr;
+                c
+            });
+        }
     }
 
     /// The shared instance of a server.
@@ -177,6 +205,14 @@ impl Gateway {
         for (server, uri) in subs {
             self.release_subscription(&server, &uri).await;
         }
+        if s.log_level().is_some() {
+            let config = self.config();
+            for def in self.servers_in_scope(&config, &s.scope) {
+                if let (Some(up), Some(level)) = (self.upstream(&def.name), self.shared_log_level(&def.name)) {
+                    up.set_log_level(level);
+                }
+            }
+        }
         true
     }
 
@@ -211,7 +247,7 @@ impl Gateway {
             return None;
         }
         if def.share == Share::PerSession {
-            if let Some(session) = &caller.session {
+            if let Some(session) = caller.session.as_ref().filter(|s| s.transport != session::Transport::Listen) {
                 if let Some(up) = session.per_session(server) {
                     return Some(up);
                 }
@@ -232,8 +268,17 @@ impl Gateway {
         config.servers.iter().filter(|d| d.enabled && scope.includes(&d.name)).cloned().collect()
     }
 
+    /// Counts of the handshakes clients have made.
+    pub fn handshakes(&self) -> Handshakes {
+        Handshakes {
+            initialize: self.initializes.load(Ordering::Relaxed),
+            discover: self.discovers.load(Ordering::Relaxed),
+        }
+    }
+
     /// Answers `initialize` (the caller has already negotiated the version).
     pub async fn initialize_result(&self, scope: &Scope, version: &str, caller: &Caller) -> String {
+        self.initializes.fetch_add(1, Ordering::Relaxed);
         let (caps, info, instructions) = self.identity(scope, caller).await;
         let mut out =
             format!(r#"{{"protocolVersion":{},"capabilities":{caps},"serverInfo":{info}"#, jsonrpc::quote(version));
@@ -251,7 +296,7 @@ impl Gateway {
         if let Some(i) = instructions {
             out.push_str(&format!(r#","instructions":{}"#, jsonrpc::quote(&i)));
         }
-        out.push_str(&format!(r#","resultType":"complete","_meta":{{"io.modelcontextprotocol/serverInfo":{info}}}}}"#));
+        out.push_str(&format!(r#","_meta":{{"io.modelcontextprotocol/serverInfo":{info}}}}}"#));
         out
     }
 
@@ -306,10 +351,30 @@ impl Gateway {
 
     /// Routes one request and returns its result or error.
     pub async fn request(&self, ctx: &Ctx, req: &Request<'_>) -> Reply {
+        let mut reply = self.dispatch(ctx, req).await;
+        // A 2026-07-28 caller gets 2026-07-28 results, whatever era produced them.
+        if ctx.protocol_version == MODERN_VERSION && !reply.is_error && !reply.modern {
+            reply.extra = match req.method {
+                "tools/list"
+                | "prompts/list"
+                | "resources/list"
+                | "resources/templates/list"
+                | "resources/read"
+                | "server/discover" => jsonrpc::MODERN_CACHEABLE,
+                _ => jsonrpc::MODERN_COMPLETE,
+            };
+        }
+        reply
+    }
+
+    async fn dispatch(&self, ctx: &Ctx, req: &Request<'_>) -> Reply {
         let config = self.config();
         match req.method {
             "ping" => Reply::owned("{}".into(), false),
-            "server/discover" => Reply::owned(self.discover_result(&ctx.scope, &ctx.caller).await, false),
+            "server/discover" => {
+                self.discovers.fetch_add(1, Ordering::Relaxed);
+                Reply::owned(self.discover_result(&ctx.scope, &ctx.caller).await, false)
+            }
             "initialize" => {
                 Reply::error(code::INVALID_REQUEST, "initialize is only valid as the first request of a session")
             }
@@ -320,7 +385,7 @@ impl Gateway {
             "tools/call" | "prompts/get" => self.by_name(&config, ctx, req).await,
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => self.by_uri(&config, ctx, req).await,
             "completion/complete" => self.complete(&config, ctx, req).await,
-            "logging/setLevel" => self.fan_out(&config, ctx, req).await,
+            "logging/setLevel" => self.set_level(&config, ctx, req),
             other => Reply::error(code::METHOD_NOT_FOUND, &format!("Method not found: {other}")),
         }
     }
@@ -532,17 +597,7 @@ impl Gateway {
         let Some(uri) = req.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("uri")) else {
             return Reply::error(code::INVALID_PARAMS, "params.uri is required");
         };
-        let server = match &ctx.scope {
-            Scope::One(s) => Some(s.clone()),
-            Scope::All => match self.find_resource(&uri, &ctx.scope) {
-                Some(s) => Some(s),
-                None => {
-                    self.refresh_resource_index(config, ctx).await;
-                    self.find_resource(&uri, &ctx.scope)
-                }
-            },
-        };
-        let Some(server) = server else {
+        let Some(server) = self.resolve_uri(config, ctx, &uri).await else {
             return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
         };
         let Some(up) = self.instance(config, &server, &ctx.caller) else {
@@ -556,22 +611,7 @@ impl Gateway {
                         "resources/subscribe needs a session; use subscriptions/listen",
                     );
                 };
-                if !session.subscribe(&uri) {
-                    return Reply::owned("{}".into(), false);
-                }
-                let first = {
-                    let mut subs = lock(&self.subscriptions);
-                    let n = subs.entry((server.clone(), uri.clone())).or_insert(0);
-                    *n += 1;
-                    *n == 1
-                };
-                if !first && up.def.share == Share::Shared {
-                    return Reply::owned("{}".into(), false);
-                }
-                match up.call(req.method, req.params, &[], &ctx.caller, req.id).await {
-                    Ok(r) => r,
-                    Err(e) => e.to_reply(),
-                }
+                self.subscribe(&server, &up, session, &uri, &ctx.caller, req.id).await
             }
             "resources/unsubscribe" => {
                 if let Some(session) = &ctx.caller.session
@@ -586,6 +626,116 @@ impl Gateway {
                 Err(e) => e.to_reply(),
             },
         }
+    }
+
+    /// The server owning a URI (the endpoint's own server, else by the resource index).
+    async fn resolve_uri(&self, config: &Config, ctx: &Ctx, uri: &str) -> Option<String> {
+        match &ctx.scope {
+            Scope::One(s) => Some(s.clone()),
+            Scope::All => match self.find_resource(uri, &ctx.scope) {
+                Some(s) => Some(s),
+                None => {
+                    self.refresh_resource_index(config, ctx).await;
+                    self.find_resource(uri, &ctx.scope)
+                }
+            },
+        }
+    }
+
+    /// Subscribes a session to a resource. A shared instance is subscribed once for all its
+    /// sessions (reference-counted); a 2026-07-28 instance through its `subscriptions/listen`.
+    async fn subscribe(
+        &self,
+        server: &str,
+        up: &Arc<Upstream>,
+        session: &Arc<Session>,
+        uri: &str,
+        caller: &Caller,
+        down_id: Option<&str>,
+    ) -> Reply {
+        if !session.subscribe(uri) {
+            return Reply::owned("{}".into(), false);
+        }
+        let first = {
+            let mut subs = lock(&self.subscriptions);
+            let n = subs.entry((server.to_owned(), uri.to_owned())).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if !first && up.def.share == Share::Shared {
+            return Reply::owned("{}".into(), false);
+        }
+        if up.is_modern() {
+            up.listen_to(uri, true);
+            return Reply::owned("{}".into(), false);
+        }
+        let params = jsonrpc::raw(format!(r#"{{"uri":{}}}"#, jsonrpc::quote(uri)));
+        match up.call("resources/subscribe", Some(&params), &[], caller, down_id).await {
+            Ok(r) => r,
+            Err(e) => e.to_reply(),
+        }
+    }
+
+    /// Opens a 2026-07-28 `subscriptions/listen` stream: a listen session that receives the
+    /// change notifications it opted in to and `resources/updated` for the URIs it named.
+    /// Returns the session, its message channel and the acknowledgement to send first.
+    pub async fn listen(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        params: Option<&RawValue>,
+    ) -> Result<(Arc<Session>, mpsc::Receiver<Bytes>, String), Reply> {
+        let bad = |m: &str| Reply::error(code::INVALID_PARAMS, m);
+        let obj = params.and_then(|p| RawObject::parse(p).ok()).ok_or_else(|| bad("params must be an object"))?;
+        let wanted = obj
+            .get("notifications")
+            .and_then(|n| RawObject::parse(n).ok())
+            .ok_or_else(|| bad("params.notifications is required"))?;
+        let flag = |k: &str| wanted.get(k).is_some_and(|v| v.get() == "true");
+        let uris: Vec<String> = match wanted.get("resourceSubscriptions") {
+            Some(v) => serde_json::from_str(v.get())
+                .map_err(|_| bad("params.notifications.resourceSubscriptions must be an array of strings"))?,
+            None => Vec::new(),
+        };
+        let filter = session::ListenFilter {
+            id: id.into(),
+            tools: flag("toolsListChanged"),
+            prompts: flag("promptsListChanged"),
+            resources: flag("resourcesListChanged"),
+        };
+        let session = Session::listener(ctx.scope.clone(), ctx.protocol_version.clone(), filter.clone());
+        let (tx, rx) = mpsc::channel(256);
+        session.attach_stream(tx);
+        self.add_session(session.clone());
+        let caller = Caller { session: Some(session.clone()), related: None, cancel_on_drop: false };
+        let config = self.config();
+        let mut honoured = Vec::new();
+        for uri in uris {
+            let Some(server) = self.resolve_uri(&config, ctx, &uri).await else { continue };
+            let Some(up) = self.instance(&config, &server, &caller) else { continue };
+            if !self.subscribe(&server, &up, &session, &uri, &caller, None).await.is_error {
+                honoured.push(uri);
+            }
+        }
+        let mut ack = serde_json::Map::new();
+        for (key, on) in [
+            ("toolsListChanged", filter.tools),
+            ("promptsListChanged", filter.prompts),
+            ("resourcesListChanged", filter.resources),
+        ] {
+            if on {
+                ack.insert(key.into(), serde_json::Value::Bool(true));
+            }
+        }
+        if !honoured.is_empty() {
+            ack.insert("resourceSubscriptions".into(), serde_json::json!(honoured));
+        }
+        let params = format!(
+            r#"{{"notifications":{},"_meta":{{"{}":{id}}}}}"#,
+            serde_json::Value::Object(ack),
+            session::SUBSCRIPTION_ID_META
+        );
+        Ok((session, rx, jsonrpc::notification("notifications/subscriptions/acknowledged", Some(&params))))
     }
 
     async fn release_subscription(&self, server: &str, uri: &str) {
@@ -605,6 +755,10 @@ impl Gateway {
             }
         };
         if last && let Some(up) = self.upstream(server) {
+            if up.is_modern() {
+                up.listen_to(uri, false);
+                return;
+            }
             let params = jsonrpc::raw(format!(r#"{{"uri":{}}}"#, jsonrpc::quote(uri)));
             let _ = up.call("resources/unsubscribe", Some(&params), &[], &Caller::default(), None).await;
         }
@@ -644,15 +798,36 @@ impl Gateway {
         }
     }
 
-    async fn fan_out(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
-        let servers = self.servers_in_scope(config, &ctx.scope);
-        let calls = servers.iter().filter_map(|d| self.instance(config, &d.name, &ctx.caller)).map(|up| async move {
-            if up.connection().is_some() {
-                let _ = up.call(req.method, req.params, &[], &ctx.caller, None).await;
+    /// `logging/setLevel`: recorded on the session (Portcullis filters what reaches it) and
+    /// applied upstream: as is on the session's own instances, and on a shared one as the most
+    /// verbose level any of its sessions wants (a session that never set one wants everything),
+    /// so no session's choice reaches another's stream.
+    fn set_level(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
+        let level = req.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("level"));
+        let Some(rank) = level.as_deref().and_then(session::log_rank) else {
+            return Reply::error(
+                code::INVALID_PARAMS,
+                &format!("logging/setLevel: params.level must be one of {}", session::LOG_LEVELS.join(", ")),
+            );
+        };
+        // A 2026-07-28 caller states its level in each request's `_meta`; nothing to keep.
+        let Some(s) = &ctx.caller.session else { return Reply::owned("{}".into(), false) };
+        s.set_log_level(rank);
+        for def in self.servers_in_scope(config, &ctx.scope) {
+            if def.share == Share::PerSession {
+                if let Some(up) = self.instance(config, &def.name, &ctx.caller) {
+                    up.set_log_level(rank);
+                }
+            } else if let Some(up) = self.upstream(&def.name) {
+                up.set_log_level(self.shared_log_level(&def.name).unwrap_or(rank));
             }
-        });
-        join_all(calls).await;
+        }
         Reply::owned("{}".into(), false)
+    }
+
+    /// The most verbose level wanted by the sessions that see a shared server.
+    fn shared_log_level(&self, server: &str) -> Option<u8> {
+        lock(&self.sessions).values().filter(|s| s.scope.includes(server)).map(|s| s.log_level().unwrap_or(0)).min()
     }
 
     /// Handles a notification from a client.
@@ -683,16 +858,20 @@ impl Gateway {
         let Some(session) = &ctx.caller.session else { return };
         let Some(id) = env.id.map(|i| i.get().trim_matches('"')) else { return };
         let Some(n) = id.strip_prefix("pcs-").and_then(|n| n.parse().ok()) else { return };
-        if let Some(route) = session.take_client_request(n) {
-            route.upstream.answer(&route.upstream_id, env);
+        match session.take_client_request(n) {
+            Some(ClientRequestRoute::Upstream { upstream, upstream_id }) => upstream.answer(&upstream_id, env),
+            Some(ClientRequestRoute::Local(tx)) => {
+                let _ = tx.send(Bytes::from(jsonrpc::with_id(env, "0")));
+            }
+            None => {}
         }
     }
 
-    fn broadcast(&self, server: &str, msg: &Bytes, filter: impl Fn(&Session) -> bool) {
+    fn broadcast(&self, server: &str, method: &str, msg: &Bytes, filter: impl Fn(&Session) -> bool) {
         let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
         for s in sessions {
             if s.scope.includes(server) && filter(&s) {
-                s.send(msg.clone());
+                s.notify_change(method, msg);
             }
         }
     }
@@ -720,14 +899,15 @@ impl Hub for Gateway {
         }
         for m in methods {
             let msg = Bytes::from(jsonrpc::notification(m, None));
-            self.broadcast(server, &msg, |_| true);
+            self.broadcast(server, m, &msg, |_| true);
         }
     }
 
     fn resource_updated(&self, server: &str, params: &RawValue) {
         let Some(uri) = RawObject::parse(params).ok().and_then(|o| o.get_str("uri")) else { return };
-        let msg = Bytes::from(jsonrpc::notification("notifications/resources/updated", Some(params.get())));
-        self.broadcast(server, &msg, |s| s.is_subscribed(&uri));
+        let method = "notifications/resources/updated";
+        let msg = Bytes::from(jsonrpc::notification(method, Some(params.get())));
+        self.broadcast(server, method, &msg, |s| s.is_subscribed(&uri));
     }
 }
 

@@ -176,13 +176,24 @@ pub struct Reply {
     pub span: Range<usize>,
     /// True for `error`, false for `result`.
     pub is_error: bool,
+    /// Members written at the start of the result object on the way out (e.g. the
+    /// 2026-07-28 `resultType` a session-era upstream does not send); empty for none.
+    pub extra: &'static str,
+    /// True when the payload came from a 2026-07-28 server and already has those members.
+    pub modern: bool,
 }
+
+/// The members a 2026-07-28 result carries that earlier results lack.
+pub const MODERN_COMPLETE: &str = r#""resultType":"complete""#;
+/// The same for cacheable results (lists, `server/discover`, `resources/read`): Portcullis'
+/// answers depend on who asks, so they are private and not to be reused.
+pub const MODERN_CACHEABLE: &str = r#""resultType":"complete","ttlMs":0,"cacheScope":"private""#;
 
 impl Reply {
     /// A reply built from an already-serialised result or error value.
     pub fn owned(value: String, is_error: bool) -> Self {
         let len = value.len();
-        Reply { bytes: Bytes::from(value), span: 0..len, is_error }
+        Reply { bytes: Bytes::from(value), span: 0..len, is_error, extra: "", modern: false }
     }
 
     /// An error reply with a code and message.
@@ -204,6 +215,14 @@ impl Reply {
     /// copying the payload.
     pub fn to_chunks(&self, id: &str) -> [Bytes; 3] {
         let field = if self.is_error { "error" } else { "result" };
+        let payload = &self.bytes[self.span.clone()];
+        if !self.extra.is_empty() && payload.first() == Some(&b'{') {
+            let rest = self.bytes.slice(self.span.start + 1..self.span.end);
+            let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+            let sep = if empty { "" } else { "," };
+            let head = format!(r#"{{"jsonrpc":"2.0","id":{id},"{field}":{{{}{sep}"#, self.extra);
+            return [Bytes::from(head), rest, Bytes::from_static(b"}")];
+        }
         [Bytes::from(format!(r#"{{"jsonrpc":"2.0","id":{id},"{field}":"#)), self.payload(), Bytes::from_static(b"}")]
     }
 
@@ -213,7 +232,7 @@ impl Reply {
         let mut s = String::with_capacity(a.len() + b.len() + c.len());
         s.push_str(std::str::from_utf8(&a).unwrap_or_default());
         s.push_str(std::str::from_utf8(&b).unwrap_or("null"));
-        s.push('}');
+        s.push_str(std::str::from_utf8(&c).unwrap_or("}"));
         s
     }
 }
@@ -267,6 +286,27 @@ pub fn with_id(env: &Envelope<'_>, id: &str) -> String {
             format!(r#"{{"jsonrpc":"2.0","id":{id},"error":{}}}"#, env.error.map_or("{}", RawValue::get))
         }
     }
+}
+
+/// A notification or request with one member added to (or replaced in) `params._meta`; the
+/// message unchanged when it is not a JSON-RPC object.
+pub fn with_meta(msg: &[u8], key: &str, value: &str) -> Vec<u8> {
+    let Ok(env) = Envelope::parse(msg) else { return msg.to_vec() };
+    let params = match env.params.map(RawObject::parse) {
+        Some(Ok(p)) => p,
+        Some(Err(_)) => return msg.to_vec(),
+        None => RawObject::default(),
+    };
+    let meta = match params.get("_meta").map(RawObject::parse) {
+        Some(Ok(m)) => m.to_json_with(&[(key, value)]),
+        _ => RawObject::default().to_json_with(&[(key, value)]),
+    };
+    let params = params.to_json_with(&[("_meta", &meta)]);
+    match env.kind {
+        Kind::Request => request(env.id.map_or("null", RawValue::get), env.method(), Some(&params)),
+        _ => notification(env.method(), Some(&params)),
+    }
+    .into_bytes()
 }
 
 /// An object's members in order, values raw. Used to rewrite one field without touching others.
@@ -395,7 +435,7 @@ mod tests {
         let msg = Bytes::from_static(br#"{"jsonrpc":"2.0","id":3,"result":{"ok":true}}"#);
         let env = Envelope::parse(&msg).unwrap();
         let span = span_of(&msg, env.result.unwrap());
-        let reply = Reply { bytes: msg.clone(), span, is_error: false };
+        let reply = Reply { bytes: msg.clone(), span, is_error: false, extra: "", modern: false };
         assert_eq!(reply.to_message("\"x\""), r#"{"jsonrpc":"2.0","id":"x","result":{"ok":true}}"#);
         assert_eq!(reply.payload().as_ptr(), msg[reply.span.clone()].as_ptr());
     }

@@ -7,11 +7,11 @@
 //! server-to-client requests are removed when answered or when the session closes.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::upstream::Upstream;
@@ -44,15 +44,34 @@ pub enum Transport {
     Sse,
     /// stdio.
     Stdio,
+    /// A 2026-07-28 `subscriptions/listen` stream: a session in all but name, never addressable
+    /// by id, living as long as the stream.
+    Listen,
 }
 
+/// What a `subscriptions/listen` stream asked for.
+#[derive(Debug, Clone, Default)]
+pub struct ListenFilter {
+    /// The listen request's id, raw JSON (carried as `subscriptionId`).
+    pub id: Box<str>,
+    /// `notifications/tools/list_changed` wanted.
+    pub tools: bool,
+    /// `notifications/prompts/list_changed` wanted.
+    pub prompts: bool,
+    /// `notifications/resources/list_changed` wanted.
+    pub resources: bool,
+}
+
+/// `_meta` key naming the subscription a notification belongs to.
+pub const SUBSCRIPTION_ID_META: &str = "io.modelcontextprotocol/subscriptionId";
+
 /// Where a server-to-client request must be answered.
-#[derive(Clone)]
-pub struct ClientRequestRoute {
-    /// The upstream that asked.
-    pub upstream: Arc<Upstream>,
-    /// The raw id the upstream used.
-    pub upstream_id: Box<str>,
+pub enum ClientRequestRoute {
+    /// Back to the upstream that asked, under the raw id it used.
+    Upstream { upstream: Arc<Upstream>, upstream_id: Box<str> },
+    /// To Portcullis itself (an era translation asking on an upstream's behalf): the client's
+    /// whole answer message.
+    Local(oneshot::Sender<Bytes>),
 }
 
 /// Returns a new random id: 32 bytes from the OS, base64url.
@@ -93,11 +112,32 @@ pub struct Session {
     inflight: Mutex<HashMap<Box<str>, InflightCall>>,
     per_session: Mutex<HashMap<String, Arc<Upstream>>>,
     subscriptions: Mutex<HashSet<String>>,
+    capabilities: Mutex<Option<Box<str>>>,
+    /// 0 while unset, else the `logging/setLevel` level's rank + 1.
+    log_level: AtomicU8,
+    listen: Option<ListenFilter>,
+}
+
+/// The `logging/setLevel` levels, least severe first (RFC 5424 order).
+pub const LOG_LEVELS: [&str; 8] = ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"];
+
+/// A log level's rank in [`LOG_LEVELS`].
+pub fn log_rank(level: &str) -> Option<u8> {
+    LOG_LEVELS.iter().position(|l| *l == level).and_then(|p| u8::try_from(p).ok())
 }
 
 impl Session {
     /// A new session with a fresh random id.
     pub fn new(scope: Scope, protocol_version: String, transport: Transport) -> Arc<Self> {
+        Self::build(scope, protocol_version, transport, None)
+    }
+
+    /// The session behind one `subscriptions/listen` stream.
+    pub fn listener(scope: Scope, protocol_version: String, filter: ListenFilter) -> Arc<Self> {
+        Self::build(scope, protocol_version, Transport::Listen, Some(filter))
+    }
+
+    fn build(scope: Scope, protocol_version: String, transport: Transport, listen: Option<ListenFilter>) -> Arc<Self> {
         Arc::new(Session {
             id: random_id(),
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
@@ -111,7 +151,49 @@ impl Session {
             inflight: Mutex::new(HashMap::new()),
             per_session: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(HashSet::new()),
+            capabilities: Mutex::new(None),
+            log_level: AtomicU8::new(0),
+            listen,
         })
+    }
+
+    /// Sends a change notification if this session wants it: every session-era session does;
+    /// a listen stream only what it opted in to, tagged with its subscription id.
+    pub fn notify_change(&self, method: &str, msg: &Bytes) -> bool {
+        let Some(f) = &self.listen else { return self.send(msg.clone()) };
+        let wanted = match method {
+            "notifications/tools/list_changed" => f.tools,
+            "notifications/prompts/list_changed" => f.prompts,
+            "notifications/resources/list_changed" => f.resources,
+            _ => true,
+        };
+        wanted && self.send(Bytes::from(crate::mcp::jsonrpc::with_meta(msg, SUBSCRIPTION_ID_META, &f.id)))
+    }
+
+    /// Records the capabilities the client declared at `initialize` (raw JSON).
+    pub fn set_capabilities(&self, raw: &str) {
+        *lock(&self.capabilities) = Some(raw.into());
+    }
+
+    /// The capabilities the client declared, raw JSON (`{}` when none).
+    pub fn capabilities(&self) -> String {
+        lock(&self.capabilities).as_deref().unwrap_or("{}").to_owned()
+    }
+
+    /// Records the client's `logging/setLevel` rank.
+    pub fn set_log_level(&self, rank: u8) {
+        self.log_level.store(rank.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The client's log level rank, if it set one.
+    pub fn log_level(&self) -> Option<u8> {
+        self.log_level.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Whether a `notifications/message` at `rank` passes the client's level (all pass until
+    /// the client sets one, as a session-era server sends them unasked).
+    pub fn wants_log(&self, rank: u8) -> bool {
+        self.log_level().is_none_or(|min| rank >= min)
     }
 
     /// Attaches the standalone stream (GET or legacy SSE), replacing an earlier one.

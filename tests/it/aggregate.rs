@@ -43,7 +43,7 @@ async fn pagination_lists_every_tool_exactly_once() {
     let tools = client.all_tools().await;
     let unique: HashSet<&String> = tools.iter().collect();
     assert_eq!(unique.len(), tools.len(), "duplicates in {tools:?}");
-    assert_eq!(tools.len(), 20, "{tools:?}");
+    assert_eq!(tools.len(), 24, "{tools:?}");
 
     // A tampered cursor is refused with -32602.
     let first = client.request(json!(1), "tools/list", json!({})).await;

@@ -2,6 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod aggregate;
+mod eras;
+mod external;
 mod process;
 mod protocol;
 mod support;

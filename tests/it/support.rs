@@ -352,3 +352,70 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// An open SSE stream (a session's GET stream or a 2026-07-28 `subscriptions/listen`).
+pub struct Events {
+    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    parser: sse::Parser,
+    queue: std::collections::VecDeque<Value>,
+}
+
+impl Events {
+    fn new(resp: reqwest::Response) -> Self {
+        Events { stream: Box::pin(resp.bytes_stream()), parser: sse::Parser::new(1 << 26), queue: Default::default() }
+    }
+
+    /// The next message, waiting up to 10 s.
+    pub async fn next(&mut self) -> Value {
+        loop {
+            if let Some(v) = self.queue.pop_front() {
+                return v;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(10), self.stream.next())
+                .await
+                .expect("no message on the stream within 10 s")
+                .expect("the stream ended")
+                .unwrap();
+            for ev in self.parser.feed(&chunk).unwrap() {
+                if ev.is_message() && !ev.data.is_empty() {
+                    self.queue.push_back(serde_json::from_str(&ev.data).unwrap());
+                }
+            }
+        }
+    }
+
+    /// The next message with this method, skipping others.
+    pub async fn next_method(&mut self, method: &str) -> Value {
+        loop {
+            let m = self.next().await;
+            if m["method"] == method {
+                return m;
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Opens the session's standalone GET stream.
+    pub async fn get_stream(&self) -> Events {
+        let resp = self
+            .http
+            .get(&self.url)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", self.session.as_deref().unwrap())
+            .header("mcp-protocol-version", &self.version)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        Events::new(resp)
+    }
+
+    /// Opens a 2026-07-28 `subscriptions/listen` stream with this filter.
+    pub async fn listen(&self, id: Value, notifications: Value) -> Events {
+        let params = self.add_meta(json!({ "notifications": notifications }));
+        let resp = self.post(json!({"jsonrpc":"2.0","id":id,"method":"subscriptions/listen","params":params})).await;
+        assert_eq!(resp.status(), 200);
+        Events::new(resp)
+    }
+}

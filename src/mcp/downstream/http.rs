@@ -16,6 +16,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -376,6 +377,9 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>) -> Respo
     };
     let version = gateway::negotiate(Some(&requested));
     let session = Session::new(scope.clone(), version.to_owned(), Transport::Streamable);
+    if let Some(caps) = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities")) {
+        session.set_capabilities(caps.get());
+    }
     let caller = Caller { session: Some(session.clone()), related: None, cancel_on_drop: false };
     let result = gw.initialize_result(&scope, version, &caller).await;
     gw.add_session(session.clone());
@@ -466,7 +470,58 @@ async fn modern_post(
     }
     let ctx =
         Ctx { scope, caller: Caller { session: None, related: None, cancel_on_drop: true }, protocol_version: version };
+    if env.method() == "subscriptions/listen" {
+        return listen(gw, ctx, env).await;
+    }
     answer(gw, ctx, Owned::from(env), accepts(headers, "text/event-stream"), true).await
+}
+
+/// `subscriptions/listen`: an SSE stream that starts with the acknowledgement and carries the
+/// opted-in notifications until the client closes it (which ends its listen session) or the
+/// gateway shuts down (which ends it with a result).
+async fn listen(gw: Arc<Gateway>, ctx: Ctx, env: &Envelope<'_>) -> Response {
+    let id = env.id.map_or("null", RawValue::get).to_owned();
+    let (session, rx, ack) = match gw.listen(&ctx, &id, env.params).await {
+        Ok(opened) => opened,
+        Err(reply) => return json(modern_status(&reply), reply.to_message(&id)),
+    };
+    let end = EndSession { gw, id: session.id.clone() };
+    let closed = session.closed.clone();
+    let stream = async_stream(move |out| async move {
+        let _end = end;
+        if out.send(sse::message(ack.as_bytes(), None)).await.is_err() {
+            return;
+        }
+        let mut messages = Box::pin(stream_with_keepalive(rx, closed.clone()));
+        while let Some(Ok(chunk)) = messages.next().await {
+            if out.send(chunk).await.is_err() {
+                return;
+            }
+        }
+        if closed.is_cancelled() {
+            let result = format!(
+                r#"{{"resultType":"complete","_meta":{{"{}":{id}}}}}"#,
+                crate::mcp::session::SUBSCRIPTION_ID_META
+            );
+            let _ = out.send(sse::message(jsonrpc::result_response(&id, &result).as_bytes(), None)).await;
+        }
+    });
+    sse_response(stream, None)
+}
+
+/// Ends a session when dropped (the stream that owned it went away).
+struct EndSession {
+    gw: Arc<Gateway>,
+    id: String,
+}
+
+impl Drop for EndSession {
+    fn drop(&mut self) {
+        let (gw, id) = (self.gw.clone(), std::mem::take(&mut self.id));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { gw.end_session(&id).await });
+        }
+    }
 }
 
 /// Decodes an `Mcp-Name`-style header value (`=?base64?…?=` or plain).
@@ -515,6 +570,15 @@ async fn answer(gw: Arc<Gateway>, mut ctx: Ctx, req: Owned, sse_ok: bool, modern
     tokio::select! {
         biased;
         reply = &mut work => {
+            // Related messages that arrived with the result still go first, on an SSE stream.
+            let mut early = Vec::new();
+            while let Ok(m) = rx.try_recv() {
+                early.push(sse::message(&m, None));
+            }
+            if !early.is_empty() {
+                early.push(sse::message(reply.to_message(&id).as_bytes(), None));
+                return sse_response(futures_util::stream::iter(early.into_iter().map(Ok::<_, Infallible>)), None);
+            }
             let status = if modern { modern_status(&reply) } else { StatusCode::OK };
             let chunks = reply.to_chunks(&id);
             let body = Body::from_stream(futures_util::stream::iter(chunks.into_iter().map(Ok::<_, Infallible>)));

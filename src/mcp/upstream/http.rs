@@ -244,7 +244,7 @@ async fn connect_sse(
         if let Some(up) = up_weak.upgrade() {
             for ev in backlog {
                 if ev.is_message() && !ev.data.is_empty() {
-                    up.on_message(Bytes::from(ev.data));
+                    up.on_message(Bytes::from(ev.data), None);
                 }
             }
         }
@@ -329,7 +329,10 @@ impl HttpLink {
 
     fn fail(&self, id: Option<u64>, message: &str) {
         let (Some(id), Some(up)) = (id, self.up.upgrade()) else { return };
-        up.on_message(Bytes::from(jsonrpc::error_response(Some(&id.to_string()), code::UPSTREAM_ERROR, message, None)));
+        up.on_message(
+            Bytes::from(jsonrpc::error_response(Some(&id.to_string()), code::UPSTREAM_ERROR, message, None)),
+            None,
+        );
     }
 
     fn request(&self, msg: Bytes) -> Result<reqwest::RequestBuilder, String> {
@@ -421,7 +424,7 @@ impl HttpLink {
             match serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&body) {
                 Ok(items) => {
                     for item in items {
-                        up.on_message(body.slice(jsonrpc::span_of(&body, item)));
+                        up.on_message(body.slice(jsonrpc::span_of(&body, item)), id);
                     }
                 }
                 Err(e) => self.fail(id, &format!("bad JSON from upstream: {e}")),
@@ -429,7 +432,7 @@ impl HttpLink {
         } else if body.is_empty() {
             self.fail(id, "empty response from upstream");
         } else {
-            up.on_message(body);
+            up.on_message(body, id);
         }
     }
 
@@ -466,7 +469,7 @@ impl HttpLink {
                     retry = Duration::from_millis(r);
                 }
                 if ev.is_message() && !ev.data.is_empty() {
-                    up.on_message(Bytes::from(ev.data));
+                    up.on_message(Bytes::from(ev.data), id);
                 }
             }
             if let Some(id) = id
@@ -597,7 +600,12 @@ fn modernize(msg: &[u8]) -> Result<(Bytes, String, Option<String>), String> {
                     let ours = RawObject::parse(jsonrpc::raw(meta.clone()).as_ref())
                         .map(|o| o.0.iter().map(|(k, v)| (k.to_string(), v.get().to_owned())).collect::<Vec<_>>());
                     let ours = ours.unwrap_or_default();
-                    let refs: Vec<(&str, &str)> = ours.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    // The caller's own capabilities and client info stand; the version is ours.
+                    let refs: Vec<(&str, &str)> = ours
+                        .iter()
+                        .filter(|(k, _)| k.ends_with("/protocolVersion") || m.get(k).is_none())
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
                     m.to_json_with(&refs)
                 }
                 _ => meta,

@@ -16,25 +16,30 @@
 //! - Client credentials never reach this module: it sends only what config names.
 
 pub mod http;
+mod mrtr;
 pub mod stdio;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
-use super::session::{Caller, ClientRequestRoute, lock};
+use super::session::{self, Caller, ClientRequestRoute, lock};
 use crate::config::{ServerDef, Transport};
 
 /// The protocol version Portcullis offers upstream in `initialize`.
 pub const UPSTREAM_HANDSHAKE_VERSION: &str = "2025-11-25";
+/// `_meta` key of a 2026-07-28 request's log level.
+pub const LOG_LEVEL_META: &str = "io.modelcontextprotocol/logLevel";
+/// `_meta` key of a 2026-07-28 request's client capabilities.
+pub const CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
 /// The modern (stateless) protocol version.
 pub const MODERN_VERSION: &str = "2026-07-28";
 
@@ -230,6 +235,13 @@ pub struct Upstream {
     /// The session owning a `per_session` instance.
     owner: Option<Weak<super::session::Session>>,
     http: reqwest::Client,
+    /// The `logging/setLevel` rank + 1 the sessions want from this instance (0: never set);
+    /// re-sent after every reconnect.
+    log_level: AtomicU8,
+    /// Resources the sessions subscribed to on a 2026-07-28 instance, held by one
+    /// `subscriptions/listen` stream that is reopened when the set changes.
+    listen_uris: Mutex<BTreeSet<String>>,
+    listen_changed: Arc<Notify>,
 }
 
 impl Upstream {
@@ -256,6 +268,9 @@ impl Upstream {
             hub,
             owner,
             http,
+            log_level: AtomicU8::new(0),
+            listen_uris: Mutex::new(BTreeSet::new()),
+            listen_changed: Arc::new(Notify::new()),
         });
         if up.def.enabled {
             tokio::spawn(up.clone().supervise());
@@ -320,6 +335,9 @@ impl Upstream {
                         s.since = Some(Instant::now());
                     });
                     tracing::info!(server = %self.def.name, pid = ?conn.pid, version = %conn.info.protocol_version, "upstream connected");
+                    if conn.info.protocol_version == MODERN_VERSION {
+                        self.spawn_listener(conn.clone());
+                    }
                     self.changed();
                     let stopping = tokio::select! {
                         _ = conn.closed.cancelled() => false,
@@ -391,6 +409,70 @@ impl Upstream {
         self.fail_all("the server was stopped");
     }
 
+    /// Whether the connected server speaks 2026-07-28.
+    pub fn is_modern(&self) -> bool {
+        self.connection().is_some_and(|c| c.info.protocol_version == MODERN_VERSION)
+    }
+
+    /// Adds or removes a resource on this instance's `subscriptions/listen` stream (2026-07-28
+    /// servers have no `resources/subscribe`).
+    pub fn listen_to(&self, uri: &str, on: bool) {
+        let changed = {
+            let mut uris = lock(&self.listen_uris);
+            if on { uris.insert(uri.to_owned()) } else { uris.remove(uri) }
+        };
+        if changed {
+            self.listen_changed.notify_one();
+        }
+    }
+
+    /// Keeps one `subscriptions/listen` request open on a 2026-07-28 connection, for list
+    /// changes and the subscribed resources; its notifications route like any others. It is
+    /// reopened with the new set when subscriptions change, and after the server ends it.
+    fn spawn_listener(self: &Arc<Self>, conn: Arc<Connection>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(up) = weak.upgrade() else { return };
+                let notify = up.listen_changed.clone();
+                let changed = notify.notified();
+                let uris: Vec<String> = lock(&up.listen_uris).iter().cloned().collect();
+                let filter = serde_json::json!({
+                    "toolsListChanged": true,
+                    "promptsListChanged": true,
+                    "resourcesListChanged": true,
+                    "resourceSubscriptions": uris,
+                });
+                let params = format!(r#"{{"notifications":{filter}}}"#);
+                let id = up.next_id.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = oneshot::channel();
+                lock(&up.pending).insert(id, Pending { reply: tx, caller: Caller::default(), progress_token: None });
+                let msg = jsonrpc::request(&id.to_string(), "subscriptions/listen", Some(&params));
+                if conn.link.send(Bytes::from(msg), Some(id)).is_err() {
+                    lock(&up.pending).remove(&id);
+                    return;
+                }
+                drop(up);
+                tokio::select! {
+                    _ = changed => {
+                        if let Some(up) = weak.upgrade() {
+                            lock(&up.pending).remove(&id);
+                        }
+                        conn.link.abort(id);
+                    }
+                    _ = rx => {
+                        // The server ended the subscription (or the stream broke): reopen soon.
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = conn.closed.cancelled() => return,
+                        }
+                    }
+                    _ = conn.closed.cancelled() => return,
+                }
+            }
+        });
+    }
+
     fn changed(&self) {
         if let Some(hub) = self.hub.upgrade() {
             hub.list_changed(&self.def.name, "");
@@ -444,6 +526,9 @@ impl Upstream {
         link.send(Bytes::from(jsonrpc::notification("notifications/initialized", None)), None)?;
         if let Link::Http(h) = link {
             h.start_get_stream(self);
+        }
+        if let Some(rank) = self.log_level.load(Ordering::Relaxed).checked_sub(1) {
+            self.send_log_level(link, rank);
         }
         Ok(info)
     }
@@ -503,6 +588,10 @@ impl Upstream {
     /// `edits` replaces top-level members of `params` (e.g. an unprefixed tool name); the
     /// caller's progress token is swapped for the upstream id and restored on the way back.
     /// `down_id` (the caller's raw request id) registers the call for cancellation.
+    ///
+    /// A session-era caller never sees a 2026-07-28 `InputRequiredResult`: its embedded
+    /// requests are asked on the caller's stream and the call is retried with the answers
+    /// (see [`mrtr`]), all within the one deadline.
     pub async fn call(
         self: &Arc<Self>,
         method: &str,
@@ -512,12 +601,61 @@ impl Upstream {
         down_id: Option<&str>,
     ) -> Result<Reply, UpstreamError> {
         let deadline = Instant::now() + self.def.timeout;
+        let mut reply = self.call_once(method, params, edits, caller, down_id, deadline).await?;
+        let Some(session) = &caller.session else { return Ok(reply) };
+        let protocol = |reason: String| UpstreamError::Protocol { server: self.def.name.clone(), reason };
+        for _ in 0..mrtr::MAX_ROUNDS {
+            if reply.is_error {
+                return Ok(reply);
+            }
+            let required = match mrtr::input_required(reply.payload_str()) {
+                None => return Ok(reply),
+                Some(r) => r.map_err(protocol)?,
+            };
+            let mut answers = Vec::with_capacity(required.requests.len());
+            for (key, m, p) in &required.requests {
+                match mrtr::ask(session, caller, m, p.as_deref(), deadline).await.map_err(protocol)? {
+                    mrtr::Answer::Result(r) => answers.push((key.clone(), r)),
+                    mrtr::Answer::Refused(err) => return Ok(err),
+                }
+            }
+            let responses = mrtr::responses_json(&answers);
+            let mut retry: Vec<(&str, &str)> = edits.to_vec();
+            if !answers.is_empty() {
+                retry.push(("inputResponses", &responses));
+            }
+            if let Some(state) = &required.state {
+                retry.push(("requestState", state));
+            }
+            reply = self.call_once(method, params, &retry, caller, down_id, deadline).await?;
+        }
+        Err(protocol(format!("more than {} rounds of input requests", mrtr::MAX_ROUNDS)))
+    }
+
+    async fn call_once(
+        self: &Arc<Self>,
+        method: &str,
+        params: Option<&RawValue>,
+        edits: &[(&str, &str)],
+        caller: &Caller,
+        down_id: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Reply, UpstreamError> {
         let conn = self.ready(deadline).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id_text = id.to_string();
-        let (params, progress_token) =
-            rewrite_params(params, edits, &id_text, conn.info.protocol_version == MODERN_VERSION)
-                .map_err(|reason| UpstreamError::Protocol { server: self.def.name.clone(), reason })?;
+        // A session-era caller on a 2026-07-28 upstream: what its session negotiated once
+        // travels in every request's `_meta` instead.
+        let (level, caps);
+        let mut meta_adds: Vec<(&str, &str)> = Vec::new();
+        if let Some(session) = caller.session.as_ref().filter(|_| conn.info.protocol_version == MODERN_VERSION) {
+            level = jsonrpc::quote(session::LOG_LEVELS[usize::from(session.log_level().unwrap_or(0))]);
+            caps = session.capabilities();
+            meta_adds.push((LOG_LEVEL_META, &level));
+            meta_adds.push((CAPABILITIES_META, &caps));
+        }
+        let (params, progress_token) = rewrite_params(params, edits, &id_text, &meta_adds)
+            .map_err(|reason| UpstreamError::Protocol { server: self.def.name.clone(), reason })?;
         let msg = jsonrpc::request(&id_text, method, params.as_deref());
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, Pending { reply: tx, caller: caller.clone(), progress_token });
@@ -530,8 +668,9 @@ impl Upstream {
         }
         let result = tokio::time::timeout_at(deadline, rx).await;
         match result {
-            Ok(Ok(reply)) => {
+            Ok(Ok(mut reply)) => {
                 guard.armed = false;
+                reply.modern = conn.info.protocol_version == MODERN_VERSION;
                 Ok(reply)
             }
             Ok(Err(_)) => {
@@ -544,6 +683,26 @@ impl Upstream {
                 Err(UpstreamError::Timeout { server: self.def.name.clone(), after: self.def.timeout })
             }
         }
+    }
+
+    /// Sets the log level this instance should send at (`logging/setLevel`), now if connected
+    /// with a session-era server and again after every reconnect. 2026-07-28 servers take the
+    /// level per request instead.
+    pub fn set_log_level(&self, rank: u8) {
+        let previous = self.log_level.swap(rank.saturating_add(1), Ordering::Relaxed);
+        if let Some(conn) = self.connection()
+            && conn.info.protocol_version != MODERN_VERSION
+            && previous != rank.saturating_add(1)
+        {
+            self.send_log_level(&conn.link, rank);
+        }
+    }
+
+    fn send_log_level(&self, link: &Link, rank: u8) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let params = format!(r#"{{"level":"{}"}}"#, session::LOG_LEVELS[usize::from(rank)]);
+        // The answer is not awaited: an unmatched id is dropped on arrival.
+        let _ = link.send(Bytes::from(jsonrpc::request(&id.to_string(), "logging/setLevel", Some(&params))), None);
     }
 
     /// Sends a notification upstream (no answer expected).
@@ -590,8 +749,10 @@ impl Upstream {
         }
     }
 
-    /// Handles one message from the upstream.
-    pub(crate) fn on_message(self: &Arc<Self>, bytes: Bytes) {
+    /// Handles one message from the upstream. `related` is the upstream id of the request whose
+    /// response stream carried it (HTTP), which attributes notifications and server-to-client
+    /// requests to their caller exactly.
+    pub(crate) fn on_message(self: &Arc<Self>, bytes: Bytes, related: Option<u64>) {
         let env = match Envelope::parse(&bytes) {
             Ok(env) => env,
             Err(e) => {
@@ -609,17 +770,23 @@ impl Upstream {
                 let part = if env.kind == Kind::Result { env.result } else { env.error };
                 let span = part.map(|r| jsonrpc::span_of(&bytes, r));
                 let reply = match span {
-                    Some(span) => Reply { bytes: bytes.clone(), span, is_error: env.kind == Kind::Error },
+                    Some(span) => Reply {
+                        bytes: bytes.clone(),
+                        span,
+                        is_error: env.kind == Kind::Error,
+                        extra: "",
+                        modern: false,
+                    },
                     None => Reply::error(code::INTERNAL_ERROR, "empty response"),
                 };
                 let _ = p.reply.send(reply);
             }
-            Kind::Notification => self.on_notification(&env),
-            Kind::Request => self.on_request(&env),
+            Kind::Notification => self.on_notification(&env, related),
+            Kind::Request => self.on_request(&env, related),
         }
     }
 
-    fn on_notification(self: &Arc<Self>, env: &Envelope<'_>) {
+    fn on_notification(self: &Arc<Self>, env: &Envelope<'_>, related: Option<u64>) {
         let method = env.method();
         match method {
             "notifications/progress" => {
@@ -655,13 +822,26 @@ impl Upstream {
             }
             _ => {
                 // Logging and other notifications: deliver to the one caller they can belong to.
-                if let Some(caller) = self.sole_caller() {
+                if let Some(caller) = self.caller_for(related) {
+                    if method == "notifications/message" && !wants_log(&caller, env) {
+                        return;
+                    }
                     caller.deliver(Bytes::from(jsonrpc::notification(method, env.params.map(RawValue::get))));
                 } else {
                     tracing::debug!(server = %self.def.name, method, "notification not attributable to one session; dropped");
                 }
             }
         }
+    }
+
+    /// The caller of the request whose stream carried a message, else [`Self::sole_caller`].
+    fn caller_for(&self, related: Option<u64>) -> Option<Caller> {
+        if let Some(id) = related
+            && let Some(p) = lock(&self.pending).get(&id)
+        {
+            return Some(p.caller.clone());
+        }
+        self.sole_caller()
     }
 
     /// The caller a server-initiated message belongs to: the owner of a per-session instance,
@@ -692,7 +872,7 @@ impl Upstream {
         Some(Caller { session: Some(owner), related: None, cancel_on_drop: false })
     }
 
-    fn on_request(self: &Arc<Self>, env: &Envelope<'_>) {
+    fn on_request(self: &Arc<Self>, env: &Envelope<'_>, related: Option<u64>) {
         let id = env.id.map(|i| i.get().to_owned()).unwrap_or_default();
         let reply_err = |code: i64, msg: &str| {
             if let Some(conn) = self.connection() {
@@ -705,7 +885,7 @@ impl Upstream {
             }
             return;
         }
-        let Some(caller) = self.sole_caller() else {
+        let Some(caller) = self.caller_for(related) else {
             tracing::warn!(server = %self.def.name, method = env.method(), "server-to-client request cannot be attributed to one session; refused");
             reply_err(
                 code::INTERNAL_ERROR,
@@ -717,14 +897,23 @@ impl Upstream {
             reply_err(code::METHOD_NOT_FOUND, "the client is stateless and cannot answer requests");
             return;
         };
-        let down_id =
-            session.add_client_request(ClientRequestRoute { upstream: self.clone(), upstream_id: id.clone().into() });
+        let down_id = session.add_client_request(ClientRequestRoute::Upstream {
+            upstream: self.clone(),
+            upstream_id: id.clone().into(),
+        });
         let msg = jsonrpc::with_id(env, &format!("\"pcs-{down_id}\""));
         if !caller.deliver(Bytes::from(msg)) {
             session.take_client_request(down_id);
             reply_err(code::INTERNAL_ERROR, "the client has no open stream to receive this request");
         }
     }
+}
+
+/// Whether a `notifications/message` passes the level its session asked for.
+fn wants_log(caller: &Caller, env: &Envelope<'_>) -> bool {
+    let Some(session) = &caller.session else { return true };
+    let level = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("level"));
+    level.as_deref().and_then(session::log_rank).is_none_or(|rank| session.wants_log(rank))
 }
 
 /// Removes the pending entry if the call did not complete (caller dropped or timed out), and
@@ -768,30 +957,40 @@ fn send_cancel(conn: &Connection, id: u64, reason: Option<&str>) {
     let _ = conn.link.send(Bytes::from(jsonrpc::notification("notifications/cancelled", Some(&params))), None);
 }
 
-/// Applies member edits and swaps `_meta.progressToken` for the upstream id.
-/// Returns the params to send and the caller's original token.
+/// Applies member edits, swaps `_meta.progressToken` for the upstream id and adds `meta_adds`
+/// to `_meta`. Returns the params to send and the caller's original token.
 fn rewrite_params(
     params: Option<&RawValue>,
     edits: &[(&str, &str)],
     id_text: &str,
-    modern: bool,
+    meta_adds: &[(&str, &str)],
 ) -> Result<(Option<String>, Option<Box<RawValue>>), String> {
     let Some(params) = params else {
-        return Ok((None, None));
+        if meta_adds.is_empty() {
+            return Ok((None, None));
+        }
+        return Ok((Some(format!(r#"{{"_meta":{}}}"#, RawObject::default().to_json_with(meta_adds))), None));
     };
-    let needs_meta = params.get().contains("progressToken");
-    if edits.is_empty() && !needs_meta && !modern {
+    let needs_meta = !meta_adds.is_empty() || params.get().contains("progressToken");
+    if edits.is_empty() && !needs_meta {
         return Ok((Some(params.get().to_owned()), None));
     }
     let obj = RawObject::parse(params).map_err(|e| format!("params must be an object: {e}"))?;
     let mut token = None;
     let mut meta_json = None;
-    if let Some(meta) = obj.get("_meta")
-        && let Ok(meta_obj) = RawObject::parse(meta)
-        && let Some(t) = meta_obj.get("progressToken")
-    {
-        token = Some(t.to_owned());
-        meta_json = Some(meta_obj.to_json_with(&[("progressToken", id_text)]));
+    if needs_meta {
+        let meta_obj = match obj.get("_meta") {
+            Some(meta) => RawObject::parse(meta).map_err(|e| format!("_meta must be an object: {e}"))?,
+            None => RawObject::default(),
+        };
+        let mut meta_edits: Vec<(&str, &str)> = meta_adds.to_vec();
+        if let Some(t) = meta_obj.get("progressToken") {
+            token = Some(t.to_owned());
+            meta_edits.push(("progressToken", id_text));
+        }
+        if !meta_edits.is_empty() {
+            meta_json = Some(meta_obj.to_json_with(&meta_edits));
+        }
     }
     let mut all: Vec<(&str, &str)> = edits.to_vec();
     if let Some(m) = &meta_json {
@@ -828,11 +1027,11 @@ mod tests {
     #[test]
     fn progress_token_is_swapped() {
         let p = jsonrpc::raw(r#"{"name":"x__y","_meta":{"progressToken":"abc","other":1},"arguments":{}}"#.into());
-        let (out, token) = rewrite_params(Some(&p), &[("name", "\"y\"")], "42", false).unwrap();
+        let (out, token) = rewrite_params(Some(&p), &[("name", "\"y\"")], "42", &[]).unwrap();
         assert_eq!(out.unwrap(), r#"{"name":"y","_meta":{"progressToken":42,"other":1},"arguments":{}}"#);
         assert_eq!(token.unwrap().get(), "\"abc\"");
         let plain = jsonrpc::raw(r#"{"a":1}"#.into());
-        let (out, token) = rewrite_params(Some(&plain), &[], "1", false).unwrap();
+        let (out, token) = rewrite_params(Some(&plain), &[], "1", &[]).unwrap();
         assert_eq!(out.unwrap(), r#"{"a":1}"#);
         assert!(token.is_none());
     }

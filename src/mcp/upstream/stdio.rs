@@ -153,7 +153,7 @@ async fn read_loop(
                 continue;
             }
             let Some(up) = up.upgrade() else { break };
-            up.on_message(line.freeze());
+            up.on_message(line.freeze(), None);
             continue;
         }
         scanned = buf.len();

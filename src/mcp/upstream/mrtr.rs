@@ -1,0 +1,148 @@
+//! Era translation for multi-round-trip requests (2026-07-28 `InputRequiredResult`).
+//!
+//! A 2026-07-28 upstream asks for client input by answering `tools/call`, `prompts/get` or
+//! `resources/read` with `{"resultType":"input_required","inputRequests":{key:{method,params}},
+//! "requestState":…}` and expects the same request again with `inputResponses` and the echoed
+//! `requestState`. A session-era client knows nothing of that but answers server-to-client
+//! requests, so for such a caller Portcullis asks each embedded request on the caller's own
+//! stream, collects the answers and retries: the client sees a sampling or elicitation request
+//! followed by the final result, as if the upstream spoke its era. Invariant: the whole exchange
+//! stays inside the original call's deadline, and a client's error answer ends the call with
+//! that error rather than being retried.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, Reply};
+use crate::mcp::session::{Caller, ClientRequestRoute, Session};
+
+/// At most this many rounds of input before the call is failed (a loop guard).
+pub const MAX_ROUNDS: usize = 8;
+
+/// One round's input requests, parsed from an `InputRequiredResult`.
+pub struct InputRequired {
+    /// `(key, method, params)` for every embedded request.
+    pub requests: Vec<(String, String, Option<String>)>,
+    /// The opaque state to echo back, raw JSON.
+    pub state: Option<String>,
+}
+
+/// Recognises an `InputRequiredResult`: a cheap substring test first, so ordinary results are
+/// never parsed.
+pub fn input_required(payload: &str) -> Option<Result<InputRequired, String>> {
+    if !payload.contains("input_required") {
+        return None;
+    }
+    let raw: &serde_json::value::RawValue = serde_json::from_str(payload).ok()?;
+    let obj = RawObject::parse(raw).ok()?;
+    if obj.get_str("resultType").as_deref() != Some("input_required") {
+        return None;
+    }
+    Some(parse(&obj))
+}
+
+fn parse(obj: &RawObject<'_>) -> Result<InputRequired, String> {
+    let mut requests = Vec::new();
+    if let Some(reqs) = obj.get("inputRequests").filter(|v| v.get() != "null") {
+        let reqs = RawObject::parse(reqs).map_err(|e| format!("inputRequests must be an object: {e}"))?;
+        for (key, value) in &reqs.0 {
+            let req = RawObject::parse(value).map_err(|e| format!("input request {key} must be an object: {e}"))?;
+            let method = req.get_str("method").ok_or_else(|| format!("input request {key} has no method"))?;
+            requests.push((key.to_string(), method, req.get("params").map(|p| p.get().to_owned())));
+        }
+    }
+    let state = obj.get("requestState").filter(|v| v.get() != "null").map(|v| v.get().to_owned());
+    if requests.is_empty() && state.is_none() {
+        return Err("an input_required result with neither inputRequests nor requestState".into());
+    }
+    Ok(InputRequired { requests, state })
+}
+
+/// What asking the client produced.
+pub enum Answer {
+    /// The client's result, raw JSON.
+    Result(String),
+    /// The client answered with an error: the call ends with it.
+    Refused(Reply),
+}
+
+/// Sends one request to a session-era client on the caller's stream and waits for its answer.
+pub async fn ask(
+    session: &Arc<Session>,
+    caller: &Caller,
+    method: &str,
+    params: Option<&str>,
+    deadline: Instant,
+) -> Result<Answer, String> {
+    let (tx, rx) = oneshot::channel();
+    let n = session.add_client_request(ClientRequestRoute::Local(tx));
+    let msg = jsonrpc::request(&format!("\"pcs-{n}\""), method, params);
+    if !caller.deliver(Bytes::from(msg)) {
+        session.take_client_request(n);
+        return Err(format!("the client has no open stream to receive {method}"));
+    }
+    let bytes = match tokio::time::timeout_at(deadline, rx).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return Err(format!("the client session ended before answering {method}")),
+        Err(_) => {
+            session.take_client_request(n);
+            return Err(format!("the client did not answer {method} in time"));
+        }
+    };
+    let env = Envelope::parse(&bytes).map_err(|e| e.to_string())?;
+    match (env.kind, env.result, env.error) {
+        (Kind::Result, Some(r), _) => Ok(Answer::Result(r.get().to_owned())),
+        (Kind::Error, _, Some(e)) => {
+            let span = jsonrpc::span_of(&bytes, e);
+            Ok(Answer::Refused(Reply { bytes: bytes.clone(), span, is_error: true, extra: "", modern: false }))
+        }
+        _ => Err(format!("the client's answer to {method} is not a JSON-RPC response")),
+    }
+}
+
+/// The `inputResponses` object for a round's answers.
+pub fn responses_json(answers: &[(String, String)]) -> String {
+    let mut out = String::from("{");
+    for (i, (key, value)) in answers.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&jsonrpc::quote(key));
+        out.push(':');
+        out.push_str(value);
+    }
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_results_are_not_parsed() {
+        assert!(input_required(r#"{"content":[{"type":"text","text":"hi"}]}"#).is_none());
+        assert!(input_required(r#"{"content":[{"type":"text","text":"input_required"}]}"#).is_none());
+    }
+
+    #[test]
+    fn parses_requests_and_state() {
+        let r = input_required(
+            r#"{"resultType":"input_required","inputRequests":{"s":{"method":"sampling/createMessage","params":{"maxTokens":5}}},"requestState":"abc"}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.requests, vec![("s".into(), "sampling/createMessage".into(), Some(r#"{"maxTokens":5}"#.into()))]);
+        assert_eq!(r.state.as_deref(), Some(r#""abc""#));
+        assert!(input_required(r#"{"resultType":"input_required"}"#).unwrap().is_err());
+    }
+
+    #[test]
+    fn builds_responses() {
+        let json = responses_json(&[("a".into(), "{}".into()), ("b\"".into(), "[1]".into())]);
+        assert_eq!(json, r#"{"a":{},"b\"":[1]}"#);
+    }
+}

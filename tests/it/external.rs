@@ -1,0 +1,185 @@
+//! Real third-party peers around Portcullis: the official Python SDK as a client in both eras,
+//! `@modelcontextprotocol/server-everything` as a stdio and an HTTP upstream, and the MCP
+//! conformance suite run against a Python SDK fixture directly and through Portcullis.
+//! `./scripts/test` installs the pinned peers into `target/test-deps`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+use crate::support::*;
+
+/// Where `./scripts/test` installed the pinned peers.
+fn deps() -> PathBuf {
+    let dir = std::env::var_os("PORTCULLIS_TEST_DEPS")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-deps"), PathBuf::from);
+    assert!(
+        dir.join("venv/bin/python").exists() && dir.join("node/node_modules/.bin/node").exists(),
+        "the external test peers are not installed in {}: run ./scripts/test",
+        dir.display()
+    );
+    dir
+}
+
+fn python() -> PathBuf {
+    deps().join("venv/bin/python")
+}
+
+fn node() -> PathBuf {
+    deps().join("node/node_modules/.bin/node")
+}
+
+fn node_module(path: &str) -> String {
+    deps().join("node/node_modules").join(path).display().to_string()
+}
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).display().to_string()
+}
+
+/// Runs the Python SDK client fixture and returns what it printed.
+async fn sdk_client(url: &str, mode: &str, prefix: &str, sample: bool) -> Value {
+    let mut cmd = Command::new(python());
+    cmd.arg(fixture("sdk_client.py")).args([url, mode, prefix]);
+    if sample {
+        cmd.arg("sample");
+    }
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.kill_on_drop(true).output())
+        .await
+        .expect("the SDK client hung")
+        .unwrap();
+    assert!(out.status.success(), "SDK client failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn python_sdk_client_in_both_eras() {
+    let gw = gateway().demo("demo", &[], "").start().await;
+    let legacy = sdk_client(&gw.mcp(), "legacy", "demo__", true).await;
+    assert_eq!(legacy["protocol_version"], "2025-11-25");
+    assert!(legacy["tools"].as_array().unwrap().contains(&json!("demo__echo")));
+    assert_eq!(legacy["echo"], json!(["hello from the python sdk"]));
+    assert!(legacy["sample"][0].as_str().unwrap().contains("sampled: a haiku"), "{legacy}");
+    assert_eq!(legacy["sample_is_error"], false);
+    let after_legacy = gw.gateway().handshakes();
+    assert_eq!(after_legacy.initialize, 1);
+
+    // The SDK's default: probe with server/discover, then speak 2026-07-28 statelessly.
+    let sessions_before = gw.gateway().session_count();
+    let modern = sdk_client(&gw.mcp(), "auto", "demo__", false).await;
+    assert_eq!(modern["protocol_version"], "2026-07-28");
+    assert_eq!(modern["tools"], legacy["tools"]);
+    assert_eq!(modern["echo"], json!(["hello from the python sdk"]));
+    let after_modern = gw.gateway().handshakes();
+    assert!(after_modern.discover > after_legacy.discover, "Portcullis saw no server/discover");
+    assert_eq!(after_modern.initialize, after_legacy.initialize, "the modern client sent initialize");
+    assert_eq!(gw.gateway().session_count(), sessions_before, "a session was minted for a modern client");
+    gw.stop().await;
+}
+
+/// Starts server-everything over streamable HTTP, pinned to 127.0.0.1 by a preload.
+async fn everything_http() -> (Child, String) {
+    let mut child = Command::new(node())
+        .args(["--require", &fixture("loopback.cjs")])
+        .arg(node_module("@modelcontextprotocol/server-everything/dist/index.js"))
+        .arg("streamableHttp")
+        .env("PORT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = listen_url(&mut child).await;
+    (child, format!("{url}/mcp"))
+}
+
+#[tokio::test]
+async fn server_everything_as_stdio_and_http_upstream() {
+    let (_http_child, http_url) = everything_http().await;
+    let everything = node_module("@modelcontextprotocol/server-everything/dist/index.js");
+    let node = node().display().to_string();
+    let gw = gateway()
+        .command("ev", &node, &[&everything, "stdio"], "")
+        .remote("evh", &http_url, "transport: streamable_http")
+        .start()
+        .await;
+    let client = Client::connect(&gw.mcp()).await;
+    let tools = eventually(std::time::Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let tools = client.all_tools().await;
+            (tools.contains(&"ev__echo".to_owned()) && tools.contains(&"evh__echo".to_owned())).then_some(tools)
+        }
+    })
+    .await;
+    assert!(tools.iter().filter(|t| t.starts_with("ev__")).count() >= 5, "{tools:?}");
+    assert_eq!(client.call_text("ev__echo", json!({"message": "via stdio"})).await, "Echo: via stdio");
+    assert_eq!(client.call_text("evh__echo", json!({"message": "via http"})).await, "Echo: via http");
+    // The same servers unprefixed on their own endpoints.
+    let one = Client::connect(&gw.server("evh")).await;
+    assert_eq!(one.call_text("echo", json!({"message": "direct name"})).await, "Echo: direct name");
+    gw.stop().await;
+}
+
+/// Runs the conformance suite's active server scenarios against a URL; returns
+/// scenario → (checks passed, checks failed).
+async fn conformance(url: &str) -> BTreeMap<String, (u32, u32)> {
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(300),
+        Command::new(node())
+            .arg(node_module("@modelcontextprotocol/conformance/dist/index.js"))
+            .args(["server", "--url", url])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the conformance suite hung")
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines().filter(|l| l.contains("Error:") || l.contains("FAILURE")) {
+        println!("{url}: {line}");
+    }
+    let summary = text.split("=== SUMMARY ===").nth(1).unwrap_or_else(|| panic!("no summary in: {text}"));
+    let mut results = BTreeMap::new();
+    for line in summary.lines() {
+        // "✓ tools-list: 1 passed, 0 failed"
+        let Some(rest) = line.strip_prefix("✓ ").or_else(|| line.strip_prefix("✗ ")) else { continue };
+        let Some((name, counts)) = rest.split_once(": ") else { continue };
+        let nums: Vec<u32> = counts.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+        if let [passed, failed] = nums[..] {
+            results.insert(name.to_owned(), (passed, failed));
+        }
+    }
+    results
+}
+
+#[tokio::test]
+async fn conformance_suite_same_through_portcullis_as_direct() {
+    let mut fixture_server = Command::new(python())
+        .arg(fixture("conformance_server.py"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let direct_url = listen_url(&mut fixture_server).await;
+    let gw = gateway().remote("fx", &direct_url, "").start().await;
+    Client::connect(&gw.server("fx")).await; // the upstream is connected before the suite starts
+
+    let direct = conformance(&direct_url).await;
+    let through = conformance(&gw.server("fx")).await;
+    let mut table = String::from("| scenario | direct | through Portcullis |\n|---|---|---|\n");
+    for (name, (p, f)) in &direct {
+        let (tp, tf) = through.get(name).copied().unwrap_or((0, 99));
+        table.push_str(&format!("| {name} | {p} passed, {f} failed | {tp} passed, {tf} failed |\n"));
+    }
+    println!("{table}");
+    assert_eq!(direct.len(), 30, "expected the 30 active server scenarios:\n{table}");
+    assert!(direct.values().all(|(p, f)| *p > 0 && *f == 0), "the fixture fails directly:\n{table}");
+    assert_eq!(direct.keys().collect::<Vec<_>>(), through.keys().collect::<Vec<_>>(), "{table}");
+    assert!(through.values().all(|(p, f)| *p > 0 && *f == 0), "a scenario fails through Portcullis:\n{table}");
+    gw.stop().await;
+}
