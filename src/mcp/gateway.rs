@@ -707,7 +707,7 @@ impl Gateway {
         let (tx, rx) = mpsc::channel(256);
         session.attach_stream(tx);
         self.add_session(session.clone());
-        let caller = Caller { session: Some(session.clone()), related: None, cancel_on_drop: false };
+        let caller = Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None };
         let config = self.config();
         let mut honoured = Vec::new();
         for uri in uris {

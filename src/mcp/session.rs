@@ -290,6 +290,9 @@ pub struct Caller {
     /// True when dropping the request means cancelling it (2026-07-28: closing the response
     /// stream cancels; in the 2025 era a disconnect is not a cancellation).
     pub cancel_on_drop: bool,
+    /// Where server-to-client requests go for a caller without a back-channel (a 2026-07-28
+    /// call waiting on a session-era upstream); they become an `InputRequiredResult`.
+    pub asks: Option<mpsc::Sender<crate::mcp::upstream::Ask>>,
 }
 
 impl Caller {

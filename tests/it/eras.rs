@@ -133,3 +133,39 @@ async fn log_levels_are_per_session_on_a_shared_server() {
     assert_eq!(bad["error"]["code"], -32602);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn modern_client_answers_sampling_for_a_session_upstream_by_retrying() {
+    let gw = gateway().demo("d", &[], "").start().await;
+    let client = Client::modern(&gw.mcp());
+    let first = client.call("d__sample", json!({"prompt":"p2"})).await;
+    let r = &first.response["result"];
+    assert_eq!(r["resultType"], "input_required", "{:?}", first.response);
+    let (key, ask) = r["inputRequests"].as_object().unwrap().iter().next().unwrap();
+    assert_eq!(ask["method"], "sampling/createMessage");
+    let state = r["requestState"].as_str().unwrap_or_else(|| panic!("{r}"));
+
+    // A made-up state is refused; the real one resumes the parked call.
+    let bogus = client
+        .request(json!(2), "tools/call", json!({"name":"d__sample","arguments":{"prompt":"p2"},"requestState":"pcs-parked.nope","inputResponses":{}}))
+        .await;
+    assert_eq!(bogus.response["error"]["code"], -32602, "{:?}", bogus.response);
+    let retry = client
+        .request(
+            json!(3),
+            "tools/call",
+            json!({"name":"d__sample","arguments":{"prompt":"p2"},"requestState":state,"inputResponses":{key: sampling_answer(ask)}}),
+        )
+        .await;
+    assert_eq!(retry.response["result"]["content"][0]["text"], "sampled: answer to p2", "{:?}", retry.response);
+    // The state is single-use.
+    let again = client
+        .request(
+            json!(4),
+            "tools/call",
+            json!({"name":"d__sample","arguments":{},"requestState":state,"inputResponses":{}}),
+        )
+        .await;
+    assert_eq!(again.response["error"]["code"], -32602);
+    gw.stop().await;
+}

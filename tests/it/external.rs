@@ -69,10 +69,13 @@ async fn python_sdk_client_in_both_eras() {
 
     // The SDK's default: probe with server/discover, then speak 2026-07-28 statelessly.
     let sessions_before = gw.gateway().session_count();
-    let modern = sdk_client(&gw.mcp(), "auto", "demo__", false).await;
+    let modern = sdk_client(&gw.mcp(), "auto", "demo__", true).await;
     assert_eq!(modern["protocol_version"], "2026-07-28");
     assert_eq!(modern["tools"], legacy["tools"]);
     assert_eq!(modern["echo"], json!(["hello from the python sdk"]));
+    // Sampling from a session-era child reaches the stateless client as InputRequiredResult,
+    // which the SDK answers and retries.
+    assert!(modern["sample"][0].as_str().unwrap().contains("sampled: a haiku"), "{modern}");
     let after_modern = gw.gateway().handshakes();
     assert!(after_modern.discover > after_legacy.discover, "Portcullis saw no server/discover");
     assert_eq!(after_modern.initialize, after_legacy.initialize, "the modern client sent initialize");

@@ -338,7 +338,7 @@ async fn post(
     };
     let ctx = Ctx {
         scope,
-        caller: Caller { session: Some(session.clone()), related: None, cancel_on_drop: false },
+        caller: Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None },
         protocol_version: session.protocol_version.clone(),
     };
     match env.kind {
@@ -380,7 +380,7 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>) -> Respo
     if let Some(caps) = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities")) {
         session.set_capabilities(caps.get());
     }
-    let caller = Caller { session: Some(session.clone()), related: None, cancel_on_drop: false };
+    let caller = Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None };
     let result = gw.initialize_result(&scope, version, &caller).await;
     gw.add_session(session.clone());
     let id = env.id.map_or("null", RawValue::get);
@@ -468,8 +468,11 @@ async fn modern_post(
             jsonrpc::error_response(id, code::UNSUPPORTED_VERSION, "Unsupported protocol version", Some(&data)),
         );
     }
-    let ctx =
-        Ctx { scope, caller: Caller { session: None, related: None, cancel_on_drop: true }, protocol_version: version };
+    let ctx = Ctx {
+        scope,
+        caller: Caller { session: None, related: None, cancel_on_drop: true, asks: None },
+        protocol_version: version,
+    };
     if env.method() == "subscriptions/listen" {
         return listen(gw, ctx, env).await;
     }
@@ -646,7 +649,7 @@ async fn batch(
     }
     let ctx = Ctx {
         scope,
-        caller: Caller { session: Some(session.clone()), related: None, cancel_on_drop: false },
+        caller: Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None },
         protocol_version: session.protocol_version.clone(),
     };
     let futs = items.iter().map(|item| {

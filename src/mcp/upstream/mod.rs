@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -242,6 +242,8 @@ pub struct Upstream {
     /// `subscriptions/listen` stream that is reopened when the set changes.
     listen_uris: Mutex<BTreeSet<String>>,
     listen_changed: Arc<Notify>,
+    /// Stateless calls parked on an `InputRequiredResult`, by `requestState` token.
+    parked: Mutex<HashMap<String, Parked>>,
 }
 
 impl Upstream {
@@ -271,6 +273,7 @@ impl Upstream {
             log_level: AtomicU8::new(0),
             listen_uris: Mutex::new(BTreeSet::new()),
             listen_changed: Arc::new(Notify::new()),
+            parked: Mutex::new(HashMap::new()),
         });
         if up.def.enabled {
             tokio::spawn(up.clone().supervise());
@@ -600,6 +603,9 @@ impl Upstream {
         caller: &Caller,
         down_id: Option<&str>,
     ) -> Result<Reply, UpstreamError> {
+        if caller.session.is_none() && MRTR_METHODS.contains(&method) {
+            return self.call_stateless(method, params, edits, caller, down_id).await;
+        }
         let deadline = Instant::now() + self.def.timeout;
         let mut reply = self.call_once(method, params, edits, caller, down_id, deadline).await?;
         let Some(session) = &caller.session else { return Ok(reply) };
@@ -641,31 +647,8 @@ impl Upstream {
         down_id: Option<&str>,
         deadline: Instant,
     ) -> Result<Reply, UpstreamError> {
-        let conn = self.ready(deadline).await?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let id_text = id.to_string();
-        // A session-era caller on a 2026-07-28 upstream: what its session negotiated once
-        // travels in every request's `_meta` instead.
-        let (level, caps);
-        let mut meta_adds: Vec<(&str, &str)> = Vec::new();
-        if let Some(session) = caller.session.as_ref().filter(|_| conn.info.protocol_version == MODERN_VERSION) {
-            level = jsonrpc::quote(session::LOG_LEVELS[usize::from(session.log_level().unwrap_or(0))]);
-            caps = session.capabilities();
-            meta_adds.push((LOG_LEVEL_META, &level));
-            meta_adds.push((CAPABILITIES_META, &caps));
-        }
-        let (params, progress_token) = rewrite_params(params, edits, &id_text, &meta_adds)
-            .map_err(|reason| UpstreamError::Protocol { server: self.def.name.clone(), reason })?;
-        let msg = jsonrpc::request(&id_text, method, params.as_deref());
-        let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, Pending { reply: tx, caller: caller.clone(), progress_token });
+        let (conn, id, rx) = self.start_call(method, params, edits, caller, down_id, deadline).await?;
         let mut guard = CallGuard { up: self, conn: &conn, id, down_id, caller, armed: true };
-        if let (Some(s), Some(d)) = (&caller.session, down_id) {
-            s.track(d, self.clone(), id);
-        }
-        if let Err(reason) = conn.link.send(Bytes::from(msg), Some(id)) {
-            return Err(UpstreamError::Closed { server: self.def.name.clone(), reason });
-        }
         let result = tokio::time::timeout_at(deadline, rx).await;
         match result {
             Ok(Ok(mut reply)) => {
@@ -680,6 +663,168 @@ impl Upstream {
             Err(_) => {
                 guard.cancel_upstream("timed out");
                 guard.armed = false;
+                Err(UpstreamError::Timeout { server: self.def.name.clone(), after: self.def.timeout })
+            }
+        }
+    }
+
+    /// Sends a request and registers it: everything of a call but the wait.
+    async fn start_call(
+        self: &Arc<Self>,
+        method: &str,
+        params: Option<&RawValue>,
+        edits: &[(&str, &str)],
+        caller: &Caller,
+        down_id: Option<&str>,
+        deadline: Instant,
+    ) -> Result<(Arc<Connection>, u64, oneshot::Receiver<Reply>), UpstreamError> {
+        let conn = self.ready(deadline).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id_text = id.to_string();
+        // A session-era caller on a 2026-07-28 upstream: what its session negotiated once
+        // travels in every request's `_meta` instead.
+        let (level, caps);
+        let mut meta_adds: Vec<(&str, &str)> = Vec::new();
+        if let Some(session) = caller.session.as_ref().filter(|_| conn.info.protocol_version == MODERN_VERSION) {
+            level = jsonrpc::quote(session::LOG_LEVELS[usize::from(session.log_level().unwrap_or(0))]);
+            caps = session.capabilities();
+            meta_adds.push((LOG_LEVEL_META, &level));
+            meta_adds.push((CAPABILITIES_META, &caps));
+        }
+        let strip_era = caller.session.is_none() && conn.info.protocol_version != MODERN_VERSION;
+        let (params, progress_token) = rewrite_params(params, edits, &id_text, &meta_adds, strip_era)
+            .map_err(|reason| UpstreamError::Protocol { server: self.def.name.clone(), reason })?;
+        let msg = jsonrpc::request(&id_text, method, params.as_deref());
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, Pending { reply: tx, caller: caller.clone(), progress_token });
+        if let (Some(s), Some(d)) = (&caller.session, down_id) {
+            s.track(d, self.clone(), id);
+        }
+        if let Err(reason) = conn.link.send(Bytes::from(msg), Some(id)) {
+            lock(&self.pending).remove(&id);
+            if let (Some(s), Some(d)) = (&caller.session, down_id) {
+                s.untrack(d);
+            }
+            return Err(UpstreamError::Closed { server: self.def.name.clone(), reason });
+        }
+        Ok((conn, id, rx))
+    }
+
+    /// A 2026-07-28 caller's `tools/call`, `prompts/get` or `resources/read` on any upstream.
+    ///
+    /// Such a caller has no channel for server-to-client requests. When the upstream sends one
+    /// during the call, the call is parked (still pending upstream) and the caller gets an
+    /// `InputRequiredResult` naming the requests, with a `requestState` that finds the parked
+    /// call again; its retry carries the answers, which go upstream under the ids the upstream
+    /// used, and the wait resumes. A `requestState` that is not Portcullis' own (a 2026-07-28
+    /// upstream's) is passed through untouched.
+    async fn call_stateless(
+        self: &Arc<Self>,
+        method: &str,
+        params: Option<&RawValue>,
+        edits: &[(&str, &str)],
+        caller: &Caller,
+        down_id: Option<&str>,
+    ) -> Result<Reply, UpstreamError> {
+        let resume = params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| {
+            let state = o.get_str("requestState")?;
+            let state = state.strip_prefix(PARKED_PREFIX)?.to_owned();
+            Some((state, o.get("inputResponses").map(|r| r.get().to_owned())))
+        });
+        if let Some((state, responses)) = resume {
+            let Some(mut parked) = lock(&self.parked).remove(&state) else {
+                return Ok(Reply::error(code::INVALID_PARAMS, "requestState is unknown or has expired"));
+            };
+            if parked.method != method {
+                return Ok(Reply::error(code::INVALID_PARAMS, "requestState belongs to another request"));
+            }
+            let answers = responses.as_deref().and_then(|r| serde_json::from_str::<HashMap<String, &RawValue>>(r).ok());
+            for (key, upstream_id) in std::mem::take(&mut parked.asked) {
+                let msg = match answers.as_ref().and_then(|a| a.get(&key)) {
+                    Some(result) => jsonrpc::result_response(&upstream_id, result.get()),
+                    None => jsonrpc::error_response(
+                        Some(&upstream_id),
+                        code::INVALID_PARAMS,
+                        "the client sent no answer for this request",
+                        None,
+                    ),
+                };
+                let _ = parked.conn.link.send(Bytes::from(msg), None);
+            }
+            let mut resumed = caller.clone();
+            resumed.asks = Some(parked.asks_tx.clone());
+            if let Some(p) = lock(&self.pending).get_mut(&parked.id) {
+                p.caller = resumed;
+            }
+            return self.wait_stateless(parked).await;
+        }
+        let deadline = Instant::now() + self.def.timeout;
+        let (asks_tx, asks_rx) = mpsc::channel(8);
+        let mut asking = caller.clone();
+        asking.asks = Some(asks_tx.clone());
+        let (conn, id, rx) = self.start_call(method, params, edits, &asking, down_id, deadline).await?;
+        let parked = Parked { conn, id, rx, asks_tx, asks_rx, asked: Vec::new(), method: method.to_owned(), deadline };
+        self.wait_stateless(parked).await
+    }
+
+    /// Waits for a stateless call's answer, or parks it when the upstream asks the client
+    /// something. Dropping the wait (the client went away) cancels the call upstream.
+    async fn wait_stateless(self: &Arc<Self>, mut p: Parked) -> Result<Reply, UpstreamError> {
+        let mut guard = StatelessGuard { up: self, conn: p.conn.clone(), id: p.id, armed: true };
+        let deadline = p.deadline;
+        tokio::select! {
+            r = &mut p.rx => {
+                guard.armed = false;
+                match r {
+                    Ok(mut reply) => {
+                        reply.modern = p.conn.info.protocol_version == MODERN_VERSION;
+                        Ok(reply)
+                    }
+                    Err(_) => Err(UpstreamError::Closed { server: self.def.name.clone(), reason: "no answer".into() }),
+                }
+            }
+            Some(first) = p.asks_rx.recv() => {
+                guard.armed = false;
+                let mut asks = vec![first];
+                while let Ok(more) = p.asks_rx.try_recv() {
+                    asks.push(more);
+                }
+                let mut requests = String::from("{");
+                for (i, ask) in asks.into_iter().enumerate() {
+                    let key = format!("r{i}");
+                    if i > 0 {
+                        requests.push(',');
+                    }
+                    requests.push_str(&format!(r#""{key}":{{"method":{}"#, jsonrpc::quote(&ask.method)));
+                    if let Some(params) = &ask.params {
+                        requests.push_str(&format!(r#","params":{}"#, params.get()));
+                    }
+                    requests.push('}');
+                    p.asked.push((key, ask.upstream_id));
+                }
+                requests.push('}');
+                let token = session::random_id();
+                let result = format!(
+                    r#"{{"resultType":"input_required","inputRequests":{requests},"requestState":{}}}"#,
+                    jsonrpc::quote(&format!("{PARKED_PREFIX}{token}"))
+                );
+                lock(&self.parked).insert(token.clone(), p);
+                // An unanswered park ends at the call's deadline, cancelled upstream.
+                let weak = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(deadline).await;
+                    let Some(up) = weak.upgrade() else { return };
+                    let expired = lock(&up.parked).remove(&token);
+                    if let Some(p) = expired {
+                        lock(&up.pending).remove(&p.id);
+                        send_cancel(&p.conn, p.id, Some("the client did not answer in time"));
+                    }
+                });
+                let mut reply = Reply::owned(result, false);
+                reply.modern = true;
+                Ok(reply)
+            }
+            _ = tokio::time::sleep_until(deadline) => {
                 Err(UpstreamError::Timeout { server: self.def.name.clone(), after: self.def.timeout })
             }
         }
@@ -850,7 +995,7 @@ impl Upstream {
         let pending = lock(&self.pending);
         let mut found: Option<&Caller> = None;
         for p in pending.values() {
-            if p.caller.session.is_none() && p.caller.related.is_none() {
+            if p.caller.session.is_none() && p.caller.related.is_none() && p.caller.asks.is_none() {
                 continue;
             }
             match found {
@@ -869,7 +1014,7 @@ impl Upstream {
         }
         drop(pending);
         let owner = self.owner.as_ref()?.upgrade()?;
-        Some(Caller { session: Some(owner), related: None, cancel_on_drop: false })
+        Some(Caller { session: Some(owner), ..Caller::default() })
     }
 
     fn on_request(self: &Arc<Self>, env: &Envelope<'_>, related: Option<u64>) {
@@ -894,6 +1039,16 @@ impl Upstream {
             return;
         };
         let Some(session) = caller.session.clone() else {
+            if let Some(asks) = &caller.asks {
+                let ask = Ask {
+                    upstream_id: id.clone().into(),
+                    method: env.method().to_owned(),
+                    params: env.params.map(ToOwned::to_owned),
+                };
+                if asks.try_send(ask).is_ok() {
+                    return;
+                }
+            }
             reply_err(code::METHOD_NOT_FOUND, "the client is stateless and cannot answer requests");
             return;
         };
@@ -914,6 +1069,51 @@ fn wants_log(caller: &Caller, env: &Envelope<'_>) -> bool {
     let Some(session) = &caller.session else { return true };
     let level = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("level"));
     level.as_deref().and_then(session::log_rank).is_none_or(|rank| session.wants_log(rank))
+}
+
+/// The methods that may answer with `InputRequiredResult` (2026-07-28).
+const MRTR_METHODS: [&str; 3] = ["tools/call", "prompts/get", "resources/read"];
+
+/// Marks a `requestState` that Portcullis minted (a parked call), as opposed to an upstream's.
+const PARKED_PREFIX: &str = "pcs-parked.";
+
+/// A server-to-client request for a caller without a back-channel.
+pub struct Ask {
+    /// The id the upstream used, raw JSON.
+    pub upstream_id: Box<str>,
+    /// The method.
+    pub method: String,
+    /// The params, raw.
+    pub params: Option<Box<RawValue>>,
+}
+
+/// A stateless call waiting for its caller's answers (see `Upstream::call_stateless`).
+struct Parked {
+    conn: Arc<Connection>,
+    id: u64,
+    rx: oneshot::Receiver<Reply>,
+    asks_tx: mpsc::Sender<Ask>,
+    asks_rx: mpsc::Receiver<Ask>,
+    /// Keys of the `inputRequests` sent, with the upstream's request ids.
+    asked: Vec<(String, Box<str>)>,
+    method: String,
+    deadline: Instant,
+}
+
+/// Cancels a stateless call upstream when its wait is dropped (the client closed the stream).
+struct StatelessGuard<'a> {
+    up: &'a Arc<Upstream>,
+    conn: Arc<Connection>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for StatelessGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed && lock(&self.up.pending).remove(&self.id).is_some() {
+            send_cancel(&self.conn, self.id, Some("the client closed the request"));
+        }
+    }
 }
 
 /// Removes the pending entry if the call did not complete (caller dropped or timed out), and
@@ -957,13 +1157,24 @@ fn send_cancel(conn: &Connection, id: u64, reason: Option<&str>) {
     let _ = conn.link.send(Bytes::from(jsonrpc::notification("notifications/cancelled", Some(&params))), None);
 }
 
-/// Applies member edits, swaps `_meta.progressToken` for the upstream id and adds `meta_adds`
-/// to `_meta`. Returns the params to send and the caller's original token.
+/// The `_meta` keys that make a request 2026-07-28: removed when a stateless caller's request
+/// goes to a session-era connection, which negotiated its version once.
+const ERA_META_KEYS: [&str; 4] = [
+    "io.modelcontextprotocol/protocolVersion",
+    "io.modelcontextprotocol/clientCapabilities",
+    "io.modelcontextprotocol/clientInfo",
+    LOG_LEVEL_META,
+];
+
+/// Applies member edits, swaps `_meta.progressToken` for the upstream id, adds `meta_adds` to
+/// `_meta` and, with `strip_era`, drops its [`ERA_META_KEYS`]. Returns the params to send and
+/// the caller's original token.
 fn rewrite_params(
     params: Option<&RawValue>,
     edits: &[(&str, &str)],
     id_text: &str,
     meta_adds: &[(&str, &str)],
+    strip_era: bool,
 ) -> Result<(Option<String>, Option<Box<RawValue>>), String> {
     let Some(params) = params else {
         if meta_adds.is_empty() {
@@ -971,7 +1182,8 @@ fn rewrite_params(
         }
         return Ok((Some(format!(r#"{{"_meta":{}}}"#, RawObject::default().to_json_with(meta_adds))), None));
     };
-    let needs_meta = !meta_adds.is_empty() || params.get().contains("progressToken");
+    let strip_era = strip_era && params.get().contains("io.modelcontextprotocol/");
+    let needs_meta = !meta_adds.is_empty() || strip_era || params.get().contains("progressToken");
     if edits.is_empty() && !needs_meta {
         return Ok((Some(params.get().to_owned()), None));
     }
@@ -979,10 +1191,17 @@ fn rewrite_params(
     let mut token = None;
     let mut meta_json = None;
     if needs_meta {
-        let meta_obj = match obj.get("_meta") {
+        let mut meta_obj = match obj.get("_meta") {
             Some(meta) => RawObject::parse(meta).map_err(|e| format!("_meta must be an object: {e}"))?,
             None => RawObject::default(),
         };
+        if strip_era {
+            let before = meta_obj.0.len();
+            meta_obj.0.retain(|(k, _)| !ERA_META_KEYS.contains(&k.as_ref()));
+            if meta_obj.0.len() != before {
+                meta_json = Some(meta_obj.to_json_with(&[]));
+            }
+        }
         let mut meta_edits: Vec<(&str, &str)> = meta_adds.to_vec();
         if let Some(t) = meta_obj.get("progressToken") {
             token = Some(t.to_owned());
@@ -1027,12 +1246,24 @@ mod tests {
     #[test]
     fn progress_token_is_swapped() {
         let p = jsonrpc::raw(r#"{"name":"x__y","_meta":{"progressToken":"abc","other":1},"arguments":{}}"#.into());
-        let (out, token) = rewrite_params(Some(&p), &[("name", "\"y\"")], "42", &[]).unwrap();
+        let (out, token) = rewrite_params(Some(&p), &[("name", "\"y\"")], "42", &[], false).unwrap();
         assert_eq!(out.unwrap(), r#"{"name":"y","_meta":{"progressToken":42,"other":1},"arguments":{}}"#);
         assert_eq!(token.unwrap().get(), "\"abc\"");
         let plain = jsonrpc::raw(r#"{"a":1}"#.into());
-        let (out, token) = rewrite_params(Some(&plain), &[], "1", &[]).unwrap();
+        let (out, token) = rewrite_params(Some(&plain), &[], "1", &[], false).unwrap();
         assert_eq!(out.unwrap(), r#"{"a":1}"#);
         assert!(token.is_none());
+    }
+
+    #[test]
+    fn era_keys_are_stripped_for_session_upstreams() {
+        let p = jsonrpc::raw(
+            r#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"progressToken":7,"x":1}}"#.into(),
+        );
+        let (out, token) = rewrite_params(Some(&p), &[], "3", &[], true).unwrap();
+        assert_eq!(out.unwrap(), r#"{"name":"t","_meta":{"progressToken":3,"x":1}}"#);
+        assert_eq!(token.unwrap().get(), "7");
+        let (out, _) = rewrite_params(Some(&p), &[], "3", &[], false).unwrap();
+        assert!(out.unwrap().contains("protocolVersion"));
     }
 }
