@@ -1,7 +1,8 @@
 //! The bundled demo MCP server (`portcullis demo-server`): stdio by default, streamable HTTP in
 //! both eras with `--http`. Deterministic tools for the built-in config, the README and the
 //! tests: echo, add, sleep, fail, crash, progress, sample (a sampling round-trip), touch (a
-//! `resources/updated` to subscribers), log (a `notifications/message`, honouring `logging/setLevel`),
+//! `resources/updated` to subscribers), log (a `notifications/message`, honouring `logging/setLevel`), link (a
+//! `resource_link` and an embedded resource),
 //! spawn_grandchild, big, stats (including the most calls it had in flight at once).
 //!
 //! It is a test fixture, not part of the gateway's hot path, so it uses `serde_json::Value`
@@ -49,6 +50,8 @@ struct Demo {
     watchers: Mutex<Vec<(Vec<String>, Out)>>,
     /// The level from the last `logging/setLevel` (none: log everything).
     log_level: Mutex<Option<String>>,
+    /// The `Mcp-Param-*` headers of the last HTTP request (reported by `stats`).
+    param_headers: Mutex<serde_json::Map<String, Value>>,
 }
 
 type Out = mpsc::UnboundedSender<String>;
@@ -66,6 +69,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         sessions: Mutex::new(HashMap::new()),
         watchers: Mutex::new(Vec::new()),
         log_level: Mutex::new(None),
+        param_headers: Mutex::new(serde_json::Map::new()),
     });
     match opts.http {
         Some(addr) => serve_http(demo, addr).await,
@@ -351,6 +355,13 @@ impl Demo {
                 }
                 text(format!("logged at {level}"))
             }
+            "link" => {
+                let uri = args.get("uri").and_then(Value::as_str).unwrap_or("demo://info");
+                Ok(json!({"content":[
+                    {"type":"resource_link","uri":uri,"name":"linked"},
+                    {"type":"resource","resource":{"uri":uri,"mimeType":"text/plain","text":"embedded"}}
+                ]}))
+            }
             "touch" => {
                 let uri = args.get("uri").and_then(Value::as_str).unwrap_or("").to_owned();
                 let note = json!({"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":uri}});
@@ -374,6 +385,7 @@ impl Demo {
                 "in_flight": self.in_flight.load(Ordering::SeqCst).saturating_sub(1),
                 "calls": self.calls.load(Ordering::Relaxed),
                 "log_level": lock(&self.log_level).clone(),
+                "param_headers": lock(&self.param_headers).clone(),
                 "pid": std::process::id(),
             }).to_string()}]})),
             other => Err((-32602, format!("Unknown tool: {other}"))),
@@ -386,6 +398,7 @@ fn tools() -> Vec<Value> {
     vec![
         json!({"name":"echo","description":"Echoes text","inputSchema":obj(json!({"text":{"type":"string"}}))}),
         json!({"name":"log","description":"Sends a log message at a level","inputSchema":obj(json!({"level":{"type":"string"},"text":{"type":"string"}}))}),
+        json!({"name":"link","description":"Returns a link to a resource and the resource embedded","inputSchema":obj(json!({"uri":{"type":"string"}}))}),
         json!({"name":"touch","description":"Announces that a resource changed","inputSchema":obj(json!({"uri":{"type":"string"}}))}),
         json!({"name":"add","description":"Adds two numbers","inputSchema":obj(json!({"a":{"type":"number"},"b":{"type":"number"}}))}),
         json!({"name":"sleep","description":"Sleeps ms milliseconds","inputSchema":obj(json!({"ms":{"type":"integer"}}))}),
@@ -435,6 +448,13 @@ async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: Header
         );
     };
     let method_name = msg.get("method").and_then(Value::as_str).unwrap_or("").to_owned();
+    if method_name == "tools/call" && msg.pointer("/params/name") != Some(&json!("stats")) {
+        *lock(&demo.param_headers) = headers
+            .iter()
+            .filter(|(k, _)| k.as_str().starts_with("mcp-param-"))
+            .map(|(k, v)| (k.as_str().to_owned(), json!(v.to_str().unwrap_or(""))))
+            .collect();
+    }
     let is_request = msg.get("id").is_some() && msg.get("method").is_some();
     let mut new_session = None;
     if !modern {

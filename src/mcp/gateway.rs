@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
+use super::resources::{Resolved, ResourceIndex};
 use super::session::{self, Caller, ClientRequestRoute, Scope, Session, lock};
 use super::upstream::{Hub, MODERN_VERSION, Status, Upstream};
 use crate::config::{Config, ServerDef, Share};
@@ -86,8 +87,7 @@ pub struct Gateway {
     config: ArcSwap<Config>,
     upstreams: RwLock<HashMap<String, Arc<Upstream>>>,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
-    resource_index: Mutex<HashMap<String, String>>,
-    templates: Mutex<Vec<(String, String)>>,
+    resources: ResourceIndex,
     subscriptions: Mutex<HashMap<(String, String), usize>>,
     cursor_key: [u8; 32],
     http: reqwest::Client,
@@ -120,8 +120,7 @@ impl Gateway {
             config: ArcSwap::from_pointee(config),
             upstreams: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
-            resource_index: Mutex::new(HashMap::new()),
-            templates: Mutex::new(Vec::new()),
+            resources: ResourceIndex::default(),
             subscriptions: Mutex::new(HashMap::new()),
             cursor_key,
             http,
@@ -198,18 +197,14 @@ impl Gateway {
         for up in s.take_per_session() {
             up.stop().await;
         }
-        let subs: Vec<(String, String)> = {
-            let all = lock(&self.subscriptions);
-            all.keys().filter(|(_, uri)| s.is_subscribed(uri)).cloned().collect()
-        };
-        for (server, uri) in subs {
+        for (server, uri) in s.subscriptions() {
             self.release_subscription(&server, &uri).await;
         }
         if s.log_level().is_some() {
             let config = self.config();
             for def in self.servers_in_scope(&config, &s.scope) {
                 if let (Some(up), Some(level)) = (self.upstream(&def.name), self.shared_log_level(&def.name)) {
-                    up.set_log_level(level);
+                    up.set_log_level(level).await;
                 }
             }
         }
@@ -385,7 +380,7 @@ impl Gateway {
             "tools/call" | "prompts/get" => self.by_name(&config, ctx, req).await,
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => self.by_uri(&config, ctx, req).await,
             "completion/complete" => self.complete(&config, ctx, req).await,
-            "logging/setLevel" => self.set_level(&config, ctx, req),
+            "logging/setLevel" => self.set_level(&config, ctx, req).await,
             other => Reply::error(code::METHOD_NOT_FOUND, &format!("Method not found: {other}")),
         }
     }
@@ -430,13 +425,16 @@ impl Gateway {
                 }
             }
         });
-        let results = join_all(calls).await;
+        let results: Vec<(String, Reply)> = join_all(calls).await.into_iter().flatten().collect();
+        if kind == ListKind::Resources || kind == ListKind::Templates {
+            // Index every page first, so a collision within this very page is already known.
+            for (server, reply) in &results {
+                self.index_resources(server, kind, reply);
+            }
+        }
         let mut items = String::from("[");
         let mut next: Vec<(String, Option<String>)> = Vec::new();
-        for (server, reply) in results.into_iter().flatten() {
-            if kind == ListKind::Resources || kind == ListKind::Templates {
-                self.index_resources(&server, kind, &reply);
-            }
+        for (server, reply) in results {
             #[derive(serde::Deserialize)]
             struct Page<'a> {
                 #[serde(borrow, default, rename = "nextCursor")]
@@ -459,7 +457,19 @@ impl Gateway {
                         let full = format!("{server}{}{name}", config.separator);
                         o.to_json_with(&[("name", &jsonrpc::quote(&full))])
                     }
-                    ListKind::Resources | ListKind::Templates => item.get().to_owned(),
+                    ListKind::Resources | ListKind::Templates => {
+                        let key = if kind == ListKind::Resources { "uri" } else { "uriTemplate" };
+                        let Ok(o) = RawObject::parse(item) else { continue };
+                        let own = o.get_str(key).unwrap_or_default();
+                        let shown = match kind {
+                            ListKind::Resources => self.resources.show(&server, &own),
+                            _ => self.resources.show_template(&server, &own),
+                        };
+                        match shown {
+                            std::borrow::Cow::Owned(shown) => o.to_json_with(&[(key, &jsonrpc::quote(&shown))]),
+                            std::borrow::Cow::Borrowed(_) => item.get().to_owned(),
+                        }
+                    }
                 };
                 if items.len() > 1 {
                     items.push(',');
@@ -508,34 +518,17 @@ impl Gateway {
             match kind {
                 ListKind::Resources => {
                     if let Some(uri) = o.get_str("uri") {
-                        lock(&self.resource_index).insert(uri, server.to_owned());
+                        self.resources.add_uri(server, uri);
                     }
                 }
                 ListKind::Templates => {
                     if let Some(t) = o.get_str("uriTemplate") {
-                        let prefix = t.split('{').next().unwrap_or("").to_owned();
-                        let mut templates = lock(&self.templates);
-                        if !templates.iter().any(|(s, p)| s == server && *p == prefix) {
-                            templates.push((server.to_owned(), prefix));
-                        }
+                        self.resources.add_template(server, &t);
                     }
                 }
                 _ => {}
             }
         }
-    }
-
-    fn find_resource(&self, uri: &str, scope: &Scope) -> Option<String> {
-        if let Some(s) = lock(&self.resource_index).get(uri)
-            && scope.includes(s)
-        {
-            return Some(s.clone());
-        }
-        lock(&self.templates)
-            .iter()
-            .filter(|(s, p)| scope.includes(s) && !p.is_empty() && uri.starts_with(p.as_str()))
-            .max_by_key(|(_, p)| p.len())
-            .map(|(s, _)| s.clone())
     }
 
     async fn refresh_resource_index(&self, config: &Config, ctx: &Ctx) {
@@ -588,7 +581,7 @@ impl Gateway {
         let quoted = jsonrpc::quote(&inner);
         let edits: &[(&str, &str)] = if edit { &[("name", &quoted)] } else { &[] };
         match up.call(req.method, Some(params), edits, &ctx.caller, req.id).await {
-            Ok(r) => r,
+            Ok(r) => self.show_uris(ctx, &server, r),
             Err(e) => e.to_reply(),
         }
     }
@@ -597,8 +590,17 @@ impl Gateway {
         let Some(uri) = req.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("uri")) else {
             return Reply::error(code::INVALID_PARAMS, "params.uri is required");
         };
-        let Some(server) = self.resolve_uri(config, ctx, &uri).await else {
-            return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
+        let (server, own) = match self.resolve_uri(config, ctx, &uri).await {
+            Resolved::Found { server, uri } => (server, uri),
+            Resolved::Ambiguous => {
+                return Reply::error(
+                    code::RESOURCE_NOT_FOUND,
+                    &format!("Resource {uri} is listed by several servers: use the URI resources/list shows"),
+                );
+            }
+            Resolved::Unknown => {
+                return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
+            }
         };
         let Some(up) = self.instance(config, &server, &ctx.caller) else {
             return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
@@ -611,34 +613,54 @@ impl Gateway {
                         "resources/subscribe needs a session; use subscriptions/listen",
                     );
                 };
-                self.subscribe(&server, &up, session, &uri, &ctx.caller, req.id).await
+                self.subscribe(&server, &up, session, &own, &ctx.caller, req.id).await
             }
             "resources/unsubscribe" => {
                 if let Some(session) = &ctx.caller.session
-                    && session.unsubscribe(&uri)
+                    && session.unsubscribe(&server, &own)
                 {
-                    self.release_subscription(&server, &uri).await;
+                    self.release_subscription(&server, &own).await;
                 }
                 Reply::owned("{}".into(), false)
             }
-            _ => match up.call(req.method, req.params, &[], &ctx.caller, req.id).await {
-                Ok(r) => r,
-                Err(e) => e.to_reply(),
-            },
+            _ => {
+                let quoted = jsonrpc::quote(&own);
+                let edits: &[(&str, &str)] = if own == uri { &[] } else { &[("uri", &quoted)] };
+                match up.call(req.method, req.params, edits, &ctx.caller, req.id).await {
+                    Ok(r) => self.show_uris(ctx, &server, r),
+                    Err(e) => e.to_reply(),
+                }
+            }
         }
     }
 
-    /// The server owning a URI (the endpoint's own server, else by the resource index).
-    async fn resolve_uri(&self, config: &Config, ctx: &Ctx, uri: &str) -> Option<String> {
-        match &ctx.scope {
-            Scope::One(s) => Some(s.clone()),
-            Scope::All => match self.find_resource(uri, &ctx.scope) {
-                Some(s) => Some(s),
-                None => {
-                    self.refresh_resource_index(config, ctx).await;
-                    self.find_resource(uri, &ctx.scope)
-                }
-            },
+    /// The owner of a URI a client wrote, and the owner's own URI: the endpoint's own server
+    /// as is, else by the resource index (refreshed once when it does not know the URI).
+    async fn resolve_uri(&self, config: &Config, ctx: &Ctx, uri: &str) -> Resolved {
+        if let Scope::One(s) = &ctx.scope {
+            return Resolved::Found { server: s.clone(), uri: uri.to_owned() };
+        }
+        match self.resources.resolve(uri, &ctx.scope) {
+            Resolved::Unknown => {
+                self.refresh_resource_index(config, ctx).await;
+                self.resources.resolve(uri, &ctx.scope)
+            }
+            found => found,
+        }
+    }
+
+    /// Rewrites the colliding URIs in a result for aggregate clients (see `mcp::resources`).
+    fn show_uris(&self, ctx: &Ctx, server: &str, reply: Reply) -> Reply {
+        if ctx.scope != Scope::All || reply.is_error {
+            return reply;
+        }
+        match self.resources.rewrite_result(server, reply.payload_str()) {
+            Some(rewritten) => {
+                let mut r = Reply::owned(rewritten, false);
+                r.modern = reply.modern;
+                r
+            }
+            None => reply,
         }
     }
 
@@ -653,7 +675,7 @@ impl Gateway {
         caller: &Caller,
         down_id: Option<&str>,
     ) -> Reply {
-        if !session.subscribe(uri) {
+        if !session.subscribe(server, uri) {
             return Reply::owned("{}".into(), false);
         }
         let first = {
@@ -707,13 +729,14 @@ impl Gateway {
         let (tx, rx) = mpsc::channel(256);
         session.attach_stream(tx);
         self.add_session(session.clone());
-        let caller = Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None };
+        let caller =
+            Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
         let config = self.config();
         let mut honoured = Vec::new();
         for uri in uris {
-            let Some(server) = self.resolve_uri(&config, ctx, &uri).await else { continue };
+            let Resolved::Found { server, uri: own } = self.resolve_uri(&config, ctx, &uri).await else { continue };
             let Some(up) = self.instance(&config, &server, &caller) else { continue };
-            if !self.subscribe(&server, &up, &session, &uri, &caller, None).await.is_error {
+            if !self.subscribe(&server, &up, &session, &own, &caller, None).await.is_error {
                 honoured.push(uri);
             }
         }
@@ -782,8 +805,13 @@ impl Gateway {
             }
             (Some("ref/resource"), Scope::All) => {
                 let uri = r.get_str("uri").unwrap_or_default();
-                let s = self.find_resource(&uri, &ctx.scope);
-                (s, None)
+                match self.resources.resolve(&uri, &ctx.scope) {
+                    Resolved::Found { server, uri: own } if own != uri => {
+                        (Some(server), Some(r.to_json_with(&[("uri", &jsonrpc::quote(&own))])))
+                    }
+                    Resolved::Found { server, .. } => (Some(server), None),
+                    _ => (None, None),
+                }
             }
             _ => (None, None),
         };
@@ -802,7 +830,7 @@ impl Gateway {
     /// applied upstream: as is on the session's own instances, and on a shared one as the most
     /// verbose level any of its sessions wants (a session that never set one wants everything),
     /// so no session's choice reaches another's stream.
-    fn set_level(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
+    async fn set_level(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
         let level = req.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("level"));
         let Some(rank) = level.as_deref().and_then(session::log_rank) else {
             return Reply::error(
@@ -813,15 +841,17 @@ impl Gateway {
         // A 2026-07-28 caller states its level in each request's `_meta`; nothing to keep.
         let Some(s) = &ctx.caller.session else { return Reply::owned("{}".into(), false) };
         s.set_log_level(rank);
+        let mut updates = Vec::new();
         for def in self.servers_in_scope(config, &ctx.scope) {
             if def.share == Share::PerSession {
                 if let Some(up) = self.instance(config, &def.name, &ctx.caller) {
-                    up.set_log_level(rank);
+                    updates.push((up, rank));
                 }
             } else if let Some(up) = self.upstream(&def.name) {
-                up.set_log_level(self.shared_log_level(&def.name).unwrap_or(rank));
+                updates.push((up, self.shared_log_level(&def.name).unwrap_or(rank)));
             }
         }
+        join_all(updates.iter().map(|(up, rank)| up.set_log_level(*rank))).await;
         Reply::owned("{}".into(), false)
     }
 
@@ -894,8 +924,7 @@ impl Hub for Gateway {
             &[method][..]
         };
         if method.is_empty() || method == "notifications/resources/list_changed" {
-            lock(&self.resource_index).retain(|_, s| s != server);
-            lock(&self.templates).retain(|(s, _)| s != server);
+            self.resources.forget(server);
         }
         for m in methods {
             let msg = Bytes::from(jsonrpc::notification(m, None));
@@ -906,8 +935,24 @@ impl Hub for Gateway {
     fn resource_updated(&self, server: &str, params: &RawValue) {
         let Some(uri) = RawObject::parse(params).ok().and_then(|o| o.get_str("uri")) else { return };
         let method = "notifications/resources/updated";
-        let msg = Bytes::from(jsonrpc::notification(method, Some(params.get())));
-        self.broadcast(server, method, &msg, |s| s.is_subscribed(&uri));
+        let own = Bytes::from(jsonrpc::notification(method, Some(params.get())));
+        let shown = match self.resources.show(server, &uri) {
+            std::borrow::Cow::Owned(shown) => RawObject::parse(params)
+                .map(|o| {
+                    Bytes::from(jsonrpc::notification(
+                        method,
+                        Some(&o.to_json_with(&[("uri", &jsonrpc::quote(&shown))])),
+                    ))
+                })
+                .unwrap_or_else(|_| own.clone()),
+            std::borrow::Cow::Borrowed(_) => own.clone(),
+        };
+        let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
+        for s in sessions {
+            if s.scope.includes(server) && s.is_subscribed(server, &uri) {
+                s.notify_change(method, if s.scope == Scope::All { &shown } else { &own });
+            }
+        }
     }
 }
 

@@ -111,7 +111,7 @@ pub struct Session {
     client_requests: Mutex<HashMap<u64, ClientRequestRoute>>,
     inflight: Mutex<HashMap<Box<str>, InflightCall>>,
     per_session: Mutex<HashMap<String, Arc<Upstream>>>,
-    subscriptions: Mutex<HashSet<String>>,
+    subscriptions: Mutex<HashSet<(String, String)>>,
     capabilities: Mutex<Option<Box<str>>>,
     /// 0 while unset, else the `logging/setLevel` level's rank + 1.
     log_level: AtomicU8,
@@ -257,19 +257,24 @@ impl Session {
         lock(&self.per_session).drain().map(|(_, v)| v).collect()
     }
 
-    /// Records a resource subscription; true if new.
-    pub fn subscribe(&self, uri: &str) -> bool {
-        lock(&self.subscriptions).insert(uri.to_owned())
+    /// Records a subscription to a server's resource (its own URI); true if new.
+    pub fn subscribe(&self, server: &str, uri: &str) -> bool {
+        lock(&self.subscriptions).insert((server.to_owned(), uri.to_owned()))
     }
 
-    /// Removes a resource subscription; true if it existed.
-    pub fn unsubscribe(&self, uri: &str) -> bool {
-        lock(&self.subscriptions).remove(uri)
+    /// Removes a subscription; true if it existed.
+    pub fn unsubscribe(&self, server: &str, uri: &str) -> bool {
+        lock(&self.subscriptions).remove(&(server.to_owned(), uri.to_owned()))
     }
 
-    /// Whether the session subscribed to a URI.
-    pub fn is_subscribed(&self, uri: &str) -> bool {
-        lock(&self.subscriptions).contains(uri)
+    /// Whether the session subscribed to a server's resource.
+    pub fn is_subscribed(&self, server: &str, uri: &str) -> bool {
+        lock(&self.subscriptions).iter().any(|(s, u)| s == server && u == uri)
+    }
+
+    /// Every (server, URI) the session subscribed to.
+    pub fn subscriptions(&self) -> Vec<(String, String)> {
+        lock(&self.subscriptions).iter().cloned().collect()
     }
 
     /// Ends the session: closes its stream and drops its routes.
@@ -293,6 +298,8 @@ pub struct Caller {
     /// Where server-to-client requests go for a caller without a back-channel (a 2026-07-28
     /// call waiting on a session-era upstream); they become an `InputRequiredResult`.
     pub asks: Option<mpsc::Sender<crate::mcp::upstream::Ask>>,
+    /// The request's `Mcp-Param-*` headers, forwarded to a 2026-07-28 upstream as they are.
+    pub forward: Option<crate::mcp::upstream::http::ForwardHeaders>,
 }
 
 impl Caller {

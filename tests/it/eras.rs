@@ -169,3 +169,18 @@ async fn modern_client_answers_sampling_for_a_session_upstream_by_retrying() {
     assert_eq!(again.response["error"]["code"], -32602);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn mcp_param_headers_reach_a_modern_upstream() {
+    let up = http_demo(&[]).await;
+    let gw = gateway().remote("m", &up.url, "").start().await;
+    let client = Client::modern(&gw.mcp());
+    let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{
+        "name":"m__echo","arguments":{"text":"x","region":"eu"},
+        "_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}});
+    let resp = client.request_builder(&body).header("Mcp-Param-Region", "eu").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let stats: Value = serde_json::from_str(&client.call_text("m__stats", json!({})).await).unwrap();
+    assert_eq!(stats["param_headers"], json!({"mcp-param-region": "eu"}));
+    gw.stop().await;
+}

@@ -338,7 +338,13 @@ async fn post(
     };
     let ctx = Ctx {
         scope,
-        caller: Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None },
+        caller: Caller {
+            session: Some(session.clone()),
+            related: None,
+            cancel_on_drop: false,
+            asks: None,
+            forward: None,
+        },
         protocol_version: session.protocol_version.clone(),
     };
     match env.kind {
@@ -380,7 +386,8 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>) -> Respo
     if let Some(caps) = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities")) {
         session.set_capabilities(caps.get());
     }
-    let caller = Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None };
+    let caller =
+        Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
     let result = gw.initialize_result(&scope, version, &caller).await;
     gw.add_session(session.clone());
     let id = env.id.map_or("null", RawValue::get);
@@ -470,7 +477,13 @@ async fn modern_post(
     }
     let ctx = Ctx {
         scope,
-        caller: Caller { session: None, related: None, cancel_on_drop: true, asks: None },
+        caller: Caller {
+            session: None,
+            related: None,
+            cancel_on_drop: true,
+            asks: None,
+            forward: param_headers(headers),
+        },
         protocol_version: version,
     };
     if env.method() == "subscriptions/listen" {
@@ -525,6 +538,16 @@ impl Drop for EndSession {
             rt.spawn(async move { gw.end_session(&id).await });
         }
     }
+}
+
+/// The `Mcp-Param-*` headers of a request (mirrored tool arguments), to forward upstream.
+fn param_headers(headers: &HeaderMap) -> Option<crate::mcp::upstream::http::ForwardHeaders> {
+    let found: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(k, _)| k.as_str().starts_with("mcp-param-"))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    (!found.is_empty()).then(|| found.into())
 }
 
 /// Decodes an `Mcp-Name`-style header value (`=?base64?…?=` or plain).
@@ -649,7 +672,13 @@ async fn batch(
     }
     let ctx = Ctx {
         scope,
-        caller: Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None },
+        caller: Caller {
+            session: Some(session.clone()),
+            related: None,
+            cancel_on_drop: false,
+            asks: None,
+            forward: None,
+        },
         protocol_version: session.protocol_version.clone(),
     };
     let futs = items.iter().map(|item| {

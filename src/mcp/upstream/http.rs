@@ -301,13 +301,20 @@ impl HttpLink {
         true
     }
 
-    pub(crate) fn send(self: &Arc<Self>, msg: Bytes, id: Option<u64>) -> Result<(), String> {
+    /// Sends a message; `forward` are the caller's `Mcp-Param-*` headers, passed on to a
+    /// 2026-07-28 server (intermediaries must forward what they do not interpret).
+    pub(crate) fn send(
+        self: &Arc<Self>,
+        msg: Bytes,
+        id: Option<u64>,
+        forward: Option<ForwardHeaders>,
+    ) -> Result<(), String> {
         if self.closed.is_cancelled() {
             return Err("the connection is closed".into());
         }
         let this = self.clone();
         let run = async move {
-            this.post(msg, id).await;
+            this.post(msg, id, forward).await;
             if let Some(id) = id {
                 lock(&this.tasks).remove(&id);
             }
@@ -335,7 +342,7 @@ impl HttpLink {
         );
     }
 
-    fn request(&self, msg: Bytes) -> Result<reqwest::RequestBuilder, String> {
+    fn request(&self, msg: Bytes, forward: Option<ForwardHeaders>) -> Result<reqwest::RequestBuilder, String> {
         let (url, msg) = match &self.mode {
             Mode::Sse { post_url } => (post_url.clone(), msg),
             Mode::Modern => (self.url.clone(), msg),
@@ -353,6 +360,9 @@ impl HttpLink {
             if let Some(name) = name {
                 req = req.header("mcp-name", name);
             }
+            for (k, v) in forward.iter().flat_map(|f| f.iter()) {
+                req = req.header(k.as_str(), v.as_str());
+            }
             return Ok(req.body(msg));
         }
         if matches!(self.mode, Mode::Streamable) {
@@ -366,8 +376,8 @@ impl HttpLink {
         Ok(req.body(msg))
     }
 
-    async fn post(self: &Arc<Self>, msg: Bytes, id: Option<u64>) {
-        let req = match self.request(msg) {
+    async fn post(self: &Arc<Self>, msg: Bytes, id: Option<u64>, forward: Option<ForwardHeaders>) {
+        let req = match self.request(msg, forward) {
             Ok(r) => r,
             Err(e) => return self.fail(id, &e),
         };
@@ -579,6 +589,9 @@ impl HttpLink {
 
 /// Adds the 2026-07-28 per-request `_meta` fields and returns the body with its `Mcp-Method`
 /// and `Mcp-Name` header values.
+/// Headers a client sent that go upstream as they are (`Mcp-Param-*`).
+pub type ForwardHeaders = Arc<[(String, String)]>;
+
 fn modernize(msg: &[u8]) -> Result<(Bytes, String, Option<String>), String> {
     let env = Envelope::parse(msg).map_err(|e| e.to_string())?;
     let method = env.method().to_owned();

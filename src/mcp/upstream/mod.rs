@@ -164,9 +164,18 @@ enum Link {
 
 impl Link {
     fn send(&self, msg: Bytes, id: Option<u64>) -> Result<(), String> {
+        self.send_forwarding(msg, id, None)
+    }
+
+    fn send_forwarding(
+        &self,
+        msg: Bytes,
+        id: Option<u64>,
+        forward: Option<http::ForwardHeaders>,
+    ) -> Result<(), String> {
         match self {
             Link::Stdio(l) => l.send(msg),
-            Link::Http(l) => l.send(msg, id),
+            Link::Http(l) => l.send(msg, id, forward),
         }
     }
 
@@ -700,7 +709,7 @@ impl Upstream {
         if let (Some(s), Some(d)) = (&caller.session, down_id) {
             s.track(d, self.clone(), id);
         }
-        if let Err(reason) = conn.link.send(Bytes::from(msg), Some(id)) {
+        if let Err(reason) = conn.link.send_forwarding(Bytes::from(msg), Some(id), caller.forward.clone()) {
             lock(&self.pending).remove(&id);
             if let (Some(s), Some(d)) = (&caller.session, down_id) {
                 s.untrack(d);
@@ -833,13 +842,17 @@ impl Upstream {
     /// Sets the log level this instance should send at (`logging/setLevel`), now if connected
     /// with a session-era server and again after every reconnect. 2026-07-28 servers take the
     /// level per request instead.
-    pub fn set_log_level(&self, rank: u8) {
+    /// Returns once the server has answered (or failed to).
+    pub async fn set_log_level(self: &Arc<Self>, rank: u8) {
         let previous = self.log_level.swap(rank.saturating_add(1), Ordering::Relaxed);
         if let Some(conn) = self.connection()
             && conn.info.protocol_version != MODERN_VERSION
             && previous != rank.saturating_add(1)
         {
-            self.send_log_level(&conn.link, rank);
+            let params = jsonrpc::raw(format!(r#"{{"level":"{}"}}"#, session::LOG_LEVELS[usize::from(rank)]));
+            if let Err(e) = self.call("logging/setLevel", Some(&params), &[], &Caller::default(), None).await {
+                tracing::debug!(server = %self.def.name, error = %e, "logging/setLevel failed");
+            }
         }
     }
 
