@@ -67,6 +67,10 @@ pub enum Command {
         /// The name it reports in serverInfo.
         #[arg(long, default_value = "portcullis-demo")]
         name: String,
+        /// HTTP: speak only the session-based era (refuse 2026-07-28 requests, as pre-2026
+        /// servers do).
+        #[arg(long)]
+        session_only: bool,
     },
 }
 

@@ -34,6 +34,8 @@ pub struct Options {
     pub page_size: Option<usize>,
     /// serverInfo name.
     pub name: String,
+    /// HTTP: refuse 2026-07-28 requests (a session-era-only server).
+    pub session_only: bool,
 }
 
 struct Demo {
@@ -52,6 +54,10 @@ struct Demo {
     log_level: Mutex<Option<String>>,
     /// The `Mcp-Param-*` headers of the last HTTP request (reported by `stats`).
     param_headers: Mutex<serde_json::Map<String, Value>>,
+    /// Results of `drop_stream` calls by event id, for resumption with `Last-Event-ID`.
+    resumable: Mutex<HashMap<String, tokio::sync::watch::Receiver<Option<String>>>>,
+    /// GET requests that resumed a stream.
+    resumes: AtomicU64,
 }
 
 type Out = mpsc::UnboundedSender<String>;
@@ -70,6 +76,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         watchers: Mutex::new(Vec::new()),
         log_level: Mutex::new(None),
         param_headers: Mutex::new(serde_json::Map::new()),
+        resumable: Mutex::new(HashMap::new()),
+        resumes: AtomicU64::new(0),
     });
     match opts.http {
         Some(addr) => serve_http(demo, addr).await,
@@ -355,6 +363,11 @@ impl Demo {
                 }
                 text(format!("logged at {level}"))
             }
+            "forget_sessions" => {
+                // The next request of every session gets 404, as after a server restart.
+                lock(&self.sessions).clear();
+                text("forgotten".into())
+            }
             "link" => {
                 let uri = args.get("uri").and_then(Value::as_str).unwrap_or("demo://info");
                 Ok(json!({"content":[
@@ -386,6 +399,8 @@ impl Demo {
                 "calls": self.calls.load(Ordering::Relaxed),
                 "log_level": lock(&self.log_level).clone(),
                 "param_headers": lock(&self.param_headers).clone(),
+                "resumes": self.resumes.load(Ordering::Relaxed),
+                "sessions": lock(&self.sessions).len(),
                 "pid": std::process::id(),
             }).to_string()}]})),
             other => Err((-32602, format!("Unknown tool: {other}"))),
@@ -399,6 +414,8 @@ fn tools() -> Vec<Value> {
         json!({"name":"echo","description":"Echoes text","inputSchema":obj(json!({"text":{"type":"string"}}))}),
         json!({"name":"log","description":"Sends a log message at a level","inputSchema":obj(json!({"level":{"type":"string"},"text":{"type":"string"}}))}),
         json!({"name":"link","description":"Returns a link to a resource and the resource embedded","inputSchema":obj(json!({"uri":{"type":"string"}}))}),
+        json!({"name":"forget_sessions","description":"Ends every HTTP session (their next request gets 404)","inputSchema":obj(json!({}))}),
+        json!({"name":"drop_stream","description":"HTTP: closes the response stream after a priming event; the result waits for a resume","inputSchema":obj(json!({"ms":{"type":"integer"}}))}),
         json!({"name":"touch","description":"Announces that a resource changed","inputSchema":obj(json!({"uri":{"type":"string"}}))}),
         json!({"name":"add","description":"Adds two numbers","inputSchema":obj(json!({"a":{"type":"number"},"b":{"type":"number"}}))}),
         json!({"name":"sleep","description":"Sleeps ms milliseconds","inputSchema":obj(json!({"ms":{"type":"integer"}}))}),
@@ -428,8 +445,13 @@ fn json_response(status: StatusCode, body: String) -> Response {
 async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: HeaderMap, body: Body) -> Response {
     let modern = headers.get("mcp-protocol-version").and_then(|v| v.to_str().ok()) == Some("2026-07-28");
     let sid = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if modern && demo.opts.session_only {
+        // What a pre-2026 server says to a 2026-07-28 probe: a plain 400 without a modern error.
+        return StatusCode::BAD_REQUEST.into_response();
+    }
     match method {
         Method::POST => {}
+        Method::GET if headers.contains_key("last-event-id") => return resume(&demo, &headers).await,
         Method::DELETE => {
             if let Some(s) = sid {
                 lock(&demo.sessions).remove(&s);
@@ -480,6 +502,9 @@ async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: Header
             r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32601,"message":"Method not found"}}"#.into(),
         );
     }
+    if !modern && method_name == "tools/call" && msg.pointer("/params/name") == Some(&json!("drop_stream")) {
+        return drop_stream(&demo, &msg);
+    }
     if !is_request {
         let (tx, _rx) = mpsc::unbounded_channel();
         demo.dispatch(msg, &tx).await;
@@ -512,4 +537,41 @@ async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: Header
         resp.headers_mut().insert("mcp-session-id", id);
     }
     resp
+}
+
+/// `drop_stream`: answers with an SSE stream that carries only a priming event (an id and a
+/// short `retry`) and ends; the result is kept for a GET with `Last-Event-ID` (SEP-1699 polling).
+fn drop_stream(demo: &Arc<Demo>, msg: &Value) -> Response {
+    let event_id = format!("drop-{}", demo.next_id.fetch_add(1, Ordering::Relaxed));
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    lock(&demo.resumable).insert(event_id.clone(), rx);
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let ms = msg.pointer("/params/arguments/ms").and_then(Value::as_u64).unwrap_or(100);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let result = json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"resumed"}]}});
+        let _ = tx.send(Some(result.to_string()));
+    });
+    let priming = format!("id: {event_id}\nretry: 50\ndata: \n\n");
+    let stream = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(priming))]);
+    crate::mcp::downstream::http::sse_response(stream, None)
+}
+
+/// A GET with `Last-Event-ID`: the rest of a dropped stream (its result), then the end.
+async fn resume(demo: &Arc<Demo>, headers: &HeaderMap) -> Response {
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(mut rx) = lock(&demo.resumable).get(last).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    demo.resumes.fetch_add(1, Ordering::Relaxed);
+    let Ok(Ok(result)) =
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some)).await.map(|r| r.map(|v| v.clone()))
+    else {
+        return StatusCode::GATEWAY_TIMEOUT.into_response();
+    };
+    let event = crate::mcp::sse::message(result.unwrap_or_default().as_bytes(), Some(&format!("{last}-done")));
+    crate::mcp::downstream::http::sse_response(
+        futures_util::stream::iter([Ok::<_, std::convert::Infallible>(event)]),
+        None,
+    )
 }

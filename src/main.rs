@@ -27,10 +27,10 @@ fn main() -> anyhow::Result<()> {
             let rt = rt.enable_all().build()?;
             rt.block_on(cli::serve(config, listen, test_panic_after))
         }
-        Command::DemoServer { http, page_size, name } => {
+        Command::DemoServer { http, page_size, name, session_only } => {
             cli::init_logging(cli::LogFormat::Text);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(portcullis::demo::run(portcullis::demo::Options { http, page_size, name }))
+            rt.block_on(portcullis::demo::run(portcullis::demo::Options { http, page_size, name, session_only }))
         }
     }
 }

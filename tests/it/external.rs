@@ -85,18 +85,25 @@ async fn python_sdk_client_in_both_eras() {
 
 /// Starts server-everything over streamable HTTP, pinned to 127.0.0.1 by a preload.
 async fn everything_http() -> (Child, String) {
+    let (child, base) = everything("streamableHttp", 0).await;
+    (child, format!("{base}/mcp"))
+}
+
+/// Starts server-everything with a transport (`streamableHttp`, `sse`) on a port (0: any);
+/// returns the process and its base URL.
+async fn everything(transport: &str, port: u16) -> (Child, String) {
     let mut child = Command::new(node())
         .args(["--require", &fixture("loopback.cjs")])
         .arg(node_module("@modelcontextprotocol/server-everything/dist/index.js"))
-        .arg("streamableHttp")
-        .env("PORT", "0")
+        .arg(transport)
+        .env("PORT", port.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let url = listen_url(&mut child).await;
-    (child, format!("{url}/mcp"))
+    (child, url)
 }
 
 #[tokio::test]
@@ -184,5 +191,50 @@ async fn conformance_suite_same_through_portcullis_as_direct() {
     assert!(direct.values().all(|(p, f)| *p > 0 && *f == 0), "the fixture fails directly:\n{table}");
     assert_eq!(direct.keys().collect::<Vec<_>>(), through.keys().collect::<Vec<_>>(), "{table}");
     assert!(through.values().all(|(p, f)| *p > 0 && *f == 0), "a scenario fails through Portcullis:\n{table}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn server_everything_as_legacy_sse_upstream_fails_fast_and_reconnects() {
+    let (mut sse_child, base) = everything("sse", 0).await;
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let gw = gateway().remote("evs", &format!("{base}/sse"), "transport: sse").start().await;
+    let client = Client::connect(&gw.mcp()).await;
+    eventually(std::time::Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { client.all_tools().await.contains(&"evs__echo".to_owned()).then_some(()) }
+    })
+    .await;
+    assert_eq!(client.call_text("evs__echo", json!({"message": "over sse"})).await, "Echo: over sse");
+
+    // A call in flight when the SSE stream drops gets an error at once, naming the server.
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { client.call("evs__trigger-long-running-operation", json!({"duration": 60, "steps": 60})).await }
+    });
+    let up = gw.gateway().upstream("evs").unwrap();
+    eventually(std::time::Duration::from_secs(10), || {
+        let up = up.clone();
+        async move { (up.in_flight() == 1).then_some(()) }
+    })
+    .await;
+    let dropped = std::time::Instant::now();
+    sse_child.kill().await.unwrap();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), slow).await.unwrap().unwrap();
+    assert!(dropped.elapsed() < std::time::Duration::from_secs(5));
+    let message = answer.response["error"]["message"].as_str().unwrap_or_else(|| panic!("{:?}", answer.response));
+    assert!(message.contains("evs"), "{message}");
+
+    // The server comes back on the same address: the next call re-initializes and works.
+    let (_again, _) = everything("sse", port).await;
+    let echoed = eventually(std::time::Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let a = client.call("evs__echo", json!({"message": "again"})).await;
+            a.response["result"]["content"][0]["text"].as_str().map(str::to_owned)
+        }
+    })
+    .await;
+    assert_eq!(echoed, "Echo: again");
     gw.stop().await;
 }

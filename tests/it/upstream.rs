@@ -1,11 +1,11 @@
 //! Upstream behaviour: concurrency over a shared child, crashes, the breaker, timeouts,
-//! cancellation, sampling in per-session children.
+//! cancellation, sampling in per-session children, session-based HTTP (resume, 404), legacy SSE.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Client, eventually, gateway};
+use crate::support::{Client, eventually, gateway, http_demo};
 
 /// Waits until the demo server `server` reports a number of calls in flight (not counting the
 /// stats call itself) that satisfies `pred`.
@@ -163,5 +163,28 @@ async fn sampling_round_trip_reaches_only_its_caller_in_per_session_children() {
         pids.push(t.await.unwrap());
     }
     assert_ne!(pids[0], pids[1]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn session_http_upstream_resumes_dropped_streams_and_survives_404() {
+    let up = http_demo(&["--session-only"]).await;
+    let gw = gateway().remote("s", &up.url, "").start().await;
+    let client = Client::connect(&gw.mcp()).await;
+    assert_eq!(client.call_text("s__echo", json!({"text": "over a session"})).await, "over a session");
+    let stats =
+        |c: Client| async move { serde_json::from_str::<Value>(&c.call_text("s__stats", json!({})).await).unwrap() };
+    assert_eq!(stats(client.clone()).await["sessions"], 1, "Portcullis holds one session upstream");
+
+    // The server closes the response stream after a priming event; Portcullis resumes it with
+    // GET + Last-Event-ID after `retry` and the result arrives.
+    assert_eq!(client.call_text("s__drop_stream", json!({"ms": 100})).await, "resumed");
+    assert_eq!(stats(client.clone()).await["resumes"], 1);
+
+    // The server forgets its sessions: the next call meets 404, Portcullis re-initializes and
+    // sends it again, so the caller sees only the answer.
+    assert_eq!(client.call_text("s__forget_sessions", json!({})).await, "forgotten");
+    assert_eq!(client.call_text("s__echo", json!({"text": "after 404"})).await, "after 404");
+    assert_eq!(stats(client.clone()).await["sessions"], 1);
     gw.stop().await;
 }

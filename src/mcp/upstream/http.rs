@@ -395,7 +395,7 @@ impl HttpLink {
             }
             if status == StatusCode::NOT_FOUND && lock(&self.session_id).is_some() {
                 tracing::info!(server = %self.name, "upstream session expired; re-initializing");
-                self.fail(id, "the upstream session expired; it is being re-initialized, retry the request");
+                self.fail(id, super::SESSION_EXPIRED);
                 self.closed.cancel();
                 return;
             }

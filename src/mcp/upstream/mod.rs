@@ -40,6 +40,9 @@ pub const UPSTREAM_HANDSHAKE_VERSION: &str = "2025-11-25";
 pub const LOG_LEVEL_META: &str = "io.modelcontextprotocol/logLevel";
 /// `_meta` key of a 2026-07-28 request's client capabilities.
 pub const CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
+/// The error a request gets when its session-based HTTP upstream answered 404 (the server
+/// forgot the session): it was not processed, so the call is sent again once reconnected.
+const SESSION_EXPIRED: &str = "the upstream session expired; it is being re-initialized";
 /// The modern (stateless) protocol version.
 pub const MODERN_VERSION: &str = "2026-07-28";
 
@@ -570,7 +573,9 @@ impl Upstream {
         loop {
             {
                 let s = rx.borrow_and_update();
-                if let Some(c) = &s.conn {
+                // A connection that has just ended is still published until the supervisor
+                // notices; wait for its successor instead.
+                if let Some(c) = s.conn.as_ref().filter(|c| !c.closed.is_cancelled()) {
                     return Ok(c.clone());
                 }
                 let unavailable = |reason: String| UpstreamError::Unavailable { server: self.def.name.clone(), reason };
@@ -648,6 +653,28 @@ impl Upstream {
     }
 
     async fn call_once(
+        self: &Arc<Self>,
+        method: &str,
+        params: Option<&RawValue>,
+        edits: &[(&str, &str)],
+        caller: &Caller,
+        down_id: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Reply, UpstreamError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let reply = self.wait_once(method, params, edits, caller, down_id, deadline).await?;
+            // A 404 from a session-based server means it never saw the request: send it again
+            // on the new session (once).
+            if attempts == 1 && reply.is_error && reply.payload_str().contains(SESSION_EXPIRED) {
+                continue;
+            }
+            return Ok(reply);
+        }
+    }
+
+    async fn wait_once(
         self: &Arc<Self>,
         method: &str,
         params: Option<&RawValue>,
@@ -889,6 +916,11 @@ impl Upstream {
         if let Some(conn) = self.connection() {
             let _ = conn.link.send(Bytes::from(jsonrpc::with_id(env, upstream_id)), None);
         }
+    }
+
+    /// How many requests are waiting for their answers.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.pending).len()
     }
 
     /// Whether a request is still waiting for its answer.
