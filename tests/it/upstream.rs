@@ -188,3 +188,21 @@ async fn session_http_upstream_resumes_dropped_streams_and_survives_404() {
     assert_eq!(stats(client.clone()).await["sessions"], 1);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_modern_disconnect_cancels_upstream_and_a_session_disconnect_does_not() {
+    let gw = gateway().demo("d", &[], "").start().await;
+    let legacy = Client::connect(&gw.mcp()).await;
+    let modern = Client::modern(&gw.mcp());
+    let watcher = Client::connect(&gw.mcp()).await;
+
+    let long = |c: Client| tokio::spawn(async move { c.call("d__sleep", json!({"ms": 60_000})).await });
+    let first = long(legacy);
+    wait_in_flight(&watcher, "d", |n| n == 1).await;
+    first.abort(); // the 2025-era client goes away: its call keeps running upstream
+    let second = long(modern);
+    wait_in_flight(&watcher, "d", |n| n == 2).await;
+    second.abort(); // the 2026-07-28 client closes its request: that is a cancellation
+    wait_in_flight(&watcher, "d", |n| n == 1).await;
+    gw.stop().await;
+}
