@@ -49,6 +49,13 @@ pub enum Command {
         /// child process outlives a crash of the gateway.
         #[arg(long, hide = true)]
         test_panic_after: Option<String>,
+        /// Create a random token for this run, print it once to stderr, and accept it (admin).
+        #[arg(long)]
+        generate_token: bool,
+        /// Serve on a non-loopback address without any credential configured (warned at every
+        /// start). Without it, Portcullis refuses to.
+        #[arg(long)]
+        allow_unauthenticated: bool,
     },
     /// Validate a config file: every error with its path and line; a summary per server.
     Check {
@@ -125,11 +132,65 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// Runs the gateway until SIGTERM/SIGINT.
-pub async fn serve(mut config: Config, listen: Option<SocketAddr>, panic_after: Option<String>) -> anyhow::Result<()> {
-    if let Some(l) = listen {
+/// How `serve` treats credentials.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--test-panic-after`.
+    pub panic_after: Option<String>,
+    /// `--generate-token`.
+    pub generate_token: bool,
+    /// `--allow-unauthenticated`.
+    pub allow_unauthenticated: bool,
+}
+
+/// A new random token: `pcs_` and 43 characters of base64url from 32 bytes of OS randomness.
+pub fn new_token() -> anyhow::Result<String> {
+    use base64::Engine;
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
+    Ok(format!("pcs_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)))
+}
+
+/// Adds the `--generate-token` token and enforces the no-credentials rule.
+fn apply_credentials(config: &mut Config, opts: &ServeOptions) -> anyhow::Result<()> {
+    if opts.generate_token {
+        let token = new_token()?;
+        // Straight to stderr, once: never through the log, which may be kept.
+        eprintln!("portcullis: token for this run (shown once): {token}");
+        config.auth.tokens.push(crate::auth::TokenDef {
+            name: "generated".into(),
+            digest: crate::auth::digest(&token),
+            role: crate::auth::Role::Admin,
+            tenant: None,
+            grants: crate::authz::Grants::all(),
+            expires: None,
+            rate: None,
+        });
+    }
+    if config.auth.tokens.is_empty() && !config.listen.ip().is_loopback() {
+        if !opts.allow_unauthenticated {
+            anyhow::bail!(
+                "refusing to serve {} without credentials: set PORTCULLIS_TOKEN, add auth.tokens, use \
+                 --generate-token, or pass --allow-unauthenticated",
+                config.listen
+            );
+        }
+        tracing::warn!(listen = %config.listen, "serving WITHOUT authentication on a non-loopback address (--allow-unauthenticated)");
+    }
+    Ok(())
+}
+
+/// Runs the gateway until SIGTERM/SIGINT; SIGHUP reloads the config file.
+pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()> {
+    if let Some(l) = opts.listen {
         config.listen = l;
     }
+    apply_credentials(&mut config, &opts)?;
+    let generated: Vec<crate::auth::TokenDef> =
+        config.auth.tokens.iter().filter(|t| t.name == "generated" && opts.generate_token).cloned().collect();
+    let panic_after = opts.panic_after.clone();
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -141,13 +202,32 @@ pub async fn serve(mut config: Config, listen: Option<SocketAddr>, panic_after: 
         Some(p) => tracing::info!(config = %p.display(), servers = config.servers.len(), "config loaded"),
         None => tracing::info!("no config file; running the built-in demo configuration"),
     }
+    let source = config.source.clone();
     let gateway = crate::mcp::gateway::Gateway::start(config);
-    let running = crate::server::serve(listener, gateway).await?;
+    let running = crate::server::serve(listener, gateway.clone()).await?;
     tracing::info!("listening on http://{addr}/mcp");
     let trigger = running.trigger();
     let panic_delay = panic_after.map(|d| config::parse_duration(&d)).transpose().map_err(anyhow::Error::msg)?;
+    let reloads = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Some(path), Ok(mut hup)) = (source, signal(SignalKind::hangup())) else {
+            return std::future::pending::<()>().await;
+        };
+        while hup.recv().await.is_some() {
+            match config::load(&path) {
+                Ok(mut next) => {
+                    next.auth.tokens.extend(generated.iter().cloned());
+                    tracing::info!(config = %path.display(), "SIGHUP: reloading");
+                    gateway.reload(next).await;
+                }
+                // A bad file changes nothing: the running config stays.
+                Err(e) => tracing::error!("SIGHUP: config not reloaded: {e}"),
+            }
+        }
+    };
     tokio::select! {
         _ = crate::server::termination() => {}
+        _ = reloads => {}
         _ = async {
             match panic_delay {
                 Some(d) => tokio::time::sleep(d).await,

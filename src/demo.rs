@@ -58,6 +58,9 @@ struct Demo {
     resumable: Mutex<HashMap<String, tokio::sync::watch::Receiver<Option<String>>>>,
     /// GET requests that resumed a stream.
     resumes: AtomicU64,
+    /// Every HTTP header received (`name: value`), reported by `stats` so tests can prove what
+    /// reached an upstream.
+    seen_headers: Mutex<Vec<String>>,
 }
 
 type Out = mpsc::UnboundedSender<String>;
@@ -78,6 +81,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         param_headers: Mutex::new(serde_json::Map::new()),
         resumable: Mutex::new(HashMap::new()),
         resumes: AtomicU64::new(0),
+        seen_headers: Mutex::new(Vec::new()),
     });
     match opts.http {
         Some(addr) => serve_http(demo, addr).await,
@@ -400,6 +404,7 @@ impl Demo {
                 "log_level": lock(&self.log_level).clone(),
                 "param_headers": lock(&self.param_headers).clone(),
                 "resumes": self.resumes.load(Ordering::Relaxed),
+                "seen_headers": lock(&self.seen_headers).clone(),
                 "sessions": lock(&self.sessions).len(),
                 "pid": std::process::id(),
             }).to_string()}]})),
@@ -445,6 +450,15 @@ fn json_response(status: StatusCode, body: String) -> Response {
 async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: HeaderMap, body: Body) -> Response {
     let modern = headers.get("mcp-protocol-version").and_then(|v| v.to_str().ok()) == Some("2026-07-28");
     let sid = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    {
+        let mut seen = lock(&demo.seen_headers);
+        for (k, v) in &headers {
+            let line = format!("{k}: {}", v.to_str().unwrap_or("<binary>"));
+            if !seen.contains(&line) {
+                seen.push(line);
+            }
+        }
+    }
     if modern && demo.opts.session_only {
         // What a pre-2026 server says to a 2026-07-28 probe: a plain 400 without a modern error.
         return StatusCode::BAD_REQUEST.into_response();

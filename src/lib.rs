@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`config`]: the file format and its validation into an immutable runtime `Config`.
+//! - [`auth`]: who is asking (credentials, limits, refusals); [`authz`]: what they may reach;
+//!   [`audit`]: one record per request, in a sink no log filter silences.
 //! - [`mcp::jsonrpc`]: JSON-RPC envelopes over raw bytes (parse only what the gateway acts on).
 //! - [`mcp::upstream`]: the gateway as an MCP client: stdio children, streamable HTTP (both
 //!   eras) and HTTP+SSE, supervised with restart, backoff and a crash-loop breaker.
@@ -12,6 +14,9 @@
 //! - [`cli`]: the command line. [`demo`]: the bundled demo MCP server.
 #![forbid(unsafe_code)]
 
+pub mod audit;
+pub mod auth;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod demo;

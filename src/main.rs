@@ -17,7 +17,15 @@ fn main() -> anyhow::Result<()> {
     }));
     match args.command {
         Command::Check { config } => std::process::exit(cli::check(config)),
-        Command::Serve { config, listen, workers, log_format, test_panic_after } => {
+        Command::Serve {
+            config,
+            listen,
+            workers,
+            log_format,
+            test_panic_after,
+            generate_token,
+            allow_unauthenticated,
+        } => {
             cli::init_logging(log_format);
             let config = cli::load_config(config)?;
             let mut rt = tokio::runtime::Builder::new_multi_thread();
@@ -25,7 +33,9 @@ fn main() -> anyhow::Result<()> {
                 rt.worker_threads(n.max(1));
             }
             let rt = rt.enable_all().build()?;
-            rt.block_on(cli::serve(config, listen, test_panic_after))
+            let opts =
+                cli::ServeOptions { listen, panic_after: test_panic_after, generate_token, allow_unauthenticated };
+            rt.block_on(cli::serve(config, opts))
         }
         Command::DemoServer { http, page_size, name, session_only } => {
             cli::init_logging(cli::LogFormat::Text);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use axum::routing::{any, get};
@@ -36,18 +36,25 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .with_state(gw)
 }
 
-async fn aggregated(State(gw): State<Arc<Gateway>>, method: Method, headers: HeaderMap, body: Body) -> Response {
-    mcp_http::handle(gw, Scope::All, method, headers, body).await
+async fn aggregated(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    mcp_http::handle(gw, Scope::All, method, headers, body, peer).await
 }
 
 async fn one_server(
     State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
     method: Method,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    mcp_http::handle(gw, Scope::One(name), method, headers, body).await
+    mcp_http::handle(gw, Scope::One(name), method, headers, body, peer).await
 }
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
@@ -109,10 +116,11 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Res
     let done = tokio::spawn(async move {
         let signal = token.clone();
         let gw2 = gw.clone();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            signal.cancelled().await;
-            gw2.close_all_sessions();
-        });
+        let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                signal.cancelled().await;
+                gw2.close_all_sessions();
+            });
         let server = server.into_future();
         tokio::pin!(server);
         tokio::select! {

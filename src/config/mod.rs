@@ -7,6 +7,7 @@
 //! schema are errors, unknown keys in entries written for other clients (`mcpServers`, VS Code's
 //! `mcp.json`) are warnings.
 
+pub mod auth;
 pub mod env;
 
 use std::collections::BTreeMap;
@@ -72,6 +73,37 @@ pub struct RawConfig {
     /// VS Code `mcp.json` prompt inputs. Portcullis cannot prompt: referencing one is an error.
     #[serde(default)]
     pub inputs: Option<serde::de::IgnoredAny>,
+    /// Authentication: named tokens and their grants (see `docs/authentication.md`).
+    #[serde(default)]
+    pub auth: Option<auth::RawAuth>,
+    /// MCP Front's `proxy` block; its `auth` is read as `auth`.
+    #[serde(default)]
+    pub proxy: Option<auth::RawProxy>,
+    /// Open MCP Gateway's single key: one admin token for everything.
+    #[serde(default)]
+    pub api_key: Option<S>,
+    /// Tenants: `acme: {namespaces: {prod: [files, db]}}`. A tenant's tokens see only its
+    /// namespaces' servers.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, auth::RawTenant>,
+    /// Request rates per identity and per client address.
+    #[serde(default)]
+    pub rate_limit: Option<auth::RawRateLimit>,
+    /// Proxies (CIDRs or addresses) whose `X-Forwarded-For` names the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<S>,
+    /// Where audit records go (one JSON line per request).
+    #[serde(default)]
+    pub audit: Option<RawAudit>,
+}
+
+/// `audit:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// Append records to this file instead of stderr.
+    #[serde(default)]
+    pub file: Option<S>,
 }
 
 /// One upstream MCP server: a local command (stdio) or a remote URL.
@@ -265,6 +297,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Servers, in name order.
     pub servers: Vec<Arc<ServerDef>>,
+    /// Credentials, grants, tenants and limits.
+    pub auth: crate::auth::AuthConfig,
+    /// The audit file (None: stderr).
+    pub audit_file: Option<PathBuf>,
     /// The file this came from (None for the built-in demo).
     pub source: Option<PathBuf>,
     /// Warnings found while loading (unknown keys in foreign entries).
@@ -365,6 +401,8 @@ pub fn demo(exe: &Path) -> Config {
             share: Share::Shared,
             auth_tokens: Vec::new(),
         })],
+        auth: crate::auth::AuthConfig::default(),
+        audit_file: None,
         source: None,
         warnings: Vec::new(),
     }
@@ -501,6 +539,24 @@ impl Validator<'_> {
             }
         }
         servers.sort_by(|a, b| a.name.cmp(&b.name));
+        let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
+        let auth = self.auth(
+            auth::RawAuthParts {
+                auth: raw.auth,
+                proxy: raw.proxy,
+                api_key: raw.api_key,
+                tenants: raw.tenants,
+                rate_limit: raw.rate_limit,
+                trusted_proxies: raw.trusted_proxies,
+            },
+            &names,
+        );
+        for s in &servers {
+            for t in s.auth_tokens.iter().filter(|t| !auth.tokens.iter().any(|d| d.name == **t)) {
+                self.error(format!("servers.{}.authTokens", s.name), None, format!("unknown token name {t:?}"));
+            }
+        }
+        let audit_file = raw.audit.and_then(|a| a.file).map(|f| PathBuf::from(self.subst("audit.file", &f)));
         if !self.errors.is_empty() {
             self.errors.sort_by_key(|e| e.line.unwrap_or(u32::MAX));
             return Err(self.errors);
@@ -512,6 +568,8 @@ impl Validator<'_> {
             allowed_hosts,
             max_body_bytes,
             servers,
+            auth,
+            audit_file,
             source: None,
             warnings: self.warnings,
         })

@@ -24,6 +24,8 @@ use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
 use super::resources::{Resolved, ResourceIndex};
 use super::session::{self, Caller, ClientRequestRoute, Scope, Session, lock};
 use super::upstream::{Hub, MODERN_VERSION, Status, Upstream};
+use crate::auth::{Authenticator, Identity};
+use crate::authz::Kind as GrantKind;
 use crate::config::{Config, ServerDef, Share};
 
 /// Protocol versions reachable through `initialize`, oldest first.
@@ -53,9 +55,55 @@ pub struct Ctx {
     pub caller: Caller,
     /// The protocol version of this request (negotiated, or the modern `_meta` one).
     pub protocol_version: String,
+    /// The authenticated identity (its grants decide what is visible).
+    pub identity: Arc<Identity>,
+    /// What the audit record of this request will say (filled as the request is routed).
+    pub note: Arc<Mutex<Note>>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// The routing facts of one request, for its audit record.
+#[derive(Debug, Default)]
+pub struct Note {
+    /// The identity, once authenticated.
+    pub identity: Option<Arc<Identity>>,
+    /// The JSON-RPC method (the HTTP method until one is known).
+    pub method: String,
+    /// The server addressed.
+    pub server: Option<String>,
+    /// The tool, prompt or resource named.
+    pub name: Option<String>,
+    /// The JSON-RPC id, raw.
+    pub request_id: Option<String>,
+    /// Why the request was refused, if it was.
+    pub refused: Option<String>,
+    /// Set for a batch: its elements are recorded one by one instead.
+    pub batch: bool,
+}
+
+impl Ctx {
+    fn note(&self, f: impl FnOnce(&mut Note)) {
+        f(&mut lock(&self.note));
+    }
+
+    /// Records a refusal for the audit trail.
+    fn refuse(&self, server: &str, name: &str, why: &str) {
+        self.note(|n| {
+            n.server = Some(server.to_owned());
+            n.name = Some(name.to_owned());
+            n.refused = Some(why.to_owned());
+        });
+    }
+
+    /// Records the target for the audit trail.
+    fn target(&self, server: &str, name: Option<&str>) {
+        self.note(|n| {
+            n.server = Some(server.to_owned());
+            n.name = name.map(str::to_owned);
+        });
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum ListKind {
     Tools,
     Prompts,
@@ -80,6 +128,13 @@ impl ListKind {
             ListKind::Templates => "resources/templates/list",
         }
     }
+    fn grant(self) -> GrantKind {
+        match self {
+            ListKind::Tools => GrantKind::Tool,
+            ListKind::Prompts => GrantKind::Prompt,
+            ListKind::Resources | ListKind::Templates => GrantKind::Resource,
+        }
+    }
 }
 
 /// The gateway.
@@ -94,6 +149,8 @@ pub struct Gateway {
     me: Weak<Gateway>,
     initializes: AtomicU64,
     discovers: AtomicU64,
+    auth: ArcSwap<Authenticator>,
+    audit: crate::audit::Audit,
 }
 
 /// How clients have opened conversations since start: `initialize` handshakes (each mints a
@@ -109,6 +166,11 @@ pub struct Handshakes {
 impl Gateway {
     /// Builds the gateway and starts every enabled shared server.
     pub fn start(config: Config) -> Arc<Self> {
+        let authenticator = authenticator_for(&config);
+        let audit = crate::audit::Audit::start(config.audit_file.clone()).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot open the audit file; audit records go to stderr");
+            crate::audit::Audit::start(None).unwrap_or_else(|_| crate::audit::Audit::discard())
+        });
         let mut cursor_key = [0u8; 32];
         let _ = getrandom::fill(&mut cursor_key);
         let http = reqwest::Client::builder()
@@ -127,6 +189,8 @@ impl Gateway {
             me: me.clone(),
             initializes: AtomicU64::new(0),
             discovers: AtomicU64::new(0),
+            auth: ArcSwap::from_pointee(authenticator),
+            audit,
         });
         let config = gw.config();
         for def in &config.servers {
@@ -134,7 +198,70 @@ impl Gateway {
                 gw.start_shared(def.clone());
             }
         }
+        // Revocation, expiry and lost grants end the identity's sessions and streams.
+        let weak = Arc::downgrade(&gw);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(gw) = weak.upgrade() else { return };
+                gw.sweep_sessions().await;
+            }
+        });
         gw
+    }
+
+    /// Ends every session whose identity no longer holds: revoked (gone from the credential
+    /// table), expired, or no longer reaching the session's server.
+    pub async fn sweep_sessions(&self) {
+        let auth = self.authenticator();
+        let now = std::time::SystemTime::now();
+        let stale: Vec<String> = lock(&self.sessions)
+            .values()
+            .filter(|s| match auth.current(&s.identity.name) {
+                None => true,
+                // Changed grants (a reload) end the session too: it was authorized under the old ones.
+                Some(c) => c.expired(now) || c.grants != s.identity.grants || c.tenant != s.identity.tenant,
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for id in stale {
+            tracing::info!("closing a session whose credential was revoked, expired or lost the server");
+            self.end_session(&id).await;
+        }
+    }
+
+    /// Replaces the whole configuration: credentials and grants at once (sessions of identities
+    /// that lost them are ended by the next sweep, within a second); servers whose definition
+    /// changed are restarted, removed ones stopped, new ones started; unchanged ones and every
+    /// other session carry on.
+    pub async fn reload(&self, mut config: Config) {
+        config.listen = self.config().listen;
+        let old = self.config();
+        let authenticator = authenticator_for(&config);
+        let config = Arc::new(config);
+        self.config.store(config.clone());
+        self.auth.store(Arc::new(authenticator));
+        let mut stops = Vec::new();
+        for def in &old.servers {
+            let kept = config.server(&def.name).is_some_and(|n| **n == **def);
+            if !kept
+                && let Some(up) =
+                    self.upstreams.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&def.name)
+            {
+                stops.push(up);
+            }
+        }
+        for up in stops {
+            up.stop().await;
+            self.list_changed(&up.def.name, "");
+        }
+        for def in &config.servers {
+            if def.share == Share::Shared && def.enabled && self.upstream(&def.name).is_none() {
+                self.start_shared(def.clone());
+            }
+        }
+        self.sweep_sessions().await;
     }
 
     fn hub(&self) -> Weak<dyn Hub> {
@@ -202,7 +329,7 @@ impl Gateway {
         }
         if s.log_level().is_some() {
             let config = self.config();
-            for def in self.servers_in_scope(&config, &s.scope) {
+            for def in self.servers_in_scope(&config, &s.scope, &s.identity) {
                 if let (Some(up), Some(level)) = (self.upstream(&def.name), self.shared_log_level(&def.name)) {
                     up.set_log_level(level).await;
                 }
@@ -259,8 +386,24 @@ impl Gateway {
         self.upstream(server)
     }
 
-    fn servers_in_scope(&self, config: &Config, scope: &Scope) -> Vec<Arc<ServerDef>> {
-        config.servers.iter().filter(|d| d.enabled && scope.includes(&d.name)).cloned().collect()
+    /// The enabled servers in a scope that an identity may reach.
+    fn servers_in_scope(&self, config: &Config, scope: &Scope, who: &Identity) -> Vec<Arc<ServerDef>> {
+        config
+            .servers
+            .iter()
+            .filter(|d| d.enabled && scope.includes(&d.name) && who.grants.reaches(&d.name))
+            .cloned()
+            .collect()
+    }
+
+    /// The credential table of the current config.
+    pub fn authenticator(&self) -> Arc<Authenticator> {
+        self.auth.load_full()
+    }
+
+    /// The audit sink.
+    pub fn audit(&self) -> &crate::audit::Audit {
+        &self.audit
     }
 
     /// Counts of the handshakes clients have made.
@@ -272,9 +415,9 @@ impl Gateway {
     }
 
     /// Answers `initialize` (the caller has already negotiated the version).
-    pub async fn initialize_result(&self, scope: &Scope, version: &str, caller: &Caller) -> String {
+    pub async fn initialize_result(&self, scope: &Scope, version: &str, caller: &Caller, who: &Identity) -> String {
         self.initializes.fetch_add(1, Ordering::Relaxed);
-        let (caps, info, instructions) = self.identity(scope, caller).await;
+        let (caps, info, instructions) = self.server_identity(scope, caller, who).await;
         let mut out =
             format!(r#"{{"protocolVersion":{},"capabilities":{caps},"serverInfo":{info}"#, jsonrpc::quote(version));
         if let Some(i) = instructions {
@@ -285,8 +428,8 @@ impl Gateway {
     }
 
     /// Answers `server/discover`.
-    pub async fn discover_result(&self, scope: &Scope, caller: &Caller) -> String {
-        let (caps, info, instructions) = self.identity(scope, caller).await;
+    pub async fn discover_result(&self, scope: &Scope, caller: &Caller, who: &Identity) -> String {
+        let (caps, info, instructions) = self.server_identity(scope, caller, who).await;
         let mut out = format!(r#"{{"supportedVersions":["{MODERN_VERSION}"],"capabilities":{caps}"#);
         if let Some(i) = instructions {
             out.push_str(&format!(r#","instructions":{}"#, jsonrpc::quote(&i)));
@@ -295,7 +438,14 @@ impl Gateway {
         out
     }
 
-    async fn identity(&self, scope: &Scope, caller: &Caller) -> (String, String, Option<String>) {
+    /// What Portcullis says it is: one server's own identity on its endpoint, else its own
+    /// with the union of the capabilities of the servers the caller may reach.
+    async fn server_identity(
+        &self,
+        scope: &Scope,
+        caller: &Caller,
+        who: &Identity,
+    ) -> (String, String, Option<String>) {
         let own_info = format!(r#"{{"name":"portcullis","version":"{}"}}"#, env!("CARGO_PKG_VERSION"));
         let config = self.config();
         if let Scope::One(name) = scope {
@@ -315,7 +465,7 @@ impl Gateway {
         // and go behind the gateway.
         let mut has = HashMap::<&str, bool>::new();
         let mut subscribe = false;
-        for def in self.servers_in_scope(&config, scope) {
+        for def in self.servers_in_scope(&config, scope, who) {
             let Some(conn) = self.upstream(&def.name).and_then(|u| u.connection()) else { continue };
             let Ok(obj) = RawObject::parse(&conn.info.capabilities) else { continue };
             for key in ["prompts", "resources", "logging", "completions"] {
@@ -368,7 +518,7 @@ impl Gateway {
             "ping" => Reply::owned("{}".into(), false),
             "server/discover" => {
                 self.discovers.fetch_add(1, Ordering::Relaxed);
-                Reply::owned(self.discover_result(&ctx.scope, &ctx.caller).await, false)
+                Reply::owned(self.discover_result(&ctx.scope, &ctx.caller, &ctx.identity).await, false)
             }
             "initialize" => {
                 Reply::error(code::INVALID_REQUEST, "initialize is only valid as the first request of a session")
@@ -395,7 +545,10 @@ impl Gateway {
                     if kind == ListKind::Resources || kind == ListKind::Templates {
                         self.index_resources(name, kind, &r);
                     }
-                    r
+                    if r.is_error || ctx.identity.grants.patterns(kind.grant()).is_open() {
+                        return r;
+                    }
+                    self.filter_one(config, ctx, name, kind, r)
                 }
                 Err(e) => e.to_reply(),
             };
@@ -406,7 +559,11 @@ impl Gateway {
                 Some(e) => e,
                 None => return Reply::error(code::INVALID_PARAMS, "Invalid cursor"),
             },
-            None => self.servers_in_scope(config, &ctx.scope).iter().map(|d| (d.name.clone(), None)).collect(),
+            None => self
+                .servers_in_scope(config, &ctx.scope, &ctx.identity)
+                .iter()
+                .map(|d| (d.name.clone(), None))
+                .collect(),
         };
         let calls = entries.iter().map(|(server, upstream_cursor)| async move {
             let up = self.instance(config, server, &ctx.caller)?;
@@ -449,11 +606,15 @@ impl Gateway {
             }
             let Some(list) = obj.get(kind.field()) else { continue };
             let Ok(list) = serde_json::from_str::<Vec<&RawValue>>(list.get()) else { continue };
+            let grants = &ctx.identity.grants;
             for item in list {
                 let rewritten = match kind {
                     ListKind::Tools | ListKind::Prompts => {
                         let Ok(o) = RawObject::parse(item) else { continue };
                         let Some(name) = o.get_str("name") else { continue };
+                        if !grants.allows(kind.grant(), &server, &config.separator, &name) {
+                            continue;
+                        }
                         let full = format!("{server}{}{name}", config.separator);
                         o.to_json_with(&[("name", &jsonrpc::quote(&full))])
                     }
@@ -461,6 +622,9 @@ impl Gateway {
                         let key = if kind == ListKind::Resources { "uri" } else { "uriTemplate" };
                         let Ok(o) = RawObject::parse(item) else { continue };
                         let own = o.get_str(key).unwrap_or_default();
+                        if !grants.allows(GrantKind::Resource, &server, &config.separator, &own) {
+                            continue;
+                        }
                         let shown = match kind {
                             ListKind::Resources => self.resources.show(&server, &own),
                             _ => self.resources.show_template(&server, &own),
@@ -484,6 +648,32 @@ impl Gateway {
         }
         out.push('}');
         Reply::owned(out, false)
+    }
+
+    /// A one-server list without the items the caller may not use.
+    fn filter_one(&self, config: &Config, ctx: &Ctx, server: &str, kind: ListKind, reply: Reply) -> Reply {
+        let Ok(obj) = serde_json::from_str::<RawObject<'_>>(reply.payload_str()) else { return reply };
+        let Some(list) = obj.get(kind.field()) else { return reply };
+        let Ok(list) = serde_json::from_str::<Vec<&RawValue>>(list.get()) else { return reply };
+        let key = match kind {
+            ListKind::Tools | ListKind::Prompts => "name",
+            ListKind::Resources => "uri",
+            ListKind::Templates => "uriTemplate",
+        };
+        let kept: Vec<&str> = list
+            .iter()
+            .filter(|item| {
+                RawObject::parse(item)
+                    .ok()
+                    .and_then(|o| o.get_str(key))
+                    .is_some_and(|name| ctx.identity.grants.allows(kind.grant(), server, &config.separator, &name))
+            })
+            .map(|item| item.get())
+            .collect();
+        let filtered = format!("[{}]", kept.join(","));
+        let mut out = Reply::owned(obj.to_json_with(&[(kind.field(), &filtered)]), false);
+        out.modern = reply.modern;
+        out
     }
 
     fn seal_cursor(&self, entries: &[(String, Option<String>)]) -> String {
@@ -532,7 +722,7 @@ impl Gateway {
     }
 
     async fn refresh_resource_index(&self, config: &Config, ctx: &Ctx) {
-        for def in self.servers_in_scope(config, &ctx.scope) {
+        for def in self.servers_in_scope(config, &ctx.scope, &ctx.identity) {
             let Some(up) = self.instance(config, &def.name, &ctx.caller) else { continue };
             if up.connection().is_none() {
                 continue;
@@ -577,6 +767,13 @@ impl Gateway {
         if !ctx.scope.includes(&server) {
             return unknown();
         }
+        // Not granted answers exactly like unknown: the item is absent from the caller's lists.
+        let kind = if req.method == "tools/call" { GrantKind::Tool } else { GrantKind::Prompt };
+        ctx.target(&server, Some(&inner));
+        if !ctx.identity.grants.allows(kind, &server, &config.separator, &inner) {
+            ctx.refuse(&server, &inner, &format!("refused: {what} not granted"));
+            return unknown();
+        }
         let Some(up) = self.instance(config, &server, &ctx.caller) else { return unknown() };
         let quoted = jsonrpc::quote(&inner);
         let edits: &[(&str, &str)] = if edit { &[("name", &quoted)] } else { &[] };
@@ -602,6 +799,11 @@ impl Gateway {
                 return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
             }
         };
+        ctx.target(&server, Some(&own));
+        if !ctx.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own) {
+            ctx.refuse(&server, &own, "refused: resource not granted");
+            return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
+        }
         let Some(up) = self.instance(config, &server, &ctx.caller) else {
             return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
         };
@@ -725,7 +927,8 @@ impl Gateway {
             prompts: flag("promptsListChanged"),
             resources: flag("resourcesListChanged"),
         };
-        let session = Session::listener(ctx.scope.clone(), ctx.protocol_version.clone(), filter.clone());
+        let session =
+            Session::listener(ctx.scope.clone(), ctx.protocol_version.clone(), ctx.identity.clone(), filter.clone());
         let (tx, rx) = mpsc::channel(256);
         session.attach_stream(tx);
         self.add_session(session.clone());
@@ -816,6 +1019,31 @@ impl Gateway {
             _ => (None, None),
         };
         let Some(server) = server else { return Reply::error(code::INVALID_PARAMS, "Unknown completion reference") };
+        let granted = match r.get_str("type").as_deref() {
+            Some("ref/prompt") => {
+                let name = r.get_str("name").unwrap_or_default();
+                let inner = match &ctx.scope {
+                    Scope::All => {
+                        name.split_once(config.separator.as_str()).map_or(name.clone(), |(_, p)| p.to_owned())
+                    }
+                    Scope::One(_) => name.clone(),
+                };
+                ctx.identity.grants.allows(GrantKind::Prompt, &server, &config.separator, &inner)
+            }
+            Some("ref/resource") => {
+                let uri = r.get_str("uri").unwrap_or_default();
+                let own = match self.resources.resolve(&uri, &ctx.scope) {
+                    Resolved::Found { uri, .. } => uri,
+                    _ => uri,
+                };
+                ctx.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own)
+            }
+            _ => ctx.identity.grants.reaches(&server),
+        };
+        if !granted || !ctx.scope.includes(&server) {
+            ctx.refuse(&server, "completion", "refused: reference not granted");
+            return Reply::error(code::INVALID_PARAMS, "Unknown completion reference");
+        }
         let Some(up) = self.instance(config, &server, &ctx.caller) else {
             return Reply::error(code::INVALID_PARAMS, "Unknown completion reference");
         };
@@ -842,7 +1070,7 @@ impl Gateway {
         let Some(s) = &ctx.caller.session else { return Reply::owned("{}".into(), false) };
         s.set_log_level(rank);
         let mut updates = Vec::new();
-        for def in self.servers_in_scope(config, &ctx.scope) {
+        for def in self.servers_in_scope(config, &ctx.scope, &ctx.identity) {
             if def.share == Share::PerSession {
                 if let Some(up) = self.instance(config, &def.name, &ctx.caller) {
                     updates.push((up, rank));
@@ -873,7 +1101,7 @@ impl Gateway {
             }
             "notifications/roots/list_changed" => {
                 let config = self.config();
-                for def in self.servers_in_scope(&config, &ctx.scope) {
+                for def in self.servers_in_scope(&config, &ctx.scope, &ctx.identity) {
                     if let Some(up) = ctx.caller.session.as_ref().and_then(|s| s.per_session(&def.name)) {
                         let _ = up.notify("notifications/roots/list_changed", None);
                     }
@@ -900,11 +1128,21 @@ impl Gateway {
     fn broadcast(&self, server: &str, method: &str, msg: &Bytes, filter: impl Fn(&Session) -> bool) {
         let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
         for s in sessions {
-            if s.scope.includes(server) && filter(&s) {
+            if s.scope.includes(server) && s.identity.grants.reaches(server) && filter(&s) {
                 s.notify_change(method, msg);
             }
         }
     }
+}
+
+/// How often sessions are checked against the credential table.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The credential table for a config (each token's grants narrowed by tenants and `authTokens`).
+pub fn authenticator_for(config: &Config) -> Authenticator {
+    let servers: Vec<(String, Vec<String>)> =
+        config.servers.iter().map(|s| (s.name.clone(), s.auth_tokens.clone())).collect();
+    Authenticator::new(&config.auth, &servers)
 }
 
 fn unreachable_mac() -> HmacSha256 {
@@ -949,7 +1187,7 @@ impl Hub for Gateway {
         };
         let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
         for s in sessions {
-            if s.scope.includes(server) && s.is_subscribed(server, &uri) {
+            if s.scope.includes(server) && s.identity.grants.reaches(server) && s.is_subscribed(server, &uri) {
                 s.notify_change(method, if s.scope == Scope::All { &shown } else { &own });
             }
         }

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::upstream::Upstream;
+use crate::auth::Identity;
 
 /// Which servers a downstream endpoint exposes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -104,6 +105,9 @@ pub struct Session {
     pub protocol_version: String,
     /// The transport.
     pub transport: Transport,
+    /// The identity that opened it: only that identity may use it (others get 404), and it
+    /// ends when that identity is revoked, expires or loses the server.
+    pub identity: Arc<Identity>,
     /// Cancelled when the session ends (DELETE, stream closed, shutdown).
     pub closed: CancellationToken,
     stream: Mutex<Option<mpsc::Sender<Bytes>>>,
@@ -128,17 +132,29 @@ pub fn log_rank(level: &str) -> Option<u8> {
 
 impl Session {
     /// A new session with a fresh random id.
-    pub fn new(scope: Scope, protocol_version: String, transport: Transport) -> Arc<Self> {
-        Self::build(scope, protocol_version, transport, None)
+    pub fn new(scope: Scope, protocol_version: String, transport: Transport, identity: Arc<Identity>) -> Arc<Self> {
+        Self::build(scope, protocol_version, transport, identity, None)
     }
 
     /// The session behind one `subscriptions/listen` stream.
-    pub fn listener(scope: Scope, protocol_version: String, filter: ListenFilter) -> Arc<Self> {
-        Self::build(scope, protocol_version, Transport::Listen, Some(filter))
+    pub fn listener(
+        scope: Scope,
+        protocol_version: String,
+        identity: Arc<Identity>,
+        filter: ListenFilter,
+    ) -> Arc<Self> {
+        Self::build(scope, protocol_version, Transport::Listen, identity, Some(filter))
     }
 
-    fn build(scope: Scope, protocol_version: String, transport: Transport, listen: Option<ListenFilter>) -> Arc<Self> {
+    fn build(
+        scope: Scope,
+        protocol_version: String,
+        transport: Transport,
+        identity: Arc<Identity>,
+        listen: Option<ListenFilter>,
+    ) -> Arc<Self> {
         Arc::new(Session {
+            identity,
             id: random_id(),
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             scope,

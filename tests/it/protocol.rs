@@ -164,7 +164,7 @@ async fn fuzz_gateway() -> &'static TestGateway {
             });
         });
         let url = rx.await.unwrap();
-        TestGateway { url, running: None }
+        TestGateway::detached(url)
     })
     .await
 }

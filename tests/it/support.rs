@@ -21,10 +21,31 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 #[derive(Default)]
 pub struct GatewayBuilder {
     yaml: String,
+    top: String,
+    env: Vec<(String, String)>,
 }
 
 pub fn gateway() -> GatewayBuilder {
-    GatewayBuilder { yaml: "servers:\n".into() }
+    GatewayBuilder { yaml: "servers:\n".into(), ..Default::default() }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("portcullis-it-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl GatewayBuilder {
@@ -57,9 +78,32 @@ impl GatewayBuilder {
         self
     }
 
+    /// Top-level YAML after `servers` (auth, tenants, rate_limit, trusted_proxies…).
+    pub fn top(mut self, yaml: &str) -> Self {
+        self.top.push_str(yaml);
+        if !self.top.ends_with('\n') {
+            self.top.push('\n');
+        }
+        self
+    }
+
+    /// An environment variable as config substitution and `PORTCULLIS_TOKEN(S)` see it.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     /// The YAML text.
-    pub fn yaml(&self) -> &str {
-        &self.yaml
+    pub fn yaml(&self) -> String {
+        format!("{}{}", self.yaml, self.top)
+    }
+
+    fn config(&self, audit: &std::path::Path) -> portcullis::config::Config {
+        let text = format!("{}audit:\n  file: {:?}\n", self.yaml(), audit.display().to_string());
+        let env = Env::from_pairs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut config = config::parse(&text, false, &env).expect("valid test config");
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config
     }
 
     /// Starts the gateway in this process on 127.0.0.1:0 and waits until every server runs.
@@ -68,8 +112,9 @@ impl GatewayBuilder {
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
             .try_init();
-        let mut config = config::parse(&self.yaml, false, &Env::from_pairs([])).expect("valid test config");
-        config.listen = "127.0.0.1:0".parse().unwrap();
+        let dir = TempDir::new();
+        let audit = dir.0.join("audit.jsonl");
+        let config = self.config(&audit);
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let names: Vec<String> = config.servers.iter().filter(|s| s.enabled).map(|s| s.name.clone()).collect();
         let gw = Gateway::start(config);
@@ -79,16 +124,30 @@ impl GatewayBuilder {
             }
         }
         let running = server::serve(listener, gw).await.unwrap();
-        TestGateway { url: format!("http://{}", running.addr), running: Some(running) }
+        TestGateway { url: format!("http://{}", running.addr), running: Some(running), audit, builder: self, _dir: dir }
     }
 }
 
 pub struct TestGateway {
     pub url: String,
     pub running: Option<Running>,
+    pub audit: std::path::PathBuf,
+    builder: GatewayBuilder,
+    _dir: TempDir,
 }
 
 impl TestGateway {
+    /// A handle on a gateway another thread owns (only its URL is used).
+    pub fn detached(url: String) -> Self {
+        TestGateway {
+            url,
+            running: None,
+            audit: Default::default(),
+            builder: GatewayBuilder::default(),
+            _dir: TempDir::new(),
+        }
+    }
+
     pub fn mcp(&self) -> String {
         format!("{}/mcp", self.url)
     }
@@ -97,6 +156,29 @@ impl TestGateway {
     }
     pub fn gateway(&self) -> Arc<Gateway> {
         self.running.as_ref().unwrap().gateway.clone()
+    }
+
+    /// Reloads with the same servers and this top-level YAML instead of the original.
+    pub async fn reload_top(&mut self, top: &str) {
+        self.builder.top = top.to_owned();
+        let config = self.builder.config(&self.audit);
+        self.gateway().reload(config).await;
+    }
+
+    /// The audit records written so far, once `ready` holds for them (they are written by
+    /// another thread, so a test waits for the ones it expects).
+    pub async fn audit_until(&self, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let path = self.audit.clone();
+        let ready = &ready;
+        eventually(Duration::from_secs(10), || {
+            let path = path.clone();
+            async move {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let records: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+                ready(&records).then_some(records)
+            }
+        })
+        .await
     }
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
@@ -155,6 +237,8 @@ pub struct Client {
     pub session: Option<String>,
     pub version: String,
     pub modern: bool,
+    /// Extra headers on every request (credentials).
+    pub headers: Vec<(String, String)>,
 }
 
 impl Client {
@@ -165,7 +249,21 @@ impl Client {
             session: None,
             version: "2025-11-25".into(),
             modern: false,
+            headers: Vec::new(),
         }
+    }
+
+    /// The same client presenting a bearer token.
+    pub fn bearer(mut self, token: &str) -> Self {
+        self.headers.push(("authorization".into(), format!("Bearer {token}")));
+        self
+    }
+
+    /// A session-based client with a bearer token.
+    pub async fn connect_as(url: &str, token: &str) -> Self {
+        let mut c = Client::new(url).bearer(token);
+        c.initialize("2025-11-25").await;
+        c
     }
 
     /// A session-based client after `initialize`.
@@ -175,6 +273,12 @@ impl Client {
 
     pub async fn connect_version(url: &str, version: &str) -> Self {
         let mut c = Client::new(url);
+        c.initialize(version).await;
+        c
+    }
+
+    async fn initialize(&mut self, version: &str) {
+        let c = self;
         let resp = c
             .post(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":version,"capabilities":{"sampling":{}},"clientInfo":{"name":"it","version":"1"}}}))
             .await;
@@ -183,7 +287,6 @@ impl Client {
         let body: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
         c.version = body["result"]["protocolVersion"].as_str().unwrap().to_owned();
         c.notify("notifications/initialized", None).await;
-        c
     }
 
     /// A stateless 2026-07-28 client.
@@ -200,6 +303,9 @@ impl Client {
             .post(&self.url)
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream");
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
         if let Some(s) = &self.session {
             req = req.header("mcp-session-id", s);
         }
@@ -384,6 +490,15 @@ impl Events {
         }
     }
 
+    /// Waits until the server ends the stream (messages on the way are skipped).
+    pub async fn ended(&mut self) {
+        while let Some(chunk) = self.stream.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    }
+
     /// The next message with this method, skipping others.
     pub async fn next_method(&mut self, method: &str) -> Value {
         loop {
@@ -398,9 +513,11 @@ impl Events {
 impl Client {
     /// Opens the session's standalone GET stream.
     pub async fn get_stream(&self) -> Events {
-        let resp = self
-            .http
-            .get(&self.url)
+        let mut req = self.http.get(&self.url);
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        let resp = req
             .header("accept", "text/event-stream")
             .header("mcp-session-id", self.session.as_deref().unwrap())
             .header("mcp-protocol-version", &self.version)

@@ -9,8 +9,9 @@
 //! one 404.
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -21,10 +22,11 @@ use http_body_util::BodyExt;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
+use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
-use crate::mcp::gateway::{self, Ctx, Gateway, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Request};
+use crate::mcp::gateway::{self, Ctx, Gateway, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Note, Request};
 use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
-use crate::mcp::session::{Caller, Scope, Session, Transport};
+use crate::mcp::session::{Caller, Scope, Session, Transport, lock};
 use crate::mcp::sse;
 
 /// Interval of keep-alive comments on idle SSE streams.
@@ -132,25 +134,115 @@ fn is_modern_version(v: &str) -> bool {
     MODERN_VERSIONS.contains(&v)
 }
 
-/// Handles POST, GET and DELETE on an MCP endpoint.
-pub async fn handle(gw: Arc<Gateway>, scope: Scope, method: Method, headers: HeaderMap, body: Body) -> Response {
+/// The authenticated caller of one HTTP request, and the note its audit record is made from.
+#[derive(Clone)]
+pub struct Who {
+    /// The identity.
+    pub identity: Arc<Identity>,
+    /// The client's address (after `trusted_proxies`).
+    pub client: IpAddr,
+    /// Filled while routing.
+    pub note: Arc<Mutex<Note>>,
+}
+
+impl Who {
+    fn ctx(&self, scope: Scope, caller: Caller, protocol_version: String) -> Ctx {
+        Ctx { scope, caller, protocol_version, identity: self.identity.clone(), note: self.note.clone() }
+    }
+
+    /// The same caller with a fresh note (one batch element).
+    fn element(&self, method: &str) -> Who {
+        let note = Note { identity: Some(self.identity.clone()), method: method.to_owned(), ..Note::default() };
+        Who { identity: self.identity.clone(), client: self.client, note: Arc::new(Mutex::new(note)) }
+    }
+}
+
+/// Writes one audit record from a note.
+fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: StatusCode, started: Instant) {
+    gw.audit().record(crate::audit::Record {
+        time,
+        identity: note.identity.as_ref().map(|i| i.name.to_string()),
+        tenant: note.identity.as_ref().and_then(|i| i.tenant.clone()),
+        server: note.server.clone(),
+        method: note.method.clone(),
+        name: note.name.clone(),
+        outcome: note.refused.clone().unwrap_or_else(|| "allowed".into()),
+        status: status.as_u16(),
+        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        client: client.to_string(),
+        request_id: note.request_id.clone(),
+    });
+}
+
+/// Handles POST, GET and DELETE on an MCP endpoint: authentication and the endpoint grant
+/// first, then the MCP request, then one audit record.
+pub async fn handle(
+    gw: Arc<Gateway>,
+    scope: Scope,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+    peer: SocketAddr,
+) -> Response {
+    let started = Instant::now();
+    let time = crate::audit::now_rfc3339();
+    let auth = gw.authenticator();
+    let client = auth.client_addr(peer, &headers);
+    let note = Arc::new(Mutex::new(Note { method: method.to_string(), ..Note::default() }));
+    let resp = authorized(&gw, &auth, scope, method, headers, body, client, &note).await;
+    let n = lock(&note);
+    if !n.batch {
+        audit(&gw, time, client, &n, resp.status(), started);
+    }
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn authorized(
+    gw: &Arc<Gateway>,
+    auth: &Authenticator,
+    scope: Scope,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+    client: IpAddr,
+    note: &Arc<Mutex<Note>>,
+) -> Response {
     let config = gw.config();
     if let Some(r) = check_origin(&config, &headers) {
+        lock(note).refused = Some("refused: origin not allowed".into());
         return r;
     }
-    if let Scope::One(name) = &scope
-        && config.server(name).is_none_or(|d| !d.enabled)
-    {
-        return rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, &format!("No such server: {name}"));
+    let refuse = |e: AuthError| {
+        lock(note).refused = Some(e.outcome().into());
+        e.into_response()
+    };
+    let identity = match auth.authenticate(&headers, client) {
+        Ok(i) => i,
+        Err(e) => return refuse(e),
+    };
+    lock(note).identity = Some(identity.clone());
+    if let Scope::One(name) = &scope {
+        lock(note).server = Some(name.clone());
+        if config.server(name).is_none_or(|d| !d.enabled) {
+            return rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, &format!("No such server: {name}"));
+        }
+        if !identity.grants.reaches(name) {
+            return refuse(AuthError::Forbidden(format!("this token may not reach server {name}")));
+        }
     }
+    if let Err(e) = auth.check_rate(&identity, client) {
+        return refuse(e);
+    }
+    let who = Who { identity, client, note: note.clone() };
     let version_header = header_str(&headers, "mcp-protocol-version").map(str::to_owned);
     let modern_header = version_header.as_deref().is_some_and(is_modern_version);
     match method {
-        Method::POST => post(gw, &config, scope, headers, body, version_header).await,
+        Method::POST => post(gw.clone(), &config, scope, headers, body, version_header, &who).await,
         Method::GET if modern_header => method_not_allowed(),
-        Method::GET => get_stream(gw, scope, &headers).await,
+        Method::GET => get_stream(gw.clone(), scope, &headers, &who).await,
         Method::DELETE if modern_header => method_not_allowed(),
-        Method::DELETE => match session_of(&gw, &scope, &headers) {
+        Method::DELETE => match session_of(gw, &scope, &headers, &who) {
             Ok(s) => {
                 gw.end_session(&s.id).await;
                 StatusCode::NO_CONTENT.into_response()
@@ -167,7 +259,9 @@ fn method_not_allowed() -> Response {
     r
 }
 
-fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap) -> Result<Arc<Session>, Response> {
+/// The session a request names. A session of another identity is answered exactly like an
+/// unknown one (404): an id alone never authenticates.
+fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who) -> Result<Arc<Session>, Response> {
     let Some(id) = header_str(headers, "mcp-session-id") else {
         return Err(rpc_error(
             StatusCode::BAD_REQUEST,
@@ -177,12 +271,16 @@ fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap) -> Result<Arc<Se
         ));
     };
     match gw.session(id) {
-        Some(s) if s.scope == *scope && s.transport == Transport::Streamable => Ok(s),
+        Some(s)
+            if s.scope == *scope && s.transport == Transport::Streamable && s.identity.name == who.identity.name =>
+        {
+            Ok(s)
+        }
         _ => Err(rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found")),
     }
 }
 
-async fn get_stream(gw: Arc<Gateway>, scope: Scope, headers: &HeaderMap) -> Response {
+async fn get_stream(gw: Arc<Gateway>, scope: Scope, headers: &HeaderMap, who: &Who) -> Response {
     if !accepts(headers, "text/event-stream") {
         return rpc_error(
             StatusCode::NOT_ACCEPTABLE,
@@ -191,7 +289,7 @@ async fn get_stream(gw: Arc<Gateway>, scope: Scope, headers: &HeaderMap) -> Resp
             "Not Acceptable: use Accept: text/event-stream",
         );
     }
-    let session = match session_of(&gw, &scope, headers) {
+    let session = match session_of(&gw, &scope, headers, who) {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -283,6 +381,7 @@ async fn post(
     headers: HeaderMap,
     body: Body,
     version_header: Option<String>,
+    who: &Who,
 ) -> Response {
     if let Some(ct) = header_str(&headers, "content-type")
         && !ct.to_ascii_lowercase().starts_with("application/json")
@@ -307,17 +406,22 @@ async fn post(
         Err(r) => return r,
     };
     if jsonrpc::is_array(&body) {
-        return batch(gw, scope, &headers, body, version_header).await;
+        return batch(gw, scope, &headers, body, version_header, who).await;
     }
     let env = match Envelope::parse(&body) {
         Ok(e) => e,
         Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
     };
+    {
+        let mut n = lock(&who.note);
+        n.method = env.method().to_owned();
+        n.request_id = env.id.map(|i| i.get().to_owned());
+    }
     let meta_version = meta_version(&env);
     let modern = version_header.as_deref().is_some_and(is_modern_version)
         || (meta_version.is_some() && !headers.contains_key("mcp-session-id"));
     if modern {
-        return modern_post(gw, scope, &headers, &env, version_header, meta_version).await;
+        return modern_post(gw, scope, &headers, &env, version_header, meta_version, who).await;
     }
     if let Some(v) = &version_header
         && !HANDSHAKE_VERSIONS.contains(&v.as_str())
@@ -330,23 +434,15 @@ async fn post(
         );
     }
     if env.kind == Kind::Request && env.method() == "initialize" {
-        return initialize(gw, scope, &env).await;
+        return initialize(gw, scope, &env, who).await;
     }
-    let session = match session_of(&gw, &scope, &headers) {
+    let session = match session_of(&gw, &scope, &headers, who) {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let ctx = Ctx {
-        scope,
-        caller: Caller {
-            session: Some(session.clone()),
-            related: None,
-            cancel_on_drop: false,
-            asks: None,
-            forward: None,
-        },
-        protocol_version: session.protocol_version.clone(),
-    };
+    let caller =
+        Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
+    let ctx = who.ctx(scope, caller, session.protocol_version.clone());
     match env.kind {
         Kind::Notification => {
             gw.notification(&ctx, &env);
@@ -371,7 +467,7 @@ fn meta_version(env: &Envelope<'_>) -> Option<String> {
         .map(|v| serde_json::from_str::<String>(v.get()).unwrap_or_else(|_| v.get().to_owned()))
 }
 
-async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>) -> Response {
+async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Who) -> Response {
     let requested = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("protocolVersion"));
     let Some(requested) = requested else {
         return rpc_error(
@@ -382,13 +478,13 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>) -> Respo
         );
     };
     let version = gateway::negotiate(Some(&requested));
-    let session = Session::new(scope.clone(), version.to_owned(), Transport::Streamable);
+    let session = Session::new(scope.clone(), version.to_owned(), Transport::Streamable, who.identity.clone());
     if let Some(caps) = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities")) {
         session.set_capabilities(caps.get());
     }
     let caller =
         Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
-    let result = gw.initialize_result(&scope, version, &caller).await;
+    let result = gw.initialize_result(&scope, version, &caller, &who.identity).await;
     gw.add_session(session.clone());
     let id = env.id.map_or("null", RawValue::get);
     let msg = jsonrpc::result_response(id, &result);
@@ -407,6 +503,7 @@ async fn modern_post(
     env: &Envelope<'_>,
     version_header: Option<String>,
     meta_version: Option<String>,
+    who: &Who,
 ) -> Response {
     let id = env.id.map(RawValue::get);
     let reject = |code: i64, msg: &str| rpc_error(StatusCode::BAD_REQUEST, id, code, msg);
@@ -475,17 +572,9 @@ async fn modern_post(
             jsonrpc::error_response(id, code::UNSUPPORTED_VERSION, "Unsupported protocol version", Some(&data)),
         );
     }
-    let ctx = Ctx {
-        scope,
-        caller: Caller {
-            session: None,
-            related: None,
-            cancel_on_drop: true,
-            asks: None,
-            forward: param_headers(headers),
-        },
-        protocol_version: version,
-    };
+    let caller =
+        Caller { session: None, related: None, cancel_on_drop: true, asks: None, forward: param_headers(headers) };
+    let ctx = who.ctx(scope, caller, version);
     if env.method() == "subscriptions/listen" {
         return listen(gw, ctx, env).await;
     }
@@ -645,7 +734,9 @@ async fn batch(
     headers: &HeaderMap,
     body: Bytes,
     version_header: Option<String>,
+    who: &Who,
 ) -> Response {
+    lock(&who.note).method = "batch".into();
     let invalid = || {
         rpc_error(
             StatusCode::BAD_REQUEST,
@@ -657,7 +748,7 @@ async fn batch(
     if version_header.as_deref().is_some_and(is_modern_version) {
         return invalid();
     }
-    let session = match session_of(&gw, &scope, headers) {
+    let session = match session_of(&gw, &scope, headers, who) {
         Ok(s) if s.protocol_version == "2025-03-26" => s,
         Ok(_) => return invalid(),
         Err(_) if !headers.contains_key("mcp-session-id") => return invalid(),
@@ -670,26 +761,24 @@ async fn batch(
     if items.is_empty() {
         return rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, "Bad Request: empty batch");
     }
-    let ctx = Ctx {
-        scope,
-        caller: Caller {
-            session: Some(session.clone()),
-            related: None,
-            cancel_on_drop: false,
-            asks: None,
-            forward: None,
-        },
-        protocol_version: session.protocol_version.clone(),
-    };
+    // Each element is authorized, answered and audited on its own.
+    lock(&who.note).batch = true;
+    let caller =
+        Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
     let futs = items.iter().map(|item| {
         let gw = gw.clone();
-        let ctx = &ctx;
+        let (scope, caller, version) = (scope.clone(), caller.clone(), session.protocol_version.clone());
         async move {
+            let started = Instant::now();
+            let time = crate::audit::now_rfc3339();
             let env = match Envelope::parse(item.get().as_bytes()) {
                 Ok(e) => e,
                 Err(e) => return Some(jsonrpc::error_response(None, e.code(), &e.to_string(), None)),
             };
-            match env.kind {
+            let one = who.element(env.method());
+            lock(&one.note).request_id = env.id.map(|i| i.get().to_owned());
+            let ctx = one.ctx(scope, caller, version);
+            let answer = match env.kind {
                 Kind::Request if env.method() == "initialize" => Some(jsonrpc::error_response(
                     env.id.map(RawValue::get),
                     code::INVALID_REQUEST,
@@ -699,17 +788,19 @@ async fn batch(
                 Kind::Request => {
                     let id = env.id.map_or("null", RawValue::get);
                     let r = Request { method: env.method(), params: env.params, id: Some(id) };
-                    Some(gw.request(ctx, &r).await.to_message(id))
+                    Some(gw.request(&ctx, &r).await.to_message(id))
                 }
                 Kind::Notification => {
-                    gw.notification(ctx, &env);
+                    gw.notification(&ctx, &env);
                     None
                 }
                 Kind::Result | Kind::Error => {
-                    gw.response(ctx, &env);
+                    gw.response(&ctx, &env);
                     None
                 }
-            }
+            };
+            audit(&gw, time, one.client, &lock(&one.note), StatusCode::OK, started);
+            answer
         }
     });
     let answers: Vec<String> = futures_util::future::join_all(futs).await.into_iter().flatten().collect();

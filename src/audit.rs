@@ -1,0 +1,95 @@
+//! The audit trail: one JSON record per request and per refusal, written to its own sink
+//! (stderr or a file) by a dedicated thread, apart from `tracing`, so no log filter silences it.
+//!
+//! Invariants: a record names identities, never secrets; writing never blocks a request (records
+//! go through a channel; the writer flushes when the channel runs dry).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+/// One audit record.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Record {
+    /// RFC 3339 time the request arrived.
+    pub time: String,
+    /// The identity's name (`anonymous` without authentication, absent when refused before).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Its tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The server addressed, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// The JSON-RPC method (or the HTTP method for non-JSON-RPC requests).
+    pub method: String,
+    /// The tool, prompt or resource named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `allowed`, or `refused: <why>`.
+    pub outcome: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// Time to answer (or to the start of a streamed answer), in milliseconds.
+    pub latency_ms: f64,
+    /// The client's address (after `trusted_proxies`).
+    pub client: String,
+    /// The JSON-RPC id, raw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// Formats a time as RFC 3339 with milliseconds.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Where records go.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<Record>,
+}
+
+impl Audit {
+    /// Starts the writer: to `file` (appended, created if needed) or stderr.
+    pub fn start(file: Option<PathBuf>) -> std::io::Result<Audit> {
+        let out: Box<dyn Write + Send> = match file {
+            Some(path) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+            None => Box::new(std::io::stderr()),
+        };
+        let (tx, rx) = mpsc::channel::<Record>();
+        std::thread::Builder::new().name("audit".into()).spawn(move || write_all(rx, out))?;
+        Ok(Audit { tx })
+    }
+
+    /// A sink that drops records (for tools that never serve requests).
+    pub fn discard() -> Audit {
+        let (tx, _rx) = mpsc::channel();
+        Audit { tx }
+    }
+
+    /// Queues a record.
+    pub fn record(&self, r: Record) {
+        let _ = self.tx.send(r);
+    }
+}
+
+fn write_all(rx: mpsc::Receiver<Record>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::new(out);
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(r) = next {
+            if let Ok(line) = serde_json::to_string(&r) {
+                let _ = out.write_all(line.as_bytes());
+                let _ = out.write_all(b"\n");
+            }
+            next = rx.recv_timeout(Duration::ZERO).ok();
+        }
+        let _ = out.flush();
+    }
+    let _ = out.flush();
+}

@@ -1,0 +1,660 @@
+//! Authentication: who is asking. Credential sources (environment tokens, named config tokens,
+//! a generated token), the presentation rules (`Authorization: Bearer` or `X-API-Key`, exactly
+//! one), lookup by SHA-256 digest, rate limits per identity and per client address, the
+//! failure throttle, and the HTTP answers of each refusal.
+//!
+//! Invariants: no secret is kept (only digests) and none is ever logged, echoed or forwarded;
+//! lookup is a hash-map probe on the digest, so answer time does not depend on how close a
+//! guess is; a valid credential is never refused by the failure throttle; with no credential
+//! source at all, every caller is the anonymous identity with every grant (allowed only on
+//! loopback, see `cli`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use crate::authz::Grants;
+use crate::mcp::session::lock;
+
+/// The realm in every challenge.
+pub const REALM: &str = "portcullis";
+
+/// What an identity may administer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// MCP traffic only.
+    #[default]
+    User,
+    /// Also the management API (`/servers*`, `/stats`, `/metrics`, `/admin/*`).
+    Admin,
+}
+
+/// A rate: `count` requests per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests allowed per period (also the burst).
+    pub count: u32,
+    /// The period.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `100/min`, `10/s`, `5000/h`, `20/10s`.
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let bad = || format!("invalid rate {s:?}: write it as 100/min, 10/s or 5000/h");
+        let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
+        let count: u32 = n.trim().parse().map_err(|_| bad())?;
+        let per = match per.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86_400),
+            other => humantime::parse_duration(other).map_err(|_| bad())?,
+        };
+        if count == 0 || per.is_zero() {
+            return Err(bad());
+        }
+        Ok(Rate { count, per })
+    }
+}
+
+/// An address range, `10.0.0.0/8` or `::1/128` (a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses a CIDR or a bare address.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let bad = || format!("invalid address range {s:?}: write it as 10.0.0.0/8 or 127.0.0.1");
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().map_err(|_| bad())?, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s.trim().parse::<IpAddr>().map_err(|_| bad())?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether an address is in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One token as the config defines it (its digest, never its value).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenDef {
+    /// The identity's name (what logs and audit records show).
+    pub name: String,
+    /// SHA-256 of the secret.
+    pub digest: [u8; 32],
+    /// Admin or not.
+    pub role: Role,
+    /// The tenant it belongs to, if any.
+    pub tenant: Option<String>,
+    /// What it may reach (before tenant and per-server restrictions).
+    pub grants: Grants,
+    /// When it stops working.
+    pub expires: Option<SystemTime>,
+    /// Its own rate limit (else the global per-identity one).
+    pub rate: Option<Rate>,
+}
+
+impl std::fmt::Debug for TokenDef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The digest is not a secret, but nothing about a token's value belongs in output.
+        f.debug_struct("TokenDef").field("name", &self.name).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+/// How failed authentications are throttled per client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureLimit {
+    /// Failures allowed within `window`.
+    pub max: u32,
+    /// The window.
+    pub window: Duration,
+    /// How long an address is refused (429) once over.
+    pub block: Duration,
+}
+
+impl Default for FailureLimit {
+    fn default() -> Self {
+        FailureLimit { max: 10, window: Duration::from_secs(60), block: Duration::from_secs(60) }
+    }
+}
+
+/// The validated authentication settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Every token: environment ones first (`env`, `env-2`, …), then the config's, then a
+    /// generated one.
+    pub tokens: Vec<TokenDef>,
+    /// Tenant → namespace → servers.
+    pub tenants: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    /// Default rate per identity.
+    pub per_identity: Option<Rate>,
+    /// Rate per client address.
+    pub per_address: Option<Rate>,
+    /// The failure throttle.
+    pub failures: FailureLimit,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// SHA-256 of a secret.
+pub fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// A token bucket.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: Rate) -> Self {
+        Bucket { tokens: f64::from(rate.count), at: Instant::now() }
+    }
+
+    /// Takes one token, or says how long until one is there.
+    fn take(&mut self, rate: Rate, now: Instant) -> Result<(), Duration> {
+        let per_sec = f64::from(rate.count) / rate.per.as_secs_f64();
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_sec).min(f64::from(rate.count));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / per_sec))
+        }
+    }
+}
+
+/// Who is asking.
+#[derive(Debug)]
+pub struct Identity {
+    /// Its name (never a secret).
+    pub name: Arc<str>,
+    /// Admin or not.
+    pub role: Role,
+    /// Its tenant.
+    pub tenant: Option<String>,
+    /// What it may reach (tenant and per-server restrictions applied).
+    pub grants: Grants,
+    /// When it stops working.
+    pub expires: Option<SystemTime>,
+    rate: Option<Rate>,
+    bucket: Mutex<Option<Bucket>>,
+}
+
+impl Identity {
+    /// The caller when no credential source is configured: everything is allowed.
+    pub fn anonymous() -> Arc<Self> {
+        Arc::new(Identity {
+            name: "anonymous".into(),
+            role: Role::Admin,
+            tenant: None,
+            grants: Grants::all(),
+            expires: None,
+            rate: None,
+            bucket: Mutex::new(None),
+        })
+    }
+
+    /// Whether it may use the management API.
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// Whether it has expired at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        self.expires.is_some_and(|e| now >= e)
+    }
+}
+
+/// Why a request was refused before it reached MCP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No credential, an empty one, or another scheme than Bearer.
+    #[error("missing bearer token")]
+    Missing,
+    /// Unknown, expired or revoked (deliberately not saying which).
+    #[error("invalid token")]
+    Invalid,
+    /// Two credentials, or a malformed one.
+    #[error("malformed or duplicated credentials")]
+    BadRequest,
+    /// Valid, but not for this endpoint.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// Too many requests (per identity or per address).
+    #[error("rate limited")]
+    RateLimited(Duration),
+    /// Too many failed attempts from this address.
+    #[error("too many failed authentications")]
+    Throttled(Duration),
+}
+
+impl AuthError {
+    /// The outcome as the audit log names it.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "refused: missing credential",
+            AuthError::Invalid => "refused: invalid token",
+            AuthError::BadRequest => "refused: malformed credentials",
+            AuthError::Forbidden(_) => "refused: endpoint not granted",
+            AuthError::RateLimited(_) => "refused: rate limited",
+            AuthError::Throttled(_) => "refused: failure throttle",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AuthError::Missing | AuthError::Invalid => StatusCode::UNAUTHORIZED,
+            AuthError::BadRequest => StatusCode::BAD_REQUEST,
+            AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AuthError::RateLimited(_) | AuthError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+}
+
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        let (error, message, challenge) = match &self {
+            AuthError::Missing => {
+                ("unauthorized", "Missing bearer token".to_owned(), format!(r#"Bearer realm="{REALM}""#))
+            }
+            AuthError::Invalid => (
+                "invalid_token",
+                "Invalid token".to_owned(),
+                format!(r#"Bearer realm="{REALM}", error="invalid_token""#),
+            ),
+            AuthError::BadRequest => (
+                "invalid_request",
+                "Exactly one credential is allowed: Authorization: Bearer <token> or X-API-Key".to_owned(),
+                format!(r#"Bearer realm="{REALM}", error="invalid_request""#),
+            ),
+            AuthError::Forbidden(m) => {
+                ("forbidden", m.clone(), format!(r#"Bearer realm="{REALM}", error="insufficient_scope""#))
+            }
+            AuthError::RateLimited(_) => ("rate_limited", "Too many requests".to_owned(), String::new()),
+            AuthError::Throttled(_) => {
+                ("too_many_failures", "Too many failed authentications from this address".to_owned(), String::new())
+            }
+        };
+        let body = serde_json::json!({"error": error, "message": message}).to_string();
+        let mut r = (self.status(), [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if !challenge.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&challenge)
+        {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        if let AuthError::RateLimited(d) | AuthError::Throttled(d) = self {
+            let secs = d.as_secs_f64().ceil().max(1.0) as u64;
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
+    }
+}
+
+/// What an `Authorization` header value presents (RFC 7235 `credentials`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presented<'a> {
+    /// `Bearer <token68>`.
+    Bearer(&'a str),
+    /// The Bearer scheme with nothing after it.
+    Empty,
+    /// Another scheme (Basic, Digest, …).
+    OtherScheme,
+    /// Not `scheme SP credentials` at all, or a Bearer value that is not a token68.
+    Malformed,
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_token68(s: &str) -> bool {
+    let body = s.trim_end_matches('=');
+    !body.is_empty() && body.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+}
+
+/// Parses an `Authorization` value: `scheme 1*SP token68`, scheme case-insensitive.
+pub fn parse_authorization(value: &str) -> Presented<'_> {
+    let v = value.trim_matches(|c| c == ' ' || c == '\t');
+    let (scheme, rest) = match v.find(' ') {
+        Some(i) => (&v[..i], v[i..].trim_start_matches(' ')),
+        None => (v, ""),
+    };
+    if scheme.is_empty() || !scheme.bytes().all(is_tchar) {
+        return if v.is_empty() { Presented::Empty } else { Presented::Malformed };
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Presented::OtherScheme;
+    }
+    if rest.is_empty() {
+        return Presented::Empty;
+    }
+    if is_token68(rest) { Presented::Bearer(rest) } else { Presented::Malformed }
+}
+
+/// The one credential a request presents, per the presentation rules.
+pub fn presented_credential(headers: &HeaderMap) -> Result<&str, AuthError> {
+    let auth: Vec<&HeaderValue> = headers.get_all(header::AUTHORIZATION).iter().collect();
+    let keys: Vec<&HeaderValue> = headers.get_all("x-api-key").iter().collect();
+    if auth.len() + keys.len() > 1 {
+        return Err(AuthError::BadRequest);
+    }
+    if let Some(v) = auth.first() {
+        let v = v.to_str().map_err(|_| AuthError::BadRequest)?;
+        return match parse_authorization(v) {
+            Presented::Bearer(t) => Ok(t),
+            Presented::Empty | Presented::OtherScheme => Err(AuthError::Missing),
+            Presented::Malformed => Err(AuthError::BadRequest),
+        };
+    }
+    if let Some(v) = keys.first() {
+        let v = v.to_str().map_err(|_| AuthError::BadRequest)?.trim();
+        return if v.is_empty() { Err(AuthError::Missing) } else { Ok(v) };
+    }
+    Err(AuthError::Missing)
+}
+
+const SHARDS: usize = 16;
+
+/// A map of per-key state split into shards, so concurrent requests rarely share a lock.
+struct Sharded<K, V>([Mutex<HashMap<K, V>>; SHARDS]);
+
+impl<K: Hash + Eq, V> Sharded<K, V> {
+    fn new() -> Self {
+        Sharded(std::array::from_fn(|_| Mutex::new(HashMap::new())))
+    }
+
+    fn shard(&self, k: &K) -> &Mutex<HashMap<K, V>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        k.hash(&mut h);
+        &self.0[(h.finish() as usize) % SHARDS]
+    }
+}
+
+/// Failures seen from one address.
+struct Failures {
+    count: u32,
+    since: Instant,
+    blocked_until: Option<Instant>,
+}
+
+/// The credential table and the limits, built from one config (rebuilt whole on reload).
+pub struct Authenticator {
+    by_digest: HashMap<[u8; 32], Arc<Identity>>,
+    by_name: HashMap<Arc<str>, Arc<Identity>>,
+    anonymous: Option<Arc<Identity>>,
+    per_address: Option<Rate>,
+    addresses: Sharded<IpAddr, Bucket>,
+    failure_limit: FailureLimit,
+    failures: Sharded<IpAddr, Failures>,
+    trusted: Vec<Cidr>,
+}
+
+impl Authenticator {
+    /// Builds the table: each token's grants narrowed to its tenant's servers and to the
+    /// servers whose `authTokens` name it (admins from the environment reach everything).
+    pub fn new(cfg: &AuthConfig, servers: &[(String, Vec<String>)]) -> Self {
+        let mut by_digest = HashMap::new();
+        let mut by_name = HashMap::new();
+        for t in &cfg.tokens {
+            let mut grants = t.grants.clone();
+            let mut reachable: Vec<String> =
+                servers.iter().filter(|(s, _)| grants.reaches(s)).map(|(s, _)| s.clone()).collect();
+            if let Some(tenant) = &t.tenant {
+                let own: Vec<&String> =
+                    cfg.tenants.get(tenant).map(|ns| ns.values().flatten().collect()).unwrap_or_default();
+                reachable.retain(|s| own.contains(&s));
+            }
+            reachable.retain(|s| {
+                servers
+                    .iter()
+                    .find(|(n, _)| n == s)
+                    .is_none_or(|(_, names)| names.is_empty() || names.contains(&t.name))
+            });
+            let restricted =
+                t.tenant.is_some() || grants.servers.is_some() || servers.iter().any(|(_, names)| !names.is_empty());
+            if restricted {
+                grants.servers = Some(reachable.into_iter().collect());
+            }
+            let identity = Arc::new(Identity {
+                name: t.name.as_str().into(),
+                role: t.role,
+                tenant: t.tenant.clone(),
+                grants,
+                expires: t.expires,
+                rate: t.rate.or(cfg.per_identity),
+                bucket: Mutex::new(None),
+            });
+            by_name.insert(identity.name.clone(), identity.clone());
+            by_digest.insert(t.digest, identity);
+        }
+        Authenticator {
+            anonymous: cfg.tokens.is_empty().then(Identity::anonymous),
+            by_digest,
+            by_name,
+            per_address: cfg.per_address,
+            addresses: Sharded::new(),
+            failure_limit: cfg.failures,
+            failures: Sharded::new(),
+            trusted: cfg.trusted_proxies.clone(),
+        }
+    }
+
+    /// True when no credential source is configured (everyone is anonymous).
+    pub fn is_open(&self) -> bool {
+        self.anonymous.is_some()
+    }
+
+    /// The client's address: the peer, or when the peer is a trusted proxy, the nearest
+    /// untrusted address in `X-Forwarded-For`.
+    pub fn client_addr(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = peer.ip();
+        if !self.trusted.iter().any(|c| c.contains(peer)) {
+            return peer;
+        }
+        let hops: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|h| h.trim().parse::<IpAddr>().ok())
+            .collect();
+        hops.iter()
+            .rev()
+            .find(|ip| !self.trusted.iter().any(|c| c.contains(**ip)))
+            .or(hops.first())
+            .copied()
+            .unwrap_or(peer)
+    }
+
+    /// Authenticates a request from `client`.
+    pub fn authenticate(&self, headers: &HeaderMap, client: IpAddr) -> Result<Arc<Identity>, AuthError> {
+        if let Some(anon) = &self.anonymous {
+            return Ok(anon.clone());
+        }
+        let found = presented_credential(headers).and_then(|secret| {
+            let identity = self.by_digest.get(&digest(secret)).ok_or(AuthError::Invalid)?;
+            if identity.expired(SystemTime::now()) {
+                return Err(AuthError::Invalid);
+            }
+            Ok(identity.clone())
+        });
+        match found {
+            Ok(identity) => Ok(identity),
+            Err(e) => Err(self.failed(client).unwrap_or(e)),
+        }
+    }
+
+    /// Counts a failure from an address; the throttle's refusal when it is over the limit.
+    fn failed(&self, client: IpAddr) -> Option<AuthError> {
+        let now = Instant::now();
+        let limit = self.failure_limit;
+        let mut map = lock(self.failures.shard(&client));
+        let f = map.entry(client).or_insert(Failures { count: 0, since: now, blocked_until: None });
+        if let Some(until) = f.blocked_until {
+            if now < until {
+                return Some(AuthError::Throttled(until - now));
+            }
+            *f = Failures { count: 0, since: now, blocked_until: None };
+        }
+        if now.duration_since(f.since) > limit.window {
+            f.count = 0;
+            f.since = now;
+        }
+        f.count += 1;
+        if f.count > limit.max {
+            f.blocked_until = Some(now + limit.block);
+            return Some(AuthError::Throttled(limit.block));
+        }
+        None
+    }
+
+    /// Applies the per-address and per-identity rates.
+    pub fn check_rate(&self, identity: &Identity, client: IpAddr) -> Result<(), AuthError> {
+        let now = Instant::now();
+        if let Some(rate) = self.per_address {
+            let mut map = lock(self.addresses.shard(&client));
+            map.entry(client).or_insert_with(|| Bucket::full(rate)).take(rate, now).map_err(AuthError::RateLimited)?;
+        }
+        if let Some(rate) = identity.rate {
+            lock(&identity.bucket)
+                .get_or_insert_with(|| Bucket::full(rate))
+                .take(rate, now)
+                .map_err(AuthError::RateLimited)?;
+        }
+        Ok(())
+    }
+
+    /// The current identity of a name (None once removed by a reload).
+    pub fn current(&self, name: &str) -> Option<Arc<Identity>> {
+        match &self.anonymous {
+            Some(a) if &*a.name == name => Some(a.clone()),
+            _ => self.by_name.get(name).cloned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn presentation_rules() {
+        assert_eq!(presented_credential(&headers(&[("authorization", "Bearer abc")])), Ok("abc"));
+        assert_eq!(presented_credential(&headers(&[("authorization", "bEaReR   abc")])), Ok("abc"));
+        assert_eq!(presented_credential(&headers(&[("x-api-key", "abc")])), Ok("abc"));
+        assert_eq!(presented_credential(&headers(&[])), Err(AuthError::Missing));
+        assert_eq!(presented_credential(&headers(&[("authorization", "Basic dXNlcjpwYXNz")])), Err(AuthError::Missing));
+        assert_eq!(presented_credential(&headers(&[("authorization", "Bearer")])), Err(AuthError::Missing));
+        assert_eq!(presented_credential(&headers(&[("x-api-key", "")])), Err(AuthError::Missing));
+        assert_eq!(
+            presented_credential(&headers(&[("authorization", "Bearer a"), ("x-api-key", "a")])),
+            Err(AuthError::BadRequest)
+        );
+        assert_eq!(
+            presented_credential(&headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")])),
+            Err(AuthError::BadRequest)
+        );
+        assert_eq!(presented_credential(&headers(&[("authorization", "Bearer a b")])), Err(AuthError::BadRequest));
+    }
+
+    #[test]
+    fn rates_and_cidrs() {
+        assert_eq!(Rate::parse("100/min"), Ok(Rate { count: 100, per: Duration::from_secs(60) }));
+        assert_eq!(Rate::parse("5/10s"), Ok(Rate { count: 5, per: Duration::from_secs(10) }));
+        assert!(Rate::parse("0/s").is_err() && Rate::parse("fast").is_err());
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()) && !c.contains("11.0.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        let mut b = Bucket::full(Rate { count: 2, per: Duration::from_secs(60) });
+        let now = Instant::now();
+        assert!(b.take(Rate { count: 2, per: Duration::from_secs(60) }, now).is_ok());
+        assert!(b.take(Rate { count: 2, per: Duration::from_secs(60) }, now).is_ok());
+        assert!(b.take(Rate { count: 2, per: Duration::from_secs(60) }, now).is_err());
+    }
+
+    /// An independent reading of RFC 7235 §2.1 / RFC 6750 §2.1 for the Bearer scheme.
+    fn oracle(v: &str) -> Presented<'_> {
+        let v = v.trim_matches([' ', '\t']);
+        if v.is_empty() {
+            return Presented::Empty;
+        }
+        let mut parts = v.splitn(2, ' ');
+        let scheme = parts.next().unwrap_or("");
+        let rest = parts.next().unwrap_or("").trim_start_matches(' ');
+        let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if !scheme.chars().all(tchar) {
+            return Presented::Malformed;
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Presented::OtherScheme;
+        }
+        if rest.is_empty() {
+            return Presented::Empty;
+        }
+        let body = rest.trim_end_matches('=');
+        let t68 = |c: char| c.is_ascii_alphanumeric() || "-._~+/".contains(c);
+        if !body.is_empty() && body.chars().all(t68) { Presented::Bearer(rest) } else { Presented::Malformed }
+    }
+
+    proptest! {
+        #[test]
+        fn authorization_parser_agrees_with_the_rfc_oracle(v in "[ \tBbEeAaRrSsIiCc:=/+._~a-z0-9-]{0,24}") {
+            prop_assert_eq!(parse_authorization(&v), oracle(&v));
+        }
+
+        #[test]
+        fn bearer_tokens_round_trip(scheme in "(?i)bearer", token in "[A-Za-z0-9._~+/-]{1,20}=*", sp in " {1,3}") {
+            let v = format!("{scheme}{sp}{token}");
+            prop_assert_eq!(parse_authorization(&v), Presented::Bearer(&token));
+        }
+    }
+}

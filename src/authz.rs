@@ -1,0 +1,235 @@
+//! Authorization: what an identity may reach. Grants are a set of servers plus allow and `!deny`
+//! globs over aggregated names (`files__read_*`), for tools, prompts and resources.
+//!
+//! Invariants: deny wins over allow whatever the order; a kind with no allow pattern allows
+//! everything not denied; the same names are matched on `/mcp` and on `/servers/{name}/mcp`
+//! (where `name` + separator is put in front), so one grant means the same on every endpoint.
+
+use std::collections::BTreeSet;
+
+/// A glob: `*` matches any run of characters (also empty), `?` exactly one; everything else
+/// is literal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    /// A glob from its pattern text.
+    pub fn new(pattern: &str) -> Self {
+        Glob(pattern.to_owned())
+    }
+
+    /// The pattern text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `name` matches the whole pattern. Linear time (greedy with one backtrack point).
+    pub fn matches(&self, name: &str) -> bool {
+        let p: Vec<char> = self.0.chars().collect();
+        let s: Vec<char> = name.chars().collect();
+        let (mut pi, mut si) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while si < s.len() {
+            if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == s[si])) {
+                pi += 1;
+                si += 1;
+            } else if pi < p.len() && p[pi] == '*' {
+                star = Some((pi, si));
+                pi += 1;
+            } else if let Some((sp, ss)) = star {
+                pi = sp + 1;
+                si = ss + 1;
+                star = Some((sp, ss + 1));
+            } else {
+                return false;
+            }
+        }
+        while pi < p.len() && p[pi] == '*' {
+            pi += 1;
+        }
+        pi == p.len()
+    }
+}
+
+/// Allow and deny globs for one kind of item.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Patterns {
+    /// Names that may be used (none: all).
+    pub allow: Vec<Glob>,
+    /// Names that may not, whatever `allow` says.
+    pub deny: Vec<Glob>,
+}
+
+impl Patterns {
+    /// Builds from config entries: `!glob` denies, anything else allows.
+    pub fn parse<'a>(entries: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut out = Patterns::default();
+        for e in entries {
+            match e.strip_prefix('!') {
+                Some(d) => out.deny.push(Glob::new(d)),
+                None => out.allow.push(Glob::new(e)),
+            }
+        }
+        out
+    }
+
+    /// Whether a name is allowed.
+    pub fn allows(&self, name: &str) -> bool {
+        if self.deny.iter().any(|g| g.matches(name)) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.iter().any(|g| g.matches(name))
+    }
+
+    /// True when nothing is restricted (lists can pass through unfiltered).
+    pub fn is_open(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+}
+
+/// The kinds of named items grants cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Tools (`tools/list`, `tools/call`).
+    Tool,
+    /// Prompts (`prompts/list`, `prompts/get`, prompt completions).
+    Prompt,
+    /// Resources and templates, by URI (`resources/*`, resource completions).
+    Resource,
+}
+
+/// What one identity may reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// The servers it may reach (None: every server).
+    pub servers: Option<BTreeSet<String>>,
+    /// Tools, by aggregated name.
+    pub tools: Patterns,
+    /// Prompts, by aggregated name.
+    pub prompts: Patterns,
+    /// Resources, by `server` + separator + URI.
+    pub resources: Patterns,
+}
+
+impl Grants {
+    /// Everything (the admin tokens from the environment, or no authentication at all).
+    pub fn all() -> Self {
+        Grants::default()
+    }
+
+    /// Whether a server may be reached at all.
+    pub fn reaches(&self, server: &str) -> bool {
+        self.servers.as_ref().is_none_or(|s| s.contains(server))
+    }
+
+    /// The patterns of a kind.
+    pub fn patterns(&self, kind: Kind) -> &Patterns {
+        match kind {
+            Kind::Tool => &self.tools,
+            Kind::Prompt => &self.prompts,
+            Kind::Resource => &self.resources,
+        }
+    }
+
+    /// Whether an item (its server and its name or URI on that server) may be used.
+    pub fn allows(&self, kind: Kind, server: &str, separator: &str, name: &str) -> bool {
+        if !self.reaches(server) {
+            return false;
+        }
+        let p = self.patterns(kind);
+        p.is_open() || p.allows(&format!("{server}{separator}{name}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn globs() {
+        assert!(Glob::new("files__read_*").matches("files__read_file"));
+        assert!(Glob::new("files__read_*").matches("files__read_"));
+        assert!(!Glob::new("files__read_*").matches("files__write"));
+        assert!(Glob::new("a?c").matches("abc"));
+        assert!(!Glob::new("a?c").matches("ac"));
+        assert!(Glob::new("*").matches(""));
+        assert!(Glob::new("*a*b").matches("xxaxxbab"));
+    }
+
+    #[test]
+    fn deny_wins_whatever_the_order() {
+        let p = Patterns::parse(["!files__delete*", "files__*"]);
+        assert!(p.allows("files__read"));
+        assert!(!p.allows("files__delete_all"));
+        let only_deny = Patterns::parse(["!db__*"]);
+        assert!(only_deny.allows("files__x") && !only_deny.allows("db__drop"));
+    }
+
+    fn regex_of(glob: &str) -> String {
+        let mut r = String::from("^");
+        for c in glob.chars() {
+            match c {
+                '*' => r.push_str(".*"),
+                '?' => r.push('.'),
+                c => r.push_str(&regex_escape(c)),
+            }
+        }
+        r.push('$');
+        r
+    }
+
+    fn regex_escape(c: char) -> String {
+        if c.is_ascii_alphanumeric() || c == '_' { c.to_string() } else { format!("\\{c}") }
+    }
+
+    /// A tiny backtracking regex matcher for the oracle (only `.`, `.*`, literals, escapes).
+    fn regex_matches(re: &str, s: &str) -> bool {
+        fn go(p: &[char], s: &[char]) -> bool {
+            if p.is_empty() || p == ['$'] {
+                return s.is_empty();
+            }
+            let (atom, rest): (Option<char>, &[char]) = match p[0] {
+                '\\' => (Some(p[1]), &p[2..]),
+                '.' => (None, &p[1..]),
+                c => (Some(c), &p[1..]),
+            };
+            let one = |c: &char| atom.is_none_or(|a| a == *c);
+            if rest.first() == Some(&'*') {
+                let rest = &rest[1..];
+                let mut i = 0;
+                loop {
+                    if go(rest, &s[i..]) {
+                        return true;
+                    }
+                    if i < s.len() && one(&s[i]) {
+                        i += 1;
+                    } else {
+                        return false;
+                    }
+                }
+            }
+            !s.is_empty() && one(&s[0]) && go(rest, &s[1..])
+        }
+        let p: Vec<char> = re.trim_start_matches('^').chars().collect();
+        let s: Vec<char> = s.chars().collect();
+        go(&p, &s)
+    }
+
+    proptest! {
+        #[test]
+        fn glob_agrees_with_a_regex_oracle(glob in "[ab_*?]{0,8}", name in "[ab_]{0,10}") {
+            prop_assert_eq!(Glob::new(&glob).matches(&name), regex_matches(&regex_of(&glob), &name));
+        }
+
+        #[test]
+        fn deny_always_wins(allow in "[ab*]{0,4}", deny in "[ab*]{0,4}", name in "[ab]{0,6}") {
+            let p = Patterns::parse([allow.as_str(), &format!("!{deny}")]);
+            if Glob::new(&deny).matches(&name) {
+                prop_assert!(!p.allows(&name));
+            } else {
+                prop_assert_eq!(p.allows(&name), Glob::new(&allow).matches(&name));
+            }
+        }
+    }
+}

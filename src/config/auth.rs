@@ -1,0 +1,294 @@
+//! The authentication part of the file (`auth`, `tenants`, `rate_limit`, `trusted_proxies`,
+//! and the MCP Front / Open MCP Gateway spellings) and its validation into [`AuthConfig`].
+//!
+//! Invariants: a secret lives here only between substitution and hashing; the runtime form
+//! holds digests. A token that resolves to an empty string, two names with one secret, or a
+//! grant naming an unknown server or tenant is an error.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::{S, Validator, line_of};
+use crate::auth::{self, AuthConfig, Cidr, FailureLimit, Rate, Role, TokenDef};
+use crate::authz::{Grants, Patterns};
+
+/// `auth:` (also MCP Front's `proxy.auth:`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// MCP Front's kind of authentication; only `bearer_token` is supported (the default).
+    #[serde(default)]
+    pub kind: Option<S>,
+    /// Named tokens: `alice: "${ALICE_TOKEN}"`, or `alice: {token, servers, tools, prompts,
+    /// resources, role, tenant, expires, rate}`.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, Spanned<RawToken>>,
+    /// Failed authentications allowed per client address per minute; past it the address gets
+    /// 429 for a minute (default 10). A valid credential is never refused by this.
+    #[serde(default)]
+    pub max_failures_per_minute: Option<u32>,
+}
+
+/// One named token: its value alone, or its value with grants.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawToken {
+    /// `name: "${SECRET}"`: every server, user role.
+    Value(String),
+    /// The full form.
+    Full(RawTokenFull),
+}
+
+/// A named token with its grants.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenFull {
+    /// The secret (use `${VAR}`; it must not be empty).
+    pub token: String,
+    /// Servers it may reach (default: all).
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Tool globs over aggregated names (`files__read_*`); `!glob` denies, deny wins.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Prompt globs, as for tools.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Resource globs over `server` + separator + URI (`files__file:///srv/*`).
+    #[serde(default)]
+    pub resources: Vec<String>,
+    /// `user` (default) or `admin` (adds the management API).
+    #[serde(default)]
+    pub role: Option<String>,
+    /// The tenant it belongs to: it sees only that tenant's namespaces' servers.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// When it stops working, RFC 3339 (`2027-01-01T00:00:00Z`).
+    #[serde(default)]
+    pub expires: Option<String>,
+    /// Its own rate limit (`100/min`), instead of `rate_limit.per_identity`.
+    #[serde(default)]
+    pub rate: Option<String>,
+}
+
+/// One tenant.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    /// Named groups of servers: `prod: [files, db]`.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, Vec<String>>,
+}
+
+/// `rate_limit:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// Requests per identity (`600/min`); a token's own `rate` replaces it. Default: none.
+    #[serde(default)]
+    pub per_identity: Option<S>,
+    /// Requests per client address (`1200/min`), authenticated or not. Default: none.
+    #[serde(default)]
+    pub per_address: Option<S>,
+}
+
+/// MCP Front's `proxy:` block: only `auth` is read; its other keys are warnings.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawProxy {
+    /// As `auth:`.
+    #[serde(default)]
+    pub auth: Option<RawAuth>,
+    /// Everything else MCP Front keeps here (`baseURL`, `addr`, `name`).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+/// The raw pieces the validator turns into an [`AuthConfig`].
+pub struct RawAuthParts {
+    pub auth: Option<RawAuth>,
+    pub proxy: Option<RawProxy>,
+    pub api_key: Option<S>,
+    pub tenants: BTreeMap<String, RawTenant>,
+    pub rate_limit: Option<RawRateLimit>,
+    pub trusted_proxies: Vec<S>,
+}
+
+impl Validator<'_> {
+    pub(super) fn auth(&mut self, parts: RawAuthParts, servers: &[String]) -> AuthConfig {
+        let mut out = AuthConfig::default();
+        // The environment: one key for everything, admin (VoiceGateway, Open MCP Gateway).
+        let mut env_tokens: Vec<String> = Vec::new();
+        if let Some(t) = self.env.get("PORTCULLIS_TOKEN").map(str::trim).filter(|t| !t.is_empty()) {
+            env_tokens.push(t.to_owned());
+        }
+        if let Some(list) = self.env.get("PORTCULLIS_TOKENS") {
+            env_tokens.extend(list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned));
+        }
+        for (i, secret) in env_tokens.iter().enumerate() {
+            let name = if i == 0 { "env".to_owned() } else { format!("env-{}", i + 1) };
+            out.tokens.push(admin_token(name, secret));
+        }
+        if let Some(key) = &parts.api_key {
+            let secret = self.subst("api_key", key);
+            if secret.trim().is_empty() {
+                self.error("api_key", line_of(key), "resolves to an empty string");
+            } else {
+                out.tokens.push(admin_token("api_key".into(), &secret));
+            }
+        }
+
+        for (name, tenant) in &parts.tenants {
+            let mut namespaces = BTreeMap::new();
+            for (ns, list) in &tenant.namespaces {
+                for s in list.iter().filter(|s| !servers.contains(s)) {
+                    self.error(format!("tenants.{name}.namespaces.{ns}"), None, format!("unknown server {s:?}"));
+                }
+                namespaces.insert(ns.clone(), list.clone());
+            }
+            out.tenants.insert(name.clone(), namespaces);
+        }
+
+        let proxy_auth = parts.proxy.and_then(|p| {
+            for key in p.other.keys() {
+                self.warnings.push(format!("proxy.{key}: ignored (only proxy.auth is read)"));
+            }
+            p.auth
+        });
+        let mut max_failures = None;
+        for (section, auth) in [("auth", parts.auth), ("proxy.auth", proxy_auth)] {
+            let Some(auth) = auth else { continue };
+            if let Some(kind) = &auth.kind
+                && !kind.value.eq_ignore_ascii_case("bearer_token")
+            {
+                self.error(format!("{section}.kind"), line_of(kind), "only `bearer_token` is supported");
+            }
+            max_failures = auth.max_failures_per_minute.or(max_failures);
+            for (name, entry) in &auth.tokens {
+                if let Some(t) = self.token(&format!("{section}.tokens.{name}"), name, entry, servers, &out.tenants) {
+                    out.tokens.push(t);
+                }
+            }
+        }
+        if let Some(max) = max_failures {
+            out.failures = FailureLimit { max, ..FailureLimit::default() };
+        }
+        for i in 0..out.tokens.len() {
+            for j in 0..i {
+                if out.tokens[i].digest == out.tokens[j].digest {
+                    let (a, b) = (out.tokens[j].name.clone(), out.tokens[i].name.clone());
+                    self.error("auth.tokens", None, format!("{a:?} and {b:?} have the same secret"));
+                }
+                if out.tokens[i].name == out.tokens[j].name {
+                    let n = out.tokens[i].name.clone();
+                    self.error("auth.tokens", None, format!("the token name {n:?} is defined twice"));
+                }
+            }
+        }
+
+        if let Some(rl) = &parts.rate_limit {
+            out.per_identity = rl.per_identity.as_ref().and_then(|r| self.rate("rate_limit.per_identity", r));
+            out.per_address = rl.per_address.as_ref().and_then(|r| self.rate("rate_limit.per_address", r));
+        }
+        for (i, p) in parts.trusted_proxies.iter().enumerate() {
+            let path = format!("trusted_proxies[{i}]");
+            let text = self.subst(&path, p);
+            match Cidr::parse(&text) {
+                Ok(c) => out.trusted_proxies.push(c),
+                Err(e) => self.error(path, line_of(p), e),
+            }
+        }
+        out
+    }
+
+    fn rate(&mut self, path: &str, value: &S) -> Option<Rate> {
+        let text = self.subst(path, value);
+        Rate::parse(&text).map_err(|e| self.error(path, line_of(value), e)).ok()
+    }
+
+    fn token(
+        &mut self,
+        path: &str,
+        name: &str,
+        entry: &Spanned<RawToken>,
+        servers: &[String],
+        tenants: &BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    ) -> Option<TokenDef> {
+        let line = line_of(entry);
+        let before = self.errors.len();
+        let empty = RawTokenFull::default();
+        let (secret_raw, full) = match &entry.value {
+            RawToken::Value(v) => (v.as_str(), &empty),
+            RawToken::Full(f) => (f.token.as_str(), f),
+        };
+        let secret = match self.env.substitute(secret_raw) {
+            Ok(s) => s,
+            Err(errs) => {
+                for e in errs {
+                    self.error(path, line, e.to_string());
+                }
+                String::new()
+            }
+        };
+        if secret.trim().is_empty() && self.errors.len() == before {
+            self.error(path, line, "the token resolves to an empty string");
+        }
+        for s in full.servers.iter().filter(|s| !servers.contains(s)) {
+            self.error(format!("{path}.servers"), line, format!("unknown server {s:?}"));
+        }
+        let role = match full.role.as_deref() {
+            None | Some("user") => Role::User,
+            Some("admin") => Role::Admin,
+            Some(other) => {
+                self.error(format!("{path}.role"), line, format!("unknown role {other:?} (user, admin)"));
+                Role::User
+            }
+        };
+        if let Some(t) = &full.tenant
+            && !tenants.contains_key(t)
+        {
+            self.error(format!("{path}.tenant"), line, format!("unknown tenant {t:?}"));
+        }
+        let expires = full.expires.as_deref().and_then(|e| {
+            humantime::parse_rfc3339_weak(e.trim())
+                .map_err(|err| {
+                    self.error(format!("{path}.expires"), line, format!("{e:?} is not an RFC 3339 time: {err}"))
+                })
+                .ok()
+        });
+        let rate = full
+            .rate
+            .as_deref()
+            .and_then(|r| Rate::parse(r).map_err(|e| self.error(format!("{path}.rate"), line, e)).ok());
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(TokenDef {
+            name: name.to_owned(),
+            digest: auth::digest(secret.trim()),
+            role,
+            tenant: full.tenant.clone(),
+            grants: Grants {
+                servers: (!full.servers.is_empty()).then(|| full.servers.iter().cloned().collect()),
+                tools: Patterns::parse(full.tools.iter().map(String::as_str)),
+                prompts: Patterns::parse(full.prompts.iter().map(String::as_str)),
+                resources: Patterns::parse(full.resources.iter().map(String::as_str)),
+            },
+            expires,
+            rate,
+        })
+    }
+}
+
+fn admin_token(name: String, secret: &str) -> TokenDef {
+    TokenDef {
+        name,
+        digest: auth::digest(secret.trim()),
+        role: Role::Admin,
+        tenant: None,
+        grants: Grants::all(),
+        expires: None,
+        rate: None,
+    }
+}
