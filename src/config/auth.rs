@@ -292,3 +292,117 @@ fn admin_token(name: String, secret: &str) -> TokenDef {
         rate: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Env, parse};
+
+    fn env() -> Env {
+        Env::from_pairs([("ALICE", "alice-secret"), ("BOB", "bob-secret"), ("MCP_GATEWAY_API_KEY", "gw-key")])
+    }
+
+    #[test]
+    fn named_tokens_short_and_full() {
+        let yaml = r#"
+servers:
+  files: {command: x}
+  db: {command: y}
+auth:
+  tokens:
+    alice: "${ALICE}"
+    bob:
+      token: "${BOB}"
+      servers: [files]
+      tools: ["files__read_*", "!files__read_secret"]
+      role: admin
+      expires: 2027-01-01T00:00:00Z
+      rate: 100/min
+"#;
+        let c = parse(yaml, false, &env()).unwrap();
+        let names: Vec<&str> = c.auth.tokens.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        let bob = &c.auth.tokens[1];
+        assert_eq!(bob.digest, crate::auth::digest("bob-secret"));
+        assert_eq!(bob.role, crate::auth::Role::Admin);
+        assert!(bob.grants.tools.allows("files__read_x") && !bob.grants.tools.allows("files__read_secret"));
+        assert!(bob.expires.is_some() && bob.rate.is_some());
+        // No secret in what the config prints.
+        assert!(!format!("{c:?}").contains("bob-secret"));
+    }
+
+    #[test]
+    fn environment_tokens_are_admins() {
+        let e = Env::from_pairs([("PORTCULLIS_TOKEN", "one"), ("PORTCULLIS_TOKENS", "two, three,")]);
+        let c = parse("servers: {}", false, &e).unwrap();
+        let names: Vec<&str> = c.auth.tokens.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["env", "env-2", "env-3"]);
+        assert!(c.auth.tokens.iter().all(|t| t.role == crate::auth::Role::Admin));
+        let empty = Env::from_pairs([("PORTCULLIS_TOKEN", ""), ("PORTCULLIS_TOKENS", " ")]);
+        assert!(parse("servers: {}", false, &empty).unwrap().auth.tokens.is_empty());
+    }
+
+    #[test]
+    fn mcp_front_and_open_mcp_gateway_files_work_as_written() {
+        let front = r#"
+proxy:
+  baseURL: https://mcp.example.com
+  addr: ":8080"
+  auth:
+    kind: bearer_token
+    tokens:
+      alice: "$env:ALICE|fallback"
+      carol: "$env:CAROL|carol-default"
+mcpServers:
+  notes:
+    command: notes
+    authTokens: [alice]
+"#;
+        let c = parse(front, false, &env()).unwrap();
+        let digests: Vec<[u8; 32]> = c.auth.tokens.iter().map(|t| t.digest).collect();
+        assert_eq!(digests, [crate::auth::digest("alice-secret"), crate::auth::digest("carol-default")]);
+        assert_eq!(c.servers[0].auth_tokens, ["alice"]);
+        assert!(c.warnings.iter().any(|w| w.contains("proxy.baseURL")));
+        let gw = "listen_addr: 127.0.0.1:9000\napi_key: \"${MCP_GATEWAY_API_KEY}\"\nservers: {}\n";
+        let c = parse(gw, false, &env()).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.auth.tokens[0].name, "api_key");
+        assert_eq!(c.auth.tokens[0].digest, crate::auth::digest("gw-key"));
+    }
+
+    #[test]
+    fn bad_tokens_are_errors_with_paths() {
+        let yaml = r#"
+servers:
+  files: {command: x}
+  other: {command: y, authTokens: [nobody]}
+auth:
+  tokens:
+    empty: "${NOTHING:-}"
+    twin1: same-secret
+    twin2: same-secret
+    bad:
+      token: t0ken-value
+      servers: [nope]
+      role: root
+      tenant: ghost
+      expires: tomorrow
+      rate: fast
+"#;
+        let errs = parse(yaml, false, &env()).unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        let all = text.join("\n");
+        for needle in [
+            "auth.tokens.empty: the token resolves to an empty string",
+            "\"twin1\" and \"twin2\" have the same secret",
+            "auth.tokens.bad.servers: unknown server \"nope\"",
+            "auth.tokens.bad.role: unknown role",
+            "auth.tokens.bad.tenant: unknown tenant",
+            "auth.tokens.bad.expires",
+            "auth.tokens.bad.rate",
+            "servers.other.authTokens: unknown token name \"nobody\"",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(!all.contains("same-secret") && !all.contains("t0ken-value"), "a secret in an error:\n{all}");
+    }
+}

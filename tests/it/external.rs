@@ -42,17 +42,47 @@ fn fixture(name: &str) -> String {
 
 /// Runs the Python SDK client fixture and returns what it printed.
 async fn sdk_client(url: &str, mode: &str, prefix: &str, sample: bool) -> Value {
+    let out = sdk_client_run(url, mode, prefix, sample, None).await;
+    assert!(out.status.success(), "SDK client failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn sdk_client_run(
+    url: &str,
+    mode: &str,
+    prefix: &str,
+    sample: bool,
+    token: Option<&str>,
+) -> std::process::Output {
     let mut cmd = Command::new(python());
     cmd.arg(fixture("sdk_client.py")).args([url, mode, prefix]);
     if sample {
         cmd.arg("sample");
     }
-    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.kill_on_drop(true).output())
+    if let Some(t) = token {
+        cmd.env("PORTCULLIS_TEST_TOKEN", t);
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(60), cmd.kill_on_drop(true).output())
         .await
         .expect("the SDK client hung")
-        .unwrap();
-    assert!(out.status.success(), "SDK client failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn python_sdk_client_with_a_token_and_without() {
+    let gw = gateway().demo("demo", &[], "").env("PORTCULLIS_TOKEN", "sdk-token-0123456789abcdef").start().await;
+    for mode in ["legacy", "auto"] {
+        let ok = sdk_client_run(&gw.mcp(), mode, "demo__", false, Some("sdk-token-0123456789abcdef")).await;
+        assert!(ok.status.success(), "{mode}: {}", String::from_utf8_lossy(&ok.stderr));
+        let printed: Value = serde_json::from_slice(&ok.stdout).unwrap();
+        assert_eq!(printed["echo"], json!(["hello from the python sdk"]));
+        let refused = sdk_client_run(&gw.mcp(), mode, "demo__", false, None).await;
+        assert!(!refused.status.success(), "{mode}: connected without a token");
+        // The SDK reports the refusal its own way; the gateway's audit says what it answered.
+        let records = gw.audit_until(|r| r.iter().any(|r| r["status"] == 401 && r["identity"].is_null())).await;
+        assert!(records.iter().all(|r| r["status"] == 401 || r["identity"] == "env"), "{records:?}");
+    }
+    gw.stop().await;
 }
 
 #[tokio::test]

@@ -7,5 +7,6 @@ mod eras;
 mod external;
 mod process;
 mod protocol;
+mod secrets;
 mod support;
 mod upstream;
