@@ -219,6 +219,7 @@ impl Gateway {
         let stale: Vec<String> = lock(&self.sessions)
             .values()
             .filter(|s| match auth.current(&s.identity.name) {
+                Some(c) if Arc::ptr_eq(&c, &s.identity) => c.expired(now),
                 None => true,
                 // Changed grants (a reload) end the session too: it was authorized under the old ones.
                 Some(c) => c.expired(now) || c.grants != s.identity.grants || c.tenant != s.identity.tenant,
