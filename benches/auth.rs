@@ -31,7 +31,10 @@ fn token(seed: &mut u64) -> String {
 
 fn headers(secret: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert("authorization", HeaderValue::from_str(&format!("Bearer {secret}")).unwrap_or(HeaderValue::from_static("")));
+    h.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {secret}")).unwrap_or(HeaderValue::from_static("")),
+    );
     h
 }
 
@@ -62,10 +65,8 @@ fn medians(cases: &[Vec<HeaderMap>], auth: &Authenticator, client: IpAddr) -> Ve
 }
 
 fn main() {
-    let mut cfg = AuthConfig {
-        failures: FailureLimit { max: u32::MAX, ..FailureLimit::default() },
-        ..AuthConfig::default()
-    };
+    let mut cfg =
+        AuthConfig { failures: FailureLimit { max: u32::MAX, ..FailureLimit::default() }, ..AuthConfig::default() };
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
     let table: Vec<String> = (0..1000).map(|_| token(&mut seed)).collect();
     for (i, t) in table.iter().enumerate() {

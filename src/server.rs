@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +31,13 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/mcp", any(aggregated))
         .route("/servers/{name}/mcp", any(one_server))
+        .route("/sse", get(sse_aggregated))
+        .route("/servers/{name}/sse", get(sse_one))
+        .route("/messages", post(sse_message))
+        .route("/messages/", post(sse_message))
+        // MCP Front's paths: /{name}/sse and /{name}/mcp (server names may not be reserved paths).
+        .route("/{name}/sse", get(sse_one))
+        .route("/{name}/mcp", any(one_server))
         .route("/health", get(health))
         .fallback(not_found)
         .with_state(gw)
@@ -55,6 +62,41 @@ async fn one_server(
     body: Body,
 ) -> Response {
     mcp_http::handle(gw, Scope::One(name), method, headers, body, peer).await
+}
+
+async fn sse_aggregated(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    crate::mcp::downstream::sse::open(gw, Scope::All, headers, peer).await
+}
+
+async fn sse_one(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    crate::mcp::downstream::sse::open(gw, Scope::One(name), headers, peer).await
+}
+
+/// The session id of a legacy SSE POST: `session_id` (Python servers) or `sessionId` (TypeScript).
+#[derive(serde::Deserialize)]
+struct SessionQuery {
+    session_id: Option<String>,
+    #[serde(rename = "sessionId")]
+    session_id_camel: Option<String>,
+}
+
+async fn sse_message(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<SessionQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    crate::mcp::downstream::sse::message(gw, q.session_id.or(q.session_id_camel), headers, body, peer).await
 }
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {

@@ -78,6 +78,8 @@ pub struct Note {
     pub refused: Option<String>,
     /// Set for a batch: its elements are recorded one by one instead.
     pub batch: bool,
+    /// Set when the request is answered later (legacy SSE): the record is written then.
+    pub deferred: bool,
 }
 
 impl Ctx {
@@ -322,6 +324,10 @@ impl Gateway {
     pub async fn end_session(&self, id: &str) -> bool {
         let Some(s) = lock(&self.sessions).remove(id) else { return false };
         s.close();
+        // Its calls still running upstream have nobody left to answer.
+        for (up, up_id) in s.take_inflight() {
+            up.cancel(up_id, Some("the client session ended"));
+        }
         for up in s.take_per_session() {
             up.stop().await;
         }

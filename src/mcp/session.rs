@@ -253,6 +253,11 @@ impl Session {
         lock(&self.inflight).remove(down_id);
     }
 
+    /// Takes every call in flight (to cancel them when the session ends).
+    pub fn take_inflight(&self) -> Vec<(Arc<Upstream>, u64)> {
+        lock(&self.inflight).drain().map(|(_, v)| v).collect()
+    }
+
     /// The upstream call for a downstream request id.
     pub fn inflight(&self, down_id: &str) -> Option<(Arc<Upstream>, u64)> {
         lock(&self.inflight).get(down_id).cloned()

@@ -268,3 +268,24 @@ async fn server_everything_as_legacy_sse_upstream_fails_fast_and_reconnects() {
     assert_eq!(echoed, "Echo: again");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn python_sdk_sse_client_aggregated_per_server_and_alias() {
+    let token = "sse-token-0123456789abcdef0";
+    let gw = gateway().demo("d", &[], "").env("PORTCULLIS_TOKEN", token).start().await;
+    for (url, prefix) in [
+        (format!("{}/sse", gw.url), "d__"),
+        (format!("{}/servers/d/sse", gw.url), ""),
+        (format!("{}/d/sse", gw.url), ""),
+    ] {
+        let out = sdk_client_run(&url, "sse", prefix, true, Some(token)).await;
+        assert!(out.status.success(), "{url}: {}", String::from_utf8_lossy(&out.stderr));
+        let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(printed["tools"].as_array().unwrap().contains(&json!(format!("{prefix}echo"))), "{printed}");
+        assert_eq!(printed["echo"], json!(["hello from the python sdk"]), "{url}");
+        assert!(printed["sample"][0].as_str().unwrap().contains("sampled: a haiku"), "{url}: {printed}");
+    }
+    let refused = sdk_client_run(&format!("{}/sse", gw.url), "sse", "d__", false, None).await;
+    assert!(!refused.status.success());
+    gw.stop().await;
+}

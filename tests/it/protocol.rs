@@ -4,7 +4,9 @@
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use crate::support::{Client, TestGateway, gateway};
+use std::time::Duration;
+
+use crate::support::{Client, Events, TestGateway, eventually, gateway};
 
 async fn raw(gw: &TestGateway, headers: &[(&str, &str)], body: &str) -> (u16, Value) {
     let mut req = reqwest::Client::new().post(gw.mcp());
@@ -167,4 +169,76 @@ async fn fuzz_gateway() -> &'static TestGateway {
         TestGateway::detached(url)
     })
     .await
+}
+
+/// A raw legacy SSE client: the stream and the POST endpoint it named.
+async fn open_sse(url: &str, token: Option<&str>) -> (Events, String) {
+    let mut req = reqwest::Client::new().get(url).header("accept", "text/event-stream");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = Events::from_response(resp);
+    let endpoint = events.next_event().await;
+    assert_eq!(endpoint.0.as_deref(), Some("endpoint"));
+    (events, endpoint.1)
+}
+
+#[tokio::test]
+async fn legacy_sse_sessions_are_private_single_message_and_end_with_their_stream() {
+    let token = "sse-owner-0123456789abcdef0";
+    let other = "sse-other-0123456789abcdef0";
+    let gw = gateway().demo("d", &[], "").env("PORTCULLIS_TOKENS", &format!("{token},{other}")).start().await;
+    let (mut events, endpoint) = open_sse(&format!("{}/sse", gw.url), Some(token)).await;
+    assert!(endpoint.starts_with("/messages/?session_id="), "{endpoint}");
+    let post = |body: Value, t: &str, path: &str| {
+        let url = format!("{}{path}", gw.url);
+        let t = t.to_owned();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("authorization", format!("Bearer {t}"))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
+    assert_eq!(post(init, token, &endpoint).await.status(), 202);
+    assert_eq!(events.next().await["result"]["protocolVersion"], "2024-11-05");
+    // sessionId works as well as session_id.
+    let camel = endpoint.replace("session_id", "sessionId");
+    let call = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"d__echo","arguments":{"text":"via sse"}}});
+    assert_eq!(post(call.clone(), token, &camel).await.status(), 202);
+    assert_eq!(events.next().await["result"]["content"][0]["text"], "via sse");
+    // Another identity, an unknown id, an array, no credential.
+    assert_eq!(post(call.clone(), other, &endpoint).await.status(), 404);
+    assert_eq!(post(call.clone(), token, "/messages/?session_id=nope").await.status(), 404);
+    let arr = post(json!([call.clone()]), token, &endpoint).await;
+    assert_eq!(arr.status(), 400);
+    let body: Value = serde_json::from_str(&arr.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], -32600);
+    let anon = reqwest::Client::new().get(format!("{}/sse", gw.url)).send().await.unwrap();
+    assert_eq!(anon.status(), 401);
+
+    // A call in flight when the stream closes is cancelled upstream.
+    let watcher = Client::connect_as(&gw.mcp(), other).await;
+    let sleep =
+        json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"d__sleep","arguments":{"ms":60000}}});
+    assert_eq!(post(sleep, token, &endpoint).await.status(), 202);
+    let in_flight = |n: u64| {
+        let watcher = watcher.clone();
+        async move {
+            let s: Value = serde_json::from_str(&watcher.call_text("d__stats", json!({})).await).ok()?;
+            (s["in_flight"].as_u64()? == n).then_some(())
+        }
+    };
+    eventually(Duration::from_secs(10), || in_flight(1)).await;
+    drop(events);
+    eventually(Duration::from_secs(10), || in_flight(0)).await;
+    assert_eq!(post(call, token, &endpoint).await.status(), 404, "the session outlived its stream");
+    gw.stop().await;
 }

@@ -463,7 +463,7 @@ pub fn alive(pid: u32) -> bool {
 pub struct Events {
     stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     parser: sse::Parser,
-    queue: std::collections::VecDeque<Value>,
+    queue: std::collections::VecDeque<sse::Event>,
 }
 
 impl Events {
@@ -471,11 +471,17 @@ impl Events {
         Events { stream: Box::pin(resp.bytes_stream()), parser: sse::Parser::new(1 << 26), queue: Default::default() }
     }
 
-    /// The next message, waiting up to 10 s.
-    pub async fn next(&mut self) -> Value {
+    /// Reads the SSE stream of a response.
+    pub fn from_response(resp: reqwest::Response) -> Self {
+        Self::new(resp)
+    }
+
+    /// The next event of any type with data, as (event name, data), waiting up to 10 s.
+    pub async fn next_event(&mut self) -> (Option<String>, String) {
         loop {
-            if let Some(v) = self.queue.pop_front() {
-                return v;
+            if let Some(ev) = self.queue.pop_front() {
+                let name = (!ev.event.is_empty()).then(|| ev.event.clone());
+                return (name, ev.data);
             }
             let chunk = tokio::time::timeout(Duration::from_secs(10), self.stream.next())
                 .await
@@ -483,9 +489,19 @@ impl Events {
                 .expect("the stream ended")
                 .unwrap();
             for ev in self.parser.feed(&chunk).unwrap() {
-                if ev.is_message() && !ev.data.is_empty() {
-                    self.queue.push_back(serde_json::from_str(&ev.data).unwrap());
+                if !ev.data.is_empty() {
+                    self.queue.push_back(ev);
                 }
+            }
+        }
+    }
+
+    /// The next message, waiting up to 10 s.
+    pub async fn next(&mut self) -> Value {
+        loop {
+            let (name, data) = self.next_event().await;
+            if name.as_deref().is_none_or(|n| n == "message") {
+                return serde_json::from_str(&data).unwrap();
             }
         }
     }

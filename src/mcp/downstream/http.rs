@@ -146,7 +146,8 @@ pub struct Who {
 }
 
 impl Who {
-    fn ctx(&self, scope: Scope, caller: Caller, protocol_version: String) -> Ctx {
+    /// The gateway context of one request by this caller.
+    pub fn ctx(&self, scope: Scope, caller: Caller, protocol_version: String) -> Ctx {
         Ctx { scope, caller, protocol_version, identity: self.identity.clone(), note: self.note.clone() }
     }
 
@@ -158,7 +159,7 @@ impl Who {
 }
 
 /// Writes one audit record from a note.
-fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: StatusCode, started: Instant) {
+pub fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: StatusCode, started: Instant) {
     gw.audit().record(crate::audit::Record {
         time,
         identity: note.identity.as_ref().map(|i| i.name.to_string()),
@@ -174,8 +175,76 @@ fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: Status
     });
 }
 
-/// Handles POST, GET and DELETE on an MCP endpoint: authentication and the endpoint grant
-/// first, then the MCP request, then one audit record.
+/// Runs one request behind the gate: the Origin check, authentication, the endpoint's server
+/// grant and the rate limits, then `f`, then one audit record. Every client-facing endpoint
+/// goes through here.
+pub async fn guarded<F, Fut>(
+    gw: &Arc<Gateway>,
+    scope: &Scope,
+    method: &str,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    f: F,
+) -> Response
+where
+    F: FnOnce(Who) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    let started = Instant::now();
+    let time = crate::audit::now_rfc3339();
+    let auth = gw.authenticator();
+    let client = auth.client_addr(peer, headers);
+    let note = Arc::new(Mutex::new(Note { method: method.to_owned(), ..Note::default() }));
+    let resp = match admit(gw, &auth, scope, headers, client, &note) {
+        Ok(who) => f(who).await,
+        Err(r) => r,
+    };
+    let n = lock(&note);
+    if !n.batch && !n.deferred {
+        audit(gw, time, client, &n, resp.status(), started);
+    }
+    resp
+}
+
+/// The gate itself (see [`guarded`]).
+fn admit(
+    gw: &Gateway,
+    auth: &Authenticator,
+    scope: &Scope,
+    headers: &HeaderMap,
+    client: IpAddr,
+    note: &Arc<Mutex<Note>>,
+) -> Result<Who, Response> {
+    let config = gw.config();
+    if let Some(r) = check_origin(&config, headers) {
+        lock(note).refused = Some("refused: origin not allowed".into());
+        return Err(r);
+    }
+    let refuse = |e: AuthError| {
+        lock(note).refused = Some(e.outcome().into());
+        e.into_response()
+    };
+    let identity = auth.authenticate(headers, client).map_err(refuse)?;
+    lock(note).identity = Some(identity.clone());
+    if let Scope::One(name) = scope {
+        lock(note).server = Some(name.clone());
+        if config.server(name).is_none_or(|d| !d.enabled) {
+            return Err(rpc_error(
+                StatusCode::NOT_FOUND,
+                None,
+                code::INVALID_REQUEST,
+                &format!("No such server: {name}"),
+            ));
+        }
+        if !identity.grants.reaches(name) {
+            return Err(refuse(AuthError::Forbidden(format!("this token may not reach server {name}"))));
+        }
+    }
+    auth.check_rate(&identity, client).map_err(refuse)?;
+    Ok(Who { identity, client, note: note.clone() })
+}
+
+/// Handles POST, GET and DELETE on a streamable-HTTP MCP endpoint.
 pub async fn handle(
     gw: Arc<Gateway>,
     scope: Scope,
@@ -184,73 +253,27 @@ pub async fn handle(
     body: Body,
     peer: SocketAddr,
 ) -> Response {
-    let started = Instant::now();
-    let time = crate::audit::now_rfc3339();
-    let auth = gw.authenticator();
-    let client = auth.client_addr(peer, &headers);
-    let note = Arc::new(Mutex::new(Note { method: method.to_string(), ..Note::default() }));
-    let resp = authorized(&gw, &auth, scope, method, headers, body, client, &note).await;
-    let n = lock(&note);
-    if !n.batch {
-        audit(&gw, time, client, &n, resp.status(), started);
-    }
-    resp
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn authorized(
-    gw: &Arc<Gateway>,
-    auth: &Authenticator,
-    scope: Scope,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-    client: IpAddr,
-    note: &Arc<Mutex<Note>>,
-) -> Response {
-    let config = gw.config();
-    if let Some(r) = check_origin(&config, &headers) {
-        lock(note).refused = Some("refused: origin not allowed".into());
-        return r;
-    }
-    let refuse = |e: AuthError| {
-        lock(note).refused = Some(e.outcome().into());
-        e.into_response()
-    };
-    let identity = match auth.authenticate(&headers, client) {
-        Ok(i) => i,
-        Err(e) => return refuse(e),
-    };
-    lock(note).identity = Some(identity.clone());
-    if let Scope::One(name) = &scope {
-        lock(note).server = Some(name.clone());
-        if config.server(name).is_none_or(|d| !d.enabled) {
-            return rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, &format!("No such server: {name}"));
+    let label = method.to_string();
+    guarded(&gw.clone(), &scope.clone(), &label, &headers.clone(), peer, |who| async move {
+        let config = gw.config();
+        let version_header = header_str(&headers, "mcp-protocol-version").map(str::to_owned);
+        let modern_header = version_header.as_deref().is_some_and(is_modern_version);
+        match method {
+            Method::POST => post(gw.clone(), &config, scope, headers, body, version_header, &who).await,
+            Method::GET if modern_header => method_not_allowed(),
+            Method::GET => get_stream(gw.clone(), scope, &headers, &who).await,
+            Method::DELETE if modern_header => method_not_allowed(),
+            Method::DELETE => match session_of(&gw, &scope, &headers, &who) {
+                Ok(s) => {
+                    gw.end_session(&s.id).await;
+                    StatusCode::NO_CONTENT.into_response()
+                }
+                Err(r) => r,
+            },
+            _ => method_not_allowed(),
         }
-        if !identity.grants.reaches(name) {
-            return refuse(AuthError::Forbidden(format!("this token may not reach server {name}")));
-        }
-    }
-    if let Err(e) = auth.check_rate(&identity, client) {
-        return refuse(e);
-    }
-    let who = Who { identity, client, note: note.clone() };
-    let version_header = header_str(&headers, "mcp-protocol-version").map(str::to_owned);
-    let modern_header = version_header.as_deref().is_some_and(is_modern_version);
-    match method {
-        Method::POST => post(gw.clone(), &config, scope, headers, body, version_header, &who).await,
-        Method::GET if modern_header => method_not_allowed(),
-        Method::GET => get_stream(gw.clone(), scope, &headers, &who).await,
-        Method::DELETE if modern_header => method_not_allowed(),
-        Method::DELETE => match session_of(gw, &scope, &headers, &who) {
-            Ok(s) => {
-                gw.end_session(&s.id).await;
-                StatusCode::NO_CONTENT.into_response()
-            }
-            Err(r) => r,
-        },
-        _ => method_not_allowed(),
-    }
+    })
+    .await
 }
 
 fn method_not_allowed() -> Response {
@@ -615,9 +638,16 @@ async fn listen(gw: Arc<Gateway>, ctx: Ctx, env: &Envelope<'_>) -> Response {
 }
 
 /// Ends a session when dropped (the stream that owned it went away).
-struct EndSession {
+pub struct EndSession {
     gw: Arc<Gateway>,
     id: String,
+}
+
+impl EndSession {
+    /// A guard for a session.
+    pub fn new(gw: Arc<Gateway>, id: String) -> Self {
+        EndSession { gw, id }
+    }
 }
 
 impl Drop for EndSession {

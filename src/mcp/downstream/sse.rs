@@ -1,0 +1,139 @@
+//! The 2024-11-05 HTTP+SSE transport for clients: `GET /sse` (or a server's own `/sse`) opens
+//! a stream whose first event names `POST /messages/?session_id=…`; messages POSTed there are
+//! answered 202 and their responses arrive on the stream.
+//!
+//! Invariants: the session id is 256 random bits, bound to the identity that opened the stream
+//! (another identity's POST gets 404, exactly like an unknown id); closing the stream ends the
+//! session and cancels its calls still in flight upstream; one JSON-RPC message per POST (an
+//! array is 400, -32600); every POST is authenticated and audited when its answer is sent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use super::http::{
+    EndSession, async_stream, audit, guarded, read_body, rpc_error, sse_response, stream_with_keepalive,
+};
+use crate::mcp::gateway::{self, Gateway, Request};
+use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, code};
+use crate::mcp::session::{Caller, Scope, Session, Transport, lock};
+use crate::mcp::sse;
+
+/// The version a legacy SSE session speaks until `initialize` says otherwise.
+const SSE_VERSION: &str = "2024-11-05";
+
+/// `GET /sse`: opens a session and its stream.
+pub async fn open(gw: Arc<Gateway>, scope: Scope, headers: HeaderMap, peer: SocketAddr) -> Response {
+    guarded(&gw.clone(), &scope.clone(), "GET", &headers, peer, |who| async move {
+        let session = Session::new(scope, SSE_VERSION.to_owned(), Transport::Sse, who.identity.clone());
+        let (tx, rx) = mpsc::channel::<Bytes>(256);
+        session.attach_stream(tx);
+        gw.add_session(session.clone());
+        let endpoint = format!("/messages/?session_id={}", session.id);
+        let end = EndSession::new(gw.clone(), session.id.clone());
+        let closed = session.closed.clone();
+        let stream = async_stream(move |out| async move {
+            let _end = end; // the stream going away ends the session
+            if out.send(sse::named("endpoint", &endpoint)).await.is_err() {
+                return;
+            }
+            let mut messages = Box::pin(stream_with_keepalive(rx, closed));
+            while let Some(Ok(chunk)) = messages.next().await {
+                if out.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        sse_response(stream, None)
+    })
+    .await
+}
+
+/// `POST /messages/?session_id=…` (or `sessionId`).
+pub async fn message(
+    gw: Arc<Gateway>,
+    session_id: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+    peer: SocketAddr,
+) -> Response {
+    guarded(&gw.clone(), &Scope::All, "POST", &headers.clone(), peer, |who| async move {
+        let session = session_id
+            .and_then(|id| gw.session(&id))
+            .filter(|s| s.transport == Transport::Sse && s.identity.name == who.identity.name);
+        let Some(session) = session else {
+            return rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found");
+        };
+        let body = match read_body(body, gw.config().max_body_bytes).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        if jsonrpc::is_array(&body) {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                code::INVALID_REQUEST,
+                "Bad Request: batches are not supported on this transport",
+            );
+        }
+        let env = match Envelope::parse(&body) {
+            Ok(e) => e,
+            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
+        };
+        {
+            let mut n = lock(&who.note);
+            n.method = env.method().to_owned();
+            n.request_id = env.id.map(|i| i.get().to_owned());
+        }
+        let caller = Caller { session: Some(session.clone()), ..Caller::default() };
+        let ctx = who.ctx(session.scope.clone(), caller, session.protocol_version.clone());
+        match env.kind {
+            Kind::Notification => gw.notification(&ctx, &env),
+            Kind::Result | Kind::Error => gw.response(&ctx, &env),
+            Kind::Request if env.method() == "initialize" => {
+                let requested =
+                    env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("protocolVersion"));
+                if let Some(caps) =
+                    env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities"))
+                {
+                    session.set_capabilities(caps.get());
+                }
+                let version = gateway::negotiate(requested.as_deref());
+                let result = gw.initialize_result(&session.scope, version, &ctx.caller, &who.identity).await;
+                session.send(Bytes::from(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)));
+            }
+            Kind::Request => {
+                // Answered on the stream; the POST returns at once. The audit record is written
+                // when the answer is sent, with what routing found.
+                lock(&who.note).deferred = true;
+                let id = env.id.map_or("null", RawValue::get).to_owned();
+                let method = env.method().to_owned();
+                let params: Option<Box<RawValue>> = env.params.map(ToOwned::to_owned);
+                let gw = gw.clone();
+                let time = crate::audit::now_rfc3339();
+                let started = Instant::now();
+                tokio::spawn(async move {
+                    let r = Request { method: &method, params: params.as_deref(), id: Some(&id) };
+                    let reply = gw.request(&ctx, &r).await;
+                    let [head, payload, tail] = reply.to_chunks(&id);
+                    let mut msg = Vec::with_capacity(head.len() + payload.len() + tail.len());
+                    msg.extend_from_slice(&head);
+                    msg.extend_from_slice(&payload);
+                    msg.extend_from_slice(&tail);
+                    session.send(Bytes::from(msg));
+                    audit(&gw, time, who.client, &lock(&who.note), StatusCode::ACCEPTED, started);
+                });
+            }
+        }
+        StatusCode::ACCEPTED.into_response()
+    })
+    .await
+}
