@@ -188,8 +188,6 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
         config.listen = l;
     }
     apply_credentials(&mut config, &opts)?;
-    let generated: Vec<crate::auth::TokenDef> =
-        config.auth.tokens.iter().filter(|t| t.name == "generated" && opts.generate_token).cloned().collect();
     let panic_after = opts.panic_after.clone();
     for w in &config.warnings {
         tracing::warn!("{w}");
@@ -214,15 +212,9 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
             return std::future::pending::<()>().await;
         };
         while hup.recv().await.is_some() {
-            match config::load(&path) {
-                Ok(mut next) => {
-                    next.auth.tokens.extend(generated.iter().cloned());
-                    tracing::info!(config = %path.display(), "SIGHUP: reloading");
-                    gateway.reload(next).await;
-                }
-                // A bad file changes nothing: the running config stays.
-                Err(e) => tracing::error!("SIGHUP: config not reloaded: {e}"),
-            }
+            tracing::info!(config = %path.display(), "SIGHUP: reloading");
+            // A bad file changes nothing: the running config stays (the errors are logged).
+            let _ = gateway.reload_from_source().await;
         }
     };
     tokio::select! {

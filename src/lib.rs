@@ -10,10 +10,12 @@
 //! - [`mcp::gateway`]: routing and the aggregated view (namespacing, merged lists, resources).
 //! - [`mcp::session`]: downstream sessions and per-request callers.
 //! - [`mcp::downstream`]: the gateway as an MCP server (streamable HTTP, both eras).
-//! - [`server`]: the HTTP listener, health, graceful shutdown.
+//! - [`server`]: the HTTP listener, health, graceful shutdown; [`admin`]: the management API;
+//!   [`metrics`]: `/stats` and `/metrics`.
 //! - [`cli`]: the command line. [`demo`]: the bundled demo MCP server.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod authz;
@@ -21,4 +23,5 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod mcp;
+pub mod metrics;
 pub mod server;

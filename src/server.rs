@@ -39,6 +39,13 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/{name}/sse", get(sse_one))
         .route("/{name}/mcp", any(one_server))
         .route("/health", get(health))
+        .route("/servers", get(admin_servers))
+        .route("/servers/{name}", get(admin_server))
+        .route("/servers/{name}/{action}", post(admin_control))
+        .route("/stats", get(admin_stats))
+        .route("/metrics", get(admin_metrics))
+        .route("/admin/reload", post(admin_reload))
+        .route("/rpc", post(rpc))
         .fallback(not_found)
         .with_state(gw)
 }
@@ -99,20 +106,94 @@ async fn sse_message(
     crate::mcp::downstream::sse::message(gw, q.session_id.or(q.session_id_camel), headers, body, peer).await
 }
 
+/// `GET /health` (open): 503 only while starting or draining, so one dead upstream does not take
+/// the gateway out of a load balancer.
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     let mut up = 0;
     let mut down = 0;
+    let mut starting = false;
     for (def, status) in gw.statuses() {
-        if !def.enabled {
+        if !def.enabled || def.share != crate::config::Share::Shared {
             continue;
         }
-        match status.map(|s| s.state) {
-            Some(UpState::Running) => up += 1,
+        match status.as_ref().map(|s| (s.state, s.restarts)) {
+            Some((UpState::Running, _)) => up += 1,
+            Some((UpState::Starting, 0)) => {
+                starting = true;
+                down += 1;
+            }
             _ => down += 1,
         }
     }
-    let status = if down == 0 { "ok" } else { "degraded" };
-    json(StatusCode::OK, format!(r#"{{"status":"{status}","servers":{{"up":{up},"down":{down}}}}}"#))
+    let (status, code) = if gw.is_draining() {
+        ("draining", StatusCode::SERVICE_UNAVAILABLE)
+    } else if starting {
+        ("starting", StatusCode::SERVICE_UNAVAILABLE)
+    } else if down == 0 {
+        ("ok", StatusCode::OK)
+    } else {
+        ("degraded", StatusCode::OK)
+    };
+    json(code, format!(r#"{{"status":"{status}","servers":{{"up":{up},"down":{down}}}}}"#))
+}
+
+async fn admin_servers(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    crate::admin::servers(gw, headers, peer).await
+}
+
+async fn admin_server(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    crate::admin::server(gw, name, headers, peer).await
+}
+
+async fn admin_control(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    crate::admin::control(gw, name, action, headers, peer).await
+}
+
+async fn admin_stats(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    crate::admin::stats(gw, headers, peer).await
+}
+
+async fn admin_metrics(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    crate::admin::metrics(gw, headers, peer).await
+}
+
+async fn admin_reload(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    crate::admin::reload(gw, headers, peer).await
+}
+
+async fn rpc(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    crate::admin::rpc(gw, headers, body, peer).await
 }
 
 async fn not_found() -> Response {

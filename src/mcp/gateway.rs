@@ -80,6 +80,8 @@ pub struct Note {
     pub batch: bool,
     /// Set when the request is answered later (legacy SSE): the record is written then.
     pub deferred: bool,
+    /// The answer was a JSON-RPC error.
+    pub error: bool,
 }
 
 impl Ctx {
@@ -153,6 +155,8 @@ pub struct Gateway {
     discovers: AtomicU64,
     auth: ArcSwap<Authenticator>,
     audit: crate::audit::Audit,
+    metrics: crate::metrics::Metrics,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// How clients have opened conversations since start: `initialize` handshakes (each mints a
@@ -193,8 +197,11 @@ impl Gateway {
             discovers: AtomicU64::new(0),
             auth: ArcSwap::from_pointee(authenticator),
             audit,
+            metrics: crate::metrics::Metrics::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         let config = gw.config();
+        gw.configure_metrics(&config);
         for def in &config.servers {
             if def.share == Share::Shared {
                 gw.start_shared(def.clone());
@@ -234,6 +241,61 @@ impl Gateway {
         }
     }
 
+    /// Starts a stopped shared server (`POST /servers/{name}/start`).
+    pub fn start_server(&self, name: &str) -> Result<(), crate::admin::ControlError> {
+        use crate::admin::ControlError;
+        let config = self.config();
+        let def = config.server(name).ok_or(ControlError::Unknown)?;
+        if !def.enabled {
+            return Err(ControlError::Conflict(format!("server {name} is disabled in the config")));
+        }
+        if def.share != Share::Shared {
+            return Err(ControlError::Conflict(format!("server {name} runs one instance per session")));
+        }
+        if self.upstream(name).is_some_and(|u| u.status().state != crate::mcp::upstream::State::Stopped) {
+            return Err(ControlError::Conflict(format!("server {name} is already running")));
+        }
+        self.start_shared(def.clone());
+        Ok(())
+    }
+
+    /// Stops a shared server (`POST /servers/{name}/stop`): its calls in flight end with an
+    /// error naming it, sessions get `*/list_changed`, the others carry on.
+    pub async fn stop_server(&self, name: &str) -> Result<(), crate::admin::ControlError> {
+        use crate::admin::ControlError;
+        let config = self.config();
+        let def = config.server(name).ok_or(ControlError::Unknown)?;
+        if def.share != Share::Shared {
+            return Err(ControlError::Conflict(format!("server {name} runs one instance per session")));
+        }
+        match self.upstream(name) {
+            Some(up) if up.status().state != crate::mcp::upstream::State::Stopped => {
+                up.stop().await;
+                Ok(())
+            }
+            _ => Err(ControlError::Conflict(format!("server {name} is not running"))),
+        }
+    }
+
+    /// Reloads from the file the config came from; the errors when it is invalid (the running
+    /// config stays).
+    pub async fn reload_from_source(&self) -> Result<(), Vec<String>> {
+        let Some(path) = self.config().source.clone() else {
+            return Err(vec!["there is no config file to reload (the built-in demo is running)".into()]);
+        };
+        match crate::config::load(&path) {
+            Ok(next) => {
+                self.reload(next).await;
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reloaded(false);
+                tracing::error!("config not reloaded: {e}");
+                Err(e.errors.iter().map(ToString::to_string).collect())
+            }
+        }
+    }
+
     /// Replaces the whole configuration: credentials and grants at once (sessions of identities
     /// that lost them are ended by the next sweep, within a second); servers whose definition
     /// changed are restarted, removed ones stopped, new ones started; unchanged ones and every
@@ -241,10 +303,18 @@ impl Gateway {
     pub async fn reload(&self, mut config: Config) {
         config.listen = self.config().listen;
         let old = self.config();
+        // A `--generate-token` token lives as long as the process.
+        for t in old.auth.tokens.iter().filter(|t| t.name == "generated") {
+            if !config.auth.tokens.iter().any(|n| n.name == t.name) {
+                config.auth.tokens.push(t.clone());
+            }
+        }
         let authenticator = authenticator_for(&config);
         let config = Arc::new(config);
         self.config.store(config.clone());
         self.auth.store(Arc::new(authenticator));
+        self.configure_metrics(&config);
+        self.metrics.reloaded(true);
         let mut stops = Vec::new();
         for def in &old.servers {
             let kept = config.server(&def.name).is_some_and(|n| **n == **def);
@@ -347,6 +417,7 @@ impl Gateway {
 
     /// Closes every session's streams (first step of shutdown).
     pub fn close_all_sessions(&self) {
+        self.draining.store(true, Ordering::Relaxed);
         for s in lock(&self.sessions).values() {
             s.close();
         }
@@ -411,6 +482,28 @@ impl Gateway {
     /// The audit sink.
     pub fn audit(&self) -> &crate::audit::Audit {
         &self.audit
+    }
+
+    /// The counters behind `/stats` and `/metrics`.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    fn configure_metrics(&self, config: &Config) {
+        self.metrics.configure(
+            config.servers.iter().map(|s| s.name.as_str()),
+            config.auth.tokens.iter().map(|t| t.name.as_str()),
+        );
+    }
+
+    /// True once shutdown has begun (health answers `draining`).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Every live session (for `/metrics`).
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        lock(&self.sessions).values().cloned().collect()
     }
 
     /// Counts of the handshakes clients have made.
@@ -504,6 +597,9 @@ impl Gateway {
     /// Routes one request and returns its result or error.
     pub async fn request(&self, ctx: &Ctx, req: &Request<'_>) -> Reply {
         let mut reply = self.dispatch(ctx, req).await;
+        if reply.is_error {
+            ctx.note(|n| n.error = true);
+        }
         // A 2026-07-28 caller gets 2026-07-28 results, whatever era produced them.
         if ctx.protocol_version == MODERN_VERSION && !reply.is_error && !reply.modern {
             reply.extra = match req.method {

@@ -1,6 +1,7 @@
 //! Integration tests: real Portcullis instances and real upstream processes on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
 mod aggregate;
 mod auth;
 mod eras;

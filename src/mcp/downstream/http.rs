@@ -160,6 +160,15 @@ impl Who {
 
 /// Writes one audit record from a note.
 pub fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: StatusCode, started: Instant) {
+    let latency = started.elapsed();
+    gw.metrics().observe(&crate::metrics::Observation {
+        server: note.server.as_deref(),
+        identity: note.identity.as_ref().map(|i| &*i.name),
+        method: &note.method,
+        refused: note.refused.as_deref(),
+        error: note.error || status.is_server_error(),
+        latency,
+    });
     gw.audit().record(crate::audit::Record {
         time,
         identity: note.identity.as_ref().map(|i| i.name.to_string()),
@@ -169,7 +178,7 @@ pub fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: St
         name: note.name.clone(),
         outcome: note.refused.clone().unwrap_or_else(|| "allowed".into()),
         status: status.as_u16(),
-        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        latency_ms: latency.as_secs_f64() * 1000.0,
         client: client.to_string(),
         request_id: note.request_id.clone(),
     });

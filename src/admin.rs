@@ -1,0 +1,292 @@
+//! The management API: `/servers` (status, start, stop, restart), `/stats`, `/metrics`,
+//! `/admin/reload`, and `/rpc` (one JSON-RPC request without a session).
+//!
+//! Invariants: every endpoint goes through the same gate as MCP traffic
+//! (`downstream::http::guarded`: authentication, rate limits, one audit record); everything but
+//! `/rpc` needs the admin role (403 otherwise); `/rpc` runs under the caller's own grants;
+//! answers are JSON throughout.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+
+use crate::auth::AuthError;
+use crate::config::{self, ServerDef, Transport};
+use crate::mcp::downstream::http::{Who, guarded, json as json_response, read_body, rpc_error};
+use crate::mcp::gateway::{Gateway, Request};
+use crate::mcp::jsonrpc::{self, Envelope, Kind, code};
+use crate::mcp::session::{Caller, Scope, Transport as SessionTransport, lock};
+use crate::mcp::upstream::{State, Upstream};
+
+fn json_value(status: StatusCode, v: &Value) -> Response {
+    json_response(status, v.to_string())
+}
+
+fn error(status: StatusCode, error: &str, message: &str) -> Response {
+    json_value(status, &json!({"error": error, "message": message}))
+}
+
+/// Runs `f` for an admin caller; others get 403 (`insufficient_scope`).
+async fn admin<F, Fut>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
+where
+    F: FnOnce(Arc<Gateway>, Who) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    guarded(&gw.clone(), &Scope::All, label, headers, peer, |who| async move {
+        if !who.identity.is_admin() {
+            let e = AuthError::Forbidden("the management API needs the admin role".into());
+            lock(&who.note).refused = Some(e.outcome().into());
+            return e.into_response();
+        }
+        f(gw, who).await
+    })
+    .await
+}
+
+fn transport_name(def: &ServerDef) -> &'static str {
+    match &def.transport {
+        Transport::Stdio { .. } => "stdio",
+        Transport::Http { mode: config::HttpMode::Streamable, .. } => "streamable_http",
+        Transport::Http { mode: config::HttpMode::Sse, .. } => "sse",
+        Transport::Http { mode: config::HttpMode::Auto, .. } => "auto",
+    }
+}
+
+/// How many items a running server lists (following cursors, bounded).
+async fn count(up: &Arc<Upstream>, method: &str, field: &str) -> Option<usize> {
+    let mut total = 0;
+    let mut cursor: Option<String> = None;
+    for _ in 0..50 {
+        let params = cursor.as_ref().map(|c| jsonrpc::raw(format!(r#"{{"cursor":{}}}"#, jsonrpc::quote(c))));
+        let caller = Caller::default();
+        let call = up.call(method, params.as_deref(), &[], &caller, None);
+        let reply = tokio::time::timeout(Duration::from_secs(5), call).await.ok()?.ok()?;
+        if reply.is_error {
+            return None;
+        }
+        let v: Value = serde_json::from_str(reply.payload_str()).ok()?;
+        total += v.get(field).and_then(Value::as_array).map_or(0, Vec::len);
+        cursor = v.get("nextCursor").and_then(Value::as_str).map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    Some(total)
+}
+
+async fn describe(gw: &Gateway, def: &Arc<ServerDef>) -> Value {
+    let up = gw.upstream(&def.name);
+    let status = up.as_ref().map(|u| u.status());
+    let state = match (&status, def.enabled) {
+        (_, false) => "stopped".to_owned(),
+        (Some(s), _) => s.state.as_str().to_owned(),
+        (None, _) => "stopped".to_owned(),
+    };
+    let conn = status.as_ref().and_then(|s| s.conn.clone());
+    let (tools, prompts, resources) = match (&up, &conn) {
+        (Some(up), Some(_)) => {
+            let (t, p, r) = tokio::join!(
+                count(up, "tools/list", "tools"),
+                count(up, "prompts/list", "prompts"),
+                count(up, "resources/list", "resources")
+            );
+            (t, p, r)
+        }
+        _ => (None, None, None),
+    };
+    json!({
+        "name": def.name,
+        "state": state,
+        "transport": transport_name(def),
+        "share": if def.share == config::Share::Shared { "shared" } else { "per_session" },
+        "pid": conn.as_ref().and_then(|c| c.pid()),
+        "restarts": status.as_ref().map_or(0, |s| s.restarts),
+        "last_error": status.as_ref().and_then(|s| s.last_error.clone()),
+        "uptime_s": status.as_ref().and_then(|s| s.since).map(|t| t.elapsed().as_secs()),
+        "protocol_version": conn.as_ref().map(|c| c.info.protocol_version.clone()),
+        "in_flight": up.as_ref().map_or(0, |u| u.in_flight()),
+        "tools": tools,
+        "prompts": prompts,
+        "resources": resources,
+    })
+}
+
+/// `GET /servers`.
+pub async fn servers(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
+    admin(gw, "GET /servers", &headers, peer, |gw, _| async move {
+        let config = gw.config();
+        let all = join_all(config.servers.iter().map(|d| describe(&gw, d))).await;
+        json_value(StatusCode::OK, &json!({"servers": all}))
+    })
+    .await
+}
+
+/// `GET /servers/{name}`.
+pub async fn server(gw: Arc<Gateway>, name: String, headers: HeaderMap, peer: SocketAddr) -> Response {
+    admin(gw, "GET /servers/{name}", &headers, peer, |gw, who| async move {
+        lock(&who.note).server = Some(name.clone());
+        match gw.config().server(&name) {
+            Some(def) => json_value(StatusCode::OK, &describe(&gw, def).await),
+            None => error(StatusCode::NOT_FOUND, "not_found", &format!("No such server: {name}")),
+        }
+    })
+    .await
+}
+
+/// `POST /servers/{name}/start|stop|restart`.
+pub async fn control(gw: Arc<Gateway>, name: String, action: String, headers: HeaderMap, peer: SocketAddr) -> Response {
+    admin(gw, "POST /servers/{name}/{action}", &headers, peer, |gw, who| async move {
+        lock(&who.note).server = Some(name.clone());
+        let result = match action.as_str() {
+            "start" => gw.start_server(&name),
+            "stop" => gw.stop_server(&name).await,
+            "restart" => match gw.stop_server(&name).await {
+                Ok(()) => gw.start_server(&name),
+                Err(e) => Err(e),
+            },
+            other => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    &format!("No such action: {other} (start, stop, restart)"),
+                );
+            }
+        };
+        match result {
+            Ok(()) => match gw.config().server(&name) {
+                Some(def) => json_value(StatusCode::OK, &describe(&gw, def).await),
+                None => error(StatusCode::NOT_FOUND, "not_found", &format!("No such server: {name}")),
+            },
+            Err(ControlError::Unknown) => error(StatusCode::NOT_FOUND, "not_found", &format!("No such server: {name}")),
+            Err(ControlError::Conflict(m)) => error(StatusCode::CONFLICT, "conflict", &m),
+        }
+    })
+    .await
+}
+
+/// Why a server could not be started or stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ControlError {
+    /// No such server in the config.
+    Unknown,
+    /// Not in a state for it (already running, disabled, per-session).
+    Conflict(String),
+}
+
+/// `GET /stats`.
+pub async fn stats(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
+    admin(
+        gw,
+        "GET /stats",
+        &headers,
+        peer,
+        |gw, _| async move { json_value(StatusCode::OK, &gw.metrics().stats_json()) },
+    )
+    .await
+}
+
+/// `GET /metrics` (Prometheus text format).
+pub async fn metrics(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
+    admin(gw, "GET /metrics", &headers, peer, |gw, _| async move {
+        let mut out = String::new();
+        gw.metrics().render(&mut out);
+        let _ = writeln!(out, "# HELP portcullis_sessions Open client sessions by transport.");
+        let _ = writeln!(out, "# TYPE portcullis_sessions gauge");
+        let sessions = gw.sessions();
+        for (t, label) in [
+            (SessionTransport::Streamable, "streamable_http"),
+            (SessionTransport::Sse, "sse"),
+            (SessionTransport::Listen, "listen"),
+            (SessionTransport::Stdio, "stdio"),
+        ] {
+            let n = sessions.iter().filter(|s| s.transport == t).count();
+            let _ = writeln!(out, "portcullis_sessions{{transport=\"{label}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP portcullis_upstream_up Whether a server is running (1) or not (0).");
+        let _ = writeln!(out, "# TYPE portcullis_upstream_up gauge");
+        let statuses = gw.statuses();
+        for (def, status) in &statuses {
+            let up = status.as_ref().is_some_and(|s| s.state == State::Running);
+            let _ = writeln!(out, "portcullis_upstream_up{{server=\"{}\"}} {}", def.name, u8::from(up));
+        }
+        let _ = writeln!(out, "# HELP portcullis_upstream_restarts_total Restarts of a server's instance.");
+        let _ = writeln!(out, "# TYPE portcullis_upstream_restarts_total counter");
+        for (def, status) in &statuses {
+            let n = status.as_ref().map_or(0, |s| s.restarts);
+            let _ = writeln!(out, "portcullis_upstream_restarts_total{{server=\"{}\"}} {n}", def.name);
+        }
+        let mut r = (StatusCode::OK, out).into_response();
+        r.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
+    })
+    .await
+}
+
+/// `POST /admin/reload`: as SIGHUP, but the errors of an invalid file come back in the answer.
+pub async fn reload(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
+    admin(gw, "POST /admin/reload", &headers, peer, |gw, _| async move {
+        match gw.reload_from_source().await {
+            Ok(()) => json_value(StatusCode::OK, &json!({"status": "reloaded"})),
+            Err(errors) => json_value(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": "invalid_config", "message": "the config was not reloaded", "errors": errors}),
+            ),
+        }
+    })
+    .await
+}
+
+/// `POST /rpc`: one JSON-RPC request without a session, under the caller's own grants.
+pub async fn rpc(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
+    guarded(&gw.clone(), &Scope::All, "POST /rpc", &headers, peer, |who| async move {
+        let body = match read_body(body, gw.config().max_body_bytes).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        if jsonrpc::is_array(&body) {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                code::INVALID_REQUEST,
+                "/rpc takes one request, not a batch",
+            );
+        }
+        let env = match Envelope::parse(&body) {
+            Ok(e) => e,
+            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
+        };
+        if env.kind != Kind::Request {
+            return rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, "/rpc takes a JSON-RPC request");
+        }
+        if env.method() == "initialize" {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                env.id.map(|i| i.get()),
+                code::INVALID_REQUEST,
+                "/rpc is sessionless: no initialize",
+            );
+        }
+        let id = env.id.map_or("null", |i| i.get()).to_owned();
+        {
+            let mut n = lock(&who.note);
+            n.method = env.method().to_owned();
+            n.request_id = Some(id.clone());
+        }
+        let caller = Caller { cancel_on_drop: true, ..Caller::default() };
+        let ctx = who.ctx(Scope::All, caller, "2025-11-25".into());
+        let req = Request { method: env.method(), params: env.params, id: Some(&id) };
+        let reply = gw.request(&ctx, &req).await;
+        json_response(StatusCode::OK, reply.to_message(&id))
+    })
+    .await
+}
