@@ -182,6 +182,36 @@ fn apply_credentials(config: &mut Config, opts: &ServeOptions) -> anyhow::Result
     Ok(())
 }
 
+/// What identifies the content of a config file as the editor left it: the file it resolves
+/// to (symlinks followed), its inode and its modification time and size. Rename-on-save and
+/// symlink swaps change the inode; in-place writes change the time or size.
+fn file_identity(path: &std::path::Path) -> Option<(std::path::PathBuf, u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let resolved = std::fs::canonicalize(path).ok()?;
+    let meta = std::fs::metadata(&resolved).ok()?;
+    Some((resolved, meta.ino(), meta.len(), meta.modified().ok()?))
+}
+
+/// Watches the config file and reloads it when it changes (checked twice a second).
+fn watch_config(gateway: std::sync::Arc<crate::mcp::gateway::Gateway>, path: std::path::PathBuf) {
+    let weak = std::sync::Arc::downgrade(&gateway);
+    tokio::spawn(async move {
+        let mut last = file_identity(&path);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let now = file_identity(&path);
+            if now.is_none() || now == last {
+                continue; // mid-save (the file is briefly gone) or unchanged
+            }
+            last = now;
+            let Some(gw) = weak.upgrade() else { return };
+            tracing::info!(config = %path.display(), "config file changed: reloading");
+            let _ = gw.reload_from_source().await;
+        }
+    });
+}
+
 /// Runs the gateway until SIGTERM/SIGINT; SIGHUP reloads the config file.
 pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()> {
     if let Some(l) = opts.listen {
@@ -206,6 +236,9 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     tracing::info!("listening on http://{addr}/mcp");
     let trigger = running.trigger();
     let panic_delay = panic_after.map(|d| config::parse_duration(&d)).transpose().map_err(anyhow::Error::msg)?;
+    if let Some(path) = source.clone() {
+        watch_config(gateway.clone(), path);
+    }
     let reloads = async {
         use tokio::signal::unix::{SignalKind, signal};
         let (Some(path), Ok(mut hup)) = (source, signal(SignalKind::hangup())) else {

@@ -257,3 +257,92 @@ async fn reload_over_http_applies_a_valid_file_and_refuses_an_invalid_one() {
     assert!(text.contains(r#"portcullis_reloads_total{result="failed"} 1"#), "{text}");
     assert!(text.contains(r#"portcullis_reloads_total{result="ok"} 1"#));
 }
+
+/// Writes a file the way editors save: a temporary file renamed over the original.
+fn save(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_edits_reload_without_dropping_untouched_servers_or_sessions() {
+    let dir = TempDir::new();
+    let real = dir.0.join("v1.yaml");
+    let link = dir.0.join("portcullis.yaml");
+    let config = |servers: &[(&str, &str)]| {
+        let mut b = gateway();
+        for (name, extra) in servers {
+            b = b.demo(name, &[], extra);
+        }
+        b.top(TOP).yaml()
+    };
+    std::fs::write(&real, config(&[("a", ""), ("b", ""), ("c", "")])).unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", link.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = listen_url(&mut child).await.trim_end_matches("/mcp").to_owned();
+    let status = |name: &'static str| {
+        let url = url.clone();
+        async move { get(&format!("{url}/servers/{name}"), Some(ROOT)).await }
+    };
+    let pid_of = |v: &Value| v["pid"].as_u64();
+    let (a_pid, c_pid) = eventually(Duration::from_secs(15), || async {
+        Some((pid_of(&status("a").await.1)?, pid_of(&status("c").await.1)?))
+    })
+    .await;
+    let client = Client::connect_as(&format!("{url}/mcp"), ROOT).await;
+    let session = client.session.clone();
+    let long = tokio::spawn({
+        let c = client.clone();
+        async move { c.call_text("a__sleep", json!({"ms": 2000})).await }
+    });
+
+    // Rename-on-save over the symlink's target: b removed, c changed, d added, a untouched.
+    save(&real, &config(&[("a", ""), ("c", "timeout: 42s"), ("d", "")]));
+    eventually(Duration::from_secs(15), || async {
+        let d = status("d").await.1;
+        let c = status("c").await.1;
+        (d["state"] == "running" && pid_of(&c).is_some_and(|p| p != c_pid)).then_some(())
+    })
+    .await;
+    assert_eq!(status("b").await.0, 404);
+    assert_eq!(long.await.unwrap(), "slept 2000 ms", "the call on the untouched server was cut");
+    assert_eq!(pid_of(&status("a").await.1), Some(a_pid), "the untouched server was restarted");
+    assert_eq!(client.session, session);
+    assert_eq!(client.call_text("a__echo", json!({"text": "same session"})).await, "same session");
+
+    // A symlink swap to another file: e added.
+    let v2 = dir.0.join("v2.yaml");
+    std::fs::write(&v2, config(&[("a", ""), ("c", "timeout: 42s"), ("d", ""), ("e", "")])).unwrap();
+    let tmp_link = dir.0.join("link.tmp");
+    std::os::unix::fs::symlink(&v2, &tmp_link).unwrap();
+    std::fs::rename(&tmp_link, &link).unwrap();
+    eventually(Duration::from_secs(15), || async { (status("e").await.1["state"] == "running").then_some(()) }).await;
+
+    // An invalid edit changes nothing.
+    save(&v2, "servers:\n  Bad Name: {command: x}\n");
+    let metrics = || async {
+        reqwest::Client::new()
+            .get(format!("{url}/metrics"))
+            .header("authorization", format!("Bearer {ROOT}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    eventually(Duration::from_secs(15), || async {
+        metrics().await.contains(r#"portcullis_reloads_total{result="failed"} 1"#).then_some(())
+    })
+    .await;
+    assert_eq!(status("e").await.1["state"], "running");
+    assert_eq!(pid_of(&status("a").await.1), Some(a_pid));
+    assert_eq!(client.call_text("a__echo", json!({"text": "still"})).await, "still");
+}
