@@ -57,6 +57,19 @@ pub enum Command {
         #[arg(long)]
         allow_unauthenticated: bool,
     },
+    /// Speak MCP on stdin/stdout (for clients that launch a local command): every server, or
+    /// one with `--server`. No token is checked; `--as NAME` applies that token's grants.
+    Stdio {
+        /// Config file (default: ./portcullis.yaml, then ./portcullis.json, else the built-in demo).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Expose only this server, unchanged (no name prefixes).
+        #[arg(long)]
+        server: Option<String>,
+        /// Apply the grants of this configured token name.
+        #[arg(long = "as")]
+        as_identity: Option<String>,
+    },
     /// Validate a config file: every error with its path and line; a summary per server.
     Check {
         /// Config file (default: ./portcullis.yaml, then ./portcullis.json).
@@ -263,6 +276,28 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     trigger.cancel();
     running.wait().await;
     // Anything still registered (a child that ignored every signal) goes now.
+    crate::mcp::upstream::stdio::kill_all();
+    Ok(())
+}
+
+/// Runs `portcullis stdio` until stdin closes.
+pub async fn stdio(config: Config, server: Option<String>, as_identity: Option<String>) -> anyhow::Result<()> {
+    use crate::mcp::session::Scope;
+    if let Some(s) = &server
+        && config.server(s).is_none_or(|d| !d.enabled)
+    {
+        anyhow::bail!("no enabled server named {s:?} in the config");
+    }
+    let gateway = crate::mcp::gateway::Gateway::start(config);
+    let identity = match as_identity {
+        Some(name) => gateway
+            .authenticator()
+            .current(&name)
+            .with_context(|| format!("--as {name:?}: no token of that name in the config"))?,
+        None => crate::auth::Identity::anonymous(),
+    };
+    let scope = server.map_or(Scope::All, Scope::One);
+    crate::mcp::downstream::stdio::serve(gateway, scope, identity).await?;
     crate::mcp::upstream::stdio::kill_all();
     Ok(())
 }

@@ -37,6 +37,12 @@ fn main() -> anyhow::Result<()> {
                 cli::ServeOptions { listen, panic_after: test_panic_after, generate_token, allow_unauthenticated };
             rt.block_on(cli::serve(config, opts))
         }
+        Command::Stdio { config, server, as_identity } => {
+            cli::init_logging(cli::LogFormat::Text);
+            let config = cli::load_config(config)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(cli::stdio(config, server, as_identity))
+        }
         Command::DemoServer { http, page_size, name, session_only } => {
             cli::init_logging(cli::LogFormat::Text);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

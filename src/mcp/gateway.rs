@@ -227,6 +227,8 @@ impl Gateway {
         let now = std::time::SystemTime::now();
         let stale: Vec<String> = lock(&self.sessions)
             .values()
+            // stdio has no tokens to revoke: the launching process is the client.
+            .filter(|s| s.transport != session::Transport::Stdio)
             .filter(|s| match auth.current(&s.identity.name) {
                 Some(c) if Arc::ptr_eq(&c, &s.identity) => c.expired(now),
                 None => true,
@@ -566,7 +568,8 @@ impl Gateway {
         let mut has = HashMap::<&str, bool>::new();
         let mut subscribe = false;
         for def in self.servers_in_scope(&config, scope, who) {
-            let Some(conn) = self.upstream(&def.name).and_then(|u| u.connection()) else { continue };
+            let Some(up) = self.upstream(&def.name) else { continue };
+            let Some(conn) = live(&up).await else { continue };
             let Ok(obj) = RawObject::parse(&conn.info.capabilities) else { continue };
             for key in ["prompts", "resources", "logging", "completions"] {
                 if obj.get(key).is_some() {
@@ -670,7 +673,7 @@ impl Gateway {
         };
         let calls = entries.iter().map(|(server, upstream_cursor)| async move {
             let up = self.instance(config, server, &ctx.caller)?;
-            up.connection()?;
+            live(&up).await?;
             let params = upstream_cursor.as_ref().map(|c| format!(r#"{{"cursor":{}}}"#, jsonrpc::quote(c)));
             let params = params.map(jsonrpc::raw);
             match up.call(kind.method(), params.as_deref(), &[], &ctx.caller, None).await {
@@ -1237,6 +1240,22 @@ impl Gateway {
         }
     }
 }
+
+/// The connection of a running instance; one still on its first start is waited for (briefly),
+/// so the first requests after the gateway starts see every server that comes up.
+async fn live(up: &Upstream) -> Option<Arc<crate::mcp::upstream::Connection>> {
+    if let Some(c) = up.connection() {
+        return Some(c);
+    }
+    let status = up.status();
+    if status.state != crate::mcp::upstream::State::Starting || status.restarts > 0 {
+        return None;
+    }
+    up.ready_by(tokio::time::Instant::now() + FIRST_START_WAIT).await.ok()
+}
+
+/// How long a list waits for a server on its first start.
+const FIRST_START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often sessions are checked against the credential table.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);

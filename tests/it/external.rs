@@ -62,6 +62,7 @@ async fn sdk_client_run(
     if let Some(t) = token {
         cmd.env("PORTCULLIS_TEST_TOKEN", t);
     }
+    cmd.env("PORTCULLIS_BIN", BIN);
     tokio::time::timeout(std::time::Duration::from_secs(60), cmd.kill_on_drop(true).output())
         .await
         .expect("the SDK client hung")
@@ -288,4 +289,30 @@ async fn python_sdk_sse_client_aggregated_per_server_and_alias() {
     let refused = sdk_client_run(&format!("{}/sse", gw.url), "sse", "d__", false, None).await;
     assert!(!refused.status.success());
     gw.stop().await;
+}
+
+#[tokio::test]
+async fn python_sdk_stdio_client_launches_portcullis_stdio() {
+    let dir = TempDir::new();
+    let cfg = dir.0.join("portcullis.yaml");
+    let top =
+        "auth:\n  tokens:\n    narrow: {token: narrow-secret-0123456789abcd, tools: [\"d__echo\", \"d__sample\"]}\n";
+    std::fs::write(&cfg, gateway().demo("d", &[], "").top(top).yaml()).unwrap();
+    let cfg = cfg.to_str().unwrap().to_owned();
+    for mode in ["stdio", "stdio-auto"] {
+        let out = sdk_client_run(&cfg, mode, "d__", true, None).await;
+        assert!(out.status.success(), "{mode}: {}", String::from_utf8_lossy(&out.stderr));
+        let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(printed["echo"], json!(["hello from the python sdk"]), "{mode}");
+        assert!(printed["sample"][0].as_str().unwrap().contains("sampled: a haiku"), "{mode}: {printed}");
+        assert!(printed["tools"].as_array().unwrap().len() > 5, "{mode}: {printed}");
+    }
+    // --as applies a configured token's grants.
+    let mut cmd = Command::new(python());
+    cmd.arg(fixture("sdk_client.py")).args([cfg.as_str(), "stdio", "d__"]);
+    cmd.env("PORTCULLIS_BIN", BIN).env("PORTCULLIS_STDIO_ARGS", "--as narrow");
+    let out = cmd.output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["tools"], json!(["d__echo", "d__sample"]));
 }

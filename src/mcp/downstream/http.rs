@@ -32,7 +32,8 @@ use crate::mcp::sse;
 /// Interval of keep-alive comments on idle SSE streams.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
-const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
+/// `_meta` key of a 2026-07-28 request's protocol version.
+pub const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
 const CLIENT_CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
 
 /// A JSON response with a status.

@@ -1,0 +1,126 @@
+//! Portcullis as a local MCP server on stdin/stdout (`portcullis stdio`), so a desktop client
+//! can launch it as a command: aggregated or one server, both eras (`initialize` for a session,
+//! `server/discover` and 2026-07-28 `_meta` for stateless requests).
+//!
+//! Invariants: stdout carries only protocol, one JSON-RPC message per line (logs and audit
+//! records go to stderr); no token is checked (the launching process is the only client), but
+//! `--as NAME` applies a configured identity's grants; end of stdin ends the session and stops
+//! every upstream.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+use crate::auth::Identity;
+use crate::mcp::gateway::{self, Ctx, Gateway, Note, Request};
+use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, code};
+use crate::mcp::session::{Caller, Scope, Session, Transport};
+use crate::mcp::upstream::MODERN_VERSION;
+
+/// Serves one client on stdin/stdout until stdin closes.
+pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> std::io::Result<()> {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(256);
+    let writer = tokio::spawn(async move {
+        let mut out = tokio::io::stdout();
+        while let Some(msg) = rx.recv().await {
+            let mut line = msg.to_vec();
+            line.retain(|b| *b != b'\n');
+            line.push(b'\n');
+            if out.write_all(&line).await.is_err() || out.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let session = Session::new(scope.clone(), "2025-11-25".into(), Transport::Stdio, identity.clone());
+    session.attach_stream(tx.clone());
+    gw.add_session(session.clone());
+    let ctx_for = |caller: Caller, version: String| Ctx {
+        scope: scope.clone(),
+        caller,
+        protocol_version: version,
+        identity: identity.clone(),
+        note: Arc::new(std::sync::Mutex::new(Note::default())),
+    };
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let send = |msg: String| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(Bytes::from(msg)).await;
+            }
+        };
+        if jsonrpc::is_array(line.as_bytes()) {
+            send(jsonrpc::error_response(None, code::INVALID_REQUEST, "batches are not supported", None)).await;
+            continue;
+        }
+        let env = match Envelope::parse(line.as_bytes()) {
+            Ok(e) => e,
+            Err(e) => {
+                send(jsonrpc::error_response(None, e.code(), &e.to_string(), None)).await;
+                continue;
+            }
+        };
+        let modern = env.method() == "server/discover" || is_modern(&env);
+        match env.kind {
+            Kind::Request if env.method() == "initialize" => {
+                let params = env.params.and_then(|p| RawObject::parse(p).ok());
+                if let Some(caps) = params.as_ref().and_then(|o| o.get("capabilities")) {
+                    session.set_capabilities(caps.get());
+                }
+                let version = gateway::negotiate(params.and_then(|o| o.get_str("protocolVersion")).as_deref());
+                let caller = Caller { session: Some(session.clone()), ..Caller::default() };
+                let result = gw.initialize_result(&scope, version, &caller, &identity).await;
+                send(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)).await;
+            }
+            Kind::Request => {
+                let (caller, version) = if modern {
+                    // Stateless: related messages go out on stdout with the answer.
+                    (Caller { related: Some(tx.clone()), cancel_on_drop: true, ..Caller::default() }, MODERN_VERSION)
+                } else {
+                    (Caller { session: Some(session.clone()), ..Caller::default() }, "2025-11-25")
+                };
+                let ctx = ctx_for(caller, version.to_owned());
+                let id = env.id.map_or("null", RawValue::get).to_owned();
+                let method = env.method().to_owned();
+                let params: Option<Box<RawValue>> = env.params.map(ToOwned::to_owned);
+                let gw = gw.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let r = Request { method: &method, params: params.as_deref(), id: Some(&id) };
+                    let reply = gw.request(&ctx, &r).await;
+                    let _ = tx.send(Bytes::from(reply.to_message(&id))).await;
+                });
+            }
+            Kind::Notification => {
+                let ctx = ctx_for(Caller { session: Some(session.clone()), ..Caller::default() }, "2025-11-25".into());
+                gw.notification(&ctx, &env);
+            }
+            Kind::Result | Kind::Error => {
+                let ctx = ctx_for(Caller { session: Some(session.clone()), ..Caller::default() }, "2025-11-25".into());
+                gw.response(&ctx, &env);
+            }
+        }
+    }
+    gw.end_session(&session.id).await;
+    gw.shutdown().await;
+    drop(tx);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
+    Ok(())
+}
+
+fn is_modern(env: &Envelope<'_>) -> bool {
+    env.params
+        .and_then(|p| RawObject::parse(p).ok())
+        .and_then(|o| {
+            o.get("_meta")
+                .and_then(|m| RawObject::parse(m).ok())
+                .and_then(|m| m.get_str(crate::mcp::downstream::http::PROTOCOL_VERSION_META))
+        })
+        .is_some_and(|v| v == MODERN_VERSION)
+}
