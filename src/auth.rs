@@ -22,6 +22,10 @@ use sha2::{Digest, Sha256};
 use crate::authz::Grants;
 use crate::mcp::session::lock;
 
+/// Carries a verified client certificate's subject from the TLS acceptor to authentication.
+/// The edge layer removes it from every incoming request first, so a client cannot send it.
+pub const CLIENT_SUBJECT_HEADER: &str = "x-portcullis-client-subject";
+
 /// The realm in every challenge.
 pub const REALM: &str = "portcullis";
 
@@ -504,12 +508,27 @@ impl Authenticator {
             .unwrap_or(peer)
     }
 
-    /// Authenticates a request from `client`.
+    /// Whether an address is a trusted proxy.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|c| c.contains(ip))
+    }
+
+    /// Authenticates a request from `client`: its one credential, else a verified client
+    /// certificate whose subject names a configured identity.
     pub fn authenticate(&self, headers: &HeaderMap, client: IpAddr) -> Result<Arc<Identity>, AuthError> {
         if let Some(anon) = &self.anonymous {
             return Ok(anon.clone());
         }
-        let found = presented_credential(headers).and_then(|secret| {
+        let presented = presented_credential(headers);
+        if presented == Err(AuthError::Missing)
+            && let Some(subject) = headers.get(CLIENT_SUBJECT_HEADER).and_then(|v| v.to_str().ok())
+        {
+            return match self.by_name.get(subject) {
+                Some(identity) if !identity.expired(SystemTime::now()) => Ok(identity.clone()),
+                _ => Err(self.failed(client).unwrap_or(AuthError::Invalid)),
+            };
+        }
+        let found = presented.and_then(|secret| {
             let identity = self.by_digest.get(&digest(secret)).ok_or(AuthError::Invalid)?;
             if identity.expired(SystemTime::now()) {
                 return Err(AuthError::Invalid);

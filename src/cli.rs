@@ -244,9 +244,10 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
         None => tracing::info!("no config file; running the built-in demo configuration"),
     }
     let source = config.source.clone();
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     let gateway = crate::mcp::gateway::Gateway::start(config);
     let running = crate::server::serve(listener, gateway.clone()).await?;
-    tracing::info!("listening on http://{addr}/mcp");
+    tracing::info!("listening on {scheme}://{addr}/mcp");
     let trigger = running.trigger();
     let panic_delay = panic_after.map(|d| config::parse_duration(&d)).transpose().map_err(anyhow::Error::msg)?;
     if let Some(path) = source.clone() {

@@ -11,7 +11,7 @@
 //! - [`mcp::session`]: downstream sessions and per-request callers.
 //! - [`mcp::downstream`]: the gateway as an MCP server (streamable HTTP, both eras).
 //! - [`server`]: the HTTP listener, health, graceful shutdown; [`admin`]: the management API;
-//!   [`metrics`]: `/stats` and `/metrics`.
+//!   [`metrics`]: `/stats` and `/metrics`; [`tls`]: rustls on the listener.
 //! - [`cli`]: the command line. [`demo`]: the bundled demo MCP server.
 #![forbid(unsafe_code)]
 
@@ -25,3 +25,4 @@ pub mod demo;
 pub mod mcp;
 pub mod metrics;
 pub mod server;
+pub mod tls;

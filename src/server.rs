@@ -47,7 +47,35 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/admin/reload", post(admin_reload))
         .route("/rpc", post(rpc))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), edge))
         .with_state(gw)
+}
+
+/// Runs before every route: removes the internal client-certificate header a client might
+/// forge, sets it from a verified certificate, and enforces `require_https`.
+async fn edge(
+    State(gw): State<Arc<Gateway>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    req.headers_mut().remove(crate::auth::CLIENT_SUBJECT_HEADER);
+    if let Some(crate::tls::ClientSubject(subject)) = req.extensions().get::<crate::tls::ClientSubject>().cloned()
+        && let Ok(v) = axum::http::HeaderValue::from_str(&subject)
+    {
+        req.headers_mut().insert(crate::auth::CLIENT_SUBJECT_HEADER, v);
+    }
+    if gw.config().require_https && req.extensions().get::<crate::tls::Https>().is_none() {
+        let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let via_trusted_https = peer.is_some_and(|p| gw.authenticator().is_trusted(p))
+            && req.headers().get("x-forwarded-proto").and_then(|v| v.to_str().ok()) == Some("https");
+        if !via_trusted_https {
+            return json(
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"https_required","message":"This gateway accepts HTTPS only"}"#,
+            );
+        }
+    }
+    next.run(req).await
 }
 
 async fn aggregated(
@@ -236,7 +264,24 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Res
     let app = router(gateway.clone());
     let gw = gateway.clone();
     let token = shutdown.clone();
+    let tls = match gateway.config().tls.clone() {
+        Some(settings) => Some(crate::tls::Tls::load(settings).map_err(std::io::Error::other)?),
+        None => None,
+    };
     let done = tokio::spawn(async move {
+        if let Some(tls) = tls {
+            tls.watch(token.clone());
+            let closing = token.clone();
+            let gw2 = gw.clone();
+            tokio::spawn(async move {
+                closing.cancelled().await;
+                gw2.close_all_sessions();
+            });
+            crate::tls::serve(listener, app, tls, token, GRACE).await;
+            gw.shutdown().await;
+            tracing::info!("stopped");
+            return;
+        }
         let signal = token.clone();
         let gw2 = gw.clone();
         let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())

@@ -95,6 +95,27 @@ pub struct RawConfig {
     /// Where audit records go (one JSON line per request).
     #[serde(default)]
     pub audit: Option<RawAudit>,
+    /// TLS on the listener: `{cert, key, client_ca}` (PEM files).
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+    /// Refuse plain-HTTP requests (400 `https_required`) unless a proxy in `trusted_proxies`
+    /// says `X-Forwarded-Proto: https`.
+    #[serde(default)]
+    pub require_https: Option<bool>,
+}
+
+/// `tls:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain for the listener (reloaded when the file changes).
+    pub cert: S,
+    /// PEM private key (reloaded when the file changes).
+    pub key: S,
+    /// PEM CA certificates for client certificates; a verified client certificate whose
+    /// subject common name is a configured token name authenticates as that identity.
+    #[serde(default)]
+    pub client_ca: Option<S>,
 }
 
 /// `audit:`.
@@ -301,6 +322,10 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// The audit file (None: stderr).
     pub audit_file: Option<PathBuf>,
+    /// TLS on the listener.
+    pub tls: Option<crate::tls::TlsSettings>,
+    /// Refuse plain-HTTP requests not vouched for by a trusted proxy.
+    pub require_https: bool,
     /// The file this came from (None for the built-in demo).
     pub source: Option<PathBuf>,
     /// Warnings found while loading (unknown keys in foreign entries).
@@ -403,6 +428,8 @@ pub fn demo(exe: &Path) -> Config {
         })],
         auth: crate::auth::AuthConfig::default(),
         audit_file: None,
+        tls: None,
+        require_https: false,
         source: None,
         warnings: Vec::new(),
     }
@@ -557,6 +584,17 @@ impl Validator<'_> {
             }
         }
         let audit_file = raw.audit.and_then(|a| a.file).map(|f| PathBuf::from(self.subst("audit.file", &f)));
+        let tls = raw.tls.map(|t| {
+            let settings = crate::tls::TlsSettings {
+                cert: PathBuf::from(self.subst("tls.cert", &t.cert)),
+                key: PathBuf::from(self.subst("tls.key", &t.key)),
+                client_ca: t.client_ca.as_ref().map(|c| PathBuf::from(self.subst("tls.client_ca", c))),
+            };
+            if let Err(e) = crate::tls::server_config(&settings) {
+                self.error("tls", line_of(&t.cert), e);
+            }
+            settings
+        });
         if !self.errors.is_empty() {
             self.errors.sort_by_key(|e| e.line.unwrap_or(u32::MAX));
             return Err(self.errors);
@@ -570,6 +608,8 @@ impl Validator<'_> {
             servers,
             auth,
             audit_file,
+            tls,
+            require_https: raw.require_https.unwrap_or(false),
             source: None,
             warnings: self.warnings,
         })

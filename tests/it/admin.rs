@@ -254,8 +254,12 @@ async fn reload_over_http_applies_a_valid_file_and_refuses_an_invalid_one() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains(r#"portcullis_reloads_total{result="failed"} 1"#), "{text}");
-    assert!(text.contains(r#"portcullis_reloads_total{result="ok"} 1"#));
+    // The file watcher may have reloaded the same edits too: at least one of each.
+    let count = |result: &str| -> u64 {
+        let key = format!("portcullis_reloads_total{{result=\"{result}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(key.as_str())).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    assert!(count("failed") >= 1 && count("ok") >= 1, "{text}");
 }
 
 /// Writes a file the way editors save: a temporary file renamed over the original.
@@ -339,7 +343,7 @@ async fn file_edits_reload_without_dropping_untouched_servers_or_sessions() {
             .unwrap()
     };
     eventually(Duration::from_secs(15), || async {
-        metrics().await.contains(r#"portcullis_reloads_total{result="failed"} 1"#).then_some(())
+        (!metrics().await.contains(r#"portcullis_reloads_total{result="failed"} 0"#)).then_some(())
     })
     .await;
     assert_eq!(status("e").await.1["state"], "running");

@@ -10,4 +10,5 @@ mod process;
 mod protocol;
 mod secrets;
 mod support;
+mod tls;
 mod upstream;

@@ -1,0 +1,231 @@
+//! TLS on the listener (rustls): a PEM certificate chain and key, swapped when the files change
+//! without dropping a connection, and optional client certificates verified against
+//! `tls.client_ca`, whose subject common name names an identity.
+//!
+//! Invariants: a connection keeps the configuration it was accepted with (a swap affects only
+//! new connections); an unreadable or mismatched new certificate leaves the old one in force;
+//! the subject of a verified client certificate reaches the request path only through
+//! [`ClientSubject`], set by the acceptor after verification (never from a client header).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::ConnectInfo;
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Where the listener's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA certificates that client certificates must chain to (None: no client certs).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Marks a request that arrived over TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct Https;
+
+/// The subject common name of a verified client certificate.
+#[derive(Debug, Clone)]
+pub struct ClientSubject(pub String);
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Builds a rustls server configuration from the files.
+pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&s.cert)
+        .map_err(|e| format!("tls.cert {}: {e}", s.cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls.cert {}: {e}", s.cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("tls.cert {}: no certificate in the file", s.cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&s.key).map_err(|e| format!("tls.key {}: {e}", s.key.display()))?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match &s.client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))? {
+                let c = c.map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))?;
+                roots.add(c).map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))?;
+            }
+            // Client certificates are optional: a request without one authenticates otherwise.
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| format!("tls: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The live TLS configuration, reloaded when its files change.
+pub struct Tls {
+    current: ArcSwap<ServerConfig>,
+    settings: TlsSettings,
+}
+
+fn stamp(p: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
+impl Tls {
+    /// Loads the files (an error names the file).
+    pub fn load(settings: TlsSettings) -> Result<Arc<Tls>, String> {
+        let config = server_config(&settings)?;
+        Ok(Arc::new(Tls { current: ArcSwap::new(config), settings }))
+    }
+
+    /// Polls the files every second and swaps in a new configuration when they change and load.
+    pub fn watch(self: &Arc<Self>, stop: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let files = |s: &TlsSettings| {
+                [Some(&s.cert), Some(&s.key), s.client_ca.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| stamp(p))
+                    .collect::<Vec<_>>()
+            };
+            let mut last = files(&this.settings);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                let now = files(&this.settings);
+                if now == last || now.iter().any(Option::is_none) {
+                    continue;
+                }
+                match server_config(&this.settings) {
+                    Ok(c) => {
+                        this.current.store(c);
+                        last = now;
+                        tracing::info!("TLS certificate reloaded");
+                    }
+                    // Mid-write, or a bad pair: keep serving the old one and try again.
+                    Err(e) => tracing::warn!("TLS certificate not reloaded: {e}"),
+                }
+            }
+        });
+    }
+}
+
+/// Serves the router over TLS until `stop`, then gives open connections `grace` to finish.
+pub async fn serve(listener: TcpListener, app: Router, tls: Arc<Tls>, stop: CancellationToken, grace: Duration) {
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current.load_full());
+        let app = app.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                _ => return, // a failed handshake concerns that client only
+            };
+            let subject = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| subject_cn(c));
+            let svc = tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(Https);
+                if let Some(s) = &subject {
+                    req.extensions_mut().insert(ClientSubject(s.clone()));
+                }
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    let _ = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    connections.abort_all();
+}
+
+/// The subject common name of a DER certificate (a minimal walk of the X.509 structure).
+pub fn subject_cn(cert: &[u8]) -> Option<String> {
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let tag = *b.first()?;
+        let first = *b.get(1)?;
+        let (len, header) = if first < 0x80 {
+            (usize::from(first), 2)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 {
+                return None;
+            }
+            let mut len = 0usize;
+            for i in 0..n {
+                len = (len << 8) | usize::from(*b.get(2 + i)?);
+            }
+            (len, 2 + n)
+        };
+        let body = b.get(header..header.checked_add(len)?)?;
+        Some((tag, body, &b[header + len..]))
+    }
+    let (_, cert_body, _) = tlv(cert)?; // Certificate
+    let (_, tbs, _) = tlv(cert_body)?; // TBSCertificate
+    let mut rest = tbs;
+    let mut fields = Vec::new();
+    while !rest.is_empty() {
+        let (tag, body, next) = tlv(rest)?;
+        fields.push((tag, body));
+        rest = next;
+    }
+    // [0] version is optional; then serial, signature, issuer, validity, subject.
+    let skip = usize::from(fields.first()?.0 == 0xa0);
+    let subject = fields.get(skip + 4)?.1;
+    let mut rdns = subject;
+    while !rdns.is_empty() {
+        let (_, set, next) = tlv(rdns)?;
+        let (_, atv, _) = tlv(set)?;
+        let (oid_tag, oid, value_rest) = tlv(atv)?;
+        if oid_tag == 0x06 && oid == [0x55, 0x04, 0x03] {
+            let (_, value, _) = tlv(value_rest)?;
+            return String::from_utf8(value.to_vec()).ok();
+        }
+        rdns = next;
+    }
+    None
+}
