@@ -290,3 +290,116 @@ pub async fn rpc(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketA
     })
     .await
 }
+
+fn store_error(e: crate::store::StoreError) -> Response {
+    match e {
+        crate::store::StoreError::Invalid(m) => error(StatusCode::BAD_REQUEST, "invalid_request", &m),
+        crate::store::StoreError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m),
+    }
+}
+
+fn token_json(t: &crate::store::StoredToken, secret: Option<&str>) -> Value {
+    let mut v = serde_json::to_value(t).unwrap_or_default();
+    v["state"] = serde_json::to_value(t.state(crate::store::now_ms())).unwrap_or_default();
+    if let Some(s) = secret {
+        v["secret"] = Value::String(s.to_owned());
+    }
+    v
+}
+
+/// Opens the store the gateway reads (creating it on first use).
+fn open_store(gw: &Gateway) -> Result<crate::store::SqliteStore, crate::store::StoreError> {
+    crate::store::SqliteStore::open(gw.store().path())
+}
+
+/// Applies a store change at once: caches dropped, revoked tokens' sessions closed.
+async fn applied(gw: &Gateway) {
+    let _ = gw.store().poll();
+    gw.sweep_sessions().await;
+}
+
+/// `POST /admin/tokens`: issues a token (its secret only in this answer).
+pub async fn create_token(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
+    admin(gw, "POST /admin/tokens", &headers, peer, |gw, _| async move {
+        let body = match read_body(body, 64 * 1024).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let req: crate::store::TokenRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+        };
+        let result = req.validate(&gw.config()).and_then(|new| open_store(&gw)?.create(&new, crate::store::now_ms()));
+        match result {
+            Ok((t, secret)) => {
+                applied(&gw).await;
+                json_value(StatusCode::CREATED, &token_json(&t, Some(&secret)))
+            }
+            Err(e) => store_error(e),
+        }
+    })
+    .await
+}
+
+/// `GET /admin/tokens`.
+pub async fn list_tokens(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
+    admin(gw, "GET /admin/tokens", &headers, peer, |gw, _| async move {
+        match open_store(&gw).and_then(|s| s.list()) {
+            Ok(tokens) => json_value(
+                StatusCode::OK,
+                &json!({"tokens": tokens.iter().map(|t| token_json(t, None)).collect::<Vec<_>>()}),
+            ),
+            Err(e) => store_error(e),
+        }
+    })
+    .await
+}
+
+/// `GET /admin/tokens/{id}`.
+pub async fn get_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, peer: SocketAddr) -> Response {
+    admin(gw, "GET /admin/tokens/{id}", &headers, peer, |gw, _| async move {
+        match open_store(&gw).and_then(|s| s.get(&id)) {
+            Ok(t) => json_value(StatusCode::OK, &token_json(&t, None)),
+            Err(crate::store::StoreError::Invalid(m)) => error(StatusCode::NOT_FOUND, "not_found", &m),
+            Err(e) => store_error(e),
+        }
+    })
+    .await
+}
+
+/// `POST /admin/tokens/{id}/rotate` with `{"grace":"24h"}`.
+pub async fn rotate_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
+    admin(gw, "POST /admin/tokens/{id}/rotate", &headers, peer, |gw, _| async move {
+        let body = read_body(body, 64 * 1024).await.unwrap_or_default();
+        let grace = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("grace").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| "24h".into());
+        let grace = match config::parse_duration(&grace) {
+            Ok(g) => g,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e),
+        };
+        match open_store(&gw).and_then(|s| s.rotate(&id, grace, crate::store::now_ms())) {
+            Ok((t, secret)) => {
+                applied(&gw).await;
+                json_value(StatusCode::OK, &token_json(&t, Some(&secret)))
+            }
+            Err(e) => store_error(e),
+        }
+    })
+    .await
+}
+
+/// `DELETE /admin/tokens/{id}`: revokes (the row stays); effective at once.
+pub async fn revoke_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, peer: SocketAddr) -> Response {
+    admin(gw, "DELETE /admin/tokens/{id}", &headers, peer, |gw, _| async move {
+        match open_store(&gw).and_then(|s| s.revoke(&id, crate::store::now_ms())) {
+            Ok(t) => {
+                applied(&gw).await;
+                json_value(StatusCode::OK, &token_json(&t, None))
+            }
+            Err(e) => store_error(e),
+        }
+    })
+    .await
+}

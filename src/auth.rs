@@ -217,6 +217,8 @@ pub struct Identity {
     pub grants: Grants,
     /// When it stops working.
     pub expires: Option<SystemTime>,
+    /// The store id of an issued token (None for config and environment tokens).
+    pub token_id: Option<String>,
     rate: Option<Rate>,
     bucket: Mutex<Option<Bucket>>,
 }
@@ -230,6 +232,7 @@ impl Identity {
             tenant: None,
             grants: Grants::all(),
             expires: None,
+            token_id: None,
             rate: None,
             bucket: Mutex::new(None),
         })
@@ -267,6 +270,9 @@ pub enum AuthError {
     /// Too many failed attempts from this address.
     #[error("too many failed authentications")]
     Throttled(Duration),
+    /// The token store is locked or down: the token may be valid, so never a 401.
+    #[error("the token store is unavailable")]
+    Unavailable(Duration),
 }
 
 impl AuthError {
@@ -279,6 +285,7 @@ impl AuthError {
             AuthError::Forbidden(_) => "refused: endpoint not granted",
             AuthError::RateLimited(_) => "refused: rate limited",
             AuthError::Throttled(_) => "refused: failure throttle",
+            AuthError::Unavailable(_) => "refused: store unavailable",
         }
     }
 
@@ -289,6 +296,7 @@ impl AuthError {
             AuthError::BadRequest => StatusCode::BAD_REQUEST,
             AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
             AuthError::RateLimited(_) | AuthError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+            AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -316,6 +324,9 @@ impl IntoResponse for AuthError {
             AuthError::Throttled(_) => {
                 ("too_many_failures", "Too many failed authentications from this address".to_owned(), String::new())
             }
+            AuthError::Unavailable(_) => {
+                ("unavailable", "The token store is unavailable; try again".to_owned(), String::new())
+            }
         };
         let body = serde_json::json!({"error": error, "message": message}).to_string();
         let mut r = (self.status(), [(header::CONTENT_TYPE, "application/json")], body).into_response();
@@ -324,7 +335,7 @@ impl IntoResponse for AuthError {
         {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
-        if let AuthError::RateLimited(d) | AuthError::Throttled(d) = self {
+        if let AuthError::RateLimited(d) | AuthError::Throttled(d) | AuthError::Unavailable(d) = self {
             let secs = d.as_secs_f64().ceil().max(1.0) as u64;
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -412,6 +423,41 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
     }
 }
 
+/// An identity for a token: its grants narrowed to its tenant's servers and to the servers
+/// whose `authTokens` name it.
+fn identity_for(
+    t: &TokenDef,
+    cfg: &AuthConfig,
+    servers: &[(String, Vec<String>)],
+    token_id: Option<String>,
+) -> Arc<Identity> {
+    let mut grants = t.grants.clone();
+    let mut reachable: Vec<String> =
+        servers.iter().filter(|(s, _)| grants.reaches(s)).map(|(s, _)| s.clone()).collect();
+    if let Some(tenant) = &t.tenant {
+        let own: Vec<&String> = cfg.tenants.get(tenant).map(|ns| ns.values().flatten().collect()).unwrap_or_default();
+        reachable.retain(|s| own.contains(&s));
+    }
+    reachable.retain(|s| {
+        servers.iter().find(|(n, _)| n == s).is_none_or(|(_, names)| names.is_empty() || names.contains(&t.name))
+    });
+    let restricted =
+        t.tenant.is_some() || grants.servers.is_some() || servers.iter().any(|(_, names)| !names.is_empty());
+    if restricted {
+        grants.servers = Some(reachable.into_iter().collect());
+    }
+    Arc::new(Identity {
+        name: t.name.as_str().into(),
+        role: t.role,
+        tenant: t.tenant.clone(),
+        grants,
+        expires: t.expires,
+        token_id,
+        rate: t.rate.or(cfg.per_identity),
+        bucket: Mutex::new(None),
+    })
+}
+
 /// Failures seen from one address.
 struct Failures {
     count: u32,
@@ -421,6 +467,10 @@ struct Failures {
 
 /// The credential table and the limits, built from one config (rebuilt whole on reload).
 pub struct Authenticator {
+    cfg: AuthConfig,
+    servers: Vec<(String, Vec<String>)>,
+    store: Option<Arc<crate::store::StoreView>>,
+    store_identities: Mutex<HashMap<String, (crate::store::StoredToken, Arc<Identity>)>>,
     by_digest: HashMap<[u8; 32], Arc<Identity>>,
     by_name: HashMap<Arc<str>, Arc<Identity>>,
     anonymous: Option<Arc<Identity>>,
@@ -434,43 +484,25 @@ pub struct Authenticator {
 impl Authenticator {
     /// Builds the table: each token's grants narrowed to its tenant's servers and to the
     /// servers whose `authTokens` name it (admins from the environment reach everything).
-    pub fn new(cfg: &AuthConfig, servers: &[(String, Vec<String>)]) -> Self {
+    /// Issued tokens come from `store` on demand.
+    pub fn new(
+        cfg: &AuthConfig,
+        servers: &[(String, Vec<String>)],
+        store: Option<Arc<crate::store::StoreView>>,
+    ) -> Self {
         let mut by_digest = HashMap::new();
         let mut by_name = HashMap::new();
         for t in &cfg.tokens {
-            let mut grants = t.grants.clone();
-            let mut reachable: Vec<String> =
-                servers.iter().filter(|(s, _)| grants.reaches(s)).map(|(s, _)| s.clone()).collect();
-            if let Some(tenant) = &t.tenant {
-                let own: Vec<&String> =
-                    cfg.tenants.get(tenant).map(|ns| ns.values().flatten().collect()).unwrap_or_default();
-                reachable.retain(|s| own.contains(&s));
-            }
-            reachable.retain(|s| {
-                servers
-                    .iter()
-                    .find(|(n, _)| n == s)
-                    .is_none_or(|(_, names)| names.is_empty() || names.contains(&t.name))
-            });
-            let restricted =
-                t.tenant.is_some() || grants.servers.is_some() || servers.iter().any(|(_, names)| !names.is_empty());
-            if restricted {
-                grants.servers = Some(reachable.into_iter().collect());
-            }
-            let identity = Arc::new(Identity {
-                name: t.name.as_str().into(),
-                role: t.role,
-                tenant: t.tenant.clone(),
-                grants,
-                expires: t.expires,
-                rate: t.rate.or(cfg.per_identity),
-                bucket: Mutex::new(None),
-            });
+            let identity = identity_for(t, cfg, servers, None);
             by_name.insert(identity.name.clone(), identity.clone());
             by_digest.insert(t.digest, identity);
         }
         Authenticator {
             anonymous: cfg.tokens.is_empty().then(Identity::anonymous),
+            cfg: cfg.clone(),
+            servers: servers.to_vec(),
+            store,
+            store_identities: Mutex::new(HashMap::new()),
             by_digest,
             by_name,
             per_address: cfg.per_address,
@@ -481,9 +513,42 @@ impl Authenticator {
         }
     }
 
-    /// True when no credential source is configured (everyone is anonymous).
+    /// The identity of an issued token (kept while the stored row is unchanged, so its rate
+    /// bucket carries over).
+    fn store_identity(&self, t: &crate::store::StoredToken) -> Arc<Identity> {
+        let mut cache = lock(&self.store_identities);
+        if let Some((row, identity)) = cache.get(&t.id)
+            && row == t
+        {
+            return identity.clone();
+        }
+        let def = TokenDef {
+            name: t.name.clone(),
+            digest: [0; 32],
+            role: t.role(),
+            tenant: (!t.tenant.is_empty()).then(|| t.tenant.clone()),
+            grants: t.grants.grants(),
+            expires: t.ends_at().map(crate::store::to_system_time),
+            rate: t.rate(),
+        };
+        let identity = identity_for(&def, &self.cfg, &self.servers, Some(t.id.clone()));
+        cache.insert(t.id.clone(), (t.clone(), identity.clone()));
+        identity
+    }
+
+    /// Whether an issued token is still usable (for open sessions; None when the store cannot
+    /// say).
+    pub fn store_token_usable(&self, id: &str) -> Option<bool> {
+        let store = self.store.as_ref()?;
+        match store.token(id) {
+            Ok(t) => Some(t.is_some_and(|t| t.usable(crate::store::now_ms()))),
+            Err(_) => None,
+        }
+    }
+
+    /// True when no credential source yields a token (everyone is anonymous).
     pub fn is_open(&self) -> bool {
-        self.anonymous.is_some()
+        self.anonymous.is_some() && self.store.as_ref().is_none_or(|s| !s.has_tokens())
     }
 
     /// The client's address: the peer, or when the peer is a trusted proxy, the nearest
@@ -516,7 +581,7 @@ impl Authenticator {
     /// Authenticates a request from `client`: its one credential, else a verified client
     /// certificate whose subject names a configured identity.
     pub fn authenticate(&self, headers: &HeaderMap, client: IpAddr) -> Result<Arc<Identity>, AuthError> {
-        if let Some(anon) = &self.anonymous {
+        if let Some(anon) = self.anonymous.as_ref().filter(|_| self.is_open()) {
             return Ok(anon.clone());
         }
         let presented = presented_credential(headers);
@@ -529,14 +594,33 @@ impl Authenticator {
             };
         }
         let found = presented.and_then(|secret| {
-            let identity = self.by_digest.get(&digest(secret)).ok_or(AuthError::Invalid)?;
+            let d = digest(secret);
+            let identity = match self.by_digest.get(&d) {
+                Some(i) => i.clone(),
+                None => {
+                    let store = self.store.as_ref().ok_or(AuthError::Invalid)?;
+                    let now = crate::store::now_ms();
+                    match store.lookup(&d) {
+                        Ok(Some(t)) if t.usable(now) => {
+                            store.used(&t.id, now);
+                            self.store_identity(&t)
+                        }
+                        Ok(_) => return Err(AuthError::Invalid),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "token store unavailable");
+                            return Err(AuthError::Unavailable(Duration::from_secs(1)));
+                        }
+                    }
+                }
+            };
             if identity.expired(SystemTime::now()) {
                 return Err(AuthError::Invalid);
             }
-            Ok(identity.clone())
+            Ok(identity)
         });
         match found {
             Ok(identity) => Ok(identity),
+            Err(e @ AuthError::Unavailable(_)) => Err(e),
             Err(e) => Err(self.failed(client).unwrap_or(e)),
         }
     }

@@ -70,6 +70,15 @@ pub enum Command {
         #[arg(long = "as")]
         as_identity: Option<String>,
     },
+    /// Manage issued tokens (the store a running gateway reads: `portcullis.db` beside the config).
+    Token {
+        /// Config file (default: ./portcullis.yaml, then ./portcullis.json).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// What to do.
+        #[command(subcommand)]
+        action: TokenCommand,
+    },
     /// Validate a config file: every error with its path and line; a summary per server.
     Check {
         /// Config file (default: ./portcullis.yaml, then ./portcullis.json).
@@ -132,6 +141,180 @@ pub fn check(path: Option<PathBuf>) -> i32 {
             1
         }
     }
+}
+
+/// `portcullis token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Issue a token; its secret is shown once.
+    Create {
+        /// Name (unique per tenant among live tokens).
+        #[arg(long)]
+        name: String,
+        /// Tenant (configured in `tenants`).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Servers it may reach, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<String>,
+        /// Tool globs, comma-separated (`!` denies).
+        #[arg(long, value_delimiter = ',')]
+        tools: Vec<String>,
+        /// Prompt globs, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        prompts: Vec<String>,
+        /// Resource globs, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        resources: Vec<String>,
+        /// `user` (default) or `admin`.
+        #[arg(long)]
+        role: Option<String>,
+        /// Time to live: `30d`, `12h`, or `never` (default 90d).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Rate limit, e.g. `100/min`.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Test hook: create this many tokens named NAME-1…NAME-N.
+        #[arg(long, hide = true)]
+        repeat: Option<usize>,
+    },
+    /// List tokens (never a secret).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a token a new secret; the old one keeps working for the grace period.
+    Rotate {
+        /// The token's name or id.
+        token: String,
+        /// The tenant, when the name is ambiguous.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// How long the old secret keeps working.
+        #[arg(long, default_value = "24h")]
+        grace: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token (a running gateway refuses it within a second).
+    Revoke {
+        /// The token's name or id.
+        token: String,
+        /// The tenant, when the name is ambiguous.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+/// Runs a `token` command; the exit code.
+pub fn token(config: Option<PathBuf>, action: TokenCommand) -> i32 {
+    match run_token(config, action) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("portcullis token: {e:#}");
+            1
+        }
+    }
+}
+
+fn fmt_time(ms: Option<i64>) -> String {
+    ms.map_or_else(|| "-".into(), |m| humantime::format_rfc3339_seconds(crate::store::to_system_time(m)).to_string())
+}
+
+fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()> {
+    use crate::store::{SqliteStore, TokenRequest, now_ms};
+    let config = load_config(config)?;
+    let (path, _) = config.store();
+    let store = SqliteStore::open(&path)?;
+    let show = |t: &crate::store::StoredToken, secret: Option<&str>, json: bool| {
+        if json {
+            let mut v = serde_json::to_value(t).unwrap_or_default();
+            v["state"] = serde_json::to_value(t.state(now_ms())).unwrap_or_default();
+            if let Some(s) = secret {
+                v["secret"] = serde_json::Value::String(s.to_owned());
+            }
+            println!("{v}");
+        } else {
+            println!("{} {} ({})", t.id, t.name, t.prefix);
+            if let Some(s) = secret {
+                println!("secret (shown once): {s}");
+            }
+        }
+    };
+    match action {
+        TokenCommand::Create { name, tenant, servers, tools, prompts, resources, role, ttl, rate, json, repeat } => {
+            let mut req =
+                TokenRequest { name: name.clone(), tenant, servers, tools, prompts, resources, role, ttl, rate };
+            let new = req.validate(&config)?;
+            match repeat {
+                None => {
+                    let (t, secret) = store.create(&new, now_ms())?;
+                    show(&t, Some(&secret), json);
+                }
+                Some(n) => {
+                    for i in 1..=n {
+                        req.name = format!("{name}-{i}");
+                        let mut one = new.clone();
+                        one.name = req.name.clone();
+                        let (t, secret) = store.create(&one, now_ms())?;
+                        show(&t, Some(&secret), json);
+                    }
+                }
+            }
+        }
+        TokenCommand::List { json } => {
+            let now = now_ms();
+            let tokens = store.list()?;
+            if json {
+                for t in &tokens {
+                    show(t, None, true);
+                }
+            } else {
+                println!(
+                    "{:<20} {:<10} {:<10} {:<28} {:<20} {:<20} {:<20} state",
+                    "name", "tenant", "prefix", "grants", "created", "expires", "last used"
+                );
+                for t in &tokens {
+                    let g = &t.grants;
+                    let grants = format!(
+                        "servers={} tools={}",
+                        if g.servers.is_empty() { "*".into() } else { g.servers.join(",") },
+                        if g.tools.is_empty() { "*".into() } else { g.tools.join(",") }
+                    );
+                    let state = serde_json::to_value(t.state(now))
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    println!(
+                        "{:<20} {:<10} {:<10} {:<28} {:<20} {:<20} {:<20} {state}",
+                        t.name,
+                        if t.tenant.is_empty() { "-" } else { &t.tenant },
+                        t.prefix,
+                        grants,
+                        fmt_time(Some(t.created_at)),
+                        fmt_time(t.ends_at()),
+                        fmt_time(t.last_used_at)
+                    );
+                }
+            }
+        }
+        TokenCommand::Rotate { token, tenant, grace, json } => {
+            let grace = config::parse_duration(&grace).map_err(anyhow::Error::msg)?;
+            let (t, secret) = store.rotate_ref(&token, tenant.as_deref(), grace, now_ms())?;
+            show(&t, Some(&secret), json);
+        }
+        TokenCommand::Revoke { token, tenant } => {
+            let t = store.revoke_ref(&token, tenant.as_deref(), now_ms())?;
+            println!("revoked {} {}", t.id, t.name);
+        }
+    }
+    Ok(())
 }
 
 /// Sets up logging on stderr (stdout may carry protocol).

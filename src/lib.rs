@@ -12,6 +12,7 @@
 //! - [`mcp::downstream`]: the gateway as an MCP server (streamable HTTP, both eras).
 //! - [`server`]: the HTTP listener, health, graceful shutdown; [`admin`]: the management API;
 //!   [`metrics`]: `/stats` and `/metrics`; [`tls`]: rustls on the listener.
+//! - [`store`]: issued tokens in SQLite, shared with the `token` subcommands.
 //! - [`cli`]: the command line. [`demo`]: the bundled demo MCP server.
 #![forbid(unsafe_code)]
 
@@ -25,4 +26,5 @@ pub mod demo;
 pub mod mcp;
 pub mod metrics;
 pub mod server;
+pub mod store;
 pub mod tls;

@@ -17,6 +17,7 @@ fn main() -> anyhow::Result<()> {
     }));
     match args.command {
         Command::Check { config } => std::process::exit(cli::check(config)),
+        Command::Token { config, action } => std::process::exit(cli::token(config, action)),
         Command::Serve {
             config,
             listen,

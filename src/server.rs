@@ -45,6 +45,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/stats", get(admin_stats))
         .route("/metrics", get(admin_metrics))
         .route("/admin/reload", post(admin_reload))
+        .route("/admin/tokens", post(token_create).get(token_list))
+        .route("/admin/tokens/{id}", get(token_get).delete(token_revoke))
+        .route("/admin/tokens/{id}/rotate", post(token_rotate))
         .route("/rpc", post(rpc))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(gw.clone(), edge))
@@ -213,6 +216,51 @@ async fn admin_reload(
     headers: HeaderMap,
 ) -> Response {
     crate::admin::reload(gw, headers, peer).await
+}
+
+async fn token_create(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    crate::admin::create_token(gw, headers, body, peer).await
+}
+
+async fn token_list(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    crate::admin::list_tokens(gw, headers, peer).await
+}
+
+async fn token_get(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    crate::admin::get_token(gw, id, headers, peer).await
+}
+
+async fn token_rotate(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    crate::admin::rotate_token(gw, id, headers, body, peer).await
+}
+
+async fn token_revoke(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    crate::admin::revoke_token(gw, id, headers, peer).await
 }
 
 async fn rpc(

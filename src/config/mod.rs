@@ -102,6 +102,17 @@ pub struct RawConfig {
     /// says `X-Forwarded-Proto: https`.
     #[serde(default)]
     pub require_https: Option<bool>,
+    /// The token store: `{path}` (default `portcullis.db` beside the config file).
+    #[serde(default)]
+    pub store: Option<RawStore>,
+}
+
+/// `store:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// The SQLite file for issued tokens (created on first use).
+    pub path: S,
 }
 
 /// `tls:`.
@@ -326,6 +337,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsSettings>,
     /// Refuse plain-HTTP requests not vouched for by a trusted proxy.
     pub require_https: bool,
+    /// The token store file named in the config (None: the default beside the config file).
+    pub store_path: Option<PathBuf>,
     /// The file this came from (None for the built-in demo).
     pub source: Option<PathBuf>,
     /// Warnings found while loading (unknown keys in foreign entries).
@@ -333,6 +346,24 @@ pub struct Config {
 }
 
 impl Config {
+    /// The token store file and whether the config named it: the named path, else
+    /// `portcullis.db` beside the config file (or in the working directory without one).
+    pub fn store(&self) -> (PathBuf, bool) {
+        match &self.store_path {
+            Some(p) => {
+                let p = match (&self.source, p.is_relative()) {
+                    (Some(src), true) => src.parent().map_or_else(|| p.clone(), |d| d.join(p)),
+                    _ => p.clone(),
+                };
+                (p, true)
+            }
+            None => {
+                let dir = self.source.as_ref().and_then(|s| s.parent()).map(Path::to_path_buf).unwrap_or_default();
+                (dir.join("portcullis.db"), false)
+            }
+        }
+    }
+
     /// A server by name.
     pub fn server(&self, name: &str) -> Option<&Arc<ServerDef>> {
         self.servers.iter().find(|s| s.name == name)
@@ -430,6 +461,7 @@ pub fn demo(exe: &Path) -> Config {
         audit_file: None,
         tls: None,
         require_https: false,
+        store_path: None,
         source: None,
         warnings: Vec::new(),
     }
@@ -584,6 +616,7 @@ impl Validator<'_> {
             }
         }
         let audit_file = raw.audit.and_then(|a| a.file).map(|f| PathBuf::from(self.subst("audit.file", &f)));
+        let store_path = raw.store.map(|st| PathBuf::from(self.subst("store.path", &st.path)));
         let tls = raw.tls.map(|t| {
             let settings = crate::tls::TlsSettings {
                 cert: PathBuf::from(self.subst("tls.cert", &t.cert)),
@@ -610,6 +643,7 @@ impl Validator<'_> {
             audit_file,
             tls,
             require_https: raw.require_https.unwrap_or(false),
+            store_path,
             source: None,
             warnings: self.warnings,
         })

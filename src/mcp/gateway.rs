@@ -157,6 +157,7 @@ pub struct Gateway {
     audit: crate::audit::Audit,
     metrics: crate::metrics::Metrics,
     draining: std::sync::atomic::AtomicBool,
+    store: Arc<crate::store::StoreView>,
 }
 
 /// How clients have opened conversations since start: `initialize` handshakes (each mints a
@@ -172,7 +173,9 @@ pub struct Handshakes {
 impl Gateway {
     /// Builds the gateway and starts every enabled shared server.
     pub fn start(config: Config) -> Arc<Self> {
-        let authenticator = authenticator_for(&config);
+        let (store_path, named) = config.store();
+        let store = crate::store::StoreView::new(store_path, named);
+        let authenticator = authenticator_for(&config, Some(store.clone()));
         let audit = crate::audit::Audit::start(config.audit_file.clone()).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot open the audit file; audit records go to stderr");
             crate::audit::Audit::start(None).unwrap_or_else(|_| crate::audit::Audit::discard())
@@ -198,6 +201,7 @@ impl Gateway {
             auth: ArcSwap::from_pointee(authenticator),
             audit,
             metrics: crate::metrics::Metrics::default(),
+            store,
             draining: std::sync::atomic::AtomicBool::new(false),
         });
         let config = gw.config();
@@ -211,10 +215,17 @@ impl Gateway {
         let weak = Arc::downgrade(&gw);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
+            let mut flushed = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
                 let Some(gw) = weak.upgrade() else { return };
                 gw.sweep_sessions().await;
+                if flushed.elapsed() >= std::time::Duration::from_secs(60) {
+                    flushed = tokio::time::Instant::now();
+                    if let Err(e) = gw.store.flush_used(crate::store::now_ms()) {
+                        tracing::warn!(error = %e, "could not record token use");
+                    }
+                }
             }
         });
         gw
@@ -223,17 +234,25 @@ impl Gateway {
     /// Ends every session whose identity no longer holds: revoked (gone from the credential
     /// table), expired, or no longer reaching the session's server.
     pub async fn sweep_sessions(&self) {
+        if let Err(e) = self.store.poll() {
+            tracing::warn!(error = %e, "token store unavailable");
+        }
         let auth = self.authenticator();
         let now = std::time::SystemTime::now();
         let stale: Vec<String> = lock(&self.sessions)
             .values()
             // stdio has no tokens to revoke: the launching process is the client.
             .filter(|s| s.transport != session::Transport::Stdio)
-            .filter(|s| match auth.current(&s.identity.name) {
-                Some(c) if Arc::ptr_eq(&c, &s.identity) => c.expired(now),
-                None => true,
-                // Changed grants (a reload) end the session too: it was authorized under the old ones.
-                Some(c) => c.expired(now) || c.grants != s.identity.grants || c.tenant != s.identity.tenant,
+            .filter(|s| match (&s.identity.token_id, auth.current(&s.identity.name)) {
+                // An issued token: gone once revoked, expired or past its rotation's grace (a
+                // store that cannot answer right now closes nothing).
+                (Some(id), _) => auth.store_token_usable(id) == Some(false),
+                (None, c) => match c {
+                    Some(c) if Arc::ptr_eq(&c, &s.identity) => c.expired(now),
+                    None => true,
+                    // Changed grants (a reload) end the session too: it was authorized under the old ones.
+                    Some(c) => c.expired(now) || c.grants != s.identity.grants || c.tenant != s.identity.tenant,
+                },
             })
             .map(|s| s.id.clone())
             .collect();
@@ -311,7 +330,7 @@ impl Gateway {
                 config.auth.tokens.push(t.clone());
             }
         }
-        let authenticator = authenticator_for(&config);
+        let authenticator = authenticator_for(&config, Some(self.store.clone()));
         let config = Arc::new(config);
         self.config.store(config.clone());
         self.auth.store(Arc::new(authenticator));
@@ -474,6 +493,11 @@ impl Gateway {
             .filter(|d| d.enabled && scope.includes(&d.name) && who.grants.reaches(&d.name))
             .cloned()
             .collect()
+    }
+
+    /// The token store as this gateway sees it.
+    pub fn store(&self) -> &Arc<crate::store::StoreView> {
+        &self.store
     }
 
     /// The credential table of the current config.
@@ -1261,10 +1285,10 @@ const FIRST_START_WAIT: std::time::Duration = std::time::Duration::from_secs(10)
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The credential table for a config (each token's grants narrowed by tenants and `authTokens`).
-pub fn authenticator_for(config: &Config) -> Authenticator {
+pub fn authenticator_for(config: &Config, store: Option<Arc<crate::store::StoreView>>) -> Authenticator {
     let servers: Vec<(String, Vec<String>)> =
         config.servers.iter().map(|s| (s.name.clone(), s.auth_tokens.clone())).collect();
-    Authenticator::new(&config.auth, &servers)
+    Authenticator::new(&config.auth, &servers, store)
 }
 
 fn unreachable_mac() -> HmacSha256 {

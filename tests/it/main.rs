@@ -11,4 +11,5 @@ mod protocol;
 mod secrets;
 mod support;
 mod tls;
+mod tokens;
 mod upstream;

@@ -99,7 +99,13 @@ impl GatewayBuilder {
     }
 
     fn config(&self, audit: &std::path::Path) -> portcullis::config::Config {
-        let text = format!("{}audit:\n  file: {:?}\n", self.yaml(), audit.display().to_string());
+        let store = audit.with_file_name("tokens.db");
+        let text = format!(
+            "{}audit:\n  file: {:?}\nstore:\n  path: {:?}\n",
+            self.yaml(),
+            audit.display().to_string(),
+            store.display().to_string()
+        );
         let env = Env::from_pairs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut config = config::parse(&text, false, &env).expect("valid test config");
         config.listen = "127.0.0.1:0".parse().unwrap();

@@ -1,0 +1,809 @@
+//! The token store: issued tokens, held hashed in an embedded SQLite database (WAL), shared by
+//! the gateway and the `token` subcommands (another process).
+//!
+//! Invariants: the store holds SHA-256 digests and a short display prefix, never a secret;
+//! every change happens in one `BEGIN IMMEDIATE` transaction and bumps a version counter that
+//! running gateways poll to drop caches and close revoked tokens' streams; a name is unique
+//! among a tenant's tokens that are neither superseded nor revoked; a failed command changes
+//! nothing. Times are Unix milliseconds and are passed in, so tests can move the clock.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Rate, Role};
+use crate::authz::{Grants, Patterns};
+use crate::mcp::session::lock;
+
+/// Why a store operation failed, and whose fault it is.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The caller asked for something impossible (duplicate name, unknown token, bad input).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store is locked or unreachable: try again later (requests get 503, never 401).
+    #[error("the token store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A Unix-ms time as a `SystemTime`.
+pub fn to_system_time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// The grants of an issued token, as stored (JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredGrants {
+    /// Servers (empty: all).
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Tool globs.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Prompt globs.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Resource globs.
+    #[serde(default)]
+    pub resources: Vec<String>,
+}
+
+impl StoredGrants {
+    /// The runtime form.
+    pub fn grants(&self) -> Grants {
+        Grants {
+            servers: (!self.servers.is_empty()).then(|| self.servers.iter().cloned().collect()),
+            tools: Patterns::parse(self.tools.iter().map(String::as_str)),
+            prompts: Patterns::parse(self.prompts.iter().map(String::as_str)),
+            resources: Patterns::parse(self.resources.iter().map(String::as_str)),
+        }
+    }
+}
+
+/// One issued token as stored (no secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredToken {
+    /// Stable id (`tok_…`).
+    pub id: String,
+    /// Name, unique per tenant among live tokens.
+    pub name: String,
+    /// Tenant ("" for none).
+    pub tenant: String,
+    /// The first characters of the secret, for recognising it (`pcs_AbCd`).
+    pub prefix: String,
+    /// Grants.
+    pub grants: StoredGrants,
+    /// `user` or `admin`.
+    pub role: String,
+    /// Its own rate limit (`100/min`).
+    pub rate: Option<String>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms, None for never.
+    pub expires_at: Option<i64>,
+    /// Unix ms.
+    pub revoked_at: Option<i64>,
+    /// Unix ms (written at most once a minute).
+    pub last_used_at: Option<i64>,
+    /// The token this one replaced (rotation).
+    pub replaces: Option<String>,
+    /// The token that replaced this one.
+    pub superseded_by: Option<String>,
+    /// When this one stops, if superseded (end of the rotation's grace).
+    pub overlap_until: Option<i64>,
+}
+
+/// What a token is, at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    /// Usable.
+    Active,
+    /// Usable, but ends within a week (or is in a rotation's grace).
+    Expiring,
+    /// Past its expiry.
+    Expired,
+    /// Revoked.
+    Revoked,
+    /// Replaced by a rotation and past the grace.
+    Superseded,
+}
+
+impl StoredToken {
+    /// When it stops working (expiry, or the end of a rotation's grace), if ever.
+    pub fn ends_at(&self) -> Option<i64> {
+        match (self.expires_at, self.superseded_by.as_ref().and(self.overlap_until)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Its state at `now`.
+    pub fn state(&self, now: i64) -> TokenState {
+        if self.revoked_at.is_some() {
+            return TokenState::Revoked;
+        }
+        if self.superseded_by.is_some() && self.overlap_until.is_none_or(|t| now >= t) {
+            return TokenState::Superseded;
+        }
+        if self.expires_at.is_some_and(|t| now >= t) {
+            return TokenState::Expired;
+        }
+        const WEEK: i64 = 7 * 24 * 3600 * 1000;
+        if self.superseded_by.is_some() || self.expires_at.is_some_and(|t| t - now < WEEK) {
+            return TokenState::Expiring;
+        }
+        TokenState::Active
+    }
+
+    /// Whether it authenticates at `now`.
+    pub fn usable(&self, now: i64) -> bool {
+        matches!(self.state(now), TokenState::Active | TokenState::Expiring)
+    }
+
+    /// Its role.
+    pub fn role(&self) -> Role {
+        if self.role == "admin" { Role::Admin } else { Role::User }
+    }
+
+    /// Its rate limit.
+    pub fn rate(&self) -> Option<Rate> {
+        self.rate.as_deref().and_then(|r| Rate::parse(r).ok())
+    }
+}
+
+/// What to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewToken {
+    /// Name.
+    pub name: String,
+    /// Tenant ("" for none).
+    pub tenant: String,
+    /// Grants.
+    pub grants: StoredGrants,
+    /// `user` or `admin`.
+    pub role: Role,
+    /// Time to live (None: never).
+    pub ttl: Option<Duration>,
+    /// Rate limit.
+    pub rate: Option<Rate>,
+}
+
+/// A token to issue, as the CLI and the admin API take it (strings, validated against the
+/// config by [`TokenRequest::validate`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Name.
+    pub name: String,
+    /// Tenant (must be configured).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Servers (must be configured; empty: all).
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Tool globs (`!` denies).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Prompt globs.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Resource globs.
+    #[serde(default)]
+    pub resources: Vec<String>,
+    /// `user` (default) or `admin`.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// `30d`, `12h`, … or `never` (default `90d`).
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// `100/min`, …
+    #[serde(default)]
+    pub rate: Option<String>,
+}
+
+/// The default time to live of an issued token.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+impl TokenRequest {
+    /// Checks every field against the config; all problems at once.
+    pub fn validate(&self, config: &crate::config::Config) -> Result<NewToken, StoreError> {
+        let mut errors = Vec::new();
+        if self.name.trim().is_empty() || self.name.chars().any(char::is_whitespace) {
+            errors.push("the name must be non-empty, without spaces".to_owned());
+        }
+        for s in self.servers.iter().filter(|s| config.server(s).is_none()) {
+            errors.push(format!("unknown server {s:?}"));
+        }
+        if let Some(t) = &self.tenant
+            && !config.auth.tenants.contains_key(t)
+        {
+            errors.push(format!("unknown tenant {t:?}"));
+        }
+        for (kind, globs) in [("tools", &self.tools), ("prompts", &self.prompts), ("resources", &self.resources)] {
+            for g in globs.iter().filter(|g| g.trim_start_matches('!').is_empty() || g.contains(char::is_whitespace)) {
+                errors.push(format!("malformed {kind} glob {g:?}"));
+            }
+        }
+        let role = match self.role.as_deref() {
+            None | Some("user") => Role::User,
+            Some("admin") => Role::Admin,
+            Some(other) => {
+                errors.push(format!("unknown role {other:?} (user, admin)"));
+                Role::User
+            }
+        };
+        let ttl = match self.ttl.as_deref().map(str::trim) {
+            None => Some(DEFAULT_TTL),
+            Some("never") => None,
+            Some(t) => match humantime::parse_duration(t) {
+                Ok(d) if !d.is_zero() => Some(d),
+                _ => {
+                    errors.push(format!("malformed duration {t:?} (30d, 12h, or never)"));
+                    None
+                }
+            },
+        };
+        let rate = match self.rate.as_deref() {
+            None => None,
+            Some(r) => match Rate::parse(r) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            },
+        };
+        if !errors.is_empty() {
+            return Err(StoreError::Invalid(errors.join("; ")));
+        }
+        Ok(NewToken {
+            name: self.name.clone(),
+            tenant: self.tenant.clone().unwrap_or_default(),
+            grants: StoredGrants {
+                servers: self.servers.clone(),
+                tools: self.tools.clone(),
+                prompts: self.prompts.clone(),
+                resources: self.resources.clone(),
+            },
+            role,
+            ttl,
+            rate,
+        })
+    }
+}
+
+/// A new secret: `pcs_` + 43 base64url characters of 32 bytes from the OS.
+pub fn new_secret() -> Result<String, StoreError> {
+    use base64::Engine;
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| StoreError::Unavailable(format!("no OS randomness: {e}")))?;
+    Ok(format!("pcs_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)))
+}
+
+fn new_id() -> Result<String, StoreError> {
+    let mut b = [0u8; 9];
+    getrandom::fill(&mut b).map_err(|e| StoreError::Unavailable(format!("no OS randomness: {e}")))?;
+    Ok(format!("tok_{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()))
+}
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    tenant TEXT NOT NULL DEFAULT '',
+    digest BLOB NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    grants TEXT NOT NULL,
+    role TEXT NOT NULL DEFAULT 'user',
+    rate TEXT,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    revoked_at INTEGER,
+    last_used_at INTEGER,
+    replaces TEXT,
+    superseded_by TEXT,
+    overlap_until INTEGER
+);
+CREATE UNIQUE INDEX tokens_live_name ON tokens(tenant, name) WHERE superseded_by IS NULL AND revoked_at IS NULL;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta VALUES ('version', 0);
+"#];
+
+/// The SQLite store.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+const COLUMNS: &str = "id, name, tenant, prefix, grants, role, rate, created_at, expires_at, revoked_at, \
+                       last_used_at, replaces, superseded_by, overlap_until";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredToken> {
+    let grants: String = r.get(4)?;
+    Ok(StoredToken {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        tenant: r.get(2)?,
+        prefix: r.get(3)?,
+        grants: serde_json::from_str(&grants).unwrap_or_default(),
+        role: r.get(5)?,
+        rate: r.get(6)?,
+        created_at: r.get(7)?,
+        expires_at: r.get(8)?,
+        revoked_at: r.get(9)?,
+        last_used_at: r.get(10)?,
+        replaces: r.get(11)?,
+        superseded_by: r.get(12)?,
+        overlap_until: r.get(13)?,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating on first use) the store at `path`, in WAL mode, with migrations applied.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        // Switching to WAL and migrating need a moment alone with the file; another process
+        // doing the same answers "locked" at once (no busy handler there), so retry briefly.
+        let mut attempt = 0;
+        loop {
+            match Self::open_once(path) {
+                Err(StoreError::Unavailable(m)) if m.contains("locked") && attempt < 50 => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(20 + 10 * attempt));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path).map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+        conn.busy_timeout(Duration::from_millis(5000))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let store = SqliteStore { conn: Mutex::new(conn), path: path.to_owned() };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Where it lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(i64::MAX))?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Runs `f` in one immediate transaction and bumps the change counter.
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.execute("UPDATE meta SET value = value + 1 WHERE key = 'version'", [])?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// The change counter (every write bumps it).
+    pub fn version(&self) -> Result<i64, StoreError> {
+        Ok(lock(&self.conn).query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| r.get(0))?)
+    }
+
+    /// Issues a token; returns it and its secret (shown once).
+    pub fn create(&self, new: &NewToken, now: i64) -> Result<(StoredToken, String), StoreError> {
+        if new.name.trim().is_empty() {
+            return Err(StoreError::Invalid("a token needs a name".into()));
+        }
+        let secret = new_secret()?;
+        let id = new_id()?;
+        let expires = new.ttl.map(|t| now.saturating_add(i64::try_from(t.as_millis()).unwrap_or(i64::MAX)));
+        let role = if new.role == Role::Admin { "admin" } else { "user" };
+        let rate = new.rate.map(|r| format!("{}/{}s", r.count, r.per.as_secs()));
+        let grants = serde_json::to_string(&new.grants).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.write(|tx| {
+            let taken: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM tokens WHERE tenant = ?1 AND name = ?2 AND superseded_by IS NULL AND revoked_at IS NULL)",
+                params![new.tenant, new.name],
+                |r| r.get(0),
+            )?;
+            if taken {
+                return Err(StoreError::Invalid(format!("a token named {:?} already exists{}", new.name, tenant_suffix(&new.tenant))));
+            }
+            tx.execute(
+                "INSERT INTO tokens (id, name, tenant, digest, prefix, grants, role, rate, created_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![id, new.name, new.tenant, crate::auth::digest(&secret).to_vec(), &secret[..8], grants, role, rate, now, expires],
+            )?;
+            Ok(())
+        })?;
+        Ok((self.get(&id)?, secret))
+    }
+
+    /// Every token, newest first.
+    pub fn list(&self) -> Result<Vec<StoredToken>, StoreError> {
+        let conn = lock(&self.conn);
+        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM tokens ORDER BY created_at DESC, id"))?;
+        let rows = stmt.query_map([], row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// One token by id.
+    pub fn get(&self, id: &str) -> Result<StoredToken, StoreError> {
+        let conn = lock(&self.conn);
+        conn.query_row(&format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1"), params![id], row)
+            .optional()?
+            .ok_or_else(|| StoreError::Invalid(format!("no token {id}")))
+    }
+
+    /// The token with a secret's digest (one indexed lookup).
+    pub fn lookup(&self, digest: &[u8; 32]) -> Result<Option<StoredToken>, StoreError> {
+        let conn = lock(&self.conn);
+        Ok(conn
+            .query_row(&format!("SELECT {COLUMNS} FROM tokens WHERE digest = ?1"), params![digest.to_vec()], row)
+            .optional()?)
+    }
+
+    /// Finds the live token a name (and tenant) or an id refers to.
+    pub fn resolve(&self, name_or_id: &str, tenant: Option<&str>) -> Result<StoredToken, StoreError> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction()?;
+        resolve_in(&tx, name_or_id, tenant)
+    }
+
+    /// Rotates the token a name or id refers to, resolved in the same transaction (so a
+    /// concurrent revoke or rotate is ordered before or after it, never between).
+    pub fn rotate_ref(
+        &self,
+        name_or_id: &str,
+        tenant: Option<&str>,
+        grace: Duration,
+        now: i64,
+    ) -> Result<(StoredToken, String), StoreError> {
+        let secret = new_secret()?;
+        let new_id = new_id()?;
+        self.write(|tx| {
+            let old = resolve_in(tx, name_or_id, tenant)?;
+            rotate_in(tx, &old, &new_id, &secret, grace, now)
+        })?;
+        Ok((self.get(&new_id)?, secret))
+    }
+
+    /// Revokes the token a name or id refers to, resolved in the same transaction.
+    pub fn revoke_ref(&self, name_or_id: &str, tenant: Option<&str>, now: i64) -> Result<StoredToken, StoreError> {
+        let id = self.write(|tx| {
+            let t = resolve_in(tx, name_or_id, tenant)?;
+            revoke_in(tx, &t.id, now)?;
+            Ok(t.id)
+        })?;
+        self.get(&id)
+    }
+
+    /// Replaces a token's secret: a new token with the same name and grants; the old one keeps
+    /// working until `now + grace`, then stops by itself.
+    pub fn rotate(&self, id: &str, grace: Duration, now: i64) -> Result<(StoredToken, String), StoreError> {
+        let secret = new_secret()?;
+        let new_id = new_id()?;
+        self.write(|tx| {
+            let old = tx
+                .query_row(&format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1"), params![id], row)
+                .optional()?
+                .ok_or_else(|| StoreError::Invalid(format!("no token {id}")))?;
+            rotate_in(tx, &old, &new_id, &secret, grace, now)
+        })?;
+        Ok((self.get(&new_id)?, secret))
+    }
+
+    /// Revokes a token (the row stays).
+    pub fn revoke(&self, id: &str, now: i64) -> Result<StoredToken, StoreError> {
+        self.write(|tx| revoke_in(tx, id, now))?;
+        self.get(id)
+    }
+
+    /// Records when tokens were last used (a batch, at most once a minute per token).
+    pub fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (id, at) in used {
+            tx.execute(
+                "UPDATE tokens SET last_used_at = MAX(COALESCE(last_used_at, 0), ?1) WHERE id = ?2",
+                params![at, id],
+            )?;
+        }
+        // Not a change that matters to authentication: the version stays.
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Writes the WAL back into the database file.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        lock(&self.conn).execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        Ok(())
+    }
+}
+
+fn resolve_in(
+    tx: &rusqlite::Transaction<'_>,
+    name_or_id: &str,
+    tenant: Option<&str>,
+) -> Result<StoredToken, StoreError> {
+    if name_or_id.starts_with("tok_") {
+        return tx
+            .query_row(&format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1"), params![name_or_id], row)
+            .optional()?
+            .ok_or_else(|| StoreError::Invalid(format!("no token {name_or_id}")));
+    }
+    let mut stmt = tx.prepare(&format!(
+        "SELECT {COLUMNS} FROM tokens WHERE name = ?1 AND superseded_by IS NULL AND revoked_at IS NULL \
+         AND (?2 IS NULL OR tenant = ?2)"
+    ))?;
+    let mut live = stmt.query_map(params![name_or_id, tenant], row)?.collect::<Result<Vec<_>, _>>()?;
+    if live.len() > 1 {
+        return Err(StoreError::Invalid(format!(
+            "several tenants have a token named {name_or_id:?}: give --tenant or the id ({})",
+            live.iter().map(|t| t.id.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    live.pop().ok_or_else(|| {
+        StoreError::Invalid(format!("no live token named {name_or_id:?}{}", tenant_suffix(tenant.unwrap_or(""))))
+    })
+}
+
+fn rotate_in(
+    tx: &rusqlite::Transaction<'_>,
+    old: &StoredToken,
+    new_id: &str,
+    secret: &str,
+    grace: Duration,
+    now: i64,
+) -> Result<(), StoreError> {
+    if old.revoked_at.is_some() || old.superseded_by.is_some() {
+        return Err(StoreError::Invalid(format!("token {} is {:?} and cannot be rotated", old.id, old.state(now))));
+    }
+    let until = now.saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
+    tx.execute(
+        "UPDATE tokens SET superseded_by = ?1, overlap_until = ?2 WHERE id = ?3",
+        params![new_id, until, old.id],
+    )?;
+    let grants = serde_json::to_string(&old.grants).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    tx.execute(
+        "INSERT INTO tokens (id, name, tenant, digest, prefix, grants, role, rate, created_at, expires_at, replaces) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            new_id,
+            old.name,
+            old.tenant,
+            crate::auth::digest(secret).to_vec(),
+            &secret[..8],
+            grants,
+            old.role,
+            old.rate,
+            now,
+            old.expires_at.map(|e| now.saturating_add(e - old.created_at)),
+            old.id
+        ],
+    )?;
+    Ok(())
+}
+
+fn revoke_in(tx: &rusqlite::Transaction<'_>, id: &str, now: i64) -> Result<(), StoreError> {
+    let n = tx.execute("UPDATE tokens SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL", params![now, id])?;
+    if n == 0 {
+        let exists: bool =
+            tx.query_row("SELECT EXISTS(SELECT 1 FROM tokens WHERE id = ?1)", params![id], |r| r.get(0))?;
+        return Err(StoreError::Invalid(if exists {
+            format!("token {id} is already revoked")
+        } else {
+            format!("no token {id}")
+        }));
+    }
+    Ok(())
+}
+
+fn tenant_suffix(tenant: &str) -> String {
+    if tenant.is_empty() { String::new() } else { format!(" in tenant {tenant:?}") }
+}
+
+/// What a running gateway sees of the store: opened when its file exists (a `token create` in
+/// another process may create it later), with a cache of lookups dropped whenever the store's
+/// change counter moves (polled every 250 ms), and last-use times batched.
+pub struct StoreView {
+    path: PathBuf,
+    create: bool,
+    store: Mutex<Option<std::sync::Arc<SqliteStore>>>,
+    version: std::sync::atomic::AtomicI64,
+    has_tokens: std::sync::atomic::AtomicBool,
+    by_digest: Mutex<std::collections::HashMap<[u8; 32], Option<StoredToken>>>,
+    by_id: Mutex<std::collections::HashMap<String, Option<StoredToken>>>,
+    used: Mutex<std::collections::HashMap<String, i64>>,
+    written: Mutex<std::collections::HashMap<String, i64>>,
+}
+
+/// Largest number of cached lookups (unknown digests included) before the cache is reset.
+const CACHE_LIMIT: usize = 100_000;
+
+impl StoreView {
+    /// A view of the store at `path`; `create` opens (and creates) it at once.
+    pub fn new(path: PathBuf, create: bool) -> std::sync::Arc<StoreView> {
+        let view = std::sync::Arc::new(StoreView {
+            path,
+            create,
+            store: Mutex::new(None),
+            version: std::sync::atomic::AtomicI64::new(-1),
+            has_tokens: std::sync::atomic::AtomicBool::new(false),
+            by_digest: Mutex::new(std::collections::HashMap::new()),
+            by_id: Mutex::new(std::collections::HashMap::new()),
+            used: Mutex::new(std::collections::HashMap::new()),
+            written: Mutex::new(std::collections::HashMap::new()),
+        });
+        let _ = view.poll();
+        view
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn handle(&self) -> Result<Option<std::sync::Arc<SqliteStore>>, StoreError> {
+        let mut slot = lock(&self.store);
+        if slot.is_none() && (self.create || self.path.exists()) {
+            *slot = Some(std::sync::Arc::new(SqliteStore::open(&self.path)?));
+        }
+        Ok(slot.clone())
+    }
+
+    /// Checks the change counter; on a change drops the caches. True when it changed.
+    pub fn poll(&self) -> Result<bool, StoreError> {
+        let Some(store) = self.handle()? else { return Ok(false) };
+        let v = store.version()?;
+        let before = self.version.swap(v, std::sync::atomic::Ordering::Relaxed);
+        if before == v {
+            return Ok(false);
+        }
+        lock(&self.by_digest).clear();
+        lock(&self.by_id).clear();
+        let any: bool = lock(&store.conn).query_row("SELECT EXISTS(SELECT 1 FROM tokens)", [], |r| r.get(0))?;
+        self.has_tokens.store(any, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Whether the store holds any token (then authentication is on).
+    pub fn has_tokens(&self) -> bool {
+        self.has_tokens.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The token with a digest: a cache hit, or one indexed lookup.
+    pub fn lookup(&self, digest: &[u8; 32]) -> Result<Option<StoredToken>, StoreError> {
+        if let Some(hit) = lock(&self.by_digest).get(digest) {
+            return Ok(hit.clone());
+        }
+        let Some(store) = self.handle()? else { return Ok(None) };
+        let found = store.lookup(digest)?;
+        let mut cache = lock(&self.by_digest);
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(*digest, found.clone());
+        Ok(found)
+    }
+
+    /// A token by id (cached until the next change).
+    pub fn token(&self, id: &str) -> Result<Option<StoredToken>, StoreError> {
+        if let Some(hit) = lock(&self.by_id).get(id) {
+            return Ok(hit.clone());
+        }
+        let Some(store) = self.handle()? else { return Ok(None) };
+        let found = match store.get(id) {
+            Ok(t) => Some(t),
+            Err(StoreError::Invalid(_)) => None,
+            Err(e) => return Err(e),
+        };
+        lock(&self.by_id).insert(id.to_owned(), found.clone());
+        Ok(found)
+    }
+
+    /// Notes a use (kept in memory).
+    pub fn used(&self, id: &str, now: i64) {
+        lock(&self.used).insert(id.to_owned(), now);
+    }
+
+    /// Writes last-use times, each token at most once a minute.
+    pub fn flush_used(&self, now: i64) -> Result<(), StoreError> {
+        let due: Vec<(String, i64)> = {
+            let used = lock(&self.used);
+            let written = lock(&self.written);
+            used.iter()
+                .filter(|(id, at)| written.get(*id).is_none_or(|w| now - w >= 60_000 && **at > *w))
+                .map(|(id, at)| (id.clone(), *at))
+                .collect()
+        };
+        if due.is_empty() {
+            return Ok(());
+        }
+        let Some(store) = self.handle()? else { return Ok(()) };
+        store.touch(&due)?;
+        let mut written = lock(&self.written);
+        for (id, _) in due {
+            written.insert(id, now);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (SqliteStore, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("pcs-store-{}-{}", std::process::id(), new_id().unwrap()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.db");
+        (SqliteStore::open(&path).unwrap(), dir)
+    }
+
+    #[test]
+    fn create_rotate_with_grace_then_the_old_secret_stops() {
+        let (s, dir) = store();
+        let t0 = 1_000_000;
+        let (alice, secret) = s
+            .create(&NewToken { name: "alice".into(), ttl: Some(Duration::from_secs(3600)), ..Default::default() }, t0)
+            .unwrap();
+        assert!(secret.starts_with("pcs_") && secret.len() == 47);
+        assert_eq!(alice.prefix, &secret[..8]);
+        assert!(s.create(&NewToken { name: "alice".into(), ..Default::default() }, t0).is_err(), "duplicate name");
+        let (new, new_secret) = s.rotate(&alice.id, Duration::from_secs(60), t0 + 1000).unwrap();
+        let old = s.lookup(&crate::auth::digest(&secret)).unwrap().unwrap();
+        let now_new = s.lookup(&crate::auth::digest(&new_secret)).unwrap().unwrap();
+        assert_eq!(now_new.id, new.id);
+        // Inside the grace both work; after it only the new one.
+        assert!(old.usable(t0 + 30_000) && now_new.usable(t0 + 30_000));
+        assert!(!old.usable(t0 + 61_001) && now_new.usable(t0 + 61_001));
+        assert_eq!(old.state(t0 + 61_001), TokenState::Superseded);
+        // The new one expires when the old one would have, relative to its creation.
+        assert!(!now_new.usable(t0 + 1000 + 3_600_000));
+        let revoked = s.revoke(&new.id, t0 + 2000).unwrap();
+        assert_eq!(revoked.state(t0 + 2000), TokenState::Revoked);
+        assert!(s.revoke(&new.id, t0 + 3000).is_err());
+        // A revoked name can be issued again.
+        s.create(&NewToken { name: "alice".into(), ..Default::default() }, t0 + 4000).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn names_are_per_tenant_and_ambiguity_asks_for_one() {
+        let (s, dir) = store();
+        s.create(&NewToken { name: "ci".into(), tenant: "a".into(), ..Default::default() }, 1).unwrap();
+        s.create(&NewToken { name: "ci".into(), tenant: "b".into(), ..Default::default() }, 1).unwrap();
+        let err = s.resolve("ci", None).unwrap_err().to_string();
+        assert!(err.contains("--tenant"), "{err}");
+        assert_eq!(s.resolve("ci", Some("b")).unwrap().tenant, "b");
+        assert!(s.version().unwrap() >= 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
