@@ -324,6 +324,60 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO meta VALUES ('version', 0);
 "#];
 
+/// What Portcullis needs of a token store, whatever the database. SQLite implements it for one
+/// node; a shared database (Postgres, for several replicas) would implement the same, and the
+/// gateway, the CLI and the admin API would not change.
+pub trait TokenStore: Send + Sync {
+    /// The change counter (every write that matters to authentication bumps it).
+    fn version(&self) -> Result<i64, StoreError>;
+    /// Whether any token exists (then authentication is on).
+    fn has_any(&self) -> Result<bool, StoreError>;
+    /// Issues a token; returns it and its secret.
+    fn create(&self, new: &NewToken, now: i64) -> Result<(StoredToken, String), StoreError>;
+    /// Every token.
+    fn list(&self) -> Result<Vec<StoredToken>, StoreError>;
+    /// One token by id.
+    fn get(&self, id: &str) -> Result<StoredToken, StoreError>;
+    /// The token with a digest.
+    fn lookup(&self, digest: &[u8; 32]) -> Result<Option<StoredToken>, StoreError>;
+    /// Rotates by id with a grace.
+    fn rotate(&self, id: &str, grace: Duration, now: i64) -> Result<(StoredToken, String), StoreError>;
+    /// Revokes by id.
+    fn revoke(&self, id: &str, now: i64) -> Result<StoredToken, StoreError>;
+    /// Records last-use times.
+    fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError>;
+}
+
+impl TokenStore for SqliteStore {
+    fn version(&self) -> Result<i64, StoreError> {
+        SqliteStore::version(self)
+    }
+    fn has_any(&self) -> Result<bool, StoreError> {
+        Ok(lock(&self.conn).query_row("SELECT EXISTS(SELECT 1 FROM tokens)", [], |r| r.get(0))?)
+    }
+    fn create(&self, new: &NewToken, now: i64) -> Result<(StoredToken, String), StoreError> {
+        SqliteStore::create(self, new, now)
+    }
+    fn list(&self) -> Result<Vec<StoredToken>, StoreError> {
+        SqliteStore::list(self)
+    }
+    fn get(&self, id: &str) -> Result<StoredToken, StoreError> {
+        SqliteStore::get(self, id)
+    }
+    fn lookup(&self, digest: &[u8; 32]) -> Result<Option<StoredToken>, StoreError> {
+        SqliteStore::lookup(self, digest)
+    }
+    fn rotate(&self, id: &str, grace: Duration, now: i64) -> Result<(StoredToken, String), StoreError> {
+        SqliteStore::rotate(self, id, grace, now)
+    }
+    fn revoke(&self, id: &str, now: i64) -> Result<StoredToken, StoreError> {
+        SqliteStore::revoke(self, id, now)
+    }
+    fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
+        SqliteStore::touch(self, used)
+    }
+}
+
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -635,7 +689,7 @@ fn tenant_suffix(tenant: &str) -> String {
 pub struct StoreView {
     path: PathBuf,
     create: bool,
-    store: Mutex<Option<std::sync::Arc<SqliteStore>>>,
+    store: Mutex<Option<std::sync::Arc<dyn TokenStore>>>,
     version: std::sync::atomic::AtomicI64,
     has_tokens: std::sync::atomic::AtomicBool,
     by_digest: Mutex<std::collections::HashMap<[u8; 32], Option<StoredToken>>>,
@@ -670,10 +724,11 @@ impl StoreView {
         &self.path
     }
 
-    fn handle(&self) -> Result<Option<std::sync::Arc<SqliteStore>>, StoreError> {
+    fn handle(&self) -> Result<Option<std::sync::Arc<dyn TokenStore>>, StoreError> {
         let mut slot = lock(&self.store);
         if slot.is_none() && (self.create || self.path.exists()) {
-            *slot = Some(std::sync::Arc::new(SqliteStore::open(&self.path)?));
+            let store: std::sync::Arc<dyn TokenStore> = std::sync::Arc::new(SqliteStore::open(&self.path)?);
+            *slot = Some(store);
         }
         Ok(slot.clone())
     }
@@ -688,7 +743,7 @@ impl StoreView {
         }
         lock(&self.by_digest).clear();
         lock(&self.by_id).clear();
-        let any: bool = lock(&store.conn).query_row("SELECT EXISTS(SELECT 1 FROM tokens)", [], |r| r.get(0))?;
+        let any = store.has_any()?;
         self.has_tokens.store(any, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
