@@ -1,0 +1,300 @@
+//! Load benchmark: what Portcullis costs over talking to the upstream directly, measured side
+//! by side in one run. Starts the bundled demo server over HTTP (the upstream), measures it
+//! directly, then through Portcullis (auth off and on; HTTP upstream and stdio upstream), for
+//! concurrency 1, 16 and 64 and payloads of 100 B and 64 KiB; then holds idle sessions open
+//! (half legacy SSE streams, half streamable-HTTP sessions with their GET streams) and reports
+//! memory per session. Prints one table.
+//!
+//! Run it with `scripts/bench` (which pins Portcullis to one core and the rest to the other),
+//! or `cargo bench --bench load`. Knobs: `PCS_BENCH_SECONDS` (per cell, default 2),
+//! `PCS_BENCH_SESSIONS` (idle sessions, default 10000), `PCS_BENCH_GATEWAY_CPU` and
+//! `PCS_BENCH_OTHER_CPU` (taskset core lists).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+const TOKEN: &str = "bench-token-0123456789abcdefghij";
+
+fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
+/// A child on given cores (when `taskset` exists and a core list is set).
+fn pinned(cpus: &str) -> Command {
+    if !cpus.is_empty() && std::process::Command::new("taskset").arg("-V").output().is_ok() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", cpus, BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    }
+}
+
+async fn listen_url(child: &mut Child) -> String {
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    loop {
+        let line = lines.next_line().await.expect("read").expect("the child exited");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return rest.trim().to_owned();
+        }
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Cell {
+    rps: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    errors: u64,
+}
+
+fn body(id: u64, tool: &str, text: &str) -> String {
+    serde_json::json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{
+        "name": tool, "arguments": {"text": text},
+        "_meta": {"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}})
+    .to_string()
+}
+
+/// `concurrency` workers calling `tool` for `secs` seconds (after a short warm-up).
+async fn run(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, auth: bool) -> Cell {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().expect("client");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (client, url, tool, text) = (client.clone(), url.to_owned(), tool.to_owned(), text.to_owned());
+        let (stop, measuring, errors) = (stop.clone(), measuring.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let mut req = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("accept", "application/json, text/event-stream")
+                    .header("mcp-protocol-version", "2026-07-28")
+                    .header("mcp-method", "tools/call")
+                    .header("mcp-name", &tool);
+                if auth {
+                    req = req.header("authorization", format!("Bearer {TOKEN}"));
+                }
+                let start = Instant::now();
+                let ok = match req.body(body(n + (w as u64) * 1_000_000_000, &tool, &text)).send().await {
+                    Ok(r) if r.status().is_success() => r.bytes().await.map(|b| b.len() > text.len()).unwrap_or(false),
+                    _ => false,
+                };
+                if measuring.load(Ordering::Relaxed) {
+                    if ok {
+                        samples.push(start.elapsed().as_secs_f64() * 1e6);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            samples
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all.sort_by(f64::total_cmp);
+    let q = |p: f64| all.get(((all.len() as f64) * p) as usize).copied().unwrap_or(f64::NAN);
+    Cell {
+        rps: all.len() as f64 / elapsed,
+        p50: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // `cargo test --all-targets` runs bench targets too (without `--bench`): skip there.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("benchmark skipped: run it with `cargo bench`");
+        return;
+    }
+    let secs: f64 = env_or("PCS_BENCH_SECONDS", 2.0);
+    let sessions: usize = env_or("PCS_BENCH_SESSIONS", 10_000);
+    let gw_cpu: String = env_or("PCS_BENCH_GATEWAY_CPU", "0".to_owned());
+    let other_cpu: String = env_or("PCS_BENCH_OTHER_CPU", "1".to_owned());
+    let dir = std::env::temp_dir().join(format!("pcs-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+
+    // The upstream, on the other core.
+    let mut upstream = pinned(&other_cpu)
+        .args(["demo-server", "--http", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("demo server");
+    let upstream_url = listen_url(&mut upstream).await;
+
+    // Portcullis: one worker thread on its own core, fronting the upstream over HTTP and the
+    // same demo server over stdio (pinned to the other core).
+    let start_gateway = |auth: bool| {
+        let cfg = dir.join(if auth { "auth.yaml" } else { "open.yaml" });
+        let mut yaml = format!(
+            "servers:\n  h:\n    url: {upstream_url:?}\n  s:\n    command: taskset\n    args: [\"-c\", {other_cpu:?}, {BIN:?}, demo-server]\nstore:\n  path: {:?}\naudit:\n  file: {:?}\n",
+            dir.join("tokens.db").display().to_string(),
+            dir.join("audit.jsonl").display().to_string()
+        );
+        if auth {
+            yaml.push_str(&format!("auth:\n  tokens:\n    bench: {TOKEN}\n"));
+        }
+        std::fs::write(&cfg, yaml).expect("config");
+        let mut cmd = pinned(&gw_cpu);
+        cmd.args(["serve", "--config", cfg.to_str().unwrap_or_default(), "--listen", "127.0.0.1:0", "--workers", "1"])
+            .env("RUST_LOG", "warn,portcullis::cli=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd.spawn().expect("portcullis")
+    };
+
+    let small = "x".repeat(100);
+    let large = "x".repeat(64 * 1024);
+    println!(
+        "Portcullis load benchmark: {secs} s per cell, gateway on cpu {gw_cpu} with 1 worker, the rest on cpu {other_cpu}"
+    );
+    println!();
+    println!("| path | payload | conc | req/s | p50 µs | p90 µs | p99 µs | errors | vs direct |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut peak = 0u64;
+    for (payload_name, text) in [("100 B", &small), ("64 KiB", &large)] {
+        for conc in [1usize, 16, 64] {
+            let direct = run(&upstream_url, "echo", text, conc, secs, false).await;
+            let print = |name: &str, c: &Cell| {
+                println!(
+                    "| {name} | {payload_name} | {conc} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.2}× rps, +{:.0} µs p50 |",
+                    c.rps,
+                    c.p50,
+                    c.p90,
+                    c.p99,
+                    c.errors,
+                    c.rps / direct.rps,
+                    c.p50 - direct.p50
+                );
+            };
+            print("direct (HTTP upstream)", &direct);
+            for auth in [false, true] {
+                let mut gw = start_gateway(auth);
+                let pid = gw.id().unwrap_or(0);
+                let url = listen_url(&mut gw).await;
+                let base = url.trim_end_matches("/mcp").to_owned();
+                // Wait for both upstreams.
+                for _ in 0..100 {
+                    let c = run(&format!("{base}/servers/s/mcp"), "echo", "warm", 1, 0.05, auth).await;
+                    if c.errors == 0 && c.rps > 0.0 {
+                        break;
+                    }
+                }
+                let http = run(&format!("{base}/mcp"), "h__echo", text, conc, secs, auth).await;
+                print(&format!("Portcullis → HTTP, auth {}", if auth { "on" } else { "off" }), &http);
+                if auth {
+                    let stdio = run(&format!("{base}/mcp"), "s__echo", text, conc, secs, auth).await;
+                    print("Portcullis → stdio, auth on", &stdio);
+                }
+                peak = peak.max(rss_kib(pid, "VmHWM:"));
+                drop(gw);
+            }
+        }
+    }
+    println!();
+    println!("Portcullis peak RSS over the load runs: {} KiB", peak);
+
+    // Idle sessions: half legacy SSE streams, half streamable-HTTP sessions with GET streams.
+    let mut gw = start_gateway(true);
+    let pid = gw.id().unwrap_or(0);
+    let url = listen_url(&mut gw).await;
+    let base = url.trim_end_matches("/mcp").to_owned();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid, "VmRSS:");
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+    let mut held = Vec::with_capacity(sessions);
+    let mut failed = 0usize;
+    for i in 0..sessions {
+        let resp = if i % 2 == 0 {
+            client.get(format!("{base}/sse")).header("authorization", format!("Bearer {TOKEN}")).send().await
+        } else {
+            let init = serde_json::json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"b","version":"1"}}});
+            let r = client
+                .post(format!("{base}/mcp"))
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .header("content-type", "application/json")
+                .body(init.to_string())
+                .send()
+                .await;
+            match r
+                .ok()
+                .and_then(|r| r.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned))
+            {
+                Some(sid) => {
+                    client
+                        .get(format!("{base}/mcp"))
+                        .header("authorization", format!("Bearer {TOKEN}"))
+                        .header("accept", "text/event-stream")
+                        .header("mcp-session-id", sid)
+                        .header("mcp-protocol-version", "2025-11-25")
+                        .send()
+                        .await
+                }
+                None => {
+                    failed += 1;
+                    continue;
+                }
+            }
+        };
+        match resp {
+            Ok(r) if r.status().is_success() => held.push(r),
+            _ => failed += 1,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid, "VmRSS:");
+    // Still usable: a call on a fresh session while all of them are open.
+    let usable = run(&format!("{base}/mcp"), "h__echo", "still here", 1, 0.2, true).await;
+    println!(
+        "Idle sessions: {} open ({} failed), RSS {} → {} KiB: {:.2} KiB per session; a call meanwhile: {} errors, p50 {:.0} µs",
+        held.len(),
+        failed,
+        before,
+        after,
+        (after.saturating_sub(before)) as f64 / held.len().max(1) as f64,
+        usable.errors,
+        usable.p50
+    );
+    drop(held);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
