@@ -48,10 +48,17 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// What the writer thread receives.
+enum Msg {
+    Record(Box<Record>),
+    /// Write everything received so far, then answer.
+    Sync(mpsc::Sender<()>),
+}
+
 /// Where records go.
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Msg>,
 }
 
 impl Audit {
@@ -61,7 +68,7 @@ impl Audit {
             Some(path) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
             None => Box::new(std::io::stderr()),
         };
-        let (tx, rx) = mpsc::channel::<Record>();
+        let (tx, rx) = mpsc::channel::<Msg>();
         std::thread::Builder::new().name("audit".into()).spawn(move || write_all(rx, out))?;
         Ok(Audit { tx })
     }
@@ -74,22 +81,47 @@ impl Audit {
 
     /// Queues a record.
     pub fn record(&self, r: Record) {
-        let _ = self.tx.send(r);
+        let _ = self.tx.send(Msg::Record(Box::new(r)));
+    }
+
+    /// Waits until every record queued so far is written (at shutdown).
+    pub fn sync(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Msg::Sync(tx)).is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+        }
     }
 }
 
-fn write_all(rx: mpsc::Receiver<Record>, out: Box<dyn Write + Send>) {
+/// How long the writer lets records gather after writing a batch: under load it wakes a few
+/// dozen times a second instead of once per request (the request path only sends on a channel).
+const GATHER: Duration = Duration::from_millis(20);
+
+fn write_all(rx: mpsc::Receiver<Msg>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::new(out);
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
-        while let Some(r) = next {
-            if let Ok(line) = serde_json::to_string(&r) {
-                let _ = out.write_all(line.as_bytes());
-                let _ = out.write_all(b"\n");
+        let mut synced = false;
+        while let Some(m) = next {
+            match m {
+                Msg::Record(r) => {
+                    if let Ok(line) = serde_json::to_string(&r) {
+                        let _ = out.write_all(line.as_bytes());
+                        let _ = out.write_all(b"\n");
+                    }
+                }
+                Msg::Sync(ack) => {
+                    let _ = out.flush();
+                    let _ = ack.send(());
+                    synced = true;
+                }
             }
             next = rx.recv_timeout(Duration::ZERO).ok();
         }
         let _ = out.flush();
+        if !synced {
+            std::thread::sleep(GATHER);
+        }
     }
     let _ = out.flush();
 }

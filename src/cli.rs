@@ -459,6 +459,7 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     }
     trigger.cancel();
     running.wait().await;
+    gateway.audit().sync();
     // Anything still registered (a child that ignored every signal) goes now.
     crate::mcp::upstream::stdio::kill_all();
     Ok(())
@@ -481,7 +482,8 @@ pub async fn stdio(config: Config, server: Option<String>, as_identity: Option<S
         None => crate::auth::Identity::anonymous(),
     };
     let scope = server.map_or(Scope::All, Scope::One);
-    crate::mcp::downstream::stdio::serve(gateway, scope, identity).await?;
+    crate::mcp::downstream::stdio::serve(gateway.clone(), scope, identity).await?;
+    gateway.audit().sync();
     crate::mcp::upstream::stdio::kill_all();
     Ok(())
 }

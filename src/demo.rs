@@ -439,6 +439,9 @@ async fn serve_http(demo: Arc<Demo>, addr: SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     // The tests read this line to learn the port.
     eprintln!("demo-server listening on http://{}/mcp", listener.local_addr()?);
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -332,6 +332,10 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Res
         }
         let signal = token.clone();
         let gw2 = gw.clone();
+        // Small JSON-RPC answers go out at once: no Nagle delay on the client's connection.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
                 signal.cancelled().await;

@@ -149,6 +149,7 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Arc<Tls>, stop: Canc
             },
             _ = stop.cancelled() => break,
         };
+        let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current.load_full());
         let app = app.clone();
         let stop = stop.clone();
