@@ -25,26 +25,38 @@ impl Glob {
 
     /// Whether `name` matches the whole pattern. Linear time (greedy with one backtrack point).
     pub fn matches(&self, name: &str) -> bool {
+        if self.0.is_ascii() && name.is_ascii() {
+            return glob_match(self.0.as_bytes(), name.as_bytes());
+        }
         let p: Vec<char> = self.0.chars().collect();
         let s: Vec<char> = name.chars().collect();
+        glob_match(&p, &s)
+    }
+}
+
+/// The matcher over any symbol type (bytes for ASCII, chars otherwise), without allocating.
+fn glob_match<T: Copy + PartialEq + From<u8>>(p: &[T], s: &[T]) -> bool {
+    let star = T::from(b'*');
+    let any = T::from(b'?');
+    {
         let (mut pi, mut si) = (0, 0);
-        let mut star: Option<(usize, usize)> = None;
+        let mut back: Option<(usize, usize)> = None;
         while si < s.len() {
-            if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == s[si])) {
+            if pi < p.len() && (p[pi] == any || (p[pi] != star && p[pi] == s[si])) {
                 pi += 1;
                 si += 1;
-            } else if pi < p.len() && p[pi] == '*' {
-                star = Some((pi, si));
+            } else if pi < p.len() && p[pi] == star {
+                back = Some((pi, si));
                 pi += 1;
-            } else if let Some((sp, ss)) = star {
+            } else if let Some((sp, ss)) = back {
                 pi = sp + 1;
                 si = ss + 1;
-                star = Some((sp, ss + 1));
+                back = Some((sp, ss + 1));
             } else {
                 return false;
             }
         }
-        while pi < p.len() && p[pi] == '*' {
+        while pi < p.len() && p[pi] == star {
             pi += 1;
         }
         pi == p.len()

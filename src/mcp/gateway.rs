@@ -722,31 +722,16 @@ impl Gateway {
         let mut items = String::from("[");
         let mut next: Vec<(String, Option<String>)> = Vec::new();
         for (server, reply) in results {
-            #[derive(serde::Deserialize)]
-            struct Page<'a> {
-                #[serde(borrow, default, rename = "nextCursor")]
-                next_cursor: Option<std::borrow::Cow<'a, str>>,
+            let Some(page) = ListPage::parse(reply.payload_str()) else { continue };
+            if let Some(c) = &page.next_cursor {
+                next.push((server.clone(), Some(c.to_string())));
             }
-            let payload = reply.payload_str();
-            let Ok(obj) = serde_json::from_str::<RawObject<'_>>(payload) else { continue };
-            if let Ok(page) = serde_json::from_str::<Page<'_>>(payload)
-                && let Some(c) = page.next_cursor
-            {
-                next.push((server.clone(), Some(c.into_owned())));
-            }
-            let Some(list) = obj.get(kind.field()) else { continue };
-            let Ok(list) = serde_json::from_str::<Vec<&RawValue>>(list.get()) else { continue };
             let grants = &ctx.identity.grants;
-            for item in list {
+            for item in page.items(kind.field()).iter().copied() {
                 let rewritten = match kind {
                     ListKind::Tools | ListKind::Prompts => {
-                        let Ok(o) = RawObject::parse(item) else { continue };
-                        let Some(name) = o.get_str("name") else { continue };
-                        if !grants.allows(kind.grant(), &server, &config.separator, &name) {
-                            continue;
-                        }
-                        let full = format!("{server}{}{name}", config.separator);
-                        o.to_json_with(&[("name", &jsonrpc::quote(&full))])
+                        push_prefixed(&mut items, item, &server, &config.separator, grants, kind.grant());
+                        continue;
                     }
                     ListKind::Resources | ListKind::Templates => {
                         let key = if kind == ListKind::Resources { "uri" } else { "uriTemplate" };
@@ -1262,6 +1247,86 @@ impl Gateway {
                 s.notify_change(method, msg);
             }
         }
+    }
+}
+
+/// Appends one tool or prompt of a server's list as the aggregate shows it (`server__name`),
+/// after a comma when `out` already holds an item; false (and nothing appended) when the grants
+/// hide it or it has no name. Only the `name` member changes; the rest is copied as the server
+/// sent it, in one pass and without parsing it.
+pub fn push_prefixed(
+    out: &mut String,
+    item: &RawValue,
+    server: &str,
+    separator: &str,
+    grants: &crate::authz::Grants,
+    kind: GrantKind,
+) -> bool {
+    let json = item.get();
+    let Some(span) = jsonrpc::member_span(json, "name") else { return false };
+    let raw = &json[span.clone()];
+    let name: std::borrow::Cow<'_, str> = if raw.contains('\\') {
+        match serde_json::from_str::<String>(raw) {
+            Ok(n) => std::borrow::Cow::Owned(n),
+            Err(_) => return false,
+        }
+    } else {
+        match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+            Some(n) => std::borrow::Cow::Borrowed(n),
+            None => return false,
+        }
+    };
+    if !grants.allows(kind, server, separator, &name) {
+        return false;
+    }
+    if !out.ends_with('[') {
+        out.push(',');
+    }
+    out.push_str(&json[..span.start]);
+    if raw.contains('\\') || !server.is_ascii() || separator.contains(['"', '\\']) {
+        jsonrpc::push_quoted(out, &format!("{server}{separator}{name}"));
+    } else {
+        out.push('"');
+        out.push_str(server);
+        out.push_str(separator);
+        out.push_str(&name);
+        out.push('"');
+    }
+    out.push_str(&json[span.end..]);
+    true
+}
+
+/// A list page in one pass: its items (whichever list it is) and its cursor.
+#[derive(serde::Deserialize)]
+pub struct ListPage<'a> {
+    #[serde(borrow, default)]
+    tools: Option<Vec<&'a RawValue>>,
+    #[serde(borrow, default)]
+    prompts: Option<Vec<&'a RawValue>>,
+    #[serde(borrow, default)]
+    resources: Option<Vec<&'a RawValue>>,
+    #[serde(borrow, default, rename = "resourceTemplates")]
+    resource_templates: Option<Vec<&'a RawValue>>,
+    /// The cursor of the next page, if any.
+    #[serde(borrow, default, rename = "nextCursor")]
+    pub next_cursor: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl<'a> ListPage<'a> {
+    /// Parses a list result.
+    pub fn parse(payload: &'a str) -> Option<Self> {
+        serde_json::from_str(payload).ok()
+    }
+
+    /// The items of the list named `field` (`tools`, `prompts`, `resources`, `resourceTemplates`).
+    pub fn items(&self, field: &str) -> &[&'a RawValue] {
+        let list = match field {
+            "tools" => &self.tools,
+            "prompts" => &self.prompts,
+            "resources" => &self.resources,
+            _ => &self.resource_templates,
+        };
+        list.as_deref().unwrap_or_default()
     }
 }
 

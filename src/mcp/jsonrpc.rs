@@ -239,7 +239,21 @@ impl Reply {
 
 /// Serialises a JSON string literal.
 pub fn quote(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+    let mut out = String::with_capacity(s.len() + 2);
+    push_quoted(&mut out, s);
+    out
+}
+
+/// Appends a JSON string literal: as is between quotes when nothing needs escaping (the common
+/// case for names and keys), else through serde_json.
+pub fn push_quoted(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned()));
+    }
 }
 
 /// A JSON-RPC error object.
@@ -309,6 +323,102 @@ pub fn with_meta(msg: &[u8], key: &str, value: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The byte range of a top-level member's value in a JSON object that is already known to be
+/// valid (it came out of a validating parse): a light scan that skips nested values without
+/// building anything. None when the member is absent or the text is not an object.
+pub fn member_span(json: &str, key: &str) -> Option<Range<usize>> {
+    let b = json.as_bytes();
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = skip_ws(b, i);
+        match b.get(i)? {
+            b'}' => return None,
+            b',' => {
+                i += 1;
+                continue;
+            }
+            b'"' => {}
+            _ => return None,
+        }
+        let key_start = i;
+        let key_end = skip_string(b, i)?;
+        let raw_key = &json[key_start + 1..key_end - 1];
+        i = skip_ws(b, key_end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = skip_ws(b, i + 1);
+        let end = skip_value(b, start)?;
+        let matches = if raw_key.contains('\\') {
+            serde_json::from_str::<String>(&json[key_start..key_end]).is_ok_and(|k| k == key)
+        } else {
+            raw_key == key
+        };
+        if matches {
+            return Some(start..end);
+        }
+        i = end;
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
+        i += 1;
+    }
+    i
+}
+
+/// Past the closing quote of the string starting at `i`.
+fn skip_string(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        match b.get(j)? {
+            b'\\' => j += 2,
+            b'"' => return Some(j + 1),
+            _ => j += 1,
+        }
+    }
+}
+
+/// Past the value starting at `i`.
+fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    match b.get(i)? {
+        b'"' => skip_string(b, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match b.get(j)? {
+                    b'"' => {
+                        j = skip_string(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let mut j = i;
+            while b.get(j).is_some_and(|c| !matches!(c, b',' | b'}' | b']') && !c.is_ascii_whitespace()) {
+                j += 1;
+            }
+            Some(j)
+        }
+    }
+}
+
 /// An object's members in order, values raw. Used to rewrite one field without touching others.
 #[derive(Debug, Default)]
 pub struct RawObject<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
@@ -360,7 +470,7 @@ impl<'a> RawObject<'a> {
             if !std::mem::take(&mut first) {
                 out.push(',');
             }
-            out.push_str(&quote(k));
+            push_quoted(out, k);
             out.push(':');
             out.push_str(v);
         };
@@ -385,6 +495,27 @@ pub fn raw(json: String) -> Box<RawValue> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn member_span_finds_top_level_members_only() {
+        let j = r#"{ "inputSchema": {"name": "nested", "x": [1, {"name": 2}]}, "n\u0061me" : "tool_1" , "z": null}"#;
+        let span = member_span(j, "name").unwrap();
+        assert_eq!(&j[span], r#""tool_1""#);
+        assert_eq!(&j[member_span(j, "z").unwrap()], "null");
+        assert_eq!(&j[member_span(j, "inputSchema").unwrap()], r#"{"name": "nested", "x": [1, {"name": 2}]}"#);
+        assert!(member_span(j, "nested").is_none());
+        assert!(member_span("[1]", "name").is_none());
+        let tricky = r#"{"a":"}\"{","name":"ok"}"#;
+        assert_eq!(&tricky[member_span(tricky, "name").unwrap()], r#""ok""#);
+    }
+
+    #[test]
+    fn quote_matches_serde_json() {
+        for v in ["plain", "", "with \"quote\"", "back\\slash", "tab\tnew\nline", "unicode é ✓", "\u{1}"] {
+            assert_eq!(quote(v), serde_json::to_string(v).unwrap(), "{v:?}");
+        }
+    }
+
     use super::*;
 
     #[test]
