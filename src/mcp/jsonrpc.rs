@@ -510,6 +510,36 @@ mod tests {
     }
 
     #[test]
+    fn member_span_agrees_with_serde_json_on_random_objects() {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[a-z\"\\\\{}\\[\\],: \\n\\u{e9}]{0,8}".prop_map(Value::String),
+        ];
+        let value = leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z\"]{0,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let objects = prop::collection::btree_map("[a-z\"\\\\]{0,4}", value, 0..6);
+        proptest!(|(members in objects, pretty in any::<bool>())| {
+            let obj = Value::Object(members.clone().into_iter().collect());
+            let text = if pretty { serde_json::to_string_pretty(&obj).unwrap() } else { obj.to_string() };
+            for (k, v) in &members {
+                let span = member_span(&text, k).expect("member found");
+                let found: Value = serde_json::from_str(&text[span]).unwrap();
+                prop_assert_eq!(&found, v);
+            }
+            prop_assert!(member_span(&text, "absent-key-x").is_none());
+        });
+    }
+
+    #[test]
     fn quote_matches_serde_json() {
         for v in ["plain", "", "with \"quote\"", "back\\slash", "tab\tnew\nline", "unicode é ✓", "\u{1}"] {
             assert_eq!(quote(v), serde_json::to_string(v).unwrap(), "{v:?}");
