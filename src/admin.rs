@@ -21,7 +21,7 @@ use crate::auth::AuthError;
 use crate::config::{self, ServerDef, Transport};
 use crate::mcp::downstream::http::{Who, guarded, json as json_response, read_body, rpc_error};
 use crate::mcp::gateway::{Gateway, Request};
-use crate::mcp::jsonrpc::{self, Envelope, Kind, code};
+use crate::mcp::jsonrpc::{self, Kind, code};
 use crate::mcp::session::{Caller, Scope, Transport as SessionTransport, lock};
 use crate::mcp::upstream::{State, Upstream};
 
@@ -261,9 +261,9 @@ pub async fn rpc(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketA
                 "/rpc takes one request, not a batch",
             );
         }
-        let env = match Envelope::parse(&body) {
+        let env = match who.parse(&body) {
             Ok(e) => e,
-            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
+            Err(r) => return r,
         };
         if env.kind != Kind::Request {
             return rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, "/rpc takes a JSON-RPC request");
@@ -277,11 +277,6 @@ pub async fn rpc(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketA
             );
         }
         let id = env.id.map_or("null", |i| i.get()).to_owned();
-        {
-            let mut n = lock(&who.note);
-            n.method = env.method().to_owned();
-            n.request_id = Some(id.clone());
-        }
         let caller = Caller { cancel_on_drop: true, ..Caller::default() };
         let ctx = who.ctx(Scope::All, caller, "2025-11-25".into());
         let req = Request { method: env.method(), params: env.params, id: Some(&id) };

@@ -152,6 +152,17 @@ impl Who {
         Ctx { scope, caller, protocol_version, identity: self.identity.clone(), note: self.note.clone() }
     }
 
+    /// Parses one JSON-RPC message (400 with its JSON-RPC error when it is not one) and notes
+    /// its method and id for the audit record.
+    pub fn parse<'a>(&self, body: &'a [u8]) -> Result<Envelope<'a>, Response> {
+        let env =
+            Envelope::parse(body).map_err(|e| rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()))?;
+        let mut n = lock(&self.note);
+        n.method = env.method().to_owned();
+        n.request_id = env.id.map(|i| i.get().to_owned());
+        Ok(env)
+    }
+
     /// The same caller with a fresh note (one batch element).
     fn element(&self, method: &str) -> Who {
         let note = Note { identity: Some(self.identity.clone()), method: method.to_owned(), ..Note::default() };
@@ -441,15 +452,10 @@ async fn post(
     if jsonrpc::is_array(&body) {
         return batch(gw, scope, &headers, body, version_header, who).await;
     }
-    let env = match Envelope::parse(&body) {
+    let env = match who.parse(&body) {
         Ok(e) => e,
-        Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
+        Err(r) => return r,
     };
-    {
-        let mut n = lock(&who.note);
-        n.method = env.method().to_owned();
-        n.request_id = env.id.map(|i| i.get().to_owned());
-    }
     let meta_version = meta_version(&env);
     let modern = version_header.as_deref().is_some_and(is_modern_version)
         || (meta_version.is_some() && !headers.contains_key("mcp-session-id"));

@@ -23,7 +23,7 @@ use super::http::{
     EndSession, async_stream, audit, guarded, read_body, rpc_error, sse_response, stream_with_keepalive,
 };
 use crate::mcp::gateway::{self, Gateway, Request};
-use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, code};
+use crate::mcp::jsonrpc::{self, Kind, RawObject, code};
 use crate::mcp::session::{Caller, Scope, Session, Transport, lock};
 use crate::mcp::sse;
 
@@ -84,15 +84,10 @@ pub async fn message(
                 "Bad Request: batches are not supported on this transport",
             );
         }
-        let env = match Envelope::parse(&body) {
+        let env = match who.parse(&body) {
             Ok(e) => e,
-            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
+            Err(r) => return r,
         };
-        {
-            let mut n = lock(&who.note);
-            n.method = env.method().to_owned();
-            n.request_id = env.id.map(|i| i.get().to_owned());
-        }
         let caller = Caller { session: Some(session.clone()), ..Caller::default() };
         let ctx = who.ctx(session.scope.clone(), caller, session.protocol_version.clone());
         match env.kind {
