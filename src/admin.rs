@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::auth::AuthError;
 use crate::config::{self, ServerDef, Transport};
-use crate::mcp::downstream::http::{Who, guarded, json as json_response, read_body, rpc_error};
+use crate::mcp::downstream::http::{Who, guarded, json as json_response, read_body, read_single, rpc_error};
 use crate::mcp::gateway::{Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, code};
 use crate::mcp::session::{Caller, Scope, Transport as SessionTransport, lock};
@@ -249,18 +249,10 @@ pub async fn reload(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> R
 /// `POST /rpc`: one JSON-RPC request without a session, under the caller's own grants.
 pub async fn rpc(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
     guarded(&gw.clone(), &Scope::All, "POST /rpc", &headers, peer, |who| async move {
-        let body = match read_body(body, gw.config().max_body_bytes).await {
+        let body = match read_single(body, gw.config().max_body_bytes).await {
             Ok(b) => b,
             Err(r) => return r,
         };
-        if jsonrpc::is_array(&body) {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                None,
-                code::INVALID_REQUEST,
-                "/rpc takes one request, not a batch",
-            );
-        }
         let env = match who.parse(&body) {
             Ok(e) => e,
             Err(r) => return r,

@@ -465,12 +465,15 @@ struct Failures {
     blocked_until: Option<Instant>,
 }
 
+/// An issued token's row and the identity built from it (rebuilt when the row changes).
+type StoreIdentity = (Arc<crate::store::StoredToken>, Arc<Identity>);
+
 /// The credential table and the limits, built from one config (rebuilt whole on reload).
 pub struct Authenticator {
     cfg: AuthConfig,
     servers: Vec<(String, Vec<String>)>,
     store: Option<Arc<crate::store::StoreView>>,
-    store_identities: Mutex<HashMap<String, (crate::store::StoredToken, Arc<Identity>)>>,
+    store_identities: Mutex<HashMap<String, StoreIdentity>>,
     by_digest: HashMap<[u8; 32], Arc<Identity>>,
     by_name: HashMap<Arc<str>, Arc<Identity>>,
     anonymous: Option<Arc<Identity>>,
@@ -515,10 +518,10 @@ impl Authenticator {
 
     /// The identity of an issued token (kept while the stored row is unchanged, so its rate
     /// bucket carries over).
-    fn store_identity(&self, t: &crate::store::StoredToken) -> Arc<Identity> {
+    fn store_identity(&self, t: &Arc<crate::store::StoredToken>) -> Arc<Identity> {
         let mut cache = lock(&self.store_identities);
         if let Some((row, identity)) = cache.get(&t.id)
-            && row == t
+            && (Arc::ptr_eq(row, t) || row == t)
         {
             return identity.clone();
         }

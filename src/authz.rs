@@ -129,6 +129,18 @@ impl Grants {
         Grants::default()
     }
 
+    /// Grants from the lists a config token or an issued token carries: `servers` (empty: all)
+    /// and allow/`!`deny globs per kind.
+    pub fn from_lists(servers: &[String], tools: &[String], prompts: &[String], resources: &[String]) -> Self {
+        let globs = |l: &[String]| Patterns::parse(l.iter().map(String::as_str));
+        Grants {
+            servers: (!servers.is_empty()).then(|| servers.iter().cloned().collect()),
+            tools: globs(tools),
+            prompts: globs(prompts),
+            resources: globs(resources),
+        }
+    }
+
     /// Whether a server may be reached at all.
     pub fn reaches(&self, server: &str) -> bool {
         self.servers.as_ref().is_none_or(|s| s.contains(server))

@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Rate, Role};
-use crate::authz::{Grants, Patterns};
+use crate::authz::Grants;
 use crate::mcp::session::lock;
 
 /// Why a store operation failed, and whose fault it is.
@@ -65,12 +65,7 @@ pub struct StoredGrants {
 impl StoredGrants {
     /// The runtime form.
     pub fn grants(&self) -> Grants {
-        Grants {
-            servers: (!self.servers.is_empty()).then(|| self.servers.iter().cloned().collect()),
-            tools: Patterns::parse(self.tools.iter().map(String::as_str)),
-            prompts: Patterns::parse(self.prompts.iter().map(String::as_str)),
-            resources: Patterns::parse(self.resources.iter().map(String::as_str)),
-        }
+        Grants::from_lists(&self.servers, &self.tools, &self.prompts, &self.resources)
     }
 }
 
@@ -692,8 +687,8 @@ pub struct StoreView {
     store: Mutex<Option<std::sync::Arc<dyn TokenStore>>>,
     version: std::sync::atomic::AtomicI64,
     has_tokens: std::sync::atomic::AtomicBool,
-    by_digest: Mutex<std::collections::HashMap<[u8; 32], Option<StoredToken>>>,
-    by_id: Mutex<std::collections::HashMap<String, Option<StoredToken>>>,
+    by_digest: Mutex<std::collections::HashMap<[u8; 32], Option<std::sync::Arc<StoredToken>>>>,
+    by_id: Mutex<std::collections::HashMap<String, Option<std::sync::Arc<StoredToken>>>>,
     used: Mutex<std::collections::HashMap<String, i64>>,
     written: Mutex<std::collections::HashMap<String, i64>>,
 }
@@ -725,9 +720,16 @@ impl StoreView {
     }
 
     fn handle(&self) -> Result<Option<std::sync::Arc<dyn TokenStore>>, StoreError> {
+        self.open_with(SqliteStore::open)
+    }
+
+    fn open_with(
+        &self,
+        open: fn(&Path) -> Result<SqliteStore, StoreError>,
+    ) -> Result<Option<std::sync::Arc<dyn TokenStore>>, StoreError> {
         let mut slot = lock(&self.store);
         if slot.is_none() && (self.create || self.path.exists()) {
-            let store: std::sync::Arc<dyn TokenStore> = std::sync::Arc::new(SqliteStore::open(&self.path)?);
+            let store: std::sync::Arc<dyn TokenStore> = std::sync::Arc::new(open(&self.path)?);
             *slot = Some(store);
         }
         Ok(slot.clone())
@@ -754,12 +756,15 @@ impl StoreView {
     }
 
     /// The token with a digest: a cache hit, or one indexed lookup.
-    pub fn lookup(&self, digest: &[u8; 32]) -> Result<Option<StoredToken>, StoreError> {
+    /// A hit costs a map probe and a reference count, no copy of the row.
+    pub fn lookup(&self, digest: &[u8; 32]) -> Result<Option<std::sync::Arc<StoredToken>>, StoreError> {
         if let Some(hit) = lock(&self.by_digest).get(digest) {
             return Ok(hit.clone());
         }
-        let Some(store) = self.handle()? else { return Ok(None) };
-        let found = store.lookup(digest)?;
+        // On the request path a store not open yet is opened with one attempt, no retry pause
+        // (a store busy migrating in another process answers 503 instead of holding the thread).
+        let Some(store) = self.open_with(SqliteStore::open_once)? else { return Ok(None) };
+        let found = store.lookup(digest)?.map(std::sync::Arc::new);
         let mut cache = lock(&self.by_digest);
         if cache.len() >= CACHE_LIMIT {
             cache.clear();
@@ -769,13 +774,13 @@ impl StoreView {
     }
 
     /// A token by id (cached until the next change).
-    pub fn token(&self, id: &str) -> Result<Option<StoredToken>, StoreError> {
+    pub fn token(&self, id: &str) -> Result<Option<std::sync::Arc<StoredToken>>, StoreError> {
         if let Some(hit) = lock(&self.by_id).get(id) {
             return Ok(hit.clone());
         }
         let Some(store) = self.handle()? else { return Ok(None) };
         let found = match store.get(id) {
-            Ok(t) => Some(t),
+            Ok(t) => Some(std::sync::Arc::new(t)),
             Err(StoreError::Invalid(_)) => None,
             Err(e) => return Err(e),
         };

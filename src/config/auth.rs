@@ -12,7 +12,7 @@ use serde_saphyr::Spanned;
 
 use super::{S, Validator, line_of};
 use crate::auth::{self, AuthConfig, Cidr, FailureLimit, Rate, Role, TokenDef};
-use crate::authz::{Grants, Patterns};
+use crate::authz::Grants;
 
 /// `auth:` (also MCP Front's `proxy.auth:`).
 #[derive(Debug, Default, Deserialize)]
@@ -269,12 +269,7 @@ impl Validator<'_> {
             digest: auth::digest(secret.trim()),
             role,
             tenant: full.tenant.clone(),
-            grants: Grants {
-                servers: (!full.servers.is_empty()).then(|| full.servers.iter().cloned().collect()),
-                tools: Patterns::parse(full.tools.iter().map(String::as_str)),
-                prompts: Patterns::parse(full.prompts.iter().map(String::as_str)),
-                resources: Patterns::parse(full.resources.iter().map(String::as_str)),
-            },
+            grants: Grants::from_lists(&full.servers, &full.tools, &full.prompts, &full.resources),
             expires,
             rate,
         })

@@ -234,28 +234,35 @@ impl Gateway {
     /// Ends every session whose identity no longer holds: revoked (gone from the credential
     /// table), expired, or no longer reaching the session's server.
     pub async fn sweep_sessions(&self) {
-        if let Err(e) = self.store.poll() {
+        // The store is SQLite: read it off the async threads.
+        let store = self.store.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.poll()).await {
             tracing::warn!(error = %e, "token store unavailable");
         }
         let auth = self.authenticator();
+        // stdio has no tokens to revoke: the launching process is the client.
+        let sessions: Vec<Arc<Session>> =
+            self.sessions().into_iter().filter(|s| s.transport != session::Transport::Stdio).collect();
         let now = std::time::SystemTime::now();
-        let stale: Vec<String> = lock(&self.sessions)
-            .values()
-            // stdio has no tokens to revoke: the launching process is the client.
-            .filter(|s| s.transport != session::Transport::Stdio)
-            .filter(|s| match (&s.identity.token_id, auth.current(&s.identity.name)) {
-                // An issued token: gone once revoked, expired or past its rotation's grace (a
-                // store that cannot answer right now closes nothing).
-                (Some(id), _) => auth.store_token_usable(id) == Some(false),
-                (None, c) => match c {
-                    Some(c) if Arc::ptr_eq(&c, &s.identity) => c.expired(now),
-                    None => true,
-                    // Changed grants (a reload) end the session too: it was authorized under the old ones.
-                    Some(c) => c.expired(now) || c.grants != s.identity.grants || c.tenant != s.identity.tenant,
-                },
-            })
+        let mut stale: Vec<String> = sessions
+            .iter()
+            .filter(|s| s.identity.token_id.is_none() && config_identity_stale(&auth, s, now))
             .map(|s| s.id.clone())
             .collect();
+        // Issued tokens: gone once revoked, expired or past their rotation's grace. Their rows
+        // come from the store (cached until it changes), read off the async threads in one go;
+        // a store that cannot answer right now closes nothing.
+        let issued: Vec<(String, String)> =
+            sessions.iter().filter_map(|s| s.identity.token_id.clone().map(|t| (s.id.clone(), t))).collect();
+        if !issued.is_empty() {
+            let auth = auth.clone();
+            let gone = tokio::task::spawn_blocking(move || {
+                issued.into_iter().filter(|(_, t)| auth.store_token_usable(t) == Some(false)).map(|(s, _)| s).collect()
+            })
+            .await
+            .unwrap_or_default();
+            stale.extend::<Vec<String>>(gone);
+        }
         for id in stale {
             tracing::info!("closing a session whose credential was revoked, expired or lost the server");
             self.end_session(&id).await;
@@ -1341,6 +1348,16 @@ async fn live(up: &Upstream) -> Option<Arc<crate::mcp::upstream::Connection>> {
         return None;
     }
     up.ready_by(tokio::time::Instant::now() + FIRST_START_WAIT).await.ok()
+}
+
+/// Whether a config or environment identity behind a session no longer holds: removed,
+/// expired, or its grants or tenant changed by a reload (it was authorized under the old ones).
+fn config_identity_stale(auth: &Authenticator, s: &Session, now: std::time::SystemTime) -> bool {
+    match auth.current(&s.identity.name) {
+        None => true,
+        Some(c) if Arc::ptr_eq(&c, &s.identity) => c.expired(now),
+        Some(c) => c.expired(now) || c.grants != s.identity.grants || c.tenant != s.identity.tenant,
+    }
 }
 
 /// How long a list waits for a server on its first start.

@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::Value;
 
@@ -28,6 +29,9 @@ pub struct ResourceIndex {
     templates: Mutex<Vec<(String, String)>>,
     /// Servers with at least one colliding URI or template.
     colliding: Mutex<HashSet<String>>,
+    /// Whether `colliding` is non-empty: every tool result asks, so the common answer (no
+    /// collision anywhere) takes no lock.
+    any: AtomicBool,
 }
 
 /// How a URI resolved.
@@ -55,6 +59,7 @@ impl ResourceIndex {
         }
         if owners.len() > 1 {
             lock(&self.colliding).extend(owners.iter().cloned());
+            self.any.store(true, Ordering::Relaxed);
         }
     }
 
@@ -72,6 +77,7 @@ impl ResourceIndex {
             let mut colliding = lock(&self.colliding);
             colliding.insert(server.to_owned());
             colliding.extend(others);
+            self.any.store(true, Ordering::Relaxed);
         }
     }
 
@@ -91,12 +97,13 @@ impl ResourceIndex {
                 colliding.insert(s.clone());
             }
         }
+        self.any.store(!colliding.is_empty(), Ordering::Relaxed);
         *lock(&self.colliding) = colliding;
     }
 
     /// Whether a server has any colliding URI (results need walking only then).
     pub fn has_collisions(&self, server: &str) -> bool {
-        lock(&self.colliding).contains(server)
+        self.any.load(Ordering::Relaxed) && lock(&self.colliding).contains(server)
     }
 
     /// Whether a server's URI is also another server's.

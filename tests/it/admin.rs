@@ -19,28 +19,11 @@ auth:
 "#;
 
 async fn get(url: &str, token: Option<&str>) -> (u16, Value) {
-    let mut req = reqwest::Client::new().get(url);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(json!({"raw": text})))
+    http_json(reqwest::Method::GET, url, token, None).await
 }
 
 async fn post(url: &str, token: &str, body: &str) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(url)
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(json!({"raw": text})))
+    http_json(reqwest::Method::POST, url, Some(token), Some(body)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

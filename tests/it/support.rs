@@ -214,6 +214,22 @@ pub async fn http_demo(args: &[&str]) -> HttpDemo {
     HttpDemo { url, _child: child }
 }
 
+/// One HTTP request with an optional bearer token and JSON body: the status and the answer as
+/// JSON (`{"raw": text}` when it is not JSON).
+pub async fn http_json(method: reqwest::Method, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b.to_owned());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(json!({"raw": text})))
+}
+
 /// Reads a child's stderr until its `listening on URL` line; keeps draining it afterwards.
 pub async fn listen_url(child: &mut Child) -> String {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();

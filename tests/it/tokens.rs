@@ -218,18 +218,8 @@ async fn admin_api_manages_tokens_and_a_down_store_answers_503() {
         .start()
         .await;
     let api = |method: reqwest::Method, path: &str, token: &str, body: Option<Value>| {
-        let url = format!("{}{path}", gw.url);
-        let token = token.to_owned();
-        async move {
-            let mut req =
-                reqwest::Client::new().request(method, url).header("authorization", format!("Bearer {token}"));
-            if let Some(b) = body {
-                req = req.header("content-type", "application/json").body(b.to_string());
-            }
-            let resp = req.send().await.unwrap();
-            let status = resp.status().as_u16();
-            (status, serde_json::from_str::<Value>(&resp.text().await.unwrap()).unwrap_or(Value::Null))
-        }
+        let (url, token) = (format!("{}{path}", gw.url), token.to_owned());
+        async move { http_json(method, &url, Some(&token), body.map(|b| b.to_string()).as_deref()).await }
     };
     let (status, created) =
         api(reqwest::Method::POST, "/admin/tokens", ROOT, Some(json!({"name": "svc", "ttl": "30d"}))).await;

@@ -121,6 +121,21 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
     }
 }
 
+/// Reads a body that must hold one JSON-RPC message (legacy SSE POSTs, `/rpc`): an array is 400
+/// with -32600.
+pub async fn read_single(body: Body, limit: usize) -> Result<Bytes, Response> {
+    let body = read_body(body, limit).await?;
+    if jsonrpc::is_array(&body) {
+        return Err(rpc_error(
+            StatusCode::BAD_REQUEST,
+            None,
+            code::INVALID_REQUEST,
+            "Bad Request: one JSON-RPC message per request, no batches",
+        ));
+    }
+    Ok(body)
+}
+
 fn accepts(headers: &HeaderMap, mime: &str) -> bool {
     match headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
         None => true,
@@ -275,16 +290,17 @@ pub async fn handle(
     peer: SocketAddr,
 ) -> Response {
     let label = method.to_string();
-    guarded(&gw.clone(), &scope.clone(), &label, &headers.clone(), peer, |who| async move {
+    let headers = &headers;
+    guarded(&gw.clone(), &scope.clone(), &label, headers, peer, |who| async move {
         let config = gw.config();
-        let version_header = header_str(&headers, "mcp-protocol-version").map(str::to_owned);
+        let version_header = header_str(headers, "mcp-protocol-version").map(str::to_owned);
         let modern_header = version_header.as_deref().is_some_and(is_modern_version);
         match method {
             Method::POST => post(gw.clone(), &config, scope, headers, body, version_header, &who).await,
             Method::GET if modern_header => method_not_allowed(),
-            Method::GET => get_stream(gw.clone(), scope, &headers, &who).await,
+            Method::GET => get_stream(gw.clone(), scope, headers, &who).await,
             Method::DELETE if modern_header => method_not_allowed(),
-            Method::DELETE => match session_of(&gw, &scope, &headers, &who) {
+            Method::DELETE => match session_of(&gw, &scope, headers, &who) {
                 Ok(s) => {
                     gw.end_session(&s.id).await;
                     StatusCode::NO_CONTENT.into_response()
@@ -422,12 +438,12 @@ async fn post(
     gw: Arc<Gateway>,
     config: &Config,
     scope: Scope,
-    headers: HeaderMap,
+    headers: &HeaderMap,
     body: Body,
     version_header: Option<String>,
     who: &Who,
 ) -> Response {
-    if let Some(ct) = header_str(&headers, "content-type")
+    if let Some(ct) = header_str(headers, "content-type")
         && !ct.to_ascii_lowercase().starts_with("application/json")
     {
         return rpc_error(
@@ -437,7 +453,7 @@ async fn post(
             "Unsupported Media Type: use application/json",
         );
     }
-    if !accepts(&headers, "application/json") && !accepts(&headers, "text/event-stream") {
+    if !accepts(headers, "application/json") && !accepts(headers, "text/event-stream") {
         return rpc_error(
             StatusCode::NOT_ACCEPTABLE,
             None,
@@ -450,7 +466,7 @@ async fn post(
         Err(r) => return r,
     };
     if jsonrpc::is_array(&body) {
-        return batch(gw, scope, &headers, body, version_header, who).await;
+        return batch(gw, scope, headers, body, version_header, who).await;
     }
     let env = match who.parse(&body) {
         Ok(e) => e,
@@ -460,7 +476,7 @@ async fn post(
     let modern = version_header.as_deref().is_some_and(is_modern_version)
         || (meta_version.is_some() && !headers.contains_key("mcp-session-id"));
     if modern {
-        return modern_post(gw, scope, &headers, &env, version_header, meta_version, who).await;
+        return modern_post(gw, scope, headers, &env, version_header, meta_version, who).await;
     }
     if let Some(v) = &version_header
         && !HANDSHAKE_VERSIONS.contains(&v.as_str())
@@ -475,7 +491,7 @@ async fn post(
     if env.kind == Kind::Request && env.method() == "initialize" {
         return initialize(gw, scope, &env, who).await;
     }
-    let session = match session_of(&gw, &scope, &headers, who) {
+    let session = match session_of(&gw, &scope, headers, who) {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -491,7 +507,7 @@ async fn post(
             gw.response(&ctx, &env);
             StatusCode::ACCEPTED.into_response()
         }
-        Kind::Request => answer(gw, ctx, Owned::from(&env), accepts(&headers, "text/event-stream"), false).await,
+        Kind::Request => answer(gw, ctx, Owned::from(&env), accepts(headers, "text/event-stream"), false).await,
     }
 }
 

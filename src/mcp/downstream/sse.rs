@@ -20,7 +20,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::http::{
-    EndSession, async_stream, audit, guarded, read_body, rpc_error, sse_response, stream_with_keepalive,
+    EndSession, async_stream, audit, guarded, read_single, rpc_error, sse_response, stream_with_keepalive,
 };
 use crate::mcp::gateway::{self, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, RawObject, code};
@@ -65,25 +65,17 @@ pub async fn message(
     body: Body,
     peer: SocketAddr,
 ) -> Response {
-    guarded(&gw.clone(), &Scope::All, "POST", &headers.clone(), peer, |who| async move {
+    guarded(&gw.clone(), &Scope::All, "POST", &headers, peer, |who| async move {
         let session = session_id
             .and_then(|id| gw.session(&id))
             .filter(|s| s.transport == Transport::Sse && s.identity.name == who.identity.name);
         let Some(session) = session else {
             return rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found");
         };
-        let body = match read_body(body, gw.config().max_body_bytes).await {
+        let body = match read_single(body, gw.config().max_body_bytes).await {
             Ok(b) => b,
             Err(r) => return r,
         };
-        if jsonrpc::is_array(&body) {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                None,
-                code::INVALID_REQUEST,
-                "Bad Request: batches are not supported on this transport",
-            );
-        }
         let env = match who.parse(&body) {
             Ok(e) => e,
             Err(r) => return r,

@@ -625,7 +625,8 @@ impl Upstream {
         let Some(session) = &caller.session else { return Ok(reply) };
         let protocol = |reason: String| UpstreamError::Protocol { server: self.def.name.clone(), reason };
         for _ in 0..mrtr::MAX_ROUNDS {
-            if reply.is_error {
+            // Only a 2026-07-28 server answers `input_required`: other results are not scanned.
+            if reply.is_error || !reply.modern {
                 return Ok(reply);
             }
             let required = match mrtr::input_required(reply.payload_str()) {
