@@ -7,8 +7,15 @@
 //!
 //! Run it with `scripts/bench` (which pins Portcullis to one core and the rest to the other),
 //! or `cargo bench --bench load`. Knobs: `PCS_BENCH_SECONDS` (per cell, default 2),
-//! `PCS_BENCH_SESSIONS` (idle sessions, default 10000), `PCS_BENCH_GATEWAY_CPU` and
-//! `PCS_BENCH_OTHER_CPU` (taskset core lists).
+//! `PCS_BENCH_SESSIONS` (idle sessions, default 10000; 0 skips the test), `PCS_BENCH_GATEWAY_CPU`
+//! and `PCS_BENCH_OTHER_CPU` (taskset core lists), `PCS_BENCH_CONC` (comma-separated
+//! concurrencies, default `1,16,64`) and `PCS_BENCH_PAYLOADS` (`small`, `large` or both, the
+//! default).
+//!
+//! Method (as the performance issue sets it): the direct upstream runs on the core Portcullis
+//! would use; Portcullis runs with one worker on that core, its upstream and the load generator
+//! on the other one. Each row also gives the CPU time per call the measured server (the direct
+//! upstream or Portcullis) spent, summed over its threads from `/proc/<pid>/task/*/schedstat`.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::process::Stdio;
@@ -58,7 +65,18 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (ns) a process has run, summed over its threads.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    dir.flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+        .sum()
+}
+
 struct Cell {
+    /// CPU µs per completed call of the measured server (0 when not measured).
+    cpu: f64,
     rps: f64,
     p50: f64,
     p90: f64,
@@ -75,6 +93,11 @@ fn body(id: u64, tool: &str, text: &str) -> String {
 
 /// `concurrency` workers calling `tool` for `secs` seconds (after a short warm-up).
 async fn run(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, auth: bool) -> Cell {
+    run_on(url, tool, text, concurrency, secs, auth, 0).await
+}
+
+/// [`run`], also measuring the CPU time process `pid` spends during the measured period.
+async fn run_on(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, auth: bool, pid: u32) -> Cell {
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().expect("client");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -116,10 +139,12 @@ async fn run(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, a
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     measuring.store(true, Ordering::Relaxed);
+    let cpu_before = if pid != 0 { cpu_ns(pid) } else { 0 };
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_used = if pid != 0 { cpu_ns(pid).saturating_sub(cpu_before) } else { 0 };
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     for t in tasks {
@@ -128,6 +153,7 @@ async fn run(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, a
     all.sort_by(f64::total_cmp);
     let q = |p: f64| all.get(((all.len() as f64) * p) as usize).copied().unwrap_or(f64::NAN);
     Cell {
+        cpu: cpu_used as f64 / 1e3 / (all.len().max(1) as f64),
         rps: all.len() as f64 / elapsed,
         p50: q(0.5),
         p90: q(0.9),
@@ -136,13 +162,39 @@ async fn run(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, a
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+/// The floor any gateway process on the path pays: a byte relay (one thread, no parsing) that
+/// copies each client connection to its own upstream connection and back. The bench runs it as
+/// a child of its own executable (`--relay HOST:PORT`), pinned where Portcullis runs.
+async fn relay(upstream: String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    eprintln!("listening on http://{}/mcp", listener.local_addr().expect("addr"));
+    while let Ok((mut client, _)) = listener.accept().await {
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else { return };
+            let _ = (client.set_nodelay(true), up.set_nodelay(true));
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+        });
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--relay") {
+        let upstream = args.get(i + 1).cloned().expect("--relay HOST:PORT");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        return rt.block_on(relay(upstream));
+    }
     // `cargo test --all-targets` runs bench targets too (without `--bench`): skip there.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !args.iter().any(|a| a == "--bench") {
         println!("benchmark skipped: run it with `cargo bench`");
         return;
     }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(bench());
+}
+
+async fn bench() {
     let secs: f64 = env_or("PCS_BENCH_SECONDS", 2.0);
     let sessions: usize = env_or("PCS_BENCH_SESSIONS", 10_000);
     let gw_cpu: String = env_or("PCS_BENCH_GATEWAY_CPU", "0".to_owned());
@@ -150,15 +202,40 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("pcs-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
 
-    // The upstream, on the other core.
-    let mut upstream = pinned(&other_cpu)
-        .args(["demo-server", "--http", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("demo server");
+    let concs: Vec<usize> =
+        env_or("PCS_BENCH_CONC", "1,16,64".to_owned()).split(',').filter_map(|c| c.trim().parse().ok()).collect();
+    let payloads = env_or("PCS_BENCH_PAYLOADS", "small,large".to_owned());
+
+    // The upstream Portcullis calls, on the other core; and the same server for the direct
+    // figures, on the core Portcullis would use.
+    let demo = |cpus: &str| {
+        pinned(cpus)
+            .args(["demo-server", "--http", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("demo server")
+    };
+    let mut upstream = demo(&other_cpu);
     let upstream_url = listen_url(&mut upstream).await;
+    let mut direct_upstream = demo(&gw_cpu);
+    let direct_pid = direct_upstream.id().unwrap_or(0);
+    let direct_url = listen_url(&mut direct_upstream).await;
+    let upstream_addr = upstream_url.trim_start_matches("http://").trim_end_matches("/mcp").to_owned();
+    let mut relay = {
+        let exe = std::env::current_exe().expect("own path");
+        let mut c = if gw_cpu.is_empty() {
+            Command::new(exe)
+        } else {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &gw_cpu]).arg(exe);
+            c
+        };
+        c.args(["--relay", &upstream_addr]).stderr(Stdio::piped()).kill_on_drop(true).spawn().expect("relay")
+    };
+    let relay_pid = relay.id().unwrap_or(0);
+    let relay_url = listen_url(&mut relay).await;
 
     // Portcullis: one worker thread on its own core, fronting the upstream over HTTP and the
     // same demo server over stdio (pinned to the other core).
@@ -188,25 +265,29 @@ async fn main() {
         "Portcullis load benchmark: {secs} s per cell, gateway on cpu {gw_cpu} with 1 worker, the rest on cpu {other_cpu}"
     );
     println!();
-    println!("| path | payload | conc | req/s | p50 µs | p90 µs | p99 µs | errors | vs direct |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| path | payload | conc | req/s | p50 µs | p90 µs | p99 µs | errors | CPU µs/call | vs direct |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut peak = 0u64;
-    for (payload_name, text) in [("100 B", &small), ("64 KiB", &large)] {
-        for conc in [1usize, 16, 64] {
-            let direct = run(&upstream_url, "echo", text, conc, secs, false).await;
+    let sizes = [("100 B", &small, "small"), ("64 KiB", &large, "large")];
+    for (payload_name, text, _) in sizes.into_iter().filter(|(_, _, k)| payloads.contains(k)) {
+        for &conc in &concs {
+            let direct = run_on(&direct_url, "echo", text, conc, secs, false, direct_pid).await;
             let print = |name: &str, c: &Cell| {
                 println!(
-                    "| {name} | {payload_name} | {conc} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.2}× rps, +{:.0} µs p50 |",
+                    "| {name} | {payload_name} | {conc} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.2}× rps, {:+.0} µs p50 |",
                     c.rps,
                     c.p50,
                     c.p90,
                     c.p99,
                     c.errors,
+                    c.cpu,
                     c.rps / direct.rps,
                     c.p50 - direct.p50
                 );
             };
             print("direct (HTTP upstream)", &direct);
+            let relay = run_on(&relay_url, "echo", text, conc, secs, false, relay_pid).await;
+            print("byte relay → HTTP (floor)", &relay);
             for auth in [false, true] {
                 let mut gw = start_gateway(auth);
                 let pid = gw.id().unwrap_or(0);
@@ -219,10 +300,10 @@ async fn main() {
                         break;
                     }
                 }
-                let http = run(&format!("{base}/mcp"), "h__echo", text, conc, secs, auth).await;
+                let http = run_on(&format!("{base}/mcp"), "h__echo", text, conc, secs, auth, pid).await;
                 print(&format!("Portcullis → HTTP, auth {}", if auth { "on" } else { "off" }), &http);
                 if auth {
-                    let stdio = run(&format!("{base}/mcp"), "s__echo", text, conc, secs, auth).await;
+                    let stdio = run_on(&format!("{base}/mcp"), "s__echo", text, conc, secs, auth, pid).await;
                     print("Portcullis → stdio, auth on", &stdio);
                 }
                 peak = peak.max(rss_kib(pid, "VmHWM:"));
@@ -233,6 +314,10 @@ async fn main() {
     println!();
     println!("Portcullis peak RSS over the load runs: {} KiB", peak);
 
+    if sessions == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     // Idle sessions: half legacy SSE streams, half streamable-HTTP sessions with GET streams.
     let mut gw = start_gateway(true);
     let pid = gw.id().unwrap_or(0);
