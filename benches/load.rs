@@ -10,7 +10,7 @@
 //! `PCS_BENCH_SESSIONS` (idle sessions, default 10000; 0 skips the test), `PCS_BENCH_GATEWAY_CPU`
 //! and `PCS_BENCH_OTHER_CPU` (taskset core lists), `PCS_BENCH_CONC` (comma-separated
 //! concurrencies, default `1,16,64`) and `PCS_BENCH_PAYLOADS` (`small`, `large` or both, the
-//! default).
+//! default), `PCS_BENCH_IDLE` (`mixed`, the default, or only `sse` or `http` idle sessions).
 //!
 //! Method (as the performance issue sets it): the direct upstream runs on the core Portcullis
 //! would use; Portcullis runs with one worker on that core, its upstream and the load generator
@@ -328,8 +328,14 @@ async fn bench() {
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
     let mut held = Vec::with_capacity(sessions);
     let mut failed = 0usize;
+    let idle_kind = env_or("PCS_BENCH_IDLE", "mixed".to_owned());
     for i in 0..sessions {
-        let resp = if i % 2 == 0 {
+        let sse = match idle_kind.as_str() {
+            "sse" => true,
+            "http" => false,
+            _ => i % 2 == 0,
+        };
+        let resp = if sse {
             client.get(format!("{base}/sse")).header("authorization", format!("Bearer {TOKEN}")).send().await
         } else {
             let init = serde_json::json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"b","version":"1"}}});

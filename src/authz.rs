@@ -161,7 +161,23 @@ impl Grants {
             return false;
         }
         let p = self.patterns(kind);
-        p.is_open() || p.allows(&format!("{server}{separator}{name}"))
+        if p.is_open() {
+            return true;
+        }
+        // The aggregated name, assembled on the stack when short (lists check every item).
+        let mut buf = [0u8; 256];
+        let len = server.len() + separator.len() + name.len();
+        if let Some(full) = buf.get_mut(..len) {
+            let (a, rest) = full.split_at_mut(server.len());
+            let (b, c) = rest.split_at_mut(separator.len());
+            a.copy_from_slice(server.as_bytes());
+            b.copy_from_slice(separator.as_bytes());
+            c.copy_from_slice(name.as_bytes());
+            if let Ok(full) = std::str::from_utf8(full) {
+                return p.allows(full);
+            }
+        }
+        p.allows(&format!("{server}{separator}{name}"))
     }
 }
 

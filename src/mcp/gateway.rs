@@ -20,7 +20,7 @@ use hmac::{KeyInit, Mac};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
+use super::jsonrpc::{self, Envelope, Item, Kind, RawObject, Reply, code};
 use super::resources::{Resolved, ResourceIndex};
 use super::session::{self, Caller, ClientRequestRoute, Scope, Session, lock};
 use super::upstream::{Hub, MODERN_VERSION, Status, Upstream};
@@ -734,7 +734,7 @@ impl Gateway {
                 next.push((server.clone(), Some(c.to_string())));
             }
             let grants = &ctx.identity.grants;
-            for item in page.items(kind.field()).iter().copied() {
+            for item in page.items(kind.field()) {
                 let rewritten = match kind {
                     ListKind::Tools | ListKind::Prompts => {
                         push_prefixed(&mut items, item, &server, &config.separator, grants, kind.grant());
@@ -742,7 +742,7 @@ impl Gateway {
                     }
                     ListKind::Resources | ListKind::Templates => {
                         let key = if kind == ListKind::Resources { "uri" } else { "uriTemplate" };
-                        let Ok(o) = RawObject::parse(item) else { continue };
+                        let Ok(o) = serde_json::from_str::<RawObject>(item.text) else { continue };
                         let own = o.get_str(key).unwrap_or_default();
                         if !grants.allows(GrantKind::Resource, &server, &config.separator, &own) {
                             continue;
@@ -753,7 +753,7 @@ impl Gateway {
                         };
                         match shown {
                             std::borrow::Cow::Owned(shown) => o.to_json_with(&[(key, &jsonrpc::quote(&shown))]),
-                            std::borrow::Cow::Borrowed(_) => item.get().to_owned(),
+                            std::borrow::Cow::Borrowed(_) => item.text.to_owned(),
                         }
                     }
                 };
@@ -1263,14 +1263,14 @@ impl Gateway {
 /// sent it, in one pass and without parsing it.
 pub fn push_prefixed(
     out: &mut String,
-    item: &RawValue,
+    item: &Item<'_>,
     server: &str,
     separator: &str,
     grants: &crate::authz::Grants,
     kind: GrantKind,
 ) -> bool {
-    let json = item.get();
-    let Some(span) = jsonrpc::member_span(json, "name") else { return false };
+    let json = item.text;
+    let Some(span) = item.member.clone() else { return false };
     let raw = &json[span.clone()];
     let name: std::borrow::Cow<'_, str> = if raw.contains('\\') {
         match serde_json::from_str::<String>(raw) {
@@ -1304,29 +1304,55 @@ pub fn push_prefixed(
 }
 
 /// A list page in one pass: its items (whichever list it is) and its cursor.
-#[derive(serde::Deserialize)]
+#[derive(Default)]
 pub struct ListPage<'a> {
-    #[serde(borrow, default)]
-    tools: Option<Vec<&'a RawValue>>,
-    #[serde(borrow, default)]
-    prompts: Option<Vec<&'a RawValue>>,
-    #[serde(borrow, default)]
-    resources: Option<Vec<&'a RawValue>>,
-    #[serde(borrow, default, rename = "resourceTemplates")]
-    resource_templates: Option<Vec<&'a RawValue>>,
+    tools: Option<Vec<Item<'a>>>,
+    prompts: Option<Vec<Item<'a>>>,
+    resources: Option<Vec<Item<'a>>>,
+    resource_templates: Option<Vec<Item<'a>>>,
     /// The cursor of the next page, if any.
-    #[serde(borrow, default, rename = "nextCursor")]
     pub next_cursor: Option<std::borrow::Cow<'a, str>>,
 }
 
 impl<'a> ListPage<'a> {
-    /// Parses a list result.
+    /// Reads a list result. Every reply passed a validating parse when it arrived, so this is a
+    /// light scan ([`jsonrpc::members`], [`jsonrpc::array_items`]) that copies nothing; None
+    /// when the result is not an object or a list is not an array.
     pub fn parse(payload: &'a str) -> Option<Self> {
-        serde_json::from_str(payload).ok()
+        let mut page = ListPage::default();
+        let mut members = jsonrpc::members(payload);
+        while let Some(raw_key) = members.key() {
+            let key = match raw_key.contains('\\') {
+                true => std::borrow::Cow::Owned(serde_json::from_str::<String>(&format!("\"{raw_key}\"")).ok()?),
+                false => std::borrow::Cow::Borrowed(raw_key),
+            };
+            let (list, member) = match key.as_ref() {
+                "tools" => (&mut page.tools, "name"),
+                "prompts" => (&mut page.prompts, "name"),
+                "resources" => (&mut page.resources, "uri"),
+                "resourceTemplates" => (&mut page.resource_templates, "uriTemplate"),
+                "nextCursor" => {
+                    let value = &payload[members.value()?];
+                    page.next_cursor = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                        Some(v) if !v.contains('\\') => Some(std::borrow::Cow::Borrowed(v)),
+                        Some(_) => Some(std::borrow::Cow::Owned(serde_json::from_str::<String>(value).ok()?)),
+                        None => None,
+                    };
+                    continue;
+                }
+                _ => {
+                    members.value()?;
+                    continue;
+                }
+            };
+            *list = Some(members.array(member)?);
+        }
+        Some(page)
     }
 
-    /// The items of the list named `field` (`tools`, `prompts`, `resources`, `resourceTemplates`).
-    pub fn items(&self, field: &str) -> &[&'a RawValue] {
+    /// The items of the list named `field` (`tools`, `prompts`, `resources`, `resourceTemplates`),
+    /// each with the span of its identifying member (`name`, `uri` or `uriTemplate`).
+    pub fn items(&self, field: &str) -> &[Item<'a>] {
         let list = match field {
             "tools" => &self.tools,
             "prompts" => &self.prompts,

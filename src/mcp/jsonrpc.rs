@@ -327,41 +327,149 @@ pub fn with_meta(msg: &[u8], key: &str, value: &str) -> Vec<u8> {
 /// valid (it came out of a validating parse): a light scan that skips nested values without
 /// building anything. None when the member is absent or the text is not an object.
 pub fn member_span(json: &str, key: &str) -> Option<Range<usize>> {
-    let b = json.as_bytes();
-    let mut i = skip_ws(b, 0);
-    if b.get(i) != Some(&b'{') {
-        return None;
+    members(json).find(|(k, _)| key_is(k, key)).map(|(_, span)| span)
+}
+
+/// Whether a raw member key (as written, escapes and all, without its quotes) names `key`.
+pub fn key_is(raw_key: &str, key: &str) -> bool {
+    if raw_key.contains('\\') {
+        serde_json::from_str::<String>(&format!("\"{raw_key}\"")).is_ok_and(|k| k == key)
+    } else {
+        raw_key == key
     }
-    i += 1;
+}
+
+/// The top-level members of a JSON object already known to be valid, in order: each raw key
+/// (without its quotes) and the byte range of its value. Stops at the first malformed byte; empty
+/// when the text is not an object.
+pub fn members(json: &str) -> Members<'_> {
+    let b = json.as_bytes();
+    let i = skip_ws(b, 0);
+    Members { json, i: if b.get(i) == Some(&b'{') { i + 1 } else { usize::MAX } }
+}
+
+/// See [`members`]. Also a cursor: [`Members::key`] reads the next key, then
+/// [`Members::value`] or [`Members::array`] consumes its value, so a caller that wants an
+/// array's items scans it once.
+pub struct Members<'a> {
+    json: &'a str,
+    i: usize,
+}
+
+impl<'a> Members<'a> {
+    /// The next member's raw key (without its quotes); its value starts at the cursor.
+    pub fn key(&mut self) -> Option<&'a str> {
+        let i = std::mem::replace(&mut self.i, usize::MAX);
+        let (key, start) = next_member(self.json, i)?.ok()?;
+        self.i = start;
+        Some(key)
+    }
+
+    /// Skips the value after [`Members::key`]: its byte range.
+    pub fn value(&mut self) -> Option<Range<usize>> {
+        let start = std::mem::replace(&mut self.i, usize::MAX);
+        let end = skip_value(self.json.as_bytes(), start)?;
+        if end <= start {
+            return None;
+        }
+        self.i = end;
+        Some(start..end)
+    }
+
+    /// Reads the value after [`Members::key`] as an array: its items, each with the span of its
+    /// member `key` (see [`array_items`]). None when it is not an array.
+    pub fn array(&mut self, key: &str) -> Option<Vec<Item<'a>>> {
+        let start = std::mem::replace(&mut self.i, usize::MAX);
+        let (items, end) = array_items_at(self.json, start, key)?;
+        self.i = end;
+        Some(items)
+    }
+}
+
+impl<'a> Iterator for Members<'a> {
+    type Item = (&'a str, Range<usize>);
+    fn next(&mut self) -> Option<Self::Item> {
+        let key = self.key()?;
+        Some((key, self.value()?))
+    }
+}
+
+/// At byte `i` inside an object (just past its `{` or past a member's value): the next member's
+/// raw key and where its value starts, or `Err` with the position past the closing brace.
+fn next_member(json: &str, mut i: usize) -> Option<Result<(&str, usize), usize>> {
+    let b = json.as_bytes();
     loop {
         i = skip_ws(b, i);
         match b.get(i)? {
-            b'}' => return None,
-            b',' => {
-                i += 1;
-                continue;
-            }
-            b'"' => {}
+            b',' => i += 1,
+            b'"' => break,
+            b'}' => return Some(Err(i + 1)),
             _ => return None,
         }
-        let key_start = i;
-        let key_end = skip_string(b, i)?;
-        let raw_key = &json[key_start + 1..key_end - 1];
-        i = skip_ws(b, key_end);
-        if b.get(i) != Some(&b':') {
-            return None;
+    }
+    let key_end = skip_string(b, i)?;
+    let raw_key = json.get(i + 1..key_end - 1)?;
+    let colon = skip_ws(b, key_end);
+    if b.get(colon) != Some(&b':') {
+        return None;
+    }
+    Some(Ok((raw_key, skip_ws(b, colon + 1))))
+}
+
+/// One item of an array read by [`array_items`]: its text, and the value span (within the
+/// text) of the member the caller asked for, when the item is an object that has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item<'a> {
+    /// The item's JSON text.
+    pub text: &'a str,
+    /// Where the asked-for member's value is in `text`.
+    pub member: Option<Range<usize>>,
+}
+
+/// The items of a JSON array already known to be valid, each with the value span of its member
+/// `key` (so a caller needing one member of every item scans the array once). None when the
+/// text is not an array.
+pub fn array_items<'a>(json: &'a str, key: &str) -> Option<Vec<Item<'a>>> {
+    let start = skip_ws(json.as_bytes(), 0);
+    array_items_at(json, start, key).map(|(items, _)| items)
+}
+
+/// [`array_items`] for the array starting at byte `i`; also the position past it.
+fn array_items_at<'a>(json: &'a str, mut i: usize, key: &str) -> Option<(Vec<Item<'a>>, usize)> {
+    let b = json.as_bytes();
+    if b.get(i) != Some(&b'[') {
+        return None;
+    }
+    i += 1;
+    let mut out = Vec::new();
+    loop {
+        i = skip_ws(b, i);
+        match b.get(i)? {
+            b']' => return Some((out, i + 1)),
+            b',' => i += 1,
+            b'{' => {
+                // Member by member, noting `key` on the way.
+                let (mut j, mut member) = (i + 1, None);
+                let end = loop {
+                    match next_member(json, j)? {
+                        Err(end) => break end,
+                        Ok((k, start)) => {
+                            j = skip_value(b, start).filter(|&e| e > start)?;
+                            if member.is_none() && key_is(k, key) {
+                                member = Some(start - i..j - i);
+                            }
+                        }
+                    }
+                };
+                out.push(Item { text: json.get(i..end)?, member });
+                i = end;
+            }
+            _ => {
+                let end = skip_value(b, i).filter(|&e| e > i)?;
+                out.push(Item { text: json.get(i..end)?, member: None });
+                i = end;
+            }
         }
-        let start = skip_ws(b, i + 1);
-        let end = skip_value(b, start)?;
-        let matches = if raw_key.contains('\\') {
-            serde_json::from_str::<String>(&json[key_start..key_end]).is_ok_and(|k| k == key)
-        } else {
-            raw_key == key
-        };
-        if matches {
-            return Some(start..end);
-        }
-        i = end;
     }
 }
 
@@ -372,14 +480,14 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// Past the closing quote of the string starting at `i`.
+/// Past the closing quote of the string starting at `i` (vectorised search for the quote).
 fn skip_string(b: &[u8], i: usize) -> Option<usize> {
     let mut j = i + 1;
     loop {
+        j += memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
         match b.get(j)? {
-            b'\\' => j += 2,
             b'"' => return Some(j + 1),
-            _ => j += 1,
+            _ => j += 2,
         }
     }
 }
@@ -433,7 +541,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(4));
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
                     let value: &'de RawValue = map.next_value()?;
                     out.push((key, value));
                 }
@@ -441,6 +549,32 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
             }
         }
         d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// An object key, borrowed from the input unless it holds escapes (serde's own `Cow<str>`
+/// always copies).
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -507,6 +641,24 @@ mod tests {
         assert!(member_span("[1]", "name").is_none());
         let tricky = r#"{"a":"}\"{","name":"ok"}"#;
         assert_eq!(&tricky[member_span(tricky, "name").unwrap()], r#""ok""#);
+    }
+
+    #[test]
+    fn array_items_and_members_scan_valid_json() {
+        let j = r#" [ {"b":{"a":2},"a":[1,"]"]} , "x\"]" ,3, null,[ ] ,{}] "#;
+        let items = array_items(j, "a").unwrap();
+        let texts: Vec<&str> = items.iter().map(|i| i.text).collect();
+        assert_eq!(texts, vec![r#"{"b":{"a":2},"a":[1,"]"]}"#, r#""x\"]""#, "3", "null", "[ ]", "{}"]);
+        assert_eq!(&items[0].text[items[0].member.clone().unwrap()], r#"[1,"]"]"#);
+        assert!(items[1..].iter().all(|i| i.member.is_none()));
+        assert_eq!(array_items("[]", "a").unwrap(), Vec::new());
+        assert!(array_items(r#"{"a":1}"#, "a").is_none());
+        assert!(array_items("[1,}", "a").is_none());
+        assert!(array_items(r#"[{"a" 1}]"#, "a").is_none());
+        let keys: Vec<&str> = members(r#"{"a":1,"b\u0063":{"z":2}}"#).map(|(k, _)| k).collect();
+        assert_eq!(keys, vec!["a", "b\\u0063"]);
+        assert!(key_is("b\\u0063", "bc"));
+        assert_eq!(members("[1]").count(), 0);
     }
 
     #[test]

@@ -113,10 +113,23 @@ enum Probe {
 }
 
 fn client_meta() -> String {
-    format!(
-        r#"{{"io.modelcontextprotocol/protocolVersion":"{MODERN_VERSION}","io.modelcontextprotocol/clientCapabilities":{{}},"io.modelcontextprotocol/clientInfo":{{"name":"portcullis","version":"{}"}}}}"#,
-        env!("CARGO_PKG_VERSION")
-    )
+    let members: Vec<(&str, &str)> = client_meta_members().iter().map(|(k, v)| (*k, v.as_str())).collect();
+    RawObject::default().to_json_with(&members)
+}
+
+/// The members of [`client_meta`], as (key, raw JSON value).
+fn client_meta_members() -> &'static [(&'static str, String)] {
+    static MEMBERS: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
+    MEMBERS.get_or_init(|| {
+        vec![
+            ("io.modelcontextprotocol/protocolVersion", jsonrpc::quote(MODERN_VERSION)),
+            ("io.modelcontextprotocol/clientCapabilities", "{}".to_owned()),
+            (
+                "io.modelcontextprotocol/clientInfo",
+                format!(r#"{{"name":"portcullis","version":"{}"}}"#, env!("CARGO_PKG_VERSION")),
+            ),
+        ]
+    })
 }
 
 async fn probe_modern(client: &reqwest::Client, url: &Url, headers: &HeaderMap, timeout: Duration) -> Probe {
@@ -598,7 +611,6 @@ fn modernize(msg: &[u8]) -> Result<(Bytes, String, Option<String>), String> {
     if env.kind != Kind::Request && env.kind != Kind::Notification {
         return Ok((Bytes::copy_from_slice(msg), method, None));
     }
-    let meta = client_meta();
     let (params, name) = match env.params {
         Some(p) => {
             let obj = RawObject::parse(p).map_err(|e| format!("params must be an object: {e}"))?;
@@ -610,22 +622,19 @@ fn modernize(msg: &[u8]) -> Result<(Bytes, String, Option<String>), String> {
             let name = name_key.and_then(|k| obj.get_str(k));
             let merged_meta = match obj.get("_meta").map(RawObject::parse) {
                 Some(Ok(m)) => {
-                    let ours = RawObject::parse(jsonrpc::raw(meta.clone()).as_ref())
-                        .map(|o| o.0.iter().map(|(k, v)| (k.to_string(), v.get().to_owned())).collect::<Vec<_>>());
-                    let ours = ours.unwrap_or_default();
                     // The caller's own capabilities and client info stand; the version is ours.
-                    let refs: Vec<(&str, &str)> = ours
+                    let refs: Vec<(&str, &str)> = client_meta_members()
                         .iter()
                         .filter(|(k, _)| k.ends_with("/protocolVersion") || m.get(k).is_none())
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .map(|(k, v)| (*k, v.as_str()))
                         .collect();
                     m.to_json_with(&refs)
                 }
-                _ => meta,
+                _ => client_meta(),
             };
             (obj.to_json_with(&[("_meta", &merged_meta)]), name)
         }
-        None => (format!(r#"{{"_meta":{meta}}}"#), None),
+        None => (format!(r#"{{"_meta":{}}}"#, client_meta()), None),
     };
     let out = match env.kind {
         Kind::Request => jsonrpc::request(env.id.map_or("null", |i| i.get()), &method, Some(&params)),
@@ -650,6 +659,8 @@ fn content_type(h: &HeaderMap) -> String {
 }
 
 async fn read_limited(resp: reqwest::Response) -> Result<Bytes, String> {
+    // Sized once from Content-Length (bounded), so a body in several chunks is copied once.
+    let expected = resp.content_length().map_or(0, |n| n.min(MAX_UPSTREAM_MESSAGE as u64) as usize);
     let mut stream = resp.bytes_stream();
     let mut buf = BytesMut::new();
     while let Some(chunk) = stream.next().await {
@@ -657,6 +668,7 @@ async fn read_limited(resp: reqwest::Response) -> Result<Bytes, String> {
         if buf.is_empty() && chunk.len() <= MAX_UPSTREAM_MESSAGE {
             // Common case: one chunk; keep it without copying.
             if let Some(next) = stream.next().await {
+                buf.reserve(expected.max(chunk.len() + next.as_ref().map_or(0, |n| n.len())));
                 buf.extend_from_slice(&chunk);
                 let next = next.map_err(|e| format!("reading the response failed: {}", error_chain(e)))?;
                 buf.extend_from_slice(&next);
