@@ -358,24 +358,22 @@ async fn get_stream(gw: Arc<Gateway>, scope: Scope, headers: &HeaderMap, who: &W
     sse_response(stream_with_keepalive(rx, session.closed.clone()), None)
 }
 
-/// An SSE body from a channel, with keep-alive comments, ending when `closed` fires.
+/// An SSE body from a channel, with keep-alive comments, ending when `closed` fires. The
+/// connection polls it directly: an idle stream holds no task or channel of its own.
 pub fn stream_with_keepalive(
-    mut rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Bytes>,
     closed: tokio_util::sync::CancellationToken,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    async_stream(move |tx| async move {
-        let mut tick = tokio::time::interval(KEEPALIVE);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => { if tx.send(sse::message(&m, None)).await.is_err() { break } }
-                    None => break,
-                },
-                _ = tick.tick() => { if tx.send(Bytes::from_static(sse::KEEPALIVE)).await.is_err() { break } }
-                _ = closed.cancelled() => break,
-            }
-        }
+    let tick = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    let closed = Box::pin(closed.cancelled_owned());
+    futures_util::stream::unfold((rx, tick, closed), |(mut rx, mut tick, mut closed)| async move {
+        let chunk = tokio::select! {
+            biased;
+            _ = &mut closed => return None,
+            m = rx.recv() => sse::message(&m?, None),
+            _ = tick.tick() => Bytes::from_static(sse::KEEPALIVE),
+        };
+        Some((Ok(chunk), (rx, tick, closed)))
     })
 }
 

@@ -19,9 +19,7 @@ use futures_util::StreamExt;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::http::{
-    EndSession, async_stream, audit, guarded, read_single, rpc_error, sse_response, stream_with_keepalive,
-};
+use super::http::{EndSession, audit, guarded, read_single, rpc_error, sse_response, stream_with_keepalive};
 use crate::mcp::gateway::{self, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, RawObject, code};
 use crate::mcp::session::{Caller, Scope, Session, Transport, lock};
@@ -39,18 +37,10 @@ pub async fn open(gw: Arc<Gateway>, scope: Scope, headers: HeaderMap, peer: Sock
         gw.add_session(session.clone());
         let endpoint = format!("/messages/?session_id={}", session.id);
         let end = EndSession::new(gw.clone(), session.id.clone());
-        let closed = session.closed.clone();
-        let stream = async_stream(move |out| async move {
-            let _end = end; // the stream going away ends the session
-            if out.send(sse::named("endpoint", &endpoint)).await.is_err() {
-                return;
-            }
-            let mut messages = Box::pin(stream_with_keepalive(rx, closed));
-            while let Some(Ok(chunk)) = messages.next().await {
-                if out.send(chunk).await.is_err() {
-                    return;
-                }
-            }
+        let first = futures_util::stream::once(async move { Ok(sse::named("endpoint", &endpoint)) });
+        let stream = first.chain(stream_with_keepalive(rx, session.closed.clone())).map(move |chunk| {
+            let _ = &end; // held by the stream: the stream going away ends the session
+            chunk
         });
         sse_response(stream, None)
     })
