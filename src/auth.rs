@@ -10,7 +10,6 @@
 //! loopback, see `cli`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -21,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::authz::Grants;
 use crate::mcp::session::lock;
+use crate::sharded::Sharded;
 
 /// Carries a verified client certificate's subject from the TLS acceptor to authentication.
 /// The edge layer removes it from every incoming request first, so a client cannot send it.
@@ -406,23 +406,6 @@ pub fn presented_credential(headers: &HeaderMap) -> Result<&str, AuthError> {
     Err(AuthError::Missing)
 }
 
-const SHARDS: usize = 16;
-
-/// A map of per-key state split into shards, so concurrent requests rarely share a lock.
-struct Sharded<K, V>([Mutex<HashMap<K, V>>; SHARDS]);
-
-impl<K: Hash + Eq, V> Sharded<K, V> {
-    fn new() -> Self {
-        Sharded(std::array::from_fn(|_| Mutex::new(HashMap::new())))
-    }
-
-    fn shard(&self, k: &K) -> &Mutex<HashMap<K, V>> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        k.hash(&mut h);
-        &self.0[(h.finish() as usize) % SHARDS]
-    }
-}
-
 /// An identity for a token: its grants narrowed to its tenant's servers and to the servers
 /// whose `authTokens` name it.
 fn identity_for(
@@ -473,7 +456,7 @@ pub struct Authenticator {
     cfg: AuthConfig,
     servers: Vec<(String, Vec<String>)>,
     store: Option<Arc<crate::store::StoreView>>,
-    store_identities: Mutex<HashMap<String, StoreIdentity>>,
+    store_identities: Sharded<String, StoreIdentity>,
     by_digest: HashMap<[u8; 32], Arc<Identity>>,
     by_name: HashMap<Arc<str>, Arc<Identity>>,
     anonymous: Option<Arc<Identity>>,
@@ -505,7 +488,7 @@ impl Authenticator {
             cfg: cfg.clone(),
             servers: servers.to_vec(),
             store,
-            store_identities: Mutex::new(HashMap::new()),
+            store_identities: Sharded::new(),
             by_digest,
             by_name,
             per_address: cfg.per_address,
@@ -519,7 +502,7 @@ impl Authenticator {
     /// The identity of an issued token (kept while the stored row is unchanged, so its rate
     /// bucket carries over).
     fn store_identity(&self, t: &Arc<crate::store::StoredToken>) -> Arc<Identity> {
-        let mut cache = lock(&self.store_identities);
+        let mut cache = lock(self.store_identities.shard(&t.id));
         if let Some((row, identity)) = cache.get(&t.id)
             && (Arc::ptr_eq(row, t) || row == t)
         {

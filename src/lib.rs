@@ -26,5 +26,6 @@ pub mod demo;
 pub mod mcp;
 pub mod metrics;
 pub mod server;
+mod sharded;
 pub mod store;
 pub mod tls;

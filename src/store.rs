@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{Rate, Role};
 use crate::authz::Grants;
 use crate::mcp::session::lock;
+use crate::sharded::Sharded;
 
 /// Why a store operation failed, and whose fault it is.
 #[derive(Debug, thiserror::Error)]
@@ -687,9 +688,9 @@ pub struct StoreView {
     store: Mutex<Option<std::sync::Arc<dyn TokenStore>>>,
     version: std::sync::atomic::AtomicI64,
     has_tokens: std::sync::atomic::AtomicBool,
-    by_digest: Mutex<std::collections::HashMap<[u8; 32], Option<std::sync::Arc<StoredToken>>>>,
+    by_digest: Sharded<[u8; 32], Option<std::sync::Arc<StoredToken>>>,
     by_id: Mutex<std::collections::HashMap<String, Option<std::sync::Arc<StoredToken>>>>,
-    used: Mutex<std::collections::HashMap<String, i64>>,
+    used: Sharded<String, i64>,
     written: Mutex<std::collections::HashMap<String, i64>>,
 }
 
@@ -705,9 +706,9 @@ impl StoreView {
             store: Mutex::new(None),
             version: std::sync::atomic::AtomicI64::new(-1),
             has_tokens: std::sync::atomic::AtomicBool::new(false),
-            by_digest: Mutex::new(std::collections::HashMap::new()),
+            by_digest: Sharded::new(),
             by_id: Mutex::new(std::collections::HashMap::new()),
-            used: Mutex::new(std::collections::HashMap::new()),
+            used: Sharded::new(),
             written: Mutex::new(std::collections::HashMap::new()),
         });
         let _ = view.poll();
@@ -743,7 +744,7 @@ impl StoreView {
         if before == v {
             return Ok(false);
         }
-        lock(&self.by_digest).clear();
+        self.by_digest.clear();
         lock(&self.by_id).clear();
         let any = store.has_any()?;
         self.has_tokens.store(any, std::sync::atomic::Ordering::Relaxed);
@@ -758,15 +759,15 @@ impl StoreView {
     /// The token with a digest: a cache hit, or one indexed lookup.
     /// A hit costs a map probe and a reference count, no copy of the row.
     pub fn lookup(&self, digest: &[u8; 32]) -> Result<Option<std::sync::Arc<StoredToken>>, StoreError> {
-        if let Some(hit) = lock(&self.by_digest).get(digest) {
+        if let Some(hit) = lock(self.by_digest.shard(digest)).get(digest) {
             return Ok(hit.clone());
         }
         // On the request path a store not open yet is opened with one attempt, no retry pause
         // (a store busy migrating in another process answers 503 instead of holding the thread).
         let Some(store) = self.open_with(SqliteStore::open_once)? else { return Ok(None) };
         let found = store.lookup(digest)?.map(std::sync::Arc::new);
-        let mut cache = lock(&self.by_digest);
-        if cache.len() >= CACHE_LIMIT {
+        let mut cache = lock(self.by_digest.shard(digest));
+        if cache.len() >= CACHE_LIMIT / crate::sharded::SHARDS {
             cache.clear();
         }
         cache.insert(*digest, found.clone());
@@ -790,18 +791,15 @@ impl StoreView {
 
     /// Notes a use (kept in memory).
     pub fn used(&self, id: &str, now: i64) {
-        lock(&self.used).insert(id.to_owned(), now);
+        lock(self.used.shard(id)).insert(id.to_owned(), now);
     }
 
     /// Writes last-use times, each token at most once a minute.
     pub fn flush_used(&self, now: i64) -> Result<(), StoreError> {
         let due: Vec<(String, i64)> = {
-            let used = lock(&self.used);
+            let used = self.used.entries();
             let written = lock(&self.written);
-            used.iter()
-                .filter(|(id, at)| written.get(*id).is_none_or(|w| now - w >= 60_000 && **at > *w))
-                .map(|(id, at)| (id.clone(), *at))
-                .collect()
+            used.into_iter().filter(|(id, at)| written.get(id).is_none_or(|w| now - w >= 60_000 && *at > *w)).collect()
         };
         if due.is_empty() {
             return Ok(());

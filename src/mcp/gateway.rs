@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use base64::Engine;
@@ -27,6 +27,7 @@ use super::upstream::{Hub, MODERN_VERSION, Status, Upstream};
 use crate::auth::{Authenticator, Identity};
 use crate::authz::Kind as GrantKind;
 use crate::config::{Config, ServerDef, Share};
+use crate::sharded::Sharded;
 
 /// Protocol versions reachable through `initialize`, oldest first.
 pub const HANDSHAKE_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
@@ -144,8 +145,10 @@ impl ListKind {
 /// The gateway.
 pub struct Gateway {
     config: ArcSwap<Config>,
-    upstreams: RwLock<HashMap<String, Arc<Upstream>>>,
-    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// Shared instances by server name: read on every call without a lock, replaced whole on
+    /// the rare start or stop.
+    upstreams: ArcSwap<HashMap<String, Arc<Upstream>>>,
+    sessions: Sharded<String, Arc<Session>>,
     resources: ResourceIndex,
     subscriptions: Mutex<HashMap<(String, String), usize>>,
     cursor_key: [u8; 32],
@@ -189,8 +192,8 @@ impl Gateway {
             .unwrap_or_default();
         let gw = Arc::new_cyclic(|me| Gateway {
             config: ArcSwap::from_pointee(config),
-            upstreams: RwLock::new(HashMap::new()),
-            sessions: Mutex::new(HashMap::new()),
+            upstreams: ArcSwap::from_pointee(HashMap::new()),
+            sessions: Sharded::new(),
             resources: ResourceIndex::default(),
             subscriptions: Mutex::new(HashMap::new()),
             cursor_key,
@@ -346,10 +349,7 @@ impl Gateway {
         let mut stops = Vec::new();
         for def in &old.servers {
             let kept = config.server(&def.name).is_some_and(|n| **n == **def);
-            if !kept
-                && let Some(up) =
-                    self.upstreams.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&def.name)
-            {
+            if !kept && let Some(up) = self.remove_upstream(&def.name) {
                 stops.push(up);
             }
         }
@@ -372,8 +372,22 @@ impl Gateway {
 
     fn start_shared(&self, def: Arc<ServerDef>) -> Arc<Upstream> {
         let up = Upstream::start(def.clone(), self.hub(), None, self.http.clone());
-        self.upstreams.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(def.name.clone(), up.clone());
+        self.upstreams.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(def.name.clone(), up.clone());
+            m
+        });
         up
+    }
+
+    fn remove_upstream(&self, name: &str) -> Option<Arc<Upstream>> {
+        let mut removed = None;
+        self.upstreams.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            removed = m.remove(name);
+            m
+        });
+        removed
     }
 
     /// The current config snapshot.
@@ -395,7 +409,7 @@ impl Gateway {
 
     /// The shared instance of a server.
     pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
-        self.upstreams.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
+        self.upstreams.load().get(name).cloned()
     }
 
     /// Status of every server, in config order.
@@ -405,22 +419,22 @@ impl Gateway {
 
     /// Registers a new session.
     pub fn add_session(&self, s: Arc<Session>) {
-        lock(&self.sessions).insert(s.id.clone(), s);
+        lock(self.sessions.shard(&s.id)).insert(s.id.clone(), s);
     }
 
     /// Looks a session up by id.
     pub fn session(&self, id: &str) -> Option<Arc<Session>> {
-        lock(&self.sessions).get(id).cloned()
+        lock(self.sessions.shard(id)).get(id).cloned()
     }
 
     /// Number of open sessions.
     pub fn session_count(&self) -> usize {
-        lock(&self.sessions).len()
+        self.sessions.len()
     }
 
     /// Ends a session: closes its streams, releases its subscriptions, stops its own servers.
     pub async fn end_session(&self, id: &str) -> bool {
-        let Some(s) = lock(&self.sessions).remove(id) else { return false };
+        let Some(s) = lock(self.sessions.shard(id)).remove(id) else { return false };
         s.close();
         // Its calls still running upstream have nobody left to answer.
         for (up, up_id) in s.take_inflight() {
@@ -446,7 +460,7 @@ impl Gateway {
     /// Closes every session's streams (first step of shutdown).
     pub fn close_all_sessions(&self) {
         self.draining.store(true, Ordering::Relaxed);
-        for s in lock(&self.sessions).values() {
+        for s in self.sessions.values() {
             s.close();
         }
     }
@@ -454,13 +468,12 @@ impl Gateway {
     /// Stops every upstream instance (children included).
     pub async fn shutdown(&self) {
         self.close_all_sessions();
-        let sessions: Vec<Arc<Session>> = lock(&self.sessions).drain().map(|(_, s)| s).collect();
+        let sessions: Vec<Arc<Session>> = self.sessions.drain();
         let mut stops = Vec::new();
         for s in sessions {
             stops.extend(s.take_per_session());
         }
-        let shared: Vec<Arc<Upstream>> =
-            self.upstreams.write().unwrap_or_else(std::sync::PoisonError::into_inner).drain().map(|(_, u)| u).collect();
+        let shared: Vec<Arc<Upstream>> = self.upstreams.swap(Arc::default()).values().cloned().collect();
         stops.extend(shared);
         for up in &stops {
             up.stop_now();
@@ -536,7 +549,7 @@ impl Gateway {
 
     /// Every live session (for `/metrics`).
     pub fn sessions(&self) -> Vec<Arc<Session>> {
-        lock(&self.sessions).values().cloned().collect()
+        self.sessions.values()
     }
 
     /// Counts of the handshakes clients have made.
@@ -1207,7 +1220,7 @@ impl Gateway {
 
     /// The most verbose level wanted by the sessions that see a shared server.
     fn shared_log_level(&self, server: &str) -> Option<u8> {
-        lock(&self.sessions).values().filter(|s| s.scope.includes(server)).map(|s| s.log_level().unwrap_or(0)).min()
+        self.sessions.values().iter().filter(|s| s.scope.includes(server)).map(|s| s.log_level().unwrap_or(0)).min()
     }
 
     /// Handles a notification from a client.
@@ -1248,7 +1261,7 @@ impl Gateway {
     }
 
     fn broadcast(&self, server: &str, method: &str, msg: &Bytes, filter: impl Fn(&Session) -> bool) {
-        let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
+        let sessions: Vec<Arc<Session>> = self.sessions.values();
         for s in sessions {
             if s.scope.includes(server) && s.identity.grants.reaches(server) && filter(&s) {
                 s.notify_change(method, msg);
@@ -1439,7 +1452,7 @@ impl Hub for Gateway {
                 .unwrap_or_else(|_| own.clone()),
             std::borrow::Cow::Borrowed(_) => own.clone(),
         };
-        let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
+        let sessions: Vec<Arc<Session>> = self.sessions.values();
         for s in sessions {
             if s.scope.includes(server) && s.identity.grants.reaches(server) && s.is_subscribed(server, &uri) {
                 s.notify_change(method, if s.scope == Scope::All { &shown } else { &own });
