@@ -470,11 +470,10 @@ async fn post(
         Ok(e) => e,
         Err(r) => return r,
     };
-    let meta_version = meta_version(&env);
-    let modern = version_header.as_deref().is_some_and(is_modern_version)
-        || (meta_version.is_some() && !headers.contains_key("mcp-session-id"));
-    if modern {
-        return modern_post(gw, scope, headers, &env, version_header, meta_version, who).await;
+    let modern_header = version_header.as_deref().is_some_and(is_modern_version);
+    let parsed = ModernParams::of(&env, modern_header);
+    if modern_header || (parsed.version.is_some() && !headers.contains_key("mcp-session-id")) {
+        return modern_post(gw, scope, headers, &env, parsed, version_header, who).await;
     }
     if let Some(v) = &version_header
         && !HANDSHAKE_VERSIONS.contains(&v.as_str())
@@ -509,15 +508,31 @@ async fn post(
     }
 }
 
-fn meta_version(env: &Envelope<'_>) -> Option<String> {
-    let params = env.params?;
-    if !params.get().contains(PROTOCOL_VERSION_META) {
-        return None;
+/// A request's `params` and `params._meta` as objects, parsed once for the era check and the
+/// 2026-07-28 validation ladder. Left empty (nothing parsed) for a request that neither names
+/// 2026-07-28 in its header nor carries a `_meta` protocol version.
+#[derive(Default)]
+struct ModernParams<'a> {
+    params: Option<RawObject<'a>>,
+    meta: Option<RawObject<'a>>,
+    /// The protocol version in `_meta`, if any.
+    version: Option<String>,
+}
+
+impl<'a> ModernParams<'a> {
+    fn of(env: &Envelope<'a>, modern_header: bool) -> Self {
+        let Some(raw) = env.params else { return Self::default() };
+        if !modern_header && !raw.get().contains(PROTOCOL_VERSION_META) {
+            return Self::default();
+        }
+        let params = RawObject::parse(raw).ok();
+        let meta = params.as_ref().and_then(|p| p.get("_meta")).and_then(|m| RawObject::parse(m).ok());
+        let version = meta
+            .as_ref()
+            .and_then(|m| m.get(PROTOCOL_VERSION_META))
+            .map(|v| serde_json::from_str::<String>(v.get()).unwrap_or_else(|_| v.get().to_owned()));
+        ModernParams { params, meta, version }
     }
-    let meta = RawObject::parse(params).ok()?.get("_meta")?;
-    let meta = RawObject::parse(meta).ok()?;
-    meta.get(PROTOCOL_VERSION_META)
-        .map(|v| serde_json::from_str::<String>(v.get()).unwrap_or_else(|_| v.get().to_owned()))
 }
 
 async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Who) -> Response {
@@ -554,8 +569,8 @@ async fn modern_post(
     scope: Scope,
     headers: &HeaderMap,
     env: &Envelope<'_>,
+    parsed: ModernParams<'_>,
     version_header: Option<String>,
-    meta_version: Option<String>,
     who: &Who,
 ) -> Response {
     let id = env.id.map(RawValue::get);
@@ -578,8 +593,7 @@ async fn modern_post(
             return reject(code::HEADER_MISMATCH, &format!("{name} header appears more than once"));
         }
     }
-    let params = env.params.and_then(|p| RawObject::parse(p).ok());
-    let meta = params.as_ref().and_then(|p| p.get("_meta")).and_then(|m| RawObject::parse(m).ok());
+    let ModernParams { params, meta, version: meta_version } = parsed;
     let Some(meta) = meta else {
         return reject(
             code::INVALID_PARAMS,
