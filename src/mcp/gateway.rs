@@ -152,7 +152,7 @@ pub struct Gateway {
     resources: ResourceIndex,
     subscriptions: Mutex<HashMap<(String, String), usize>>,
     cursor_key: [u8; 32],
-    http: reqwest::Client,
+    http: crate::mcp::upstream::http::Clients,
     me: Weak<Gateway>,
     initializes: AtomicU64,
     discovers: AtomicU64,
@@ -185,11 +185,7 @@ impl Gateway {
         });
         let mut cursor_key = [0u8; 32];
         let _ = getrandom::fill(&mut cursor_key);
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .build()
-            .unwrap_or_default();
+        let http = crate::mcp::upstream::http::Clients::new();
         let gw = Arc::new_cyclic(|me| Gateway {
             config: ArcSwap::from_pointee(config),
             upstreams: ArcSwap::from_pointee(HashMap::new()),

@@ -39,10 +39,47 @@ enum Mode {
     Sse { post_url: Url },
 }
 
+/// hyper's pooled HTTP/1.1 client over plain TCP.
+type PlainClient =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, http_body_util::Full<Bytes>>;
+
+/// The HTTP clients every upstream link shares. reqwest does everything; the POSTs to `http://`
+/// upstreams (the hot path) go through hyper's pooled client directly, without reqwest's
+/// per-request layers (two URL parses, redirect and retry policies, header merging).
+#[derive(Clone)]
+pub struct Clients {
+    full: reqwest::Client,
+    plain: PlainClient,
+}
+
+impl Clients {
+    /// Clients with a 5 s connect timeout and no redirects.
+    pub fn new() -> Self {
+        let full = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let plain = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        Clients { full, plain }
+    }
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A connection to a remote server.
 pub(crate) struct HttpLink {
     up: Weak<Upstream>,
     client: reqwest::Client,
+    /// The POST target through hyper's client, for an `http://` URL.
+    plain: Option<(PlainClient, hyper::Uri)>,
     url: Url,
     headers: HeaderMap,
     mode: Mode,
@@ -72,9 +109,14 @@ pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Connected, String> {
     let url = Url::parse(url).map_err(|e| format!("bad url: {e}"))?;
     let headers = static_headers(headers);
     let closed = CancellationToken::new();
+    let plain = match url.scheme() {
+        "http" => url.as_str().parse::<hyper::Uri>().ok().map(|u| (up.http.plain.clone(), u)),
+        _ => None,
+    };
     let make = |mode: Mode| HttpLink {
         up: Arc::downgrade(up),
-        client: up.http.clone(),
+        client: up.http.full.clone(),
+        plain,
         url: url.clone(),
         headers: headers.clone(),
         mode,
@@ -88,19 +130,21 @@ pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Connected, String> {
     };
     let link = match mode {
         HttpMode::Sse => connect_sse(make, &url, &headers, up).await?,
-        HttpMode::Streamable | HttpMode::Auto => match probe_modern(&up.http, &url, &headers, up.def.timeout).await {
-            Probe::Modern(info) => {
-                let link = make(Mode::Modern);
-                let _ = link.modern_info.set(info);
-                if let Ok(v) = HeaderValue::from_str(MODERN_VERSION) {
-                    *lock(&link.protocol_version) = Some(v);
+        HttpMode::Streamable | HttpMode::Auto => {
+            match probe_modern(&up.http.full, &url, &headers, up.def.timeout).await {
+                Probe::Modern(info) => {
+                    let link = make(Mode::Modern);
+                    let _ = link.modern_info.set(info);
+                    if let Ok(v) = HeaderValue::from_str(MODERN_VERSION) {
+                        *lock(&link.protocol_version) = Some(v);
+                    }
+                    Arc::new(link)
                 }
-                Arc::new(link)
+                Probe::NoPost if *mode == HttpMode::Auto => connect_sse(make, &url, &headers, up).await?,
+                Probe::Legacy | Probe::NoPost => Arc::new(make(Mode::Streamable)),
+                Probe::Unreachable(e) => return Err(e),
             }
-            Probe::NoPost if *mode == HttpMode::Auto => connect_sse(make, &url, &headers, up).await?,
-            Probe::Legacy | Probe::NoPost => Arc::new(make(Mode::Streamable)),
-            Probe::Unreachable(e) => return Err(e),
-        },
+        }
     };
     Ok(Connected { link: Link::Http(link), closed, pid: None })
 }
@@ -157,7 +201,7 @@ async fn probe_modern(client: &reqwest::Client, url: &Url, headers: &HeaderMap, 
         return Probe::Legacy;
     }
     let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
-    let body = match read_limited(resp).await {
+    let body = match read_limited(hyper::Response::from(resp)).await {
         Ok(b) => b,
         Err(_) => return Probe::Legacy,
     };
@@ -212,6 +256,7 @@ async fn connect_sse(
 ) -> Result<Arc<HttpLink>, String> {
     let resp = up
         .http
+        .full
         .get(url.clone())
         .headers(headers.clone())
         .header(ACCEPT, "text/event-stream")
@@ -355,48 +400,72 @@ impl HttpLink {
         );
     }
 
-    fn request(&self, msg: Bytes, forward: Option<ForwardHeaders>) -> Result<reqwest::RequestBuilder, String> {
-        let (url, msg) = match &self.mode {
-            Mode::Sse { post_url } => (post_url.clone(), msg),
-            Mode::Modern => (self.url.clone(), msg),
-            Mode::Streamable => (self.url.clone(), msg),
-        };
-        let mut req = self
-            .client
-            .post(url)
-            .headers(self.headers.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(ACCEPT, "application/json, text/event-stream");
-        if matches!(self.mode, Mode::Modern) {
-            let (msg, method, name) = modernize(&msg)?;
-            req = req.header("mcp-protocol-version", MODERN_VERSION).header("mcp-method", method);
-            if let Some(name) = name {
-                req = req.header("mcp-name", name);
+    /// The headers and body of the POST carrying `msg`: the configured headers, then ours.
+    fn request(&self, msg: Bytes, forward: Option<ForwardHeaders>) -> Result<(HeaderMap, Bytes), String> {
+        let mut headers = self.headers.clone();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
+        let value = |v: &str| HeaderValue::from_str(v).map_err(|_| format!("{v:?} cannot be sent as a header value"));
+        match self.mode {
+            Mode::Modern => {
+                let (msg, method, name) = modernize(&msg)?;
+                headers.insert("mcp-protocol-version", HeaderValue::from_static(MODERN_VERSION));
+                headers.insert("mcp-method", value(&method)?);
+                if let Some(name) = name {
+                    headers.insert("mcp-name", value(&name)?);
+                }
+                for (k, v) in forward.iter().flat_map(|f| f.iter()) {
+                    if let Ok(k) = HeaderName::from_bytes(k.as_bytes()) {
+                        headers.append(k, value(v)?);
+                    }
+                }
+                Ok((headers, msg))
             }
-            for (k, v) in forward.iter().flat_map(|f| f.iter()) {
-                req = req.header(k.as_str(), v.as_str());
+            Mode::Streamable => {
+                if let Some(sid) = lock(&self.session_id).clone() {
+                    headers.insert("mcp-session-id", sid);
+                }
+                if let Some(v) = lock(&self.protocol_version).clone() {
+                    headers.insert("mcp-protocol-version", v);
+                }
+                Ok((headers, msg))
             }
-            return Ok(req.body(msg));
+            Mode::Sse { .. } => Ok((headers, msg)),
         }
-        if matches!(self.mode, Mode::Streamable) {
-            if let Some(sid) = lock(&self.session_id).clone() {
-                req = req.header("mcp-session-id", sid);
+    }
+
+    /// Sends a POST: through hyper's client to an `http://` server in the streamable modes,
+    /// through reqwest otherwise. The answer's body is reqwest's or hyper's, as a stream.
+    async fn send_post(&self, headers: HeaderMap, body: Bytes) -> Result<hyper::Response<ResponseBody>, String> {
+        match (&self.plain, &self.mode) {
+            (Some((client, uri)), Mode::Modern | Mode::Streamable) => {
+                let mut req = hyper::Request::new(http_body_util::Full::new(body));
+                *req.method_mut() = hyper::Method::POST;
+                *req.uri_mut() = uri.clone();
+                *req.headers_mut() = headers;
+                let resp = client.request(req).await.map_err(|e| format!("request failed: {}", chain(&e)))?;
+                Ok(resp.map(ResponseBody::Plain))
             }
-            if let Some(v) = lock(&self.protocol_version).clone() {
-                req = req.header("mcp-protocol-version", v);
+            _ => {
+                let url = match &self.mode {
+                    Mode::Sse { post_url } => post_url.clone(),
+                    _ => self.url.clone(),
+                };
+                let resp = self.client.post(url).headers(headers).body(body).send().await;
+                let resp = resp.map_err(|e| format!("request failed: {}", error_chain(e)))?;
+                Ok(hyper::Response::from(resp).map(ResponseBody::Full))
             }
         }
-        Ok(req.body(msg))
     }
 
     async fn post(self: &Arc<Self>, msg: Bytes, id: Option<u64>, forward: Option<ForwardHeaders>) {
-        let req = match self.request(msg, forward) {
+        let (headers, body) = match self.request(msg, forward) {
             Ok(r) => r,
             Err(e) => return self.fail(id, &e),
         };
-        let resp = match req.send().await {
+        let resp = match self.send_post(headers, body).await {
             Ok(r) => r,
-            Err(e) => return self.fail(id, &format!("request failed: {}", error_chain(e))),
+            Err(e) => return self.fail(id, &e),
         };
         let status = resp.status();
         if matches!(self.mode, Mode::Streamable) {
@@ -428,7 +497,7 @@ impl HttpLink {
             return; // answers arrive on the stream
         }
         if is_sse {
-            let stream = resp.bytes_stream();
+            let stream = http_body_util::BodyDataStream::new(resp.into_body());
             let last = self.pump(stream, sse::Parser::new(MAX_UPSTREAM_MESSAGE), id).await;
             if let (Some(id), Some((last_id, retry))) = (id, last) {
                 self.resume(id, last_id, retry).await;
@@ -461,9 +530,9 @@ impl HttpLink {
 
     /// Reads an SSE stream, delivering messages. Returns the last event id and retry delay when
     /// the stream ended without the response to `id` (so it may be resumed).
-    async fn pump<S>(&self, mut stream: S, mut parser: sse::Parser, id: Option<u64>) -> Option<(String, Duration)>
+    async fn pump<S, E>(&self, mut stream: S, mut parser: sse::Parser, id: Option<u64>) -> Option<(String, Duration)>
     where
-        S: futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin,
+        S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
     {
         let mut last_id = None;
         let mut retry = Duration::from_millis(1000);
@@ -658,20 +727,53 @@ fn content_type(h: &HeaderMap) -> String {
     h.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase()
 }
 
-async fn read_limited(resp: reqwest::Response) -> Result<Bytes, String> {
+/// A response body of either client.
+enum ResponseBody {
+    Full(reqwest::Body),
+    Plain(hyper::body::Incoming),
+}
+
+impl hyper::body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = String;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, String>>> {
+        match self.get_mut() {
+            ResponseBody::Full(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(error_chain),
+            ResponseBody::Plain(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(|e| chain(&e)),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ResponseBody::Full(b) => hyper::body::Body::size_hint(b),
+            ResponseBody::Plain(b) => hyper::body::Body::size_hint(b),
+        }
+    }
+}
+
+async fn read_limited<B>(resp: hyper::Response<B>) -> Result<Bytes, String>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     // Sized once from Content-Length (bounded), so a body in several chunks is copied once.
-    let expected = resp.content_length().map_or(0, |n| n.min(MAX_UPSTREAM_MESSAGE as u64) as usize);
-    let mut stream = resp.bytes_stream();
+    let expected =
+        hyper::body::Body::size_hint(resp.body()).exact().map_or(0, |n| n.min(MAX_UPSTREAM_MESSAGE as u64) as usize);
+    let mut stream = http_body_util::BodyDataStream::new(resp.into_body());
     let mut buf = BytesMut::new();
+    let failed = |e: B::Error| format!("reading the response failed: {e}");
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| format!("reading the response failed: {}", error_chain(e)))?;
+        let chunk = chunk.map_err(failed)?;
         if buf.is_empty() && chunk.len() <= MAX_UPSTREAM_MESSAGE {
             // Common case: one chunk; keep it without copying.
             if let Some(next) = stream.next().await {
                 buf.reserve(expected.max(chunk.len() + next.as_ref().map_or(0, |n| n.len())));
                 buf.extend_from_slice(&chunk);
-                let next = next.map_err(|e| format!("reading the response failed: {}", error_chain(e)))?;
-                buf.extend_from_slice(&next);
+                buf.extend_from_slice(&next.map_err(failed)?);
             } else {
                 return Ok(chunk);
             }
@@ -697,10 +799,15 @@ fn shown(url: &Url) -> String {
 }
 
 /// An error and its causes, without the request URL (see [`shown`]).
+/// A reqwest error and its causes, without its URL (which may carry credentials).
 fn error_chain(e: reqwest::Error) -> String {
-    let e = e.without_url();
+    chain(&e.without_url())
+}
+
+/// An error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
-    let mut src = std::error::Error::source(&e);
+    let mut src = e.source();
     while let Some(inner) = src {
         s.push_str(": ");
         s.push_str(&inner.to_string());

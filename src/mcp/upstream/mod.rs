@@ -246,7 +246,7 @@ pub struct Upstream {
     hub: Weak<dyn Hub>,
     /// The session owning a `per_session` instance.
     owner: Option<Weak<super::session::Session>>,
-    http: reqwest::Client,
+    http: http::Clients,
     /// The `logging/setLevel` rank + 1 the sessions want from this instance (0: never set);
     /// re-sent after every reconnect.
     log_level: AtomicU8,
@@ -264,7 +264,7 @@ impl Upstream {
         def: Arc<ServerDef>,
         hub: Weak<dyn Hub>,
         owner: Option<Weak<super::session::Session>>,
-        http: reqwest::Client,
+        http: http::Clients,
     ) -> Arc<Self> {
         let initial = Status {
             state: if def.enabled { State::Starting } else { State::Stopped },
