@@ -45,11 +45,12 @@ type PlainClient =
 
 /// The HTTP clients every upstream link shares. reqwest does everything; the POSTs to `http://`
 /// upstreams (the hot path) go through hyper's pooled client directly, without reqwest's
-/// per-request layers (two URL parses, redirect and retry policies, header merging).
+/// per-request layers (two URL parses, redirect and retry policies, header merging), unless a
+/// proxy is set in the environment (`HTTP_PROXY`, `ALL_PROXY`): reqwest honours those.
 #[derive(Clone)]
 pub struct Clients {
     full: reqwest::Client,
-    plain: PlainClient,
+    plain: Option<PlainClient>,
 }
 
 impl Clients {
@@ -63,9 +64,16 @@ impl Clients {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let plain = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        let plain = (!proxy_in(|k| std::env::var_os(k))).then(|| {
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
+        });
         Clients { full, plain }
     }
+}
+
+/// Whether an environment (`var`) names a proxy for `http://` URLs.
+fn proxy_in(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"].iter().any(|k| var(k).is_some_and(|v| !v.is_empty()))
 }
 
 impl Default for Clients {
@@ -110,7 +118,7 @@ pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Connected, String> {
     let headers = static_headers(headers);
     let closed = CancellationToken::new();
     let plain = match url.scheme() {
-        "http" => url.as_str().parse::<hyper::Uri>().ok().map(|u| (up.http.plain.clone(), u)),
+        "http" => up.http.plain.clone().zip(url.as_str().parse::<hyper::Uri>().ok()),
         _ => None,
     };
     let make = |mode: Mode| HttpLink {
@@ -819,6 +827,17 @@ fn chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_in_the_environment_keeps_requests_on_reqwest() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| std::ffi::OsString::from(v))
+        };
+        assert!(!proxy_in(env(&[])));
+        assert!(!proxy_in(env(&[("HTTP_PROXY", ""), ("HTTPS_PROXY", "http://p:3128")])));
+        assert!(proxy_in(env(&[("http_proxy", "http://p:3128")])));
+        assert!(proxy_in(env(&[("ALL_PROXY", "socks5://p:1080")])));
+    }
 
     #[test]
     fn messages_never_show_query_or_userinfo() {
