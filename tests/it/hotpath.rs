@@ -15,7 +15,7 @@ use crate::support::{Client, gateway, http_demo};
 const TOKEN: &str = "hotpath-token-0123456789abcdefghij";
 
 /// Allocations per proxied call (authenticated, 100 B argument and result) at most. Measured:
-/// 140 (see docs/performance.md for where they come from).
+/// 138 (see docs/performance.md for where they come from).
 const MAX_ALLOCATIONS_PER_CALL: f64 = 160.0;
 
 /// Bytes allocated per call with a 64 KiB result, as a multiple of the answer, at most.

@@ -763,7 +763,10 @@ impl Upstream {
         caller: &Caller,
         down_id: Option<&str>,
     ) -> Result<Reply, UpstreamError> {
-        let resume = params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| {
+        // Only a retry carries `requestState`: a plain call is not parsed for it (unless some
+        // key could spell it with escapes).
+        let retry = params.filter(|p| p.get().contains("requestState") || p.get().contains("\\u"));
+        let resume = retry.and_then(|p| RawObject::parse(p).ok()).and_then(|o| {
             let state = o.get_str("requestState")?;
             let state = state.strip_prefix(PARKED_PREFIX)?.to_owned();
             Some((state, o.get("inputResponses").map(|r| r.get().to_owned())))
