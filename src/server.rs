@@ -317,44 +317,95 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Res
         None => None,
     };
     let done = tokio::spawn(async move {
-        if let Some(tls) = tls {
+        if let Some(tls) = &tls {
             tls.watch(token.clone());
-            let closing = token.clone();
-            let gw2 = gw.clone();
-            tokio::spawn(async move {
-                closing.cancelled().await;
-                gw2.close_all_sessions();
-            });
-            crate::tls::serve(listener, app, tls, token, GRACE).await;
-            gw.shutdown().await;
-            tracing::info!("stopped");
-            return;
         }
-        let signal = token.clone();
+        let closing = token.clone();
         let gw2 = gw.clone();
-        // Small JSON-RPC answers go out at once: no Nagle delay on the client's connection.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            closing.cancelled().await;
+            gw2.close_all_sessions();
         });
-        let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                signal.cancelled().await;
-                gw2.close_all_sessions();
-            });
-        let server = server.into_future();
-        tokio::pin!(server);
-        tokio::select! {
-            r = &mut server => { if let Err(e) = r { tracing::error!(error = %e, "server error"); } }
-            _ = async { token.cancelled().await; tokio::time::sleep(GRACE).await } => {
-                tracing::warn!("grace period over; closing remaining connections");
-            }
-        }
+        accept_loop(listener, app, tls, token, GRACE).await;
         // Stops this gateway's own upstreams (and their process groups) only: other gateways in
         // the same process are untouched. The process-wide sweep is the binary's job.
         gw.shutdown().await;
         tracing::info!("stopped");
     });
     Ok(Running { addr, gateway, shutdown, done })
+}
+
+/// Accepts connections until `stop` and serves each with hyper's HTTP/1.1 server, after a TLS
+/// handshake when configured; then gives open connections `grace` to finish. One task per
+/// connection: an idle streaming connection holds that task and hyper's buffers, nothing else.
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<Arc<crate::tls::Tls>>,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, say: wait a moment rather than spin on the error.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        // Small JSON-RPC answers go out at once: no Nagle delay on the client's connection.
+        let _ = tcp.set_nodelay(true);
+        let (app, stop) = (app.clone(), stop.clone());
+        // Two task shapes, so a plain connection's task has no room for TLS state.
+        match tls.clone() {
+            None => connections.spawn(serve_connection(tcp, app, peer, None, stop)),
+            Some(tls) => connections.spawn(async move {
+                let Some((stream, subject)) = tls.accept(tcp).await else { return };
+                serve_connection(stream, app, peer, Some(subject), stop).await;
+            }),
+        };
+        while connections.try_join_next().is_some() {}
+    }
+    let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!("grace period over; closing remaining connections");
+    }
+    connections.abort_all();
+}
+
+/// Serves one connection until it closes, or until `stop` (then gracefully). `tls` is the
+/// client certificate's subject when the connection came over TLS.
+async fn serve_connection<I>(io: I, app: Router, peer: SocketAddr, tls: Option<Option<String>>, stop: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tower::ServiceExt;
+    let svc = tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(subject) = &tls {
+            req.extensions_mut().insert(crate::tls::Https);
+            if let Some(s) = subject {
+                req.extensions_mut().insert(crate::tls::ClientSubject(s.clone()));
+            }
+        }
+        app.clone().oneshot(req.map(Body::new))
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), hyper_util::service::TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

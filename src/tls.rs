@@ -12,12 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::Router;
-use axum::extract::ConnectInfo;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Where the listener's certificate comes from.
@@ -132,56 +129,19 @@ impl Tls {
     }
 }
 
-/// Serves the router over TLS until `stop`, then gives open connections `grace` to finish.
-pub async fn serve(listener: TcpListener, app: Router, tls: Arc<Tls>, stop: CancellationToken, grace: Duration) {
-    use hyper_util::rt::TokioIo;
-    use hyper_util::service::TowerToHyperService;
-    use tower::ServiceExt;
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current.load_full());
-        let app = app.clone();
-        let stop = stop.clone();
-        connections.spawn(async move {
-            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                _ => return, // a failed handshake concerns that client only
-            };
-            let subject = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| subject_cn(c));
-            let svc = tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req.extensions_mut().insert(Https);
-                if let Some(s) = &subject {
-                    req.extensions_mut().insert(ClientSubject(s.clone()));
-                }
-                app.clone().oneshot(req.map(axum::body::Body::new))
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-        while connections.try_join_next().is_some() {}
+impl Tls {
+    /// Completes the TLS handshake of an accepted connection (10 s at most): the stream and the
+    /// subject CN of the client certificate, if one was presented. None when the handshake
+    /// fails, which concerns that client only.
+    pub async fn accept(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> Option<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Option<String>)> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.current.load_full());
+        let stream = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await.ok()?.ok()?;
+        let subject = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| subject_cn(c));
+        Some((stream, subject))
     }
-    let _ = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
-    connections.abort_all();
 }
 
 /// The subject common name of a DER certificate (a minimal walk of the X.509 structure).
