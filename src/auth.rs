@@ -39,6 +39,17 @@ pub enum Role {
     Admin,
 }
 
+impl Role {
+    /// A role by name (`user` or `admin`; none is `user`).
+    pub fn parse(name: Option<&str>) -> Result<Role, String> {
+        match name {
+            None | Some("user") => Ok(Role::User),
+            Some("admin") => Ok(Role::Admin),
+            Some(other) => Err(format!("unknown role {other:?} (user, admin)")),
+        }
+    }
+}
+
 /// A rate: `count` requests per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {

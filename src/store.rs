@@ -153,7 +153,7 @@ impl StoredToken {
 
     /// Its role.
     pub fn role(&self) -> Role {
-        if self.role == "admin" { Role::Admin } else { Role::User }
+        Role::parse(Some(&self.role)).unwrap_or_default()
     }
 
     /// Its rate limit.
@@ -235,14 +235,10 @@ impl TokenRequest {
                 errors.push(format!("malformed {kind} glob {g:?}"));
             }
         }
-        let role = match self.role.as_deref() {
-            None | Some("user") => Role::User,
-            Some("admin") => Role::Admin,
-            Some(other) => {
-                errors.push(format!("unknown role {other:?} (user, admin)"));
-                Role::User
-            }
-        };
+        let role = Role::parse(self.role.as_deref()).unwrap_or_else(|e| {
+            errors.push(e);
+            Role::User
+        });
         let ttl = match self.ttl.as_deref().map(str::trim) {
             None => Some(DEFAULT_TTL),
             Some("never") => None,

@@ -237,14 +237,10 @@ impl Validator<'_> {
         for s in full.servers.iter().filter(|s| !servers.contains(s)) {
             self.error(format!("{path}.servers"), line, format!("unknown server {s:?}"));
         }
-        let role = match full.role.as_deref() {
-            None | Some("user") => Role::User,
-            Some("admin") => Role::Admin,
-            Some(other) => {
-                self.error(format!("{path}.role"), line, format!("unknown role {other:?} (user, admin)"));
-                Role::User
-            }
-        };
+        let role = Role::parse(full.role.as_deref()).unwrap_or_else(|e| {
+            self.error(format!("{path}.role"), line, e);
+            Role::User
+        });
         if let Some(t) = &full.tenant
             && !tenants.contains_key(t)
         {

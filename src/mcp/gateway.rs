@@ -1325,7 +1325,7 @@ pub struct ListPage<'a> {
 
 impl<'a> ListPage<'a> {
     /// Reads a list result. Every reply passed a validating parse when it arrived, so this is a
-    /// light scan ([`jsonrpc::members`], [`jsonrpc::array_items`]) that copies nothing; None
+    /// light scan ([`jsonrpc::members`], [`jsonrpc::Members::array`]) that copies nothing; None
     /// when the result is not an object or a list is not an array.
     pub fn parse(payload: &'a str) -> Option<Self> {
         let mut page = ListPage::default();

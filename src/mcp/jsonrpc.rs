@@ -323,13 +323,6 @@ pub fn with_meta(msg: &[u8], key: &str, value: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The byte range of a top-level member's value in a JSON object that is already known to be
-/// valid (it came out of a validating parse): a light scan that skips nested values without
-/// building anything. None when the member is absent or the text is not an object.
-pub fn member_span(json: &str, key: &str) -> Option<Range<usize>> {
-    members(json).find(|(k, _)| key_is(k, key)).map(|(_, span)| span)
-}
-
 /// Whether a raw member key (as written, escapes and all, without its quotes) names `key`.
 pub fn key_is(raw_key: &str, key: &str) -> bool {
     if raw_key.contains('\\') {
@@ -339,9 +332,10 @@ pub fn key_is(raw_key: &str, key: &str) -> bool {
     }
 }
 
-/// The top-level members of a JSON object already known to be valid, in order: each raw key
-/// (without its quotes) and the byte range of its value. Stops at the first malformed byte; empty
-/// when the text is not an object.
+/// The top-level members of a JSON object already known to be valid (it came out of a validating
+/// parse), in order: each raw key (without its quotes) and the byte range of its value. A light
+/// scan that skips nested values without building anything. Stops at the first malformed byte;
+/// empty when the text is not an object.
 pub fn members(json: &str) -> Members<'_> {
     let b = json.as_bytes();
     let i = skip_ws(b, 0);
@@ -377,7 +371,8 @@ impl<'a> Members<'a> {
     }
 
     /// Reads the value after [`Members::key`] as an array: its items, each with the span of its
-    /// member `key` (see [`array_items`]). None when it is not an array.
+    /// member `key`, so a caller needing one member of every item scans the array once. None when
+    /// it is not an array.
     pub fn array(&mut self, key: &str) -> Option<Vec<Item<'a>>> {
         let start = std::mem::replace(&mut self.i, usize::MAX);
         let (items, end) = array_items_at(self.json, start, key)?;
@@ -416,7 +411,7 @@ fn next_member(json: &str, mut i: usize) -> Option<Result<(&str, usize), usize>>
     Some(Ok((raw_key, skip_ws(b, colon + 1))))
 }
 
-/// One item of an array read by [`array_items`]: its text, and the value span (within the
+/// One item of an array read by [`Members::array`]: its text, and the value span (within the
 /// text) of the member the caller asked for, when the item is an object that has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item<'a> {
@@ -426,15 +421,8 @@ pub struct Item<'a> {
     pub member: Option<Range<usize>>,
 }
 
-/// The items of a JSON array already known to be valid, each with the value span of its member
-/// `key` (so a caller needing one member of every item scans the array once). None when the
-/// text is not an array.
-pub fn array_items<'a>(json: &'a str, key: &str) -> Option<Vec<Item<'a>>> {
-    let start = skip_ws(json.as_bytes(), 0);
-    array_items_at(json, start, key).map(|(items, _)| items)
-}
-
-/// [`array_items`] for the array starting at byte `i`; also the position past it.
+/// The items of the array starting at byte `i` (see [`Members::array`]); also the position past
+/// it. None when there is no array there.
 fn array_items_at<'a>(json: &'a str, mut i: usize, key: &str) -> Option<(Vec<Item<'a>>, usize)> {
     let b = json.as_bytes();
     if b.get(i) != Some(&b'[') {
@@ -629,6 +617,19 @@ pub fn raw(json: String) -> Box<RawValue> {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
+
+    use super::{Item, array_items_at, key_is, members, skip_ws};
+
+    /// The value span of a top-level member, through [`members`].
+    fn member_span(json: &str, key: &str) -> Option<Range<usize>> {
+        members(json).find(|(k, _)| key_is(k, key)).map(|(_, span)| span)
+    }
+
+    /// A whole text's array items, through the scanner [`super::Members::array`] uses.
+    fn array_items<'a>(json: &'a str, key: &str) -> Option<Vec<Item<'a>>> {
+        array_items_at(json, skip_ws(json.as_bytes(), 0), key).map(|(items, _)| items)
+    }
 
     #[test]
     fn member_span_finds_top_level_members_only() {

@@ -413,18 +413,20 @@ impl HttpLink {
         let mut headers = self.headers.clone();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
-        let value = |v: &str| HeaderValue::from_str(v).map_err(|_| format!("{v:?} cannot be sent as a header value"));
+        // Names the header, never its value (a mirrored argument may be sensitive).
+        let value =
+            |k: &str, v: &str| HeaderValue::from_str(v).map_err(|_| format!("{k} cannot be sent: not a header value"));
         match self.mode {
             Mode::Modern => {
                 let (msg, method, name) = modernize(&msg)?;
                 headers.insert("mcp-protocol-version", HeaderValue::from_static(MODERN_VERSION));
-                headers.insert("mcp-method", value(&method)?);
+                headers.insert("mcp-method", value("Mcp-Method", &method)?);
                 if let Some(name) = name {
-                    headers.insert("mcp-name", value(&name)?);
+                    headers.insert("mcp-name", value("Mcp-Name", &name)?);
                 }
                 for (k, v) in forward.iter().flat_map(|f| f.iter()) {
-                    if let Ok(k) = HeaderName::from_bytes(k.as_bytes()) {
-                        headers.append(k, value(v)?);
+                    if let Ok(name) = HeaderName::from_bytes(k.as_bytes()) {
+                        headers.append(name, value(k, v)?);
                     }
                 }
                 Ok((headers, msg))
