@@ -86,6 +86,7 @@ fn main() {
             grants: Grants::all(),
             expires: None,
             rate: None,
+            source: portcullis::auth::TokenSource::File,
         });
     }
     let dir = std::env::temp_dir().join(format!("pcs-bench-{}", std::process::id()));

@@ -122,6 +122,21 @@ impl Cidr {
     }
 }
 
+/// Where a credential comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenSource {
+    /// `PORTCULLIS_TOKEN` / `PORTCULLIS_TOKENS`.
+    Env,
+    /// The config file (`auth.tokens`, `api_key`, MCP Front's `proxy.auth`).
+    #[default]
+    File,
+    /// `serve --generate-token`: lives as long as the process, whatever the file says. Only
+    /// `cli` sets it; no config entry can.
+    Generated,
+    /// An issued token from the store.
+    Issued,
+}
+
 /// One token as the config defines it (its digest, never its value).
 #[derive(Clone, PartialEq, Eq)]
 pub struct TokenDef {
@@ -139,6 +154,8 @@ pub struct TokenDef {
     pub expires: Option<SystemTime>,
     /// Its own rate limit (else the global per-identity one).
     pub rate: Option<Rate>,
+    /// Where it comes from.
+    pub source: TokenSource,
 }
 
 impl std::fmt::Debug for TokenDef {
@@ -452,6 +469,18 @@ fn identity_for(
     })
 }
 
+/// Per-address entries one shard keeps at most (16 shards: 65,536 addresses per table).
+const ADDRESS_STATE_PER_SHARD: usize = 4096;
+
+fn failures_stale(f: &Failures, limit: FailureLimit, now: Instant) -> bool {
+    f.blocked_until.is_none_or(|u| now >= u) && now.duration_since(f.since) > limit.window
+}
+
+fn bucket_refilled(b: &Bucket, rate: Rate, now: Instant) -> bool {
+    let per_sec = f64::from(rate.count) / rate.per.as_secs_f64();
+    b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec >= f64::from(rate.count)
+}
+
 /// Failures seen from one address.
 struct Failures {
     count: u32,
@@ -527,6 +556,7 @@ impl Authenticator {
             grants: t.grants.grants(),
             expires: t.ends_at().map(crate::store::to_system_time),
             rate: t.rate(),
+            source: TokenSource::Issued,
         };
         let identity = identity_for(&def, &self.cfg, &self.servers, Some(t.id.clone()));
         cache.insert(t.id.clone(), (t.clone(), identity.clone()));
@@ -543,9 +573,10 @@ impl Authenticator {
         }
     }
 
-    /// True when no credential source yields a token (everyone is anonymous).
+    /// True when no credential source yields a token (everyone is anonymous). A store that
+    /// cannot be read is not "no tokens": then this is false (and requests get 503).
     pub fn is_open(&self) -> bool {
-        self.anonymous.is_some() && self.store.as_ref().is_none_or(|s| !s.has_tokens())
+        self.anonymous.is_some() && self.store.as_ref().is_none_or(|s| s.state() == crate::store::StoreState::Empty)
     }
 
     /// The client's address: the peer, or when the peer is a trusted proxy, the nearest
@@ -570,6 +601,11 @@ impl Authenticator {
             .unwrap_or(peer)
     }
 
+    /// How many addresses the per-address tables hold (failure counts, rate buckets).
+    pub fn address_state_len(&self) -> (usize, usize) {
+        (self.failures.len(), self.addresses.len())
+    }
+
     /// Whether an address is a trusted proxy.
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|c| c.contains(ip))
@@ -578,8 +614,15 @@ impl Authenticator {
     /// Authenticates a request from `client`: its one credential, else a verified client
     /// certificate whose subject names a configured identity.
     pub fn authenticate(&self, headers: &HeaderMap, client: IpAddr) -> Result<Arc<Identity>, AuthError> {
-        if let Some(anon) = self.anonymous.as_ref().filter(|_| self.is_open()) {
-            return Ok(anon.clone());
+        if let Some(anon) = &self.anonymous {
+            match self.store.as_ref().map(|s| s.state()) {
+                None | Some(crate::store::StoreState::Empty) => return Ok(anon.clone()),
+                // The store's tokens may be the only credentials: nobody can be confirmed.
+                Some(crate::store::StoreState::Unavailable) => {
+                    return Err(AuthError::Unavailable(Duration::from_secs(1)));
+                }
+                Some(crate::store::StoreState::HasTokens) => {}
+            }
         }
         let presented = presented_credential(headers);
         if presented == Err(AuthError::Missing)
@@ -617,8 +660,21 @@ impl Authenticator {
         });
         match found {
             Ok(identity) => Ok(identity),
-            Err(e @ AuthError::Unavailable(_)) => Err(e),
+            // No credential at all is not a guess: it gets the 401 challenge that starts the
+            // authorization flow, and is not counted by the failure throttle.
+            Err(e @ (AuthError::Unavailable(_) | AuthError::Missing)) => Err(e),
             Err(e) => Err(self.failed(client).unwrap_or(e)),
+        }
+    }
+
+    /// Drops per-address state that no longer says anything: failure counts whose window and
+    /// block have passed, and rate buckets that have refilled (a fresh bucket is the same).
+    pub fn prune(&self) {
+        let now = Instant::now();
+        let limit = self.failure_limit;
+        self.failures.retain(|_, f| !failures_stale(f, limit, now));
+        if let Some(rate) = self.per_address {
+            self.addresses.retain(|_, b| !bucket_refilled(b, rate, now));
         }
     }
 
@@ -627,6 +683,17 @@ impl Authenticator {
         let now = Instant::now();
         let limit = self.failure_limit;
         let mut map = lock(self.failures.shard(&client));
+        if map.len() >= ADDRESS_STATE_PER_SHARD && !map.contains_key(&client) {
+            map.retain(|_, f| !failures_stale(f, limit, now));
+            if map.len() >= ADDRESS_STATE_PER_SHARD {
+                // Still full of live entries: forget the one whose block ends first (or an
+                // unblocked one), never grow past the bound.
+                let victim = map.iter().min_by_key(|(_, f)| f.blocked_until.unwrap_or(f.since)).map(|(k, _)| *k);
+                if let Some(v) = victim {
+                    map.remove(&v);
+                }
+            }
+        }
         let f = map.entry(client).or_insert(Failures { count: 0, since: now, blocked_until: None });
         if let Some(until) = f.blocked_until {
             if now < until {
@@ -651,6 +718,16 @@ impl Authenticator {
         let now = Instant::now();
         if let Some(rate) = self.per_address {
             let mut map = lock(self.addresses.shard(&client));
+            if map.len() >= ADDRESS_STATE_PER_SHARD && !map.contains_key(&client) {
+                map.retain(|_, b| !bucket_refilled(b, rate, now));
+                if map.len() >= ADDRESS_STATE_PER_SHARD {
+                    // Forget the fullest bucket: the address that lost least by it.
+                    let victim = map.iter().max_by(|a, b| a.1.tokens.total_cmp(&b.1.tokens)).map(|(k, _)| *k);
+                    if let Some(v) = victim {
+                        map.remove(&v);
+                    }
+                }
+            }
             map.entry(client).or_insert_with(|| Bucket::full(rate)).take(rate, now).map_err(AuthError::RateLimited)?;
         }
         if let Some(rate) = identity.rate {

@@ -49,6 +49,10 @@ pub enum Command {
         /// child process outlives a crash of the gateway.
         #[arg(long, hide = true)]
         test_panic_after: Option<String>,
+        /// Test hook: behave as if the OS random source had failed, to prove that the gateway
+        /// then refuses to start.
+        #[arg(long, hide = true)]
+        test_no_randomness: bool,
         /// Create a random token for this run, print it once to stderr, and accept it (admin).
         #[arg(long)]
         generate_token: bool,
@@ -109,7 +113,7 @@ pub fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
         Some(p) => Ok(config::load(&p)?),
         None => {
             let exe = std::env::current_exe().context("cannot find the portcullis executable")?;
-            Ok(config::demo(&exe))
+            Ok(config::demo(&exe)?)
         }
     }
 }
@@ -343,39 +347,75 @@ pub struct ServeOptions {
 
 /// A new random token: `pcs_` and 43 characters of base64url from 32 bytes of OS randomness.
 pub fn new_token() -> anyhow::Result<String> {
-    use base64::Engine;
-    let mut b = [0u8; 32];
-    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
-    Ok(format!("pcs_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)))
+    Ok(crate::store::new_secret()?)
 }
 
-/// Adds the `--generate-token` token and enforces the no-credentials rule.
-fn apply_credentials(config: &mut Config, opts: &ServeOptions) -> anyhow::Result<()> {
+/// Adds the `--generate-token` token and enforces the no-credentials rule, which counts the
+/// store's issued tokens as credentials. Returns the startup line saying how requests are
+/// authenticated (sources and counts, never a value).
+pub fn startup_check(
+    config: &mut Config,
+    opts: &ServeOptions,
+    store: &crate::store::StoreView,
+) -> anyhow::Result<String> {
     if opts.generate_token {
         let token = new_token()?;
         // Straight to stderr, once: never through the log, which may be kept.
         eprintln!("portcullis: token for this run (shown once): {token}");
         config.auth.tokens.push(crate::auth::TokenDef {
-            name: "generated".into(),
+            name: crate::config::auth::GENERATED_NAME.into(),
             digest: crate::auth::digest(&token),
             role: crate::auth::Role::Admin,
             tenant: None,
             grants: crate::authz::Grants::all(),
             expires: None,
             rate: None,
+            source: crate::auth::TokenSource::Generated,
         });
     }
-    if config.auth.tokens.is_empty() && !config.listen.ip().is_loopback() {
+    let store_has_tokens = store.state() == crate::store::StoreState::HasTokens;
+    let open = config.auth.tokens.is_empty() && !store_has_tokens;
+    if open && !config.listen.ip().is_loopback() {
         if !opts.allow_unauthenticated {
             anyhow::bail!(
                 "refusing to serve {} without credentials: set PORTCULLIS_TOKEN, add auth.tokens, use \
-                 --generate-token, or pass --allow-unauthenticated",
+                 --generate-token, issue a token (portcullis token create), or pass --allow-unauthenticated",
                 config.listen
             );
         }
         tracing::warn!(listen = %config.listen, "serving WITHOUT authentication on a non-loopback address (--allow-unauthenticated)");
     }
-    Ok(())
+    Ok(auth_summary(config, store, open))
+}
+
+/// One line: how requests are authenticated, by source and count.
+fn auth_summary(config: &Config, store: &crate::store::StoreView, open: bool) -> String {
+    use crate::auth::TokenSource;
+    if open {
+        return "authentication: OFF (no credential configured; every caller is the anonymous admin)".into();
+    }
+    let count = |s: TokenSource| config.auth.tokens.iter().filter(|t| t.source == s).count();
+    let mut parts = Vec::new();
+    for (source, what) in [
+        (TokenSource::Env, "from PORTCULLIS_TOKEN(S)"),
+        (TokenSource::File, "from the config file"),
+        (TokenSource::Generated, "generated for this run"),
+    ] {
+        let n = count(source);
+        if n > 0 {
+            parts.push(format!("{n} token{} {what}", if n == 1 { "" } else { "s" }));
+        }
+    }
+    match store.live_count() {
+        Ok(n) => {
+            parts.push(format!("{n} live issued token{} in {}", if n == 1 { "" } else { "s" }, store.path().display()))
+        }
+        Err(e) => parts.push(format!("issued tokens in {} (unreadable: {e})", store.path().display())),
+    }
+    if config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
+        parts.push("client certificates".into());
+    }
+    format!("authentication: ON: {}", parts.join(", "))
 }
 
 /// What identifies the content of a config file as the editor left it: the file it resolves
@@ -413,7 +453,11 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     if let Some(l) = opts.listen {
         config.listen = l;
     }
-    apply_credentials(&mut config, &opts)?;
+    let (store_path, named) = config.store();
+    // A store that exists but cannot be read never means "no credentials": refuse to start.
+    let store = crate::store::StoreView::open(store_path.clone(), named)
+        .with_context(|| format!("refusing to start: cannot use the token store {}", store_path.display()))?;
+    let auth_line = startup_check(&mut config, &opts, &store)?;
     let panic_after = opts.panic_after.clone();
     for w in &config.warnings {
         tracing::warn!("{w}");
@@ -428,7 +472,8 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     }
     let source = config.source.clone();
     let scheme = if config.tls.is_some() { "https" } else { "http" };
-    let gateway = crate::mcp::gateway::Gateway::start(config);
+    tracing::info!("{auth_line}");
+    let gateway = crate::mcp::gateway::Gateway::start_with(config, store).context("refusing to start")?;
     let running = crate::server::serve(listener, gateway.clone()).await?;
     tracing::info!("listening on {scheme}://{addr}/mcp");
     let trigger = running.trigger();
@@ -473,7 +518,7 @@ pub async fn stdio(config: Config, server: Option<String>, as_identity: Option<S
     {
         anyhow::bail!("no enabled server named {s:?} in the config");
     }
-    let gateway = crate::mcp::gateway::Gateway::start(config);
+    let gateway = crate::mcp::gateway::Gateway::start(config)?;
     let identity = match as_identity {
         Some(name) => gateway
             .authenticator()

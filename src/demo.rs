@@ -498,7 +498,12 @@ async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: Header
     let mut new_session = None;
     if !modern {
         if method_name == "initialize" {
-            let id = crate::mcp::session::random_id();
+            let Ok(id) = crate::random::id() else {
+                return json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"No randomness"}}"#.into(),
+                );
+            };
             lock(&demo.sessions).insert(id.clone(), String::new());
             new_session = Some(id);
         } else {

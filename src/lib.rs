@@ -25,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod mcp;
 pub mod metrics;
+pub mod random;
 pub mod server;
 mod sharded;
 pub mod store;

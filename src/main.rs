@@ -24,10 +24,14 @@ fn main() -> anyhow::Result<()> {
             workers,
             log_format,
             test_panic_after,
+            test_no_randomness,
             generate_token,
             allow_unauthenticated,
         } => {
             cli::init_logging(log_format);
+            if test_no_randomness {
+                portcullis::random::fail_from_now_on();
+            }
             let config = cli::load_config(config)?;
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = workers {

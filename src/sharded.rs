@@ -61,6 +61,13 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
         }
     }
 
+    /// Keeps only the entries for which `keep` is true, shard by shard.
+    pub(crate) fn retain(&self, mut keep: impl FnMut(&K, &mut V) -> bool) {
+        for s in &self.0 {
+            lock(s).retain(|k, v| keep(k, v));
+        }
+    }
+
     /// Removes and returns every value.
     pub(crate) fn drain(&self) -> Vec<V> {
         self.0.iter().flat_map(|s| lock(s).drain().map(|(_, v)| v).collect::<Vec<_>>()).collect()

@@ -281,15 +281,12 @@ impl TokenRequest {
 
 /// A new secret: `pcs_` + 43 base64url characters of 32 bytes from the OS.
 pub fn new_secret() -> Result<String, StoreError> {
-    use base64::Engine;
-    let mut b = [0u8; 32];
-    getrandom::fill(&mut b).map_err(|e| StoreError::Unavailable(format!("no OS randomness: {e}")))?;
-    Ok(format!("pcs_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)))
+    crate::random::id().map(|id| format!("pcs_{id}")).map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
 fn new_id() -> Result<String, StoreError> {
     let mut b = [0u8; 9];
-    getrandom::fill(&mut b).map_err(|e| StoreError::Unavailable(format!("no OS randomness: {e}")))?;
+    crate::random::fill(&mut b).map_err(|e| StoreError::Unavailable(e.to_string()))?;
     Ok(format!("tok_{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()))
 }
 
@@ -683,32 +680,59 @@ pub struct StoreView {
     create: bool,
     store: Mutex<Option<std::sync::Arc<dyn TokenStore>>>,
     version: std::sync::atomic::AtomicI64,
-    has_tokens: std::sync::atomic::AtomicBool,
+    state: std::sync::atomic::AtomicU8,
     by_digest: Sharded<[u8; 32], Option<std::sync::Arc<StoredToken>>>,
     by_id: Mutex<std::collections::HashMap<String, Option<std::sync::Arc<StoredToken>>>>,
     used: Sharded<String, i64>,
     written: Mutex<std::collections::HashMap<String, i64>>,
 }
 
+/// What the store says about authentication, as of the last poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreState {
+    /// No store file (and none named), or one that holds no token: it adds no credential.
+    Empty,
+    /// It holds tokens (live or not): authentication is on.
+    HasTokens,
+    /// It exists but cannot be read: nothing can be confirmed, so requests get 503.
+    Unavailable,
+}
+
+const STATE_EMPTY: u8 = 0;
+const STATE_TOKENS: u8 = 1;
+const STATE_UNAVAILABLE: u8 = 2;
+
 /// Largest number of cached lookups (unknown digests included) before the cache is reset.
 const CACHE_LIMIT: usize = 100_000;
 
 impl StoreView {
-    /// A view of the store at `path`; `create` opens (and creates) it at once.
+    /// A view of the store at `path`; `create` opens (and creates) it at once. A store that
+    /// cannot be read starts [`StoreState::Unavailable`]; see [`StoreView::open`] to refuse.
     pub fn new(path: PathBuf, create: bool) -> std::sync::Arc<StoreView> {
+        Self::build(path, create).0
+    }
+
+    /// Like [`StoreView::new`], but an error when the store exists (or is named) and cannot be
+    /// opened or read: a gateway refuses to start on a store it cannot read.
+    pub fn open(path: PathBuf, create: bool) -> Result<std::sync::Arc<StoreView>, StoreError> {
+        let (view, polled) = Self::build(path, create);
+        polled.map(|_| view)
+    }
+
+    fn build(path: PathBuf, create: bool) -> (std::sync::Arc<StoreView>, Result<bool, StoreError>) {
         let view = std::sync::Arc::new(StoreView {
             path,
             create,
             store: Mutex::new(None),
             version: std::sync::atomic::AtomicI64::new(-1),
-            has_tokens: std::sync::atomic::AtomicBool::new(false),
+            state: std::sync::atomic::AtomicU8::new(STATE_UNAVAILABLE),
             by_digest: Sharded::new(),
             by_id: Mutex::new(std::collections::HashMap::new()),
             used: Sharded::new(),
             written: Mutex::new(std::collections::HashMap::new()),
         });
-        let _ = view.poll();
-        view
+        let polled = view.poll();
+        (view, polled)
     }
 
     /// The file.
@@ -732,24 +756,52 @@ impl StoreView {
         Ok(slot.clone())
     }
 
-    /// Checks the change counter; on a change drops the caches. True when it changed.
+    /// Checks the change counter; on a change drops the caches. True when it changed. A store
+    /// that cannot answer is [`StoreState::Unavailable`] until a later poll succeeds, and its
+    /// caches are dropped, so nothing it said before is trusted meanwhile.
     pub fn poll(&self) -> Result<bool, StoreError> {
-        let Some(store) = self.handle()? else { return Ok(false) };
-        let v = store.version()?;
-        let before = self.version.swap(v, std::sync::atomic::Ordering::Relaxed);
-        if before == v {
-            return Ok(false);
+        use std::sync::atomic::Ordering::Relaxed;
+        let polled: Result<bool, StoreError> = (|| {
+            let Some(store) = self.handle()? else {
+                self.state.store(STATE_EMPTY, Relaxed);
+                return Ok(false);
+            };
+            let v = store.version()?;
+            if self.version.load(Relaxed) == v && self.state.load(Relaxed) != STATE_UNAVAILABLE {
+                return Ok(false);
+            }
+            self.by_digest.clear();
+            lock(&self.by_id).clear();
+            let any = store.has_any()?;
+            self.version.store(v, Relaxed);
+            self.state.store(if any { STATE_TOKENS } else { STATE_EMPTY }, Relaxed);
+            Ok(true)
+        })();
+        if polled.is_err() {
+            self.state.store(STATE_UNAVAILABLE, Relaxed);
+            self.version.store(-1, Relaxed);
+            self.by_digest.clear();
+            lock(&self.by_id).clear();
+            // A handle on a file that broke is dropped: the next poll opens it afresh.
+            *lock(&self.store) = None;
         }
-        self.by_digest.clear();
-        lock(&self.by_id).clear();
-        let any = store.has_any()?;
-        self.has_tokens.store(any, std::sync::atomic::Ordering::Relaxed);
-        Ok(true)
+        polled
     }
 
-    /// Whether the store holds any token (then authentication is on).
-    pub fn has_tokens(&self) -> bool {
-        self.has_tokens.load(std::sync::atomic::Ordering::Relaxed)
+    /// What the store said at the last poll.
+    pub fn state(&self) -> StoreState {
+        match self.state.load(std::sync::atomic::Ordering::Relaxed) {
+            STATE_EMPTY => StoreState::Empty,
+            STATE_TOKENS => StoreState::HasTokens,
+            _ => StoreState::Unavailable,
+        }
+    }
+
+    /// How many usable issued tokens the store holds (for the startup line).
+    pub fn live_count(&self) -> Result<usize, StoreError> {
+        let Some(store) = self.handle()? else { return Ok(0) };
+        let now = now_ms();
+        Ok(store.list()?.iter().filter(|t| t.usable(now)).count())
     }
 
     /// The token with a digest: a cache hit, or one indexed lookup.

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::{S, Validator, line_of};
-use crate::auth::{self, AuthConfig, Cidr, FailureLimit, Rate, Role, TokenDef};
+use crate::auth::{self, AuthConfig, Cidr, FailureLimit, Rate, Role, TokenDef, TokenSource};
 use crate::authz::Grants;
 
 /// `auth:` (also MCP Front's `proxy.auth:`).
@@ -115,6 +115,9 @@ pub struct RawAuthParts {
     pub trusted_proxies: Vec<S>,
 }
 
+/// The name of the `serve --generate-token` identity; no config entry may take it.
+pub const GENERATED_NAME: &str = "generated";
+
 impl Validator<'_> {
     pub(super) fn auth(&mut self, parts: RawAuthParts, servers: &[String]) -> AuthConfig {
         let mut out = AuthConfig::default();
@@ -128,14 +131,14 @@ impl Validator<'_> {
         }
         for (i, secret) in env_tokens.iter().enumerate() {
             let name = if i == 0 { "env".to_owned() } else { format!("env-{}", i + 1) };
-            out.tokens.push(admin_token(name, secret));
+            out.tokens.push(admin_token(name, secret, TokenSource::Env));
         }
         if let Some(key) = &parts.api_key {
             let secret = self.subst("api_key", key);
             if secret.trim().is_empty() {
                 self.error("api_key", line_of(key), "resolves to an empty string");
             } else {
-                out.tokens.push(admin_token("api_key".into(), &secret));
+                out.tokens.push(admin_token("api_key".into(), &secret, TokenSource::File));
             }
         }
 
@@ -217,6 +220,9 @@ impl Validator<'_> {
     ) -> Option<TokenDef> {
         let line = line_of(entry);
         let before = self.errors.len();
+        if name == GENERATED_NAME {
+            self.error(path, line, format!("the token name {name:?} is reserved for `serve --generate-token`"));
+        }
         let empty = RawTokenFull::default();
         let (secret_raw, full) = match &entry.value {
             RawToken::Value(v) => (v.as_str(), &empty),
@@ -268,11 +274,12 @@ impl Validator<'_> {
             grants: Grants::from_lists(&full.servers, &full.tools, &full.prompts, &full.resources),
             expires,
             rate,
+            source: TokenSource::File,
         })
     }
 }
 
-fn admin_token(name: String, secret: &str) -> TokenDef {
+fn admin_token(name: String, secret: &str, source: TokenSource) -> TokenDef {
     TokenDef {
         name,
         digest: auth::digest(secret.trim()),
@@ -281,6 +288,7 @@ fn admin_token(name: String, secret: &str) -> TokenDef {
         grants: Grants::all(),
         expires: None,
         rate: None,
+        source,
     }
 }
 

@@ -436,35 +436,19 @@ fn is_json(path: &Path) -> bool {
 }
 
 /// The built-in configuration used when no file exists: the bundled demo server over stdio.
-pub fn demo(exe: &Path) -> Config {
-    Config {
-        listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
-        separator: DEFAULT_SEPARATOR.to_owned(),
-        allowed_origins: Vec::new(),
-        allowed_hosts: Vec::new(),
-        max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-        servers: vec![Arc::new(ServerDef {
-            name: "demo".to_owned(),
-            transport: Transport::Stdio {
-                command: exe.display().to_string(),
-                args: vec!["demo-server".to_owned()],
-                env: BTreeMap::new(),
-                cwd: None,
-            },
-            timeout: DEFAULT_TIMEOUT,
-            sse_idle_timeout: DEFAULT_SSE_IDLE_TIMEOUT,
-            enabled: true,
-            share: Share::Shared,
-            auth_tokens: Vec::new(),
-        })],
-        auth: crate::auth::AuthConfig::default(),
-        audit_file: None,
-        tls: None,
-        require_https: false,
-        store_path: None,
-        source: None,
-        warnings: Vec::new(),
-    }
+/// It is validated exactly as a file is, so the credential sources (`PORTCULLIS_TOKEN`,
+/// `PORTCULLIS_TOKENS`, and `.env` in the working directory) apply to it as to a file.
+pub fn demo(exe: &Path) -> Result<Config, ConfigErrors> {
+    demo_with(exe, &Env::load(Some(Path::new("."))))
+}
+
+/// [`demo`] with a given environment.
+pub fn demo_with(exe: &Path, env: &Env) -> Result<Config, ConfigErrors> {
+    let command = serde_json::Value::String(exe.display().to_string());
+    // `$` in the path is literal, not a variable reference.
+    let command = command.to_string().replace('$', "$$");
+    let text = format!("servers:\n  demo:\n    command: {command}\n    args: [demo-server]\n");
+    parse(&text, false, env).map_err(|errors| ConfigErrors { file: None, errors })
 }
 
 fn line_of<T>(s: &Spanned<T>) -> Option<u32> {

@@ -173,18 +173,41 @@ pub struct Handshakes {
     pub discover: u64,
 }
 
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The OS random source failed (session ids and the cursor key need it).
+    #[error(transparent)]
+    Randomness(#[from] crate::random::NoRandomness),
+    /// The token store exists (or is named) but cannot be opened or read.
+    #[error("cannot use the token store {}: {source}", path.display())]
+    Store {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: crate::store::StoreError,
+    },
+}
+
 impl Gateway {
-    /// Builds the gateway and starts every enabled shared server.
-    pub fn start(config: Config) -> Arc<Self> {
-        let (store_path, named) = config.store();
-        let store = crate::store::StoreView::new(store_path, named);
+    /// Opens the config's token store, builds the gateway and starts every enabled shared
+    /// server. Refuses when the store exists but cannot be read, or when there is no randomness.
+    pub fn start(config: Config) -> Result<Arc<Self>, StartError> {
+        let (path, named) = config.store();
+        let store =
+            crate::store::StoreView::open(path.clone(), named).map_err(|source| StartError::Store { path, source })?;
+        Self::start_with(config, store)
+    }
+
+    /// Like [`Gateway::start`], with a store view already opened.
+    pub fn start_with(config: Config, store: Arc<crate::store::StoreView>) -> Result<Arc<Self>, StartError> {
+        let cursor_key = crate::random::key()?;
         let authenticator = authenticator_for(&config, Some(store.clone()));
         let audit = crate::audit::Audit::start(config.audit_file.clone()).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot open the audit file; audit records go to stderr");
             crate::audit::Audit::start(None).unwrap_or_else(|_| crate::audit::Audit::discard())
         });
-        let mut cursor_key = [0u8; 32];
-        let _ = getrandom::fill(&mut cursor_key);
         let http = crate::mcp::upstream::http::Clients::new();
         let gw = Arc::new_cyclic(|me| Gateway {
             config: ArcSwap::from_pointee(config),
@@ -215,10 +238,15 @@ impl Gateway {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             let mut flushed = tokio::time::Instant::now();
+            let mut pruned = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
                 let Some(gw) = weak.upgrade() else { return };
                 gw.sweep_sessions().await;
+                if pruned.elapsed() >= PRUNE_EVERY {
+                    pruned = tokio::time::Instant::now();
+                    gw.authenticator().prune();
+                }
                 if flushed.elapsed() >= std::time::Duration::from_secs(60) {
                     flushed = tokio::time::Instant::now();
                     if let Err(e) = gw.store.flush_used(crate::store::now_ms()) {
@@ -227,7 +255,7 @@ impl Gateway {
                 }
             }
         });
-        gw
+        Ok(gw)
     }
 
     /// Ends every session whose identity no longer holds: revoked (gone from the credential
@@ -330,11 +358,10 @@ impl Gateway {
     pub async fn reload(&self, mut config: Config) {
         config.listen = self.config().listen;
         let old = self.config();
-        // A `--generate-token` token lives as long as the process.
-        for t in old.auth.tokens.iter().filter(|t| t.name == "generated") {
-            if !config.auth.tokens.iter().any(|n| n.name == t.name) {
-                config.auth.tokens.push(t.clone());
-            }
+        // A `--generate-token` token lives as long as the process (marked by its source, which
+        // no config entry can carry; its name is reserved in config files).
+        for t in old.auth.tokens.iter().filter(|t| t.source == crate::auth::TokenSource::Generated) {
+            config.auth.tokens.push(t.clone());
         }
         let authenticator = authenticator_for(&config, Some(self.store.clone()));
         let config = Arc::new(config);
@@ -1059,7 +1086,8 @@ impl Gateway {
             resources: flag("resourcesListChanged"),
         };
         let session =
-            Session::listener(ctx.scope.clone(), ctx.protocol_version.clone(), ctx.identity.clone(), filter.clone());
+            Session::listener(ctx.scope.clone(), ctx.protocol_version.clone(), ctx.identity.clone(), filter.clone())
+                .map_err(|e| Reply::error(code::INTERNAL_ERROR, &e.to_string()))?;
         let (tx, rx) = mpsc::channel(256);
         session.attach_stream(tx);
         self.add_session(session.clone());
@@ -1397,6 +1425,9 @@ fn config_identity_stale(auth: &Authenticator, s: &Session, now: std::time::Syst
 
 /// How long a list waits for a server on its first start.
 const FIRST_START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often per-address state that says nothing any more is dropped.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often sessions are checked against the credential table.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);

@@ -48,6 +48,10 @@ pub enum EnvelopeError {
     /// JSON, but not a JSON-RPC 2.0 message (JSON-RPC -32600).
     #[error("invalid request: {0}")]
     Invalid(&'static str),
+    /// A request or notification whose envelope or `params` name a member twice (JSON-RPC
+    /// -32600); carries the request's raw id, so the refusal can be matched to it.
+    #[error("invalid request: a member appears twice in the message or its params")]
+    Repeated(Option<Box<str>>),
 }
 
 impl EnvelopeError {
@@ -55,7 +59,15 @@ impl EnvelopeError {
     pub fn code(&self) -> i64 {
         match self {
             EnvelopeError::Parse(_) => code::PARSE_ERROR,
-            EnvelopeError::Invalid(_) => code::INVALID_REQUEST,
+            EnvelopeError::Invalid(_) | EnvelopeError::Repeated(_) => code::INVALID_REQUEST,
+        }
+    }
+
+    /// The raw id of the refused request, when it could be read.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            EnvelopeError::Repeated(id) => id.as_deref(),
+            _ => None,
         }
     }
 }
@@ -133,6 +145,12 @@ impl<'a> Envelope<'a> {
             }
             None => None,
         };
+        // What the gateway authorizes is exactly what the upstream acts on: a member written
+        // twice (SDK servers act on the last, a first-match reader on the first) is refused.
+        if raw.method.is_some() && repeats_member(std::str::from_utf8(bytes).unwrap_or(""), Nesting::Envelope) {
+            let id = raw.id.filter(|i| i.get() != "null" && !i.get().starts_with(['{', '['])).map(|i| i.get().into());
+            return Err(EnvelopeError::Repeated(id));
+        }
         let had_id = raw.id.is_some();
         let kind = match (&raw.method, raw.result, raw.error) {
             (Some(_), None, None) if id.is_some() => Kind::Request,
@@ -154,6 +172,66 @@ impl<'a> Envelope<'a> {
     pub fn id_u64(&self) -> Option<u64> {
         self.id.and_then(|id| id.get().parse().ok())
     }
+}
+
+/// Where [`repeats_member`] is in a message.
+#[derive(Clone, Copy)]
+enum Nesting {
+    /// The envelope: only `params` is looked into.
+    Envelope,
+    /// `params`: every nested object but the tool or prompt `arguments` (the gateway reads
+    /// nothing there; the upstream's own parser decides what they mean).
+    Params,
+    /// Inside `params`: every nested object.
+    Inner,
+}
+
+/// Whether an object (text already validated as JSON) names a member twice, compared after
+/// unescaping, at its top level or in the nested objects `at` looks into. Allocation-free for
+/// objects of up to 32 members whose keys hold no escapes.
+fn repeats_member(json: &str, at: Nesting) -> bool {
+    const FAST: usize = 32;
+    let mut seen: [&str; FAST] = [""; FAST];
+    let mut n = 0;
+    let mut slow: Option<std::collections::HashSet<Cow<'_, str>>> = None;
+    for (raw, span) in members(json) {
+        let duplicate = match &mut slow {
+            None if n < FAST && !raw.contains('\\') => {
+                let dup = seen[..n].contains(&raw);
+                seen[n] = raw;
+                n += 1;
+                dup
+            }
+            _ => {
+                let set = slow.get_or_insert_with(|| seen[..n].iter().map(|k| Cow::Borrowed(*k)).collect());
+                let key = if raw.contains('\\') {
+                    match serde_json::from_str::<String>(&format!("\"{raw}\"")) {
+                        Ok(k) => Cow::Owned(k),
+                        Err(_) => return true,
+                    }
+                } else {
+                    Cow::Borrowed(raw)
+                };
+                !set.insert(key)
+            }
+        };
+        if duplicate {
+            return true;
+        }
+        let value = &json[span];
+        let inner = match at {
+            Nesting::Envelope => key_is(raw, "params").then_some(Nesting::Params),
+            Nesting::Params => (!key_is(raw, "arguments")).then_some(Nesting::Inner),
+            Nesting::Inner => Some(Nesting::Inner),
+        };
+        if let Some(inner) = inner
+            && value.starts_with('{')
+            && repeats_member(value, inner)
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// True when the body (after leading whitespace) is a JSON array.
@@ -728,6 +806,34 @@ mod tests {
             Err(EnvelopeError::Invalid(_))
         ));
         assert!(matches!(Envelope::parse(br#"{"jsonrpc":"2.0","id":1}"#), Err(EnvelopeError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_member_written_twice_is_refused_escaped_or_nested() {
+        for bad in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{},"name":"whoami"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","n\u0061me":"whoami"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"a://x","uri":"a://y"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"a","name":"b"}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":{"progressToken":1,"progressToken":2}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","m\u0065thod":"y"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"x"}"#,
+        ] {
+            let err = Envelope::parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(err.code(), code::INVALID_REQUEST, "{bad}: {err:?}");
+        }
+        let many: String = (0..40).map(|i| format!(r#""k{i}":{i},"#)).collect();
+        let dup_late = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":{{{many}"k3":0}}}}"#);
+        assert!(Envelope::parse(dup_late.as_bytes()).is_err());
+        // Arguments are the upstream's to read; distinct keys anywhere are fine.
+        for good in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"a":1,"a":2}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"e","arguments":{},"_meta":{"n":1}}}"#,
+        ] {
+            assert!(Envelope::parse(good.as_bytes()).is_ok(), "{good}");
+        }
+        let ok_many = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":{{{many}"last":0}}}}"#);
+        assert!(Envelope::parse(ok_many.as_bytes()).is_ok());
     }
 
     #[test]

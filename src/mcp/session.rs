@@ -2,9 +2,10 @@
 //!
 //! A [`Session`] exists for session-based clients (2025 era, legacy SSE); stateless 2026-07-28
 //! requests run with a [`Caller`] that has no session. Invariants: session ids are 256-bit
-//! CSPRNG values; a message for a client goes on exactly one stream (the request's own stream
-//! when it relates to a request, else the session's standalone stream); routes for
-//! server-to-client requests are removed when answered or when the session closes.
+//! values from the OS random source (no fallback); a message for a client goes on exactly one
+//! stream (the request's own stream when it relates to a request, else the session's standalone
+//! stream); routes for server-to-client requests are removed when answered or when the session
+//! closes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::upstream::Upstream;
 use crate::auth::Identity;
+use crate::random::NoRandomness;
 
 /// Which servers a downstream endpoint exposes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -75,19 +77,6 @@ pub enum ClientRequestRoute {
     Local(oneshot::Sender<Bytes>),
 }
 
-/// Returns a new random id: 32 bytes from the OS, base64url.
-pub fn random_id() -> String {
-    use base64::Engine;
-    let mut b = [0u8; 32];
-    // getrandom only fails when the OS has no entropy source at all; a zero id would still be
-    // unique per process via the counter mixed in below, but we treat it as fatal upstream.
-    if getrandom::fill(&mut b).is_err() {
-        let n = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
-        b[..8].copy_from_slice(&n.to_le_bytes());
-    }
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
-}
-
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
 /// An upstream call in flight: the instance and the id it was sent under.
@@ -132,7 +121,12 @@ pub fn log_rank(level: &str) -> Option<u8> {
 
 impl Session {
     /// A new session with a fresh random id.
-    pub fn new(scope: Scope, protocol_version: String, transport: Transport, identity: Arc<Identity>) -> Arc<Self> {
+    pub fn new(
+        scope: Scope,
+        protocol_version: String,
+        transport: Transport,
+        identity: Arc<Identity>,
+    ) -> Result<Arc<Self>, NoRandomness> {
         Self::build(scope, protocol_version, transport, identity, None)
     }
 
@@ -142,7 +136,7 @@ impl Session {
         protocol_version: String,
         identity: Arc<Identity>,
         filter: ListenFilter,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, NoRandomness> {
         Self::build(scope, protocol_version, Transport::Listen, identity, Some(filter))
     }
 
@@ -152,10 +146,10 @@ impl Session {
         transport: Transport,
         identity: Arc<Identity>,
         listen: Option<ListenFilter>,
-    ) -> Arc<Self> {
-        Arc::new(Session {
+    ) -> Result<Arc<Self>, NoRandomness> {
+        Ok(Arc::new(Session {
             identity,
-            id: random_id(),
+            id: crate::random::id()?,
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             scope,
             protocol_version,
@@ -170,7 +164,7 @@ impl Session {
             capabilities: Mutex::new(None),
             log_level: AtomicU8::new(0),
             listen,
-        })
+        }))
     }
 
     /// Sends a change notification if this session wants it: every session-era session does;

@@ -210,6 +210,12 @@ async fn reload_over_http_applies_a_valid_file_and_refuses_an_invalid_one() {
         .spawn()
         .unwrap();
     let url = listen_url(&mut child).await.trim_end_matches("/mcp").to_owned();
+    // The listener opens while the child may still be starting.
+    eventually(Duration::from_secs(20), || {
+        let u = format!("{url}/servers/a");
+        async move { (get(&u, Some(ROOT)).await.1["state"] == "running").then_some(()) }
+    })
+    .await;
     std::fs::write(&cfg, good.replace("servers:\n", "servers:\n  bad name: {command: x}\n")).unwrap();
     let (status, body) = post(&format!("{url}/admin/reload"), ROOT, "").await;
     assert_eq!(status, 400, "{body}");

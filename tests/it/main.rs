@@ -6,6 +6,7 @@ mod aggregate;
 mod auth;
 mod eras;
 mod external;
+mod failclosed;
 mod hotpath;
 mod process;
 mod protocol;

@@ -172,7 +172,7 @@ async fn fuzz_gateway() -> &'static TestGateway {
 }
 
 /// A raw legacy SSE client: the stream and the POST endpoint it named.
-async fn open_sse(url: &str, token: Option<&str>) -> (Events, String) {
+pub(crate) async fn open_sse(url: &str, token: Option<&str>) -> (Events, String) {
     let mut req = reqwest::Client::new().get(url).header("accept", "text/event-stream");
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));

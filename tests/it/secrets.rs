@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use crate::support::*;
 
 /// Starts `portcullis serve` with stderr going to a file; returns the child and its base URL.
-async fn serve(dir: &Path, config: &str, args: &[&str], env: &[(&str, &str)]) -> (Child, String, PathBuf) {
+pub(crate) async fn serve(dir: &Path, config: &str, args: &[&str], env: &[(&str, &str)]) -> (Child, String, PathBuf) {
     let cfg = dir.join("portcullis.yaml");
     std::fs::write(&cfg, config).unwrap();
     let stderr_path = dir.join(format!("stderr-{}.log", args.len()));
@@ -51,7 +51,7 @@ async fn serve(dir: &Path, config: &str, args: &[&str], env: &[(&str, &str)]) ->
     (child, url, stderr_path)
 }
 
-async fn stop(child: &mut Child) {
+pub(crate) async fn stop(child: &mut Child) {
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();

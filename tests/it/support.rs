@@ -123,7 +123,7 @@ impl GatewayBuilder {
         let config = self.config(&audit);
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let names: Vec<String> = config.servers.iter().filter(|s| s.enabled).map(|s| s.name.clone()).collect();
-        let gw = Gateway::start(config);
+        let gw = Gateway::start(config).expect("the gateway starts");
         for n in names {
             if let Some(up) = gw.upstream(&n) {
                 let _ = up.ready_by(tokio::time::Instant::now() + Duration::from_secs(20)).await;

@@ -107,6 +107,12 @@ fn own_origins(config: &Config) -> Vec<String> {
     out
 }
 
+/// The answer when the OS random source fails: 503, nothing created.
+pub fn no_randomness(id: Option<&str>, e: &crate::random::NoRandomness) -> Response {
+    tracing::error!(error = %e, "refusing to open a session");
+    rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, code::INTERNAL_ERROR, "No randomness available; try again")
+}
+
 /// Reads a body up to the limit; `Err` is the 413/400 response.
 pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
     match http_body_util::Limited::new(body, limit).collect().await {
@@ -171,7 +177,7 @@ impl Who {
     /// its method and id for the audit record.
     pub fn parse<'a>(&self, body: &'a [u8]) -> Result<Envelope<'a>, Response> {
         let env =
-            Envelope::parse(body).map_err(|e| rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()))?;
+            Envelope::parse(body).map_err(|e| rpc_error(StatusCode::BAD_REQUEST, e.id(), e.code(), &e.to_string()))?;
         let mut n = lock(&self.note);
         n.method = env.method().to_owned();
         n.request_id = env.id.map(|i| i.get().to_owned());
@@ -546,7 +552,10 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Wh
         );
     };
     let version = gateway::negotiate(Some(&requested));
-    let session = Session::new(scope.clone(), version.to_owned(), Transport::Streamable, who.identity.clone());
+    let session = match Session::new(scope.clone(), version.to_owned(), Transport::Streamable, who.identity.clone()) {
+        Ok(s) => s,
+        Err(e) => return no_randomness(env.id.map(RawValue::get), &e),
+    };
     if let Some(caps) = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities")) {
         session.set_capabilities(caps.get());
     }
@@ -847,7 +856,7 @@ async fn batch(
             let time = crate::audit::now_rfc3339();
             let env = match Envelope::parse(item.get().as_bytes()) {
                 Ok(e) => e,
-                Err(e) => return Some(jsonrpc::error_response(None, e.code(), &e.to_string(), None)),
+                Err(e) => return Some(jsonrpc::error_response(e.id(), e.code(), &e.to_string(), None)),
             };
             let one = who.element(env.method());
             lock(&one.note).request_id = env.id.map(|i| i.get().to_owned());

@@ -31,7 +31,10 @@ const SSE_VERSION: &str = "2024-11-05";
 /// `GET /sse`: opens a session and its stream.
 pub async fn open(gw: Arc<Gateway>, scope: Scope, headers: HeaderMap, peer: SocketAddr) -> Response {
     guarded(&gw.clone(), &scope.clone(), "GET", &headers, peer, |who| async move {
-        let session = Session::new(scope, SSE_VERSION.to_owned(), Transport::Sse, who.identity.clone());
+        let session = match Session::new(scope, SSE_VERSION.to_owned(), Transport::Sse, who.identity.clone()) {
+            Ok(s) => s,
+            Err(e) => return super::http::no_randomness(None, &e),
+        };
         let (tx, rx) = mpsc::channel::<Bytes>(256);
         session.attach_stream(tx);
         gw.add_session(session.clone());

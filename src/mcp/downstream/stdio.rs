@@ -34,7 +34,8 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
             }
         }
     });
-    let session = Session::new(scope.clone(), "2025-11-25".into(), Transport::Stdio, identity.clone());
+    let session = Session::new(scope.clone(), "2025-11-25".into(), Transport::Stdio, identity.clone())
+        .map_err(std::io::Error::other)?;
     session.attach_stream(tx.clone());
     gw.add_session(session.clone());
     let ctx_for = |caller: Caller, version: String| Ctx {
@@ -62,7 +63,7 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
         let env = match Envelope::parse(line.as_bytes()) {
             Ok(e) => e,
             Err(e) => {
-                send(jsonrpc::error_response(None, e.code(), &e.to_string(), None)).await;
+                send(jsonrpc::error_response(e.id(), e.code(), &e.to_string(), None)).await;
                 continue;
             }
         };

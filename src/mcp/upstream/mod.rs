@@ -843,7 +843,14 @@ impl Upstream {
                     p.asked.push((key, ask.upstream_id));
                 }
                 requests.push('}');
-                let token = session::random_id();
+                let token = match crate::random::id() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        lock(&self.pending).remove(&p.id);
+                        send_cancel(&p.conn, p.id, Some("the gateway has no randomness"));
+                        return Err(UpstreamError::Unavailable { server: self.def.name.clone(), reason: e.to_string() });
+                    }
+                };
                 let result = format!(
                     r#"{{"resultType":"input_required","inputRequests":{requests},"requestState":{}}}"#,
                     jsonrpc::quote(&format!("{PARKED_PREFIX}{token}"))

@@ -1,0 +1,369 @@
+//! The gate fails closed: credential sources that cannot turn themselves off, a token store
+//! that cannot answer, reserved marks, startup checks, randomness, the failure throttle and
+//! bounded per-address state. Each test names the item of the fail-closed issue it proves.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::secrets::{serve, stop};
+use crate::support::*;
+
+const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+
+/// POSTs `initialize` to `url` with an optional bearer token; the status.
+async fn init_status(url: &str, token: Option<&str>) -> u16 {
+    let mut req = reqwest::Client::new().post(url).header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    req.body(INIT).send().await.unwrap().status().as_u16()
+}
+
+/// `portcullis serve` in `dir` with no `--config` (so the default file, or the built-in demo).
+async fn serve_in(dir: &Path, env: &[(&str, &str)]) -> (tokio::process::Child, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--listen", "127.0.0.1:0"]).current_dir(dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
+    let url = listen_url(&mut child).await;
+    (child, url.trim_end_matches("/mcp").to_owned())
+}
+
+/// Item 1: the environment's credentials guard the built-in demo configuration too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_tokens_guard_the_built_in_configuration() {
+    let dir = TempDir::new();
+    let (mut child, url) = serve_in(&dir.0, &[("PORTCULLIS_TOKEN", "s3cret-env-token")]).await;
+    let mcp = format!("{url}/mcp");
+    assert_eq!(init_status(&mcp, None).await, 401, "the demo config ran without authentication");
+    assert_eq!(init_status(&mcp, Some("s3cret-env-token")).await, 200);
+    stop(&mut child).await;
+
+    let (mut child, url) = serve_in(&dir.0, &[("PORTCULLIS_TOKENS", "tok-a-123,tok-b-456")]).await;
+    let mcp = format!("{url}/mcp");
+    assert_eq!(init_status(&mcp, None).await, 401);
+    assert_eq!(init_status(&mcp, Some("tok-b-456")).await, 200);
+    let (status, _) = http_json(reqwest::Method::GET, &format!("{url}/servers"), None, None).await;
+    assert_eq!(status, 401);
+    stop(&mut child).await;
+}
+
+fn corrupt(db: &Path) {
+    let mut bytes = std::fs::read(db).unwrap();
+    for b in bytes.iter_mut().take(100) {
+        *b = 0x5a;
+    }
+    std::fs::write(db, bytes).unwrap();
+}
+
+/// Item 2: a store that cannot be opened refuses the start; one that breaks later answers 503,
+/// never 200 (anonymous) and never 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_store_that_cannot_answer_never_means_no_credentials() {
+    let dir = TempDir::new();
+    let cfg = dir.0.join("portcullis.yaml");
+    std::fs::write(&cfg, gateway().demo("pub", &[], "").yaml()).unwrap();
+    let out = Command::new(BIN)
+        .args(["token", "create", "--name", "svc", "--role", "admin", "--json", "--config", cfg.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let secret: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let secret = secret["secret"].as_str().unwrap().to_owned();
+    let db = dir.0.join("portcullis.db");
+    portcullis::store::SqliteStore::open(&db).unwrap().checkpoint().unwrap();
+
+    // Running, then the store breaks underneath: 503 with and without a token.
+    let (mut child, url, _) = serve(&dir.0, &std::fs::read_to_string(&cfg).unwrap(), &[], &[]).await;
+    let mcp = format!("{url}/mcp");
+    assert_eq!(init_status(&mcp, None).await, 401);
+    assert_eq!(init_status(&mcp, Some(&secret)).await, 200);
+    for suffix in ["", "-wal", "-shm"] {
+        let p = format!("{}{suffix}", db.display());
+        if Path::new(&p).exists() {
+            std::fs::write(&p, vec![0x5au8; 8192]).unwrap();
+        }
+    }
+    eventually(Duration::from_secs(5), || {
+        let mcp = mcp.clone();
+        async move { (init_status(&mcp, None).await == 503).then_some(()) }
+    })
+    .await;
+    assert_eq!(init_status(&mcp, Some(&secret)).await, 503);
+    let (status, _) = http_json(reqwest::Method::GET, &format!("{url}/servers"), None, None).await;
+    assert_eq!(status, 503, "the management API with no token while the store is down");
+    stop(&mut child).await;
+
+    // Starting on a store that cannot be read: a clear refusal, nothing served.
+    corrupt(&db);
+    let out = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("refusing to start") && err.contains("portcullis.db"), "{err}");
+}
+
+/// Item 3: a config entry cannot take the generated token's mark; a removed config token stops
+/// working on reload, while the `--generate-token` one lives as long as the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_generated_token_survives_a_reload_that_removes_it() {
+    let dir = TempDir::new();
+    let cfg = dir.0.join("portcullis.yaml");
+    std::fs::write(&cfg, "servers: {}\nauth:\n  tokens:\n    generated: cfg-token-named-generated\n").unwrap();
+    let out = std::process::Command::new(BIN).args(["check", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("reserved for `serve --generate-token`"), "{err}");
+
+    let base = "servers: {}\nauth:\n  tokens:\n    ops: ops-token-0123456789\n";
+    let (mut child, url, stderr) = serve(&dir.0, base, &["--generate-token"], &[]).await;
+    let text = std::fs::read_to_string(&stderr).unwrap();
+    let generated = text.lines().find_map(|l| l.split("(shown once): ").nth(1)).unwrap().trim().to_owned();
+    let mcp = format!("{url}/mcp");
+    assert_eq!(init_status(&mcp, Some("ops-token-0123456789")).await, 200);
+    std::fs::write(&cfg, "servers: {}\nauth:\n  tokens:\n    dev: dev-token-0123456789\n").unwrap();
+    let (status, body) = http_json(reqwest::Method::POST, &format!("{url}/admin/reload"), Some(&generated), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(init_status(&mcp, Some("ops-token-0123456789")).await, 401, "a removed token still works");
+    assert_eq!(init_status(&mcp, Some("dev-token-0123456789")).await, 200);
+    assert_eq!(init_status(&mcp, Some(&generated)).await, 200, "the generated token lives as long as the process");
+    stop(&mut child).await;
+}
+
+/// Item 4: the startup check counts the store's issued tokens, and one line says how requests
+/// are authenticated (sources and counts, never a value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_startup_check_knows_the_store_and_says_how_requests_are_authenticated() {
+    let dir = TempDir::new();
+    let cfg = dir.0.join("portcullis.yaml");
+    std::fs::write(&cfg, "servers: {}\n").unwrap();
+    let load = || portcullis::config::load(&cfg).unwrap();
+    let mut config = load();
+    config.listen = "0.0.0.0:8080".parse().unwrap();
+    let (path, named) = config.store();
+    let store = portcullis::store::StoreView::open(path.clone(), named).unwrap();
+    let opts = portcullis::cli::ServeOptions::default();
+    let err = portcullis::cli::startup_check(&mut config, &opts, &store).unwrap_err().to_string();
+    assert!(err.contains("refusing to serve 0.0.0.0:8080 without credentials"), "{err}");
+
+    // One issued token: a credential source like any other.
+    let (_, secret) = portcullis::store::SqliteStore::open(&path)
+        .unwrap()
+        .create(&portcullis::store::NewToken { name: "svc".into(), ..Default::default() }, portcullis::store::now_ms())
+        .unwrap();
+    let store = portcullis::store::StoreView::open(path, named).unwrap();
+    let mut config = load();
+    config.listen = "0.0.0.0:8080".parse().unwrap();
+    let line = portcullis::cli::startup_check(&mut config, &opts, &store).unwrap();
+    assert!(line.starts_with("authentication: ON") && line.contains("1 live issued token"), "{line}");
+    assert!(!line.contains(&secret[..8]), "{line}");
+
+    // And the real binary prints that line (here with an environment token as well).
+    let (mut child, _, stderr) =
+        serve(&dir.0, "servers: {}\n", &[], &[("PORTCULLIS_TOKEN", "env-token-0123456789")]).await;
+    let text = std::fs::read_to_string(&stderr).unwrap();
+    let line = text.lines().find(|l| l.contains("authentication:")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("1 token from PORTCULLIS_TOKEN(S)") && line.contains("1 live issued token"), "{line}");
+    assert!(!text.contains("env-token-0123456789"));
+    stop(&mut child).await;
+}
+
+/// Item 20: no randomness, no start (no counter ids, no zero MAC key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_random_source_refuses_the_start() {
+    let dir = TempDir::new();
+    let cfg = dir.0.join("portcullis.yaml");
+    std::fs::write(&cfg, "servers: {}\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0", "--test-no-randomness"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("random source failed") && !err.contains("listening on"), "{err}");
+}
+
+/// Item 21: requests without any credential get the 401 challenge however many there are;
+/// only wrong credentials count towards the failure throttle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_credential_are_never_throttled() {
+    let gw = gateway().demo("a", &[], "").top("auth:\n  tokens:\n    alice: alice-token-0123456789\n").start().await;
+    for _ in 0..30 {
+        assert_eq!(init_status(&gw.mcp(), None).await, 401);
+    }
+    let resp = reqwest::Client::new().post(gw.mcp()).header("content-type", "application/json").body(INIT);
+    let resp = resp.send().await.unwrap();
+    assert!(resp.headers().get("www-authenticate").is_some());
+    // Wrong credentials still are.
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(init_status(&gw.mcp(), Some("wrong-token-0123456789")).await);
+    }
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    assert_eq!(init_status(&gw.mcp(), Some("alice-token-0123456789")).await, 200, "a valid token is never throttled");
+    assert_eq!(init_status(&gw.mcp(), None).await, 401, "no credential: the challenge, even from a throttled address");
+    gw.stop().await;
+}
+
+/// Item 13: per-address rate and failure state is bounded whatever the number of addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_state_stays_bounded() {
+    let gw = gateway()
+        .demo("a", &[], "")
+        .top("auth:\n  tokens:\n    alice: alice-token-0123456789\nrate_limit:\n  per_address: 1000/min\n")
+        .start()
+        .await;
+    let auth = gw.gateway().authenticator();
+    let mut wrong = axum::http::HeaderMap::new();
+    wrong.insert("authorization", "Bearer wrong-token-0123456789".parse().unwrap());
+    let mut right = axum::http::HeaderMap::new();
+    right.insert("authorization", "Bearer alice-token-0123456789".parse().unwrap());
+    for i in 0..70_000u32 {
+        let ip = std::net::IpAddr::V6(std::net::Ipv6Addr::from(u128::from(i) << 64 | 1));
+        let _ = auth.authenticate(&wrong, ip);
+        if let Ok(identity) = auth.authenticate(&right, ip) {
+            let _ = auth.check_rate(&identity, ip);
+        }
+    }
+    let (failures, buckets) = auth.address_state_len();
+    assert!(failures <= 65_536 && buckets <= 65_536, "failures {failures}, buckets {buckets}");
+    assert!(failures > 1000 && buckets > 1000, "failures {failures}, buckets {buckets}: nothing tracked?");
+    // The bound forgets state only when it must: a blocked address stays blocked meanwhile.
+    let ip: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+    let mut last = None;
+    for _ in 0..12 {
+        last = Some(auth.authenticate(&wrong, ip).unwrap_err());
+    }
+    assert!(matches!(last, Some(portcullis::auth::AuthError::Throttled(_))), "{last:?}");
+    gw.stop().await;
+}
+
+/// POSTs a raw body with `client`'s headers (session, version, credentials); status and JSON.
+async fn raw_post(client: &Client, method: &str, body: &str) -> (u16, serde_json::Value) {
+    let resp =
+        client.request_builder(&serde_json::json!({"method": method})).body(body.to_owned()).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({"raw": text})))
+}
+
+fn assert_refused(what: &str, (status, body): (u16, serde_json::Value)) {
+    assert_eq!(status, 400, "{what}: {body}");
+    assert_eq!(body["error"]["code"], -32600, "{what}: {body}");
+}
+
+/// Item 5: a member written twice is refused (-32600) before authorization on every transport,
+/// escaped or not, in every method the gateway authorizes by name or URI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_written_twice_never_walks_past_the_grants() {
+    let token = "dup-user-0123456789abcdef";
+    let top = format!(
+        "auth:\n  tokens:\n    user:\n      token: {token}\n      tools: [\"pub__echo\"]\n      prompts: [\"!*\"]\n      resources: [\"!*\"]\n"
+    );
+    let gw = gateway().demo("pub", &[], "").top(&top).start().await;
+    let one = Client::connect_as(&gw.server("pub"), token).await;
+    let call = |name: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{name}","arguments":{{"text":"x"}},"name":"add"}}}}"#
+        )
+    };
+    assert_refused("per-server tools/call", raw_post(&one, "tools/call", &call("echo")).await);
+    let escaped =
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","n\u0061me":"add","arguments":{}}}"#;
+    assert_refused("escaped key", raw_post(&one, "tools/call", escaped).await);
+    let all = Client::connect_as(&gw.mcp(), token).await;
+    assert_refused("aggregate tools/call", raw_post(&all, "tools/call", &call("pub__echo")).await);
+    for (method, body) in [
+        (
+            "prompts/get",
+            r#"{"jsonrpc":"2.0","id":2,"method":"prompts/get","params":{"name":"pub__nope","name":"pub__greet"}}"#,
+        ),
+        (
+            "resources/read",
+            r#"{"jsonrpc":"2.0","id":3,"method":"resources/read","params":{"uri":"x://y","uri":"demo://info"}}"#,
+        ),
+        (
+            "completion/complete",
+            r#"{"jsonrpc":"2.0","id":4,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"pub__x","name":"pub__greet"},"argument":{"name":"name","value":"a"}}}"#,
+        ),
+    ] {
+        assert_refused(method, raw_post(&all, method, body).await);
+    }
+    // The granted call itself still works, and the upstream saw no duplicate.
+    assert_eq!(all.call_text("pub__echo", serde_json::json!({"text": "ok"})).await, "ok");
+
+    // 2025-03-26 batch elements: each element is refused on its own.
+    let old = {
+        let mut c = Client::new(&gw.mcp()).bearer(token);
+        let resp = c.post(serde_json::json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-03-26","capabilities":{},"clientInfo":{"name":"t","version":"1"}}})).await;
+        c.session = resp.headers().get("mcp-session-id").map(|v| v.to_str().unwrap().to_owned());
+        c.version = "2025-03-26".into();
+        c
+    };
+    let batch = format!("[{}]", call("pub__echo"));
+    let (status, body) = raw_post(&old, "tools/call", &batch).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body[0]["error"]["code"], -32600, "{body}");
+
+    // 2026-07-28: the stateless path.
+    let modern = Client::modern(&gw.mcp()).bearer(token);
+    let body = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"pub__echo","arguments":{},"name":"pub__add","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let resp = modern
+        .request_builder(&serde_json::json!({"method":"tools/call","params":{"name":"pub__echo"}}))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], -32600, "{v}");
+
+    // Legacy SSE `/messages/`.
+    let (_events, endpoint) = crate::protocol::open_sse(&format!("{}/sse", gw.url), Some(token)).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}{endpoint}", gw.url))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(call("pub__echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    gw.stop().await;
+
+    // `portcullis stdio --as`: an error line, and the upstream never sees the call.
+    let dir = TempDir::new();
+    let cfg = dir.0.join("portcullis.yaml");
+    std::fs::write(&cfg, gateway().demo("pub", &[], "").top(&top).yaml()).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["stdio", "--config", cfg.to_str().unwrap(), "--as", "user"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    stdin.write_all(format!("{INIT}\n{}\n", call("pub__echo")).as_bytes()).await.unwrap();
+    let answer = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
+        let v = serde_json::from_str::<serde_json::Value>(&line).unwrap();
+        if v["id"] == 1 {
+            break v;
+        }
+    };
+    assert_eq!(answer["error"]["code"], -32600, "{answer}");
+    drop(stdin);
+    let _ = child.wait().await;
+}
