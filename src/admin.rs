@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::auth::AuthError;
 use crate::config::{self, ServerDef, Transport};
-use crate::mcp::downstream::http::{Who, guarded, json as json_response, read_body, read_single, rpc_error};
+use crate::mcp::downstream::http::{Who, guarded, json as json_response, read_single, rpc_error};
 use crate::mcp::gateway::{Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, code};
 use crate::mcp::session::{Caller, Scope, Transport as SessionTransport, lock};
@@ -305,10 +305,26 @@ async fn applied(gw: &Gateway) {
     gw.sweep_sessions().await;
 }
 
+/// The largest body the token endpoints take.
+const TOKEN_BODY_LIMIT: usize = 64 * 1024;
+
+/// Reads a management API body: 413 (or 400) in the management API's error format.
+async fn admin_body(body: Body) -> Result<bytes::Bytes, Response> {
+    match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, TOKEN_BODY_LIMIT)).await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("the body is larger than {TOKEN_BODY_LIMIT} bytes"),
+        )),
+        Err(_) => Err(error(StatusCode::BAD_REQUEST, "invalid_request", "could not read the request body")),
+    }
+}
+
 /// `POST /admin/tokens`: issues a token (its secret only in this answer).
 pub async fn create_token(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
     admin(gw, "POST /admin/tokens", &headers, peer, |gw, _| async move {
-        let body = match read_body(body, 64 * 1024).await {
+        let body = match admin_body(body).await {
             Ok(b) => b,
             Err(r) => return r,
         };
@@ -357,12 +373,25 @@ pub async fn get_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, peer: S
 /// `POST /admin/tokens/{id}/rotate` with `{"grace":"24h"}`.
 pub async fn rotate_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
     admin(gw, "POST /admin/tokens/{id}/rotate", &headers, peer, |gw, _| async move {
-        let body = read_body(body, 64 * 1024).await.unwrap_or_default();
-        let grace = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| v.get("grace").and_then(Value::as_str).map(str::to_owned))
-            .unwrap_or_else(|| "24h".into());
-        let grace = match config::parse_duration(&grace) {
+        let body = match admin_body(body).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Rotate {
+            #[serde(default)]
+            grace: Option<String>,
+        }
+        let grace = if body.iter().all(u8::is_ascii_whitespace) {
+            None
+        } else {
+            match serde_json::from_slice::<Rotate>(&body) {
+                Ok(r) => r.grace,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+            }
+        };
+        let grace = match crate::store::parse_span(grace.as_deref().unwrap_or("24h")) {
             Ok(g) => g,
             Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e),
         };

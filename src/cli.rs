@@ -133,7 +133,9 @@ pub fn check(path: Option<PathBuf>) -> i32 {
             for s in &c.servers {
                 let what = match &s.transport {
                     Transport::Stdio { command, args, .. } => format!("stdio: {command} {}", args.join(" ")),
-                    Transport::Http { url, mode, .. } => format!("{mode:?} {url}").to_lowercase(),
+                    Transport::Http { url, mode, .. } => {
+                        format!("{} {}", format!("{mode:?}").to_lowercase(), config::shown_url(url))
+                    }
                 };
                 let state = if s.enabled { "" } else { " (disabled)" };
                 println!("  {}: {}{state}", s.name, what.trim_end());
@@ -232,7 +234,7 @@ fn fmt_time(ms: Option<i64>) -> String {
 }
 
 fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()> {
-    use crate::store::{SqliteStore, TokenRequest, now_ms};
+    use crate::store::{SqliteStore, TokenRequest, now_ms, printable};
     let config = load_config(config)?;
     let (path, _) = config.store();
     let store = SqliteStore::open(&path)?;
@@ -243,9 +245,9 @@ fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()
             if let Some(s) = secret {
                 v["secret"] = serde_json::Value::String(s.to_owned());
             }
-            println!("{v}");
+            println!("{}", crate::store::printable_json(&v.to_string()));
         } else {
-            println!("{} {} ({})", t.id, t.name, t.prefix);
+            println!("{} {} ({})", t.id, printable(&t.name), t.prefix);
             if let Some(s) = secret {
                 println!("secret (shown once): {s}");
             }
@@ -291,14 +293,15 @@ fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()
                         if g.servers.is_empty() { "*".into() } else { g.servers.join(",") },
                         if g.tools.is_empty() { "*".into() } else { g.tools.join(",") }
                     );
+                    let grants = printable(&grants);
                     let state = serde_json::to_value(t.state(now))
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default();
                     println!(
                         "{:<20} {:<10} {:<10} {:<28} {:<20} {:<20} {:<20} {state}",
-                        t.name,
-                        if t.tenant.is_empty() { "-" } else { &t.tenant },
+                        printable(&t.name),
+                        if t.tenant.is_empty() { "-".into() } else { printable(&t.tenant) },
                         t.prefix,
                         grants,
                         fmt_time(Some(t.created_at)),
@@ -309,13 +312,13 @@ fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()
             }
         }
         TokenCommand::Rotate { token, tenant, grace, json } => {
-            let grace = config::parse_duration(&grace).map_err(anyhow::Error::msg)?;
+            let grace = crate::store::parse_span(&grace).map_err(anyhow::Error::msg)?;
             let (t, secret) = store.rotate_ref(&token, tenant.as_deref(), grace, now_ms())?;
             show(&t, Some(&secret), json);
         }
         TokenCommand::Revoke { token, tenant } => {
             let t = store.revoke_ref(&token, tenant.as_deref(), now_ms())?;
-            println!("revoked {} {}", t.id, t.name);
+            println!("revoked {} {}", t.id, printable(&t.name));
         }
     }
     Ok(())

@@ -219,8 +219,13 @@ impl TokenRequest {
     /// Checks every field against the config; all problems at once.
     pub fn validate(&self, config: &crate::config::Config) -> Result<NewToken, StoreError> {
         let mut errors = Vec::new();
-        if self.name.trim().is_empty() || self.name.chars().any(char::is_whitespace) {
-            errors.push("the name must be non-empty, without spaces".to_owned());
+        if let Err(e) = check_name(&self.name) {
+            errors.push(e);
+        }
+        if let Some(t) = &self.tenant
+            && let Err(e) = check_name(t)
+        {
+            errors.push(format!("tenant: {e}"));
         }
         for s in self.servers.iter().filter(|s| config.server(s).is_none()) {
             errors.push(format!("unknown server {s:?}"));
@@ -242,10 +247,14 @@ impl TokenRequest {
         let ttl = match self.ttl.as_deref().map(str::trim) {
             None => Some(DEFAULT_TTL),
             Some("never") => None,
-            Some(t) => match humantime::parse_duration(t) {
+            Some(t) => match parse_span(t) {
                 Ok(d) if !d.is_zero() => Some(d),
-                _ => {
-                    errors.push(format!("malformed duration {t:?} (30d, 12h, or never)"));
+                Ok(_) => {
+                    errors.push("ttl must be greater than 0 (or never)".to_owned());
+                    None
+                }
+                Err(e) => {
+                    errors.push(format!("ttl: {e} (30d, 12h, or never)"));
                     None
                 }
             },
@@ -277,6 +286,70 @@ impl TokenRequest {
             rate,
         })
     }
+}
+
+/// The longest token name or tenant name, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// The longest time to live or rotation grace (100 years): anything longer is refused rather
+/// than silently becoming "never".
+pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A name that can be printed anywhere (terminal, audit line, log) as it is: 1 to 128
+/// characters, each a visible ASCII character or a letter or digit of any script; no spaces,
+/// control or formatting characters (ESC, NUL, BEL, U+202E, …).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let n = name.chars().count();
+    if n == 0 || n > MAX_NAME_CHARS {
+        return Err(format!("the name must be 1 to {MAX_NAME_CHARS} characters"));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_graphic() || (!c.is_ascii() && c.is_alphanumeric()))) {
+        return Err(format!("the name may not contain {:?} (visible characters only, no spaces)", c));
+    }
+    Ok(())
+}
+
+/// Parses a time to live or a grace (`30d`, `12h`, `0s`), refusing what is longer than
+/// [`MAX_SPAN`].
+pub fn parse_span(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| format!("malformed duration {text:?}: {e}"))?;
+    if d > MAX_SPAN {
+        return Err(format!("duration {text:?} is longer than 100 years"));
+    }
+    Ok(d)
+}
+
+/// A stored string made safe to print: control, formatting and other invisible characters as
+/// `\u{…}` escapes (a name stored before names were checked may hold them).
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let visible = |c: char| c == ' ' || c.is_ascii_graphic() || (!c.is_ascii() && c.is_alphanumeric());
+    if s.chars().all(visible) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars().map(|c| if visible(c) { c.to_string() } else { format!("\\u{{{:x}}}", u32::from(c)) }).collect(),
+    )
+}
+
+/// JSON text made safe to print: every non-ASCII character that is not a letter or digit as a
+/// `\uXXXX` escape (serde_json already escapes control characters; U+202E and its kind it
+/// writes raw). Only valid where such characters can stand only inside strings: JSON text.
+pub fn printable_json(json: &str) -> std::borrow::Cow<'_, str> {
+    if json.chars().all(|c| c.is_ascii() || c.is_alphanumeric()) {
+        return std::borrow::Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if c.is_ascii() || c.is_alphanumeric() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{:04x}", u));
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// A new secret: `pcs_` + 43 base64url characters of 32 bytes from the OS.

@@ -220,6 +220,9 @@ impl Validator<'_> {
     ) -> Option<TokenDef> {
         let line = line_of(entry);
         let before = self.errors.len();
+        if let Err(e) = crate::store::check_name(name) {
+            self.error(path, line, e);
+        }
         if name == GENERATED_NAME {
             self.error(path, line, format!("the token name {name:?} is reserved for `serve --generate-token`"));
         }

@@ -149,9 +149,15 @@ pub struct RawServer {
     /// Arguments to the command.
     #[serde(default)]
     pub args: Vec<S>,
-    /// Extra environment variables for the command (added to Portcullis' own environment).
+    /// Environment variables for the command. The child gets only these and a minimal base
+    /// (`HOME`, `LOGNAME`, `PATH`, `SHELL`, `TERM`, `USER`, the locale, `TMPDIR`, `TZ`), never
+    /// Portcullis' whole environment; `PORTCULLIS_*` names are refused here.
     #[serde(default)]
     pub env: BTreeMap<String, S>,
+    /// More of Portcullis' own environment for the command: `true` (all of it) or a list of
+    /// names. `PORTCULLIS_*` variables are never passed, whatever this says.
+    #[serde(default)]
+    pub inherit_env: Option<InheritEnvValue>,
     /// Working directory for the command (default: Portcullis' own).
     #[serde(default)]
     pub cwd: Option<S>,
@@ -193,6 +199,50 @@ pub struct RawServer {
     pub auth_tokens: Vec<S>,
 }
 
+/// `inherit_env:` as written: `true`/`false` or a list of variable names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum InheritEnvValue {
+    /// All (`true`) or only the base (`false`).
+    All(bool),
+    /// These names (on top of the base).
+    Names(Vec<String>),
+}
+
+/// Which of Portcullis' own environment variables a stdio child gets, beyond its `env`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum InheritEnv {
+    /// The base only ([`BASE_CHILD_ENV`]).
+    #[default]
+    Base,
+    /// The base and these names.
+    Names(Vec<String>),
+    /// Everything (but `PORTCULLIS_*`).
+    All,
+}
+
+/// What every stdio child gets from Portcullis' environment, as the official SDKs pass it, plus
+/// what a process needs to run (locale, temporary directory, time zone). Names ending in `*`
+/// are prefixes.
+pub const BASE_CHILD_ENV: &[&str] =
+    &["HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LANGUAGE", "LC_*", "TMPDIR", "TZ"];
+
+impl InheritEnv {
+    /// Whether a variable of Portcullis' environment passes to the child.
+    pub fn passes(&self, name: &str) -> bool {
+        if name.starts_with("PORTCULLIS_") {
+            return false;
+        }
+        let base =
+            BASE_CHILD_ENV.iter().any(|b| b.strip_suffix('*').map_or(*b == name, |prefix| name.starts_with(prefix)));
+        base || match self {
+            InheritEnv::Base => false,
+            InheritEnv::Names(names) => names.iter().any(|n| n == name),
+            InheritEnv::All => true,
+        }
+    }
+}
+
 /// A duration written as text (`30s`, `5m`, `1h30m`) or as a number of milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurationValue(pub Duration);
@@ -219,6 +269,27 @@ impl<'de> Deserialize<'de> for DurationValue {
     }
 }
 
+/// A URL as Portcullis shows it anywhere (errors, `check`, logs, the management API): scheme,
+/// host, port and path only, so credentials in the user part or the query never appear. Works
+/// on text that is not a valid URL too.
+pub fn shown_url(url: &str) -> String {
+    if let Ok(mut u) = reqwest::Url::parse(url)
+        && u.has_host()
+    {
+        u.set_query(None);
+        u.set_fragment(None);
+        let _ = u.set_username("");
+        let _ = u.set_password(None);
+        return u.to_string();
+    }
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let host = rest[..end].rsplit('@').next().unwrap_or("");
+    let path = &rest[end..];
+    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+    if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
+}
+
 /// Parses `30s`, `5m`, `1h30m`, `250ms`, `2d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
@@ -229,6 +300,7 @@ const OWN_SERVER_KEYS: &[&str] = &[
     "command",
     "args",
     "env",
+    "inherit_env",
     "cwd",
     "url",
     "transport",
@@ -259,8 +331,10 @@ pub enum Transport {
         command: String,
         /// Its arguments.
         args: Vec<String>,
-        /// Extra environment.
+        /// Its own environment variables (from `env`).
         env: BTreeMap<String, String>,
+        /// What it gets of Portcullis' environment.
+        inherit_env: InheritEnv,
         /// Working directory.
         cwd: Option<PathBuf>,
     },
@@ -674,12 +748,29 @@ impl Validator<'_> {
                 let args =
                     s.args.iter().enumerate().map(|(i, a)| self.subst(&format!("{base}.args[{i}]"), a)).collect();
                 let env = s.env.iter().map(|(k, v)| (k.clone(), self.subst(&format!("{base}.env.{k}"), v))).collect();
+                for k in s.env.keys().filter(|k| k.starts_with("PORTCULLIS_")) {
+                    self.error(format!("{base}.env.{k}"), line, "PORTCULLIS_* variables are never passed to a server");
+                }
+                let inherit_env = match &s.inherit_env {
+                    None | Some(InheritEnvValue::All(false)) => InheritEnv::Base,
+                    Some(InheritEnvValue::All(true)) => InheritEnv::All,
+                    Some(InheritEnvValue::Names(names)) => {
+                        for n in names.iter().filter(|n| n.starts_with("PORTCULLIS_")) {
+                            self.error(
+                                format!("{base}.inherit_env"),
+                                line,
+                                format!("{n}: PORTCULLIS_* variables are never passed to a server"),
+                            );
+                        }
+                        InheritEnv::Names(names.clone())
+                    }
+                };
                 let cwd = s.cwd.as_ref().map(|c| PathBuf::from(self.subst(&format!("{base}.cwd"), c)));
-                Some(Transport::Stdio { command, args, env, cwd })
+                Some(Transport::Stdio { command, args, env, inherit_env, cwd })
             }
             (None, Some(url_raw)) => {
-                if !s.args.is_empty() || !s.env.is_empty() || s.cwd.is_some() {
-                    self.error(&base, line, "`args`, `env` and `cwd` apply only to `command` servers");
+                if !s.args.is_empty() || !s.env.is_empty() || s.cwd.is_some() || s.inherit_env.is_some() {
+                    self.error(&base, line, "`args`, `env`, `inherit_env` and `cwd` apply only to `command` servers");
                 }
                 let url = self.subst(&format!("{base}.url"), url_raw);
                 if !url.is_empty() {
@@ -688,7 +779,7 @@ impl Validator<'_> {
                         _ => self.error(
                             format!("{base}.url"),
                             line_of(url_raw),
-                            format!("{url:?} is not an http(s) URL"),
+                            format!("{:?} is not an http(s) URL", shown_url(&url)),
                         ),
                     }
                 }
@@ -855,6 +946,22 @@ servers:
         let errs = parse("lisen: 1.2.3.4:5\n", false, &env()).unwrap_err();
         assert_eq!(errs[0].line, Some(1), "{errs:?}");
         assert!(parse("{\"servers\": {", true, &env()).is_err());
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        for (url, shown) in [
+            ("ftp://svc:pw-secret@example.com/mcp?key=qk-secret", "ftp://example.com/mcp"),
+            ("http://svc:pw-secret@ex ample.com/mcp?key=qk-secret#f", "http://ex ample.com/mcp"),
+            ("https://u@h.example:8443/p/q?x=1", "https://h.example:8443/p/q"),
+            ("no scheme?key=qk-secret", "no scheme"),
+        ] {
+            assert_eq!(shown_url(url), shown, "{url}");
+        }
+        let e = Env::from_pairs([("PW", "pw-secret"), ("QK", "qk-secret")]);
+        let errs = parse("servers:\n  r:\n    url: \"ftp://svc:${PW}@example.com/mcp?key=${QK}\"\n", false, &e);
+        let text = format!("{:?}", errs.unwrap_err());
+        assert!(text.contains("ftp://example.com/mcp") && !text.contains("secret"), "{text}");
     }
 
     #[test]

@@ -367,3 +367,153 @@ async fn a_member_written_twice_never_walks_past_the_grants() {
     drop(stdin);
     let _ = child.wait().await;
 }
+
+/// Item 10: a stdio child sees a minimal environment and its own `env`, more only by
+/// `inherit_env`, and never a `PORTCULLIS_*` variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_never_see_portcullis_secrets() {
+    let dir = TempDir::new();
+    let dump = |name: &str| dir.0.join(format!("{name}.env")).display().to_string();
+    let server = |name: &str, extra: &str| {
+        format!(
+            "  {name}:\n    command: sh\n    args: [\"-c\", \"env > {} && exec {BIN} demo-server\"]\n{extra}",
+            dump(name)
+        )
+    };
+    let config = format!(
+        "servers:\n{}{}{}",
+        server("plain", "    env: {OWN: own-value}\n"),
+        server("named", "    inherit_env: [KEEP_ME, PORTCULLIS_TOKEN_NOT_A_NAME]\n"),
+        server("all", "    inherit_env: true\n"),
+    );
+    // A PORTCULLIS_* name in inherit_env is a config error...
+    let cfg = dir.0.join("bad.yaml");
+    std::fs::write(&cfg, &config).unwrap();
+    let out = std::process::Command::new(BIN).args(["check", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PORTCULLIS_* variables are never passed"));
+    let config = config.replace(", PORTCULLIS_TOKEN_NOT_A_NAME", "");
+    let env = [
+        ("PORTCULLIS_TOKEN", "admin-key-0123456789abcdef"),
+        ("PORTCULLIS_TOKENS", "other-key-0123456789abcdef"),
+        ("OPERATOR_SECRET", "operator-secret-value"),
+        ("KEEP_ME", "kept-value"),
+    ];
+    let (mut child, _, _) = serve(&dir.0, &config, &[], &env).await;
+    let read = |name: &str| {
+        let p = dump(name);
+        async move {
+            eventually(Duration::from_secs(20), || {
+                let p = p.clone();
+                async move { std::fs::read_to_string(&p).ok().filter(|t| t.contains("PATH=")) }
+            })
+            .await
+        }
+    };
+    let plain = read("plain").await;
+    let named = read("named").await;
+    let all = read("all").await;
+    stop(&mut child).await;
+    for (what, text) in [("plain", &plain), ("named", &named), ("all", &all)] {
+        assert!(!text.contains("PORTCULLIS_"), "{what} saw a PORTCULLIS_ variable:\n{text}");
+        assert!(!text.contains("admin-key-0123456789abcdef") && !text.contains("other-key"), "{what}:\n{text}");
+        assert!(text.lines().any(|l| l.starts_with("PATH=")), "{what} has no PATH:\n{text}");
+    }
+    assert!(plain.contains("OWN=own-value") && !plain.contains("OPERATOR_SECRET") && !plain.contains("KEEP_ME"));
+    assert!(named.contains("KEEP_ME=kept-value") && !named.contains("OPERATOR_SECRET"), "{named}");
+    assert!(all.contains("OPERATOR_SECRET=operator-secret-value") && all.contains("KEEP_ME"), "{all}");
+}
+
+/// Item 11: an upstream URL's credentials never appear in `check`, a reload's 400 answer or the
+/// "config not reloaded" log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_url_secrets_stay_out_of_config_errors() {
+    let dir = TempDir::new();
+    let good = "servers: {}\nauth:\n  tokens:\n    root: {token: root-token-0123456789, role: admin}\n";
+    let (mut child, url, stderr) = serve(&dir.0, good, &[], &[("PW", "pw-Secret-1"), ("QK", "qk-Secret-2")]).await;
+    let cfg = dir.0.join("portcullis.yaml");
+    for bad_url in ["ftp://svc:${PW}@example.com/mcp?key=${QK}", "http://svc:${PW}@exa mple.com/mcp?key=${QK}"] {
+        std::fs::write(&cfg, good.replace("servers: {}\n", &format!("servers:\n  r:\n    url: \"{bad_url}\"\n")))
+            .unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["check", "--config", cfg.to_str().unwrap()])
+            .env("PW", "pw-Secret-1")
+            .env("QK", "qk-Secret-2")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success() && text.contains("servers.r.url"), "{text}");
+        let (status, body) =
+            http_json(reqwest::Method::POST, &format!("{url}/admin/reload"), Some("root-token-0123456789"), None).await;
+        assert_eq!(status, 400, "{body}");
+        for t in [&text, &body.to_string()] {
+            assert!(!t.contains("pw-Secret-1") && !t.contains("qk-Secret-2"), "{t}");
+        }
+    }
+    // `check` of a valid file shows URLs the same way.
+    let url_line = "servers:\n  r:\n    url: \"https://svc:${PW}@example.com/mcp?key=${QK}\"\n";
+    std::fs::write(&cfg, good.replace("servers: {}\n", url_line)).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config", cfg.to_str().unwrap()])
+        .env("PW", "pw-Secret-1")
+        .env("QK", "qk-Secret-2")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && text.contains("https://example.com/mcp") && !text.contains("Secret"), "{text}");
+    stop(&mut child).await;
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(log.contains("config not reloaded"), "{log}");
+    assert!(!log.contains("pw-Secret-1") && !log.contains("qk-Secret-2"), "{log}");
+}
+
+/// Item 22: the management API refuses names that cannot be printed safely, durations it cannot
+/// represent, and answers 413 in its own format; the CLI prints every stored string safely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_refuses_what_it_cannot_keep_or_print() {
+    let root = "root-token-0123456789";
+    let gw = gateway()
+        .demo("a", &[], "")
+        .top(&format!("auth:\n  tokens:\n    root: {{token: {root}, role: admin}}\n"))
+        .start()
+        .await;
+    let post = |path: &str, body: String| {
+        let url = format!("{}{path}", gw.url);
+        async move { http_json(reqwest::Method::POST, &url, Some(root), Some(&body)).await }
+    };
+    for name in ["evil\u{1b}[2J\u{1b}[31mX", "nul\u{0}", "bell\u{7}", "rtl\u{202e}txt", "with space", ""] {
+        let (status, body) = post("/admin/tokens", serde_json::json!({"name": name}).to_string()).await;
+        assert_eq!(status, 400, "{name:?}: {body}");
+        assert_eq!(body["error"], "invalid_request");
+    }
+    let long = "x".repeat(60_000);
+    assert_eq!(post("/admin/tokens", serde_json::json!({"name": long}).to_string()).await.0, 400);
+    let (status, body) =
+        post("/admin/tokens", serde_json::json!({"name": "ok", "ttl": "999999999999d"}).to_string()).await;
+    assert_eq!(status, 400, "a ttl too large to represent: {body}");
+    let (status, created) =
+        post("/admin/tokens", serde_json::json!({"name": "ok-name", "ttl": "30d"}).to_string()).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (status, body) = post(&format!("/admin/tokens/{id}/rotate"), r#"{"grace":"999999999999d"}"#.into()).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(&format!("/admin/tokens/{id}/rotate"), r#"{"grace":"#.into()).await;
+    assert_eq!(status, 400, "a malformed body is not the default grace: {body}");
+    let (status, body) = post("/admin/tokens", format!(r#"{{"name":"{}"}}"#, "y".repeat(70_000))).await;
+    assert_eq!((status, body["error"].as_str()), (413, Some("payload_too_large")), "{body}");
+
+    // A row stored with control characters (from before names were checked) prints escaped.
+    let db = gw.audit.with_file_name("tokens.db");
+    let store = portcullis::store::SqliteStore::open(&db).unwrap();
+    let new = portcullis::store::NewToken { name: "old\u{1b}[2Jname\u{202e}".into(), ..Default::default() };
+    store.create(&new, portcullis::store::now_ms()).unwrap();
+    let cfg = gw.audit.with_file_name("portcullis.yaml");
+    std::fs::write(&cfg, format!("servers: {{}}\nstore:\n  path: {:?}\n", db.display().to_string())).unwrap();
+    for args in [&["token", "list"][..], &["token", "list", "--json"][..]] {
+        let out =
+            std::process::Command::new(BIN).args(args).args(["--config", cfg.to_str().unwrap()]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("old"), "{text}");
+        assert!(!text.contains('\u{1b}') && !text.contains('\u{202e}'), "raw control characters: {text:?}");
+    }
+    gw.stop().await;
+}

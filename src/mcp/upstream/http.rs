@@ -800,12 +800,7 @@ where
 /// A URL as it may appear in messages: scheme, host, port and path only. Query strings and
 /// userinfo can carry credentials, and messages reach clients and logs.
 fn shown(url: &Url) -> String {
-    let mut u = url.clone();
-    u.set_query(None);
-    u.set_fragment(None);
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    u.to_string()
+    crate::config::shown_url(url.as_str())
 }
 
 /// An error and its causes, without the request URL (see [`shown`]).

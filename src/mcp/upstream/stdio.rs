@@ -69,11 +69,14 @@ impl StdioLink {
 }
 
 pub(crate) async fn spawn(up: &Arc<Upstream>) -> Result<Connected, String> {
-    let Transport::Stdio { command, args, env, cwd } = &up.def.transport else {
+    let Transport::Stdio { command, args, env, inherit_env, cwd } = &up.def.transport else {
         return Err("not a stdio server".into());
     };
     let mut cmd = Command::new(command);
-    cmd.args(args)
+    // A child sees a minimal environment and its own `env`, never Portcullis' secrets.
+    cmd.env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(|k| inherit_env.passes(k))))
+        .args(args)
         .envs(env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
