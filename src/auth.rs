@@ -247,6 +247,11 @@ pub struct Identity {
     pub expires: Option<SystemTime>,
     /// The store id of an issued token (None for config and environment tokens).
     pub token_id: Option<String>,
+    /// The credential's stable identity, which sessions are bound to: `config:NAME` for a
+    /// config, environment or generated token (and a client certificate naming one),
+    /// `issued:LINEAGE` for an issued token (its rotations share it; its tenant is fixed), and
+    /// `anonymous`. Two identities may share a name, never a key.
+    pub key: Arc<str>,
     rate: Option<Rate>,
     bucket: Mutex<Option<Bucket>>,
 }
@@ -261,9 +266,15 @@ impl Identity {
             grants: Grants::all(),
             expires: None,
             token_id: None,
+            key: "anonymous".into(),
             rate: None,
             bucket: Mutex::new(None),
         })
+    }
+
+    /// Whether a session opened by `other` may be used by this identity.
+    pub fn same_principal(&self, other: &Identity) -> bool {
+        self.key == other.key
     }
 
     /// Whether it may use the management API.
@@ -440,8 +451,12 @@ fn identity_for(
     t: &TokenDef,
     cfg: &AuthConfig,
     servers: &[(String, Vec<String>)],
-    token_id: Option<String>,
+    issued: Option<(&str, &str)>,
 ) -> Arc<Identity> {
+    let (token_id, key) = match issued {
+        Some((id, lineage)) => (Some(id.to_owned()), format!("issued:{lineage}")),
+        None => (None, format!("config:{}", t.name)),
+    };
     let mut grants = t.grants.clone();
     let mut reachable: Vec<String> =
         servers.iter().filter(|(s, _)| grants.reaches(s)).map(|(s, _)| s.clone()).collect();
@@ -464,6 +479,7 @@ fn identity_for(
         grants,
         expires: t.expires,
         token_id,
+        key: key.into(),
         rate: t.rate.or(cfg.per_identity),
         bucket: Mutex::new(None),
     })
@@ -558,19 +574,29 @@ impl Authenticator {
             rate: t.rate(),
             source: TokenSource::Issued,
         };
-        let identity = identity_for(&def, &self.cfg, &self.servers, Some(t.id.clone()));
+        let identity = identity_for(&def, &self.cfg, &self.servers, Some((&t.id, &t.lineage)));
         cache.insert(t.id.clone(), (t.clone(), identity.clone()));
         identity
     }
 
-    /// Whether an issued token is still usable (for open sessions; None when the store cannot
-    /// say).
+    /// Whether an issued token's lineage is still usable (for open sessions): the token, or
+    /// the token that replaced it by rotation, and so on. None when the store cannot say.
     pub fn store_token_usable(&self, id: &str) -> Option<bool> {
         let store = self.store.as_ref()?;
-        match store.token(id) {
-            Ok(t) => Some(t.is_some_and(|t| t.usable(crate::store::now_ms()))),
-            Err(_) => None,
+        let now = crate::store::now_ms();
+        let mut id = id.to_owned();
+        for _ in 0..64 {
+            match store.token(&id) {
+                Ok(Some(t)) if t.usable(now) => return Some(true),
+                Ok(Some(t)) if t.revoked_at.is_none() => match &t.superseded_by {
+                    Some(next) => id = next.clone(),
+                    None => return Some(false),
+                },
+                Ok(_) => return Some(false),
+                Err(_) => return None,
+            }
         }
+        Some(false)
     }
 
     /// True when no credential source yields a token (everyone is anonymous). A store that

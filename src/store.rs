@@ -101,6 +101,9 @@ pub struct StoredToken {
     pub superseded_by: Option<String>,
     /// When this one stops, if superseded (end of the rotation's grace).
     pub overlap_until: Option<i64>,
+    /// The id of the first token of its rotation chain: the stable identity its sessions are
+    /// bound to, which a rotation keeps.
+    pub lineage: String,
 }
 
 /// What a token is, at a time.
@@ -363,7 +366,8 @@ fn new_id() -> Result<String, StoreError> {
     Ok(format!("tok_{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()))
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tokens (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -384,7 +388,17 @@ CREATE TABLE tokens (
 CREATE UNIQUE INDEX tokens_live_name ON tokens(tenant, name) WHERE superseded_by IS NULL AND revoked_at IS NULL;
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO meta VALUES ('version', 0);
-"#];
+"#,
+    r#"
+ALTER TABLE tokens ADD COLUMN lineage TEXT;
+WITH RECURSIVE chain(id, root) AS (
+    SELECT id, id FROM tokens WHERE replaces IS NULL
+    UNION ALL
+    SELECT t.id, c.root FROM tokens t JOIN chain c ON t.replaces = c.id
+)
+UPDATE tokens SET lineage = (SELECT root FROM chain WHERE chain.id = tokens.id) WHERE replaces IS NOT NULL;
+"#,
+];
 
 /// What Portcullis needs of a token store, whatever the database. SQLite implements it for one
 /// node; a shared database (Postgres, for several replicas) would implement the same, and the
@@ -447,7 +461,7 @@ pub struct SqliteStore {
 }
 
 const COLUMNS: &str = "id, name, tenant, prefix, grants, role, rate, created_at, expires_at, revoked_at, \
-                       last_used_at, replaces, superseded_by, overlap_until";
+                       last_used_at, replaces, superseded_by, overlap_until, COALESCE(lineage, id)";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredToken> {
     let grants: String = r.get(4)?;
@@ -466,6 +480,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredToken> {
         replaces: r.get(11)?,
         superseded_by: r.get(12)?,
         overlap_until: r.get(13)?,
+        lineage: r.get(14)?,
     })
 }
 
@@ -708,8 +723,8 @@ fn rotate_in(
     )?;
     let grants = serde_json::to_string(&old.grants).map_err(|e| StoreError::Invalid(e.to_string()))?;
     tx.execute(
-        "INSERT INTO tokens (id, name, tenant, digest, prefix, grants, role, rate, created_at, expires_at, replaces) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO tokens (id, name, tenant, digest, prefix, grants, role, rate, created_at, expires_at, replaces, \
+         lineage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             new_id,
             old.name,
@@ -721,7 +736,8 @@ fn rotate_in(
             old.rate,
             now,
             old.expires_at.map(|e| now.saturating_add(e - old.created_at)),
-            old.id
+            old.id,
+            old.lineage
         ],
     )?;
     Ok(())

@@ -728,9 +728,19 @@ impl Gateway {
         }
         let cursor = req.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("cursor"));
         let entries: Vec<(String, Option<String>)> = match cursor {
-            Some(c) => match self.open_cursor(&c) {
-                Some(e) => e,
-                None => return Reply::error(code::INVALID_PARAMS, "Invalid cursor"),
+            // A cursor is valid only for the identity, scope and list it was minted for, and
+            // names only servers that identity may still reach.
+            Some(c) => match self.open_cursor(&c, &ctx.identity, kind) {
+                Some(e)
+                    if e.iter().all(|(s, _)| {
+                        config.server(s).is_some_and(|d| d.enabled)
+                            && ctx.scope.includes(s)
+                            && ctx.identity.grants.reaches(s)
+                    }) =>
+                {
+                    e
+                }
+                _ => return Reply::error(code::INVALID_PARAMS, "Invalid cursor"),
             },
             None => self
                 .servers_in_scope(config, &ctx.scope, &ctx.identity)
@@ -802,7 +812,10 @@ impl Gateway {
         items.push(']');
         let mut out = format!(r#"{{"{}":{items}"#, kind.field());
         if !next.is_empty() {
-            out.push_str(&format!(r#","nextCursor":{}"#, jsonrpc::quote(&self.seal_cursor(&next))));
+            out.push_str(&format!(
+                r#","nextCursor":{}"#,
+                jsonrpc::quote(&self.seal_cursor(&next, &ctx.identity, kind))
+            ));
         }
         out.push('}');
         Reply::owned(out, false)
@@ -834,8 +847,10 @@ impl Gateway {
         out
     }
 
-    fn seal_cursor(&self, entries: &[(String, Option<String>)]) -> String {
-        let payload = serde_json::to_vec(entries).unwrap_or_default();
+    /// A cursor: the servers still to list and their own cursors, with (under the MAC) the
+    /// identity and the list it was minted for.
+    fn seal_cursor(&self, entries: &[(String, Option<String>)], who: &Identity, kind: ListKind) -> String {
+        let payload = serde_json::to_vec(&(&*who.key, kind.method(), entries)).unwrap_or_default();
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.cursor_key).unwrap_or_else(|_| unreachable_mac());
         mac.update(&payload);
@@ -843,7 +858,7 @@ impl Gateway {
         format!("{}.{}", b64.encode(&payload), b64.encode(&tag[..16]))
     }
 
-    fn open_cursor(&self, cursor: &str) -> Option<Vec<(String, Option<String>)>> {
+    fn open_cursor(&self, cursor: &str, who: &Identity, kind: ListKind) -> Option<Vec<(String, Option<String>)>> {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let (payload, tag) = cursor.split_once('.')?;
         let payload = b64.decode(payload).ok()?;
@@ -851,7 +866,9 @@ impl Gateway {
         let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.cursor_key).ok()?;
         mac.update(&payload);
         mac.verify_truncated_left(&tag).ok()?;
-        serde_json::from_slice(&payload).ok()
+        let (key, method, entries): (String, String, Vec<(String, Option<String>)>) =
+            serde_json::from_slice(&payload).ok()?;
+        (key == *who.key && method == kind.method()).then_some(entries)
     }
 
     fn index_resources(&self, server: &str, kind: ListKind, reply: &Reply) {
@@ -1097,6 +1114,13 @@ impl Gateway {
         let mut honoured = Vec::new();
         for uri in uris {
             let Resolved::Found { server, uri: own } = self.resolve_uri(&config, ctx, &uri).await else { continue };
+            // Not granted is answered exactly like unknown: left out of the acknowledgement.
+            if !ctx.scope.includes(&server)
+                || !ctx.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own)
+            {
+                ctx.refuse(&server, &own, "refused: resource not granted");
+                continue;
+            }
             let Some(up) = self.instance(&config, &server, &caller) else { continue };
             if !self.subscribe(&server, &up, &session, &own, &caller, None).await.is_error {
                 honoured.push(uri);
@@ -1480,8 +1504,12 @@ impl Hub for Gateway {
             std::borrow::Cow::Borrowed(_) => own.clone(),
         };
         let sessions: Vec<Arc<Session>> = self.sessions.values();
+        let separator = self.config().separator.clone();
         for s in sessions {
-            if s.scope.includes(server) && s.identity.grants.reaches(server) && s.is_subscribed(server, &uri) {
+            if s.scope.includes(server)
+                && s.is_subscribed(server, &uri)
+                && s.identity.grants.allows(GrantKind::Resource, server, &separator, &uri)
+            {
                 s.notify_change(method, if s.scope == Scope::All { &shown } else { &own });
             }
         }

@@ -517,3 +517,127 @@ async fn the_management_api_refuses_what_it_cannot_keep_or_print() {
     }
     gw.stop().await;
 }
+
+/// Item 6: `subscriptions/listen` subscribes only to granted URIs on reachable servers, does not
+/// acknowledge the others, and delivers `resources/updated` only for granted URIs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_checks_the_resource_grant_both_ways() {
+    let top = "auth:\n  tokens:\n    root: {token: root-token-0123456789, role: admin}\n    user:\n      token: user-token-0123456789\n      servers: [pub]\n      resources: [\"!pub__demo://info\"]\n";
+    let gw = gateway().demo("pub", &[], "").demo("priv", &[], "").top(top).start().await;
+    let root = Client::modern(&gw.mcp()).bearer("root-token-0123456789");
+    let user = Client::modern(&gw.mcp()).bearer("user-token-0123456789");
+    let mut root_listen = root
+        .listen(serde_json::json!("R"), serde_json::json!({"resourceSubscriptions": ["portcullis://pub/demo://info"]}))
+        .await;
+    let ack = root_listen.next().await;
+    assert_eq!(
+        ack["params"]["notifications"]["resourceSubscriptions"],
+        serde_json::json!(["portcullis://pub/demo://info"]),
+        "{ack}"
+    );
+    let asked = ["portcullis://pub/demo://info", "portcullis://priv/demo://info", "demo://info"];
+    let mut user_listen = user
+        .listen(serde_json::json!("U"), serde_json::json!({"toolsListChanged": true, "resourceSubscriptions": asked}))
+        .await;
+    let ack = user_listen.next().await;
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
+    assert!(ack["params"]["notifications"].get("resourceSubscriptions").is_none(), "denied URIs acknowledged: {ack}");
+    // An update of the denied URI reaches the root's stream, never the user's: the user's next
+    // message is the tool list change that follows it.
+    assert_eq!(root.call_text("pub__touch", serde_json::json!({"uri": "demo://info"})).await, "told 1");
+    root_listen.next_method("notifications/resources/updated").await;
+    let _ = root.call("pub__crash", serde_json::json!({})).await;
+    let next = user_listen.next().await;
+    assert_eq!(next["method"], "notifications/tools/list_changed", "{next}");
+    gw.stop().await;
+}
+
+/// Item 7: a list cursor is refused for anyone but the identity it was minted for, and for
+/// another list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_cursors_belong_to_whoever_received_them() {
+    let top = "auth:\n  tokens:\n    alice: alice-token-0123456789\n    bob:\n      token: bob-token-0123456789\n      servers: [a]\n";
+    let gw = gateway().demo("a", &["--page-size", "1"], "").demo("b", &["--page-size", "1"], "").top(top).start().await;
+    let alice = Client::connect_as(&gw.mcp(), "alice-token-0123456789").await;
+    let bob = Client::connect_as(&gw.mcp(), "bob-token-0123456789").await;
+    let first = alice.request(serde_json::json!(1), "tools/list", serde_json::json!({})).await;
+    let cursor = first.response["result"]["nextCursor"].as_str().unwrap().to_owned();
+    let replay = bob.request(serde_json::json!(2), "tools/list", serde_json::json!({"cursor": cursor})).await;
+    assert_eq!(replay.response["error"]["code"], -32602, "{:?}", replay.response);
+    let other = alice.request(serde_json::json!(3), "prompts/list", serde_json::json!({"cursor": cursor})).await;
+    assert_eq!(other.response["error"]["code"], -32602, "{:?}", other.response);
+    let own = alice.request(serde_json::json!(4), "tools/list", serde_json::json!({"cursor": cursor})).await;
+    assert!(own.response["result"]["tools"].is_array(), "{:?}", own.response);
+    assert!(alice.all_tools().await.iter().any(|t| t.starts_with("b__")));
+    gw.stop().await;
+}
+
+/// Item 8: a session belongs to the credential's stable identity, not its name: an issued token
+/// named like a config token (in another tenant) cannot use its sessions on any transport, and
+/// rotating an issued token keeps its own sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_belong_to_a_principal_not_a_name() {
+    let top = "auth:\n  tokens:\n    root: {token: root-token-0123456789, role: admin}\n    bob: bob-config-token-0123456789\ntenants:\n  evil:\n    namespaces:\n      x: [a]\n";
+    let gw = gateway().demo("a", &[], "").top(top).start().await;
+    let (status, issued) = http_json(
+        reqwest::Method::POST,
+        &format!("{}/admin/tokens", gw.url),
+        Some("root-token-0123456789"),
+        Some(r#"{"name":"bob","tenant":"evil"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{issued}");
+    let evil = issued["secret"].as_str().unwrap().to_owned();
+    let owner = Client::connect_as(&gw.mcp(), "bob-config-token-0123456789").await;
+    let sid = owner.session.clone().unwrap();
+    let mut thief = owner.clone();
+    thief.headers = vec![("authorization".into(), format!("Bearer {evil}"))];
+    assert_eq!(thief.post(serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/list"})).await.status(), 404);
+    let http = reqwest::Client::new();
+    let get = http
+        .get(gw.mcp())
+        .bearer_auth(&evil)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 404);
+    let del = http.delete(gw.mcp()).bearer_auth(&evil).header("mcp-session-id", &sid).send().await.unwrap();
+    assert_eq!(del.status(), 404);
+    assert_eq!(owner.call_text("a__echo", serde_json::json!({"text": "mine"})).await, "mine");
+    // Legacy SSE: the config token's session, the issued token's POST.
+    let (_events, endpoint) =
+        crate::protocol::open_sse(&format!("{}/sse", gw.url), Some("bob-config-token-0123456789")).await;
+    let post = http
+        .post(format!("{}{endpoint}", gw.url))
+        .bearer_auth(&evil)
+        .header("content-type", "application/json")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 404);
+
+    // Rotation keeps the issued token's own sessions, past the sweep that follows.
+    let mine = Client::connect_as(&gw.mcp(), &evil).await;
+    let id = issued["id"].as_str().unwrap();
+    let (status, rotated) = http_json(
+        reqwest::Method::POST,
+        &format!("{}/admin/tokens/{id}/rotate", gw.url),
+        Some("root-token-0123456789"),
+        Some(r#"{"grace":"0s"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    gw.gateway().sweep_sessions().await;
+    let mut rotated_client = mine.clone();
+    rotated_client.headers = vec![("authorization".into(), format!("Bearer {}", rotated["secret"].as_str().unwrap()))];
+    assert_eq!(rotated_client.call_text("a__echo", serde_json::json!({"text": "kept"})).await, "kept");
+    assert_eq!(
+        mine.post(serde_json::json!({"jsonrpc":"2.0","id":1,"method":"ping"})).await.status(),
+        401,
+        "the old secret"
+    );
+    gw.stop().await;
+}

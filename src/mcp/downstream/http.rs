@@ -338,7 +338,9 @@ fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who) -> Re
     };
     match gw.session(id) {
         Some(s)
-            if s.scope == *scope && s.transport == Transport::Streamable && s.identity.name == who.identity.name =>
+            if s.scope == *scope
+                && s.transport == Transport::Streamable
+                && s.identity.same_principal(&who.identity) =>
         {
             Ok(s)
         }

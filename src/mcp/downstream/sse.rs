@@ -61,7 +61,7 @@ pub async fn message(
     guarded(&gw.clone(), &Scope::All, "POST", &headers, peer, |who| async move {
         let session = session_id
             .and_then(|id| gw.session(&id))
-            .filter(|s| s.transport == Transport::Sse && s.identity.name == who.identity.name);
+            .filter(|s| s.transport == Transport::Sse && s.identity.same_principal(&who.identity));
         let Some(session) = session else {
             return rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found");
         };
