@@ -4,7 +4,10 @@
 //! Invariants: every endpoint goes through the same gate as MCP traffic
 //! (`downstream::http::guarded`: authentication, rate limits, one audit record); everything but
 //! `/rpc` needs the admin role (403 otherwise); `/rpc` runs under the caller's own grants;
-//! answers are JSON throughout.
+//! answers are JSON throughout. A management action stays within the caller's own grants and
+//! tenant: an admin sees and controls only the servers it may reach, sees and manages only the
+//! issued tokens its own grants cover (in its tenant), creates only tokens with a subset of its
+//! rights; gateway-wide figures and reload need an unrestricted admin.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -48,6 +51,36 @@ where
         f(gw, who).await
     })
     .await
+}
+
+/// For an admin with every right only (`/stats`, `/metrics`, `/admin/reload`).
+async fn unrestricted<F, Fut>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
+where
+    F: FnOnce(Arc<Gateway>, Who) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    admin(gw, label, headers, peer, |gw, who| async move {
+        let names: Vec<String> = gw.config().servers.iter().map(|s| s.name.clone()).collect();
+        if !who.identity.is_unrestricted_admin(&names) {
+            let e = AuthError::Forbidden("this needs an admin with every right (every server, no tenant)".into());
+            lock(&who.note).refused = Some(e.outcome().into());
+            return e.into_response();
+        }
+        f(gw, who).await
+    })
+    .await
+}
+
+fn no_such_server(name: &str) -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", &format!("No such server: {name}"))
+}
+
+/// Whether an admin may see and manage an issued token: its tenant (if the admin has one) and
+/// grants its own grants cover.
+fn manages(gw: &Gateway, who: &Who, t: &crate::store::StoredToken) -> bool {
+    let tenant_ok = who.identity.tenant.as_deref().is_none_or(|own| own == t.tenant);
+    let grants = gw.authenticator().effective_grants(&t.name, Some(&t.tenant), t.grants.grants());
+    tenant_ok && who.identity.grants.covers(&grants)
 }
 
 fn transport_name(def: &ServerDef) -> &'static str {
@@ -120,9 +153,10 @@ async fn describe(gw: &Gateway, def: &Arc<ServerDef>) -> Value {
 
 /// `GET /servers`.
 pub async fn servers(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
-    admin(gw, "GET /servers", &headers, peer, |gw, _| async move {
+    admin(gw, "GET /servers", &headers, peer, |gw, who| async move {
         let config = gw.config();
-        let all = join_all(config.servers.iter().map(|d| describe(&gw, d))).await;
+        let visible = config.servers.iter().filter(|d| who.identity.grants.reaches(&d.name));
+        let all = join_all(visible.map(|d| describe(&gw, d))).await;
         json_value(StatusCode::OK, &json!({"servers": all}))
     })
     .await
@@ -133,8 +167,8 @@ pub async fn server(gw: Arc<Gateway>, name: String, headers: HeaderMap, peer: So
     admin(gw, "GET /servers/{name}", &headers, peer, |gw, who| async move {
         lock(&who.note).server = Some(name.clone());
         match gw.config().server(&name) {
-            Some(def) => json_value(StatusCode::OK, &describe(&gw, def).await),
-            None => error(StatusCode::NOT_FOUND, "not_found", &format!("No such server: {name}")),
+            Some(def) if who.identity.grants.reaches(&name) => json_value(StatusCode::OK, &describe(&gw, def).await),
+            _ => no_such_server(&name),
         }
     })
     .await
@@ -144,6 +178,9 @@ pub async fn server(gw: Arc<Gateway>, name: String, headers: HeaderMap, peer: So
 pub async fn control(gw: Arc<Gateway>, name: String, action: String, headers: HeaderMap, peer: SocketAddr) -> Response {
     admin(gw, "POST /servers/{name}/{action}", &headers, peer, |gw, who| async move {
         lock(&who.note).server = Some(name.clone());
+        if !who.identity.grants.reaches(&name) {
+            return no_such_server(&name);
+        }
         let result = match action.as_str() {
             "start" => gw.start_server(&name),
             "stop" => gw.stop_server(&name).await,
@@ -182,19 +219,15 @@ pub enum ControlError {
 
 /// `GET /stats`.
 pub async fn stats(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
-    admin(
-        gw,
-        "GET /stats",
-        &headers,
-        peer,
-        |gw, _| async move { json_value(StatusCode::OK, &gw.metrics().stats_json()) },
-    )
+    unrestricted(gw, "GET /stats", &headers, peer, |gw, _| async move {
+        json_value(StatusCode::OK, &gw.metrics().stats_json())
+    })
     .await
 }
 
 /// `GET /metrics` (Prometheus text format).
 pub async fn metrics(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
-    admin(gw, "GET /metrics", &headers, peer, |gw, _| async move {
+    unrestricted(gw, "GET /metrics", &headers, peer, |gw, _| async move {
         let mut out = String::new();
         gw.metrics().render(&mut out);
         let _ = writeln!(out, "# HELP portcullis_sessions Open client sessions by transport.");
@@ -234,7 +267,7 @@ pub async fn metrics(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> 
 
 /// `POST /admin/reload`: as SIGHUP, but the errors of an invalid file come back in the answer.
 pub async fn reload(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
-    admin(gw, "POST /admin/reload", &headers, peer, |gw, _| async move {
+    unrestricted(gw, "POST /admin/reload", &headers, peer, |gw, _| async move {
         match gw.reload_from_source().await {
             Ok(()) => json_value(StatusCode::OK, &json!({"status": "reloaded"})),
             Err(errors) => json_value(
@@ -299,6 +332,17 @@ fn open_store(gw: &Gateway) -> Result<crate::store::SqliteStore, crate::store::S
     crate::store::SqliteStore::open(gw.store().path())
 }
 
+/// The token `id` when the caller manages it; 404 (as unknown) when it does not.
+fn managed(gw: &Gateway, who: &Who, id: &str) -> Result<crate::store::StoredToken, Response> {
+    match open_store(gw).and_then(|s| s.get(id)) {
+        Ok(t) if manages(gw, who, &t) => Ok(t),
+        Ok(_) | Err(crate::store::StoreError::Invalid(_)) => {
+            Err(error(StatusCode::NOT_FOUND, "not_found", &format!("no token {id}")))
+        }
+        Err(e) => Err(store_error(e)),
+    }
+}
+
 /// Applies a store change at once: caches dropped, revoked tokens' sessions closed.
 async fn applied(gw: &Gateway) {
     let _ = gw.store().poll();
@@ -323,16 +367,28 @@ async fn admin_body(body: Body) -> Result<bytes::Bytes, Response> {
 
 /// `POST /admin/tokens`: issues a token (its secret only in this answer).
 pub async fn create_token(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
-    admin(gw, "POST /admin/tokens", &headers, peer, |gw, _| async move {
+    admin(gw, "POST /admin/tokens", &headers, peer, |gw, who| async move {
         let body = match admin_body(body).await {
             Ok(b) => b,
             Err(r) => return r,
         };
-        let req: crate::store::TokenRequest = match serde_json::from_slice(&body) {
+        let mut req: crate::store::TokenRequest = match serde_json::from_slice(&body) {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
         };
-        let result = req.validate(&gw.config()).and_then(|new| open_store(&gw)?.create(&new, crate::store::now_ms()));
+        // A tenant's admin issues tokens in its tenant.
+        if req.tenant.is_none() {
+            req.tenant = who.identity.tenant.clone();
+        }
+        let new = match req.validate(&gw.config()) {
+            Ok(n) => n,
+            Err(e) => return store_error(e),
+        };
+        if let Some(refusal) = beyond_caller(&gw, &who, &new) {
+            lock(&who.note).refused = Some("refused: beyond the caller's rights".into());
+            return error(StatusCode::FORBIDDEN, "forbidden", &refusal);
+        }
+        let result = open_store(&gw).and_then(|s| s.create(&new, crate::store::now_ms()));
         match result {
             Ok((t, secret)) => {
                 applied(&gw).await;
@@ -344,14 +400,38 @@ pub async fn create_token(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer
     .await
 }
 
+/// Why a token to issue would have rights its issuer lacks, if it would.
+fn beyond_caller(gw: &Gateway, who: &Who, new: &crate::store::NewToken) -> Option<String> {
+    let me = &who.identity;
+    if let Some(own) = &me.tenant
+        && *own != new.tenant
+    {
+        return Some(format!("a token of tenant {own:?} can only issue tokens in that tenant"));
+    }
+    let grants = gw.authenticator().effective_grants(&new.name, Some(&new.tenant), new.grants.grants());
+    if !me.grants.covers(&grants) {
+        return Some(
+            "a token can only issue tokens with a subset of its own grants (servers, tools, prompts, resources)".into(),
+        );
+    }
+    if let Some(mine) = me.expires {
+        let ends = new.ttl.and_then(|t| std::time::SystemTime::now().checked_add(t));
+        if ends.is_none_or(|e| e > mine) {
+            return Some("a token can only issue tokens that end no later than itself".into());
+        }
+    }
+    None
+}
+
 /// `GET /admin/tokens`.
 pub async fn list_tokens(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
-    admin(gw, "GET /admin/tokens", &headers, peer, |gw, _| async move {
+    admin(gw, "GET /admin/tokens", &headers, peer, |gw, who| async move {
         match open_store(&gw).and_then(|s| s.list()) {
-            Ok(tokens) => json_value(
-                StatusCode::OK,
-                &json!({"tokens": tokens.iter().map(|t| token_json(t, None)).collect::<Vec<_>>()}),
-            ),
+            Ok(tokens) => {
+                let visible: Vec<Value> =
+                    tokens.iter().filter(|t| manages(&gw, &who, t)).map(|t| token_json(t, None)).collect();
+                json_value(StatusCode::OK, &json!({ "tokens": visible }))
+            }
             Err(e) => store_error(e),
         }
     })
@@ -360,9 +440,10 @@ pub async fn list_tokens(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr)
 
 /// `GET /admin/tokens/{id}`.
 pub async fn get_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, peer: SocketAddr) -> Response {
-    admin(gw, "GET /admin/tokens/{id}", &headers, peer, |gw, _| async move {
+    admin(gw, "GET /admin/tokens/{id}", &headers, peer, |gw, who| async move {
         match open_store(&gw).and_then(|s| s.get(&id)) {
-            Ok(t) => json_value(StatusCode::OK, &token_json(&t, None)),
+            Ok(t) if manages(&gw, &who, &t) => json_value(StatusCode::OK, &token_json(&t, None)),
+            Ok(_) => error(StatusCode::NOT_FOUND, "not_found", &format!("no token {id}")),
             Err(crate::store::StoreError::Invalid(m)) => error(StatusCode::NOT_FOUND, "not_found", &m),
             Err(e) => store_error(e),
         }
@@ -372,7 +453,10 @@ pub async fn get_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, peer: S
 
 /// `POST /admin/tokens/{id}/rotate` with `{"grace":"24h"}`.
 pub async fn rotate_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
-    admin(gw, "POST /admin/tokens/{id}/rotate", &headers, peer, |gw, _| async move {
+    admin(gw, "POST /admin/tokens/{id}/rotate", &headers, peer, |gw, who| async move {
+        if let Err(r) = managed(&gw, &who, &id) {
+            return r;
+        }
         let body = match admin_body(body).await {
             Ok(b) => b,
             Err(r) => return r,
@@ -408,7 +492,10 @@ pub async fn rotate_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, body
 
 /// `DELETE /admin/tokens/{id}`: revokes (the row stays); effective at once.
 pub async fn revoke_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, peer: SocketAddr) -> Response {
-    admin(gw, "DELETE /admin/tokens/{id}", &headers, peer, |gw, _| async move {
+    admin(gw, "DELETE /admin/tokens/{id}", &headers, peer, |gw, who| async move {
+        if let Err(r) = managed(&gw, &who, &id) {
+            return r;
+        }
         match open_store(&gw).and_then(|s| s.revoke(&id, crate::store::now_ms())) {
             Ok(t) => {
                 applied(&gw).await;

@@ -282,6 +282,18 @@ impl Identity {
         self.role == Role::Admin
     }
 
+    /// Whether it is an admin without restriction: no tenant, every server, every name. Only
+    /// such an admin may see gateway-wide figures (`/stats`, `/metrics`) or reload the config.
+    pub fn is_unrestricted_admin(&self, servers: &[String]) -> bool {
+        let every_server = self.grants.servers.as_ref().is_none_or(|s| servers.iter().all(|n| s.contains(n)));
+        self.is_admin()
+            && self.tenant.is_none()
+            && every_server
+            && self.grants.tools.is_open()
+            && self.grants.prompts.is_open()
+            && self.grants.resources.is_open()
+    }
+
     /// Whether it has expired at `now`.
     pub fn expired(&self, now: SystemTime) -> bool {
         self.expires.is_some_and(|e| now >= e)
@@ -577,6 +589,22 @@ impl Authenticator {
         let identity = identity_for(&def, &self.cfg, &self.servers, Some((&t.id, &t.lineage)));
         cache.insert(t.id.clone(), (t.clone(), identity.clone()));
         identity
+    }
+
+    /// The grants a token with these lists would have here: narrowed to its tenant's servers
+    /// and to the servers whose `authTokens` name it (what the management API compares).
+    pub fn effective_grants(&self, name: &str, tenant: Option<&str>, grants: Grants) -> Grants {
+        let def = TokenDef {
+            name: name.to_owned(),
+            digest: [0; 32],
+            role: Role::User,
+            tenant: tenant.filter(|t| !t.is_empty()).map(str::to_owned),
+            grants,
+            expires: None,
+            rate: None,
+            source: TokenSource::Issued,
+        };
+        identity_for(&def, &self.cfg, &self.servers, None).grants.clone()
     }
 
     /// Whether an issued token's lineage is still usable (for open sessions): the token, or

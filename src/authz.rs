@@ -63,6 +63,34 @@ fn glob_match<T: Copy + PartialEq + From<u8>>(p: &[T], s: &[T]) -> bool {
     }
 }
 
+/// Whether every name glob `p` matches is matched by glob `g` too (`g` covers `p`): `g`'s `*`
+/// takes any run of `p`'s symbols, its `?` one symbol of `p` that is not `*`, its literals the
+/// same literal. Sound for `*`/`?` globs: a `p` it accepts can match nothing `g` does not.
+fn glob_covers(g: &[char], p: &[char]) -> bool {
+    let (mut gi, mut pi) = (0, 0);
+    let mut back: Option<(usize, usize)> = None;
+    let one = |gc: char, pc: char| (gc == '?' && pc != '*') || (gc != '*' && gc != '?' && gc == pc);
+    while pi < p.len() {
+        if gi < g.len() && one(g[gi], p[pi]) {
+            gi += 1;
+            pi += 1;
+        } else if gi < g.len() && g[gi] == '*' {
+            back = Some((gi, pi));
+            gi += 1;
+        } else if let Some((bg, bp)) = back {
+            gi = bg + 1;
+            pi = bp + 1;
+            back = Some((bg, bp + 1));
+        } else {
+            return false;
+        }
+    }
+    while gi < g.len() && g[gi] == '*' {
+        gi += 1;
+    }
+    gi == g.len()
+}
+
 /// Allow and deny globs for one kind of item.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Patterns {
@@ -96,6 +124,20 @@ impl Patterns {
     /// True when nothing is restricted (lists can pass through unfiltered).
     pub fn is_open(&self) -> bool {
         self.allow.is_empty() && self.deny.is_empty()
+    }
+
+    /// Whether everything `other` allows, these allow too (a conservative check: `other` must
+    /// carry each of these denies, and each of its allows must be covered by one of these).
+    pub fn covers(&self, other: &Patterns) -> bool {
+        if self.is_open() {
+            return true;
+        }
+        let chars = |g: &Glob| g.0.chars().collect::<Vec<char>>();
+        let denies_kept = self.deny.iter().all(|d| other.deny.contains(d));
+        let allows_covered = self.allow.is_empty()
+            || (!other.allow.is_empty()
+                && other.allow.iter().all(|p| self.allow.iter().any(|g| glob_covers(&chars(g), &chars(p)))));
+        denies_kept && allows_covered
     }
 }
 
@@ -146,6 +188,25 @@ impl Grants {
         self.servers.as_ref().is_none_or(|s| s.contains(server))
     }
 
+    /// Whether everything `other` grants, these grant too: its servers a subset of these, its
+    /// patterns of each kind covered by these.
+    pub fn covers(&self, other: &Grants) -> bool {
+        let servers = match (&self.servers, &other.servers) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => theirs.is_subset(mine),
+        };
+        servers
+            && self.tools.covers(&other.tools)
+            && self.prompts.covers(&other.prompts)
+            && self.resources.covers(&other.resources)
+    }
+
+    /// Whether nothing is restricted: every server, every name.
+    pub fn is_all(&self) -> bool {
+        self.servers.is_none() && self.tools.is_open() && self.prompts.is_open() && self.resources.is_open()
+    }
+
     /// The patterns of a kind.
     pub fn patterns(&self, kind: Kind) -> &Patterns {
         match kind {
@@ -185,6 +246,35 @@ impl Grants {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn covers_is_a_sound_subset_check() {
+        let p = |l: &[&str]| Patterns::parse(l.iter().copied());
+        assert!(p(&["a__*"]).covers(&p(&["a__read_*", "a__x"])));
+        assert!(!p(&["a__*"]).covers(&p(&["*"])));
+        assert!(!p(&["a__*"]).covers(&p(&[])), "everything is not a subset of a__*");
+        assert!(!p(&["a__?"]).covers(&p(&["a__*"])));
+        assert!(p(&["a__?"]).covers(&p(&["a__?", "a__b"])));
+        assert!(!p(&["*", "!a__secret"]).covers(&p(&["a__*"])), "the deny must be kept");
+        assert!(p(&["*", "!a__secret"]).covers(&p(&["a__*", "!a__secret"])));
+        assert!(p(&[]).covers(&p(&["!x"])));
+        let g = |servers: &[&str]| {
+            Grants::from_lists(&servers.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &[], &[], &[])
+        };
+        assert!(g(&[]).covers(&g(&["a"])) && g(&["a", "b"]).covers(&g(&["a"])));
+        assert!(!g(&["a"]).covers(&g(&[])) && !g(&["a"]).covers(&g(&["a", "b"])));
+    }
+
+    proptest! {
+        /// Whenever `covers` says yes, no name matched by the covered glob escapes the cover.
+        #[test]
+        fn a_covered_glob_matches_nothing_the_cover_does_not(g in "[ab*?]{0,5}", p in "[ab*?]{0,5}", s in "[ab]{0,6}") {
+            let (gc, pc): (Vec<char>, Vec<char>) = (g.chars().collect(), p.chars().collect());
+            if glob_covers(&gc, &pc) && Glob::new(&p).matches(&s) {
+                prop_assert!(Glob::new(&g).matches(&s), "{g} covers {p} but not {s}");
+            }
+        }
+    }
 
     #[test]
     fn globs() {

@@ -641,3 +641,64 @@ async fn sessions_belong_to_a_principal_not_a_name() {
     );
     gw.stop().await;
 }
+
+/// Item 9: a management action stays within the caller's own grants and tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_act_only_within_their_own_rights() {
+    let top = "auth:\n  tokens:\n    root: {token: root-token-0123456789, role: admin}\n    ops: {token: ops-token-0123456789, role: admin, servers: [pub]}\n    acme-admin: {token: acme-token-0123456789, role: admin, tenant: acme}\ntenants:\n  acme:\n    namespaces:\n      n: [pub]\n  other:\n    namespaces:\n      n: [priv]\n";
+    let gw = gateway().demo("pub", &[], "").demo("priv", &[], "").top(top).start().await;
+    let call = |method: reqwest::Method, path: &str, token: &'static str, body: Option<serde_json::Value>| {
+        let url = format!("{}{path}", gw.url);
+        async move { http_json(method, &url, Some(token), body.map(|b| b.to_string()).as_deref()).await }
+    };
+    use reqwest::Method;
+    const OPS: &str = "ops-token-0123456789";
+    const ROOT: &str = "root-token-0123456789";
+    for (body, what) in [
+        (serde_json::json!({"name": "x", "servers": ["priv"]}), "a server it cannot reach"),
+        (serde_json::json!({"name": "y"}), "every server"),
+        (serde_json::json!({"name": "z", "role": "admin"}), "an unrestricted admin"),
+    ] {
+        let (status, answer) = call(Method::POST, "/admin/tokens", OPS, Some(body)).await;
+        assert_eq!(status, 403, "{what}: {answer}");
+    }
+    let (status, answer) = call(
+        Method::POST,
+        "/admin/tokens",
+        OPS,
+        Some(serde_json::json!({"name": "sub", "servers": ["pub"], "role": "admin"})),
+    )
+    .await;
+    assert_eq!(status, 201, "a subset of its own rights: {answer}");
+    // Servers: only those it reaches are visible or controllable.
+    assert_eq!(call(Method::POST, "/servers/priv/stop", OPS, None).await.0, 404);
+    assert_eq!(call(Method::GET, "/servers/priv", OPS, None).await.0, 404);
+    let (_, list) = call(Method::GET, "/servers", OPS, None).await;
+    let names: Vec<&str> = list["servers"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pub"]);
+    assert_eq!(call(Method::POST, "/servers/pub/restart", OPS, None).await.0, 200);
+    for path in ["/stats", "/metrics"] {
+        assert_eq!(call(Method::GET, path, OPS, None).await.0, 403, "{path}");
+    }
+    assert_eq!(call(Method::POST, "/admin/reload", OPS, None).await.0, 403);
+    // Tokens it does not cover are invisible to it.
+    let (_, wide) = call(Method::POST, "/admin/tokens", ROOT, Some(serde_json::json!({"name": "wide"}))).await;
+    let wide_id = wide["id"].as_str().unwrap().to_owned();
+    let (_, mine) = call(Method::GET, "/admin/tokens", OPS, None).await;
+    let names: Vec<&str> = mine["tokens"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["sub"]);
+    assert_eq!(call(Method::POST, &format!("/admin/tokens/{wide_id}/rotate"), OPS, None).await.0, 404);
+    assert_eq!(call(Method::DELETE, &format!("/admin/tokens/{wide_id}"), OPS, None).await.0, 404);
+    assert_eq!(call(Method::GET, &format!("/admin/tokens/{wide_id}"), OPS, None).await.0, 404);
+    // A tenant's admin issues only in its tenant.
+    const ACME: &str = "acme-token-0123456789";
+    let (status, _) =
+        call(Method::POST, "/admin/tokens", ACME, Some(serde_json::json!({"name": "t", "tenant": "other"}))).await;
+    assert_eq!(status, 403);
+    let (status, made) = call(Method::POST, "/admin/tokens", ACME, Some(serde_json::json!({"name": "t"}))).await;
+    assert_eq!((status, made["tenant"].as_str()), (201, Some("acme")), "{made}");
+    // The unrestricted admin still does everything.
+    assert_eq!(call(Method::GET, "/stats", ROOT, None).await.0, 200);
+    assert_eq!(call(Method::DELETE, &format!("/admin/tokens/{wide_id}"), ROOT, None).await.0, 200);
+    gw.stop().await;
+}
