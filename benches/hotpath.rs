@@ -1,5 +1,5 @@
-//! Hot-path pieces: parse a JSON-RPC envelope, rewrite a namespaced tool call, and rewrite and
-//! filter a `tools/list` of 500 tools (target: under 200 µs).
+//! Hot-path pieces: parse a JSON-RPC envelope, rewrite a namespaced tool call, rewrite and
+//! filter a `tools/list` of 500 tools (target: under 200 µs), and parse one 4 MiB SSE event.
 //!
 //! `cargo bench --bench hotpath` prints the median of 31 rounds.
 
@@ -71,10 +71,23 @@ fn main() {
     let some = median_ns(200, || {
         black_box(list(black_box(&filtered)));
     });
+    // One 4 MiB event read in 16 KiB chunks (the parser must scan each byte once).
+    let mut big = b"event: message\ndata: ".to_vec();
+    big.extend(std::iter::repeat_n(b'x', 4 << 20));
+    big.extend_from_slice(b"\n\n");
+    let sse = median_ns(3, || {
+        let mut p = portcullis::mcp::sse::Parser::new(8 << 20);
+        let mut n = 0;
+        for chunk in big.chunks(16 * 1024) {
+            n += p.feed(black_box(chunk)).map(|e| e.len()).unwrap_or(0);
+        }
+        assert_eq!(n, 1);
+    });
     println!("{:<44} {:>12}", "case", "median");
     println!("{:<44} {:>9.0} ns", "parse a tools/call envelope", parse);
     println!("{:<44} {:>9.0} ns", "parse + rewrite the tool name", rename);
     println!("{:<44} {:>9.1} µs", "tools/list of 500: find the items", scan / 1000.0);
     println!("{:<44} {:>9.1} µs", "tools/list of 500: rewrite every name", all / 1000.0);
     println!("{:<44} {:>9.1} µs", "tools/list of 500: filter by grants + rewrite", some / 1000.0);
+    println!("{:<44} {:>9.2} ms", "SSE: one 4 MiB event in 16 KiB chunks", sse / 1e6);
 }

@@ -242,6 +242,11 @@ pub async fn metrics(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> 
             let n = sessions.iter().filter(|s| s.transport == t).count();
             let _ = writeln!(out, "portcullis_sessions{{transport=\"{label}\"}} {n}");
         }
+        let _ = writeln!(out, "# HELP portcullis_sessions_ended_total Client sessions ended, by cause.");
+        let _ = writeln!(out, "# TYPE portcullis_sessions_ended_total counter");
+        for (cause, n) in gw.sessions_ended() {
+            let _ = writeln!(out, "portcullis_sessions_ended_total{{cause=\"{}\"}} {n}", cause.as_str());
+        }
         let _ = writeln!(out, "# HELP portcullis_upstream_up Whether a server is running (1) or not (0).");
         let _ = writeln!(out, "# TYPE portcullis_upstream_up gauge");
         let statuses = gw.statuses();

@@ -326,7 +326,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Res
             closing.cancelled().await;
             gw2.close_all_sessions();
         });
-        accept_loop(listener, app, tls, token, GRACE).await;
+        accept_loop(listener, app, gw.clone(), tls, token, GRACE).await;
         // Stops this gateway's own upstreams (and their process groups) only: other gateways in
         // the same process are untouched. The process-wide sweep is the binary's job.
         gw.shutdown().await;
@@ -341,11 +341,15 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Res
 async fn accept_loop(
     listener: TcpListener,
     app: Router,
+    gw: Arc<Gateway>,
     tls: Option<Arc<crate::tls::Tls>>,
     stop: CancellationToken,
     grace: Duration,
 ) {
     let mut connections = tokio::task::JoinSet::new();
+    // `limits.max_connections` as of the start (a reload does not resize it).
+    let slots = Arc::new(tokio::sync::Semaphore::new(gw.config().limits.max_connections));
+    let mut refused_logged: Option<tokio::time::Instant> = None;
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -359,15 +363,33 @@ async fn accept_loop(
             },
             _ = stop.cancelled() => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // At the cap: closed at once (no task, no buffer), logged at most once a minute.
+            if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                refused_logged = Some(tokio::time::Instant::now());
+                tracing::warn!("connection limit (limits.max_connections) reached: closing new connections");
+            }
+            drop(tcp);
+            continue;
+        };
         // Small JSON-RPC answers go out at once: no Nagle delay on the client's connection.
         let _ = tcp.set_nodelay(true);
         let (app, stop) = (app.clone(), stop.clone());
+        let limits = gw.config().limits;
+        let timeouts = Timeouts { header: limits.header_read_timeout, keep_alive: limits.keep_alive_timeout };
         // Two task shapes, so a plain connection's task has no room for TLS state.
         match tls.clone() {
-            None => connections.spawn(serve_connection(tcp, app, peer, None, stop)),
+            None => connections.spawn(async move {
+                serve_connection(tcp, app, peer, None, stop, timeouts).await;
+                drop(slot);
+            }),
             Some(tls) => connections.spawn(async move {
-                let Some((stream, subject)) = tls.accept(tcp).await else { return };
-                serve_connection(stream, app, peer, Some(subject), stop).await;
+                // The handshake is bounded like a request's headers.
+                let Ok(Some((stream, subject))) = tokio::time::timeout(timeouts.header, tls.accept(tcp)).await else {
+                    return;
+                };
+                serve_connection(stream, app, peer, Some(subject), stop, timeouts).await;
+                drop(slot);
             }),
         };
         while connections.try_join_next().is_some() {}
@@ -379,14 +401,157 @@ async fn accept_loop(
     connections.abort_all();
 }
 
-/// Serves one connection until it closes, or until `stop` (then gracefully). `tls` is the
-/// client certificate's subject when the connection came over TLS.
-async fn serve_connection<I>(io: I, app: Router, peer: SocketAddr, tls: Option<Option<String>>, stop: CancellationToken)
-where
+/// A connection's two clocks.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    /// From the first byte of a request to the end of its headers.
+    header: Duration,
+    /// With no request in flight.
+    keep_alive: Duration,
+}
+
+/// What a connection's watchdog knows, kept current by the connection itself: requests in
+/// flight (a streaming response counts until its body ends), when the last one ended, and when
+/// the first byte of the next one arrived. Times are ms since the connection began, plus one
+/// (0: not yet).
+struct Watch {
+    began: std::time::Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::atomic::AtomicU64,
+    first_byte: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl Watch {
+    fn now(&self) -> u64 {
+        u64::try_from(self.began.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// When the watchdog must look again, or None to close the connection now.
+    fn deadline(&self, t: Timeouts) -> Option<Option<tokio::time::Instant>> {
+        use std::sync::atomic::Ordering::Acquire;
+        if self.in_flight.load(Acquire) > 0 {
+            return Some(None); // busy: woken when it is not
+        }
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2);
+        let first = self.first_byte.load(Acquire);
+        let due = if first > 0 { first + ms(t.header) } else { self.idle_since.load(Acquire) + ms(t.keep_alive) };
+        let now = self.now();
+        if now >= due {
+            return None;
+        }
+        Some(Some(tokio::time::Instant::now() + Duration::from_millis(due - now)))
+    }
+}
+
+/// One request in flight on a connection, until its response body is done or dropped.
+struct InFlight(Arc<Watch>);
+
+impl InFlight {
+    fn begin(w: &Arc<Watch>) -> Self {
+        use std::sync::atomic::Ordering::Release;
+        w.in_flight.fetch_add(1, Release);
+        w.first_byte.store(0, Release);
+        InFlight(w.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::{AcqRel, Release};
+        if self.0.in_flight.fetch_sub(1, AcqRel) == 1 {
+            self.0.idle_since.store(self.0.now(), Release);
+            self.0.first_byte.store(0, Release);
+            self.0.changed.notify_one();
+        }
+    }
+}
+
+/// The connection's IO, noting the first byte of a request that arrives while none is in
+/// flight (for the header-read timeout).
+struct Watched<I> {
+    io: I,
+    watch: Arc<Watch>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        let w = &self.watch;
+        if buf.filled().len() > before && w.in_flight.load(Acquire) == 0 && w.first_byte.load(Acquire) == 0 {
+            w.first_byte.store(w.now(), Release);
+            w.changed.notify_one();
+        }
+        polled
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Serves one connection until it closes, or until `stop` (then gracefully), or until one of
+/// its clocks runs out: a request's headers not complete `header` after its first byte, or no
+/// request in flight for `keep_alive` (then it is closed). A streaming response (SSE) is a
+/// request in flight for as long as it lasts. `tls` is the client certificate's subject when
+/// the connection came over TLS.
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    peer: SocketAddr,
+    tls: Option<Option<String>>,
+    stop: CancellationToken,
+    timeouts: Timeouts,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    use futures_util::FutureExt;
+    use http_body_util::BodyExt;
     use tower::ServiceExt;
+    let watch = Arc::new(Watch {
+        began: std::time::Instant::now(),
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
+        idle_since: std::sync::atomic::AtomicU64::new(1),
+        first_byte: std::sync::atomic::AtomicU64::new(0),
+        changed: tokio::sync::Notify::new(),
+    });
+    let w = watch.clone();
     let svc = tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+        let guard = InFlight::begin(&w);
         req.extensions_mut().insert(ConnectInfo(peer));
         if let Some(subject) = &tls {
             req.extensions_mut().insert(crate::tls::Https);
@@ -394,16 +559,41 @@ where
                 req.extensions_mut().insert(crate::tls::ClientSubject(s.clone()));
             }
         }
-        app.clone().oneshot(req.map(Body::new))
+        app.clone().oneshot(req.map(Body::new)).map(move |r| {
+            r.map(|resp| {
+                resp.map(move |body| {
+                    body.map_frame(move |f| {
+                        let _held = &guard;
+                        f
+                    })
+                })
+            })
+        })
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(io), hyper_util::service::TowerToHyperService::new(svc));
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(
+        hyper_util::rt::TokioIo::new(Watched { io, watch: watch.clone() }),
+        hyper_util::service::TowerToHyperService::new(svc),
+    );
     tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    loop {
+        let Some(deadline) = watch.deadline(timeouts) else {
+            return; // a clock ran out: dropping the connection closes it
+        };
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+                return;
+            }
+            _ = watch.changed.notified() => {}
+            _ = sleep => {}
         }
     }
 }

@@ -105,6 +105,79 @@ pub struct RawConfig {
     /// The token store: `{path}` (default `portcullis.db` beside the config file).
     #[serde(default)]
     pub store: Option<RawStore>,
+    /// Bounds on what one client can hold open: connections, sessions, streams, calls.
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
+}
+
+/// `limits:` (every field optional; the defaults suit real clients).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// How long a client may take to send a request's headers, from its first byte (default
+    /// `10s`). A slower client's connection is closed.
+    #[serde(default)]
+    pub header_read_timeout: Option<Spanned<DurationValue>>,
+    /// How long a connection may stay open with no request in flight (default `75s`). A
+    /// streaming response is a request in flight: SSE streams are never cut by this.
+    #[serde(default)]
+    pub keep_alive_timeout: Option<Spanned<DurationValue>>,
+    /// Connections open at once (default 20,000); past it new ones are closed at once.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// How long a session-era session may go unused (no request, no open stream, no call in
+    /// flight) before it ends (default `30m`); its next request gets 404 and the client
+    /// starts a new session, as the protocol has it.
+    #[serde(default)]
+    pub session_idle_timeout: Option<Spanned<DurationValue>>,
+    /// Sessions open at once, all identities together (default 20,000); past it 503.
+    #[serde(default)]
+    pub max_sessions: Option<usize>,
+    /// Sessions one identity may hold open (default 1,000); past it 429.
+    #[serde(default)]
+    pub max_sessions_per_identity: Option<usize>,
+    /// Legacy SSE streams (`GET /sse`) one identity may hold open (default 100); past it 429.
+    #[serde(default)]
+    pub max_sse_streams_per_identity: Option<usize>,
+    /// Calls in flight on one session (default 128); past it the call gets a JSON-RPC error.
+    #[serde(default)]
+    pub max_calls_per_session: Option<usize>,
+}
+
+/// The validated `limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// See [`RawLimits::header_read_timeout`].
+    pub header_read_timeout: Duration,
+    /// See [`RawLimits::keep_alive_timeout`].
+    pub keep_alive_timeout: Duration,
+    /// See [`RawLimits::max_connections`].
+    pub max_connections: usize,
+    /// See [`RawLimits::session_idle_timeout`].
+    pub session_idle_timeout: Duration,
+    /// See [`RawLimits::max_sessions`].
+    pub max_sessions: usize,
+    /// See [`RawLimits::max_sessions_per_identity`].
+    pub max_sessions_per_identity: usize,
+    /// See [`RawLimits::max_sse_streams_per_identity`].
+    pub max_sse_streams_per_identity: usize,
+    /// See [`RawLimits::max_calls_per_session`].
+    pub max_calls_per_session: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(75),
+            max_connections: 20_000,
+            session_idle_timeout: Duration::from_secs(30 * 60),
+            max_sessions: 20_000,
+            max_sessions_per_identity: 1_000,
+            max_sse_streams_per_identity: 100,
+            max_calls_per_session: 128,
+        }
+    }
 }
 
 /// `store:`.
@@ -411,6 +484,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsSettings>,
     /// Refuse plain-HTTP requests not vouched for by a trusted proxy.
     pub require_https: bool,
+    /// Bounds on connections, sessions, streams and calls.
+    pub limits: Limits,
     /// The token store file named in the config (None: the default beside the config file).
     pub store_path: Option<PathBuf>,
     /// The file this came from (None for the built-in demo).
@@ -686,6 +761,7 @@ impl Validator<'_> {
             }
             settings
         });
+        let limits = self.limits(raw.limits.as_ref());
         if !self.errors.is_empty() {
             self.errors.sort_by_key(|e| e.line.unwrap_or(u32::MAX));
             return Err(self.errors);
@@ -701,10 +777,53 @@ impl Validator<'_> {
             audit_file,
             tls,
             require_https: raw.require_https.unwrap_or(false),
+            limits,
             store_path,
             source: None,
             warnings: self.warnings,
         })
+    }
+
+    fn limits(&mut self, raw: Option<&RawLimits>) -> Limits {
+        let d = Limits::default();
+        let Some(raw) = raw else { return d };
+        let mut duration = |v: &Option<Spanned<DurationValue>>, name: &str, default: Duration| match v {
+            None => default,
+            Some(s) if s.value.0.is_zero() => {
+                self.error(format!("limits.{name}"), line_of(s), "must be greater than 0");
+                default
+            }
+            Some(s) => s.value.0,
+        };
+        let header_read_timeout = duration(&raw.header_read_timeout, "header_read_timeout", d.header_read_timeout);
+        let keep_alive_timeout = duration(&raw.keep_alive_timeout, "keep_alive_timeout", d.keep_alive_timeout);
+        let session_idle_timeout = duration(&raw.session_idle_timeout, "session_idle_timeout", d.session_idle_timeout);
+        let mut count = |v: Option<usize>, name: &str, default: usize| match v {
+            Some(0) => {
+                self.error(format!("limits.{name}"), None, "must be greater than 0");
+                default
+            }
+            Some(n) => n,
+            None => default,
+        };
+        Limits {
+            header_read_timeout,
+            keep_alive_timeout,
+            session_idle_timeout,
+            max_connections: count(raw.max_connections, "max_connections", d.max_connections),
+            max_sessions: count(raw.max_sessions, "max_sessions", d.max_sessions),
+            max_sessions_per_identity: count(
+                raw.max_sessions_per_identity,
+                "max_sessions_per_identity",
+                d.max_sessions_per_identity,
+            ),
+            max_sse_streams_per_identity: count(
+                raw.max_sse_streams_per_identity,
+                "max_sse_streams_per_identity",
+                d.max_sse_streams_per_identity,
+            ),
+            max_calls_per_session: count(raw.max_calls_per_session, "max_calls_per_session", d.max_calls_per_session),
+        }
     }
 
     fn server(&mut self, section: &str, name: &str, entry: &Spanned<RawServer>, separator: &str) -> Option<ServerDef> {

@@ -161,6 +161,49 @@ pub struct Gateway {
     metrics: crate::metrics::Metrics,
     draining: std::sync::atomic::AtomicBool,
     store: Arc<crate::store::StoreView>,
+    /// Per principal: (sessions, legacy SSE streams) open, for the limits.
+    held: Sharded<Arc<str>, (usize, usize)>,
+    /// Sessions ended, by [`EndCause`].
+    ended: [AtomicU64; EndCause::ALL.len()],
+}
+
+/// Why a session ended (the `cause` label of `portcullis_sessions_ended_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndCause {
+    /// The client sent DELETE.
+    Deleted,
+    /// Its stream closed (legacy SSE, `subscriptions/listen`) or its stdio client went away.
+    Closed,
+    /// Unused for `limits.session_idle_timeout`.
+    Idle,
+    /// Its credential was revoked, expired, or lost the server.
+    Revoked,
+}
+
+impl EndCause {
+    /// Every cause, in label order.
+    pub const ALL: [EndCause; 4] = [EndCause::Deleted, EndCause::Closed, EndCause::Idle, EndCause::Revoked];
+
+    /// The label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndCause::Deleted => "deleted",
+            EndCause::Closed => "closed",
+            EndCause::Idle => "idle",
+            EndCause::Revoked => "revoked",
+        }
+    }
+}
+
+/// Why a session could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionLimit {
+    /// The identity holds `limits.max_sessions_per_identity` (or its SSE streams) already.
+    #[error("this identity holds {0} open sessions or streams of this kind already (the limit); end some first")]
+    Identity(usize),
+    /// The gateway holds `limits.max_sessions` already.
+    #[error("the gateway holds {0} open sessions (the limit); try again later")]
+    Gateway(usize),
 }
 
 /// How clients have opened conversations since start: `initialize` handshakes (each mints a
@@ -225,6 +268,8 @@ impl Gateway {
             metrics: crate::metrics::Metrics::default(),
             store,
             draining: std::sync::atomic::AtomicBool::new(false),
+            held: Sharded::new(),
+            ended: std::array::from_fn(|_| AtomicU64::new(0)),
         });
         let config = gw.config();
         gw.configure_metrics(&config);
@@ -292,7 +337,18 @@ impl Gateway {
         }
         for id in stale {
             tracing::info!("closing a session whose credential was revoked, expired or lost the server");
-            self.end_session(&id).await;
+            self.end_session_as(&id, EndCause::Revoked).await;
+        }
+        // Session-era sessions nobody uses any more (many clients never send DELETE).
+        let idle = self.config().limits.session_idle_timeout;
+        let now = crate::store::now_ms();
+        let unused: Vec<String> = sessions
+            .iter()
+            .filter(|s| s.transport == session::Transport::Streamable && s.idle(now, idle))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in unused {
+            self.end_session_as(&id, EndCause::Idle).await;
         }
     }
 
@@ -440,9 +496,32 @@ impl Gateway {
         self.config().servers.iter().map(|d| (d.clone(), self.upstream(&d.name).map(|u| u.status()))).collect()
     }
 
-    /// Registers a new session.
-    pub fn add_session(&self, s: Arc<Session>) {
+    /// Registers a new session, within `limits`: per principal (sessions; legacy SSE streams
+    /// separately) and in total. A stdio session (the one local client) is not counted.
+    pub fn add_session(&self, s: Arc<Session>) -> Result<(), SessionLimit> {
+        if s.transport != session::Transport::Stdio {
+            let limits = self.config().limits;
+            if self.sessions.len() >= limits.max_sessions {
+                return Err(SessionLimit::Gateway(limits.max_sessions));
+            }
+            let mut held = lock(self.held.shard(&s.identity.key));
+            let h = held.entry(s.identity.key.clone()).or_insert((0, 0));
+            if h.0 >= limits.max_sessions_per_identity {
+                return Err(SessionLimit::Identity(limits.max_sessions_per_identity));
+            }
+            if s.transport == session::Transport::Sse && h.1 >= limits.max_sse_streams_per_identity {
+                return Err(SessionLimit::Identity(limits.max_sse_streams_per_identity));
+            }
+            h.0 += 1;
+            h.1 += usize::from(s.transport == session::Transport::Sse);
+        }
         lock(self.sessions.shard(&s.id)).insert(s.id.clone(), s);
+        Ok(())
+    }
+
+    /// Sessions ended since start, by cause.
+    pub fn sessions_ended(&self) -> Vec<(EndCause, u64)> {
+        EndCause::ALL.iter().zip(&self.ended).map(|(c, n)| (*c, n.load(Ordering::Relaxed))).collect()
     }
 
     /// Looks a session up by id.
@@ -456,8 +535,21 @@ impl Gateway {
     }
 
     /// Ends a session: closes its streams, releases its subscriptions, stops its own servers.
-    pub async fn end_session(&self, id: &str) -> bool {
+    pub async fn end_session_as(&self, id: &str, cause: EndCause) -> bool {
         let Some(s) = lock(self.sessions.shard(id)).remove(id) else { return false };
+        if let Some(i) = EndCause::ALL.iter().position(|c| *c == cause) {
+            self.ended[i].fetch_add(1, Ordering::Relaxed);
+        }
+        if s.transport != session::Transport::Stdio {
+            let mut held = lock(self.held.shard(&s.identity.key));
+            if let Some(h) = held.get_mut(&s.identity.key) {
+                h.0 = h.0.saturating_sub(1);
+                h.1 = h.1.saturating_sub(usize::from(s.transport == session::Transport::Sse));
+                if *h == (0, 0) {
+                    held.remove(&s.identity.key);
+                }
+            }
+        }
         s.close();
         // Its calls still running upstream have nobody left to answer.
         for (up, up_id) in s.take_inflight() {
@@ -664,8 +756,26 @@ impl Gateway {
         (caps, own_info, Some("Portcullis aggregates several MCP servers; tool and prompt names are prefixed with their server's name.".to_owned()))
     }
 
-    /// Routes one request and returns its result or error.
+    /// Routes one request and returns its result or error. A session's calls in flight are
+    /// bounded by `limits.max_calls_per_session`.
     pub async fn request(&self, ctx: &Ctx, req: &Request<'_>) -> Reply {
+        let _slot = match &ctx.caller.session {
+            Some(s) => {
+                s.touch();
+                let max = self.config.load().limits.max_calls_per_session;
+                match s.begin_call(max) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        ctx.note(|n| n.refused = Some("refused: calls in flight limit".into()));
+                        return Reply::error(
+                            code::LIMIT_REACHED,
+                            &format!("this session has {max} calls in flight (the limit); wait for some to finish"),
+                        );
+                    }
+                }
+            }
+            None => None,
+        };
         let mut reply = self.dispatch(ctx, req).await;
         if reply.is_error {
             ctx.note(|n| n.error = true);
@@ -1107,7 +1217,7 @@ impl Gateway {
                 .map_err(|e| Reply::error(code::INTERNAL_ERROR, &e.to_string()))?;
         let (tx, rx) = mpsc::channel(256);
         session.attach_stream(tx);
-        self.add_session(session.clone());
+        self.add_session(session.clone()).map_err(|e| Reply::error(code::LIMIT_REACHED, &e.to_string()))?;
         let caller =
             Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
         let config = self.config();

@@ -35,6 +35,9 @@ pub mod code {
     pub const UNSUPPORTED_VERSION: i64 = -32022;
     /// Gateway-specific: the upstream server is unavailable, crashed or timed out.
     pub const UPSTREAM_ERROR: i64 = -32000;
+    /// Gateway-specific: a limit of the gateway's was reached (sessions, streams, calls in
+    /// flight); the message says which.
+    pub const LIMIT_REACHED: i64 = -32029;
     /// Gateway-specific: the request was cancelled.
     pub const REQUEST_CANCELLED: i64 = -32800;
 }

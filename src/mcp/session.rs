@@ -109,6 +109,19 @@ pub struct Session {
     /// 0 while unset, else the `logging/setLevel` level's rank + 1.
     log_level: AtomicU8,
     listen: Option<ListenFilter>,
+    /// When a request last used it (Unix ms).
+    last_active: AtomicU64,
+    /// Calls in flight on it.
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One call in flight on a session; the count drops when it does.
+pub struct CallSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The `logging/setLevel` levels, least severe first (RFC 5424 order).
@@ -164,7 +177,29 @@ impl Session {
             capabilities: Mutex::new(None),
             log_level: AtomicU8::new(0),
             listen,
+            last_active: AtomicU64::new(crate::store::now_ms().max(0).cast_unsigned()),
+            calls: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }))
+    }
+
+    /// Notes that a request used it now.
+    pub fn touch(&self) {
+        self.last_active.store(crate::store::now_ms().max(0).cast_unsigned(), Ordering::Relaxed);
+    }
+
+    /// Whether it has gone unused for `idle` at `now_ms`: no request since, no open stream,
+    /// no call in flight.
+    pub fn idle(&self, now_ms: i64, idle: std::time::Duration) -> bool {
+        let last = self.last_active.load(Ordering::Relaxed);
+        let since = now_ms.max(0).cast_unsigned().saturating_sub(last);
+        u128::from(since) >= idle.as_millis() && self.calls.load(Ordering::Relaxed) == 0 && !self.has_stream()
+    }
+
+    /// Takes a slot for one call, unless `max` are in flight already.
+    pub fn begin_call(&self, max: usize) -> Option<CallSlot> {
+        let before = self.calls.fetch_add(1, Ordering::Relaxed);
+        let slot = CallSlot(self.calls.clone());
+        (before < max).then_some(slot)
     }
 
     /// Sends a change notification if this session wants it: every session-era session does;

@@ -702,3 +702,245 @@ async fn admins_act_only_within_their_own_rights() {
     assert_eq!(call(Method::DELETE, &format!("/admin/tokens/{wide_id}"), ROOT, None).await.0, 200);
     gw.stop().await;
 }
+
+/// The value of one Prometheus series on `/metrics`.
+async fn metric(gw: &TestGateway, token: &str, series: &str) -> Option<f64> {
+    let (_, body) = http_json(reqwest::Method::GET, &format!("{}/metrics", gw.url), Some(token), None).await;
+    let text = body["raw"].as_str().unwrap_or_default().to_owned();
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+/// Item 12: idle sessions end (and say so in a metric); sessions, legacy SSE streams and calls
+/// in flight are bounded per identity, per session and in total, each with a clear answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_client_holds_open_is_bounded() {
+    let top = "auth:\n  tokens:\n    root: {token: root-token-0123456789, role: admin}\n    u: u-token-0123456789\nlimits:\n  session_idle_timeout: 1s\n  max_sessions_per_identity: 3\n  max_sessions: 6\n  max_sse_streams_per_identity: 2\n  max_calls_per_session: 2\n";
+    let gw = gateway().demo("a", &[], "").top(top).start().await;
+    const ROOT: &str = "root-token-0123456789";
+    // Idle: ended by the sweep, counted by cause; the client's next request gets 404.
+    let idle = Client::connect_as(&gw.mcp(), "u-token-0123456789").await;
+    eventually(Duration::from_secs(10), || async {
+        (metric(&gw, ROOT, "portcullis_sessions_ended_total{cause=\"idle\"}").await >= Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(idle.post(serde_json::json!({"jsonrpc":"2.0","id":1,"method":"ping"})).await.status(), 404);
+
+    // Per identity: the fourth session is 429 with a JSON-RPC error saying so; others carry on.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(Client::connect_as(&gw.mcp(), "u-token-0123456789").await);
+    }
+    let mut fourth = Client::new(&gw.mcp()).bearer("u-token-0123456789");
+    fourth.version = "2025-11-25".into();
+    let resp = fourth.post(serde_json::from_str(INIT).unwrap()).await;
+    assert_eq!(resp.status(), 429);
+    let v: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], -32029, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("limit"), "{v}");
+    // In total: 3 (u) + 3 (root) = 6; the seventh is 503.
+    for _ in 0..3 {
+        held.push(Client::connect_as(&gw.mcp(), ROOT).await);
+    }
+    let resp = Client::new(&gw.mcp()).bearer(ROOT).post(serde_json::from_str(INIT).unwrap()).await;
+    assert_eq!(resp.status(), 503);
+    // Calls in flight per session: two slow calls, then a third is refused at once.
+    let s = held.pop().unwrap();
+    let slow = |c: &Client| {
+        let c = c.clone();
+        tokio::spawn(async move { c.call("a__sleep", serde_json::json!({"ms": 3000})).await })
+    };
+    let (one, two) = (slow(&s), slow(&s));
+    let up = gw.gateway().upstream("a").unwrap();
+    eventually(Duration::from_secs(10), || {
+        let up = up.clone();
+        async move { (up.in_flight() >= 2).then_some(()) }
+    })
+    .await;
+    let third = s.call("a__echo", serde_json::json!({"text": "x"})).await;
+    assert_eq!(third.response["error"]["code"], -32029, "{:?}", third.response);
+    assert!(one.await.unwrap().response["result"].is_object() && two.await.unwrap().response["result"].is_object());
+    assert_eq!(s.call_text("a__echo", serde_json::json!({"text": "again"})).await, "again");
+    drop(held);
+    gw.stop().await;
+
+    // Legacy SSE streams per identity.
+    let gw = gateway().demo("a", &[], "").top(top).start().await;
+    let _a = crate::protocol::open_sse(&format!("{}/sse", gw.url), Some(ROOT)).await;
+    let _b = crate::protocol::open_sse(&format!("{}/sse", gw.url), Some(ROOT)).await;
+    let third = reqwest::Client::new().get(format!("{}/sse", gw.url)).bearer_auth(ROOT).send().await.unwrap();
+    assert_eq!(third.status(), 429);
+    gw.stop().await;
+}
+
+/// Reads from a raw connection until it is closed by the server; false if still open at `limit`.
+async fn closed_within(conn: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Item 14: a header-read timeout, an idle keep-alive timeout and a connection cap, none of
+/// which ends a healthy long-lived SSE stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_and_idle_connections_are_closed_but_streams_are_not() {
+    use tokio::io::AsyncWriteExt;
+    let top = "limits:\n  header_read_timeout: 1s\n  keep_alive_timeout: 2s\n  max_connections: 40\n";
+    let gw = gateway().demo("a", &[], "").top(top).start().await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    // 20 connections trickling one header byte per 100 ms: closed after about a second.
+    let request = format!("POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n");
+    let mut trickles = Vec::new();
+    for _ in 0..20 {
+        let addr = addr.clone();
+        let request = request.clone();
+        trickles.push(tokio::spawn(async move {
+            let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let started = tokio::time::Instant::now();
+            for b in request.bytes().cycle() {
+                if conn.write_all(&[b]).await.is_err() {
+                    return started.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if started.elapsed() > Duration::from_secs(10) {
+                    panic!("a trickling connection is still open after 10 s");
+                }
+            }
+            unreachable!()
+        }));
+    }
+    // Meanwhile a session's GET stream outlives both clocks.
+    let client = Client::connect(&gw.mcp()).await;
+    let mut events = client.get_stream().await;
+    for t in trickles {
+        assert!(t.await.unwrap() < Duration::from_secs(5));
+    }
+    // An idle keep-alive connection is closed once its clock runs out.
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(format!("GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
+    assert!(closed_within(&mut conn, Duration::from_secs(8)).await, "an idle connection stayed open");
+    // The stream is still alive: it carries the list change that a restart causes.
+    let _ = client.call("a__crash", serde_json::json!({})).await;
+    events.next_method("notifications/tools/list_changed").await;
+    gw.stop().await;
+
+    // The connection cap: past it, new connections are closed at once.
+    let gw = gateway().demo("a", &[], "").top("limits:\n  max_connections: 3\n").start().await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(closed_within(&mut extra, Duration::from_secs(5)).await, "a connection past the cap was served");
+    drop(open);
+    eventually(Duration::from_secs(5), || async { reqwest::get(format!("{}/health", gw.url)).await.ok().map(|_| ()) })
+        .await;
+    gw.stop().await;
+}
+
+/// Item 15: `portcullis stdio` and a child's stderr take lines of bounded length: a clear error,
+/// the next line read as usual, and no memory growth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlong_lines_are_refused_without_memory_growth() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let dir = TempDir::new();
+    let cfg = dir.0.join("portcullis.yaml");
+    // The child writes a 10 MB stderr line before it starts serving.
+    let noisy = format!("head -c 10000000 /dev/zero | tr '\\\\0' x >&2; echo >&2; exec {BIN} demo-server");
+    std::fs::write(
+        &cfg,
+        format!("servers:\n  a:\n    command: sh\n    args: [\"-c\", {}]\n", serde_json::json!(noisy)),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["stdio", "--config", cfg.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut err = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = tokio::spawn(async move {
+        let mut all = String::new();
+        while let Ok(Some(l)) = err.next_line().await {
+            all.push_str(&l);
+            all.push('\n');
+        }
+        all
+    });
+    // A 24 MiB line (the limit is max_body_bytes, 4 MiB), written in pieces.
+    let piece = vec![b'x'; 1 << 20];
+    for _ in 0..24 {
+        stdin.write_all(&piece).await.unwrap();
+    }
+    stdin.write_all(b"\n").await.unwrap();
+    stdin.write_all(format!("{INIT}\n").as_bytes()).await.unwrap();
+    stdin.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"tools/call\",\"params\":{\"name\":\"a__echo\",\"arguments\":{\"text\":\"fine\"}}}\n").await.unwrap();
+    let mut seen = Vec::new();
+    let answer = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), out.next_line()).await.unwrap().unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["id"] == 2 {
+            break v;
+        }
+        seen.push(v);
+    };
+    assert!(
+        seen.iter()
+            .any(|v| v["error"]["code"] == -32600 && v["error"]["message"].as_str().unwrap().contains("longer than")),
+        "{seen:?}"
+    );
+    assert_eq!(answer["result"]["content"][0]["text"], "fine", "{answer}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(rss_kb < 60_000, "peak RSS {rss_kb} kB after a 24 MiB line and a 10 MB stderr line");
+    drop(stdin);
+    let _ = child.wait().await;
+    let log = log.await.unwrap();
+    assert!(log.contains("stderr line longer than 65536 bytes; skipped"), "{}", &log[..log.len().min(2000)]);
+}
+
+/// Item 16: the SSE parser as the WHATWG standard reads a stream (the property test beside the
+/// parser compares it with the specification's algorithm on random streams).
+#[test]
+fn the_sse_parser_reads_streams_as_the_standard_does() {
+    use portcullis::mcp::sse::Parser;
+    let mut p = Parser::new(1 << 20);
+    let events = p.feed(b"data: one\r\rdata: two\r\r").unwrap();
+    assert_eq!(events.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(), ["one", "two"], "CR-only line endings");
+    let mut p = Parser::new(1 << 20);
+    let events = p.feed(b"\xEF\xBB\xBFdata: first\n\n").unwrap();
+    assert_eq!(events.len(), 1, "a leading byte-order mark lost the first event");
+    let mut p = Parser::new(1 << 20);
+    assert!(p.feed(b"event: ping\n\n").unwrap().is_empty(), "a block with only event: is not dispatched");
+    // One 4 MiB event in 16 KiB chunks: one event, its data whole.
+    let mut big = b"data: ".to_vec();
+    big.extend(std::iter::repeat_n(b'y', 4 << 20));
+    big.extend_from_slice(b"\n\n");
+    let mut p = Parser::new(8 << 20);
+    let mut events = Vec::new();
+    for chunk in big.chunks(16 * 1024) {
+        events.extend(p.feed(chunk).unwrap());
+    }
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].data.len(), 4 << 20);
+}

@@ -107,6 +107,16 @@ fn own_origins(config: &Config) -> Vec<String> {
     out
 }
 
+/// The answer when a session limit is reached: 429 for the identity's own, 503 for the
+/// gateway's, with a JSON-RPC error saying which.
+pub fn session_limit(id: Option<&str>, e: &gateway::SessionLimit) -> Response {
+    let status = match e {
+        gateway::SessionLimit::Identity(_) => StatusCode::TOO_MANY_REQUESTS,
+        gateway::SessionLimit::Gateway(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    rpc_error(status, id, code::LIMIT_REACHED, &e.to_string())
+}
+
 /// The answer when the OS random source fails: 503, nothing created.
 pub fn no_randomness(id: Option<&str>, e: &crate::random::NoRandomness) -> Response {
     tracing::error!(error = %e, "refusing to open a session");
@@ -308,7 +318,7 @@ pub async fn handle(
             Method::DELETE if modern_header => method_not_allowed(),
             Method::DELETE => match session_of(&gw, &scope, headers, &who) {
                 Ok(s) => {
-                    gw.end_session(&s.id).await;
+                    gw.end_session_as(&s.id, gateway::EndCause::Deleted).await;
                     StatusCode::NO_CONTENT.into_response()
                 }
                 Err(r) => r,
@@ -564,7 +574,9 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Wh
     let caller =
         Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
     let result = gw.initialize_result(&scope, version, &caller, &who.identity).await;
-    gw.add_session(session.clone());
+    if let Err(e) = gw.add_session(session.clone()) {
+        return session_limit(env.id.map(RawValue::get), &e);
+    }
     let id = env.id.map_or("null", RawValue::get);
     let msg = jsonrpc::result_response(id, &result);
     let mut r = json(StatusCode::OK, msg);
@@ -709,7 +721,7 @@ impl Drop for EndSession {
     fn drop(&mut self) {
         let (gw, id) = (self.gw.clone(), std::mem::take(&mut self.id));
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { gw.end_session(&id).await });
+            rt.spawn(async move { gw.end_session_as(&id, gateway::EndCause::Closed).await });
         }
     }
 }

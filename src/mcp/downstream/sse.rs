@@ -37,7 +37,9 @@ pub async fn open(gw: Arc<Gateway>, scope: Scope, headers: HeaderMap, peer: Sock
         };
         let (tx, rx) = mpsc::channel::<Bytes>(256);
         session.attach_stream(tx);
-        gw.add_session(session.clone());
+        if let Err(e) = gw.add_session(session.clone()) {
+            return super::http::session_limit(None, &e);
+        }
         let endpoint = format!("/messages/?session_id={}", session.id);
         let end = EndSession::new(gw.clone(), session.id.clone());
         let first = futures_util::stream::once(async move { Ok(sse::named("endpoint", &endpoint)) });

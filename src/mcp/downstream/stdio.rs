@@ -11,12 +11,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::auth::Identity;
 use crate::mcp::gateway::{self, Ctx, Gateway, Note, Request};
 use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, code};
+use crate::mcp::lines::{Line, Lines};
 use crate::mcp::session::{Caller, Scope, Session, Transport};
 use crate::mcp::upstream::MODERN_VERSION;
 
@@ -37,7 +38,7 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
     let session = Session::new(scope.clone(), "2025-11-25".into(), Transport::Stdio, identity.clone())
         .map_err(std::io::Error::other)?;
     session.attach_stream(tx.clone());
-    gw.add_session(session.clone());
+    gw.add_session(session.clone()).map_err(std::io::Error::other)?;
     let ctx_for = |caller: Caller, version: String| Ctx {
         scope: scope.clone(),
         caller,
@@ -45,22 +46,31 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
         identity: identity.clone(),
         note: Arc::new(std::sync::Mutex::new(Note::default())),
     };
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.trim().is_empty() {
-            continue;
-        }
+    let max = gw.config().max_body_bytes;
+    let mut lines = Lines::new(tokio::io::stdin(), max);
+    while let Some(line) = lines.next().await {
         let send = |msg: String| {
             let tx = tx.clone();
             async move {
                 let _ = tx.send(Bytes::from(msg)).await;
             }
         };
-        if jsonrpc::is_array(line.as_bytes()) {
+        let line = match line {
+            Line::Text(l) => l,
+            Line::TooLong => {
+                let msg = format!("message longer than {max} bytes (max_body_bytes); skipped");
+                send(jsonrpc::error_response(None, code::INVALID_REQUEST, &msg, None)).await;
+                continue;
+            }
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if jsonrpc::is_array(&line) {
             send(jsonrpc::error_response(None, code::INVALID_REQUEST, "batches are not supported", None)).await;
             continue;
         }
-        let env = match Envelope::parse(line.as_bytes()) {
+        let env = match Envelope::parse(&line) {
             Ok(e) => e,
             Err(e) => {
                 send(jsonrpc::error_response(e.id(), e.code(), &e.to_string(), None)).await;
@@ -108,7 +118,7 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
             }
         }
     }
-    gw.end_session(&session.id).await;
+    gw.end_session_as(&session.id, crate::mcp::gateway::EndCause::Closed).await;
     gw.shutdown().await;
     drop(tx);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;

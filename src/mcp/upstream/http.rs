@@ -563,13 +563,14 @@ impl HttpLink {
                     return None;
                 }
             };
+            // The last event id and the reconnection time are the stream's, set by any block.
+            if let Some(i) = parser.last_event_id() {
+                last_id = Some(i.to_owned());
+            }
+            if let Some(r) = parser.retry() {
+                retry = Duration::from_millis(r);
+            }
             for ev in events {
-                if let Some(i) = &ev.id {
-                    last_id = Some(i.clone());
-                }
-                if let Some(r) = ev.retry {
-                    retry = Duration::from_millis(r);
-                }
                 if ev.is_message() && !ev.data.is_empty() {
                     up.on_message(Bytes::from(ev.data), id);
                 }

@@ -11,20 +11,23 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Connected, Link, Upstream};
 use crate::config::Transport;
+use crate::mcp::lines::{Line, Lines};
 use crate::mcp::session::lock;
 
 /// The longest message accepted from a child (64 MiB).
 pub const MAX_LINE: usize = 64 * 1024 * 1024;
+/// The longest stderr line logged from a child (64 KiB); longer ones are skipped.
+pub const MAX_STDERR_LINE: usize = 64 * 1024;
 /// How long a child gets to exit after stdin closes, and again after SIGTERM.
 const GRACE: Duration = Duration::from_millis(1500);
 
@@ -137,51 +140,40 @@ async fn write_loop(
 }
 
 async fn read_loop(
-    mut stdout: tokio::process::ChildStdout,
+    stdout: tokio::process::ChildStdout,
     up: std::sync::Weak<Upstream>,
     closed: CancellationToken,
     name: String,
 ) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut scanned = 0;
-    loop {
-        if let Some(pos) = buf[scanned..].iter().position(|b| *b == b'\n') {
-            let mut line = buf.split_to(scanned + pos + 1);
-            scanned = 0;
-            line.truncate(line.len() - 1);
-            if line.last() == Some(&b'\r') {
-                line.truncate(line.len() - 1);
-            }
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let Some(up) = up.upgrade() else { break };
-            up.on_message(line.freeze(), None);
-            continue;
-        }
-        scanned = buf.len();
-        if buf.len() > MAX_LINE {
+    let mut lines = Lines::new(stdout, MAX_LINE);
+    while let Some(line) = lines.next().await {
+        let Line::Text(line) = line else {
             tracing::error!(server = %name, "message longer than {MAX_LINE} bytes; closing the connection");
             break;
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
         }
-        if buf.capacity() - buf.len() < 8192 {
-            buf.reserve(64 * 1024);
-        }
-        match stdout.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
+        let Some(up) = up.upgrade() else { break };
+        up.on_message(line.freeze(), None);
     }
     closed.cancel();
 }
 
 async fn drain_stderr(stderr: tokio::process::ChildStderr, name: String) {
-    let mut lines = BufReader::new(stderr).split(b'\n');
-    while let Ok(Some(line)) = lines.next_segment().await {
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end();
-        if !text.is_empty() {
-            tracing::info!(target: "portcullis::upstream::stderr", server = %name, "{text}");
+    let mut lines = Lines::new(stderr, MAX_STDERR_LINE);
+    while let Some(line) = lines.next().await {
+        match line {
+            Line::Text(line) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end();
+                if !text.is_empty() {
+                    tracing::info!(target: "portcullis::upstream::stderr", server = %name, "{text}");
+                }
+            }
+            Line::TooLong => {
+                tracing::warn!(server = %name, "a stderr line longer than {MAX_STDERR_LINE} bytes; skipped");
+            }
         }
     }
 }
