@@ -104,6 +104,10 @@ pub enum Command {
         /// servers do).
         #[arg(long)]
         session_only: bool,
+        /// HTTP: answer an unknown session with 400 "No valid session ID provided" (as the
+        /// TypeScript SDK's servers do) instead of 404.
+        #[arg(long)]
+        unknown_session_400: bool,
     },
 }
 

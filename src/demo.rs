@@ -36,6 +36,9 @@ pub struct Options {
     pub name: String,
     /// HTTP: refuse 2026-07-28 requests (a session-era-only server).
     pub session_only: bool,
+    /// HTTP: answer an unknown session id with 400 "No valid session ID provided", as the
+    /// TypeScript SDK's servers do after a restart, instead of 404.
+    pub unknown_session_400: bool,
 }
 
 struct Demo {
@@ -512,6 +515,12 @@ async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: Header
                     return json_response(
                         StatusCode::BAD_REQUEST,
                         r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Missing session"}}"#.into(),
+                    );
+                }
+                Some(s) if !lock(&demo.sessions).contains_key(s) && demo.opts.unknown_session_400 => {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"},"id":null}"#.into(),
                     );
                 }
                 Some(s) if !lock(&demo.sessions).contains_key(s) => return StatusCode::NOT_FOUND.into_response(),

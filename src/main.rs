@@ -48,10 +48,16 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(cli::stdio(config, server, as_identity))
         }
-        Command::DemoServer { http, page_size, name, session_only } => {
+        Command::DemoServer { http, page_size, name, session_only, unknown_session_400 } => {
             cli::init_logging(cli::LogFormat::Text);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(portcullis::demo::run(portcullis::demo::Options { http, page_size, name, session_only }))
+            rt.block_on(portcullis::demo::run(portcullis::demo::Options {
+                http,
+                page_size,
+                name,
+                session_only,
+                unknown_session_400,
+            }))
         }
     }
 }

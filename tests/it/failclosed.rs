@@ -944,3 +944,93 @@ fn the_sse_parser_reads_streams_as_the_standard_does() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].data.len(), 4 << 20);
 }
+
+/// Item 17: a remote upstream that forgot its sessions (a restart the gateway did not see) is
+/// re-initialized once and the request sent again, whether it answers 404 or the 400 "No valid
+/// session ID provided" of SDK servers: the caller sees only its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_remote_upstream_is_reinitialized_transparently() {
+    for args in [&[][..], &["--unknown-session-400"][..]] {
+        let up = http_demo(args).await;
+        let gw = gateway().remote("d", &up.url, "transport: streamable_http").start().await;
+        let client = Client::connect(&gw.mcp()).await;
+        assert_eq!(client.call_text("d__echo", serde_json::json!({"text": "before"})).await, "before");
+        assert_eq!(client.call_text("d__forget_sessions", serde_json::json!({})).await, "forgotten");
+        let a = client.call("d__echo", serde_json::json!({"text": "after"})).await;
+        assert_eq!(a.response["result"]["content"][0]["text"], "after", "{args:?}: {:?}", a.response);
+        gw.stop().await;
+    }
+}
+
+/// Starts the demo server over HTTP on a given port (0: any); the child and its URL.
+async fn demo_on(port: u16) -> (tokio::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["demo-server", "--http", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = listen_url(&mut child).await;
+    (child, url)
+}
+
+/// Items 18 and 19: an unreachable remote server is shown as such in its state, `/health`,
+/// the up metric and call errors (naming it), is probed without the crash-loop breaker, and
+/// works again within about a second of coming back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_remote_server_says_so_and_recovers_quickly() {
+    let (mut child, url) = demo_on(0).await;
+    let port: u16 = url.trim_end_matches("/mcp").rsplit(':').next().unwrap().parse().unwrap();
+    let gw = gateway().remote("far", &url, "transport: streamable_http").start().await;
+    let client = Client::connect(&gw.mcp()).await;
+    assert_eq!(client.call_text("far__echo", serde_json::json!({"text": "up"})).await, "up");
+    child.kill().await.unwrap();
+    let _ = child.wait().await;
+    let server = format!("{}/servers/far", gw.url);
+    let state = |url: String| async move { http_json(reqwest::Method::GET, &url, None, None).await.1 };
+    // Reported everywhere, within a call or two.
+    let failed = eventually(Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            // (A call in flight when it went away may get "closed the connection" first.)
+            let a = client.call("far__echo", serde_json::json!({"text": "x"})).await;
+            a.response["error"]["message"].as_str().filter(|m| m.contains("unreachable")).map(str::to_owned)
+        }
+    })
+    .await;
+    assert!(failed.contains("server far"), "{failed}");
+    eventually(Duration::from_secs(10), || {
+        let s = server.clone();
+        async move { (state(s).await["state"] == "unreachable").then_some(()) }
+    })
+    .await;
+    let (status, health) = http_json(reqwest::Method::GET, &format!("{}/health", gw.url), None, None).await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("degraded")), "{health}");
+    let (_, metrics) = http_json(reqwest::Method::GET, &format!("{}/metrics", gw.url), None, None).await;
+    assert!(metrics["raw"].as_str().unwrap().contains("portcullis_upstream_up{server=\"far\"} 0"));
+    // Gone for longer than five failed connects: no breaker, it keeps probing.
+    eventually(Duration::from_secs(20), || {
+        let s = server.clone();
+        async move { (state(s).await["restarts"].as_u64() >= Some(8)).then_some(()) }
+    })
+    .await;
+    assert_eq!(state(server.clone()).await["state"], "unreachable");
+    // Back on the same address: calls work again within about a second.
+    let (_back, _) = demo_on(port).await;
+    let back = std::time::Instant::now();
+    let text = eventually(Duration::from_secs(5), || {
+        let client = client.clone();
+        async move {
+            let a = client.call("far__echo", serde_json::json!({"text": "again"})).await;
+            a.response["result"]["content"][0]["text"].as_str().map(str::to_owned)
+        }
+    })
+    .await;
+    assert_eq!(text, "again");
+    assert!(back.elapsed() < Duration::from_millis(2500), "took {:?}", back.elapsed());
+    assert_eq!(state(server).await["state"], "running");
+    let (_, health) = http_json(reqwest::Method::GET, &format!("{}/health", gw.url), None, None).await;
+    assert_eq!(health["status"], "ok");
+    gw.stop().await;
+}

@@ -400,10 +400,16 @@ impl HttpLink {
         Ok(())
     }
 
+    /// Answers a call with an error naming this server.
     fn fail(&self, id: Option<u64>, message: &str) {
         let (Some(id), Some(up)) = (id, self.up.upgrade()) else { return };
+        let message = if message.starts_with("server ") {
+            std::borrow::Cow::Borrowed(message)
+        } else {
+            std::borrow::Cow::Owned(format!("server {}: {message}", self.name))
+        };
         up.on_message(
-            Bytes::from(jsonrpc::error_response(Some(&id.to_string()), code::UPSTREAM_ERROR, message, None)),
+            Bytes::from(jsonrpc::error_response(Some(&id.to_string()), code::UPSTREAM_ERROR, &message, None)),
             None,
         );
     }
@@ -445,15 +451,19 @@ impl HttpLink {
     }
 
     /// Sends a POST: through hyper's client to an `http://` server in the streamable modes,
-    /// through reqwest otherwise. The answer's body is reqwest's or hyper's, as a stream.
-    async fn send_post(&self, headers: HeaderMap, body: Bytes) -> Result<hyper::Response<ResponseBody>, String> {
+    /// through reqwest otherwise. The answer's body is reqwest's or hyper's, as a stream. The
+    /// error says whether the server could not be reached at all.
+    async fn send_post(&self, headers: HeaderMap, body: Bytes) -> Result<hyper::Response<ResponseBody>, PostError> {
         match (&self.plain, &self.mode) {
             (Some((client, uri)), Mode::Modern | Mode::Streamable) => {
                 let mut req = hyper::Request::new(http_body_util::Full::new(body));
                 *req.method_mut() = hyper::Method::POST;
                 *req.uri_mut() = uri.clone();
                 *req.headers_mut() = headers;
-                let resp = client.request(req).await.map_err(|e| format!("request failed: {}", chain(&e)))?;
+                let resp = client.request(req).await.map_err(|e| PostError {
+                    unreachable: e.is_connect(),
+                    message: format!("request failed: {}", chain(&e)),
+                })?;
                 Ok(resp.map(ResponseBody::Plain))
             }
             _ => {
@@ -462,7 +472,10 @@ impl HttpLink {
                     _ => self.url.clone(),
                 };
                 let resp = self.client.post(url).headers(headers).body(body).send().await;
-                let resp = resp.map_err(|e| format!("request failed: {}", error_chain(e)))?;
+                let resp = resp.map_err(|e| PostError {
+                    unreachable: e.is_connect(),
+                    message: format!("request failed: {}", error_chain(e)),
+                })?;
                 Ok(hyper::Response::from(resp).map(ResponseBody::Full))
             }
         }
@@ -475,23 +488,54 @@ impl HttpLink {
         };
         let resp = match self.send_post(headers, body).await {
             Ok(r) => r,
-            Err(e) => return self.fail(id, &e),
+            Err(e) if e.unreachable => {
+                // The server is gone: end this connection, so the supervisor says so and
+                // probes until it is back.
+                tracing::warn!(server = %self.name, "upstream unreachable: {}", e.message);
+                self.closed.cancel();
+                return self.fail(id, &format!("server {} is unreachable: {}", self.name, e.message));
+            }
+            Err(e) => return self.fail(id, &e.message),
         };
         let status = resp.status();
+        let mut resp = Some(resp);
         if matches!(self.mode, Mode::Streamable) {
-            if let Some(sid) = resp.headers().get("mcp-session-id") {
+            let r = resp.as_ref().map(hyper::Response::headers);
+            if let Some(sid) = r.and_then(|h| h.get("mcp-session-id")) {
                 let mut cur = lock(&self.session_id);
                 if cur.is_none() {
                     *cur = Some(sid.clone());
                 }
             }
-            if status == StatusCode::NOT_FOUND && lock(&self.session_id).is_some() {
-                tracing::info!(server = %self.name, "upstream session expired; re-initializing");
-                self.fail(id, super::SESSION_EXPIRED);
+            // A request that carried a session id refused for it (404, or the 400 "no valid
+            // session" of SDK servers that restarted): the server never acted on it. End this
+            // connection first (so the retry waits for the new one), then answer: the call is
+            // sent again, once, on the new session.
+            let had_session = lock(&self.session_id).is_some();
+            let refused = match status {
+                StatusCode::NOT_FOUND => had_session,
+                StatusCode::BAD_REQUEST if had_session => {
+                    let body = match resp.take() {
+                        Some(r) => read_limited(r).await.unwrap_or_default(),
+                        None => Bytes::new(),
+                    };
+                    let about_session = String::from_utf8_lossy(&body).to_ascii_lowercase().contains("session");
+                    if !about_session {
+                        let snippet = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+                        return self.fail(id, &format!("HTTP {status}: {snippet}"));
+                    }
+                    true
+                }
+                _ => false,
+            };
+            if refused {
+                tracing::info!(server = %self.name, "upstream session refused ({status}); re-initializing");
                 self.closed.cancel();
+                self.fail(id, super::SESSION_EXPIRED);
                 return;
             }
         }
+        let Some(resp) = resp else { return };
         if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT {
             return;
         }
@@ -802,6 +846,14 @@ where
 /// userinfo can carry credentials, and messages reach clients and logs.
 fn shown(url: &Url) -> String {
     crate::config::shown_url(url.as_str())
+}
+
+/// Why a POST got no answer.
+struct PostError {
+    /// The server could not be reached at all (connection refused, no route, DNS).
+    unreachable: bool,
+    /// What happened (without the URL).
+    message: String,
 }
 
 /// An error and its causes, without the request URL (see [`shown`]).

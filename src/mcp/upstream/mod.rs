@@ -55,6 +55,9 @@ const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
 /// First restart delay, doubled per failure up to `BACKOFF_MAX`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The longest delay between two attempts to reach a remote server (no breaker for those: a
+/// URL that is briefly unreachable is probed until it is back).
+const REMOTE_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A connection that stayed up this long resets the backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
@@ -114,6 +117,9 @@ pub enum State {
     Restarting,
     /// Crash loop: the breaker is open and calls fail fast until it closes.
     Failed,
+    /// A remote server that cannot be reached: probed again after a short backoff (at most
+    /// a second), calls fail fast naming it.
+    Unreachable,
     /// Stopped on purpose.
     Stopped,
 }
@@ -126,6 +132,7 @@ impl State {
             State::Running => "running",
             State::Restarting => "restarting",
             State::Failed => "failed",
+            State::Unreachable => "unreachable",
             State::Stopped => "stopped",
         }
     }
@@ -328,6 +335,9 @@ impl Upstream {
         let mut failures: VecDeque<Instant> = VecDeque::new();
         let mut backoff = BACKOFF_START;
         let mut first = true;
+        // The crash-loop breaker is for processes that crash; a remote URL is probed until back.
+        let remote = matches!(self.def.transport, Transport::Http { .. });
+        let mut unreachable = false;
         loop {
             if self.stop.is_cancelled() {
                 break;
@@ -349,6 +359,12 @@ impl Upstream {
                         s.conn = Some(conn.clone());
                         s.since = Some(Instant::now());
                     });
+                    if std::mem::take(&mut unreachable) {
+                        tracing::info!(server = %self.def.name, "upstream reachable again");
+                    }
+                    if remote {
+                        backoff = BACKOFF_START;
+                    }
                     tracing::info!(server = %self.def.name, pid = ?conn.pid, version = %conn.info.protocol_version, "upstream connected");
                     if conn.info.protocol_version == MODERN_VERSION {
                         self.spawn_listener(conn.clone());
@@ -382,6 +398,25 @@ impl Upstream {
                         backoff = BACKOFF_START;
                     }
                 }
+                Err(e) if remote => {
+                    if !unreachable {
+                        tracing::warn!(server = %self.def.name, error = %e, "upstream unreachable; probing until it is back");
+                    }
+                    unreachable = true;
+                    let reason = format!("unreachable: {e}");
+                    self.set(|s| {
+                        s.last_error = Some(reason.clone());
+                        s.state = State::Unreachable;
+                    });
+                    self.fail_all(&format!("server {} is {reason}", self.def.name));
+                    let delay = backoff.min(REMOTE_BACKOFF_MAX);
+                    backoff = (backoff * 2).min(REMOTE_BACKOFF_MAX);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.stop.cancelled() => break,
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(server = %self.def.name, error = %e, "upstream failed to start");
                     self.set(|s| {
@@ -391,6 +426,17 @@ impl Upstream {
                         }
                     });
                 }
+            }
+            if remote {
+                // A remote connection that ended: reconnect after the (short) backoff, without
+                // the breaker; a failure to reach it is handled above.
+                let delay = backoff.min(REMOTE_BACKOFF_MAX);
+                backoff = (backoff * 2).min(REMOTE_BACKOFF_MAX);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.stop.cancelled() => break,
+                }
+                continue;
             }
             let now = Instant::now();
             failures.push_back(now);
@@ -570,6 +616,9 @@ impl Upstream {
 
     async fn ready(&self, deadline: Instant) -> Result<Arc<Connection>, UpstreamError> {
         let mut rx = self.status.subscribe();
+        // While a remote server is unreachable, a call waits for the next probe (at most a
+        // second away) and no longer: then it fails fast, naming the server.
+        let mut wait_until = deadline;
         loop {
             {
                 let s = rx.borrow_and_update();
@@ -580,6 +629,12 @@ impl Upstream {
                 }
                 let unavailable = |reason: String| UpstreamError::Unavailable { server: self.def.name.clone(), reason };
                 match s.state {
+                    State::Unreachable => {
+                        let probe = Instant::now() + REMOTE_BACKOFF_MAX + Duration::from_millis(500);
+                        if wait_until == deadline {
+                            wait_until = deadline.min(probe);
+                        }
+                    }
                     State::Failed => {
                         return Err(unavailable(format!(
                             "crash loop, not restarting for a while (last error: {})",
@@ -590,7 +645,7 @@ impl Upstream {
                     _ => {}
                 }
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
+            match tokio::time::timeout_at(wait_until, rx.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => {
                     let reason = self.status.borrow().last_error.clone().unwrap_or_else(|| "not ready".into());
