@@ -150,7 +150,13 @@ impl<'a> Envelope<'a> {
         };
         // What the gateway authorizes is exactly what the upstream acts on: a member written
         // twice (SDK servers act on the last, a first-match reader on the first) is refused.
-        if raw.method.is_some() && repeats_member(std::str::from_utf8(bytes).unwrap_or(""), Nesting::Envelope) {
+        // The envelope's own members are checked by the derived parse (a repeated `id`,
+        // `method` or `params` is an error there, escaped or not); its other members are
+        // never forwarded. `params` is scanned here, once.
+        if raw.method.is_some()
+            && let Some(p) = raw.params.filter(|p| p.get().starts_with('{'))
+            && unique_members(p.get(), 0, Nesting::Params).is_err()
+        {
             let id = raw.id.filter(|i| i.get() != "null" && !i.get().starts_with(['{', '['])).map(|i| i.get().into());
             return Err(EnvelopeError::Repeated(id));
         }
@@ -177,11 +183,9 @@ impl<'a> Envelope<'a> {
     }
 }
 
-/// Where [`repeats_member`] is in a message.
+/// Where [`unique_members`] is in a message.
 #[derive(Clone, Copy)]
 enum Nesting {
-    /// The envelope: only `params` is looked into.
-    Envelope,
     /// `params`: every nested object but the tool or prompt `arguments` (the gateway reads
     /// nothing there; the upstream's own parser decides what they mean).
     Params,
@@ -189,15 +193,27 @@ enum Nesting {
     Inner,
 }
 
-/// Whether an object (text already validated as JSON) names a member twice, compared after
-/// unescaping, at its top level or in the nested objects `at` looks into. Allocation-free for
+/// A member named twice in an object (see [`unique_members`]).
+struct Repeated;
+
+/// Scans the object that starts at byte `start` (its `{`; the text already validated as JSON)
+/// and the nested objects `at` looks into, in one pass: `Err` when one of them names a member
+/// twice, compared after unescaping; else the position past its `}`. Allocation-free for
 /// objects of up to 32 members whose keys hold no escapes.
-fn repeats_member(json: &str, at: Nesting) -> bool {
+fn unique_members(json: &str, start: usize, at: Nesting) -> Result<usize, Repeated> {
     const FAST: usize = 32;
+    let b = json.as_bytes();
     let mut seen: [&str; FAST] = [""; FAST];
     let mut n = 0;
     let mut slow: Option<std::collections::HashSet<Cow<'_, str>>> = None;
-    for (raw, span) in members(json) {
+    let mut i = start + 1;
+    loop {
+        // Malformed text cannot reach here (it passed a validating parse); stop quietly.
+        let (raw, value) = match next_member(json, i) {
+            None => return Ok(json.len()),
+            Some(Err(end)) => return Ok(end),
+            Some(Ok(member)) => member,
+        };
         let duplicate = match &mut slow {
             None if n < FAST && !raw.contains('\\') => {
                 let dup = seen[..n].contains(&raw);
@@ -210,7 +226,7 @@ fn repeats_member(json: &str, at: Nesting) -> bool {
                 let key = if raw.contains('\\') {
                     match serde_json::from_str::<String>(&format!("\"{raw}\"")) {
                         Ok(k) => Cow::Owned(k),
-                        Err(_) => return true,
+                        Err(_) => return Err(Repeated),
                     }
                 } else {
                     Cow::Borrowed(raw)
@@ -219,22 +235,20 @@ fn repeats_member(json: &str, at: Nesting) -> bool {
             }
         };
         if duplicate {
-            return true;
+            return Err(Repeated);
         }
-        let value = &json[span];
         let inner = match at {
-            Nesting::Envelope => key_is(raw, "params").then_some(Nesting::Params),
             Nesting::Params => (!key_is(raw, "arguments")).then_some(Nesting::Inner),
             Nesting::Inner => Some(Nesting::Inner),
         };
-        if let Some(inner) = inner
-            && value.starts_with('{')
-            && repeats_member(value, inner)
-        {
-            return true;
-        }
+        i = match inner {
+            Some(inner) if b.get(value) == Some(&b'{') => unique_members(json, value, inner)?,
+            _ => match skip_value(b, value) {
+                Some(end) if end > value => end,
+                _ => return Ok(json.len()),
+            },
+        };
     }
-    false
 }
 
 /// True when the body (after leading whitespace) is a JSON array.

@@ -53,6 +53,19 @@ async fn environment_tokens_guard_the_built_in_configuration() {
     stop(&mut child).await;
 }
 
+/// Runs `serve` on a config that must be refused; its stderr.
+async fn refused_start(cfg: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the start was not refused: {err}");
+    err
+}
+
 fn corrupt(db: &Path) {
     let mut bytes = std::fs::read(db).unwrap();
     for b in bytes.iter_mut().take(100) {
@@ -102,13 +115,7 @@ async fn a_token_store_that_cannot_answer_never_means_no_credentials() {
 
     // Starting on a store that cannot be read: a clear refusal, nothing served.
     corrupt(&db);
-    let out = Command::new(BIN)
-        .args(["serve", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .output()
-        .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = refused_start(&cfg, &[]).await;
     assert!(err.contains("refusing to start") && err.contains("portcullis.db"), "{err}");
 }
 
@@ -145,24 +152,24 @@ async fn the_startup_check_knows_the_store_and_says_how_requests_are_authenticat
     let dir = TempDir::new();
     let cfg = dir.0.join("portcullis.yaml");
     std::fs::write(&cfg, "servers: {}\n").unwrap();
-    let load = || portcullis::config::load(&cfg).unwrap();
-    let mut config = load();
-    config.listen = "0.0.0.0:8080".parse().unwrap();
-    let (path, named) = config.store();
-    let store = portcullis::store::StoreView::open(path.clone(), named).unwrap();
-    let opts = portcullis::cli::ServeOptions::default();
-    let err = portcullis::cli::startup_check(&mut config, &opts, &store).unwrap_err().to_string();
+    // The check `serve` makes on a config listening on every interface, with the store as it is.
+    let check = || {
+        let mut config = portcullis::config::load(&cfg).unwrap();
+        config.listen = "0.0.0.0:8080".parse().unwrap();
+        let (path, named) = config.store();
+        let store = portcullis::store::StoreView::open(path, named).unwrap();
+        portcullis::cli::startup_check(&mut config, &portcullis::cli::ServeOptions::default(), &store)
+    };
+    let err = check().unwrap_err().to_string();
     assert!(err.contains("refusing to serve 0.0.0.0:8080 without credentials"), "{err}");
+    let path = portcullis::config::load(&cfg).unwrap().store().0;
 
     // One issued token: a credential source like any other.
     let (_, secret) = portcullis::store::SqliteStore::open(&path)
         .unwrap()
         .create(&portcullis::store::NewToken { name: "svc".into(), ..Default::default() }, portcullis::store::now_ms())
         .unwrap();
-    let store = portcullis::store::StoreView::open(path, named).unwrap();
-    let mut config = load();
-    config.listen = "0.0.0.0:8080".parse().unwrap();
-    let line = portcullis::cli::startup_check(&mut config, &opts, &store).unwrap();
+    let line = check().unwrap();
     assert!(line.starts_with("authentication: ON") && line.contains("1 live issued token"), "{line}");
     assert!(!line.contains(&secret[..8]), "{line}");
 
@@ -182,13 +189,7 @@ async fn a_failed_random_source_refuses_the_start() {
     let dir = TempDir::new();
     let cfg = dir.0.join("portcullis.yaml");
     std::fs::write(&cfg, "servers: {}\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0", "--test-no-randomness"])
-        .output()
-        .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = refused_start(&cfg, &["--test-no-randomness"]).await;
     assert!(err.contains("random source failed") && !err.contains("listening on"), "{err}");
 }
 
@@ -962,25 +963,12 @@ async fn a_restarted_remote_upstream_is_reinitialized_transparently() {
     }
 }
 
-/// Starts the demo server over HTTP on a given port (0: any); the child and its URL.
-async fn demo_on(port: u16) -> (tokio::process::Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["demo-server", "--http", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let url = listen_url(&mut child).await;
-    (child, url)
-}
-
 /// Items 18 and 19: an unreachable remote server is shown as such in its state, `/health`,
 /// the up metric and call errors (naming it), is probed without the crash-loop breaker, and
 /// works again within about a second of coming back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_remote_server_says_so_and_recovers_quickly() {
-    let (mut child, url) = demo_on(0).await;
+    let HttpDemo { url, _child: mut child } = http_demo(&[]).await;
     let port: u16 = url.trim_end_matches("/mcp").rsplit(':').next().unwrap().parse().unwrap();
     let gw = gateway().remote("far", &url, "transport: streamable_http").start().await;
     let client = Client::connect(&gw.mcp()).await;
@@ -1017,7 +1005,7 @@ async fn an_unreachable_remote_server_says_so_and_recovers_quickly() {
     .await;
     assert_eq!(state(server.clone()).await["state"], "unreachable");
     // Back on the same address: calls work again within about a second.
-    let (_back, _) = demo_on(port).await;
+    let _back = http_demo_on(port, &[]).await;
     let back = std::time::Instant::now();
     let text = eventually(Duration::from_secs(5), || {
         let client = client.clone();

@@ -201,9 +201,14 @@ pub struct HttpDemo {
 }
 
 pub async fn http_demo(args: &[&str]) -> HttpDemo {
+    http_demo_on(0, args).await
+}
+
+/// A demo server over HTTP on a given port of 127.0.0.1 (0: any).
+pub async fn http_demo_on(port: u16, args: &[&str]) -> HttpDemo {
     let mut child = Command::new(BIN)
         .arg("demo-server")
-        .args(["--http", "127.0.0.1:0"])
+        .args(["--http", &format!("127.0.0.1:{port}")])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -409,13 +409,6 @@ impl Upstream {
                         s.state = State::Unreachable;
                     });
                     self.fail_all(&format!("server {} is {reason}", self.def.name));
-                    let delay = backoff.min(REMOTE_BACKOFF_MAX);
-                    backoff = (backoff * 2).min(REMOTE_BACKOFF_MAX);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.stop.cancelled() => break,
-                    }
-                    continue;
                 }
                 Err(e) => {
                     tracing::warn!(server = %self.def.name, error = %e, "upstream failed to start");
@@ -428,8 +421,8 @@ impl Upstream {
                 }
             }
             if remote {
-                // A remote connection that ended: reconnect after the (short) backoff, without
-                // the breaker; a failure to reach it is handled above.
+                // A remote server that could not be reached, or whose connection ended: try again
+                // after the (short) backoff, without the breaker.
                 let delay = backoff.min(REMOTE_BACKOFF_MAX);
                 backoff = (backoff * 2).min(REMOTE_BACKOFF_MAX);
                 tokio::select! {
