@@ -287,7 +287,8 @@ pub async fn reload(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> R
 /// `POST /rpc`: one JSON-RPC request without a session, under the caller's own grants.
 pub async fn rpc(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
     guarded(&gw.clone(), &Scope::All, "POST /rpc", &headers, peer, |who| async move {
-        let body = match read_single(body, gw.config().max_body_bytes).await {
+        let config = gw.config();
+        let body = match read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await {
             Ok(b) => b,
             Err(r) => return r,
         };
@@ -358,8 +359,12 @@ async fn applied(gw: &Gateway) {
 const TOKEN_BODY_LIMIT: usize = 64 * 1024;
 
 /// Reads a management API body: 413 (or 400) in the management API's error format.
-async fn admin_body(body: Body) -> Result<bytes::Bytes, Response> {
-    match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, TOKEN_BODY_LIMIT)).await {
+async fn admin_body(gw: &Gateway, body: Body) -> Result<bytes::Bytes, Response> {
+    let limited = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, TOKEN_BODY_LIMIT));
+    let Ok(collected) = tokio::time::timeout(gw.config().limits.body_read_timeout, limited).await else {
+        return Err(error(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the body did not arrive in time"));
+    };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -373,7 +378,7 @@ async fn admin_body(body: Body) -> Result<bytes::Bytes, Response> {
 /// `POST /admin/tokens`: issues a token (its secret only in this answer).
 pub async fn create_token(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
     admin(gw, "POST /admin/tokens", &headers, peer, |gw, who| async move {
-        let body = match admin_body(body).await {
+        let body = match admin_body(&gw, body).await {
             Ok(b) => b,
             Err(r) => return r,
         };
@@ -462,7 +467,7 @@ pub async fn rotate_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, body
         if let Err(r) = managed(&gw, &who, &id) {
             return r;
         }
-        let body = match admin_body(body).await {
+        let body = match admin_body(&gw, body).await {
             Ok(b) => b,
             Err(r) => return r,
         };

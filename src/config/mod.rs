@@ -122,6 +122,9 @@ pub struct RawLimits {
     /// streaming response is a request in flight: SSE streams are never cut by this.
     #[serde(default)]
     pub keep_alive_timeout: Option<Spanned<DurationValue>>,
+    /// How long a request body may take to arrive in full (default `30s`); then 408.
+    #[serde(default)]
+    pub body_read_timeout: Option<Spanned<DurationValue>>,
     /// Connections open at once (default 20,000); past it new ones are closed at once.
     #[serde(default)]
     pub max_connections: Option<usize>,
@@ -151,6 +154,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// See [`RawLimits::keep_alive_timeout`].
     pub keep_alive_timeout: Duration,
+    /// See [`RawLimits::body_read_timeout`].
+    pub body_read_timeout: Duration,
     /// See [`RawLimits::max_connections`].
     pub max_connections: usize,
     /// See [`RawLimits::session_idle_timeout`].
@@ -170,6 +175,7 @@ impl Default for Limits {
         Limits {
             header_read_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(75),
+            body_read_timeout: Duration::from_secs(30),
             max_connections: 20_000,
             session_idle_timeout: Duration::from_secs(30 * 60),
             max_sessions: 20_000,
@@ -798,6 +804,7 @@ impl Validator<'_> {
         let header_read_timeout = duration(&raw.header_read_timeout, "header_read_timeout", d.header_read_timeout);
         let keep_alive_timeout = duration(&raw.keep_alive_timeout, "keep_alive_timeout", d.keep_alive_timeout);
         let session_idle_timeout = duration(&raw.session_idle_timeout, "session_idle_timeout", d.session_idle_timeout);
+        let body_read_timeout = duration(&raw.body_read_timeout, "body_read_timeout", d.body_read_timeout);
         let mut count = |v: Option<usize>, name: &str, default: usize| match v {
             Some(0) => {
                 self.error(format!("limits.{name}"), None, "must be greater than 0");
@@ -809,6 +816,7 @@ impl Validator<'_> {
         Limits {
             header_read_timeout,
             keep_alive_timeout,
+            body_read_timeout,
             session_idle_timeout,
             max_connections: count(raw.max_connections, "max_connections", d.max_connections),
             max_sessions: count(raw.max_sessions, "max_sessions", d.max_sessions),

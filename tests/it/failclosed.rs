@@ -792,7 +792,7 @@ async fn closed_within(conn: &mut tokio::net::TcpStream, limit: Duration) -> boo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_and_idle_connections_are_closed_but_streams_are_not() {
     use tokio::io::AsyncWriteExt;
-    let top = "limits:\n  header_read_timeout: 1s\n  keep_alive_timeout: 2s\n  max_connections: 40\n";
+    let top = "limits:\n  header_read_timeout: 1s\n  keep_alive_timeout: 2s\n  body_read_timeout: 1s\n  max_connections: 40\n";
     let gw = gateway().demo("a", &[], "").top(top).start().await;
     let addr = gw.url.trim_start_matches("http://").to_owned();
     // 20 connections trickling one header byte per 100 ms: closed after about a second.
@@ -822,6 +822,28 @@ async fn slow_clients_and_idle_connections_are_closed_but_streams_are_not() {
     for t in trickles {
         assert!(t.await.unwrap() < Duration::from_secs(5));
     }
+    // A body that trickles (the headers done) gets 408 once its clock runs out.
+    let mut slow_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: 1000\r\n\r\n{{"
+    );
+    slow_body.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    use tokio::io::AsyncReadExt;
+    let _ = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = slow_body.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&answer));
     // An idle keep-alive connection is closed once its clock runs out.
     let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
     conn.write_all(format!("GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();

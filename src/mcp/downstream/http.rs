@@ -123,9 +123,19 @@ pub fn no_randomness(id: Option<&str>, e: &crate::random::NoRandomness) -> Respo
     rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, code::INTERNAL_ERROR, "No randomness available; try again")
 }
 
-/// Reads a body up to the limit; `Err` is the 413/400 response.
-pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
-    match http_body_util::Limited::new(body, limit).collect().await {
+/// Reads a body up to the limit, within `within` (`limits.body_read_timeout`: a client that
+/// trickles a body holds a connection and a task); `Err` is the 413/408/400 response.
+pub async fn read_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, Response> {
+    let collected = tokio::time::timeout(within, http_body_util::Limited::new(body, limit).collect());
+    let Ok(collected) = collected.await else {
+        return Err(rpc_error(
+            StatusCode::REQUEST_TIMEOUT,
+            None,
+            code::INVALID_REQUEST,
+            &format!("The request body did not arrive within {within:?}"),
+        ));
+    };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(rpc_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -139,8 +149,8 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
 
 /// Reads a body that must hold one JSON-RPC message (legacy SSE POSTs, `/rpc`): an array is 400
 /// with -32600.
-pub async fn read_single(body: Body, limit: usize) -> Result<Bytes, Response> {
-    let body = read_body(body, limit).await?;
+pub async fn read_single(body: Body, limit: usize, within: Duration) -> Result<Bytes, Response> {
+    let body = read_body(body, limit, within).await?;
     if jsonrpc::is_array(&body) {
         return Err(rpc_error(
             StatusCode::BAD_REQUEST,
@@ -477,7 +487,7 @@ async fn post(
             "Not Acceptable: accept application/json or text/event-stream",
         );
     }
-    let body = match read_body(body, config.max_body_bytes).await {
+    let body = match read_body(body, config.max_body_bytes, config.limits.body_read_timeout).await {
         Ok(b) => b,
         Err(r) => return r,
     };

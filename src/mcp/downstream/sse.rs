@@ -67,7 +67,8 @@ pub async fn message(
         let Some(session) = session else {
             return rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found");
         };
-        let body = match read_single(body, gw.config().max_body_bytes).await {
+        let config = gw.config();
+        let body = match read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await {
             Ok(b) => b,
             Err(r) => return r,
         };
