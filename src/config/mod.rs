@@ -115,7 +115,7 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     /// How long a client may take to send a request's headers, from its first byte (default
-    /// `10s`). A slower client's connection is closed.
+    /// `5s`). A slower client's connection is closed.
     #[serde(default)]
     pub header_read_timeout: Option<Spanned<DurationValue>>,
     /// How long a connection may stay open with no request in flight (default `75s`). A
@@ -173,7 +173,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(5),
             keep_alive_timeout: Duration::from_secs(75),
             body_read_timeout: Duration::from_secs(30),
             max_connections: 20_000,

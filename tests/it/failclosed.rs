@@ -999,7 +999,13 @@ async fn an_unreachable_remote_server_says_so_and_recovers_quickly() {
     let _ = child.wait().await;
     let server = format!("{}/servers/far", gw.url);
     let state = |url: String| async move { http_json(reqwest::Method::GET, &url, None, None).await.1 };
-    // Reported everywhere, within a call or two.
+    // Noticed without any call (its GET stream ends and it no longer accepts connections).
+    eventually(Duration::from_secs(10), || {
+        let s = server.clone();
+        async move { (state(s).await["state"] == "unreachable").then_some(()) }
+    })
+    .await;
+    // Reported everywhere.
     let failed = eventually(Duration::from_secs(10), || {
         let client = client.clone();
         async move {

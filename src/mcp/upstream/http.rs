@@ -703,6 +703,19 @@ impl HttpLink {
                 let resp = match resp {
                     Ok(r) if r.status().is_success() => r,
                     Ok(r) if r.status() == StatusCode::METHOD_NOT_ALLOWED => return,
+                    // The server is gone (the stream ended and it no longer accepts), or it
+                    // forgot the session: end this connection, so the supervisor says so and
+                    // reconnects, instead of a state that says `running`.
+                    Err(e) if e.is_connect() => {
+                        tracing::warn!(server = %this.name, "upstream unreachable: {}", error_chain(e));
+                        this.closed.cancel();
+                        return;
+                    }
+                    Ok(r) if r.status() == StatusCode::NOT_FOUND && lock(&this.session_id).is_some() => {
+                        tracing::info!(server = %this.name, "upstream session refused on the GET stream; re-initializing");
+                        this.closed.cancel();
+                        return;
+                    }
                     _ => {
                         failures += 1;
                         tokio::time::sleep(Duration::from_millis(250 * u64::from(failures))).await;
