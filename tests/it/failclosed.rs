@@ -990,7 +990,8 @@ async fn a_restarted_remote_upstream_is_reinitialized_transparently() {
 /// works again within about a second of coming back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_remote_server_says_so_and_recovers_quickly() {
-    let HttpDemo { url, _child: mut child } = http_demo(&[]).await;
+    // A session-era server with no GET stream: nothing but the probe can notice it is gone.
+    let HttpDemo { url, _child: mut child } = http_demo(&["--session-only"]).await;
     let port: u16 = url.trim_end_matches("/mcp").rsplit(':').next().unwrap().parse().unwrap();
     let gw = gateway().remote("far", &url, "transport: streamable_http").start().await;
     let client = Client::connect(&gw.mcp()).await;
@@ -999,7 +1000,16 @@ async fn an_unreachable_remote_server_says_so_and_recovers_quickly() {
     let _ = child.wait().await;
     let server = format!("{}/servers/far", gw.url);
     let state = |url: String| async move { http_json(reqwest::Method::GET, &url, None, None).await.1 };
-    // Noticed without any call (its GET stream ends and it no longer accepts connections).
+    // Noticed without any call (the demo has no GET stream: the probe finds it gone), in
+    // `/health` and the up metric, which make no upstream call themselves.
+    let health = format!("{}/health", gw.url);
+    eventually(Duration::from_secs(15), || {
+        let h = health.clone();
+        async move { (http_json(reqwest::Method::GET, &h, None, None).await.1["status"] == "degraded").then_some(()) }
+    })
+    .await;
+    let (_, metrics) = http_json(reqwest::Method::GET, &format!("{}/metrics", gw.url), None, None).await;
+    assert!(metrics["raw"].as_str().unwrap().contains("portcullis_upstream_up{server=\"far\"} 0"));
     eventually(Duration::from_secs(10), || {
         let s = server.clone();
         async move { (state(s).await["state"] == "unreachable").then_some(()) }
@@ -1033,7 +1043,7 @@ async fn an_unreachable_remote_server_says_so_and_recovers_quickly() {
     .await;
     assert_eq!(state(server.clone()).await["state"], "unreachable");
     // Back on the same address: calls work again within about a second.
-    let _back = http_demo_on(port, &[]).await;
+    let _back = http_demo_on(port, &["--session-only"]).await;
     let back = std::time::Instant::now();
     let text = eventually(Duration::from_secs(5), || {
         let client = client.clone();

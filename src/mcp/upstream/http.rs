@@ -71,6 +71,24 @@ impl Clients {
     }
 }
 
+/// Where a remote server is probed for reachability (its host and port), or None when a proxy
+/// is set in the environment (then only the proxy's answers say anything) or the URL has no
+/// host.
+pub(crate) fn probe_target(url: &str) -> Option<(String, u16)> {
+    let any_proxy = ["HTTPS_PROXY", "https_proxy"].iter().any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
+    if any_proxy || proxy_in(|k| std::env::var_os(k)) {
+        return None;
+    }
+    let u = Url::parse(url).ok()?;
+    Some((u.host_str()?.trim_matches(['[', ']']).to_owned(), u.port_or_known_default()?))
+}
+
+/// Whether a TCP connection to the target opens within two seconds (it is closed at once).
+pub(crate) async fn reachable(target: &(String, u16)) -> bool {
+    let connect = tokio::net::TcpStream::connect((target.0.as_str(), target.1));
+    matches!(tokio::time::timeout(Duration::from_secs(2), connect).await, Ok(Ok(_)))
+}
+
 /// Whether an environment (`var`) names a proxy for `http://` URLs.
 fn proxy_in(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
     ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"].iter().any(|k| var(k).is_some_and(|v| !v.is_empty()))

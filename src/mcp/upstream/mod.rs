@@ -55,6 +55,18 @@ const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
 /// First restart delay, doubled per failure up to `BACKOFF_MAX`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often a connected remote server is probed (a TCP connect to its host and port).
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Resolves when the next probe is due (never without a probe target).
+async fn probe_due(probing: bool) {
+    if probing {
+        tokio::time::sleep(PROBE_EVERY).await;
+    } else {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// The longest delay between two attempts to reach a remote server (no breaker for those: a
 /// URL that is briefly unreachable is probed until it is back).
 const REMOTE_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -337,6 +349,10 @@ impl Upstream {
         let mut first = true;
         // The crash-loop breaker is for processes that crash; a remote URL is probed until back.
         let remote = matches!(self.def.transport, Transport::Http { .. });
+        let probe = match &self.def.transport {
+            Transport::Http { url, .. } => http::probe_target(url),
+            Transport::Stdio { .. } => None,
+        };
         let mut unreachable = false;
         loop {
             if self.stop.is_cancelled() {
@@ -370,9 +386,26 @@ impl Upstream {
                         self.spawn_listener(conn.clone());
                     }
                     self.changed();
-                    let stopping = tokio::select! {
-                        _ = conn.closed.cancelled() => false,
-                        _ = self.stop.cancelled() => true,
+                    let mut missed = 0;
+                    let stopping = loop {
+                        tokio::select! {
+                            _ = conn.closed.cancelled() => break false,
+                            _ = self.stop.cancelled() => break true,
+                            // A remote server is probed while connected, so its state, health
+                            // and metrics say it is gone even when nobody calls it.
+                            _ = probe_due(probe.is_some()) => {
+                                // Two probes in a row, so one slow connect is not an outage.
+                                let up = match &probe {
+                                    Some(target) => http::reachable(target).await,
+                                    None => true,
+                                };
+                                missed = if up { 0 } else { missed + 1 };
+                                if missed >= 2 {
+                                    tracing::warn!(server = %self.def.name, "upstream unreachable (probe)");
+                                    conn.closed.cancel();
+                                }
+                            }
+                        }
                     };
                     // Unpublish first (no new calls land on it), reap, then say Stopped.
                     self.set(|s| {
