@@ -1076,6 +1076,21 @@ servers:
     }
 
     #[test]
+    fn limits_have_defaults_and_refuse_zero() {
+        let c = parse("servers: {}\n", false, &env()).unwrap();
+        assert_eq!(c.limits, Limits::default());
+        let c = parse("limits:\n  session_idle_timeout: 10m\n  max_sessions_per_identity: 5\n", false, &env()).unwrap();
+        assert_eq!(c.limits.session_idle_timeout, Duration::from_secs(600));
+        assert_eq!(c.limits.max_sessions_per_identity, 5);
+        assert_eq!(c.limits.max_sessions, Limits::default().max_sessions);
+        let errs = parse("limits:\n  keep_alive_timeout: 0s\n  max_connections: 0\n", false, &env());
+        let text = format!("{:?}", errs.unwrap_err());
+        assert!(text.contains("limits.keep_alive_timeout") && text.contains("limits.max_connections"), "{text}");
+        let text = format!("{:?}", parse("limits:\n  colour: red\n", false, &env()).unwrap_err());
+        assert!(text.contains("colour"), "unknown keys in limits are errors: {text}");
+    }
+
+    #[test]
     fn urls_are_shown_without_credentials() {
         for (url, shown) in [
             ("ftp://svc:pw-secret@example.com/mcp?key=qk-secret", "ftp://example.com/mcp"),

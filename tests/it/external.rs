@@ -316,3 +316,20 @@ async fn python_sdk_stdio_client_launches_portcullis_stdio() {
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["tools"], json!(["d__echo", "d__sample"]));
 }
+
+/// Issue 11, items 17 and 19 with the real SDK server: server-everything restarted on the same
+/// address is re-initialized behind the caller's back; the first call after it is back works.
+#[tokio::test]
+async fn server_everything_restarted_is_transparent_to_the_caller() {
+    let (mut first, base) = everything("streamableHttp", 0).await;
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let gw = gateway().remote("ev", &format!("{base}/mcp"), "transport: streamable_http").start().await;
+    let client = Client::connect(&gw.mcp()).await;
+    assert_eq!(client.call_text("ev__echo", json!({"message": "before"})).await, "Echo: before");
+    first.kill().await.unwrap();
+    let _ = first.wait().await;
+    let (_again, _) = everything("streamableHttp", port).await;
+    let a = client.call("ev__echo", json!({"message": "after"})).await;
+    assert_eq!(a.response["result"]["content"][0]["text"], "Echo: after", "{:?}", a.response);
+    gw.stop().await;
+}
