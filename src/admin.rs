@@ -2,7 +2,7 @@
 //! `/admin/reload`, and `/rpc` (one JSON-RPC request without a session).
 //!
 //! Invariants: every endpoint goes through the same gate as MCP traffic
-//! (`downstream::http::guarded`: authentication, rate limits, one audit record); everything but
+//! (`gate::guarded`: authentication, rate limits, one audit record); everything but
 //! `/rpc` needs the admin role (403 otherwise); `/rpc` runs under the caller's own grants;
 //! answers are JSON throughout. A management action stays within the caller's own grants and
 //! tenant: an admin sees and controls only the servers it may reach, sees and manages only the
@@ -22,8 +22,8 @@ use serde_json::{Value, json};
 
 use crate::auth::AuthError;
 use crate::config::{self, ServerDef, Transport};
-use crate::mcp::downstream::http::{Who, guarded, json as json_response, read_single, rpc_error};
-use crate::mcp::gateway::{Gateway, Request};
+use crate::gate::{Who, guarded, json as json_response, read_single, rpc_error};
+use crate::mcp::gateway::{ControlError, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, code};
 use crate::mcp::session::{Caller, Scope, Transport as SessionTransport, lock};
 use crate::mcp::upstream::{State, Upstream};
@@ -206,15 +206,6 @@ pub async fn control(gw: Arc<Gateway>, name: String, action: String, headers: He
         }
     })
     .await
-}
-
-/// Why a server could not be started or stopped.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ControlError {
-    /// No such server in the config.
-    Unknown,
-    /// Not in a state for it (already running, disabled, per-session).
-    Conflict(String),
 }
 
 /// `GET /stats`.

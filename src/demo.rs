@@ -480,9 +480,7 @@ async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: Header
         }
         _ => return StatusCode::METHOD_NOT_ALLOWED.into_response(),
     }
-    let Ok(bytes) =
-        crate::mcp::downstream::http::read_body(body, 16 * 1024 * 1024, std::time::Duration::from_secs(60)).await
-    else {
+    let Ok(bytes) = crate::gate::read_body(body, 16 * 1024 * 1024, std::time::Duration::from_secs(60)).await else {
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     };
     let Ok(msg) = serde_json::from_slice::<Value>(&bytes) else {

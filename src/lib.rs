@@ -23,6 +23,7 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod gate;
 pub mod mcp;
 pub mod metrics;
 pub mod random;

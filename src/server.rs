@@ -18,7 +18,8 @@ use axum::routing::{any, get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::mcp::downstream::http::{self as mcp_http, json};
+use crate::gate::json;
+use crate::mcp::downstream::http as mcp_http;
 use crate::mcp::gateway::Gateway;
 use crate::mcp::session::Scope;
 use crate::mcp::upstream::State as UpState;

@@ -195,6 +195,17 @@ impl EndCause {
     }
 }
 
+/// Why a server could not be started or stopped (`POST /servers/{name}/start|stop`).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// No such server in the config.
+    #[error("no such server")]
+    Unknown,
+    /// Not in a state for it (already running, disabled, per-session).
+    #[error("{0}")]
+    Conflict(String),
+}
+
 /// Why a session could not be opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SessionLimit {
@@ -353,8 +364,7 @@ impl Gateway {
     }
 
     /// Starts a stopped shared server (`POST /servers/{name}/start`).
-    pub fn start_server(&self, name: &str) -> Result<(), crate::admin::ControlError> {
-        use crate::admin::ControlError;
+    pub fn start_server(&self, name: &str) -> Result<(), ControlError> {
         let config = self.config();
         let def = config.server(name).ok_or(ControlError::Unknown)?;
         if !def.enabled {
@@ -372,8 +382,7 @@ impl Gateway {
 
     /// Stops a shared server (`POST /servers/{name}/stop`): its calls in flight end with an
     /// error naming it, sessions get `*/list_changed`, the others carry on.
-    pub async fn stop_server(&self, name: &str) -> Result<(), crate::admin::ControlError> {
-        use crate::admin::ControlError;
+    pub async fn stop_server(&self, name: &str) -> Result<(), ControlError> {
         let config = self.config();
         let def = config.server(name).ok_or(ControlError::Unknown)?;
         if def.share != Share::Shared {

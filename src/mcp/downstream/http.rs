@@ -9,8 +9,8 @@
 //! one 404.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -18,13 +18,12 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::BodyExt;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
-use crate::mcp::gateway::{self, Ctx, Gateway, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Note, Request};
+use crate::gate::{Who, audit, guarded, header_str, json, no_randomness, read_body, rpc_error, session_limit};
+use crate::mcp::gateway::{self, Ctx, Gateway, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Request};
 use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
 use crate::mcp::session::{Caller, Scope, Session, Transport, lock};
 use crate::mcp::sse;
@@ -35,132 +34,6 @@ pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// `_meta` key of a 2026-07-28 request's protocol version.
 pub const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
 const CLIENT_CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
-
-/// A JSON response with a status.
-pub fn json(status: StatusCode, body: impl Into<Body>) -> Response {
-    let mut r = Response::new(body.into());
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
-/// A JSON-RPC error response with an HTTP status.
-pub fn rpc_error(status: StatusCode, id: Option<&str>, code: i64, message: &str) -> Response {
-    json(status, jsonrpc::error_response(id, code, message, None))
-}
-
-fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// Checks `Origin` (when present) and `Host` (on loopback, or when `allowed_hosts` is set).
-/// Returns the 403 response to send when the request must be refused.
-pub fn check_origin(config: &Config, headers: &HeaderMap) -> Option<Response> {
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let origin = origin.to_str().unwrap_or("").trim_end_matches('/').to_ascii_lowercase();
-        let allowed = if config.allowed_origins.is_empty() {
-            own_origins(config).contains(&origin)
-        } else {
-            config.allowed_origins.iter().any(|o| *o == origin || o == "*")
-        };
-        if !allowed {
-            return Some(rpc_error(
-                StatusCode::FORBIDDEN,
-                None,
-                code::INVALID_REQUEST,
-                "Forbidden: origin not allowed",
-            ));
-        }
-    }
-    let host = header_str(headers, "host").unwrap_or("").to_ascii_lowercase();
-    let ok = if !config.allowed_hosts.is_empty() {
-        config.allowed_hosts.iter().any(|h| *h == host || host_name(&host) == h.as_str())
-    } else if config.listen.ip().is_loopback() {
-        matches!(host_name(&host), "localhost" | "127.0.0.1" | "[::1]" | "")
-    } else {
-        true
-    };
-    if !ok {
-        return Some(rpc_error(StatusCode::FORBIDDEN, None, code::INVALID_REQUEST, "Forbidden: host not allowed"));
-    }
-    None
-}
-
-fn host_name(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
-    }
-    host.split(':').next().unwrap_or(host)
-}
-
-fn own_origins(config: &Config) -> Vec<String> {
-    let port = config.listen.port();
-    let mut out = Vec::new();
-    for scheme in ["http", "https"] {
-        out.push(format!("{scheme}://{}", config.listen));
-        if config.listen.ip().is_loopback() {
-            out.push(format!("{scheme}://localhost:{port}"));
-            out.push(format!("{scheme}://127.0.0.1:{port}"));
-            out.push(format!("{scheme}://[::1]:{port}"));
-        }
-    }
-    out
-}
-
-/// The answer when a session limit is reached: 429 for the identity's own, 503 for the
-/// gateway's, with a JSON-RPC error saying which.
-pub fn session_limit(id: Option<&str>, e: &gateway::SessionLimit) -> Response {
-    let status = match e {
-        gateway::SessionLimit::Identity(_) => StatusCode::TOO_MANY_REQUESTS,
-        gateway::SessionLimit::Gateway(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    rpc_error(status, id, code::LIMIT_REACHED, &e.to_string())
-}
-
-/// The answer when the OS random source fails: 503, nothing created.
-pub fn no_randomness(id: Option<&str>, e: &crate::random::NoRandomness) -> Response {
-    tracing::error!(error = %e, "refusing to open a session");
-    rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, code::INTERNAL_ERROR, "No randomness available; try again")
-}
-
-/// Reads a body up to the limit, within `within` (`limits.body_read_timeout`: a client that
-/// trickles a body holds a connection and a task); `Err` is the 413/408/400 response.
-pub async fn read_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, Response> {
-    let collected = tokio::time::timeout(within, http_body_util::Limited::new(body, limit).collect());
-    let Ok(collected) = collected.await else {
-        return Err(rpc_error(
-            StatusCode::REQUEST_TIMEOUT,
-            None,
-            code::INVALID_REQUEST,
-            &format!("The request body did not arrive within {within:?}"),
-        ));
-    };
-    match collected {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(rpc_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            None,
-            code::INVALID_REQUEST,
-            &format!("Request body larger than {limit} bytes"),
-        )),
-        Err(_) => Err(rpc_error(StatusCode::BAD_REQUEST, None, code::PARSE_ERROR, "Could not read the request body")),
-    }
-}
-
-/// Reads a body that must hold one JSON-RPC message (legacy SSE POSTs, `/rpc`): an array is 400
-/// with -32600.
-pub async fn read_single(body: Body, limit: usize, within: Duration) -> Result<Bytes, Response> {
-    let body = read_body(body, limit, within).await?;
-    if jsonrpc::is_array(&body) {
-        return Err(rpc_error(
-            StatusCode::BAD_REQUEST,
-            None,
-            code::INVALID_REQUEST,
-            "Bad Request: one JSON-RPC message per request, no batches",
-        ));
-    }
-    Ok(body)
-}
 
 fn accepts(headers: &HeaderMap, mime: &str) -> bool {
     match headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
@@ -174,136 +47,6 @@ fn accepts(headers: &HeaderMap, mime: &str) -> bool {
 
 fn is_modern_version(v: &str) -> bool {
     MODERN_VERSIONS.contains(&v)
-}
-
-/// The authenticated caller of one HTTP request, and the note its audit record is made from.
-#[derive(Clone)]
-pub struct Who {
-    /// The identity.
-    pub identity: Arc<Identity>,
-    /// The client's address (after `trusted_proxies`).
-    pub client: IpAddr,
-    /// Filled while routing.
-    pub note: Arc<Mutex<Note>>,
-}
-
-impl Who {
-    /// The gateway context of one request by this caller.
-    pub fn ctx(&self, scope: Scope, caller: Caller, protocol_version: String) -> Ctx {
-        Ctx { scope, caller, protocol_version, identity: self.identity.clone(), note: self.note.clone() }
-    }
-
-    /// Parses one JSON-RPC message (400 with its JSON-RPC error when it is not one) and notes
-    /// its method and id for the audit record.
-    pub fn parse<'a>(&self, body: &'a [u8]) -> Result<Envelope<'a>, Response> {
-        let env =
-            Envelope::parse(body).map_err(|e| rpc_error(StatusCode::BAD_REQUEST, e.id(), e.code(), &e.to_string()))?;
-        let mut n = lock(&self.note);
-        n.method = env.method().to_owned();
-        n.request_id = env.id.map(|i| i.get().to_owned());
-        Ok(env)
-    }
-
-    /// The same caller with a fresh note (one batch element).
-    fn element(&self, method: &str) -> Who {
-        let note = Note { identity: Some(self.identity.clone()), method: method.to_owned(), ..Note::default() };
-        Who { identity: self.identity.clone(), client: self.client, note: Arc::new(Mutex::new(note)) }
-    }
-}
-
-/// Writes one audit record from a note.
-pub fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: StatusCode, started: Instant) {
-    let latency = started.elapsed();
-    gw.metrics().observe(&crate::metrics::Observation {
-        server: note.server.as_deref(),
-        identity: note.identity.as_ref().map(|i| &*i.name),
-        method: &note.method,
-        refused: note.refused.as_deref(),
-        error: note.error || status.is_server_error(),
-        latency,
-    });
-    gw.audit().record(crate::audit::Record {
-        time,
-        identity: note.identity.as_ref().map(|i| i.name.to_string()),
-        tenant: note.identity.as_ref().and_then(|i| i.tenant.clone()),
-        server: note.server.clone(),
-        method: note.method.clone(),
-        name: note.name.clone(),
-        outcome: note.refused.clone().unwrap_or_else(|| "allowed".into()),
-        status: status.as_u16(),
-        latency_ms: latency.as_secs_f64() * 1000.0,
-        client: client.to_string(),
-        request_id: note.request_id.clone(),
-    });
-}
-
-/// Runs one request behind the gate: the Origin check, authentication, the endpoint's server
-/// grant and the rate limits, then `f`, then one audit record. Every client-facing endpoint
-/// goes through here.
-pub async fn guarded<F, Fut>(
-    gw: &Arc<Gateway>,
-    scope: &Scope,
-    method: &str,
-    headers: &HeaderMap,
-    peer: SocketAddr,
-    f: F,
-) -> Response
-where
-    F: FnOnce(Who) -> Fut,
-    Fut: std::future::Future<Output = Response>,
-{
-    let started = Instant::now();
-    let time = crate::audit::now_rfc3339();
-    let auth = gw.authenticator();
-    let client = auth.client_addr(peer, headers);
-    let note = Arc::new(Mutex::new(Note { method: method.to_owned(), ..Note::default() }));
-    let resp = match admit(gw, &auth, scope, headers, client, &note) {
-        Ok(who) => f(who).await,
-        Err(r) => r,
-    };
-    let n = lock(&note);
-    if !n.batch && !n.deferred {
-        audit(gw, time, client, &n, resp.status(), started);
-    }
-    resp
-}
-
-/// The gate itself (see [`guarded`]).
-fn admit(
-    gw: &Gateway,
-    auth: &Authenticator,
-    scope: &Scope,
-    headers: &HeaderMap,
-    client: IpAddr,
-    note: &Arc<Mutex<Note>>,
-) -> Result<Who, Response> {
-    let config = gw.config();
-    if let Some(r) = check_origin(&config, headers) {
-        lock(note).refused = Some("refused: origin not allowed".into());
-        return Err(r);
-    }
-    let refuse = |e: AuthError| {
-        lock(note).refused = Some(e.outcome().into());
-        e.into_response()
-    };
-    let identity = auth.authenticate(headers, client).map_err(refuse)?;
-    lock(note).identity = Some(identity.clone());
-    if let Scope::One(name) = scope {
-        lock(note).server = Some(name.clone());
-        if config.server(name).is_none_or(|d| !d.enabled) {
-            return Err(rpc_error(
-                StatusCode::NOT_FOUND,
-                None,
-                code::INVALID_REQUEST,
-                &format!("No such server: {name}"),
-            ));
-        }
-        if !identity.grants.reaches(name) {
-            return Err(refuse(AuthError::Forbidden(format!("this token may not reach server {name}"))));
-        }
-    }
-    auth.check_rate(&identity, client).map_err(refuse)?;
-    Ok(Who { identity, client, note: note.clone() })
 }
 
 /// Handles POST, GET and DELETE on a streamable-HTTP MCP endpoint.

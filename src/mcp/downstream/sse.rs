@@ -19,7 +19,8 @@ use futures_util::StreamExt;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::http::{EndSession, audit, guarded, read_single, rpc_error, sse_response, stream_with_keepalive};
+use super::http::{EndSession, sse_response, stream_with_keepalive};
+use crate::gate::{audit, guarded, no_randomness, read_single, rpc_error, session_limit};
 use crate::mcp::gateway::{self, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, RawObject, code};
 use crate::mcp::session::{Caller, Scope, Session, Transport, lock};
@@ -33,12 +34,12 @@ pub async fn open(gw: Arc<Gateway>, scope: Scope, headers: HeaderMap, peer: Sock
     guarded(&gw.clone(), &scope.clone(), "GET", &headers, peer, |who| async move {
         let session = match Session::new(scope, SSE_VERSION.to_owned(), Transport::Sse, who.identity.clone()) {
             Ok(s) => s,
-            Err(e) => return super::http::no_randomness(None, &e),
+            Err(e) => return no_randomness(None, &e),
         };
         let (tx, rx) = mpsc::channel::<Bytes>(256);
         session.attach_stream(tx);
         if let Err(e) = gw.add_session(session.clone()) {
-            return super::http::session_limit(None, &e);
+            return session_limit(None, &e);
         }
         let endpoint = format!("/messages/?session_id={}", session.id);
         let end = EndSession::new(gw.clone(), session.id.clone());
