@@ -25,8 +25,9 @@ use crate::config::{self, ServerDef, Transport};
 use crate::gate::{Who, guarded, json as json_response, read_single, rpc_error};
 use crate::mcp::gateway::{ControlError, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, code};
-use crate::mcp::session::{Caller, Scope, Transport as SessionTransport, lock};
+use crate::mcp::session::{Caller, Scope, Transport as SessionTransport};
 use crate::mcp::upstream::{State, Upstream};
+use crate::sharded::lock;
 
 fn json_value(status: StatusCode, v: &Value) -> Response {
     json_response(status, v.to_string())

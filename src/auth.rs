@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use crate::authz::Grants;
-use crate::mcp::session::lock;
 use crate::sharded::Sharded;
+use crate::sharded::lock;
 
 /// Carries a verified client certificate's subject from the TLS acceptor to authentication.
 /// The edge layer removes it from every incoming request first, so a client cannot send it.

@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::mcp::session::lock;
+use crate::sharded::lock;
 
 /// Demo server options.
 #[derive(Debug, Clone)]

@@ -21,7 +21,8 @@ use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
 use crate::mcp::gateway::{self, Ctx, Gateway, Note};
 use crate::mcp::jsonrpc::{self, Envelope, code};
-use crate::mcp::session::{Caller, Scope, lock};
+use crate::mcp::session::{Caller, Scope};
+use crate::sharded::lock;
 
 /// A JSON response with a status.
 pub fn json(status: StatusCode, body: impl Into<Body>) -> Response {

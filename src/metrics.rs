@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::mcp::session::lock;
+use crate::sharded::lock;
 
 /// The MCP methods counted under their own label; anything else is `other`.
 pub const METHODS: [&str; 22] = [

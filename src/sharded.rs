@@ -1,15 +1,20 @@
-//! A map split into shards, each behind its own lock, so requests on different keys rarely
-//! share one: per-address rate state, per-address failure counts, the session table, the issued-token
-//! caches.
+//! Locking: [`lock`] (a std mutex that survives poisoning) and [`Sharded`], a map split into
+//! shards each behind its own lock, so requests on different keys rarely share one (per-address
+//! rate state, per-address failure counts, the session table, the issued-token caches).
 //!
-//! Invariant: no method holds more than one shard's lock at a time, and none across an await.
+//! Invariant: no method holds more than one shard's lock at a time, and none across an await;
+//! this module depends on nothing else of the crate.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
-use crate::mcp::session::lock;
+/// Locks a std mutex, recovering from poisoning (state behind these locks stays consistent
+/// because every critical section is a single map operation).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// How many shards a map has.
 pub(crate) const SHARDS: usize = 16;

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{Rate, Role};
 use crate::authz::Grants;
-use crate::mcp::session::lock;
 use crate::sharded::Sharded;
+use crate::sharded::lock;
 
 /// Why a store operation failed, and whose fault it is.
 #[derive(Debug, thiserror::Error)]

@@ -22,12 +22,13 @@ use tokio::sync::mpsc;
 
 use super::jsonrpc::{self, Envelope, Item, Kind, RawObject, Reply, code};
 use super::resources::{Resolved, ResourceIndex};
-use super::session::{self, Caller, ClientRequestRoute, Scope, Session, lock};
+use super::session::{self, Caller, ClientRequestRoute, Scope, Session};
 use super::upstream::{Hub, MODERN_VERSION, Status, Upstream};
 use crate::auth::{Authenticator, Identity};
 use crate::authz::Kind as GrantKind;
 use crate::config::{Config, ServerDef, Share};
 use crate::sharded::Sharded;
+use crate::sharded::lock;
 
 /// Protocol versions reachable through `initialize`, oldest first.
 pub const HANDSHAKE_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::Value;
 
-use super::session::{Scope, lock};
+use super::session::Scope;
+use crate::sharded::lock;
 
 /// The scheme of rewritten URIs.
 pub const PREFIX: &str = "portcullis://";

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::upstream::Upstream;
 use crate::auth::Identity;
 use crate::random::NoRandomness;
+use crate::sharded::lock;
 
 /// Which servers a downstream endpoint exposes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -368,10 +369,4 @@ impl Caller {
         }
         self.session.as_ref().is_some_and(|s| s.send(msg))
     }
-}
-
-/// Locks a std mutex, recovering from poisoning (state behind these locks stays consistent
-/// because every critical section is a single map operation).
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -1060,3 +1060,50 @@ async fn an_unreachable_remote_server_says_so_and_recovers_quickly() {
     assert_eq!(health["status"], "ok");
     gw.stop().await;
 }
+
+/// Issue 12: `portcullis stdio` writes one audit record per message, as every other surface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_writes_one_audit_record_per_message() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let dir = TempDir::new();
+    let cfg = dir.0.join("portcullis.yaml");
+    let audit = dir.0.join("audit.jsonl");
+    let top = format!("audit:\n  file: {:?}\n", audit.display().to_string());
+    std::fs::write(&cfg, gateway().demo("a", &[], "").top(&top).yaml()).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["stdio", "--config", cfg.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let call = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"a__echo","arguments":{"text":"x"}}}"#;
+    stdin
+        .write_all(
+            format!("{INIT}\n{{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}}\n{call}\nnot json\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), out.next_line()).await.unwrap().unwrap().unwrap();
+        if serde_json::from_str::<serde_json::Value>(&line).unwrap()["id"] == 2 {
+            break;
+        }
+    }
+    drop(stdin);
+    let _ = child.wait().await;
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let records: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let methods: Vec<&str> = records.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    for m in ["initialize", "notifications/initialized", "tools/call", ""] {
+        assert_eq!(methods.iter().filter(|x| **x == m).count(), 1, "{m:?} in {methods:?}");
+    }
+    let call = records.iter().find(|r| r["method"] == "tools/call").unwrap();
+    assert_eq!((call["server"].as_str(), call["outcome"].as_str()), (Some("a"), Some("allowed")), "{call}");
+    let bad = records.iter().find(|r| r["method"] == "").unwrap();
+    assert_eq!(bad["outcome"], "refused: invalid message", "{bad}");
+}

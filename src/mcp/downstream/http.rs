@@ -25,8 +25,9 @@ use crate::config::Config;
 use crate::gate::{Who, audit, guarded, header_str, json, no_randomness, read_body, rpc_error, session_limit};
 use crate::mcp::gateway::{self, Ctx, Gateway, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Request};
 use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
-use crate::mcp::session::{Caller, Scope, Session, Transport, lock};
+use crate::mcp::session::{Caller, Scope, Session, Transport};
 use crate::mcp::sse;
+use crate::sharded::lock;
 
 /// Interval of keep-alive comments on idle SSE streams.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);

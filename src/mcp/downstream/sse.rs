@@ -23,8 +23,9 @@ use super::http::{EndSession, sse_response, stream_with_keepalive};
 use crate::gate::{audit, guarded, no_randomness, read_single, rpc_error, session_limit};
 use crate::mcp::gateway::{self, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, RawObject, code};
-use crate::mcp::session::{Caller, Scope, Session, Transport, lock};
+use crate::mcp::session::{Caller, Scope, Session, Transport};
 use crate::mcp::sse;
+use crate::sharded::lock;
 
 /// The version a legacy SSE session speaks until `initialize` says otherwise.
 const SSE_VERSION: &str = "2024-11-05";

@@ -7,7 +7,11 @@
 //! `--as NAME` applies a configured identity's grants; end of stdin ends the session and stops
 //! every upstream.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::StatusCode;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -20,6 +24,7 @@ use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, code};
 use crate::mcp::lines::{Line, Lines};
 use crate::mcp::session::{Caller, Scope, Session, Transport};
 use crate::mcp::upstream::MODERN_VERSION;
+use crate::sharded::lock;
 
 /// Serves one client on stdin/stdout until stdin closes.
 pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> std::io::Result<()> {
@@ -39,12 +44,25 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
         .map_err(std::io::Error::other)?;
     session.attach_stream(tx.clone());
     gw.add_session(session.clone()).map_err(std::io::Error::other)?;
-    let ctx_for = |caller: Caller, version: String| Ctx {
+    // Each message gets its audit note (the one client is local: its address is loopback).
+    let note_for = |method: &str, id: Option<&str>| {
+        let note = Note {
+            identity: Some(identity.clone()),
+            method: method.to_owned(),
+            request_id: id.map(str::to_owned),
+            ..Note::default()
+        };
+        Arc::new(std::sync::Mutex::new(note))
+    };
+    let record = |gw: &Gateway, note: &Arc<std::sync::Mutex<Note>>, status: StatusCode, started: (String, Instant)| {
+        crate::gate::audit(gw, started.0, IpAddr::V4(Ipv4Addr::LOCALHOST), &lock(note), status, started.1);
+    };
+    let ctx_for = |caller: Caller, version: String, note: Arc<std::sync::Mutex<Note>>| Ctx {
         scope: scope.clone(),
         caller,
         protocol_version: version,
         identity: identity.clone(),
-        note: Arc::new(std::sync::Mutex::new(Note::default())),
+        note,
     };
     let max = gw.config().max_body_bytes;
     let mut lines = Lines::new(tokio::io::stdin(), max);
@@ -55,11 +73,18 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
                 let _ = tx.send(Bytes::from(msg)).await;
             }
         };
+        let started = (crate::audit::now_rfc3339(), Instant::now());
+        let refused = |why: &str| {
+            let note = note_for("", None);
+            lock(&note).refused = Some(why.to_owned());
+            record(&gw, &note, StatusCode::BAD_REQUEST, started.clone());
+        };
         let line = match line {
             Line::Text(l) => l,
             Line::TooLong => {
                 let msg = format!("message longer than {max} bytes (max_body_bytes); skipped");
                 send(jsonrpc::error_response(None, code::INVALID_REQUEST, &msg, None)).await;
+                refused("refused: message too long");
                 continue;
             }
         };
@@ -68,15 +93,18 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
         }
         if jsonrpc::is_array(&line) {
             send(jsonrpc::error_response(None, code::INVALID_REQUEST, "batches are not supported", None)).await;
+            refused("refused: batch");
             continue;
         }
         let env = match Envelope::parse(&line) {
             Ok(e) => e,
             Err(e) => {
                 send(jsonrpc::error_response(e.id(), e.code(), &e.to_string(), None)).await;
+                refused("refused: invalid message");
                 continue;
             }
         };
+        let note = note_for(env.method(), env.id.map(RawValue::get));
         let modern = env.method() == "server/discover" || is_modern(&env);
         match env.kind {
             Kind::Request if env.method() == "initialize" => {
@@ -88,6 +116,7 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
                 let caller = Caller { session: Some(session.clone()), ..Caller::default() };
                 let result = gw.initialize_result(&scope, version, &caller, &identity).await;
                 send(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)).await;
+                record(&gw, &note, StatusCode::OK, started);
             }
             Kind::Request => {
                 let (caller, version) = if modern {
@@ -96,7 +125,7 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
                 } else {
                     (Caller { session: Some(session.clone()), ..Caller::default() }, "2025-11-25")
                 };
-                let ctx = ctx_for(caller, version.to_owned());
+                let ctx = ctx_for(caller, version.to_owned(), note.clone());
                 let id = env.id.map_or("null", RawValue::get).to_owned();
                 let method = env.method().to_owned();
                 let params: Option<Box<RawValue>> = env.params.map(ToOwned::to_owned);
@@ -106,15 +135,18 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
                     let r = Request { method: &method, params: params.as_deref(), id: Some(&id) };
                     let reply = gw.request(&ctx, &r).await;
                     let _ = tx.send(Bytes::from(reply.to_message(&id))).await;
+                    record(&gw, &note, StatusCode::OK, started);
                 });
             }
             Kind::Notification => {
-                let ctx = ctx_for(Caller { session: Some(session.clone()), ..Caller::default() }, "2025-11-25".into());
-                gw.notification(&ctx, &env);
+                let caller = Caller { session: Some(session.clone()), ..Caller::default() };
+                gw.notification(&ctx_for(caller, "2025-11-25".into(), note.clone()), &env);
+                record(&gw, &note, StatusCode::ACCEPTED, started);
             }
             Kind::Result | Kind::Error => {
-                let ctx = ctx_for(Caller { session: Some(session.clone()), ..Caller::default() }, "2025-11-25".into());
-                gw.response(&ctx, &env);
+                let caller = Caller { session: Some(session.clone()), ..Caller::default() };
+                gw.response(&ctx_for(caller, "2025-11-25".into(), note.clone()), &env);
+                record(&gw, &note, StatusCode::ACCEPTED, started);
             }
         }
     }

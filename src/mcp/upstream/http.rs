@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use super::{Connected, Link, MODERN_VERSION, ServerInfo, Upstream};
 use crate::config::{HttpMode, Transport};
 use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, code};
-use crate::mcp::session::lock;
 use crate::mcp::sse;
+use crate::sharded::lock;
 
 /// The largest JSON body or SSE event accepted from an upstream.
 const MAX_UPSTREAM_MESSAGE: usize = 64 * 1024 * 1024;

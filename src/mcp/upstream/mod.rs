@@ -31,8 +31,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
-use super::session::{self, Caller, ClientRequestRoute, lock};
+use super::session::{self, Caller, ClientRequestRoute};
 use crate::config::{ServerDef, Transport};
+use crate::sharded::lock;
 
 /// The protocol version Portcullis offers upstream in `initialize`.
 pub const UPSTREAM_HANDSHAKE_VERSION: &str = "2025-11-25";

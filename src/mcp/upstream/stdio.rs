@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Connected, Link, Upstream};
 use crate::config::Transport;
 use crate::mcp::lines::{Line, Lines};
-use crate::mcp::session::lock;
+use crate::sharded::lock;
 
 /// The longest message accepted from a child (64 MiB).
 pub const MAX_LINE: usize = 64 * 1024 * 1024;
