@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::join_all;
@@ -26,7 +27,7 @@ use crate::gate::{Who, guarded, json as json_response, read_single, rpc_error};
 use crate::mcp::gateway::{ControlError, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, code};
 use crate::mcp::session::{Caller, Scope, Transport as SessionTransport};
-use crate::mcp::upstream::{State, Upstream};
+use crate::mcp::upstream::{State as UpState, Upstream};
 use crate::sharded::lock;
 
 fn json_value(status: StatusCode, v: &Value) -> Response {
@@ -153,7 +154,11 @@ async fn describe(gw: &Gateway, def: &Arc<ServerDef>) -> Value {
 }
 
 /// `GET /servers`.
-pub async fn servers(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
+pub async fn servers(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     admin(gw, "GET /servers", &headers, peer, |gw, who| async move {
         let config = gw.config();
         let visible = config.servers.iter().filter(|d| who.identity.grants.reaches(&d.name));
@@ -164,7 +169,12 @@ pub async fn servers(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> 
 }
 
 /// `GET /servers/{name}`.
-pub async fn server(gw: Arc<Gateway>, name: String, headers: HeaderMap, peer: SocketAddr) -> Response {
+pub async fn server(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     admin(gw, "GET /servers/{name}", &headers, peer, |gw, who| async move {
         lock(&who.note).server = Some(name.clone());
         match gw.config().server(&name) {
@@ -176,7 +186,12 @@ pub async fn server(gw: Arc<Gateway>, name: String, headers: HeaderMap, peer: So
 }
 
 /// `POST /servers/{name}/start|stop|restart`.
-pub async fn control(gw: Arc<Gateway>, name: String, action: String, headers: HeaderMap, peer: SocketAddr) -> Response {
+pub async fn control(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
     admin(gw, "POST /servers/{name}/{action}", &headers, peer, |gw, who| async move {
         lock(&who.note).server = Some(name.clone());
         if !who.identity.grants.reaches(&name) {
@@ -210,7 +225,11 @@ pub async fn control(gw: Arc<Gateway>, name: String, action: String, headers: He
 }
 
 /// `GET /stats`.
-pub async fn stats(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
+pub async fn stats(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     unrestricted(gw, "GET /stats", &headers, peer, |gw, _| async move {
         json_value(StatusCode::OK, &gw.metrics().stats_json())
     })
@@ -218,7 +237,11 @@ pub async fn stats(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Re
 }
 
 /// `GET /metrics` (Prometheus text format).
-pub async fn metrics(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
+pub async fn metrics(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     unrestricted(gw, "GET /metrics", &headers, peer, |gw, _| async move {
         let mut out = String::new();
         gw.metrics().render(&mut out);
@@ -243,7 +266,7 @@ pub async fn metrics(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> 
         let _ = writeln!(out, "# TYPE portcullis_upstream_up gauge");
         let statuses = gw.statuses();
         for (def, status) in &statuses {
-            let up = status.as_ref().is_some_and(|s| s.state == State::Running);
+            let up = status.as_ref().is_some_and(|s| s.state == UpState::Running);
             let _ = writeln!(out, "portcullis_upstream_up{{server=\"{}\"}} {}", def.name, u8::from(up));
         }
         let _ = writeln!(out, "# HELP portcullis_upstream_restarts_total Restarts of a server's instance.");
@@ -263,7 +286,11 @@ pub async fn metrics(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> 
 }
 
 /// `POST /admin/reload`: as SIGHUP, but the errors of an invalid file come back in the answer.
-pub async fn reload(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
+pub async fn reload(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     unrestricted(gw, "POST /admin/reload", &headers, peer, |gw, _| async move {
         match gw.reload_from_source().await {
             Ok(()) => json_value(StatusCode::OK, &json!({"status": "reloaded"})),
@@ -277,7 +304,12 @@ pub async fn reload(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> R
 }
 
 /// `POST /rpc`: one JSON-RPC request without a session, under the caller's own grants.
-pub async fn rpc(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
+pub async fn rpc(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     guarded(&gw.clone(), &Scope::All, "POST /rpc", &headers, peer, |who| async move {
         let config = gw.config();
         let body = match read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await {
@@ -368,7 +400,12 @@ async fn admin_body(gw: &Gateway, body: Body) -> Result<bytes::Bytes, Response> 
 }
 
 /// `POST /admin/tokens`: issues a token (its secret only in this answer).
-pub async fn create_token(gw: Arc<Gateway>, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
+pub async fn create_token(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     admin(gw, "POST /admin/tokens", &headers, peer, |gw, who| async move {
         let body = match admin_body(&gw, body).await {
             Ok(b) => b,
@@ -426,7 +463,11 @@ fn beyond_caller(gw: &Gateway, who: &Who, new: &crate::store::NewToken) -> Optio
 }
 
 /// `GET /admin/tokens`.
-pub async fn list_tokens(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr) -> Response {
+pub async fn list_tokens(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     admin(gw, "GET /admin/tokens", &headers, peer, |gw, who| async move {
         match open_store(&gw).and_then(|s| s.list()) {
             Ok(tokens) => {
@@ -441,7 +482,12 @@ pub async fn list_tokens(gw: Arc<Gateway>, headers: HeaderMap, peer: SocketAddr)
 }
 
 /// `GET /admin/tokens/{id}`.
-pub async fn get_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, peer: SocketAddr) -> Response {
+pub async fn get_token(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     admin(gw, "GET /admin/tokens/{id}", &headers, peer, |gw, who| async move {
         match open_store(&gw).and_then(|s| s.get(&id)) {
             Ok(t) if manages(&gw, &who, &t) => json_value(StatusCode::OK, &token_json(&t, None)),
@@ -454,7 +500,13 @@ pub async fn get_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, peer: S
 }
 
 /// `POST /admin/tokens/{id}/rotate` with `{"grace":"24h"}`.
-pub async fn rotate_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, body: Body, peer: SocketAddr) -> Response {
+pub async fn rotate_token(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     admin(gw, "POST /admin/tokens/{id}/rotate", &headers, peer, |gw, who| async move {
         if let Err(r) = managed(&gw, &who, &id) {
             return r;
@@ -493,7 +545,12 @@ pub async fn rotate_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, body
 }
 
 /// `DELETE /admin/tokens/{id}`: revokes (the row stays); effective at once.
-pub async fn revoke_token(gw: Arc<Gateway>, id: String, headers: HeaderMap, peer: SocketAddr) -> Response {
+pub async fn revoke_token(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     admin(gw, "DELETE /admin/tokens/{id}", &headers, peer, |gw, who| async move {
         if let Err(r) = managed(&gw, &who, &id) {
             return r;

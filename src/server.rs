@@ -40,16 +40,16 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/{name}/sse", get(sse_one))
         .route("/{name}/mcp", any(one_server))
         .route("/health", get(health))
-        .route("/servers", get(admin_servers))
-        .route("/servers/{name}", get(admin_server))
-        .route("/servers/{name}/{action}", post(admin_control))
-        .route("/stats", get(admin_stats))
-        .route("/metrics", get(admin_metrics))
-        .route("/admin/reload", post(admin_reload))
-        .route("/admin/tokens", post(token_create).get(token_list))
-        .route("/admin/tokens/{id}", get(token_get).delete(token_revoke))
-        .route("/admin/tokens/{id}/rotate", post(token_rotate))
-        .route("/rpc", post(rpc))
+        .route("/servers", get(crate::admin::servers))
+        .route("/servers/{name}", get(crate::admin::server))
+        .route("/servers/{name}/{action}", post(crate::admin::control))
+        .route("/stats", get(crate::admin::stats))
+        .route("/metrics", get(crate::admin::metrics))
+        .route("/admin/reload", post(crate::admin::reload))
+        .route("/admin/tokens", post(crate::admin::create_token).get(crate::admin::list_tokens))
+        .route("/admin/tokens/{id}", get(crate::admin::get_token).delete(crate::admin::revoke_token))
+        .route("/admin/tokens/{id}/rotate", post(crate::admin::rotate_token))
+        .route("/rpc", post(crate::admin::rpc))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(gw.clone(), edge))
         .with_state(gw)
@@ -167,110 +167,6 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
         ("degraded", StatusCode::OK)
     };
     json(code, format!(r#"{{"status":"{status}","servers":{{"up":{up},"down":{down}}}}}"#))
-}
-
-async fn admin_servers(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    crate::admin::servers(gw, headers, peer).await
-}
-
-async fn admin_server(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    crate::admin::server(gw, name, headers, peer).await
-}
-
-async fn admin_control(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((name, action)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    crate::admin::control(gw, name, action, headers, peer).await
-}
-
-async fn admin_stats(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    crate::admin::stats(gw, headers, peer).await
-}
-
-async fn admin_metrics(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    crate::admin::metrics(gw, headers, peer).await
-}
-
-async fn admin_reload(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    crate::admin::reload(gw, headers, peer).await
-}
-
-async fn token_create(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    crate::admin::create_token(gw, headers, body, peer).await
-}
-
-async fn token_list(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    crate::admin::list_tokens(gw, headers, peer).await
-}
-
-async fn token_get(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    crate::admin::get_token(gw, id, headers, peer).await
-}
-
-async fn token_rotate(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    crate::admin::rotate_token(gw, id, headers, body, peer).await
-}
-
-async fn token_revoke(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    crate::admin::revoke_token(gw, id, headers, peer).await
-}
-
-async fn rpc(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    crate::admin::rpc(gw, headers, body, peer).await
 }
 
 async fn not_found() -> Response {
