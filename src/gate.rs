@@ -228,10 +228,11 @@ where
 {
     let started = Instant::now();
     let time = crate::audit::now_rfc3339();
-    let auth = gw.authenticator();
-    let client = auth.client_addr(peer, headers);
+    // One snapshot for the whole gate: the config and the credentials of one reload.
+    let snap = gw.snapshot();
+    let client = snap.auth.client_addr(peer, headers);
     let note = Arc::new(Mutex::new(Note { method: method.to_owned(), ..Note::default() }));
-    let resp = match admit(gw, &auth, scope, headers, client, &note) {
+    let resp = match admit(&snap.config, &snap.auth, scope, headers, client, &note) {
         Ok(who) => f(who).await,
         Err(r) => r,
     };
@@ -244,15 +245,14 @@ where
 
 /// The gate itself (see [`guarded`]).
 fn admit(
-    gw: &Gateway,
+    config: &Config,
     auth: &Authenticator,
     scope: &Scope,
     headers: &HeaderMap,
     client: IpAddr,
     note: &Arc<Mutex<Note>>,
 ) -> Result<Who, Response> {
-    let config = gw.config();
-    if let Some(r) = check_origin(&config, headers) {
+    if let Some(r) = check_origin(config, headers) {
         lock(note).refused = Some("refused: origin not allowed".into());
         return Err(r);
     }

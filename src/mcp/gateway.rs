@@ -145,7 +145,9 @@ impl ListKind {
 
 /// The gateway.
 pub struct Gateway {
-    config: ArcSwap<Config>,
+    /// The config and the credential table built from it, swapped together: a reload is seen
+    /// whole or not at all.
+    snapshot: ArcSwap<Snapshot>,
     /// Shared instances by server name: read on every call without a lock, replaced whole on
     /// the rare start or stop.
     upstreams: ArcSwap<HashMap<String, Arc<Upstream>>>,
@@ -157,7 +159,6 @@ pub struct Gateway {
     me: Weak<Gateway>,
     initializes: AtomicU64,
     discovers: AtomicU64,
-    auth: ArcSwap<Authenticator>,
     audit: crate::audit::Audit,
     metrics: crate::metrics::Metrics,
     draining: std::sync::atomic::AtomicBool,
@@ -194,6 +195,14 @@ impl EndCause {
             EndCause::Revoked => "revoked",
         }
     }
+}
+
+/// One configuration and everything derived from it, replaced whole on reload.
+pub struct Snapshot {
+    /// The validated config.
+    pub config: Arc<Config>,
+    /// The credential table built from it.
+    pub auth: Arc<Authenticator>,
 }
 
 /// Why a server could not be started or stopped (`POST /servers/{name}/start|stop`).
@@ -265,7 +274,7 @@ impl Gateway {
         });
         let http = crate::mcp::upstream::http::Clients::new();
         let gw = Arc::new_cyclic(|me| Gateway {
-            config: ArcSwap::from_pointee(config),
+            snapshot: ArcSwap::from_pointee(Snapshot { config: Arc::new(config), auth: Arc::new(authenticator) }),
             upstreams: ArcSwap::from_pointee(HashMap::new()),
             sessions: Sharded::new(),
             resources: ResourceIndex::default(),
@@ -275,7 +284,6 @@ impl Gateway {
             me: me.clone(),
             initializes: AtomicU64::new(0),
             discovers: AtomicU64::new(0),
-            auth: ArcSwap::from_pointee(authenticator),
             audit,
             metrics: crate::metrics::Metrics::default(),
             store,
@@ -431,8 +439,7 @@ impl Gateway {
         }
         let authenticator = authenticator_for(&config, Some(self.store.clone()));
         let config = Arc::new(config);
-        self.config.store(config.clone());
-        self.auth.store(Arc::new(authenticator));
+        self.snapshot.store(Arc::new(Snapshot { config: config.clone(), auth: Arc::new(authenticator) }));
         self.configure_metrics(&config);
         self.metrics.reloaded(true);
         let mut stops = Vec::new();
@@ -481,17 +488,22 @@ impl Gateway {
 
     /// The current config snapshot.
     pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
+        self.snapshot.load().config.clone()
+    }
+
+    /// The current snapshot: config and credentials from one reload.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
     /// Records the address the listener actually bound (port 0 resolves to a real port), which
     /// the Origin and Host checks compare against.
     pub fn set_bound_address(&self, addr: std::net::SocketAddr) {
-        if self.config.load().listen != addr {
-            self.config.rcu(|c| {
-                let mut c = Config::clone(c);
+        if self.snapshot.load().config.listen != addr {
+            self.snapshot.rcu(|s| {
+                let mut c = Config::clone(&s.config);
                 c.listen = addr;
-                c
+                Snapshot { config: Arc::new(c), auth: s.auth.clone() }
             });
         }
     }
@@ -647,7 +659,7 @@ impl Gateway {
 
     /// The credential table of the current config.
     pub fn authenticator(&self) -> Arc<Authenticator> {
-        self.auth.load_full()
+        self.snapshot.load().auth.clone()
     }
 
     /// The audit sink.
@@ -772,7 +784,7 @@ impl Gateway {
         let _slot = match &ctx.caller.session {
             Some(s) => {
                 s.touch();
-                let max = self.config.load().limits.max_calls_per_session;
+                let max = self.snapshot.load().config.limits.max_calls_per_session;
                 match s.begin_call(max) {
                     Some(slot) => Some(slot),
                     None => {
