@@ -3,9 +3,10 @@
 //! `/mcp` presents every server as one: tools and prompts are named `server{sep}name`, lists are
 //! merged across servers with one opaque, MAC-protected cursor, resources are routed by an index
 //! of each server's URIs and templates. `/servers/{name}/mcp` passes one server through
-//! unchanged. Invariants: a server that is down is left out of lists (the rest answer); a request
-//! reads one config snapshot; unknown names get the same JSON-RPC error whether the server or the
-//! tool is unknown; resource subscriptions on shared upstreams are reference-counted across
+//! unchanged. Invariants: a server that is down is left out of lists (the rest answer); the
+//! config and the credential table are one snapshot, swapped whole; unknown names get the same
+//! JSON-RPC error whether the server or the tool is unknown; a list cursor is valid only for the
+//! principal and the list it was minted for; resource subscriptions on shared upstreams are reference-counted across
 //! sessions, so one session's unsubscribe never ends another's.
 
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use hmac::{KeyInit, Mac};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::jsonrpc::{self, Envelope, Item, Kind, RawObject, Reply, code};
+use super::jsonrpc::{self, Envelope, Item, RawObject, Reply, code};
 use super::resources::{Resolved, ResourceIndex};
 use super::session::{self, Caller, ClientRequestRoute, Scope, Session};
 use super::upstream::{Hub, MODERN_VERSION, Status, Upstream};
@@ -1651,9 +1652,4 @@ impl Hub for Gateway {
 /// Picks the version to answer `initialize` with.
 pub fn negotiate(requested: Option<&str>) -> &'static str {
     requested.and_then(|r| HANDSHAKE_VERSIONS.iter().find(|v| **v == r)).copied().unwrap_or(LATEST_HANDSHAKE)
-}
-
-/// Checks an `Envelope` is a request (for callers that only route requests).
-pub fn is_request(env: &Envelope<'_>) -> bool {
-    env.kind == Kind::Request
 }

@@ -694,7 +694,7 @@ impl HttpLink {
 
     /// Opens the standalone GET stream of a session-based server, for its own requests and
     /// notifications. Servers that answer 405 have none.
-    pub(crate) fn start_get_stream(self: &Arc<Self>, _up: &Arc<Upstream>) {
+    pub(crate) fn start_get_stream(self: &Arc<Self>) {
         if !matches!(self.mode, Mode::Streamable) {
             return;
         }

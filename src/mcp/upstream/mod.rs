@@ -613,7 +613,7 @@ impl Upstream {
         }
         link.send(Bytes::from(jsonrpc::notification("notifications/initialized", None)), None)?;
         if let Link::Http(h) = link {
-            h.start_get_stream(self);
+            h.start_get_stream();
         }
         if let Some(rank) = self.log_level.load(Ordering::Relaxed).checked_sub(1) {
             self.send_log_level(link, rank);
