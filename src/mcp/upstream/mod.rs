@@ -56,6 +56,54 @@ const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
 /// First restart delay, doubled per failure up to `BACKOFF_MAX`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// When a supervisor tries again after a failure (a failed start, or a connection that ended):
+/// a backoff doubling from 100 ms, to 10 s for a process and to 1 s for a remote server, and
+/// for processes only the crash-loop breaker (5 failures within 60 s open it for 30 s).
+struct Breaker {
+    failures: VecDeque<Instant>,
+    backoff: Duration,
+    max: Duration,
+    trips: bool,
+}
+
+/// What [`Breaker::failed`] decides.
+#[derive(Debug, PartialEq, Eq)]
+enum Retry {
+    /// Try again after this long.
+    After(Duration),
+    /// Crash loop: the breaker is open for this long; calls fail fast meanwhile.
+    Open(Duration),
+}
+
+impl Breaker {
+    fn new(remote: bool) -> Self {
+        let max = if remote { REMOTE_BACKOFF_MAX } else { BACKOFF_MAX };
+        Breaker { failures: VecDeque::new(), backoff: BACKOFF_START, max, trips: !remote }
+    }
+
+    /// A connection that held (a remote one at all, a process for `HEALTHY_AFTER`).
+    fn reset(&mut self) {
+        self.failures.clear();
+        self.backoff = BACKOFF_START;
+    }
+
+    fn failed(&mut self, now: Instant) -> Retry {
+        if self.trips {
+            self.failures.push_back(now);
+            while self.failures.front().is_some_and(|t| now.duration_since(*t) > BREAKER_WINDOW) {
+                self.failures.pop_front();
+            }
+            if self.failures.len() >= BREAKER_FAILURES {
+                self.reset();
+                return Retry::Open(BREAKER_COOLDOWN);
+            }
+        }
+        let d = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.max);
+        Retry::After(d)
+    }
+}
+
 /// How often a connected remote server is probed (a TCP connect to its host and port).
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 
@@ -345,11 +393,10 @@ impl Upstream {
     }
 
     async fn supervise(self: Arc<Self>) {
-        let mut failures: VecDeque<Instant> = VecDeque::new();
-        let mut backoff = BACKOFF_START;
         let mut first = true;
         // The crash-loop breaker is for processes that crash; a remote URL is probed until back.
         let remote = matches!(self.def.transport, Transport::Http { .. });
+        let mut breaker = Breaker::new(remote);
         let probe = match &self.def.transport {
             Transport::Http { url, .. } => http::probe_target(url),
             Transport::Stdio { .. } => None,
@@ -380,7 +427,7 @@ impl Upstream {
                         tracing::info!(server = %self.def.name, "upstream reachable again");
                     }
                     if remote {
-                        backoff = BACKOFF_START;
+                        breaker.reset();
                     }
                     tracing::info!(server = %self.def.name, pid = ?conn.pid, version = %conn.info.protocol_version, "upstream connected");
                     if conn.info.protocol_version == MODERN_VERSION {
@@ -428,8 +475,7 @@ impl Upstream {
                     self.fail_all(&reason);
                     self.changed();
                     if started.elapsed() >= HEALTHY_AFTER {
-                        failures.clear();
-                        backoff = BACKOFF_START;
+                        breaker.reset();
                     }
                 }
                 Err(e) if remote => {
@@ -454,36 +500,21 @@ impl Upstream {
                     });
                 }
             }
-            if remote {
-                // A remote server that could not be reached, or whose connection ended: try again
-                // after the (short) backoff, without the breaker.
-                let delay = backoff.min(REMOTE_BACKOFF_MAX);
-                backoff = (backoff * 2).min(REMOTE_BACKOFF_MAX);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = self.stop.cancelled() => break,
+            let delay = match breaker.failed(Instant::now()) {
+                Retry::Open(d) => {
+                    tracing::error!(server = %self.def.name, "crash loop: breaker open for {d:?}");
+                    self.set(|s| s.state = State::Failed);
+                    self.fail_all("the server is in a crash loop");
+                    d
                 }
-                continue;
-            }
-            let now = Instant::now();
-            failures.push_back(now);
-            while failures.front().is_some_and(|t| now.duration_since(*t) > BREAKER_WINDOW) {
-                failures.pop_front();
-            }
-            let delay = if failures.len() >= BREAKER_FAILURES {
-                tracing::error!(server = %self.def.name, "crash loop: breaker open for {:?}", BREAKER_COOLDOWN);
-                self.set(|s| s.state = State::Failed);
-                self.fail_all("the server is in a crash loop");
-                failures.clear();
-                backoff = BACKOFF_START;
-                BREAKER_COOLDOWN
-            } else {
-                if self.status.borrow().state != State::Starting {
-                    self.set(|s| s.state = State::Restarting);
+                // A remote server keeps the state its failure set (unreachable, restarting).
+                Retry::After(d) if remote => d,
+                Retry::After(d) => {
+                    if self.status.borrow().state != State::Starting {
+                        self.set(|s| s.state = State::Restarting);
+                    }
+                    d
                 }
-                let d = backoff;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                d
             };
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -1380,6 +1411,27 @@ fn parse_init(result: &str) -> Result<ServerInfo, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_breaker_opens_for_processes_only_and_backoff_is_bounded() {
+        let t0 = Instant::now();
+        let mut process = Breaker::new(false);
+        let delays: Vec<Retry> = (0..5).map(|i| process.failed(t0 + Duration::from_secs(i))).collect();
+        assert_eq!(delays[..4], [100, 200, 400, 800].map(|ms| Retry::After(Duration::from_millis(ms))));
+        assert_eq!(delays[4], Retry::Open(BREAKER_COOLDOWN), "five failures within a minute");
+        assert_eq!(process.failed(t0 + Duration::from_secs(100)), Retry::After(BACKOFF_START), "reset once open");
+        // Failures a minute apart never open it; the backoff stops at 10 s.
+        let mut slow = Breaker::new(false);
+        let last = (0..10).map(|i| slow.failed(t0 + Duration::from_secs(61 * i))).last();
+        assert_eq!(last, Some(Retry::After(BACKOFF_MAX)));
+        // A remote server: never open, at most a second between attempts.
+        let mut remote = Breaker::new(true);
+        let all: Vec<Retry> = (0..20).map(|_| remote.failed(t0)).collect();
+        assert!(all.iter().all(|r| matches!(r, Retry::After(d) if *d <= REMOTE_BACKOFF_MAX)), "{all:?}");
+        assert_eq!(all.last(), Some(&Retry::After(REMOTE_BACKOFF_MAX)));
+        remote.reset();
+        assert_eq!(remote.failed(t0), Retry::After(BACKOFF_START));
+    }
 
     #[test]
     fn progress_token_is_swapped() {
