@@ -384,19 +384,15 @@ const TOKEN_BODY_LIMIT: usize = 64 * 1024;
 
 /// Reads a management API body: 413 (or 400) in the management API's error format.
 async fn admin_body(gw: &Gateway, body: Body) -> Result<bytes::Bytes, Response> {
-    let limited = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, TOKEN_BODY_LIMIT));
-    let Ok(collected) = tokio::time::timeout(gw.config().limits.body_read_timeout, limited).await else {
-        return Err(error(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the body did not arrive in time"));
-    };
-    match collected {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            &format!("the body is larger than {TOKEN_BODY_LIMIT} bytes"),
-        )),
-        Err(_) => Err(error(StatusCode::BAD_REQUEST, "invalid_request", "could not read the request body")),
-    }
+    let within = gw.config().limits.body_read_timeout;
+    crate::gate::collect_body(body, TOKEN_BODY_LIMIT, within).await.map_err(|e| {
+        let kind = match e {
+            crate::gate::BodyError::TooLarge(_) => "payload_too_large",
+            crate::gate::BodyError::TooSlow(_) => "request_timeout",
+            crate::gate::BodyError::Unreadable => "invalid_request",
+        };
+        error(e.status(), kind, &e.to_string())
+    })
 }
 
 /// `POST /admin/tokens`: issues a token (its secret only in this answer).
@@ -489,11 +485,9 @@ pub async fn get_token(
     headers: HeaderMap,
 ) -> Response {
     admin(gw, "GET /admin/tokens/{id}", &headers, peer, |gw, who| async move {
-        match open_store(&gw).and_then(|s| s.get(&id)) {
-            Ok(t) if manages(&gw, &who, &t) => json_value(StatusCode::OK, &token_json(&t, None)),
-            Ok(_) => error(StatusCode::NOT_FOUND, "not_found", &format!("no token {id}")),
-            Err(crate::store::StoreError::Invalid(m)) => error(StatusCode::NOT_FOUND, "not_found", &m),
-            Err(e) => store_error(e),
+        match managed(&gw, &who, &id) {
+            Ok(t) => json_value(StatusCode::OK, &token_json(&t, None)),
+            Err(r) => r,
         }
     })
     .await

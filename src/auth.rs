@@ -137,6 +137,29 @@ pub enum TokenSource {
     Issued,
 }
 
+/// The longest token name or tenant name, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// Whether a character prints as itself anywhere (terminal, audit line, log): a visible ASCII
+/// character, or a letter or digit of any script. Not a space, a control or a formatting
+/// character (ESC, NUL, BEL, U+202E, …).
+pub fn is_visible(c: char) -> bool {
+    c.is_ascii_graphic() || (!c.is_ascii() && c.is_alphanumeric())
+}
+
+/// A token or tenant name that can be printed anywhere as it is: 1 to [`MAX_NAME_CHARS`]
+/// characters, each [`is_visible`].
+pub fn check_name(name: &str) -> Result<(), String> {
+    let n = name.chars().count();
+    if n == 0 || n > MAX_NAME_CHARS {
+        return Err(format!("the name must be 1 to {MAX_NAME_CHARS} characters"));
+    }
+    if let Some(c) = name.chars().find(|c| !is_visible(*c)) {
+        return Err(format!("the name may not contain {c:?} (visible characters only, no spaces)"));
+    }
+    Ok(())
+}
+
 /// One token as the config defines it (its digest, never its value).
 #[derive(Clone, PartialEq, Eq)]
 pub struct TokenDef {
@@ -625,12 +648,6 @@ impl Authenticator {
             }
         }
         Some(false)
-    }
-
-    /// True when no credential source yields a token (everyone is anonymous). A store that
-    /// cannot be read is not "no tokens": then this is false (and requests get 503).
-    pub fn is_open(&self) -> bool {
-        self.anonymous.is_some() && self.store.as_ref().is_none_or(|s| s.state() == crate::store::StoreState::Empty)
     }
 
     /// The client's address: the peer, or when the peer is a trusted proxy, the nearest

@@ -202,11 +202,6 @@ impl Grants {
             && self.resources.covers(&other.resources)
     }
 
-    /// Whether nothing is restricted: every server, every name.
-    pub fn is_all(&self) -> bool {
-        self.servers.is_none() && self.tools.is_open() && self.prompts.is_open() && self.resources.is_open()
-    }
-
     /// The patterns of a kind.
     pub fn patterns(&self, kind: Kind) -> &Patterns {
         match kind {

@@ -111,28 +111,49 @@ pub fn no_randomness(id: Option<&str>, e: &crate::random::NoRandomness) -> Respo
     rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, code::INTERNAL_ERROR, "No randomness available; try again")
 }
 
-/// Reads a body up to the limit, within `within` (`limits.body_read_timeout`: a client that
-/// trickles a body holds a connection and a task); `Err` is the 413/408/400 response.
-pub async fn read_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, Response> {
-    let collected = tokio::time::timeout(within, http_body_util::Limited::new(body, limit).collect());
-    let Ok(collected) = collected.await else {
-        return Err(rpc_error(
-            StatusCode::REQUEST_TIMEOUT,
-            None,
-            code::INVALID_REQUEST,
-            &format!("The request body did not arrive within {within:?}"),
-        ));
-    };
-    match collected {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(rpc_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            None,
-            code::INVALID_REQUEST,
-            &format!("Request body larger than {limit} bytes"),
-        )),
-        Err(_) => Err(rpc_error(StatusCode::BAD_REQUEST, None, code::PARSE_ERROR, "Could not read the request body")),
+/// Why a request body could not be read; every surface renders it in its own format.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Larger than the limit (413).
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// Not all there within the time allowed (408).
+    #[error("the request body did not arrive within {0:?}")]
+    TooSlow(Duration),
+    /// The connection failed while it was read (400).
+    #[error("could not read the request body")]
+    Unreadable,
+}
+
+impl BodyError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
+            BodyError::Unreadable => StatusCode::BAD_REQUEST,
+        }
     }
+}
+
+/// Collects a body up to `limit` bytes, within `within` (`limits.body_read_timeout`: a client
+/// that trickles a body holds a connection and a task).
+pub async fn collect_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, BodyError> {
+    let collected = tokio::time::timeout(within, http_body_util::Limited::new(body, limit).collect());
+    match collected.await {
+        Err(_) => Err(BodyError::TooSlow(within)),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
+        Ok(Err(_)) => Err(BodyError::Unreadable),
+    }
+}
+
+/// [`collect_body`] for the MCP endpoints: `Err` is the 413/408/400 JSON-RPC answer.
+pub async fn read_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, Response> {
+    collect_body(body, limit, within).await.map_err(|e| {
+        let code = if matches!(e, BodyError::Unreadable) { code::PARSE_ERROR } else { code::INVALID_REQUEST };
+        rpc_error(e.status(), None, code, &e.to_string())
+    })
 }
 
 /// Reads a body that must hold one JSON-RPC message (legacy SSE POSTs, `/rpc`): an array is 400

@@ -245,7 +245,8 @@ async fn accept_loop(
 ) {
     let mut connections = tokio::task::JoinSet::new();
     // `limits.max_connections` as of the start (a reload does not resize it).
-    let slots = Arc::new(tokio::sync::Semaphore::new(gw.config().limits.max_connections));
+    let max = gw.config().limits.max_connections.min(tokio::sync::Semaphore::MAX_PERMITS);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
     let mut refused_logged: Option<tokio::time::Instant> = None;
     loop {
         let (tcp, peer) = tokio::select! {
@@ -337,7 +338,8 @@ impl Watch {
         if now >= due {
             return None;
         }
-        Some(Some(tokio::time::Instant::now() + Duration::from_millis(due - now)))
+        // A deadline past what the clock can hold is no deadline.
+        Some(tokio::time::Instant::now().checked_add(Duration::from_millis(due - now)))
     }
 }
 

@@ -222,11 +222,11 @@ impl TokenRequest {
     /// Checks every field against the config; all problems at once.
     pub fn validate(&self, config: &crate::config::Config) -> Result<NewToken, StoreError> {
         let mut errors = Vec::new();
-        if let Err(e) = check_name(&self.name) {
+        if let Err(e) = crate::auth::check_name(&self.name) {
             errors.push(e);
         }
         if let Some(t) = &self.tenant
-            && let Err(e) = check_name(t)
+            && let Err(e) = crate::auth::check_name(t)
         {
             errors.push(format!("tenant: {e}"));
         }
@@ -291,32 +291,11 @@ impl TokenRequest {
     }
 }
 
-/// The longest token name or tenant name, in characters.
-pub const MAX_NAME_CHARS: usize = 128;
-
-/// The longest time to live or rotation grace (100 years): anything longer is refused rather
-/// than silently becoming "never".
-pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
-/// A name that can be printed anywhere (terminal, audit line, log) as it is: 1 to 128
-/// characters, each a visible ASCII character or a letter or digit of any script; no spaces,
-/// control or formatting characters (ESC, NUL, BEL, U+202E, …).
-pub fn check_name(name: &str) -> Result<(), String> {
-    let n = name.chars().count();
-    if n == 0 || n > MAX_NAME_CHARS {
-        return Err(format!("the name must be 1 to {MAX_NAME_CHARS} characters"));
-    }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_graphic() || (!c.is_ascii() && c.is_alphanumeric()))) {
-        return Err(format!("the name may not contain {:?} (visible characters only, no spaces)", c));
-    }
-    Ok(())
-}
-
 /// Parses a time to live or a grace (`30d`, `12h`, `0s`), refusing what is longer than
-/// [`MAX_SPAN`].
+/// [`crate::config::MAX_SPAN`].
 pub fn parse_span(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text.trim()).map_err(|e| format!("malformed duration {text:?}: {e}"))?;
-    if d > MAX_SPAN {
+    if d > crate::config::MAX_SPAN {
         return Err(format!("duration {text:?} is longer than 100 years"));
     }
     Ok(d)
@@ -325,7 +304,7 @@ pub fn parse_span(text: &str) -> Result<Duration, String> {
 /// A stored string made safe to print: control, formatting and other invisible characters as
 /// `\u{…}` escapes (a name stored before names were checked may hold them).
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    let visible = |c: char| c == ' ' || c.is_ascii_graphic() || (!c.is_ascii() && c.is_alphanumeric());
+    let visible = |c: char| c == ' ' || crate::auth::is_visible(c);
     if s.chars().all(visible) {
         return std::borrow::Cow::Borrowed(s);
     }
@@ -850,22 +829,7 @@ impl StoreView {
     /// caches are dropped, so nothing it said before is trusted meanwhile.
     pub fn poll(&self) -> Result<bool, StoreError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let polled: Result<bool, StoreError> = (|| {
-            let Some(store) = self.handle()? else {
-                self.state.store(STATE_EMPTY, Relaxed);
-                return Ok(false);
-            };
-            let v = store.version()?;
-            if self.version.load(Relaxed) == v && self.state.load(Relaxed) != STATE_UNAVAILABLE {
-                return Ok(false);
-            }
-            self.by_digest.clear();
-            lock(&self.by_id).clear();
-            let any = store.has_any()?;
-            self.version.store(v, Relaxed);
-            self.state.store(if any { STATE_TOKENS } else { STATE_EMPTY }, Relaxed);
-            Ok(true)
-        })();
+        let polled = self.poll_once();
         if polled.is_err() {
             self.state.store(STATE_UNAVAILABLE, Relaxed);
             self.version.store(-1, Relaxed);
@@ -875,6 +839,24 @@ impl StoreView {
             *lock(&self.store) = None;
         }
         polled
+    }
+
+    fn poll_once(&self) -> Result<bool, StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(store) = self.handle()? else {
+            self.state.store(STATE_EMPTY, Relaxed);
+            return Ok(false);
+        };
+        let v = store.version()?;
+        if self.version.load(Relaxed) == v && self.state.load(Relaxed) != STATE_UNAVAILABLE {
+            return Ok(false);
+        }
+        self.by_digest.clear();
+        lock(&self.by_id).clear();
+        let any = store.has_any()?;
+        self.version.store(v, Relaxed);
+        self.state.store(if any { STATE_TOKENS } else { STATE_EMPTY }, Relaxed);
+        Ok(true)
     }
 
     /// What the store said at the last poll.

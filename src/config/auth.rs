@@ -220,7 +220,7 @@ impl Validator<'_> {
     ) -> Option<TokenDef> {
         let line = line_of(entry);
         let before = self.errors.len();
-        if let Err(e) = crate::store::check_name(name) {
+        if let Err(e) = auth::check_name(name) {
             self.error(path, line, e);
         }
         if name == GENERATED_NAME {

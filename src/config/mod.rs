@@ -369,6 +369,10 @@ pub fn shown_url(url: &str) -> String {
     if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
 }
 
+/// The longest duration Portcullis takes anywhere (a limit, a token's time to live, a
+/// rotation's grace): 100 years. Longer is refused, never read as "never" or left to overflow.
+pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Parses `30s`, `5m`, `1h30m`, `250ms`, `2d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
@@ -594,16 +598,11 @@ fn is_json(path: &Path) -> bool {
 /// It is validated exactly as a file is, so the credential sources (`PORTCULLIS_TOKEN`,
 /// `PORTCULLIS_TOKENS`, and `.env` in the working directory) apply to it as to a file.
 pub fn demo(exe: &Path) -> Result<Config, ConfigErrors> {
-    demo_with(exe, &Env::load(Some(Path::new("."))))
-}
-
-/// [`demo`] with a given environment.
-pub fn demo_with(exe: &Path, env: &Env) -> Result<Config, ConfigErrors> {
     let command = serde_json::Value::String(exe.display().to_string());
     // `$` in the path is literal, not a variable reference.
     let command = command.to_string().replace('$', "$$");
     let text = format!("servers:\n  demo:\n    command: {command}\n    args: [demo-server]\n");
-    parse(&text, false, env).map_err(|errors| ConfigErrors { file: None, errors })
+    parse(&text, false, &Env::load(Some(Path::new(".")))).map_err(|errors| ConfigErrors { file: None, errors })
 }
 
 fn line_of<T>(s: &Spanned<T>) -> Option<u32> {
@@ -795,8 +794,8 @@ impl Validator<'_> {
         let Some(raw) = raw else { return d };
         let mut duration = |v: &Option<Spanned<DurationValue>>, name: &str, default: Duration| match v {
             None => default,
-            Some(s) if s.value.0.is_zero() => {
-                self.error(format!("limits.{name}"), line_of(s), "must be greater than 0");
+            Some(s) if s.value.0.is_zero() || s.value.0 > MAX_SPAN => {
+                self.error(format!("limits.{name}"), line_of(s), "must be greater than 0 and at most 100 years");
                 default
             }
             Some(s) => s.value.0,

@@ -1516,10 +1516,7 @@ impl<'a> ListPage<'a> {
         let mut page = ListPage::default();
         let mut members = jsonrpc::members(payload);
         while let Some(raw_key) = members.key() {
-            let key = match raw_key.contains('\\') {
-                true => std::borrow::Cow::Owned(serde_json::from_str::<String>(&format!("\"{raw_key}\"")).ok()?),
-                false => std::borrow::Cow::Borrowed(raw_key),
-            };
+            let key = jsonrpc::unescape_key(raw_key)?;
             let (list, member) = match key.as_ref() {
                 "tools" => (&mut page.tools, "name"),
                 "prompts" => (&mut page.prompts, "name"),
@@ -1637,11 +1634,11 @@ impl Hub for Gateway {
             std::borrow::Cow::Borrowed(_) => own.clone(),
         };
         let sessions: Vec<Arc<Session>> = self.sessions.values();
-        let separator = self.config().separator.clone();
+        let config = self.config();
         for s in sessions {
             if s.scope.includes(server)
                 && s.is_subscribed(server, &uri)
-                && s.identity.grants.allows(GrantKind::Resource, server, &separator, &uri)
+                && s.identity.grants.allows(GrantKind::Resource, server, &config.separator, &uri)
             {
                 s.notify_change(method, if s.scope == Scope::All { &shown } else { &own });
             }

@@ -157,8 +157,7 @@ impl<'a> Envelope<'a> {
             && let Some(p) = raw.params.filter(|p| p.get().starts_with('{'))
             && unique_members(p.get(), 0, Nesting::Params).is_err()
         {
-            let id = raw.id.filter(|i| i.get() != "null" && !i.get().starts_with(['{', '['])).map(|i| i.get().into());
-            return Err(EnvelopeError::Repeated(id));
+            return Err(EnvelopeError::Repeated(id.map(|i| i.get().into())));
         }
         let had_id = raw.id.is_some();
         let kind = match (&raw.method, raw.result, raw.error) {
@@ -223,15 +222,8 @@ fn unique_members(json: &str, start: usize, at: Nesting) -> Result<usize, Repeat
             }
             _ => {
                 let set = slow.get_or_insert_with(|| seen[..n].iter().map(|k| Cow::Borrowed(*k)).collect());
-                let key = if raw.contains('\\') {
-                    match serde_json::from_str::<String>(&format!("\"{raw}\"")) {
-                        Ok(k) => Cow::Owned(k),
-                        Err(_) => return Err(Repeated),
-                    }
-                } else {
-                    Cow::Borrowed(raw)
-                };
-                !set.insert(key)
+                // A key whose escapes cannot be read is refused like a repeated one.
+                !set.insert(unescape_key(raw).ok_or(Repeated)?)
             }
         };
         if duplicate {
@@ -418,13 +410,18 @@ pub fn with_meta(msg: &[u8], key: &str, value: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A raw member key (as written, escapes and all, without its quotes) unescaped: borrowed when
+/// it holds no escape (the common case), None when its escapes are malformed.
+pub fn unescape_key(raw_key: &str) -> Option<Cow<'_, str>> {
+    if !raw_key.contains('\\') {
+        return Some(Cow::Borrowed(raw_key));
+    }
+    serde_json::from_str::<String>(&format!("\"{raw_key}\"")).ok().map(Cow::Owned)
+}
+
 /// Whether a raw member key (as written, escapes and all, without its quotes) names `key`.
 pub fn key_is(raw_key: &str, key: &str) -> bool {
-    if raw_key.contains('\\') {
-        serde_json::from_str::<String>(&format!("\"{raw_key}\"")).is_ok_and(|k| k == key)
-    } else {
-        raw_key == key
-    }
+    unescape_key(raw_key).is_some_and(|k| k == key)
 }
 
 /// The top-level members of a JSON object already known to be valid (it came out of a validating

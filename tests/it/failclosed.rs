@@ -1107,3 +1107,29 @@ async fn stdio_writes_one_audit_record_per_message() {
     let bad = records.iter().find(|r| r["method"] == "").unwrap();
     assert_eq!(bad["outcome"], "refused: invalid message", "{bad}");
 }
+
+/// Item 12: a session refused by a limit starts nothing: no per-session child is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_refused_by_a_limit_leaves_no_child_behind() {
+    let marker = format!("ps-{}", std::process::id());
+    let gw = gateway()
+        .demo(&marker, &[], "share: per_session")
+        .top("limits:\n  max_sessions_per_identity: 1\n")
+        .start()
+        .await;
+    let children = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .filter(|c| String::from_utf8_lossy(c).contains(&marker))
+            .count()
+    };
+    let url = gw.server(&marker);
+    let first = Client::connect(&url).await;
+    assert_eq!(children(), 1, "the first session's own child");
+    let resp = Client::new(&url).post(serde_json::from_str(INIT).unwrap()).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(children(), 1, "the refused session started a child");
+    drop(first);
+    gw.stop().await;
+}

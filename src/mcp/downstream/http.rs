@@ -325,12 +325,15 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Wh
     if let Some(caps) = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities")) {
         session.set_capabilities(caps.get());
     }
-    let caller =
-        Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
-    let result = gw.initialize_result(&scope, version, &caller, &who.identity).await;
+    // Registered (within the limits) before anything is started for it: a refused session
+    // has no per-session upstream to leak, and one whose client went away mid-initialize is
+    // reclaimed by the idle sweep, its children with it.
     if let Err(e) = gw.add_session(session.clone()) {
         return session_limit(env.id.map(RawValue::get), &e);
     }
+    let caller =
+        Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
+    let result = gw.initialize_result(&scope, version, &caller, &who.identity).await;
     let id = env.id.map_or("null", RawValue::get);
     let msg = jsonrpc::result_response(id, &result);
     let mut r = json(StatusCode::OK, msg);

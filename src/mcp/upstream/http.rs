@@ -421,11 +421,7 @@ impl HttpLink {
     /// Answers a call with an error naming this server.
     fn fail(&self, id: Option<u64>, message: &str) {
         let (Some(id), Some(up)) = (id, self.up.upgrade()) else { return };
-        let message = if message.starts_with("server ") {
-            std::borrow::Cow::Borrowed(message)
-        } else {
-            std::borrow::Cow::Owned(format!("server {}: {message}", self.name))
-        };
+        let message = format!("server {}: {message}", self.name);
         up.on_message(
             Bytes::from(jsonrpc::error_response(Some(&id.to_string()), code::UPSTREAM_ERROR, &message, None)),
             None,
@@ -511,49 +507,22 @@ impl HttpLink {
                 // probes until it is back.
                 tracing::warn!(server = %self.name, "upstream unreachable: {}", e.message);
                 self.closed.cancel();
-                return self.fail(id, &format!("server {} is unreachable: {}", self.name, e.message));
+                return self.fail(id, &format!("unreachable: {}", e.message));
             }
             Err(e) => return self.fail(id, &e.message),
         };
         let status = resp.status();
-        let mut resp = Some(resp);
-        if matches!(self.mode, Mode::Streamable) {
-            let r = resp.as_ref().map(hyper::Response::headers);
-            if let Some(sid) = r.and_then(|h| h.get("mcp-session-id")) {
-                let mut cur = lock(&self.session_id);
-                if cur.is_none() {
-                    *cur = Some(sid.clone());
-                }
+        // Streamable HTTP: keep the session id the server gave; note whether there is one.
+        let has_session = matches!(self.mode, Mode::Streamable) && {
+            let mut cur = lock(&self.session_id);
+            if cur.is_none() {
+                *cur = resp.headers().get("mcp-session-id").cloned();
             }
-            // A request that carried a session id refused for it (404, or the 400 "no valid
-            // session" of SDK servers that restarted): the server never acted on it. End this
-            // connection first (so the retry waits for the new one), then answer: the call is
-            // sent again, once, on the new session.
-            let had_session = lock(&self.session_id).is_some();
-            let refused = match status {
-                StatusCode::NOT_FOUND => had_session,
-                StatusCode::BAD_REQUEST if had_session => {
-                    let body = match resp.take() {
-                        Some(r) => read_limited(r).await.unwrap_or_default(),
-                        None => Bytes::new(),
-                    };
-                    let about_session = String::from_utf8_lossy(&body).to_ascii_lowercase().contains("session");
-                    if !about_session {
-                        let snippet = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-                        return self.fail(id, &format!("HTTP {status}: {snippet}"));
-                    }
-                    true
-                }
-                _ => false,
-            };
-            if refused {
-                tracing::info!(server = %self.name, "upstream session refused ({status}); re-initializing");
-                self.closed.cancel();
-                self.fail(id, super::SESSION_EXPIRED);
-                return;
-            }
+            cur.is_some()
+        };
+        if has_session && status == StatusCode::NOT_FOUND {
+            return self.session_refused(id, status);
         }
-        let Some(resp) = resp else { return };
         if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT {
             return;
         }
@@ -562,6 +531,14 @@ impl HttpLink {
         let modern_json_error = matches!(self.mode, Mode::Modern) && !is_sse;
         if !status.is_success() && !modern_json_error {
             let body = read_limited(resp).await.unwrap_or_default();
+            // The 400 "No valid session ID provided" that SDK servers answer after a restart is
+            // the 404's kin.
+            if has_session
+                && status == StatusCode::BAD_REQUEST
+                && String::from_utf8_lossy(&body).to_ascii_lowercase().contains("session")
+            {
+                return self.session_refused(id, status);
+            }
             let snippet = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
             return self.fail(id, &format!("HTTP {status}: {snippet}"));
         }
@@ -580,6 +557,15 @@ impl HttpLink {
             Ok(body) => self.deliver_json(body, id),
             Err(e) => self.fail(id, &e),
         }
+    }
+
+    /// A request that carried a session id was refused for it: the server never acted on it.
+    /// This connection ends first (so the retry waits for the new one), then the call is
+    /// answered with [`super::SESSION_EXPIRED`], which sends it again, once, on the new session.
+    fn session_refused(&self, id: Option<u64>, status: StatusCode) {
+        tracing::info!(server = %self.name, "upstream session refused ({status}); re-initializing");
+        self.closed.cancel();
+        self.fail(id, super::SESSION_EXPIRED);
     }
 
     fn deliver_json(&self, body: Bytes, id: Option<u64>) {

@@ -56,6 +56,12 @@ const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
 /// First restart delay, doubled per failure up to `BACKOFF_MAX`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The longest delay between two attempts to reach a remote server (no breaker for those: a
+/// URL that is briefly unreachable is probed until it is back).
+const REMOTE_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A connection that stayed up this long resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
 /// When a supervisor tries again after a failure (a failed start, or a connection that ended):
 /// a backoff doubling from 100 ms, to 10 s for a process and to 1 s for a remote server, and
 /// for processes only the crash-loop breaker (5 failures within 60 s open it for 30 s).
@@ -107,20 +113,16 @@ impl Breaker {
 /// How often a connected remote server is probed (a TCP connect to its host and port).
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 
-/// Resolves when the next probe is due (never without a probe target).
-async fn probe_due(probing: bool) {
-    if probing {
-        tokio::time::sleep(PROBE_EVERY).await;
-    } else {
-        std::future::pending::<()>().await;
+/// The probe target when its next probe is due (never, without one).
+async fn probe_due(target: Option<&(String, u16)>) -> &(String, u16) {
+    match target {
+        Some(t) => {
+            tokio::time::sleep(PROBE_EVERY).await;
+            t
+        }
+        None => std::future::pending().await,
     }
 }
-
-/// The longest delay between two attempts to reach a remote server (no breaker for those: a
-/// URL that is briefly unreachable is probed until it is back).
-const REMOTE_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// A connection that stayed up this long resets the backoff.
-const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
 /// Why an upstream call failed. All are the upstream's fault (or its absence), never the
 /// client's: the edge answers them with a JSON-RPC error, not a 4xx.
@@ -441,13 +443,9 @@ impl Upstream {
                             _ = self.stop.cancelled() => break true,
                             // A remote server is probed while connected, so its state, health
                             // and metrics say it is gone even when nobody calls it.
-                            _ = probe_due(probe.is_some()) => {
+                            target = probe_due(probe.as_ref()) => {
                                 // Two probes in a row, so one slow connect is not an outage.
-                                let up = match &probe {
-                                    Some(target) => http::reachable(target).await,
-                                    None => true,
-                                };
-                                missed = if up { 0 } else { missed + 1 };
+                                missed = if http::reachable(target).await { 0 } else { missed + 1 };
                                 if missed >= 2 {
                                     tracing::warn!(server = %self.def.name, "upstream unreachable (probe)");
                                     conn.closed.cancel();
