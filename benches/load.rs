@@ -210,7 +210,7 @@ async fn bench() {
     // figures, on the core Portcullis would use.
     let demo = |cpus: &str| {
         pinned(cpus)
-            .args(["demo-server", "--http", "127.0.0.1:0"])
+            .args(["demo-server", "--fixtures", "--http", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -242,7 +242,7 @@ async fn bench() {
     let start_gateway = |auth: bool| {
         let cfg = dir.join(if auth { "auth.yaml" } else { "open.yaml" });
         let mut yaml = format!(
-            "servers:\n  h:\n    url: {upstream_url:?}\n  s:\n    command: taskset\n    args: [\"-c\", {other_cpu:?}, {BIN:?}, demo-server]\nstore:\n  path: {:?}\naudit:\n  file: {:?}\nlimits:\n  max_sessions: 100000\n  max_sessions_per_identity: 100000\n  max_sse_streams_per_identity: 100000\n  max_connections: 100000\n",
+            "servers:\n  h:\n    url: {upstream_url:?}\n  s:\n    command: taskset\n    args: [\"-c\", {other_cpu:?}, {BIN:?}, demo-server, --fixtures]\nstore:\n  path: {:?}\naudit:\n  file: {:?}\nlimits:\n  max_sessions: 100000\n  max_sessions_per_identity: 100000\n  max_sse_streams_per_identity: 100000\n  max_connections: 100000\n",
             dir.join("tokens.db").display().to_string(),
             dir.join("audit.jsonl").display().to_string()
         );

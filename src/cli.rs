@@ -89,6 +89,8 @@ pub enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Print the JSON Schema of the config file (published as docs/portcullis.schema.json).
+    Schema,
     /// Run the bundled demo MCP server (stdio by default).
     DemoServer {
         /// Serve streamable HTTP on this address instead of stdio.
@@ -108,6 +110,10 @@ pub enum Command {
         /// TypeScript SDK's servers do) instead of 404.
         #[arg(long)]
         unknown_session_400: bool,
+        /// Also offer the test fixtures (crash, sleep, fail, big, stats, env, spawn_grandchild,
+        /// forget_sessions, drop_stream); without it only the showcase tools.
+        #[arg(long)]
+        fixtures: bool,
     },
 }
 
@@ -131,9 +137,16 @@ pub fn check(path: Option<PathBuf>) -> i32 {
     match config::load(&path) {
         Ok(c) => {
             for w in &c.warnings {
-                eprintln!("warning: {}: {w}", path.display());
+                let at = w.line.map_or_else(|| path.display().to_string(), |l| format!("{}:{l}", path.display()));
+                eprintln!("{at}: warning: {}: {}", w.path, w.message);
             }
             println!("{}: ok, {} server(s), listen {}", path.display(), c.servers.len(), c.listen);
+            if let Some(u) = &c.public_url {
+                println!("  public URL {u}");
+            }
+            if c.name != config::DEFAULT_NAME {
+                println!("  name {:?}", c.name);
+            }
             for s in &c.servers {
                 let what = match &s.transport {
                     Transport::Stdio { command, args, .. } => format!("stdio: {command} {}", args.join(" ")),
@@ -435,22 +448,28 @@ fn file_identity(path: &std::path::Path) -> Option<(std::path::PathBuf, u64, u64
     Some((resolved, meta.ino(), meta.len(), meta.modified().ok()?))
 }
 
-/// Watches the config file and reloads it when it changes (checked twice a second).
+/// Watches the config file, and the catalog it names, and reloads when either changes
+/// (checked twice a second).
 fn watch_config(gateway: std::sync::Arc<crate::mcp::gateway::Gateway>, path: std::path::PathBuf) {
     let weak = std::sync::Arc::downgrade(&gateway);
+    let identities = move |gw: &crate::mcp::gateway::Gateway| {
+        let catalog = gw.config().catalog.clone();
+        [Some(path.clone()), catalog].into_iter().flatten().map(|p| file_identity(&p)).collect::<Vec<_>>()
+    };
     tokio::spawn(async move {
-        let mut last = file_identity(&path);
+        let mut last = identities(&gateway);
+        drop(gateway);
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
         loop {
             tick.tick().await;
-            let now = file_identity(&path);
-            if now.is_none() || now == last {
-                continue; // mid-save (the file is briefly gone) or unchanged
-            }
-            last = now;
             let Some(gw) = weak.upgrade() else { return };
-            tracing::info!(config = %path.display(), "config file changed: reloading");
+            let now = identities(&gw);
+            if now.iter().any(Option::is_none) || now == last {
+                continue; // mid-save (a file is briefly gone) or unchanged
+            }
+            tracing::info!("config file changed: reloading");
             let _ = gw.reload_from_source().await;
+            last = identities(&gw);
         }
     });
 }
@@ -467,7 +486,7 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     let auth_line = startup_check(&mut config, &opts, &store)?;
     let panic_after = opts.panic_after.clone();
     for w in &config.warnings {
-        tracing::warn!("{w}");
+        tracing::warn!(field = %w.path, line = w.line, "config: {}", w.message);
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -3,7 +3,9 @@
 //! tests: echo, add, sleep, fail, crash, progress, sample (a sampling round-trip), touch (a
 //! `resources/updated` to subscribers), log (a `notifications/message`, honouring `logging/setLevel`), link (a
 //! `resource_link` and an embedded resource),
-//! spawn_grandchild, big, stats (including the most calls it had in flight at once).
+//! spawn_grandchild, big, stats (including the most calls it had in flight at once), env. The
+//! built-in demo offers only the showcase tools; the tests' fixtures ([`FIXTURES`]) need
+//! `--fixtures`.
 //!
 //! It is a test fixture, not part of the gateway's hot path, so it uses `serde_json::Value`
 //! freely. Invariant: in stdio mode nothing but protocol goes to stdout.
@@ -39,7 +41,14 @@ pub struct Options {
     /// HTTP: answer an unknown session id with 400 "No valid session ID provided", as the
     /// TypeScript SDK's servers do after a restart, instead of 404.
     pub unknown_session_400: bool,
+    /// Offer the test fixtures too ([`FIXTURES`]).
+    pub fixtures: bool,
 }
+
+/// The tools only `--fixtures` offers: the tests' levers (crashes, delays, failures, large
+/// answers, statistics, the environment), not what a first look at Portcullis should show.
+pub const FIXTURES: &[&str] =
+    &["forget_sessions", "drop_stream", "sleep", "fail", "crash", "spawn_grandchild", "big", "stats", "env"];
 
 struct Demo {
     opts: Options,
@@ -228,7 +237,14 @@ impl Demo {
                 cancel.cancelled().await;
                 Ok(json!({"resultType":"complete","_meta":{}}))
             }
-            "tools/list" => self.page(tools(), "tools", params),
+            "tools/list" => {
+                let fixtures = self.opts.fixtures;
+                let tools = tools()
+                    .into_iter()
+                    .filter(|t| fixtures || !FIXTURES.contains(&t["name"].as_str().unwrap_or("")))
+                    .collect();
+                self.page(tools, "tools", params)
+            }
             "prompts/list" => self.page(
                 vec![json!({"name":"greet","description":"A greeting","arguments":[{"name":"name","required":true}]})],
                 "prompts",
@@ -280,7 +296,13 @@ impl Demo {
         let name = params.get("name").and_then(Value::as_str).unwrap_or("");
         let args = params.get("arguments").cloned().unwrap_or(json!({}));
         let text = |t: String| Ok(json!({"content":[{"type":"text","text":t}]}));
+        if !self.opts.fixtures && FIXTURES.contains(&name) {
+            return Err((-32602, format!("Unknown tool: {name}")));
+        }
         match name {
+            "env" => {
+                text(args.get("name").and_then(Value::as_str).and_then(|n| std::env::var(n).ok()).unwrap_or_default())
+            }
             "echo" => text(args.get("text").and_then(Value::as_str).unwrap_or("").to_owned()),
             "add" => {
                 let a = args.get("a").and_then(Value::as_f64).unwrap_or(0.0);
@@ -434,6 +456,7 @@ fn tools() -> Vec<Value> {
         json!({"name":"spawn_grandchild","description":"Starts a child process and returns its pid","inputSchema":obj(json!({}))}),
         json!({"name":"big","description":"Returns a text of the given size","inputSchema":obj(json!({"bytes":{"type":"integer"}}))}),
         json!({"name":"stats","description":"Call statistics","inputSchema":obj(json!({}))}),
+        json!({"name":"env","description":"The value of one of its environment variables","inputSchema":obj(json!({"name":{"type":"string"}}))}),
     ]
 }
 

@@ -17,6 +17,10 @@ fn main() -> anyhow::Result<()> {
     }));
     match args.command {
         Command::Check { config } => std::process::exit(cli::check(config)),
+        Command::Schema => {
+            print!("{}", portcullis::config::schema::schema_text());
+            Ok(())
+        }
         Command::Token { config, action } => std::process::exit(cli::token(config, action)),
         Command::Serve {
             config,
@@ -48,7 +52,7 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(cli::stdio(config, server, as_identity))
         }
-        Command::DemoServer { http, page_size, name, session_only, unknown_session_400 } => {
+        Command::DemoServer { http, page_size, name, session_only, unknown_session_400, fixtures } => {
             cli::init_logging(cli::LogFormat::Text);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(portcullis::demo::run(portcullis::demo::Options {
@@ -57,6 +61,7 @@ fn main() -> anyhow::Result<()> {
                 name,
                 session_only,
                 unknown_session_400,
+                fixtures,
             }))
         }
     }

@@ -8,14 +8,13 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use serde_saphyr::Spanned;
 
-use super::{S, Validator, line_of};
+use super::{S, Validator};
 use crate::auth::{self, AuthConfig, Cidr, FailureLimit, Rate, Role, TokenDef, TokenSource};
 use crate::authz::Grants;
 
 /// `auth:` (also MCP Front's `proxy.auth:`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAuth {
     /// MCP Front's kind of authentication; only `bearer_token` is supported (the default).
@@ -24,7 +23,7 @@ pub struct RawAuth {
     /// Named tokens: `alice: "${ALICE_TOKEN}"`, or `alice: {token, servers, tools, prompts,
     /// resources, role, tenant, expires, rate}`.
     #[serde(default)]
-    pub tokens: BTreeMap<String, Spanned<RawToken>>,
+    pub tokens: BTreeMap<String, RawToken>,
     /// Failed authentications allowed per client address per minute; past it the address gets
     /// 429 for a minute (default 10). A valid credential is never refused by this.
     #[serde(default)]
@@ -32,7 +31,7 @@ pub struct RawAuth {
 }
 
 /// One named token: its value alone, or its value with grants.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum RawToken {
     /// `name: "${SECRET}"`: every server, user role.
@@ -42,7 +41,7 @@ pub enum RawToken {
 }
 
 /// A named token with its grants.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawTokenFull {
     /// The secret (use `${VAR}`; it must not be empty).
@@ -74,7 +73,7 @@ pub struct RawTokenFull {
 }
 
 /// One tenant.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawTenant {
     /// Named groups of servers: `prod: [files, db]`.
@@ -83,7 +82,7 @@ pub struct RawTenant {
 }
 
 /// `rate_limit:`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
     /// Requests per identity (`600/min`); a token's own `rate` replaces it. Default: none.
@@ -94,15 +93,25 @@ pub struct RawRateLimit {
     pub per_address: Option<S>,
 }
 
-/// MCP Front's `proxy:` block: only `auth` is read; its other keys are warnings.
-#[derive(Debug, Default, Deserialize)]
+/// MCP Front's `proxy:` block.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RawProxy {
     /// As `auth:`.
     #[serde(default)]
     pub auth: Option<RawAuth>,
-    /// Everything else MCP Front keeps here (`baseURL`, `addr`, `name`).
-    #[serde(flatten)]
-    pub other: BTreeMap<String, serde::de::IgnoredAny>,
+    /// As `listen:` (`":8080"` is every interface).
+    #[serde(default)]
+    pub addr: Option<S>,
+    /// As `public_url:`.
+    #[serde(default, rename = "baseUrl")]
+    pub base_url: Option<S>,
+    /// `baseUrl` as other MCP Front documents spell it.
+    #[serde(default, rename = "baseURL")]
+    pub base_url_upper: Option<S>,
+    /// As `name:`.
+    #[serde(default)]
+    pub name: Option<S>,
 }
 
 /// The raw pieces the validator turns into an [`AuthConfig`].
@@ -134,9 +143,10 @@ impl Validator<'_> {
             out.tokens.push(admin_token(name, secret, TokenSource::Env));
         }
         if let Some(key) = &parts.api_key {
+            let before = self.errors.len();
             let secret = self.subst("api_key", key);
-            if secret.trim().is_empty() {
-                self.error("api_key", line_of(key), "resolves to an empty string");
+            if secret.trim().is_empty() && self.errors.len() == before {
+                self.error("api_key", "resolves to an empty string");
             } else {
                 out.tokens.push(admin_token("api_key".into(), &secret, TokenSource::File));
             }
@@ -146,26 +156,21 @@ impl Validator<'_> {
             let mut namespaces = BTreeMap::new();
             for (ns, list) in &tenant.namespaces {
                 for s in list.iter().filter(|s| !servers.contains(s)) {
-                    self.error(format!("tenants.{name}.namespaces.{ns}"), None, format!("unknown server {s:?}"));
+                    self.error(format!("tenants.{name}.namespaces.{ns}"), format!("unknown server {s:?}"));
                 }
                 namespaces.insert(ns.clone(), list.clone());
             }
             out.tenants.insert(name.clone(), namespaces);
         }
 
-        let proxy_auth = parts.proxy.and_then(|p| {
-            for key in p.other.keys() {
-                self.warnings.push(format!("proxy.{key}: ignored (only proxy.auth is read)"));
-            }
-            p.auth
-        });
+        let proxy_auth = parts.proxy.and_then(|p| p.auth);
         let mut max_failures = None;
         for (section, auth) in [("auth", parts.auth), ("proxy.auth", proxy_auth)] {
             let Some(auth) = auth else { continue };
             if let Some(kind) = &auth.kind
-                && !kind.value.eq_ignore_ascii_case("bearer_token")
+                && !kind.eq_ignore_ascii_case("bearer_token")
             {
-                self.error(format!("{section}.kind"), line_of(kind), "only `bearer_token` is supported");
+                self.error(format!("{section}.kind"), "only `bearer_token` is supported");
             }
             max_failures = auth.max_failures_per_minute.or(max_failures);
             for (name, entry) in &auth.tokens {
@@ -181,11 +186,11 @@ impl Validator<'_> {
             for j in 0..i {
                 if out.tokens[i].digest == out.tokens[j].digest {
                     let (a, b) = (out.tokens[j].name.clone(), out.tokens[i].name.clone());
-                    self.error("auth.tokens", None, format!("{a:?} and {b:?} have the same secret"));
+                    self.error("auth.tokens", format!("{a:?} and {b:?} have the same secret"));
                 }
                 if out.tokens[i].name == out.tokens[j].name {
                     let n = out.tokens[i].name.clone();
-                    self.error("auth.tokens", None, format!("the token name {n:?} is defined twice"));
+                    self.error("auth.tokens", format!("the token name {n:?} is defined twice"));
                 }
             }
         }
@@ -199,7 +204,7 @@ impl Validator<'_> {
             let text = self.subst(&path, p);
             match Cidr::parse(&text) {
                 Ok(c) => out.trusted_proxies.push(c),
-                Err(e) => self.error(path, line_of(p), e),
+                Err(e) => self.error(path, e),
             }
         }
         out
@@ -207,65 +212,60 @@ impl Validator<'_> {
 
     fn rate(&mut self, path: &str, value: &S) -> Option<Rate> {
         let text = self.subst(path, value);
-        Rate::parse(&text).map_err(|e| self.error(path, line_of(value), e)).ok()
+        Rate::parse(&text).map_err(|e| self.error(path, e)).ok()
     }
 
     fn token(
         &mut self,
         path: &str,
         name: &str,
-        entry: &Spanned<RawToken>,
+        entry: &RawToken,
         servers: &[String],
         tenants: &BTreeMap<String, BTreeMap<String, Vec<String>>>,
     ) -> Option<TokenDef> {
-        let line = line_of(entry);
         let before = self.errors.len();
         if let Err(e) = auth::check_name(name) {
-            self.error(path, line, e);
+            self.error(path, e);
         }
         if name == GENERATED_NAME {
-            self.error(path, line, format!("the token name {name:?} is reserved for `serve --generate-token`"));
+            self.error(path, format!("the token name {name:?} is reserved for `serve --generate-token`"));
         }
         let empty = RawTokenFull::default();
-        let (secret_raw, full) = match &entry.value {
-            RawToken::Value(v) => (v.as_str(), &empty),
-            RawToken::Full(f) => (f.token.as_str(), f),
+        let (secret_raw, full, secret_path) = match entry {
+            RawToken::Value(v) => (v.as_str(), &empty, path.to_owned()),
+            RawToken::Full(f) => (f.token.as_str(), f, format!("{path}.token")),
         };
         let secret = match self.env.substitute(secret_raw) {
             Ok(s) => s,
             Err(errs) => {
                 for e in errs {
-                    self.error(path, line, e.to_string());
+                    self.error(&secret_path, e.to_string());
                 }
                 String::new()
             }
         };
         if secret.trim().is_empty() && self.errors.len() == before {
-            self.error(path, line, "the token resolves to an empty string");
+            self.error(&secret_path, "the token resolves to an empty string");
         }
-        for s in full.servers.iter().filter(|s| !servers.contains(s)) {
-            self.error(format!("{path}.servers"), line, format!("unknown server {s:?}"));
+        for (i, s) in full.servers.iter().enumerate().filter(|(_, s)| !servers.contains(s)) {
+            self.error(format!("{path}.servers[{i}]"), format!("unknown server {s:?}"));
         }
         let role = Role::parse(full.role.as_deref()).unwrap_or_else(|e| {
-            self.error(format!("{path}.role"), line, e);
+            self.error(format!("{path}.role"), e);
             Role::User
         });
         if let Some(t) = &full.tenant
             && !tenants.contains_key(t)
         {
-            self.error(format!("{path}.tenant"), line, format!("unknown tenant {t:?}"));
+            self.error(format!("{path}.tenant"), format!("unknown tenant {t:?}"));
         }
         let expires = full.expires.as_deref().and_then(|e| {
             humantime::parse_rfc3339_weak(e.trim())
-                .map_err(|err| {
-                    self.error(format!("{path}.expires"), line, format!("{e:?} is not an RFC 3339 time: {err}"))
-                })
+                .map_err(|err| self.error(format!("{path}.expires"), format!("{e:?} is not an RFC 3339 time: {err}")))
                 .ok()
         });
-        let rate = full
-            .rate
-            .as_deref()
-            .and_then(|r| Rate::parse(r).map_err(|e| self.error(format!("{path}.rate"), line, e)).ok());
+        let rate =
+            full.rate.as_deref().and_then(|r| Rate::parse(r).map_err(|e| self.error(format!("{path}.rate"), e)).ok());
         if self.errors.len() != before {
             return None;
         }
@@ -363,7 +363,8 @@ mcpServers:
         let digests: Vec<[u8; 32]> = c.auth.tokens.iter().map(|t| t.digest).collect();
         assert_eq!(digests, [crate::auth::digest("alice-secret"), crate::auth::digest("carol-default")]);
         assert_eq!(c.servers[0].auth_tokens, ["alice"]);
-        assert!(c.warnings.iter().any(|w| w.contains("proxy.baseURL")));
+        assert_eq!(c.public_url.as_deref(), Some("https://mcp.example.com"));
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         let gw = "listen_addr: 127.0.0.1:9000\napi_key: \"${MCP_GATEWAY_API_KEY}\"\nservers: {}\n";
         let c = parse(gw, false, &env()).unwrap();
         assert_eq!(c.listen.port(), 9000);
@@ -396,7 +397,7 @@ auth:
         for needle in [
             "auth.tokens.empty: the token resolves to an empty string",
             "\"twin1\" and \"twin2\" have the same secret",
-            "auth.tokens.bad.servers: unknown server \"nope\"",
+            "auth.tokens.bad.servers[0]: unknown server \"nope\"",
             "auth.tokens.bad.role: unknown role",
             "auth.tokens.bad.tenant: unknown tenant",
             "auth.tokens.bad.expires",

@@ -1,6 +1,7 @@
 //! Environment substitution in config string values, and the `.env` file beside the config.
 //!
-//! Supported forms: `${VAR}`, `${VAR:-default}`, `${env:VAR}` (VS Code), `$$` for a literal `$`,
+//! Supported forms: `${VAR}`, `${VAR:-default}`, `${env:VAR}` and VS Code's `${workspaceFolder}`,
+//! `${workspaceFolderBasename}`, `${userHome}`, `${pathSeparator}` (`${/}`), `$$` for a literal `$`,
 //! and MCP Front's `$env:VAR|default` / `$env:VAR` as a whole value. `${input:…}` is refused:
 //! Portcullis runs unattended and cannot prompt. A `$` not starting one of these forms is literal.
 //! Invariant: substitution is applied to typed string fields after parsing, never to the raw
@@ -14,6 +15,10 @@ use std::path::Path;
 pub struct Env {
     dotenv: HashMap<String, String>,
     process: HashMap<String, String>,
+    /// What was wrong with the `.env` file (lines skipped), for the config's warnings.
+    pub(crate) warnings: Vec<String>,
+    /// VS Code's `${workspaceFolder}`: the folder holding `.vscode/`, or the config's folder.
+    workspace: Option<std::path::PathBuf>,
 }
 
 /// Why a value could not be substituted.
@@ -35,17 +40,37 @@ pub enum SubstError {
 impl Env {
     /// The process environment plus the `.env` file in `dir`, if present.
     pub fn load(dir: Option<&Path>) -> Self {
-        let dotenv = dir
+        let (dotenv, warnings) = dir
             .map(|d| d.join(".env"))
             .and_then(|p| std::fs::read_to_string(p).ok())
             .map(|s| parse_dotenv(&s))
             .unwrap_or_default();
-        Env { dotenv, process: std::env::vars().collect() }
+        let warnings = warnings.into_iter().map(|w| format!(".env: {w}")).collect();
+        Env { dotenv, process: std::env::vars().collect(), warnings, workspace: None }
+    }
+
+    /// The same environment, with VS Code's workspace folder for the config file at `file`:
+    /// the folder holding `.vscode/` when the file is in one, else the file's own folder.
+    pub fn for_file(mut self, file: &Path) -> Self {
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let workspace = if dir.file_name().is_some_and(|n| n == ".vscode") {
+            dir.parent().map_or(dir.clone(), Path::to_path_buf)
+        } else {
+            dir
+        };
+        self.workspace = Some(workspace);
+        self
     }
 
     /// An environment with exactly these variables (tests).
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        Env { dotenv: HashMap::new(), process: pairs.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect() }
+        Env {
+            dotenv: HashMap::new(),
+            warnings: Vec::new(),
+            workspace: None,
+            process: pairs.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+        }
     }
 
     /// A variable's value; the process environment wins over `.env`.
@@ -104,6 +129,9 @@ impl Env {
         if let Some(input) = reference.strip_prefix("input:") {
             return Err(SubstError::Input(input.to_owned()));
         }
+        if let Some(v) = self.vscode(reference) {
+            return Ok(v);
+        }
         let reference = reference.strip_prefix("env:").unwrap_or(reference);
         let (name, default) = match reference.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
@@ -121,35 +149,50 @@ impl Env {
     }
 }
 
+impl Env {
+    /// VS Code's predefined variables: `${workspaceFolder}`, `${workspaceFolderBasename}`,
+    /// `${userHome}`, `${pathSeparator}` (and its short form `${/}`).
+    fn vscode(&self, reference: &str) -> Option<String> {
+        let workspace = || self.workspace.clone().or_else(|| std::env::current_dir().ok());
+        match reference {
+            "workspaceFolder" => workspace().map(|w| w.display().to_string()),
+            "workspaceFolderBasename" => workspace()?.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "userHome" => self.get("HOME").map(str::to_owned),
+            "pathSeparator" | "/" => Some(std::path::MAIN_SEPARATOR.to_string()),
+            _ => None,
+        }
+    }
+}
+
 fn is_name(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// Parses `KEY=VALUE` lines (`export ` prefix, `#` comments, single or double quotes).
-pub fn parse_dotenv(text: &str) -> HashMap<String, String> {
+/// Reads a dotenv file's `KEY=VALUE` lines with `dotenvy` (quotes, `#` comments, escapes,
+/// `export`, `${VAR}` references to earlier lines), without touching the process environment.
+/// A line it cannot read is skipped and counted in the returned warnings (its text is not shown:
+/// it may hold a secret).
+pub fn parse_dotenv(text: &str) -> (HashMap<String, String>, Vec<String>) {
     let mut out = HashMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
+    let mut skipped = 0;
+    for item in dotenvy::from_read_iter(text.as_bytes()) {
+        match item {
+            Ok((key, value)) => {
+                out.insert(key, value);
+            }
+            Err(dotenvy::Error::LineParse(..)) => skipped += 1,
+            Err(_) => skipped += 1,
         }
-        let line = line.strip_prefix("export ").unwrap_or(line);
-        let Some((key, value)) = line.split_once('=') else { continue };
-        let key = key.trim();
-        if !is_name(key) {
-            continue;
-        }
-        let value = value.trim();
-        let value = if value.len() >= 2
-            && ((value.starts_with('"') && value.ends_with('"')) || (value.starts_with('\'') && value.ends_with('\'')))
-        {
-            &value[1..value.len() - 1]
-        } else {
-            value.split(" #").next().unwrap_or(value).trim_end()
-        };
-        out.insert(key.to_owned(), value.to_owned());
     }
-    out
+    let warnings = match skipped {
+        0 => Vec::new(),
+        n => vec![format!(
+            "{n} line{} that {} not KEY=VALUE skipped",
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "is" } else { "are" }
+        )],
+    };
+    (out, warnings)
 }
 
 #[cfg(test)]
@@ -186,10 +229,18 @@ mod tests {
 
     #[test]
     fn dotenv() {
-        let m = parse_dotenv("# c\nexport X=1\nY=\"two words\"\nZ=3 # trailing\nbad line\n");
+        let (m, warnings) = parse_dotenv(
+            "# c\nexport X=1\nY=\"two words\"\nZ=3 # trailing\nALICE_TOKEN=\"alice-secret\" # comment\nQ='it''s'\nE=\"a\\\"b\"\n",
+        );
         assert_eq!(m["X"], "1");
         assert_eq!(m["Y"], "two words");
         assert_eq!(m["Z"], "3");
-        assert_eq!(m.len(), 3);
+        assert_eq!(m["ALICE_TOKEN"], "alice-secret");
+        assert_eq!(m["E"], "a\"b");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let (m, warnings) = parse_dotenv("A=1\nnot a line\nB=2\n");
+        assert_eq!(m.get("A").map(String::as_str), Some("1"));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with("1 line"), "{warnings:?}");
     }
 }

@@ -8,7 +8,10 @@
 //! `mcp.json`) are warnings.
 
 pub mod auth;
+pub mod catalog;
 pub mod env;
+pub mod schema;
+mod tree;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,12 +21,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde_saphyr::Spanned;
 
 pub use env::Env;
 
 /// The default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// [`DEFAULT_LISTEN`] as an address.
+pub const DEFAULT_LISTEN_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+/// The server name Portcullis gives clients in `initialize` unless the config names another.
+pub const DEFAULT_NAME: &str = "portcullis";
 /// The default separator between a server's name and a tool or prompt name.
 pub const DEFAULT_SEPARATOR: &str = "__";
 /// The default per-request deadline for an upstream call.
@@ -36,13 +42,17 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub const RESERVED_NAMES: &[&str] =
     &["mcp", "sse", "messages", "servers", "health", "rpc", "stats", "metrics", "admin", ".well-known"];
 
-type S = Spanned<String>;
+type S = String;
 
-/// The top level of a Portcullis config file (YAML or JSON).
-#[derive(Debug, Default, Deserialize)]
+/// The top level of a Portcullis config file (YAML or JSON). The same file may be written in
+/// the formats of Claude Desktop, Claude Code, Cursor, VS Code, MCP Front or Open MCP Gateway:
+/// their keys are here too.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "Portcullis configuration")]
 pub struct RawConfig {
-    /// Address and port to listen on, e.g. `127.0.0.1:8080` (the default). `--listen` overrides it.
+    /// Address and port to listen on: `127.0.0.1:8080` (the default), `localhost:8080`, `:8080`
+    /// (every interface) or a port alone (`8080`, on loopback). `--listen` overrides it.
     #[serde(default)]
     pub listen: Option<S>,
     /// Synonym of `listen`, as Open MCP Gateway spells it.
@@ -64,14 +74,30 @@ pub struct RawConfig {
     /// The largest request body accepted, in bytes (default 4 MiB). Larger bodies get 413.
     #[serde(default)]
     pub max_body_bytes: Option<usize>,
+    /// The URL clients reach Portcullis at, when it is behind a proxy or a load balancer
+    /// (`https://mcp.example.com`); used wherever Portcullis names itself.
+    #[serde(default)]
+    pub public_url: Option<S>,
+    /// The server name Portcullis gives clients in `initialize` (default `portcullis`).
+    #[serde(default)]
+    pub name: Option<S>,
+    /// MCP Front's format version (`"1.0"`); accepted and not otherwise read.
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub version: Option<serde::de::IgnoredAny>,
+    /// Open MCP Gateway's server catalog: a YAML file of `servers: [{id, runtime, env}]`,
+    /// relative to this file, watched and reloaded like it.
+    #[serde(default)]
+    pub catalog_path: Option<S>,
     /// The MCP servers to front, by name (`[a-z0-9_-]+`).
     #[serde(default)]
-    pub servers: BTreeMap<String, Spanned<RawServer>>,
+    pub servers: BTreeMap<String, RawServer>,
     /// Claude Desktop / Claude Code / Cursor style server map; entries as in those files.
     #[serde(default, rename = "mcpServers")]
-    pub mcp_servers: BTreeMap<String, Spanned<RawServer>>,
+    pub mcp_servers: BTreeMap<String, RawServer>,
     /// VS Code `mcp.json` prompt inputs. Portcullis cannot prompt: referencing one is an error.
     #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
     pub inputs: Option<serde::de::IgnoredAny>,
     /// Authentication: named tokens and their grants (see `docs/authentication.md`).
     #[serde(default)]
@@ -111,20 +137,20 @@ pub struct RawConfig {
 }
 
 /// `limits:` (every field optional; the defaults suit real clients).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     /// How long a client may take to send a request's headers, from its first byte (default
     /// `5s`). A slower client's connection is closed.
     #[serde(default)]
-    pub header_read_timeout: Option<Spanned<DurationValue>>,
+    pub header_read_timeout: Option<DurationValue>,
     /// How long a connection may stay open with no request in flight (default `75s`). A
     /// streaming response is a request in flight: SSE streams are never cut by this.
     #[serde(default)]
-    pub keep_alive_timeout: Option<Spanned<DurationValue>>,
+    pub keep_alive_timeout: Option<DurationValue>,
     /// How long a request body may take to arrive in full (default `30s`); then 408.
     #[serde(default)]
-    pub body_read_timeout: Option<Spanned<DurationValue>>,
+    pub body_read_timeout: Option<DurationValue>,
     /// Connections open at once (default 20,000); past it new ones are closed at once.
     #[serde(default)]
     pub max_connections: Option<usize>,
@@ -132,7 +158,7 @@ pub struct RawLimits {
     /// flight) before it ends (default `30m`); its next request gets 404 and the client
     /// starts a new session, as the protocol has it.
     #[serde(default)]
-    pub session_idle_timeout: Option<Spanned<DurationValue>>,
+    pub session_idle_timeout: Option<DurationValue>,
     /// Sessions open at once, all identities together (default 20,000); past it 503.
     #[serde(default)]
     pub max_sessions: Option<usize>,
@@ -187,7 +213,7 @@ impl Default for Limits {
 }
 
 /// `store:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
     /// The SQLite file for issued tokens (created on first use).
@@ -195,7 +221,7 @@ pub struct RawStore {
 }
 
 /// `tls:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     /// PEM certificate chain for the listener (reloaded when the file changes).
@@ -209,7 +235,7 @@ pub struct RawTls {
 }
 
 /// `audit:`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
     /// Append records to this file instead of stderr.
@@ -219,8 +245,10 @@ pub struct RawAudit {
 
 /// One upstream MCP server: a local command (stdio) or a remote URL.
 ///
-/// Keys from other clients' formats are accepted too (`type`, `disabled`, `authTokens`).
-#[derive(Debug, Default, Deserialize)]
+/// Keys from other clients' formats are accepted too (`type`, `disabled`, `authTokens`,
+/// `envFile`).
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RawServer {
     /// The program to run for a stdio server (looked up on `PATH`).
     #[serde(default)]
@@ -233,6 +261,10 @@ pub struct RawServer {
     /// Portcullis' whole environment; `PORTCULLIS_*` names are refused here.
     #[serde(default)]
     pub env: BTreeMap<String, S>,
+    /// VS Code: a dotenv file whose variables are added to `env` (`env` wins), e.g.
+    /// `${workspaceFolder}/.env`.
+    #[serde(default, rename = "envFile")]
+    pub env_file: Option<S>,
     /// More of Portcullis' own environment for the command: `true` (all of it) or a list of
     /// names. `PORTCULLIS_*` variables are never passed, whatever this says.
     #[serde(default)]
@@ -258,10 +290,10 @@ pub struct RawServer {
     /// Deadline for one request to this server, e.g. `30s` or `5m` (default `5m`); a number
     /// is milliseconds, as Claude's format has it. Progress notifications do not extend it.
     #[serde(default)]
-    pub timeout: Option<Spanned<DurationValue>>,
+    pub timeout: Option<DurationValue>,
     /// How long an upstream SSE stream may stay silent before it is dropped (default `5m`).
     #[serde(default)]
-    pub sse_idle_timeout: Option<Spanned<DurationValue>>,
+    pub sse_idle_timeout: Option<DurationValue>,
     /// Set to `false` to keep the entry but not run it.
     #[serde(default)]
     pub enabled: Option<bool>,
@@ -279,7 +311,7 @@ pub struct RawServer {
 }
 
 /// `inherit_env:` as written: `true`/`false` or a list of variable names.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum InheritEnvValue {
     /// All (`true`) or only the base (`false`).
@@ -322,29 +354,38 @@ impl InheritEnv {
     }
 }
 
-/// A duration written as text (`30s`, `5m`, `1h30m`) or as a number of milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DurationValue(pub Duration);
+/// A duration written as text (`30s`, `5m`, `1h30m`) or as a number of milliseconds; read
+/// into a [`Duration`] by the validator, so that a bad one is reported with the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum DurationValue {
+    /// A number: milliseconds, as Claude's format has it.
+    Millis(u64),
+    /// Text for `humantime`.
+    Text(String),
+}
 
-impl<'de> Deserialize<'de> for DurationValue {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = DurationValue;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as `30s` or `5m`, or a number of milliseconds")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DurationValue, E> {
-                Ok(DurationValue(Duration::from_millis(v)))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DurationValue, E> {
-                u64::try_from(v).map(|v| DurationValue(Duration::from_millis(v))).map_err(E::custom)
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationValue, E> {
-                parse_duration(v).map(DurationValue).map_err(E::custom)
-            }
+impl DurationValue {
+    /// The duration, or why the text is not one.
+    pub fn duration(&self) -> Result<Duration, String> {
+        match self {
+            DurationValue::Millis(ms) => Ok(Duration::from_millis(*ms)),
+            DurationValue::Text(t) => parse_duration(t),
         }
-        d.deserialize_any(V)
+    }
+}
+
+impl schemars::JsonSchema for DurationValue {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A duration such as `30s`, `5m` or `1h30m`, or a number of milliseconds.",
+            "type": ["string", "integer"],
+            "minimum": 0
+        })
     }
 }
 
@@ -373,36 +414,29 @@ pub fn shown_url(url: &str) -> String {
 /// rotation's grace): 100 years. Longer is refused, never read as "never" or left to overflow.
 pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// Reads a listen address as people write it: `127.0.0.1:8080`, `[::1]:8080`,
+/// `localhost:8080` (loopback), `:8080` (every interface) or a port alone, `8080` (loopback).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let t = text.trim();
+    let bad = || format!("{t:?} is not an address such as 127.0.0.1:8080, localhost:8080, :8080 or 8080");
+    if let Ok(a) = t.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Ok(port) = t.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    let (host, port) = t.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    match host.to_ascii_lowercase().as_str() {
+        "" | "*" => Ok(SocketAddr::from(([0, 0, 0, 0], port))),
+        "localhost" => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
+        _ => Err(bad()),
+    }
+}
+
 /// Parses `30s`, `5m`, `1h30m`, `250ms`, `2d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
-}
-
-/// The keys a server entry may have in Portcullis' own schema.
-const OWN_SERVER_KEYS: &[&str] = &[
-    "command",
-    "args",
-    "env",
-    "inherit_env",
-    "cwd",
-    "url",
-    "transport",
-    "type",
-    "headers",
-    "timeout",
-    "sse_idle_timeout",
-    "enabled",
-    "disabled",
-    "share",
-    "authTokens",
-];
-
-#[derive(Deserialize, Default)]
-struct KeysOnly {
-    #[serde(default)]
-    servers: BTreeMap<String, BTreeMap<String, serde::de::IgnoredAny>>,
-    #[serde(default, rename = "mcpServers")]
-    mcp_servers: BTreeMap<String, BTreeMap<String, serde::de::IgnoredAny>>,
 }
 
 /// How a server is reached.
@@ -476,6 +510,10 @@ pub struct ServerDef {
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
+    /// The URL clients reach Portcullis at, when the config gives one (no trailing slash).
+    pub public_url: Option<String>,
+    /// The server name given to clients in `initialize`.
+    pub name: String,
     /// Name separator.
     pub separator: String,
     /// Allowed `Origin` values (normalised, lowercase).
@@ -498,10 +536,12 @@ pub struct Config {
     pub limits: Limits,
     /// The token store file named in the config (None: the default beside the config file).
     pub store_path: Option<PathBuf>,
+    /// Open MCP Gateway's catalog file, when `catalog_path` names one (watched with the config).
+    pub catalog: Option<PathBuf>,
     /// The file this came from (None for the built-in demo).
     pub source: Option<PathBuf>,
     /// Warnings found while loading (unknown keys in foreign entries).
-    pub warnings: Vec<String>,
+    pub warnings: Vec<ConfigError>,
 }
 
 impl Config {
@@ -532,6 +572,8 @@ impl Config {
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The file, when it is not the config file itself (a catalog it names).
+    pub file: Option<PathBuf>,
     /// Dotted path of the field (empty for file-level errors).
     pub path: String,
     /// 1-based line, when known.
@@ -566,7 +608,13 @@ impl fmt::Display for ConfigErrors {
         let n = self.errors.len();
         write!(f, "{file}: {n} error{}", if n == 1 { "" } else { "s" })?;
         for e in &self.errors {
-            write!(f, "\n  {file}:{e}")?;
+            // One position per error, as compilers write it: `file:line: field: message`.
+            let file = e.file.as_deref().map_or_else(|| file.clone(), |f| f.display().to_string());
+            let at = e.line.map(|l| format!("{file}:{l}")).unwrap_or_else(|| file.clone());
+            match e.path.is_empty() {
+                true => write!(f, "\n  {at}: {}", e.message)?,
+                false => write!(f, "\n  {at}: {}: {}", e.path, e.message)?,
+            }
         }
         Ok(())
     }
@@ -581,11 +629,11 @@ pub fn default_path() -> Option<PathBuf> {
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         file: Some(path.to_owned()),
-        errors: vec![ConfigError { path: String::new(), line: None, message: format!("cannot read: {e}") }],
+        errors: vec![ConfigError { file: None, path: String::new(), line: None, message: format!("cannot read: {e}") }],
     })?;
-    let env = Env::load(path.parent());
-    let mut config =
-        parse(&text, is_json(path), &env).map_err(|errors| ConfigErrors { file: Some(path.to_owned()), errors })?;
+    let env = Env::load(path.parent()).for_file(path);
+    let mut config = parse_named(&text, is_json(path), Some(path), &env)
+        .map_err(|errors| ConfigErrors { file: Some(path.to_owned()), errors })?;
     config.source = Some(path.to_owned());
     Ok(config)
 }
@@ -605,28 +653,81 @@ pub fn demo(exe: &Path) -> Result<Config, ConfigErrors> {
     parse(&text, false, &Env::load(Some(Path::new(".")))).map_err(|errors| ConfigErrors { file: None, errors })
 }
 
-fn line_of<T>(s: &Spanned<T>) -> Option<u32> {
-    let l = s.referenced.line();
-    (l > 0).then_some(l as u32)
+/// Parses and validates config text; `json` selects JSON (with comments and trailing commas,
+/// as VS Code writes it) rather than YAML.
+pub fn parse(text: &str, json: bool, env: &Env) -> Result<Config, Vec<ConfigError>> {
+    parse_named(text, json, None, env)
 }
 
-/// Parses and validates config text; `json` selects strict JSON syntax.
-pub fn parse(text: &str, json: bool, env: &Env) -> Result<Config, Vec<ConfigError>> {
-    let err = |message: String, line: Option<u32>| vec![ConfigError { path: String::new(), line, message }];
-    if json && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
-        return Err(err(format!("invalid JSON: {e}"), Some(e.line() as u32)));
+/// Top-level keys that only files written for other tools have.
+const FOREIGN_KEYS: &[&str] = &["mcpServers", "inputs", "proxy", "version", "catalog_path", "listen_addr"];
+
+/// Whether a file was written for another tool (Claude Desktop, Claude Code, Cursor, VS Code,
+/// MCP Front, Open MCP Gateway): its unknown keys are warnings, not errors.
+fn is_foreign(tree: Option<&tree::Node>, file: Option<&Path>) -> bool {
+    let named = file.and_then(Path::file_name).and_then(|n| n.to_str()).is_some_and(|n| {
+        matches!(n, "mcp.json" | "claude_desktop_config.json" | ".mcp.json" | ".claude.json" | "config.dev.json")
+    });
+    named || FOREIGN_KEYS.iter().any(|k| tree.and_then(|t| t.get(k)).is_some())
+}
+
+/// [`parse`], knowing the file's name (which tells whether it was written for another tool).
+fn parse_named(text: &str, json: bool, file: Option<&Path>, env: &Env) -> Result<Config, Vec<ConfigError>> {
+    let one = |message: String, line: Option<u32>| vec![ConfigError { file: None, path: String::new(), line, message }];
+    let text = if json { tree::jsonc_to_json(text) } else { text.to_owned() };
+    if json && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+        return Err(one(format!("invalid JSON: {e}"), u32::try_from(e.line()).ok()));
     }
-    // JSON is YAML, so one parser (with line numbers) serves both once the JSON syntax is checked.
-    let raw: RawConfig = if text.trim().is_empty() {
-        RawConfig::default()
-    } else {
-        serde_saphyr::from_str(text).map_err(|e| {
-            let line = e.location().map(|l| l.line() as u32).filter(|l| *l > 0);
-            err(first_line(&e.to_string()), line)
-        })?
+    let tree = tree::parse(&text).map_err(|e| one(e.message, e.line))?;
+    let foreign = is_foreign(tree.as_ref(), file);
+    let (value, problems) = match &tree {
+        Some(t) => schema::convert(t, foreign),
+        None => (serde_json::Value::Object(serde_json::Map::new()), Vec::new()),
     };
-    let keys: KeysOnly = serde_saphyr::from_str(text).unwrap_or_default();
-    Validator { env, errors: Vec::new(), warnings: Vec::new() }.validate(raw, keys)
+    let mut errors = Vec::new();
+    let mut warnings: Vec<ConfigError> = env
+        .warnings
+        .iter()
+        .map(|w| ConfigError { file: None, path: ".env".into(), line: None, message: w.clone() })
+        .collect();
+    for p in problems {
+        let e = ConfigError { file: None, path: p.path, line: Some(p.line), message: p.message };
+        if p.warning { warnings.push(e) } else { errors.push(e) }
+    }
+    let raw = match serde_json::from_value::<RawConfig>(value) {
+        Ok(raw) => raw,
+        Err(e) => {
+            // The schema check lets through only what the types read, so this is a type the
+            // schema describes less precisely than serde reads it.
+            errors.push(ConfigError {
+                file: None,
+                path: String::new(),
+                line: None,
+                message: first_line(&e.to_string()),
+            });
+            return Err(errors);
+        }
+    };
+    let validator = Validator { env, errors, warnings, base: file.and_then(Path::parent).map(Path::to_path_buf) };
+    let place = |list: &mut Vec<ConfigError>| {
+        for e in list.iter_mut() {
+            if e.line.is_none() && e.file.is_none() {
+                e.line = tree.as_ref().and_then(|t| t.line_of(&e.path));
+            }
+        }
+        list.sort_by_key(|e| e.line.unwrap_or(u32::MAX));
+        list.dedup();
+    };
+    match validator.validate(raw) {
+        Ok(mut config) => {
+            place(&mut config.warnings);
+            Ok(config)
+        }
+        Err(mut errors) => {
+            place(&mut errors);
+            Err(errors)
+        }
+    }
 }
 
 fn first_line(s: &str) -> String {
@@ -636,53 +737,48 @@ fn first_line(s: &str) -> String {
 struct Validator<'a> {
     env: &'a Env,
     errors: Vec<ConfigError>,
-    warnings: Vec<String>,
+    warnings: Vec<ConfigError>,
+    /// The directory of the config file, for relative paths in it (`envFile`, `catalog_path`).
+    base: Option<PathBuf>,
 }
 
 impl Validator<'_> {
-    fn error(&mut self, path: impl Into<String>, line: Option<u32>, message: impl Into<String>) {
-        self.errors.push(ConfigError { path: path.into(), line, message: message.into() });
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError { file: None, path: path.into(), line: None, message: message.into() });
+    }
+
+    fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(ConfigError { file: None, path: path.into(), line: None, message: message.into() });
     }
 
     fn subst(&mut self, path: &str, value: &S) -> String {
-        match self.env.substitute(&value.value) {
+        match self.env.substitute(value) {
             Ok(v) => v,
             Err(errs) => {
                 for e in errs {
-                    self.error(path, line_of(value), e.to_string());
+                    self.error(path, e.to_string());
                 }
                 String::new()
             }
         }
     }
 
-    fn validate(mut self, raw: RawConfig, keys: KeysOnly) -> Result<Config, Vec<ConfigError>> {
-        let listen_raw = raw.listen.as_ref().or(raw.listen_addr.as_ref());
-        let listen = match listen_raw {
-            Some(l) => {
-                let path = if raw.listen.is_some() { "listen" } else { "listen_addr" };
-                let text = self.subst(path, l);
-                match text.parse::<SocketAddr>() {
-                    Ok(a) => a,
-                    Err(_) => {
-                        if !text.is_empty() {
-                            self.error(
-                                path,
-                                line_of(l),
-                                format!("{text:?} is not an address:port such as 127.0.0.1:8080"),
-                            );
-                        }
-                        SocketAddr::from(([127, 0, 0, 1], 8080))
-                    }
-                }
-            }
-            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
-        };
+    fn validate(mut self, raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
+        let listen = self.listen(&raw);
+        let public_url = self.public_url(&raw);
+        let name = raw
+            .name
+            .as_ref()
+            .map(|n| ("name", n))
+            .or_else(|| raw.proxy.as_ref().and_then(|p| p.name.as_ref()).map(|n| ("proxy.name", n)))
+            .map(|(path, n)| self.subst(path, n))
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_NAME.to_owned());
         let separator = match &raw.separator {
             Some(s) => {
                 let v = self.subst("separator", s);
                 if v.is_empty() || v.chars().any(|c| c.is_whitespace()) {
-                    self.error("separator", line_of(s), "must be non-empty and contain no whitespace");
+                    self.error("separator", "must be non-empty and contain no whitespace");
                 }
                 v
             }
@@ -702,25 +798,7 @@ impl Validator<'_> {
             .collect();
         let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes == 0 {
-            self.error("max_body_bytes", None, "must be greater than 0");
-        }
-
-        // VS Code's mcp.json (it has `inputs`) is a foreign format too.
-        let own_servers_foreign = raw.inputs.is_some();
-        for (section, entries, foreign) in
-            [("servers", &keys.servers, own_servers_foreign), ("mcpServers", &keys.mcp_servers, true)]
-        {
-            for (name, fields) in entries {
-                for key in fields.keys().filter(|k| !OWN_SERVER_KEYS.contains(&k.as_str())) {
-                    let path = format!("{section}.{name}.{key}");
-                    if foreign {
-                        self.warnings.push(format!("{path}: unknown key ignored"));
-                    } else {
-                        let line = raw.servers.get(name).and_then(line_of);
-                        self.error(path, line, "unknown field (check the spelling)");
-                    }
-                }
-            }
+            self.error("max_body_bytes", "must be greater than 0");
         }
 
         let mut servers = Vec::new();
@@ -728,13 +806,44 @@ impl Validator<'_> {
             for (name, entry) in map {
                 if let Some(def) = self.server(section, &name, &entry, &separator) {
                     if servers.iter().any(|s: &Arc<ServerDef>| s.name == def.name) {
-                        self.error(format!("{section}.{name}"), line_of(&entry), "defined twice");
+                        self.error(format!("{section}.{name}"), "defined twice");
                     } else {
                         servers.push(Arc::new(def));
                     }
                 }
             }
         }
+        let catalog = raw.catalog_path.as_ref().map(|c| {
+            let file = self.subst("catalog_path", c);
+            let file = match &self.base {
+                Some(dir) if Path::new(&file).is_relative() => dir.join(&file),
+                _ => PathBuf::from(file),
+            };
+            let (catalog, errors, warnings) = catalog::load(&file);
+            self.errors.extend(errors);
+            self.warnings.extend(warnings);
+            for (name, entry, line) in &catalog.servers {
+                let before = self.errors.len();
+                let def = self.server("catalog", name, entry, &separator);
+                for e in &mut self.errors[before..] {
+                    e.file = Some(file.clone());
+                    e.line = e.line.or(*line);
+                }
+                match def {
+                    Some(def) if servers.iter().any(|s: &Arc<ServerDef>| s.name == def.name) => {
+                        self.errors.push(ConfigError {
+                            file: Some(file.clone()),
+                            path: format!("catalog.{name}"),
+                            line: *line,
+                            message: "defined twice (also in this config file)".into(),
+                        })
+                    }
+                    Some(def) => servers.push(Arc::new(def)),
+                    None => {}
+                }
+            }
+            file
+        });
         servers.sort_by(|a, b| a.name.cmp(&b.name));
         let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
         let auth = self.auth(
@@ -750,7 +859,7 @@ impl Validator<'_> {
         );
         for s in &servers {
             for t in s.auth_tokens.iter().filter(|t| !auth.tokens.iter().any(|d| d.name == **t)) {
-                self.error(format!("servers.{}.authTokens", s.name), None, format!("unknown token name {t:?}"));
+                self.error(format!("servers.{}.authTokens", s.name), format!("unknown token name {t:?}"));
             }
         }
         let audit_file = raw.audit.and_then(|a| a.file).map(|f| PathBuf::from(self.subst("audit.file", &f)));
@@ -762,7 +871,7 @@ impl Validator<'_> {
                 client_ca: t.client_ca.as_ref().map(|c| PathBuf::from(self.subst("tls.client_ca", c))),
             };
             if let Err(e) = crate::tls::server_config(&settings) {
-                self.error("tls", line_of(&t.cert), e);
+                self.error("tls", e);
             }
             settings
         });
@@ -772,7 +881,10 @@ impl Validator<'_> {
             return Err(self.errors);
         }
         Ok(Config {
+            catalog,
             listen,
+            public_url,
+            name,
             separator,
             allowed_origins,
             allowed_hosts,
@@ -789,16 +901,70 @@ impl Validator<'_> {
         })
     }
 
+    /// A duration field: its value, or `default` when absent or wrong (with an error). Zero is
+    /// refused unless `zero_ok`; more than [`MAX_SPAN`] always.
+    fn duration(&mut self, path: &str, value: Option<&DurationValue>, default: Duration, zero_ok: bool) -> Duration {
+        let Some(value) = value else { return default };
+        match value.duration() {
+            Ok(d) if (d.is_zero() && !zero_ok) || d > MAX_SPAN => {
+                self.error(path, "must be greater than 0 and at most 100 years");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.error(path, e);
+                default
+            }
+        }
+    }
+
+    /// `listen`, or Open MCP Gateway's `listen_addr`, or MCP Front's `proxy.addr`.
+    fn listen(&mut self, raw: &RawConfig) -> SocketAddr {
+        let given = [("listen", &raw.listen), ("listen_addr", &raw.listen_addr)]
+            .into_iter()
+            .chain(raw.proxy.as_ref().map(|p| ("proxy.addr", &p.addr)))
+            .find_map(|(path, v)| v.as_ref().map(|v| (path, v)));
+        let Some((path, value)) = given else { return DEFAULT_LISTEN_ADDR };
+        let text = self.subst(path, value);
+        match parse_listen(&text) {
+            Ok(a) => a,
+            Err(e) => {
+                if !text.is_empty() {
+                    self.error(path, e);
+                }
+                DEFAULT_LISTEN_ADDR
+            }
+        }
+    }
+
+    /// `public_url`, or MCP Front's `proxy.baseUrl`: an absolute http(s) URL, kept without a
+    /// trailing slash.
+    fn public_url(&mut self, raw: &RawConfig) -> Option<String> {
+        let proxy = raw.proxy.as_ref();
+        let (path, value) = [
+            ("public_url", raw.public_url.as_ref()),
+            ("proxy.baseUrl", proxy.and_then(|p| p.base_url.as_ref())),
+            ("proxy.baseURL", proxy.and_then(|p| p.base_url_upper.as_ref())),
+        ]
+        .into_iter()
+        .find_map(|(path, v)| v.map(|v| (path, v)))?;
+        let text = self.subst(path, value);
+        match reqwest::Url::parse(&text) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {
+                Some(text.trim_end_matches('/').to_owned())
+            }
+            _ => {
+                self.error(path, format!("{:?} is not an http(s) URL", shown_url(&text)));
+                None
+            }
+        }
+    }
+
     fn limits(&mut self, raw: Option<&RawLimits>) -> Limits {
         let d = Limits::default();
         let Some(raw) = raw else { return d };
-        let mut duration = |v: &Option<Spanned<DurationValue>>, name: &str, default: Duration| match v {
-            None => default,
-            Some(s) if s.value.0.is_zero() || s.value.0 > MAX_SPAN => {
-                self.error(format!("limits.{name}"), line_of(s), "must be greater than 0 and at most 100 years");
-                default
-            }
-            Some(s) => s.value.0,
+        let mut duration = |v: &Option<DurationValue>, name: &str, default: Duration| {
+            self.duration(&format!("limits.{name}"), v.as_ref(), default, false)
         };
         let header_read_timeout = duration(&raw.header_read_timeout, "header_read_timeout", d.header_read_timeout);
         let keep_alive_timeout = duration(&raw.keep_alive_timeout, "keep_alive_timeout", d.keep_alive_timeout);
@@ -806,7 +972,7 @@ impl Validator<'_> {
         let body_read_timeout = duration(&raw.body_read_timeout, "body_read_timeout", d.body_read_timeout);
         let mut count = |v: Option<usize>, name: &str, default: usize| match v {
             Some(0) => {
-                self.error(format!("limits.{name}"), None, "must be greater than 0");
+                self.error(format!("limits.{name}"), "must be greater than 0");
                 default
             }
             Some(n) => n,
@@ -833,154 +999,45 @@ impl Validator<'_> {
         }
     }
 
-    fn server(&mut self, section: &str, name: &str, entry: &Spanned<RawServer>, separator: &str) -> Option<ServerDef> {
+    fn server(&mut self, section: &str, name: &str, s: &RawServer, separator: &str) -> Option<ServerDef> {
         let base = format!("{section}.{name}");
-        let line = line_of(entry);
         let before = self.errors.len();
-        let s = &entry.value;
         if name.is_empty()
             || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
         {
-            self.error(&base, line, "server names may use only a-z, 0-9, `_` and `-`");
+            self.error(&base, "server names may use only a-z, 0-9, `_` and `-`");
         } else if name.contains(separator) {
-            self.error(&base, line, format!("server names may not contain the separator {separator:?}"));
+            self.error(&base, format!("server names may not contain the separator {separator:?}"));
         } else if RESERVED_NAMES.contains(&name) {
-            self.error(&base, line, format!("{name:?} is reserved for the gateway's own endpoints"));
+            self.error(&base, format!("{name:?} is reserved for the gateway's own endpoints"));
         }
-        let kind = s.kind.as_ref().map(|k| (k.value.to_ascii_lowercase(), line_of(k)));
-        let transport_kw = s.transport.as_ref().map(|t| (t.value.to_ascii_lowercase(), line_of(t)));
         let transport = match (&s.command, &s.url) {
             (Some(_), Some(_)) => {
-                self.error(&base, line, "give either `command` (stdio) or `url` (remote), not both");
+                self.error(&base, "give either `command` (stdio) or `url` (remote), not both");
                 None
             }
             (None, None) => {
-                self.error(&base, line, "needs `command` (stdio) or `url` (remote)");
+                self.error(&base, "needs `command` (stdio) or `url` (remote)");
                 None
             }
-            (Some(command), None) => {
-                if let Some((k, l)) = &kind
-                    && k != "stdio"
-                {
-                    self.error(format!("{base}.type"), *l, format!("{k:?} needs `url`, not `command`"));
-                }
-                if s.transport.is_some() || !s.headers.is_empty() {
-                    self.error(&base, line, "`transport` and `headers` apply only to `url` servers");
-                }
-                let command = self.subst(&format!("{base}.command"), command);
-                if command.trim().is_empty() && self.errors.len() == before {
-                    self.error(format!("{base}.command"), line, "must not be empty");
-                }
-                let args =
-                    s.args.iter().enumerate().map(|(i, a)| self.subst(&format!("{base}.args[{i}]"), a)).collect();
-                let env = s.env.iter().map(|(k, v)| (k.clone(), self.subst(&format!("{base}.env.{k}"), v))).collect();
-                for k in s.env.keys().filter(|k| k.starts_with("PORTCULLIS_")) {
-                    self.error(format!("{base}.env.{k}"), line, "PORTCULLIS_* variables are never passed to a server");
-                }
-                let inherit_env = match &s.inherit_env {
-                    None | Some(InheritEnvValue::All(false)) => InheritEnv::Base,
-                    Some(InheritEnvValue::All(true)) => InheritEnv::All,
-                    Some(InheritEnvValue::Names(names)) => {
-                        for n in names.iter().filter(|n| n.starts_with("PORTCULLIS_")) {
-                            self.error(
-                                format!("{base}.inherit_env"),
-                                line,
-                                format!("{n}: PORTCULLIS_* variables are never passed to a server"),
-                            );
-                        }
-                        InheritEnv::Names(names.clone())
-                    }
-                };
-                let cwd = s.cwd.as_ref().map(|c| PathBuf::from(self.subst(&format!("{base}.cwd"), c)));
-                Some(Transport::Stdio { command, args, env, inherit_env, cwd })
-            }
-            (None, Some(url_raw)) => {
-                if !s.args.is_empty() || !s.env.is_empty() || s.cwd.is_some() || s.inherit_env.is_some() {
-                    self.error(&base, line, "`args`, `env`, `inherit_env` and `cwd` apply only to `command` servers");
-                }
-                let url = self.subst(&format!("{base}.url"), url_raw);
-                if !url.is_empty() {
-                    match reqwest::Url::parse(&url) {
-                        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                        _ => self.error(
-                            format!("{base}.url"),
-                            line_of(url_raw),
-                            format!("{:?} is not an http(s) URL", shown_url(&url)),
-                        ),
-                    }
-                }
-                let from_kind = match &kind {
-                    None => None,
-                    Some((k, l)) => match k.as_str() {
-                        "http" | "streamable-http" | "streamable_http" | "streamablehttp" => Some(HttpMode::Streamable),
-                        "sse" => Some(HttpMode::Sse),
-                        other => {
-                            self.error(
-                                format!("{base}.type"),
-                                *l,
-                                format!("unknown type {other:?} for a `url` server (http, sse)"),
-                            );
-                            None
-                        }
-                    },
-                };
-                let from_transport = match &transport_kw {
-                    None => None,
-                    Some((t, l)) => match t.as_str() {
-                        "streamable_http" | "streamable-http" | "http" => Some(HttpMode::Streamable),
-                        "sse" => Some(HttpMode::Sse),
-                        "auto" => Some(HttpMode::Auto),
-                        other => {
-                            self.error(
-                                format!("{base}.transport"),
-                                *l,
-                                format!("unknown transport {other:?} (streamable_http, sse, auto)"),
-                            );
-                            None
-                        }
-                    },
-                };
-                if let (Some(a), Some(b)) = (from_kind, from_transport)
-                    && a != b
-                {
-                    self.error(&base, line, "`type` and `transport` disagree");
-                }
-                let mode = from_transport.or(from_kind).unwrap_or(HttpMode::Auto);
-                let mut headers = Vec::new();
-                for (k, v) in &s.headers {
-                    let value = self.subst(&format!("{base}.headers.{k}"), v);
-                    if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                        self.error(format!("{base}.headers.{k}"), line_of(v), "not a valid header name");
-                    } else if reqwest::header::HeaderValue::from_str(&value).is_err() {
-                        self.error(format!("{base}.headers.{k}"), line_of(v), "not a valid header value");
-                    }
-                    headers.push((k.clone(), value));
-                }
-                Some(Transport::Http { url, mode, headers })
+            (Some(command), None) => self.stdio(&base, command, s),
+            (None, Some(url)) => self.remote(&base, url, s),
+        };
+        let timeout = self.duration(&format!("{base}.timeout"), s.timeout.as_ref(), DEFAULT_TIMEOUT, false);
+        let sse_idle_timeout = self.duration(
+            &format!("{base}.sse_idle_timeout"),
+            s.sse_idle_timeout.as_ref(),
+            DEFAULT_SSE_IDLE_TIMEOUT,
+            false,
+        );
+        let share = match s.share.as_deref() {
+            None | Some("shared") => Share::Shared,
+            Some("per_session" | "per-session") => Share::PerSession,
+            Some(other) => {
+                self.error(format!("{base}.share"), format!("unknown value {other:?} (shared, per_session)"));
+                Share::Shared
             }
         };
-        let timeout = s.timeout.as_ref().map_or(DEFAULT_TIMEOUT, |t| t.value.0);
-        if timeout.is_zero() {
-            self.error(format!("{base}.timeout"), s.timeout.as_ref().and_then(line_of), "must be greater than 0");
-        }
-        let sse_idle_timeout = s.sse_idle_timeout.as_ref().map_or(DEFAULT_SSE_IDLE_TIMEOUT, |t| t.value.0);
-        let share = match &s.share {
-            None => Share::Shared,
-            Some(v) => match v.value.as_str() {
-                "shared" => Share::Shared,
-                "per_session" | "per-session" => Share::PerSession,
-                other => {
-                    self.error(
-                        format!("{base}.share"),
-                        line_of(v),
-                        format!("unknown value {other:?} (shared, per_session)"),
-                    );
-                    Share::Shared
-                }
-            },
-        };
-        let enabled = s.enabled.unwrap_or(true) && !s.disabled.unwrap_or(false);
-        let auth_tokens = s.auth_tokens.iter().map(|t| t.value.clone()).collect();
         if self.errors.len() > before {
             return None;
         }
@@ -989,10 +1046,155 @@ impl Validator<'_> {
             transport: transport?,
             timeout,
             sse_idle_timeout,
-            enabled,
+            enabled: s.enabled.unwrap_or(true) && !s.disabled.unwrap_or(false),
             share,
-            auth_tokens,
+            auth_tokens: s.auth_tokens.clone(),
         })
+    }
+
+    /// A `command` server.
+    fn stdio(&mut self, base: &str, command: &S, s: &RawServer) -> Option<Transport> {
+        if let Some(k) = s.kind.as_deref().map(str::to_ascii_lowercase)
+            && k != "stdio"
+        {
+            self.error(format!("{base}.type"), format!("{k:?} needs `url`, not `command`"));
+        }
+        if s.transport.is_some() || !s.headers.is_empty() {
+            self.error(base, "`transport` and `headers` apply only to `url` servers");
+        }
+        let command = self.subst(&format!("{base}.command"), command);
+        if command.trim().is_empty() {
+            self.error(format!("{base}.command"), "must not be empty");
+        }
+        let args = s.args.iter().enumerate().map(|(i, a)| self.subst(&format!("{base}.args[{i}]"), a)).collect();
+        let mut env: BTreeMap<String, String> =
+            s.env.iter().map(|(k, v)| (k.clone(), self.subst(&format!("{base}.env.{k}"), v))).collect();
+        if let Some(file) = &s.env_file {
+            let path = format!("{base}.envFile");
+            let file = self.subst(&path, file);
+            for (k, v) in self.env_file(&path, &file) {
+                env.entry(k).or_insert(v);
+            }
+        }
+        for k in env.keys().filter(|k| k.starts_with("PORTCULLIS_")) {
+            self.errors.push(ConfigError {
+                file: None,
+                path: format!("{base}.env.{k}"),
+                line: None,
+                message: "PORTCULLIS_* variables are never passed to a server".into(),
+            });
+        }
+        let inherit_env = match &s.inherit_env {
+            None | Some(InheritEnvValue::All(false)) => InheritEnv::Base,
+            Some(InheritEnvValue::All(true)) => InheritEnv::All,
+            Some(InheritEnvValue::Names(names)) => {
+                for n in names.iter().filter(|n| n.starts_with("PORTCULLIS_")) {
+                    self.error(
+                        format!("{base}.inherit_env"),
+                        format!("{n}: PORTCULLIS_* variables are never passed to a server"),
+                    );
+                }
+                InheritEnv::Names(names.clone())
+            }
+        };
+        let cwd = s.cwd.as_ref().map(|c| PathBuf::from(self.subst(&format!("{base}.cwd"), c)));
+        if !command.trim().is_empty() && !self.command_exists(&command, env.get("PATH"), cwd.as_deref()) {
+            self.warn(format!("{base}.command"), format!("{command:?} is not found on PATH or is not executable"));
+        }
+        Some(Transport::Stdio { command, args, env, inherit_env, cwd })
+    }
+
+    /// The variables of a dotenv file named by `envFile` (relative to the config's directory).
+    fn env_file(&mut self, path: &str, file: &str) -> Vec<(String, String)> {
+        let full = match &self.base {
+            Some(dir) if Path::new(file).is_relative() => dir.join(file),
+            _ => PathBuf::from(file),
+        };
+        match std::fs::read_to_string(&full) {
+            Ok(text) => {
+                let (vars, warnings) = env::parse_dotenv(&text);
+                for w in warnings {
+                    self.warn(path, w);
+                }
+                vars.into_iter().collect()
+            }
+            Err(e) => {
+                self.error(path, format!("cannot read {}: {e}", full.display()));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Whether a stdio command can be found as the child will look for it: a path (relative to
+    /// its working directory), or a name on the child's `PATH`.
+    fn command_exists(&self, command: &str, child_path: Option<&String>, cwd: Option<&Path>) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if command.contains('/') {
+            let p = Path::new(command);
+            return match cwd {
+                Some(dir) if p.is_relative() => executable(&dir.join(p)),
+                _ => executable(p),
+            };
+        }
+        let search = child_path.map(String::as_str).or_else(|| self.env.get("PATH")).unwrap_or("/usr/bin:/bin");
+        std::env::split_paths(search).any(|dir| executable(&dir.join(command)))
+    }
+
+    /// A `url` server.
+    fn remote(&mut self, base: &str, url_raw: &S, s: &RawServer) -> Option<Transport> {
+        if !s.args.is_empty() || s.cwd.is_some() || s.inherit_env.is_some() {
+            self.error(base, "`args`, `inherit_env` and `cwd` apply only to `command` servers");
+        }
+        if !s.env.is_empty() || s.env_file.is_some() {
+            self.warn(format!("{base}.env"), "ignored (`env` applies only to `command` servers)");
+        }
+        let url = self.subst(&format!("{base}.url"), url_raw);
+        if !url.is_empty() {
+            match reqwest::Url::parse(&url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => self.error(format!("{base}.url"), format!("{:?} is not an http(s) URL", shown_url(&url))),
+            }
+        }
+        let from_kind = match s.kind.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None => None,
+            Some("http" | "streamable-http" | "streamable_http" | "streamablehttp") => Some(HttpMode::Streamable),
+            Some("sse") => Some(HttpMode::Sse),
+            Some(other) => {
+                self.error(format!("{base}.type"), format!("unknown type {other:?} for a `url` server (http, sse)"));
+                None
+            }
+        };
+        let from_transport = match s.transport.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None => None,
+            Some("streamable_http" | "streamable-http" | "http") => Some(HttpMode::Streamable),
+            Some("sse") => Some(HttpMode::Sse),
+            Some("auto") => Some(HttpMode::Auto),
+            Some(other) => {
+                self.error(
+                    format!("{base}.transport"),
+                    format!("unknown transport {other:?} (streamable_http, sse, auto)"),
+                );
+                None
+            }
+        };
+        if let (Some(a), Some(b)) = (from_kind, from_transport)
+            && a != b
+        {
+            self.error(base, "`type` and `transport` disagree");
+        }
+        let mode = from_transport.or(from_kind).unwrap_or(HttpMode::Auto);
+        let mut headers = Vec::new();
+        for (k, v) in &s.headers {
+            let value = self.subst(&format!("{base}.headers.{k}"), v);
+            if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                self.error(format!("{base}.headers.{k}"), "not a valid header name");
+            } else if reqwest::header::HeaderValue::from_str(&value).is_err() {
+                self.error(format!("{base}.headers.{k}"), "not a valid header value");
+            }
+            headers.push((k.clone(), value));
+        }
+        Some(Transport::Http { url, mode, headers })
     }
 }
 
@@ -1040,13 +1242,14 @@ servers:
         let fs = c.server("fs").unwrap();
         assert!(!fs.enabled);
         assert_eq!(fs.timeout, Duration::from_millis(1500));
-        assert_eq!(c.warnings, vec!["mcpServers.fs.alwaysAllow: unknown key ignored".to_owned()]);
+        assert_eq!(c.warnings[0].to_string(), "line 1: mcpServers.fs.alwaysAllow: unknown key ignored");
 
         let vscode =
             r#"{"inputs": [], "servers": {"gh": {"type": "http", "url": "https://${env:HOST}/x", "gallery": true}}}"#;
         let c = parse(vscode, true, &env()).unwrap();
         assert!(matches!(c.server("gh").unwrap().transport, Transport::Http { mode: HttpMode::Streamable, .. }));
-        assert_eq!(c.warnings.len(), 1);
+        let warnings: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(warnings, ["line 1: servers.gh.gallery: unknown key ignored"]);
 
         let input = r#"{"inputs": [], "servers": {"gh": {"type": "http", "url": "https://x/${input:tok}"}}}"#;
         let errs = parse(input, true, &env()).unwrap_err();
@@ -1065,6 +1268,77 @@ servers:
         assert!(text.iter().any(|e| e.contains("servers.b.command") && e.contains("ALSO_NOPE")), "{text:?}");
         assert!(text.iter().any(|e| e.contains("servers.b.colour")), "{text:?}");
         assert!(text.iter().any(|e| e.contains("servers.Bad")), "{text:?}");
+    }
+
+    #[test]
+    fn every_problem_at_once_each_at_its_field() {
+        let yaml = "\
+lisen: 1.2.3.4:5
+servers:
+  a:
+    comand: x
+    args: [1, {x: 2}]
+  b:
+    url: ftp://nope
+    timeout: 5 parsecs
+max_body_bytes: lots
+auth:
+  tokens:
+    t:
+      token: \"${NOPE}\"
+      servers: [a, ghost]
+";
+        let errs = parse(yaml, false, &env()).unwrap_err();
+        let shown: Vec<(Option<u32>, String, String)> =
+            errs.iter().map(|e| (e.line, e.path.clone(), e.message.clone())).collect();
+        let has = |line: u32, path: &str, words: &str| {
+            shown.iter().any(|(l, p, m)| *l == Some(line) && p == path && m.contains(words))
+        };
+        assert!(has(1, "lisen", "did you mean `listen`"), "{shown:#?}");
+        assert!(has(4, "servers.a.comand", "did you mean `command`"), "{shown:#?}");
+        assert!(has(5, "servers.a.args[1]", "expected a string"), "{shown:#?}");
+        assert!(has(7, "servers.b.url", "not an http(s) URL"), "{shown:#?}");
+        assert!(has(8, "servers.b.timeout", "invalid duration"), "{shown:#?}");
+        assert!(has(9, "max_body_bytes", "expected a whole number"), "{shown:#?}");
+        assert!(has(13, "auth.tokens.t.token", "NOPE"), "{shown:#?}");
+        assert!(has(14, "auth.tokens.t.servers[1]", "unknown server \"ghost\""), "{shown:#?}");
+        // Sorted by line, one position each.
+        let lines: Vec<u32> = errs.iter().filter_map(|e| e.line).collect();
+        assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{lines:?}");
+        let text = ConfigErrors { file: Some("p.yaml".into()), errors: errs }.to_string();
+        assert!(text.contains("\n  p.yaml:4: servers.a.comand: unknown key (did you mean `command`?)"), "{text}");
+        assert!(!text.contains("column"), "{text}");
+    }
+
+    #[test]
+    fn listen_as_people_write_it() {
+        for (text, want) in [
+            ("listen: \":8080\"", "0.0.0.0:8080"),
+            ("listen: 8080", "127.0.0.1:8080"),
+            ("listen: localhost:8080", "127.0.0.1:8080"),
+            ("listen: \"[::1]:9\"", "[::1]:9"),
+            ("proxy:\n  addr: \":8081\"", "0.0.0.0:8081"),
+        ] {
+            let c = parse(text, false, &env()).unwrap_or_else(|e| panic!("{text}: {e:?}"));
+            assert_eq!(c.listen.to_string(), want, "{text}");
+        }
+        assert!(parse("listen: example.com:80", false, &env()).is_err());
+    }
+
+    #[test]
+    fn claude_desktop_keys_outside_servers_are_warnings() {
+        let json = r#"{
+  "globalShortcut": "Ctrl+Space",
+  "preferences": {"menuBarEnabled": true},
+  "mcpServers": {"fs": {"command": "sh", "args": ["-c", "cat"]}}
+}"#;
+        let c = parse(json, true, &env()).unwrap();
+        assert_eq!(c.servers.len(), 1);
+        let warnings: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+        assert!(warnings.iter().any(|w| w == "line 2: globalShortcut: unknown key ignored"), "{warnings:?}");
+        assert!(warnings.iter().any(|w| w.contains("preferences")), "{warnings:?}");
+        // Portcullis' own format stays strict.
+        assert!(parse("globalShortcut: x\nservers: {}\n", false, &env()).is_err());
     }
 
     #[test]

@@ -459,6 +459,7 @@ impl Gateway {
                 self.start_shared(def.clone());
             }
         }
+        log_changes(&old, &config);
         self.sweep_sessions().await;
     }
 
@@ -730,8 +731,9 @@ impl Gateway {
         caller: &Caller,
         who: &Identity,
     ) -> (String, String, Option<String>) {
-        let own_info = format!(r#"{{"name":"portcullis","version":"{}"}}"#, env!("CARGO_PKG_VERSION"));
         let config = self.config();
+        let own_info =
+            format!(r#"{{"name":{},"version":"{}"}}"#, jsonrpc::quote(&config.name), env!("CARGO_PKG_VERSION"));
         if let Scope::One(name) = scope {
             if let Some(up) = self.instance(&config, name, caller) {
                 let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -1649,4 +1651,30 @@ impl Hub for Gateway {
 /// Picks the version to answer `initialize` with.
 pub fn negotiate(requested: Option<&str>) -> &'static str {
     requested.and_then(|r| HANDSHAKE_VERSIONS.iter().find(|v| **v == r)).copied().unwrap_or(LATEST_HANDSHAKE)
+}
+
+/// Logs what a reload changed: servers added, removed and restarted, token names added and
+/// removed (names only, never a secret).
+fn log_changes(old: &Config, new: &Config) {
+    let names = |c: &Config| c.servers.iter().map(|s| s.name.clone()).collect::<std::collections::BTreeSet<_>>();
+    let (before, after) = (names(old), names(new));
+    let added: Vec<&String> = after.difference(&before).collect();
+    let removed: Vec<&String> = before.difference(&after).collect();
+    let restarted: Vec<&String> =
+        after.intersection(&before).filter(|n| old.server(n).map(|d| &**d) != new.server(n).map(|d| &**d)).collect();
+    let tokens = |c: &Config| c.auth.tokens.iter().map(|t| t.name.clone()).collect::<std::collections::BTreeSet<_>>();
+    let (tb, ta) = (tokens(old), tokens(new));
+    let tokens_added: Vec<&String> = ta.difference(&tb).collect();
+    let tokens_removed: Vec<&String> = tb.difference(&ta).collect();
+    let changed_tokens =
+        old.auth.tokens.iter().filter(|t| new.auth.tokens.iter().any(|n| n.name == t.name && n != *t)).count();
+    tracing::info!(
+        servers_added = ?added,
+        servers_removed = ?removed,
+        servers_restarted = ?restarted,
+        tokens_added = ?tokens_added,
+        tokens_removed = ?tokens_removed,
+        tokens_changed = changed_tokens,
+        "config reloaded"
+    );
 }

@@ -377,7 +377,7 @@ async fn children_never_see_portcullis_secrets() {
     let dump = |name: &str| dir.0.join(format!("{name}.env")).display().to_string();
     let server = |name: &str, extra: &str| {
         format!(
-            "  {name}:\n    command: sh\n    args: [\"-c\", \"env > {} && exec {BIN} demo-server\"]\n{extra}",
+            "  {name}:\n    command: sh\n    args: [\"-c\", \"env > {} && exec {BIN} demo-server --fixtures\"]\n{extra}",
             dump(name)
         )
     };
@@ -876,7 +876,7 @@ async fn overlong_lines_are_refused_without_memory_growth() {
     let dir = TempDir::new();
     let cfg = dir.0.join("portcullis.yaml");
     // The child writes a 10 MB stderr line before it starts serving.
-    let noisy = format!("head -c 10000000 /dev/zero | tr '\\\\0' x >&2; echo >&2; exec {BIN} demo-server");
+    let noisy = format!("head -c 10000000 /dev/zero | tr '\\\\0' x >&2; echo >&2; exec {BIN} demo-server --fixtures");
     std::fs::write(
         &cfg,
         format!("servers:\n  a:\n    command: sh\n    args: [\"-c\", {}]\n", serde_json::json!(noisy)),

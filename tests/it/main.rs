@@ -4,6 +4,7 @@
 mod admin;
 mod aggregate;
 mod auth;
+mod dropin;
 mod eras;
 mod external;
 mod failclosed;

@@ -71,7 +71,7 @@ async fn check_reports_errors_with_paths_and_lines() {
     let out = Command::new(BIN).args(["check", "--config", bad.to_str().unwrap()]).output().await.unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 3") && err.contains("servers.a.url") && err.contains("PCS_TEST_MISSING_VAR"), "{err}");
+    assert!(err.contains("bad.yaml:3: servers.a.url") && err.contains("PCS_TEST_MISSING_VAR"), "{err}");
     assert!(err.contains("servers.b.colour"), "{err}");
     let good = dir.join("good.json");
     std::fs::write(&good, r#"{"mcpServers":{"fs":{"command":"npx","args":["-y","x"]}}}"#).unwrap();

@@ -100,7 +100,7 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
     let upstream = http_demo(&[]).await;
     let audit = dir.0.join("audit.jsonl");
     let config = format!(
-        "servers:\n  h:\n    url: {:?}\n  s:\n    command: {BIN:?}\n    args: [demo-server]\nauth:\n  max_failures_per_minute: 1000\n  tokens:\n    alice: \"${{ALICE_TOKEN}}\"\naudit:\n  file: {:?}\n",
+        "servers:\n  h:\n    url: {:?}\n  s:\n    command: {BIN:?}\n    args: [demo-server, --fixtures]\nauth:\n  max_failures_per_minute: 1000\n  tokens:\n    alice: \"${{ALICE_TOKEN}}\"\naudit:\n  file: {:?}\n",
         upstream.url,
         audit.display().to_string()
     );
@@ -168,7 +168,7 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_sink_holds_one_record_per_request_with_logging_off() {
     let dir = TempDir::new();
-    let config = format!("servers:\n  s:\n    command: {BIN:?}\n    args: [demo-server]\n");
+    let config = format!("servers:\n  s:\n    command: {BIN:?}\n    args: [demo-server, --fixtures]\n");
     let (mut child, url, stderr) = serve(&dir.0, &config, &[], &[("RUST_LOG", "off")]).await;
     let client = Client::connect(&format!("{url}/mcp")).await; // initialize + initialized
     client.call_text("s__echo", json!({"text": "one"})).await;

@@ -51,7 +51,7 @@ impl Drop for TempDir {
 impl GatewayBuilder {
     /// A stdio demo server; `extra` is added to its entry (indented YAML lines).
     pub fn demo(mut self, name: &str, args: &[&str], extra: &str) -> Self {
-        let mut all = vec!["demo-server", "--name", name];
+        let mut all = vec!["demo-server", "--fixtures", "--name", name];
         all.extend_from_slice(args);
         self.yaml.push_str(&format!("  {name}:\n    command: {BIN:?}\n    args: {}\n", json!(all)));
         for line in extra.lines().filter(|l| !l.trim().is_empty()) {
@@ -207,7 +207,7 @@ pub async fn http_demo(args: &[&str]) -> HttpDemo {
 /// A demo server over HTTP on a given port of 127.0.0.1 (0: any).
 pub async fn http_demo_on(port: u16, args: &[&str]) -> HttpDemo {
     let mut child = Command::new(BIN)
-        .arg("demo-server")
+        .args(["demo-server", "--fixtures"])
         .args(["--http", &format!("127.0.0.1:{port}")])
         .args(args)
         .stdout(Stdio::null())
