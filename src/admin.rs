@@ -55,7 +55,7 @@ where
     .await
 }
 
-/// For an admin with every right only (`/stats`, `/metrics`, `/admin/reload`).
+/// For an admin with every right only (`/admin/reload`).
 async fn unrestricted<F, Fut>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
 where
     F: FnOnce(Arc<Gateway>, Who) -> Fut,
@@ -69,6 +69,27 @@ where
             return e.into_response();
         }
         f(gw, who).await
+    })
+    .await
+}
+
+/// For a reader of the gateway-wide figures (`/stats`, `/metrics`): a `metrics` credential, or
+/// an admin with every right.
+async fn figures<F, Fut>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
+where
+    F: FnOnce(Arc<Gateway>) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    guarded(&gw.clone(), &Scope::All, label, headers, peer, |who| async move {
+        let names: Vec<String> = gw.config().servers.iter().map(|s| s.name.clone()).collect();
+        if !who.identity.reads_metrics(&names) {
+            let e = AuthError::Forbidden(
+                "this needs a metrics credential or an admin with every right (every server, no tenant)".into(),
+            );
+            lock(&who.note).refused = Some(e.outcome().into());
+            return e.into_response();
+        }
+        f(gw).await
     })
     .await
 }
@@ -230,9 +251,13 @@ pub async fn stats(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    unrestricted(gw, "GET /stats", &headers, peer, |gw, _| async move {
-        json_value(StatusCode::OK, &gw.metrics().stats_json())
-    })
+    figures(
+        gw,
+        "GET /stats",
+        &headers,
+        peer,
+        |gw| async move { json_value(StatusCode::OK, &gw.metrics().stats_json()) },
+    )
     .await
 }
 
@@ -242,7 +267,7 @@ pub async fn metrics(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    unrestricted(gw, "GET /metrics", &headers, peer, |gw, _| async move {
+    figures(gw, "GET /metrics", &headers, peer, |gw| async move {
         let mut out = String::new();
         gw.metrics().render(&mut out);
         let _ = writeln!(out, "# HELP portcullis_sessions Open client sessions by transport.");
@@ -442,6 +467,14 @@ fn beyond_caller(gw: &Gateway, who: &Who, new: &crate::store::NewToken) -> Optio
         && *own != new.tenant
     {
         return Some(format!("a token of tenant {own:?} can only issue tokens in that tenant"));
+    }
+    if new.role == crate::auth::Role::Metrics {
+        let names: Vec<String> = gw.config().servers.iter().map(|s| s.name.clone()).collect();
+        if !me.reads_metrics(&names) || me.role != crate::auth::Role::Admin {
+            return Some(
+                "only an admin with every right may issue a metrics token (it reads gateway-wide figures)".into(),
+            );
+        }
     }
     let grants = gw.authenticator().effective_grants(&new.name, Some(&new.tenant), new.grants.grants());
     if !me.grants.covers(&grants) {

@@ -65,7 +65,11 @@ impl Audit {
     /// Starts the writer: to `file` (appended, created if needed) or stderr.
     pub fn start(file: Option<PathBuf>) -> std::io::Result<Audit> {
         let out: Box<dyn Write + Send> = match file {
-            Some(path) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+            Some(path) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                // Created for its owner only: it names identities and what they did.
+                Box::new(std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?)
+            }
             None => Box::new(std::io::stderr()),
         };
         let (tx, rx) = mpsc::channel::<Msg>();

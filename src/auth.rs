@@ -37,18 +37,33 @@ pub enum Role {
     User,
     /// Also the management API (`/servers*`, `/stats`, `/metrics`, `/admin/*`).
     Admin,
+    /// `GET /metrics` and `GET /stats` and nothing else (no MCP, no management): for scrapers.
+    Metrics,
 }
 
 impl Role {
-    /// A role by name (`user` or `admin`; none is `user`).
+    /// A role by name (`user`, `admin` or `metrics`; none is `user`).
     pub fn parse(name: Option<&str>) -> Result<Role, String> {
         match name {
             None | Some("user") => Ok(Role::User),
             Some("admin") => Ok(Role::Admin),
-            Some(other) => Err(format!("unknown role {other:?} (user, admin)")),
+            Some("metrics") => Ok(Role::Metrics),
+            Some(other) => Err(format!("unknown role {other:?} (user, admin, metrics)")),
+        }
+    }
+
+    /// Its name, as [`Role::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Admin => "admin",
+            Role::Metrics => "metrics",
         }
     }
 }
+
+/// The only requests a `metrics` credential may make (the gate's labels for them).
+pub const METRICS_REQUESTS: &[&str] = &["GET /metrics", "GET /stats"];
 
 /// A rate: `count` requests per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +91,19 @@ impl Rate {
             return Err(bad());
         }
         Ok(Rate { count, per })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    /// As people write it (`5/min`, `10/s`, `5000/h`, `1/d`, `20/10s`); [`Rate::parse`] reads it back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.per.as_secs() {
+            1 if self.per.subsec_nanos() == 0 => write!(f, "{}/s", self.count),
+            60 if self.per.subsec_nanos() == 0 => write!(f, "{}/min", self.count),
+            3600 if self.per.subsec_nanos() == 0 => write!(f, "{}/h", self.count),
+            86_400 if self.per.subsec_nanos() == 0 => write!(f, "{}/d", self.count),
+            _ => write!(f, "{}/{}", self.count, humantime::format_duration(self.per)),
+        }
     }
 }
 
@@ -303,6 +331,12 @@ impl Identity {
     /// Whether it may use the management API.
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
+    }
+
+    /// Whether it may read the gateway-wide figures (`/metrics`, `/stats`): a `metrics`
+    /// credential, or an admin without restriction.
+    pub fn reads_metrics(&self, servers: &[String]) -> bool {
+        self.role == Role::Metrics || self.is_unrestricted_admin(servers)
     }
 
     /// Whether it is an admin without restriction: no tenant, every server, every name. Only

@@ -56,8 +56,8 @@ pub enum Command {
         /// Create a random token for this run, print it once to stderr, and accept it (admin).
         #[arg(long)]
         generate_token: bool,
-        /// Serve on a non-loopback address without any credential configured (warned at every
-        /// start). Without it, Portcullis refuses to.
+        /// Serve on a non-loopback address with no credential configured, warned at every start
+        /// (without this flag Portcullis refuses to start on such an address)
         #[arg(long)]
         allow_unauthenticated: bool,
     },
@@ -189,7 +189,7 @@ pub enum TokenCommand {
         /// Resource globs, comma-separated.
         #[arg(long, value_delimiter = ',')]
         resources: Vec<String>,
-        /// `user` (default) or `admin`.
+        /// `user` (default), `admin`, or `metrics` (reads /metrics and /stats only).
         #[arg(long)]
         role: Option<String>,
         /// Time to live: `30d`, `12h`, or `never` (default 90d).
@@ -252,8 +252,17 @@ fn fmt_time(ms: Option<i64>) -> String {
 
 fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()> {
     use crate::store::{SqliteStore, TokenRequest, now_ms, printable};
-    let config = load_config(config)?;
-    let (path, _) = config.store();
+    let config = match config.or_else(config::default_path) {
+        Some(p) => config::load_lenient(&p)?,
+        None => load_config(None)?,
+    };
+    let (path, named) = config.store();
+    let whence = match (&config.source, named) {
+        (Some(src), true) => format!("named in {}", src.display()),
+        (Some(src), false) => format!("the default beside {}", src.display()),
+        (None, _) => "no config file: the default in the working directory".into(),
+    };
+    eprintln!("token store: {} ({whence})", path.display());
     let store = SqliteStore::open(&path)?;
     let show = |t: &crate::store::StoredToken, secret: Option<&str>, json: bool| {
         if json {
@@ -499,6 +508,10 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     let source = config.source.clone();
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     tracing::info!("{auth_line}");
+    match config.audit_target() {
+        Some(p) => tracing::info!("audit records: {}", p.display()),
+        None => tracing::info!("audit records: stderr"),
+    }
     let gateway = crate::mcp::gateway::Gateway::start_with(config, store).context("refusing to start")?;
     let running = crate::server::serve(listener, gateway.clone()).await?;
     tracing::info!("listening on {scheme}://{addr}/mcp");
@@ -518,8 +531,21 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
             let _ = gateway.reload_from_source().await;
         }
     };
+    let drain = gateway.config().limits.drain_period;
     tokio::select! {
-        _ = crate::server::termination() => {}
+        how = crate::server::termination() => {
+            if how == crate::server::Termination::Term && !drain.is_zero() {
+                // A load balancer sees `/health` go 503 and moves away while requests are still
+                // served; a second signal ends the wait.
+                gateway.start_draining();
+                tracing::info!(drain = %humantime::format_duration(drain), "SIGTERM: draining (health answers 503), then shutting down");
+                tokio::select! {
+                    _ = tokio::time::sleep(drain) => {}
+                    _ = crate::server::termination() => {}
+                }
+            }
+            tracing::info!("shutting down");
+        }
         _ = reloads => {}
         _ = async {
             match panic_delay {
@@ -552,6 +578,9 @@ pub async fn stdio(config: Config, server: Option<String>, as_identity: Option<S
             .with_context(|| format!("--as {name:?}: no token of that name in the config"))?,
         None => crate::auth::Identity::anonymous(),
     };
+    if identity.role == crate::auth::Role::Metrics {
+        anyhow::bail!("--as: a metrics credential may only read /metrics and /stats, not speak MCP");
+    }
     let scope = server.map_or(Scope::All, Scope::One);
     crate::mcp::downstream::stdio::serve(gateway.clone(), scope, identity).await?;
     gateway.audit().sync();

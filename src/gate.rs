@@ -226,7 +226,8 @@ pub fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: St
         name: note.name.clone(),
         outcome: note.refused.clone().unwrap_or_else(|| "allowed".into()),
         status: status.as_u16(),
-        latency_ms: latency.as_secs_f64() * 1000.0,
+        // Microsecond precision: `1.327`, not `1.3273519999999999`.
+        latency_ms: (latency.as_secs_f64() * 1_000_000.0).round() / 1000.0,
         client: client.to_string(),
         request_id: note.request_id.clone(),
     });
@@ -283,6 +284,14 @@ fn admit(
     };
     let identity = auth.authenticate(headers, client).map_err(refuse)?;
     lock(note).identity = Some(identity.clone());
+    // A scraper's credential reads the figures and nothing else, whatever the surface.
+    if identity.role == crate::auth::Role::Metrics
+        && !crate::auth::METRICS_REQUESTS.contains(&lock(note).method.as_str())
+    {
+        return Err(refuse(AuthError::Forbidden(
+            "this credential (role metrics) may only read /metrics and /stats".into(),
+        )));
+    }
     if let Scope::One(name) = scope {
         lock(note).server = Some(name.clone());
         if config.server(name).is_none_or(|d| !d.enabled) {

@@ -1,6 +1,8 @@
 //! The HTTP listener: routes, the health endpoint, and graceful shutdown.
 //!
-//! Shutdown order: stop accepting → close every session's streams (so SSE responses end) →
+//! Shutdown order: on SIGTERM, drain first (`limits.drain_period`: `/health` answers 503
+//! `draining` while requests are still served, so a load balancer moves away) → stop accepting →
+//! close every session's streams (so SSE responses end) →
 //! let in-flight requests finish within the grace period → stop this gateway's upstreams
 //! (children and their process groups). The binary then sweeps any process group left
 //! (`stdio::kill_all`), so nothing it started outlives it on SIGTERM, SIGINT or a panic.
@@ -497,15 +499,23 @@ async fn serve_connection<I>(
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn termination() {
+/// Which signal asked Portcullis to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// SIGTERM: a supervisor or orchestrator; drain first.
+    Term,
+    /// SIGINT: someone at a terminal; stop now.
+    Int,
+}
+
+/// Resolves on SIGTERM or SIGINT, saying which.
+pub async fn termination() -> Termination {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        std::future::pending::<()>().await;
-        return;
+        return std::future::pending().await;
     };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => Termination::Term,
+        _ = int.recv() => Termination::Int,
     }
 }

@@ -87,23 +87,44 @@ pub struct StoredToken {
     pub role: String,
     /// Its own rate limit (`100/min`).
     pub rate: Option<String>,
-    /// Unix ms.
+    /// Unix ms (shown as RFC 3339).
+    #[serde(serialize_with = "rfc3339")]
     pub created_at: i64,
-    /// Unix ms, None for never.
+    /// Unix ms, None for never (shown as RFC 3339).
+    #[serde(serialize_with = "rfc3339_opt")]
     pub expires_at: Option<i64>,
-    /// Unix ms.
+    /// Unix ms (shown as RFC 3339).
+    #[serde(serialize_with = "rfc3339_opt")]
     pub revoked_at: Option<i64>,
-    /// Unix ms (written at most once a minute).
+    /// Unix ms, written at most once a minute (shown as RFC 3339).
+    #[serde(serialize_with = "rfc3339_opt")]
     pub last_used_at: Option<i64>,
     /// The token this one replaced (rotation).
     pub replaces: Option<String>,
     /// The token that replaced this one.
     pub superseded_by: Option<String>,
-    /// When this one stops, if superseded (end of the rotation's grace).
+    /// When this one stops, if superseded (end of the rotation's grace; shown as RFC 3339).
+    #[serde(serialize_with = "rfc3339_opt")]
     pub overlap_until: Option<i64>,
     /// The id of the first token of its rotation chain: the stable identity its sessions are
     /// bound to, which a rotation keeps.
     pub lineage: String,
+}
+
+/// A time in unix ms as RFC 3339 (`2026-12-01T10:00:00.123Z`), as every API shows times.
+pub fn format_ms(ms: i64) -> String {
+    humantime::format_rfc3339_millis(to_system_time(ms)).to_string()
+}
+
+fn rfc3339<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_ms(*ms))
+}
+
+fn rfc3339_opt<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match ms {
+        Some(ms) => s.serialize_str(&format_ms(*ms)),
+        None => s.serialize_none(),
+    }
 }
 
 /// What a token is, at a time.
@@ -481,6 +502,20 @@ impl SqliteStore {
     }
 
     fn open_once(path: &Path) -> Result<SqliteStore, StoreError> {
+        // A new store is created readable by its owner only (SQLite gives the -wal and -shm
+        // files the database file's mode): it holds digests and grants, nobody else's business.
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists { Ok(std::fs::File::open(path)?) } else { Err(e) }
+                })
+                .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+        }
         let conn = Connection::open(path).map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_millis(5000))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -530,8 +565,8 @@ impl SqliteStore {
         let secret = new_secret()?;
         let id = new_id()?;
         let expires = new.ttl.map(|t| now.saturating_add(i64::try_from(t.as_millis()).unwrap_or(i64::MAX)));
-        let role = if new.role == Role::Admin { "admin" } else { "user" };
-        let rate = new.rate.map(|r| format!("{}/{}s", r.count, r.per.as_secs()));
+        let role = new.role.name();
+        let rate = new.rate.map(|r| r.to_string());
         let grants = serde_json::to_string(&new.grants).map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.write(|tx| {
             let taken: bool = tx.query_row(
@@ -722,16 +757,16 @@ fn rotate_in(
     Ok(())
 }
 
+/// Revokes a token; revoking a revoked token changes nothing and succeeds (the request's
+/// outcome, "this token no longer works", holds), so a retried revoke is safe.
 fn revoke_in(tx: &rusqlite::Transaction<'_>, id: &str, now: i64) -> Result<(), StoreError> {
     let n = tx.execute("UPDATE tokens SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL", params![now, id])?;
     if n == 0 {
         let exists: bool =
             tx.query_row("SELECT EXISTS(SELECT 1 FROM tokens WHERE id = ?1)", params![id], |r| r.get(0))?;
-        return Err(StoreError::Invalid(if exists {
-            format!("token {id} is already revoked")
-        } else {
-            format!("no token {id}")
-        }));
+        if !exists {
+            return Err(StoreError::Invalid(format!("no token {id}")));
+        }
     }
     Ok(())
 }
@@ -966,7 +1001,10 @@ mod tests {
         assert!(!now_new.usable(t0 + 1000 + 3_600_000));
         let revoked = s.revoke(&new.id, t0 + 2000).unwrap();
         assert_eq!(revoked.state(t0 + 2000), TokenState::Revoked);
-        assert!(s.revoke(&new.id, t0 + 3000).is_err());
+        // Revoking again changes nothing (the first revocation time stays) and succeeds.
+        let again = s.revoke(&new.id, t0 + 3000).unwrap();
+        assert_eq!(again.revoked_at, Some(t0 + 2000));
+        assert!(s.revoke("tok_nope", t0 + 3000).is_err());
         // A revoked name can be issued again.
         s.create(&NewToken { name: "alice".into(), ..Default::default() }, t0 + 4000).unwrap();
         let _ = std::fs::remove_dir_all(dir);

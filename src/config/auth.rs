@@ -58,7 +58,8 @@ pub struct RawTokenFull {
     /// Resource globs over `server` + separator + URI (`files__file:///srv/*`).
     #[serde(default)]
     pub resources: Vec<String>,
-    /// `user` (default) or `admin` (adds the management API).
+    /// `user` (default), `admin` (adds the management API) or `metrics` (reads `/metrics` and
+    /// `/stats`, nothing else: for scrapers).
     #[serde(default)]
     pub role: Option<String>,
     /// The tenant it belongs to: it sees only that tenant's namespaces' servers.

@@ -19,6 +19,19 @@ pub struct Env {
     pub(crate) warnings: Vec<String>,
     /// VS Code's `${workspaceFolder}`: the folder holding `.vscode/`, or the config's folder.
     workspace: Option<std::path::PathBuf>,
+    /// An unset variable reads as a placeholder instead of an error (see [`Env::lenient`]).
+    lenient: bool,
+}
+
+/// What an unset variable reads as in a lenient environment: never a value anyone could
+/// present or a path that could exist (it holds a NUL).
+fn unset_placeholder(name: &str) -> String {
+    format!("\u{0}unset:{name}")
+}
+
+/// Whether a substituted value holds a variable that was unset (in a lenient environment).
+pub fn has_unset(value: &str) -> bool {
+    value.contains("\u{0}unset:")
 }
 
 /// Why a value could not be substituted.
@@ -46,7 +59,15 @@ impl Env {
             .map(|s| parse_dotenv(&s))
             .unwrap_or_default();
         let warnings = warnings.into_iter().map(|w| format!(".env: {w}")).collect();
-        Env { dotenv, process: std::env::vars().collect(), warnings, workspace: None }
+        Env { dotenv, process: std::env::vars().collect(), warnings, workspace: None, lenient: false }
+    }
+
+    /// The same environment, where an unset variable is not an error but a placeholder that
+    /// can match nothing: for the commands that read a config only for its store, servers and
+    /// tenants (`portcullis token …`), so an unrelated upstream secret need not be set.
+    pub fn lenient(mut self) -> Self {
+        self.lenient = true;
+        self
     }
 
     /// The same environment, with VS Code's workspace folder for the config file at `file`:
@@ -69,6 +90,7 @@ impl Env {
             dotenv: HashMap::new(),
             warnings: Vec::new(),
             workspace: None,
+            lenient: false,
             process: pairs.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
         }
     }
@@ -92,6 +114,7 @@ impl Env {
                 return match (self.get(name), default) {
                     (Some(v), _) => Ok(v.to_owned()),
                     (None, Some(d)) => Ok(d.to_owned()),
+                    (None, None) if self.lenient => Ok(unset_placeholder(name)),
                     (None, None) => Err(vec![SubstError::Missing(name.to_owned())]),
                 };
             }
@@ -144,6 +167,7 @@ impl Env {
             (Some(v), _) if !(v.is_empty() && default.is_some()) => Ok(v.to_owned()),
             (_, Some(d)) => Ok(d.to_owned()),
             (Some(v), None) => Ok(v.to_owned()),
+            (None, None) if self.lenient => Ok(unset_placeholder(name)),
             (None, None) => Err(SubstError::Missing(name.to_owned())),
         }
     }

@@ -171,6 +171,10 @@ pub struct RawLimits {
     /// Calls in flight on one session (default 128); past it the call gets a JSON-RPC error.
     #[serde(default)]
     pub max_calls_per_session: Option<usize>,
+    /// On SIGTERM, how long `/health` answers 503 `draining` while requests are still served,
+    /// before Portcullis stops accepting (default `5s`; `0s` stops at once). SIGINT never waits.
+    #[serde(default)]
+    pub drain_period: Option<DurationValue>,
 }
 
 /// The validated `limits`.
@@ -194,6 +198,8 @@ pub struct Limits {
     pub max_sse_streams_per_identity: usize,
     /// See [`RawLimits::max_calls_per_session`].
     pub max_calls_per_session: usize,
+    /// See [`RawLimits::drain_period`].
+    pub drain_period: Duration,
 }
 
 impl Default for Limits {
@@ -208,6 +214,7 @@ impl Default for Limits {
             max_sessions_per_identity: 1_000,
             max_sse_streams_per_identity: 100,
             max_calls_per_session: 128,
+            drain_period: Duration::from_secs(5),
         }
     }
 }
@@ -238,7 +245,8 @@ pub struct RawTls {
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
-    /// Append records to this file instead of stderr.
+    /// Append records to this file (default: `portcullis-audit.jsonl` beside the token store;
+    /// `-` for stderr, with the log).
     #[serde(default)]
     pub file: Option<S>,
 }
@@ -486,6 +494,20 @@ pub enum Share {
     PerSession,
 }
 
+/// The audit file's name when the config names none (beside the token store).
+pub const DEFAULT_AUDIT_FILE: &str = "portcullis-audit.jsonl";
+
+/// Where audit records go, as the config says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTo {
+    /// Not configured: [`DEFAULT_AUDIT_FILE`] beside the token store.
+    Default,
+    /// `audit: {file: PATH}`.
+    File(PathBuf),
+    /// `audit: {file: "-"}`: stderr, with the log.
+    Stderr,
+}
+
 /// One validated server definition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerDef {
@@ -526,8 +548,8 @@ pub struct Config {
     pub servers: Vec<Arc<ServerDef>>,
     /// Credentials, grants, tenants and limits.
     pub auth: crate::auth::AuthConfig,
-    /// The audit file (None: stderr).
-    pub audit_file: Option<PathBuf>,
+    /// Where audit records go, as configured (see [`Config::audit_target`]).
+    pub audit_file: AuditTo,
     /// TLS on the listener.
     pub tls: Option<crate::tls::TlsSettings>,
     /// Refuse plain-HTTP requests not vouched for by a trusted proxy.
@@ -559,6 +581,19 @@ impl Config {
             None => {
                 let dir = self.source.as_ref().and_then(|s| s.parent()).map(Path::to_path_buf).unwrap_or_default();
                 (dir.join("portcullis.db"), false)
+            }
+        }
+    }
+
+    /// The audit file, or None for stderr: the configured file, else `portcullis-audit.jsonl`
+    /// beside the token store, so that audit records never mix with the log.
+    pub fn audit_target(&self) -> Option<PathBuf> {
+        match &self.audit_file {
+            AuditTo::Stderr => None,
+            AuditTo::File(p) => Some(p.clone()),
+            AuditTo::Default => {
+                let (store, _) = self.store();
+                Some(store.with_file_name(DEFAULT_AUDIT_FILE))
             }
         }
     }
@@ -627,11 +662,23 @@ pub fn default_path() -> Option<PathBuf> {
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, false)
+}
+
+/// [`load`] for commands that need only the store, servers and tenants (`portcullis token`):
+/// an unset variable elsewhere (an upstream's secret) is not an error. The store path itself
+/// must still resolve.
+pub fn load_lenient(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, true)
+}
+
+fn load_with(path: &Path, lenient: bool) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         file: Some(path.to_owned()),
         errors: vec![ConfigError { file: None, path: String::new(), line: None, message: format!("cannot read: {e}") }],
     })?;
     let env = Env::load(path.parent()).for_file(path);
+    let env = if lenient { env.lenient() } else { env };
     let mut config = parse_named(&text, is_json(path), Some(path), &env)
         .map_err(|errors| ConfigErrors { file: Some(path.to_owned()), errors })?;
     config.source = Some(path.to_owned());
@@ -863,7 +910,18 @@ impl Validator<'_> {
             }
         }
         let audit_file = raw.audit.and_then(|a| a.file).map(|f| PathBuf::from(self.subst("audit.file", &f)));
-        let store_path = raw.store.map(|st| PathBuf::from(self.subst("store.path", &st.path)));
+        let audit_file = match audit_file {
+            Some(p) if p.as_os_str() == "-" => AuditTo::Stderr,
+            Some(p) => AuditTo::File(p),
+            None => AuditTo::Default,
+        };
+        let store_path = raw.store.map(|st| {
+            let p = self.subst("store.path", &st.path);
+            if env::has_unset(&p) {
+                self.error("store.path", "names an environment variable that is not set");
+            }
+            PathBuf::from(p)
+        });
         let tls = raw.tls.map(|t| {
             let settings = crate::tls::TlsSettings {
                 cert: PathBuf::from(self.subst("tls.cert", &t.cert)),
@@ -970,6 +1028,7 @@ impl Validator<'_> {
         let keep_alive_timeout = duration(&raw.keep_alive_timeout, "keep_alive_timeout", d.keep_alive_timeout);
         let session_idle_timeout = duration(&raw.session_idle_timeout, "session_idle_timeout", d.session_idle_timeout);
         let body_read_timeout = duration(&raw.body_read_timeout, "body_read_timeout", d.body_read_timeout);
+        let drain_period = self.duration("limits.drain_period", raw.drain_period.as_ref(), d.drain_period, true);
         let mut count = |v: Option<usize>, name: &str, default: usize| match v {
             Some(0) => {
                 self.error(format!("limits.{name}"), "must be greater than 0");
@@ -979,6 +1038,7 @@ impl Validator<'_> {
             None => default,
         };
         Limits {
+            drain_period,
             header_read_timeout,
             keep_alive_timeout,
             body_read_timeout,
@@ -1150,7 +1210,7 @@ impl Validator<'_> {
             self.warn(format!("{base}.env"), "ignored (`env` applies only to `command` servers)");
         }
         let url = self.subst(&format!("{base}.url"), url_raw);
-        if !url.is_empty() {
+        if !url.is_empty() && !env::has_unset(&url) {
             match reqwest::Url::parse(&url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
                 _ => self.error(format!("{base}.url"), format!("{:?} is not an http(s) URL", shown_url(&url))),
@@ -1189,7 +1249,7 @@ impl Validator<'_> {
             let value = self.subst(&format!("{base}.headers.{k}"), v);
             if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
                 self.error(format!("{base}.headers.{k}"), "not a valid header name");
-            } else if reqwest::header::HeaderValue::from_str(&value).is_err() {
+            } else if reqwest::header::HeaderValue::from_str(&value).is_err() && !env::has_unset(&value) {
                 self.error(format!("{base}.headers.{k}"), "not a valid header value");
             }
             headers.push((k.clone(), value));

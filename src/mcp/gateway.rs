@@ -269,7 +269,7 @@ impl Gateway {
     pub fn start_with(config: Config, store: Arc<crate::store::StoreView>) -> Result<Arc<Self>, StartError> {
         let cursor_key = crate::random::key()?;
         let authenticator = authenticator_for(&config, Some(store.clone()));
-        let audit = crate::audit::Audit::start(config.audit_file.clone()).unwrap_or_else(|e| {
+        let audit = crate::audit::Audit::start(config.audit_target()).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot open the audit file; audit records go to stderr");
             crate::audit::Audit::start(None).unwrap_or_else(|_| crate::audit::Audit::discard())
         });
@@ -594,6 +594,12 @@ impl Gateway {
             }
         }
         true
+    }
+
+    /// Marks the gateway as draining: `/health` answers 503 `draining`, requests are still
+    /// served (the drain period before a shutdown).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Closes every session's streams (first step of shutdown).

@@ -3,78 +3,17 @@
 //! problems at once.
 
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
 
 use crate::support::*;
-
-/// A `portcullis serve` child on 127.0.0.1, and its stderr lines as they come.
-struct Served {
-    _child: Child,
-    url: String,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-impl Served {
-    async fn start(config: &Path, env: &[(&str, &str)]) -> Served {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
-        cmd.env_remove("PORTCULLIS_TOKEN").env_remove("PORTCULLIS_TOKENS");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (tx, mut lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        let listening = Self::wait(&mut lines, "listening on ").await;
-        let url = listening.split("listening on ").nth(1).unwrap().trim().to_owned();
-        Served { _child: child, url, lines }
-    }
-
-    /// The next stderr line containing `needle` (every line before it is passed over).
-    async fn wait(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {
-        let found = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.recv().await {
-                if line.contains(needle) {
-                    return line;
-                }
-            }
-            panic!("stderr ended before {needle:?}");
-        });
-        found.await.unwrap_or_else(|_| panic!("no {needle:?} on stderr"))
-    }
-
-    async fn next_line_with(&mut self, needle: &str) -> String {
-        Self::wait(&mut self.lines, needle).await
-    }
-}
 
 async fn check(config: &Path) -> (bool, String, String) {
     check_with(config, &[]).await
 }
 
 async fn check_with(config: &Path, env: &[(&str, &str)]) -> (bool, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["check", "--config", config.to_str().unwrap()]);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().await.unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_cli(None, &["check", "--config", config.to_str().unwrap()], env).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

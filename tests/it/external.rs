@@ -333,3 +333,115 @@ async fn server_everything_restarted_is_transparent_to_the_caller() {
     assert_eq!(a.response["result"]["content"][0]["text"], "Echo: after", "{:?}", a.response);
     gw.stop().await;
 }
+
+/// A clean start with server-everything logs no warning: its `roots/list` right after
+/// `initialized`, outside any call, is answered (no roots) without one; the log is text lines
+/// (no audit records in it), pids read as numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_start_with_server_everything_warns_of_nothing() {
+    let dir = TempDir::new();
+    let everything = node_module("@modelcontextprotocol/server-everything/dist/index.js");
+    let cfg = dir.0.join("portcullis.yaml");
+    let yaml = gateway().command("ev", &node().display().to_string(), &[&everything, "stdio"], "").yaml();
+    std::fs::write(&cfg, yaml).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .env_remove("PORTCULLIS_TOKEN")
+        .env_remove("PORTCULLIS_TOKENS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut log = Vec::new();
+    let mut url = None;
+    let mut connected = false;
+    while !(connected && url.is_some()) {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            url = Some(rest.trim().to_owned());
+        }
+        connected |= line.contains("upstream connected");
+        log.push(line);
+    }
+    let client = Client::connect(&url.unwrap()).await;
+    assert!(client.all_tools().await.iter().any(|t| t.starts_with("ev__")));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
+    while let Ok(Some(line)) = lines.next_line().await {
+        log.push(line);
+    }
+    let text = log.join("\n");
+    assert!(!text.contains(" WARN "), "a warning on a clean start:\n{text}");
+    assert!(!text.contains("\"outcome\""), "audit records in the log:\n{text}");
+    let connected = log.iter().find(|l| l.contains("upstream connected")).unwrap();
+    let pid = connected.split("pid=").nth(1).and_then(|p| p.split_whitespace().next()).unwrap();
+    assert!(pid.parse::<u32>().is_ok(), "pid={pid}: {connected}");
+    let audit = std::fs::read_to_string(dir.0.join("portcullis-audit.jsonl")).unwrap();
+    let record: Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    let latency = record["latency_ms"].to_string();
+    assert!(latency.split('.').nth(1).is_none_or(|d| d.len() <= 3), "latency_ms {latency}");
+}
+
+/// A scraper's credential (`role: metrics`) reads `/metrics` (valid Prometheus text, read by
+/// the official Python client's parser) and `/stats`, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_credential_reads_metrics_and_nothing_else() {
+    let gw = gateway()
+        .demo("a", &[], "")
+        .top("auth:\n  tokens:\n    scraper: {token: scrape-secret-0123456789, role: metrics}\n    alice: alice-secret-0123456789\n    root: {token: root-secret-0123456789, role: admin}\n")
+        .start()
+        .await;
+    let client = Client::connect_as(&gw.mcp(), "alice-secret-0123456789").await;
+    client.call_text("a__echo", json!({"text": "hi"})).await;
+    let get = |path: &str, token: &str| {
+        let req = reqwest::Client::new().get(format!("{}{path}", gw.url)).bearer_auth(token);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, text) = get("/metrics", "scrape-secret-0123456789").await;
+    assert_eq!(status, 200, "{text}");
+    let mut parser = Command::new(python())
+        .args([
+            "-c",
+            "import sys\nfrom prometheus_client.parser import text_string_to_metric_families\nfor f in text_string_to_metric_families(sys.stdin.read()):\n    print(f.name, f.type, len(f.samples))\n",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = parser.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = parser.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "not Prometheus text: {}", String::from_utf8_lossy(&out.stderr));
+    let families = String::from_utf8_lossy(&out.stdout);
+    assert!(families.lines().any(|l| l.starts_with("portcullis_requests ")), "{families}");
+    assert!(families.lines().any(|l| l.starts_with("portcullis_sessions gauge")), "{families}");
+    assert_eq!(get("/stats", "scrape-secret-0123456789").await.0, 200);
+    // Nothing else: not MCP, not the management API.
+    for path in ["/servers", "/admin/tokens", "/servers/a"] {
+        assert_eq!(get(path, "scrape-secret-0123456789").await.0, 403, "{path}");
+    }
+    let mcp = Client::new(&gw.mcp()).bearer("scrape-secret-0123456789");
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"it","version":"1"}}});
+    assert_eq!(mcp.post(init).await.status(), 403);
+    let reload = reqwest::Client::new()
+        .post(format!("{}/admin/reload", gw.url))
+        .bearer_auth("scrape-secret-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 403);
+    // A user may not read the figures; an unrestricted admin may.
+    assert_eq!(get("/metrics", "alice-secret-0123456789").await.0, 403);
+    assert_eq!(get("/metrics", "root-secret-0123456789").await.0, 200);
+}

@@ -9,6 +9,7 @@ mod eras;
 mod external;
 mod failclosed;
 mod hotpath;
+mod operating;
 mod process;
 mod protocol;
 mod secrets;

@@ -51,9 +51,10 @@ pub(crate) async fn serve(dir: &Path, config: &str, args: &[&str], env: &[(&str,
     (child, url, stderr_path)
 }
 
+/// Stops a served child at once (SIGINT: no drain period) and waits for it.
 pub(crate) async fn stop(child: &mut Child) {
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
 }
 
@@ -174,7 +175,10 @@ async fn the_audit_sink_holds_one_record_per_request_with_logging_off() {
     client.call_text("s__echo", json!({"text": "one"})).await;
     client.call_text("s__echo", json!({"text": "two"})).await;
     stop(&mut child).await;
-    let text = std::fs::read_to_string(&stderr).unwrap();
+    // The default audit file, beside the (default) store; nothing of it in the log.
+    let logged = std::fs::read_to_string(&stderr).unwrap();
+    assert!(!logged.contains("\"outcome\""), "audit records in the log: {logged}");
+    let text = std::fs::read_to_string(dir.0.join("portcullis-audit.jsonl")).unwrap();
     let records: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let methods: Vec<&str> = records.iter().filter_map(|r| r["method"].as_str()).collect();
     assert_eq!(methods, ["initialize", "notifications/initialized", "tools/call", "tools/call"], "{text}");

@@ -579,3 +579,68 @@ impl Client {
         Events::new(resp)
     }
 }
+
+/// A `portcullis serve` child on 127.0.0.1, and its stderr lines as they come.
+pub struct Served {
+    pub child: Child,
+    pub url: String,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Served {
+    pub async fn start(config: &std::path::Path, env: &[(&str, &str)]) -> Served {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+        cmd.env_remove("PORTCULLIS_TOKEN").env_remove("PORTCULLIS_TOKENS");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        let listening = Self::wait(&mut lines, "listening on ").await;
+        let url = listening.split("listening on ").nth(1).unwrap().trim().to_owned();
+        Served { child, url, lines }
+    }
+
+    /// The next stderr line containing `needle` (every line before it is passed over).
+    async fn wait(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &str) -> String {
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.recv().await {
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+            panic!("stderr ended before {needle:?}");
+        });
+        found.await.unwrap_or_else(|_| panic!("no {needle:?} on stderr"))
+    }
+
+    pub async fn next_line_with(&mut self, needle: &str) -> String {
+        Self::wait(&mut self.lines, needle).await
+    }
+}
+
+/// Runs the binary to completion (`check`, `token …`) in `dir` (None: here), without any
+/// `PORTCULLIS_TOKEN(S)` of the test's own environment: (success, stdout, stderr).
+pub async fn run_cli(dir: Option<&std::path::Path>, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("PORTCULLIS_TOKEN").env_remove("PORTCULLIS_TOKENS");
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -431,7 +431,7 @@ impl Upstream {
                     if remote {
                         breaker.reset();
                     }
-                    tracing::info!(server = %self.def.name, pid = ?conn.pid, version = %conn.info.protocol_version, "upstream connected");
+                    tracing::info!(server = %self.def.name, pid = conn.pid, version = %conn.info.protocol_version, "upstream connected");
                     if conn.info.protocol_version == MODERN_VERSION {
                         self.spawn_listener(conn.clone());
                     }
@@ -1198,6 +1198,15 @@ impl Upstream {
             return;
         }
         let Some(caller) = self.caller_for(related) else {
+            if env.method() == "roots/list" && related.is_none() {
+                // Asked outside any call (servers ask right after `initialized`): the gateway
+                // itself has no roots. Not worth a warning: no client was involved.
+                tracing::debug!(server = %self.def.name, "roots/list outside any call: answered with no roots");
+                if let Some(conn) = self.connection() {
+                    let _ = conn.link.send(Bytes::from(jsonrpc::result_response(&id, r#"{"roots":[]}"#)), None);
+                }
+                return;
+            }
             tracing::warn!(server = %self.def.name, method = env.method(), "server-to-client request cannot be attributed to one session; refused");
             reply_err(
                 code::INTERNAL_ERROR,

@@ -191,6 +191,7 @@ async fn reap(
         _ = stop.cancelled() => None,
         _ = closed.cancelled() => None,
     };
+    let asked = status.is_none();
     let status = match status {
         Some(s) => s.ok(),
         None => {
@@ -215,6 +216,8 @@ async fn reap(
     kill_group(pgid, Signal::SIGKILL);
     lock(groups()).remove(&pgid);
     match status {
+        // Stopped by Portcullis (shutdown, reload, restart): expected, however it ended.
+        Some(s) if asked => tracing::info!(server = %name, status = %s, "process stopped"),
         Some(s) if s.success() => tracing::info!(server = %name, "process exited"),
         Some(s) => tracing::warn!(server = %name, status = %s, "process exited"),
         None => tracing::warn!(server = %name, "process exit status unknown"),
