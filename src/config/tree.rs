@@ -174,6 +174,40 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     Ok(builder.root)
 }
 
+/// YAML's merge key: `<<: *defaults` (or a list of them) brings in the entries of those mappings
+/// that the mapping does not write itself.
+const MERGE_KEY: &str = "<<";
+
+/// Resolves the merge keys of a finished mapping: its own entries win, then the merged
+/// mappings in order.
+fn merge_keys(node: &mut Node) {
+    let Kind::Map(entries) = &mut node.kind else { return };
+    if !entries.iter().any(|e| e.key == MERGE_KEY) {
+        return;
+    }
+    let (merges, mut own): (Vec<Entry>, Vec<Entry>) =
+        std::mem::take(entries).into_iter().partition(|e| e.key == MERGE_KEY);
+    for merge in merges {
+        let sources = match merge.value.kind {
+            Kind::Seq(items) => items,
+            other => vec![Node { kind: other, ..merge.value }],
+        };
+        for source in sources {
+            // A merge of something other than a mapping stays, to be reported as an unknown key.
+            let Kind::Map(from) = source.kind else {
+                own.push(Entry { key: MERGE_KEY.into(), line: merge.line, col: merge.col, value: source });
+                continue;
+            };
+            for e in from {
+                if !own.iter().any(|o| o.key == e.key) {
+                    own.push(e);
+                }
+            }
+        }
+    }
+    *entries = own;
+}
+
 /// A collection whose end has not been read yet.
 struct Open {
     node: Node,
@@ -215,7 +249,8 @@ impl Builder {
                 self.stack.push(Open { node: Node { line, col, kind: Kind::Map(Vec::new()) }, pending: None, anchor })
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                if let Some(open) = self.stack.pop() {
+                if let Some(mut open) = self.stack.pop() {
+                    merge_keys(&mut open.node);
                     self.value(open.node, open.anchor)?;
                 }
             }
@@ -254,7 +289,7 @@ impl Builder {
                     }
                 },
                 Some((key, line, col)) => {
-                    if entries.iter().any(|e| e.key == key) {
+                    if key != MERGE_KEY && entries.iter().any(|e| e.key == key) {
                         return Err(SyntaxError {
                             line: Some(line),
                             message: format!("the key {key:?} is written twice"),
@@ -307,6 +342,11 @@ mod tests {
         assert!(t.get("y").unwrap().value.get("k").is_some());
         let e = parse("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(e.line.is_some(), "{e:?}");
+        let t = parse("base: &b {command: x, args: [a]}\ns:\n  <<: *b\n  args: [own]\n").unwrap().unwrap();
+        let s = &t.get("s").unwrap().value;
+        assert_eq!(s.get("command").unwrap().value.kind, Kind::Scalar { text: "x".into(), plain: true });
+        let Kind::Seq(args) = &s.get("args").unwrap().value.kind else { panic!() };
+        assert_eq!(args[0].kind, Kind::Scalar { text: "own".into(), plain: true });
         assert_eq!(parse("").unwrap(), None);
         assert_eq!(parse("# only a comment\n").unwrap(), None);
     }

@@ -250,6 +250,11 @@ async fn admin_api_manages_tokens_and_a_down_store_answers_503() {
     // Revocation through the API takes effect at once.
     assert_eq!(api(reqwest::Method::DELETE, &format!("/admin/tokens/{new_id}"), ROOT, None).await.0, 200);
     assert_eq!(status_with(&gw.mcp(), &new_secret).await, 401);
+    // Idempotent: revoking it again answers 200 with the token, still revoked; times are RFC 3339.
+    let (status, again) = api(reqwest::Method::DELETE, &format!("/admin/tokens/{new_id}"), ROOT, None).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["state"], "revoked", "{again}");
+    assert!(humantime::parse_rfc3339(again["revoked_at"].as_str().unwrap()).is_ok(), "{again}");
 
     // The store goes bad under the running gateway: an issued token may be valid, so 503.
     let (_, another) = api(reqwest::Method::POST, "/admin/tokens", ROOT, Some(json!({"name": "later"}))).await;
