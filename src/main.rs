@@ -4,7 +4,15 @@
 use clap::Parser;
 use portcullis::cli::{self, Cli, Command};
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    // An error ends the run with one line (its causes joined), never a backtrace dump.
+    if let Err(e) = run() {
+        eprintln!("portcullis: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Cli::parse();
     // A panic on the main thread ends the process: take every child process group with it.
     // (A panic inside one request's task is contained by the runtime and ends only that task.)

@@ -723,7 +723,10 @@ fn parse_named(text: &str, json: bool, file: Option<&Path>, env: &Env) -> Result
     let one = |message: String, line: Option<u32>| vec![ConfigError { file: None, path: String::new(), line, message }];
     let text = if json { tree::jsonc_to_json(text) } else { text.to_owned() };
     if json && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
-        return Err(one(format!("invalid JSON: {e}"), u32::try_from(e.line()).ok()));
+        // One position per error: the line goes in front, so not again at the end.
+        let message = e.to_string();
+        let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
+        return Err(one(format!("invalid JSON: {message}"), u32::try_from(e.line()).ok()));
     }
     let tree = tree::parse(&text).map_err(|e| one(e.message, e.line))?;
     let foreign = is_foreign(tree.as_ref(), file);

@@ -159,3 +159,21 @@ async fn the_built_in_demo_offers_no_test_fixtures() {
     );
     assert_eq!(client.call_text("demo__echo", serde_json::json!({"text": "still here"})).await, "still here");
 }
+
+/// A `.env` beside the config is read as a shell reads it: `"alice-secret" # comment` is the
+/// secret `alice-secret`, without its quotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dotenv_secret_in_quotes_with_a_comment_authenticates() {
+    let dir = TempDir::new();
+    std::fs::write(dir.0.join(".env"), "# tokens\nALICE_TOKEN=\"alice-secret-0123456789\" # Alice's laptop\n").unwrap();
+    let cfg = dir.0.join("portcullis.yaml");
+    std::fs::write(&cfg, gateway().demo("a", &[], "").top("auth:\n  tokens:\n    alice: \"${ALICE_TOKEN}\"\n").yaml())
+        .unwrap();
+    let served = Served::start(&cfg, &[]).await;
+    let init = serde_json::json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"it","version":"1"}}});
+    let with = |token: &'static str| Client::new(&served.url).bearer(token);
+    assert_eq!(with("alice-secret-0123456789").post(init.clone()).await.status(), 200);
+    // With the quotes it is not the secret (and not even a well-formed credential).
+    let quoted = with("\"alice-secret-0123456789\"").post(init).await.status().as_u16();
+    assert!(matches!(quoted, 400 | 401), "{quoted}");
+}
