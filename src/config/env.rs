@@ -174,6 +174,12 @@ impl Env {
 }
 
 impl Env {
+    /// The workspace folder of a VS Code file (the config's folder for any other file), when
+    /// the environment was made for a file.
+    pub(crate) fn workspace(&self) -> Option<&Path> {
+        self.workspace.as_deref()
+    }
+
     /// VS Code's predefined variables: `${workspaceFolder}`, `${workspaceFolderBasename}`,
     /// `${userHome}`, `${pathSeparator}` (and its short form `${/}`).
     fn vscode(&self, reference: &str) -> Option<String> {

@@ -270,7 +270,7 @@ pub struct RawServer {
     #[serde(default)]
     pub env: BTreeMap<String, S>,
     /// VS Code: a dotenv file whose variables are added to `env` (`env` wins), e.g.
-    /// `${workspaceFolder}/.env`.
+    /// `${workspaceFolder}/.env`; a relative path is relative to the workspace folder.
     #[serde(default, rename = "envFile")]
     pub env_file: Option<S>,
     /// More of Portcullis' own environment for the command: `true` (all of it) or a list of
@@ -1167,9 +1167,11 @@ impl Validator<'_> {
         Some(Transport::Stdio { command, args, env, inherit_env, cwd })
     }
 
-    /// The variables of a dotenv file named by `envFile` (relative to the config's directory).
+    /// The variables of a dotenv file named by `envFile` (relative to the workspace folder, as
+    /// VS Code resolves it: the folder holding `.vscode/`, else the config's folder).
     fn env_file(&mut self, path: &str, file: &str) -> Vec<(String, String)> {
-        let full = match &self.base {
+        let dir = self.env.workspace().map(Path::to_path_buf).or_else(|| self.base.clone());
+        let full = match dir {
             Some(dir) if Path::new(file).is_relative() => dir.join(file),
             _ => PathBuf::from(file),
         };

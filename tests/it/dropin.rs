@@ -61,8 +61,8 @@ async fn vscode_mcp_json_with_comments_variables_and_env_file() {
       "type": "stdio",
       "command": {BIN:?},
       "args": ["demo-server", "--fixtures",], /* and trailing commas */
-      "env": {{"WS": "${{workspaceFolder}}", "SEP": "${{pathSeparator}}", "HOME_SEEN": "${{userHome}}"}},
-      "envFile": "${{workspaceFolder}}/.env.demo",
+      "env": {{"WS": "${{workspaceFolder}}", "SEP": "${{pathSeparator}}", "HOME_SEEN": "${{userHome}}", "FROM": "${{workspaceFolder}}${{/}}.env.demo"}},
+      "envFile": ".env.demo",
     }},
   }},
 }}
