@@ -14,8 +14,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use axum::http::{HeaderMap, HeaderValue};
-use portcullis::auth::{AuthConfig, Authenticator, FailureLimit, Role, TokenDef, digest};
+use portcullis::auth::Authenticator;
 use portcullis::authz::Grants;
+use portcullis::credentials::{AuthConfig, FailureLimit, Role, TokenDef, digest};
 
 /// A token shaped like Portcullis' own (`pcs_` + 43 base64url characters), from a xorshift
 /// generator so the table, the near misses and the random guesses share one alphabet.
@@ -86,7 +87,7 @@ fn main() {
             grants: Grants::all(),
             expires: None,
             rate: None,
-            source: portcullis::auth::TokenSource::File,
+            source: portcullis::credentials::TokenSource::File,
         });
     }
     let dir = std::env::temp_dir().join(format!("pcs-bench-{}", std::process::id()));

@@ -468,9 +468,9 @@ fn beyond_caller(gw: &Gateway, who: &Who, new: &crate::store::NewToken) -> Optio
     {
         return Some(format!("a token of tenant {own:?} can only issue tokens in that tenant"));
     }
-    if new.role == crate::auth::Role::Metrics {
+    if new.role == crate::credentials::Role::Metrics {
         let names: Vec<String> = gw.config().servers.iter().map(|s| s.name.clone()).collect();
-        if !me.reads_metrics(&names) || me.role != crate::auth::Role::Admin {
+        if !me.reads_metrics(&names) || me.role != crate::credentials::Role::Admin {
             return Some(
                 "only an admin with every right may issue a metrics token (it reads gateway-wide figures)".into(),
             );

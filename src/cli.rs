@@ -391,15 +391,15 @@ pub fn startup_check(
         let token = new_token()?;
         // Straight to stderr, once: never through the log, which may be kept.
         eprintln!("portcullis: token for this run (shown once): {token}");
-        config.auth.tokens.push(crate::auth::TokenDef {
+        config.auth.tokens.push(crate::credentials::TokenDef {
             name: crate::config::auth::GENERATED_NAME.into(),
-            digest: crate::auth::digest(&token),
-            role: crate::auth::Role::Admin,
+            digest: crate::credentials::digest(&token),
+            role: crate::credentials::Role::Admin,
             tenant: None,
             grants: crate::authz::Grants::all(),
             expires: None,
             rate: None,
-            source: crate::auth::TokenSource::Generated,
+            source: crate::credentials::TokenSource::Generated,
         });
     }
     let store_has_tokens = store.state() == crate::store::StoreState::HasTokens;
@@ -419,7 +419,7 @@ pub fn startup_check(
 
 /// One line: how requests are authenticated, by source and count.
 fn auth_summary(config: &Config, store: &crate::store::StoreView, open: bool) -> String {
-    use crate::auth::TokenSource;
+    use crate::credentials::TokenSource;
     if open {
         return "authentication: OFF (no credential configured; every caller is the anonymous admin)".into();
     }
@@ -578,7 +578,7 @@ pub async fn stdio(config: Config, server: Option<String>, as_identity: Option<S
             .with_context(|| format!("--as {name:?}: no token of that name in the config"))?,
         None => crate::auth::Identity::anonymous(),
     };
-    if identity.role == crate::auth::Role::Metrics {
+    if identity.role == crate::credentials::Role::Metrics {
         anyhow::bail!("--as: a metrics credential may only read /metrics and /stats, not speak MCP");
     }
     let scope = server.map_or(Scope::All, Scope::One);

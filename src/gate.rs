@@ -285,8 +285,8 @@ fn admit(
     let identity = auth.authenticate(headers, client).map_err(refuse)?;
     lock(note).identity = Some(identity.clone());
     // A scraper's credential reads the figures and nothing else, whatever the surface.
-    if identity.role == crate::auth::Role::Metrics
-        && !crate::auth::METRICS_REQUESTS.contains(&lock(note).method.as_str())
+    if identity.role == crate::credentials::Role::Metrics
+        && !crate::credentials::METRICS_REQUESTS.contains(&lock(note).method.as_str())
     {
         return Err(refuse(AuthError::Forbidden(
             "this credential (role metrics) may only read /metrics and /stats".into(),

@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`config`]: the file format and its validation into an immutable runtime `Config`.
+//! - [`credentials`]: credentials as validated (roles, rates, token definitions, digests),
+//!   with no runtime dependency, so `config` and `store` build them without a cycle.
 //! - [`auth`]: who is asking (credentials, limits, refusals); [`authz`]: what they may reach;
 //!   [`audit`]: one record per request, in a sink no log filter silences.
 //! - [`mcp::jsonrpc`]: JSON-RPC envelopes over raw bytes (parse only what the gateway acts on).
@@ -22,6 +24,7 @@ pub mod auth;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod demo;
 pub mod gate;
 pub mod mcp;

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{Rate, Role};
 use crate::authz::Grants;
+use crate::credentials::{Rate, Role};
 use crate::sharded::Sharded;
 use crate::sharded::lock;
 
@@ -243,11 +243,11 @@ impl TokenRequest {
     /// Checks every field against the config; all problems at once.
     pub fn validate(&self, config: &crate::config::Config) -> Result<NewToken, StoreError> {
         let mut errors = Vec::new();
-        if let Err(e) = crate::auth::check_name(&self.name) {
+        if let Err(e) = crate::credentials::check_name(&self.name) {
             errors.push(e);
         }
         if let Some(t) = &self.tenant
-            && let Err(e) = crate::auth::check_name(t)
+            && let Err(e) = crate::credentials::check_name(t)
         {
             errors.push(format!("tenant: {e}"));
         }
@@ -313,10 +313,10 @@ impl TokenRequest {
 }
 
 /// Parses a time to live or a grace (`30d`, `12h`, `0s`), refusing what is longer than
-/// [`crate::config::MAX_SPAN`].
+/// [`crate::credentials::MAX_SPAN`].
 pub fn parse_span(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text.trim()).map_err(|e| format!("malformed duration {text:?}: {e}"))?;
-    if d > crate::config::MAX_SPAN {
+    if d > crate::credentials::MAX_SPAN {
         return Err(format!("duration {text:?} is longer than 100 years"));
     }
     Ok(d)
@@ -325,7 +325,7 @@ pub fn parse_span(text: &str) -> Result<Duration, String> {
 /// A stored string made safe to print: control, formatting and other invisible characters as
 /// `\u{…}` escapes (a name stored before names were checked may hold them).
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    let visible = |c: char| c == ' ' || crate::auth::is_visible(c);
+    let visible = |c: char| c == ' ' || crate::credentials::is_visible(c);
     if s.chars().all(visible) {
         return std::borrow::Cow::Borrowed(s);
     }
@@ -580,7 +580,7 @@ impl SqliteStore {
             tx.execute(
                 "INSERT INTO tokens (id, name, tenant, digest, prefix, grants, role, rate, created_at, expires_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![id, new.name, new.tenant, crate::auth::digest(&secret).to_vec(), &secret[..8], grants, role, rate, now, expires],
+                params![id, new.name, new.tenant, crate::credentials::digest(&secret).to_vec(), &secret[..8], grants, role, rate, now, expires],
             )?;
             Ok(())
         })?;
@@ -743,7 +743,7 @@ fn rotate_in(
             new_id,
             old.name,
             old.tenant,
-            crate::auth::digest(secret).to_vec(),
+            crate::credentials::digest(secret).to_vec(),
             &secret[..8],
             grants,
             old.role,
@@ -990,8 +990,8 @@ mod tests {
         assert_eq!(alice.prefix, &secret[..8]);
         assert!(s.create(&NewToken { name: "alice".into(), ..Default::default() }, t0).is_err(), "duplicate name");
         let (new, new_secret) = s.rotate(&alice.id, Duration::from_secs(60), t0 + 1000).unwrap();
-        let old = s.lookup(&crate::auth::digest(&secret)).unwrap().unwrap();
-        let now_new = s.lookup(&crate::auth::digest(&new_secret)).unwrap().unwrap();
+        let old = s.lookup(&crate::credentials::digest(&secret)).unwrap().unwrap();
+        let now_new = s.lookup(&crate::credentials::digest(&new_secret)).unwrap().unwrap();
         assert_eq!(now_new.id, new.id);
         // Inside the grace both work; after it only the new one.
         assert!(old.usable(t0 + 30_000) && now_new.usable(t0 + 30_000));

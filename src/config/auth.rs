@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::{S, Validator};
-use crate::auth::{self, AuthConfig, Cidr, FailureLimit, Rate, Role, TokenDef, TokenSource};
 use crate::authz::Grants;
+use crate::credentials::{self as auth, AuthConfig, Cidr, FailureLimit, Rate, Role, TokenDef, TokenSource};
 
 /// `auth:` (also MCP Front's `proxy.auth:`).
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
@@ -325,8 +325,8 @@ auth:
         let names: Vec<&str> = c.auth.tokens.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["alice", "bob"]);
         let bob = &c.auth.tokens[1];
-        assert_eq!(bob.digest, crate::auth::digest("bob-secret"));
-        assert_eq!(bob.role, crate::auth::Role::Admin);
+        assert_eq!(bob.digest, crate::credentials::digest("bob-secret"));
+        assert_eq!(bob.role, crate::credentials::Role::Admin);
         assert!(bob.grants.tools.allows("files__read_x") && !bob.grants.tools.allows("files__read_secret"));
         assert!(bob.expires.is_some() && bob.rate.is_some());
         // No secret in what the config prints.
@@ -339,7 +339,7 @@ auth:
         let c = parse("servers: {}", false, &e).unwrap();
         let names: Vec<&str> = c.auth.tokens.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["env", "env-2", "env-3"]);
-        assert!(c.auth.tokens.iter().all(|t| t.role == crate::auth::Role::Admin));
+        assert!(c.auth.tokens.iter().all(|t| t.role == crate::credentials::Role::Admin));
         let empty = Env::from_pairs([("PORTCULLIS_TOKEN", ""), ("PORTCULLIS_TOKENS", " ")]);
         assert!(parse("servers: {}", false, &empty).unwrap().auth.tokens.is_empty());
     }
@@ -362,7 +362,7 @@ mcpServers:
 "#;
         let c = parse(front, false, &env()).unwrap();
         let digests: Vec<[u8; 32]> = c.auth.tokens.iter().map(|t| t.digest).collect();
-        assert_eq!(digests, [crate::auth::digest("alice-secret"), crate::auth::digest("carol-default")]);
+        assert_eq!(digests, [crate::credentials::digest("alice-secret"), crate::credentials::digest("carol-default")]);
         assert_eq!(c.servers[0].auth_tokens, ["alice"]);
         assert_eq!(c.public_url.as_deref(), Some("https://mcp.example.com"));
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
@@ -370,7 +370,7 @@ mcpServers:
         let c = parse(gw, false, &env()).unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.auth.tokens[0].name, "api_key");
-        assert_eq!(c.auth.tokens[0].digest, crate::auth::digest("gw-key"));
+        assert_eq!(c.auth.tokens[0].digest, crate::credentials::digest("gw-key"));
     }
 
     #[test]

@@ -418,9 +418,7 @@ pub fn shown_url(url: &str) -> String {
     if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
 }
 
-/// The longest duration Portcullis takes anywhere (a limit, a token's time to live, a
-/// rotation's grace): 100 years. Longer is refused, never read as "never" or left to overflow.
-pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub use crate::credentials::MAX_SPAN;
 
 /// Reads a listen address as people write it: `127.0.0.1:8080`, `[::1]:8080`,
 /// `localhost:8080` (loopback), `:8080` (every interface) or a port alone, `8080` (loopback).
@@ -547,7 +545,7 @@ pub struct Config {
     /// Servers, in name order.
     pub servers: Vec<Arc<ServerDef>>,
     /// Credentials, grants, tenants and limits.
-    pub auth: crate::auth::AuthConfig,
+    pub auth: crate::credentials::AuthConfig,
     /// Where audit records go, as configured (see [`Config::audit_target`]).
     pub audit_file: AuditTo,
     /// TLS on the listener.

@@ -435,7 +435,7 @@ impl Gateway {
         let old = self.config();
         // A `--generate-token` token lives as long as the process (marked by its source, which
         // no config entry can carry; its name is reserved in config files).
-        for t in old.auth.tokens.iter().filter(|t| t.source == crate::auth::TokenSource::Generated) {
+        for t in old.auth.tokens.iter().filter(|t| t.source == crate::credentials::TokenSource::Generated) {
             config.auth.tokens.push(t.clone());
         }
         let authenticator = authenticator_for(&config, Some(self.store.clone()));

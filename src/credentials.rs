@@ -1,0 +1,245 @@
+//! Credentials as validated from the config file or the token store, before anything runs:
+//! roles, rates, address ranges, the failure limit, token definitions and their digests.
+//!
+//! Invariants: this module depends on nothing of the runtime (no I/O, no HTTP, no store), so
+//! `config` and `store` can build these values and `auth` can use them without a cycle; a
+//! `TokenDef` holds a digest, never a secret, and its `Debug` shows neither.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use crate::authz::Grants;
+
+/// The longest duration Portcullis takes anywhere (a limit, a token's time to live, a
+/// rotation's grace): 100 years. Longer is refused, never read as "never" or left to overflow.
+pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// What an identity may administer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// MCP traffic only.
+    #[default]
+    User,
+    /// Also the management API (`/servers*`, `/stats`, `/metrics`, `/admin/*`).
+    Admin,
+    /// `GET /metrics` and `GET /stats` and nothing else (no MCP, no management): for scrapers.
+    Metrics,
+}
+
+impl Role {
+    /// A role by name (`user`, `admin` or `metrics`; none is `user`).
+    pub fn parse(name: Option<&str>) -> Result<Role, String> {
+        match name {
+            None | Some("user") => Ok(Role::User),
+            Some("admin") => Ok(Role::Admin),
+            Some("metrics") => Ok(Role::Metrics),
+            Some(other) => Err(format!("unknown role {other:?} (user, admin, metrics)")),
+        }
+    }
+
+    /// Its name, as [`Role::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Admin => "admin",
+            Role::Metrics => "metrics",
+        }
+    }
+}
+
+/// The only requests a `metrics` credential may make (the gate's labels for them).
+pub const METRICS_REQUESTS: &[&str] = &["GET /metrics", "GET /stats"];
+
+/// A rate: `count` requests per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests allowed per period (also the burst).
+    pub count: u32,
+    /// The period.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `100/min`, `10/s`, `5000/h`, `20/10s`.
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let bad = || format!("invalid rate {s:?}: write it as 100/min, 10/s or 5000/h");
+        let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
+        let count: u32 = n.trim().parse().map_err(|_| bad())?;
+        let per = match per.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86_400),
+            other => humantime::parse_duration(other).map_err(|_| bad())?,
+        };
+        if count == 0 || per.is_zero() {
+            return Err(bad());
+        }
+        Ok(Rate { count, per })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    /// As people write it (`5/min`, `10/s`, `5000/h`, `1/d`, `20/10s`); [`Rate::parse`] reads it back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.per.as_secs() {
+            1 if self.per.subsec_nanos() == 0 => write!(f, "{}/s", self.count),
+            60 if self.per.subsec_nanos() == 0 => write!(f, "{}/min", self.count),
+            3600 if self.per.subsec_nanos() == 0 => write!(f, "{}/h", self.count),
+            86_400 if self.per.subsec_nanos() == 0 => write!(f, "{}/d", self.count),
+            _ => write!(f, "{}/{}", self.count, humantime::format_duration(self.per)),
+        }
+    }
+}
+
+/// An address range, `10.0.0.0/8` or `::1/128` (a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses a CIDR or a bare address.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let bad = || format!("invalid address range {s:?}: write it as 10.0.0.0/8 or 127.0.0.1");
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().map_err(|_| bad())?, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s.trim().parse::<IpAddr>().map_err(|_| bad())?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether an address is in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where a credential comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenSource {
+    /// `PORTCULLIS_TOKEN` / `PORTCULLIS_TOKENS`.
+    Env,
+    /// The config file (`auth.tokens`, `api_key`, MCP Front's `proxy.auth`).
+    #[default]
+    File,
+    /// `serve --generate-token`: lives as long as the process, whatever the file says. Only
+    /// `cli` sets it; no config entry can.
+    Generated,
+    /// An issued token from the store.
+    Issued,
+}
+
+/// The longest token name or tenant name, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// Whether a character prints as itself anywhere (terminal, audit line, log): a visible ASCII
+/// character, or a letter or digit of any script. Not a space, a control or a formatting
+/// character (ESC, NUL, BEL, U+202E, …).
+pub fn is_visible(c: char) -> bool {
+    c.is_ascii_graphic() || (!c.is_ascii() && c.is_alphanumeric())
+}
+
+/// A token or tenant name that can be printed anywhere as it is: 1 to [`MAX_NAME_CHARS`]
+/// characters, each [`is_visible`].
+pub fn check_name(name: &str) -> Result<(), String> {
+    let n = name.chars().count();
+    if n == 0 || n > MAX_NAME_CHARS {
+        return Err(format!("the name must be 1 to {MAX_NAME_CHARS} characters"));
+    }
+    if let Some(c) = name.chars().find(|c| !is_visible(*c)) {
+        return Err(format!("the name may not contain {c:?} (visible characters only, no spaces)"));
+    }
+    Ok(())
+}
+
+/// One token as the config defines it (its digest, never its value).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenDef {
+    /// The identity's name (what logs and audit records show).
+    pub name: String,
+    /// SHA-256 of the secret.
+    pub digest: [u8; 32],
+    /// Admin or not.
+    pub role: Role,
+    /// The tenant it belongs to, if any.
+    pub tenant: Option<String>,
+    /// What it may reach (before tenant and per-server restrictions).
+    pub grants: Grants,
+    /// When it stops working.
+    pub expires: Option<SystemTime>,
+    /// Its own rate limit (else the global per-identity one).
+    pub rate: Option<Rate>,
+    /// Where it comes from.
+    pub source: TokenSource,
+}
+
+impl std::fmt::Debug for TokenDef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The digest is not a secret, but nothing about a token's value belongs in output.
+        f.debug_struct("TokenDef").field("name", &self.name).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+/// How failed authentications are throttled per client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureLimit {
+    /// Failures allowed within `window`.
+    pub max: u32,
+    /// The window.
+    pub window: Duration,
+    /// How long an address is refused (429) once over.
+    pub block: Duration,
+}
+
+impl Default for FailureLimit {
+    fn default() -> Self {
+        FailureLimit { max: 10, window: Duration::from_secs(60), block: Duration::from_secs(60) }
+    }
+}
+
+/// The validated authentication settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Every token: environment ones first (`env`, `env-2`, …), then the config's, then a
+    /// generated one.
+    pub tokens: Vec<TokenDef>,
+    /// Tenant → namespace → servers.
+    pub tenants: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    /// Default rate per identity.
+    pub per_identity: Option<Rate>,
+    /// Rate per client address.
+    pub per_address: Option<Rate>,
+    /// The failure throttle.
+    pub failures: FailureLimit,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// SHA-256 of a secret.
+pub fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
