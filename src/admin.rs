@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::auth::AuthError;
 use crate::config::{self, ServerDef, Transport};
-use crate::gate::{Who, guarded, json as json_response, read_single, rpc_error};
+use crate::gate::{Rejection, Who, guarded, json as json_response, read_single};
 use crate::mcp::gateway::{ControlError, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, code};
 use crate::mcp::session::{Caller, Scope, Transport as SessionTransport};
@@ -39,10 +39,11 @@ fn error(status: StatusCode, error: &str, message: &str) -> Response {
 }
 
 /// Runs `f` for an admin caller; others get 403 (`insufficient_scope`).
-async fn admin<F, Fut>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
+async fn admin<F, Fut, R>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
 where
     F: FnOnce(Arc<Gateway>, Who) -> Fut,
-    Fut: std::future::Future<Output = Response>,
+    Fut: std::future::Future<Output = R>,
+    R: IntoResponse,
 {
     guarded(&gw.clone(), &Scope::All, label, headers, peer, |who| async move {
         if !who.identity.is_admin() {
@@ -50,7 +51,7 @@ where
             lock(&who.note).refused = Some(e.outcome().into());
             return e.into_response();
         }
-        f(gw, who).await
+        f(gw, who).await.into_response()
     })
     .await
 }
@@ -68,7 +69,7 @@ where
             lock(&who.note).refused = Some(e.outcome().into());
             return e.into_response();
         }
-        f(gw, who).await
+        f(gw, who).await.into_response()
     })
     .await
 }
@@ -164,7 +165,7 @@ async fn describe(gw: &Gateway, def: &Arc<ServerDef>) -> Value {
         "share": if def.share == config::Share::Shared { "shared" } else { "per_session" },
         "pid": conn.as_ref().and_then(|c| c.pid()),
         "restarts": status.as_ref().map_or(0, |s| s.restarts),
-        "last_error": status.as_ref().and_then(|s| s.last_error.clone()),
+        "last_error": status.as_ref().and_then(|s| s.last_error.as_ref().map(ToString::to_string)),
         "uptime_s": status.as_ref().and_then(|s| s.since).map(|t| t.elapsed().as_secs()),
         "protocol_version": conn.as_ref().map(|c| c.info.protocol_version.clone()),
         "in_flight": up.as_ref().map_or(0, |u| u.in_flight()),
@@ -337,39 +338,47 @@ pub async fn rpc(
 ) -> Response {
     guarded(&gw.clone(), &Scope::All, "POST /rpc", &headers, peer, |who| async move {
         let config = gw.config();
-        let body = match read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        let env = match who.parse(&body) {
-            Ok(e) => e,
-            Err(r) => return r,
-        };
+        let body = read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
+        let env = who.parse(&body)?;
         if env.kind != Kind::Request {
-            return rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, "/rpc takes a JSON-RPC request");
+            return Err(Rejection::rpc(
+                StatusCode::BAD_REQUEST,
+                None,
+                code::INVALID_REQUEST,
+                "/rpc takes a JSON-RPC request",
+            ));
         }
         if env.method() == "initialize" {
-            return rpc_error(
+            let id = env.id.map(|i| i.get());
+            return Err(Rejection::rpc(
                 StatusCode::BAD_REQUEST,
-                env.id.map(|i| i.get()),
+                id,
                 code::INVALID_REQUEST,
                 "/rpc is sessionless: no initialize",
-            );
+            ));
         }
         let id = env.id.map_or("null", |i| i.get()).to_owned();
         let caller = Caller { cancel_on_drop: true, ..Caller::default() };
         let ctx = who.ctx(Scope::All, caller, "2025-11-25".into());
         let req = Request { method: env.method(), params: env.params, id: Some(&id) };
         let reply = gw.request(&ctx, &req).await;
-        json_response(StatusCode::OK, reply.to_message(&id))
+        Ok(json_response(StatusCode::OK, reply.to_message(&id)))
     })
     .await
 }
 
 fn store_error(e: crate::store::StoreError) -> Response {
-    match e {
-        crate::store::StoreError::Invalid(m) => error(StatusCode::BAD_REQUEST, "invalid_request", &m),
-        crate::store::StoreError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m),
+    Rejection::from(e).into_response()
+}
+
+impl From<crate::store::StoreError> for Rejection {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Invalid(m) => Rejection::api(StatusCode::BAD_REQUEST, "invalid_request", m),
+            crate::store::StoreError::Unavailable(m) => {
+                Rejection::api(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+            }
+        }
     }
 }
 
@@ -388,13 +397,13 @@ fn open_store(gw: &Gateway) -> Result<crate::store::SqliteStore, crate::store::S
 }
 
 /// The token `id` when the caller manages it; 404 (as unknown) when it does not.
-fn managed(gw: &Gateway, who: &Who, id: &str) -> Result<crate::store::StoredToken, Response> {
+fn managed(gw: &Gateway, who: &Who, id: &str) -> Result<crate::store::StoredToken, Rejection> {
     match open_store(gw).and_then(|s| s.get(id)) {
         Ok(t) if manages(gw, who, &t) => Ok(t),
         Ok(_) | Err(crate::store::StoreError::Invalid(_)) => {
-            Err(error(StatusCode::NOT_FOUND, "not_found", &format!("no token {id}")))
+            Err(Rejection::api(StatusCode::NOT_FOUND, "not_found", format!("no token {id}")))
         }
-        Err(e) => Err(store_error(e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -408,7 +417,7 @@ async fn applied(gw: &Gateway) {
 const TOKEN_BODY_LIMIT: usize = 64 * 1024;
 
 /// Reads a management API body: 413 (or 400) in the management API's error format.
-async fn admin_body(gw: &Gateway, body: Body) -> Result<bytes::Bytes, Response> {
+async fn admin_body(gw: &Gateway, body: Body) -> Result<bytes::Bytes, Rejection> {
     let within = gw.config().limits.body_read_timeout;
     crate::gate::collect_body(body, TOKEN_BODY_LIMIT, within).await.map_err(|e| {
         let kind = match e {
@@ -416,7 +425,7 @@ async fn admin_body(gw: &Gateway, body: Body) -> Result<bytes::Bytes, Response> 
             crate::gate::BodyError::TooSlow(_) => "request_timeout",
             crate::gate::BodyError::Unreadable => "invalid_request",
         };
-        error(e.status(), kind, &e.to_string())
+        Rejection::api(e.status(), kind, e.to_string())
     })
 }
 
@@ -428,34 +437,21 @@ pub async fn create_token(
     body: Body,
 ) -> Response {
     admin(gw, "POST /admin/tokens", &headers, peer, |gw, who| async move {
-        let body = match admin_body(&gw, body).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        let mut req: crate::store::TokenRequest = match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
-        };
+        let body = admin_body(&gw, body).await?;
+        let mut req: crate::store::TokenRequest = serde_json::from_slice(&body)
+            .map_err(|e| Rejection::api(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
         // A tenant's admin issues tokens in its tenant.
         if req.tenant.is_none() {
             req.tenant = who.identity.tenant.clone();
         }
-        let new = match req.validate(&gw.config()) {
-            Ok(n) => n,
-            Err(e) => return store_error(e),
-        };
+        let new = req.validate(&gw.config())?;
         if let Some(refusal) = beyond_caller(&gw, &who, &new) {
             lock(&who.note).refused = Some("refused: beyond the caller's rights".into());
-            return error(StatusCode::FORBIDDEN, "forbidden", &refusal);
+            return Err(Rejection::api(StatusCode::FORBIDDEN, "forbidden", refusal));
         }
-        let result = open_store(&gw).and_then(|s| s.create(&new, crate::store::now_ms()));
-        match result {
-            Ok((t, secret)) => {
-                applied(&gw).await;
-                json_value(StatusCode::CREATED, &token_json(&t, Some(&secret)))
-            }
-            Err(e) => store_error(e),
-        }
+        let (t, secret) = open_store(&gw).and_then(|s| s.create(&new, crate::store::now_ms()))?;
+        applied(&gw).await;
+        Ok::<_, Rejection>(json_value(StatusCode::CREATED, &token_json(&t, Some(&secret))))
     })
     .await
 }
@@ -518,10 +514,7 @@ pub async fn get_token(
     headers: HeaderMap,
 ) -> Response {
     admin(gw, "GET /admin/tokens/{id}", &headers, peer, |gw, who| async move {
-        match managed(&gw, &who, &id) {
-            Ok(t) => json_value(StatusCode::OK, &token_json(&t, None)),
-            Err(r) => r,
-        }
+        managed(&gw, &who, &id).map(|t| json_value(StatusCode::OK, &token_json(&t, None)))
     })
     .await
 }
@@ -535,13 +528,8 @@ pub async fn rotate_token(
     body: Body,
 ) -> Response {
     admin(gw, "POST /admin/tokens/{id}/rotate", &headers, peer, |gw, who| async move {
-        if let Err(r) = managed(&gw, &who, &id) {
-            return r;
-        }
-        let body = match admin_body(&gw, body).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
+        managed(&gw, &who, &id)?;
+        let body = admin_body(&gw, body).await?;
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Rotate {
@@ -551,22 +539,15 @@ pub async fn rotate_token(
         let grace = if body.iter().all(u8::is_ascii_whitespace) {
             None
         } else {
-            match serde_json::from_slice::<Rotate>(&body) {
-                Ok(r) => r.grace,
-                Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
-            }
+            serde_json::from_slice::<Rotate>(&body)
+                .map_err(|e| Rejection::api(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?
+                .grace
         };
-        let grace = match crate::store::parse_span(grace.as_deref().unwrap_or("24h")) {
-            Ok(g) => g,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e),
-        };
-        match open_store(&gw).and_then(|s| s.rotate(&id, grace, crate::store::now_ms())) {
-            Ok((t, secret)) => {
-                applied(&gw).await;
-                json_value(StatusCode::OK, &token_json(&t, Some(&secret)))
-            }
-            Err(e) => store_error(e),
-        }
+        let grace = crate::store::parse_span(grace.as_deref().unwrap_or("24h"))
+            .map_err(|e| Rejection::api(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
+        let (t, secret) = open_store(&gw).and_then(|s| s.rotate(&id, grace, crate::store::now_ms()))?;
+        applied(&gw).await;
+        Ok::<_, Rejection>(json_value(StatusCode::OK, &token_json(&t, Some(&secret))))
     })
     .await
 }
@@ -579,16 +560,10 @@ pub async fn revoke_token(
     headers: HeaderMap,
 ) -> Response {
     admin(gw, "DELETE /admin/tokens/{id}", &headers, peer, |gw, who| async move {
-        if let Err(r) = managed(&gw, &who, &id) {
-            return r;
-        }
-        match open_store(&gw).and_then(|s| s.revoke(&id, crate::store::now_ms())) {
-            Ok(t) => {
-                applied(&gw).await;
-                json_value(StatusCode::OK, &token_json(&t, None))
-            }
-            Err(e) => store_error(e),
-        }
+        managed(&gw, &who, &id)?;
+        let t = open_store(&gw).and_then(|s| s.revoke(&id, crate::store::now_ms()))?;
+        applied(&gw).await;
+        Ok::<_, Rejection>(json_value(StatusCode::OK, &token_json(&t, None)))
     })
     .await
 }

@@ -13,6 +13,56 @@ use sha2::{Digest, Sha256};
 
 use crate::authz::Grants;
 
+/// A value written in a config file, a command line or an API request that does not read as
+/// what it should be. Always the writer's fault (a 400 at an API, an error in `check`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// Not a role.
+    #[error("unknown role {0:?} (user, admin, metrics)")]
+    Role(String),
+    /// Not a rate.
+    #[error("invalid rate {0:?}: write it as 100/min, 10/s or 5000/h")]
+    Rate(String),
+    /// Not an address or a range.
+    #[error("invalid address range {0:?}: write it as 10.0.0.0/8 or 127.0.0.1")]
+    Cidr(String),
+    /// A name of no characters, or too many.
+    #[error("the name must be 1 to {MAX_NAME_CHARS} characters")]
+    NameLength,
+    /// A name with an invisible character or a space.
+    #[error("the name may not contain {0:?} (visible characters only, no spaces)")]
+    NameChar(char),
+    /// Not a duration.
+    #[error("invalid duration {text:?}: {reason}")]
+    Duration {
+        /// As written.
+        text: String,
+        /// What `humantime` said.
+        reason: String,
+    },
+    /// A duration longer than [`MAX_SPAN`].
+    #[error("duration {0:?} is longer than 100 years")]
+    TooLong(String),
+    /// Not a listen address.
+    #[error("{0:?} is not an address such as 127.0.0.1:8080, localhost:8080, :8080 or 8080")]
+    Listen(String),
+}
+
+/// Parses `30s`, `5m`, `1h30m`, `250ms`, `2d`.
+pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| ValueError::Duration { text: text.to_owned(), reason: e.to_string() })
+}
+
+/// A duration of at most [`MAX_SPAN`] (a time to live, a rotation's grace).
+pub fn parse_span(text: &str) -> Result<Duration, ValueError> {
+    let d = parse_duration(text)?;
+    if d > MAX_SPAN {
+        return Err(ValueError::TooLong(text.to_owned()));
+    }
+    Ok(d)
+}
+
 /// The longest duration Portcullis takes anywhere (a limit, a token's time to live, a
 /// rotation's grace): 100 years. Longer is refused, never read as "never" or left to overflow.
 pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -31,12 +81,12 @@ pub enum Role {
 
 impl Role {
     /// A role by name (`user`, `admin` or `metrics`; none is `user`).
-    pub fn parse(name: Option<&str>) -> Result<Role, String> {
+    pub fn parse(name: Option<&str>) -> Result<Role, ValueError> {
         match name {
             None | Some("user") => Ok(Role::User),
             Some("admin") => Ok(Role::Admin),
             Some("metrics") => Ok(Role::Metrics),
-            Some(other) => Err(format!("unknown role {other:?} (user, admin, metrics)")),
+            Some(other) => Err(ValueError::Role(other.to_owned())),
         }
     }
 
@@ -64,8 +114,8 @@ pub struct Rate {
 
 impl Rate {
     /// Parses `100/min`, `10/s`, `5000/h`, `20/10s`.
-    pub fn parse(s: &str) -> Result<Rate, String> {
-        let bad = || format!("invalid rate {s:?}: write it as 100/min, 10/s or 5000/h");
+    pub fn parse(s: &str) -> Result<Rate, ValueError> {
+        let bad = || ValueError::Rate(s.to_owned());
         let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
         let count: u32 = n.trim().parse().map_err(|_| bad())?;
         let per = match per.trim() {
@@ -104,8 +154,8 @@ pub struct Cidr {
 
 impl Cidr {
     /// Parses a CIDR or a bare address.
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let bad = || format!("invalid address range {s:?}: write it as 10.0.0.0/8 or 127.0.0.1");
+    pub fn parse(s: &str) -> Result<Cidr, ValueError> {
+        let bad = || ValueError::Cidr(s.to_owned());
         let (addr, prefix) = match s.trim().split_once('/') {
             Some((a, p)) => (a.parse::<IpAddr>().map_err(|_| bad())?, Some(p.parse::<u8>().map_err(|_| bad())?)),
             None => (s.trim().parse::<IpAddr>().map_err(|_| bad())?, None),
@@ -165,13 +215,13 @@ pub fn is_visible(c: char) -> bool {
 
 /// A token or tenant name that can be printed anywhere as it is: 1 to [`MAX_NAME_CHARS`]
 /// characters, each [`is_visible`].
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), ValueError> {
     let n = name.chars().count();
     if n == 0 || n > MAX_NAME_CHARS {
-        return Err(format!("the name must be 1 to {MAX_NAME_CHARS} characters"));
+        return Err(ValueError::NameLength);
     }
     if let Some(c) = name.chars().find(|c| !is_visible(*c)) {
-        return Err(format!("the name may not contain {c:?} (visible characters only, no spaces)"));
+        return Err(ValueError::NameChar(c));
     }
     Ok(())
 }

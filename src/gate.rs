@@ -37,13 +37,71 @@ pub fn rpc_error(status: StatusCode, id: Option<&str>, code: i64, message: &str)
     json(status, jsonrpc::error_response(id, code, message, None))
 }
 
+/// A request refused at the edge. It renders itself (`IntoResponse`): that rendering is the
+/// HTTP edge's one conversion from a typed refusal to bytes, so handlers use `?` on it.
+#[derive(Debug)]
+pub enum Rejection {
+    /// A JSON-RPC error answer with an HTTP status (the MCP surfaces, `/rpc`).
+    Rpc {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The request's id, raw, when it could be read.
+        id: Option<String>,
+        /// The JSON-RPC error code.
+        code: i64,
+        /// The message.
+        message: String,
+    },
+    /// Refused by authentication or authorization (401, 403, 429, 503 with their headers).
+    Auth(AuthError),
+    /// A management API error: `{"error": …, "message": …}`.
+    Api {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The error's short name (`invalid_request`, `not_found`, …).
+        error: &'static str,
+        /// The message.
+        message: String,
+    },
+}
+
+impl Rejection {
+    /// A JSON-RPC error answer.
+    pub fn rpc(status: StatusCode, id: Option<&str>, code: i64, message: impl Into<String>) -> Rejection {
+        Rejection::Rpc { status, id: id.map(str::to_owned), code, message: message.into() }
+    }
+
+    /// A management API error.
+    pub fn api(status: StatusCode, error: &'static str, message: impl Into<String>) -> Rejection {
+        Rejection::Api { status, error, message: message.into() }
+    }
+}
+
+impl From<AuthError> for Rejection {
+    fn from(e: AuthError) -> Self {
+        Rejection::Auth(e)
+    }
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        match self {
+            Rejection::Rpc { status, id, code, message } => rpc_error(status, id.as_deref(), code, &message),
+            Rejection::Auth(e) => e.into_response(),
+            Rejection::Api { status, error, message } => {
+                json(status, serde_json::json!({"error": error, "message": message}).to_string())
+            }
+        }
+    }
+}
+
 pub(crate) fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// Checks `Origin` (when present) and `Host` (on loopback, or when `allowed_hosts` is set).
 /// Returns the 403 response to send when the request must be refused.
-pub fn check_origin(config: &Config, headers: &HeaderMap) -> Option<Response> {
+pub fn check_origin(config: &Config, headers: &HeaderMap) -> Option<Rejection> {
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("").trim_end_matches('/').to_ascii_lowercase();
         let allowed = if config.allowed_origins.is_empty() {
@@ -52,7 +110,7 @@ pub fn check_origin(config: &Config, headers: &HeaderMap) -> Option<Response> {
             config.allowed_origins.iter().any(|o| *o == origin || o == "*")
         };
         if !allowed {
-            return Some(rpc_error(
+            return Some(Rejection::rpc(
                 StatusCode::FORBIDDEN,
                 None,
                 code::INVALID_REQUEST,
@@ -69,7 +127,7 @@ pub fn check_origin(config: &Config, headers: &HeaderMap) -> Option<Response> {
         true
     };
     if !ok {
-        return Some(rpc_error(StatusCode::FORBIDDEN, None, code::INVALID_REQUEST, "Forbidden: host not allowed"));
+        return Some(Rejection::rpc(StatusCode::FORBIDDEN, None, code::INVALID_REQUEST, "Forbidden: host not allowed"));
     }
     None
 }
@@ -149,19 +207,19 @@ pub async fn collect_body(body: Body, limit: usize, within: Duration) -> Result<
 }
 
 /// [`collect_body`] for the MCP endpoints: `Err` is the 413/408/400 JSON-RPC answer.
-pub async fn read_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, Response> {
+pub async fn read_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, Rejection> {
     collect_body(body, limit, within).await.map_err(|e| {
         let code = if matches!(e, BodyError::Unreadable) { code::PARSE_ERROR } else { code::INVALID_REQUEST };
-        rpc_error(e.status(), None, code, &e.to_string())
+        Rejection::rpc(e.status(), None, code, e.to_string())
     })
 }
 
 /// Reads a body that must hold one JSON-RPC message (legacy SSE POSTs, `/rpc`): an array is 400
 /// with -32600.
-pub async fn read_single(body: Body, limit: usize, within: Duration) -> Result<Bytes, Response> {
+pub async fn read_single(body: Body, limit: usize, within: Duration) -> Result<Bytes, Rejection> {
     let body = read_body(body, limit, within).await?;
     if jsonrpc::is_array(&body) {
-        return Err(rpc_error(
+        return Err(Rejection::rpc(
             StatusCode::BAD_REQUEST,
             None,
             code::INVALID_REQUEST,
@@ -190,9 +248,9 @@ impl Who {
 
     /// Parses one JSON-RPC message (400 with its JSON-RPC error when it is not one) and notes
     /// its method and id for the audit record.
-    pub fn parse<'a>(&self, body: &'a [u8]) -> Result<Envelope<'a>, Response> {
-        let env =
-            Envelope::parse(body).map_err(|e| rpc_error(StatusCode::BAD_REQUEST, e.id(), e.code(), &e.to_string()))?;
+    pub fn parse<'a>(&self, body: &'a [u8]) -> Result<Envelope<'a>, Rejection> {
+        let env = Envelope::parse(body)
+            .map_err(|e| Rejection::rpc(StatusCode::BAD_REQUEST, e.id(), e.code(), e.to_string()))?;
         let mut n = lock(&self.note);
         n.method = env.method().to_owned();
         n.request_id = env.id.map(|i| i.get().to_owned());
@@ -236,7 +294,7 @@ pub fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: St
 /// Runs one request behind the gate: the Origin check, authentication, the endpoint's server
 /// grant and the rate limits, then `f`, then one audit record. Every client-facing endpoint
 /// goes through here.
-pub async fn guarded<F, Fut>(
+pub async fn guarded<F, Fut, R>(
     gw: &Arc<Gateway>,
     scope: &Scope,
     method: &str,
@@ -246,7 +304,8 @@ pub async fn guarded<F, Fut>(
 ) -> Response
 where
     F: FnOnce(Who) -> Fut,
-    Fut: std::future::Future<Output = Response>,
+    Fut: std::future::Future<Output = R>,
+    R: IntoResponse,
 {
     let started = Instant::now();
     let time = crate::audit::now_rfc3339();
@@ -255,8 +314,8 @@ where
     let client = snap.auth.client_addr(peer, headers);
     let note = Arc::new(Mutex::new(Note { method: method.to_owned(), ..Note::default() }));
     let resp = match admit(&snap.config, &snap.auth, scope, headers, client, &note) {
-        Ok(who) => f(who).await,
-        Err(r) => r,
+        Ok(who) => f(who).await.into_response(),
+        Err(r) => r.into_response(),
     };
     let n = lock(&note);
     if !n.batch && !n.deferred {
@@ -273,14 +332,14 @@ fn admit(
     headers: &HeaderMap,
     client: IpAddr,
     note: &Arc<Mutex<Note>>,
-) -> Result<Who, Response> {
+) -> Result<Who, Rejection> {
     if let Some(r) = check_origin(config, headers) {
         lock(note).refused = Some("refused: origin not allowed".into());
         return Err(r);
     }
     let refuse = |e: AuthError| {
         lock(note).refused = Some(e.outcome().into());
-        e.into_response()
+        Rejection::Auth(e)
     };
     let identity = auth.authenticate(headers, client).map_err(refuse)?;
     lock(note).identity = Some(identity.clone());
@@ -295,11 +354,11 @@ fn admit(
     if let Scope::One(name) = scope {
         lock(note).server = Some(name.clone());
         if config.server(name).is_none_or(|d| !d.enabled) {
-            return Err(rpc_error(
+            return Err(Rejection::rpc(
                 StatusCode::NOT_FOUND,
                 None,
                 code::INVALID_REQUEST,
-                &format!("No such server: {name}"),
+                format!("No such server: {name}"),
             ));
         }
         if !identity.grants.reaches(name) {

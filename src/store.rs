@@ -244,7 +244,7 @@ impl TokenRequest {
     pub fn validate(&self, config: &crate::config::Config) -> Result<NewToken, StoreError> {
         let mut errors = Vec::new();
         if let Err(e) = crate::credentials::check_name(&self.name) {
-            errors.push(e);
+            errors.push(e.to_string());
         }
         if let Some(t) = &self.tenant
             && let Err(e) = crate::credentials::check_name(t)
@@ -265,7 +265,7 @@ impl TokenRequest {
             }
         }
         let role = Role::parse(self.role.as_deref()).unwrap_or_else(|e| {
-            errors.push(e);
+            errors.push(e.to_string());
             Role::User
         });
         let ttl = match self.ttl.as_deref().map(str::trim) {
@@ -288,7 +288,7 @@ impl TokenRequest {
             Some(r) => match Rate::parse(r) {
                 Ok(r) => Some(r),
                 Err(e) => {
-                    errors.push(e);
+                    errors.push(e.to_string());
                     None
                 }
             },
@@ -312,15 +312,7 @@ impl TokenRequest {
     }
 }
 
-/// Parses a time to live or a grace (`30d`, `12h`, `0s`), refusing what is longer than
-/// [`crate::credentials::MAX_SPAN`].
-pub fn parse_span(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text.trim()).map_err(|e| format!("malformed duration {text:?}: {e}"))?;
-    if d > crate::credentials::MAX_SPAN {
-        return Err(format!("duration {text:?} is longer than 100 years"));
-    }
-    Ok(d)
-}
+pub use crate::credentials::parse_span;
 
 /// A stored string made safe to print: control, formatting and other invisible characters as
 /// `\u{…}` escapes (a name stored before names were checked may hold them).

@@ -40,36 +40,67 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Why the listener's TLS configuration cannot be built: the operator's files are at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file that cannot be read or parsed.
+    #[error("tls.{field} {}: {source}", path.display())]
+    Pem {
+        /// `cert`, `key` or `client_ca`.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What rustls' PEM reader said.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// A certificate file with no certificate in it.
+    #[error("tls.cert {}: no certificate in the file", .0.display())]
+    NoCertificate(PathBuf),
+    /// A client CA certificate or verifier that rustls refuses.
+    #[error("tls.client_ca {}: {reason}", path.display())]
+    ClientCa {
+        /// The file.
+        path: PathBuf,
+        /// What rustls said.
+        reason: String,
+    },
+    /// The certificate and key do not make a configuration (mismatched, unsupported).
+    #[error("tls: {0}")]
+    Config(#[from] rustls::Error),
+}
+
 /// Builds a rustls server configuration from the files.
-pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&s.cert)
-        .map_err(|e| format!("tls.cert {}: {e}", s.cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("tls.cert {}: {e}", s.cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("tls.cert {}: no certificate in the file", s.cert.display()));
+pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
+    fn pem<'a>(field: &'static str, path: &'a Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError + 'a {
+        move |source| TlsError::Pem { field, path: path.to_owned(), source }
     }
-    let key = PrivateKeyDer::from_pem_file(&s.key).map_err(|e| format!("tls.key {}: {e}", s.key.display()))?;
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&s.cert)
+        .map_err(pem("cert", &s.cert))?
+        .collect::<Result<_, _>>()
+        .map_err(pem("cert", &s.cert))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(s.cert.clone()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&s.key).map_err(pem("key", &s.key))?;
+    let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = match &s.client_ca {
         Some(ca) => {
+            let refused = |e: &dyn std::fmt::Display| TlsError::ClientCa { path: ca.clone(), reason: e.to_string() };
             let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))? {
-                let c = c.map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))?;
-                roots.add(c).map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))?;
+            for c in CertificateDer::pem_file_iter(ca).map_err(pem("client_ca", ca))? {
+                let c = c.map_err(pem("client_ca", ca))?;
+                roots.add(c).map_err(|e| refused(&e))?;
             }
             // Client certificates are optional: a request without one authenticates otherwise.
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .allow_unauthenticated()
                 .build()
-                .map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))?;
+                .map_err(|e| refused(&e))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| format!("tls: {e}"))?;
+    let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -88,7 +119,7 @@ fn stamp(p: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
 
 impl Tls {
     /// Loads the files (an error names the file).
-    pub fn load(settings: TlsSettings) -> Result<Arc<Tls>, String> {
+    pub fn load(settings: TlsSettings) -> Result<Arc<Tls>, TlsError> {
         let config = server_config(&settings)?;
         Ok(Arc::new(Tls { current: ArcSwap::new(config), settings }))
     }

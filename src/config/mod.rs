@@ -375,7 +375,7 @@ pub enum DurationValue {
 
 impl DurationValue {
     /// The duration, or why the text is not one.
-    pub fn duration(&self) -> Result<Duration, String> {
+    pub fn duration(&self) -> Result<Duration, crate::credentials::ValueError> {
         match self {
             DurationValue::Millis(ms) => Ok(Duration::from_millis(*ms)),
             DurationValue::Text(t) => parse_duration(t),
@@ -422,9 +422,9 @@ pub use crate::credentials::MAX_SPAN;
 
 /// Reads a listen address as people write it: `127.0.0.1:8080`, `[::1]:8080`,
 /// `localhost:8080` (loopback), `:8080` (every interface) or a port alone, `8080` (loopback).
-pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+pub fn parse_listen(text: &str) -> Result<SocketAddr, crate::credentials::ValueError> {
     let t = text.trim();
-    let bad = || format!("{t:?} is not an address such as 127.0.0.1:8080, localhost:8080, :8080 or 8080");
+    let bad = || crate::credentials::ValueError::Listen(t.to_owned());
     if let Ok(a) = t.parse::<SocketAddr>() {
         return Ok(a);
     }
@@ -440,10 +440,7 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     }
 }
 
-/// Parses `30s`, `5m`, `1h30m`, `250ms`, `2d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
-}
+pub use crate::credentials::parse_duration;
 
 /// How a server is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -791,12 +788,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(ConfigError { file: None, path: path.into(), line: None, message: message.into() });
+    fn error(&mut self, path: impl Into<String>, message: impl fmt::Display) {
+        self.errors.push(ConfigError { file: None, path: path.into(), line: None, message: message.to_string() });
     }
 
-    fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.warnings.push(ConfigError { file: None, path: path.into(), line: None, message: message.into() });
+    fn warn(&mut self, path: impl Into<String>, message: impl fmt::Display) {
+        self.warnings.push(ConfigError { file: None, path: path.into(), line: None, message: message.to_string() });
     }
 
     fn subst(&mut self, path: &str, value: &S) -> String {

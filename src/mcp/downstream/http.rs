@@ -22,7 +22,9 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::gate::{Who, audit, guarded, header_str, json, no_randomness, read_body, rpc_error, session_limit};
+use crate::gate::{
+    Rejection, Who, audit, guarded, header_str, json, no_randomness, read_body, rpc_error, session_limit,
+};
 use crate::mcp::gateway::{self, Ctx, Gateway, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Request};
 use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
 use crate::mcp::session::{Caller, Scope, Session, Transport};
@@ -67,17 +69,15 @@ pub async fn handle(
         let modern_header = version_header.as_deref().is_some_and(is_modern_version);
         match method {
             Method::POST => post(gw.clone(), &config, scope, headers, body, version_header, &who).await,
-            Method::GET if modern_header => method_not_allowed(),
+            Method::GET if modern_header => Ok(method_not_allowed()),
             Method::GET => get_stream(gw.clone(), scope, headers, &who).await,
-            Method::DELETE if modern_header => method_not_allowed(),
-            Method::DELETE => match session_of(&gw, &scope, headers, &who) {
-                Ok(s) => {
-                    gw.end_session_as(&s.id, gateway::EndCause::Deleted).await;
-                    StatusCode::NO_CONTENT.into_response()
-                }
-                Err(r) => r,
-            },
-            _ => method_not_allowed(),
+            Method::DELETE if modern_header => Ok(method_not_allowed()),
+            Method::DELETE => {
+                let s = session_of(&gw, &scope, headers, &who)?;
+                gw.end_session_as(&s.id, gateway::EndCause::Deleted).await;
+                Ok(StatusCode::NO_CONTENT.into_response())
+            }
+            _ => Ok(method_not_allowed()),
         }
     })
     .await
@@ -91,9 +91,9 @@ fn method_not_allowed() -> Response {
 
 /// The session a request names. A session of another identity is answered exactly like an
 /// unknown one (404): an id alone never authenticates.
-fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who) -> Result<Arc<Session>, Response> {
+fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who) -> Result<Arc<Session>, Rejection> {
     let Some(id) = header_str(headers, "mcp-session-id") else {
-        return Err(rpc_error(
+        return Err(Rejection::rpc(
             StatusCode::BAD_REQUEST,
             None,
             code::INVALID_REQUEST,
@@ -108,26 +108,23 @@ fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who) -> Re
         {
             Ok(s)
         }
-        _ => Err(rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found")),
+        _ => Err(Rejection::rpc(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found")),
     }
 }
 
-async fn get_stream(gw: Arc<Gateway>, scope: Scope, headers: &HeaderMap, who: &Who) -> Response {
+async fn get_stream(gw: Arc<Gateway>, scope: Scope, headers: &HeaderMap, who: &Who) -> Result<Response, Rejection> {
     if !accepts(headers, "text/event-stream") {
-        return rpc_error(
+        return Err(Rejection::rpc(
             StatusCode::NOT_ACCEPTABLE,
             None,
             code::INVALID_REQUEST,
             "Not Acceptable: use Accept: text/event-stream",
-        );
+        ));
     }
-    let session = match session_of(&gw, &scope, headers, who) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    let session = session_of(&gw, &scope, headers, who)?;
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     session.attach_stream(tx);
-    sse_response(stream_with_keepalive(rx, session.closed.clone()), None)
+    Ok(sse_response(stream_with_keepalive(rx, session.closed.clone()), None))
 }
 
 /// An SSE body from a channel, with keep-alive comments, ending when `closed` fires. The
@@ -212,62 +209,53 @@ async fn post(
     body: Body,
     version_header: Option<String>,
     who: &Who,
-) -> Response {
+) -> Result<Response, Rejection> {
     if let Some(ct) = header_str(headers, "content-type")
         && !ct.to_ascii_lowercase().starts_with("application/json")
     {
-        return rpc_error(
+        return Err(Rejection::rpc(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             None,
             code::INVALID_REQUEST,
             "Unsupported Media Type: use application/json",
-        );
+        ));
     }
     if !accepts(headers, "application/json") && !accepts(headers, "text/event-stream") {
-        return rpc_error(
+        return Err(Rejection::rpc(
             StatusCode::NOT_ACCEPTABLE,
             None,
             code::INVALID_REQUEST,
             "Not Acceptable: accept application/json or text/event-stream",
-        );
+        ));
     }
-    let body = match read_body(body, config.max_body_bytes, config.limits.body_read_timeout).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    let body = read_body(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
     if jsonrpc::is_array(&body) {
         return batch(gw, scope, headers, body, version_header, who).await;
     }
-    let env = match who.parse(&body) {
-        Ok(e) => e,
-        Err(r) => return r,
-    };
+    let env = who.parse(&body)?;
     let modern_header = version_header.as_deref().is_some_and(is_modern_version);
     let parsed = ModernParams::of(&env, modern_header);
     if modern_header || (parsed.version.is_some() && !headers.contains_key("mcp-session-id")) {
-        return modern_post(gw, scope, headers, &env, parsed, version_header, who).await;
+        return Ok(modern_post(gw, scope, headers, &env, parsed, version_header, who).await);
     }
     if let Some(v) = &version_header
         && !HANDSHAKE_VERSIONS.contains(&v.as_str())
     {
-        return rpc_error(
+        return Err(Rejection::rpc(
             StatusCode::BAD_REQUEST,
             env.id.map(RawValue::get),
             code::INVALID_REQUEST,
-            &format!("Bad Request: unsupported MCP-Protocol-Version {v:?}"),
-        );
+            format!("Bad Request: unsupported MCP-Protocol-Version {v:?}"),
+        ));
     }
     if env.kind == Kind::Request && env.method() == "initialize" {
-        return initialize(gw, scope, &env, who).await;
+        return Ok(initialize(gw, scope, &env, who).await);
     }
-    let session = match session_of(&gw, &scope, headers, who) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    let session = session_of(&gw, &scope, headers, who)?;
     let caller =
         Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
     let ctx = who.ctx(scope, caller, session.protocol_version.clone());
-    match env.kind {
+    Ok(match env.kind {
         Kind::Notification => {
             gw.notification(&ctx, &env);
             StatusCode::ACCEPTED.into_response()
@@ -277,7 +265,7 @@ async fn post(
             StatusCode::ACCEPTED.into_response()
         }
         Kind::Request => answer(gw, ctx, Owned::from(&env), accepts(headers, "text/event-stream"), false).await,
-    }
+    })
 }
 
 /// A request's `params` and `params._meta` as objects, parsed once for the era check and the
@@ -589,10 +577,10 @@ async fn batch(
     body: Bytes,
     version_header: Option<String>,
     who: &Who,
-) -> Response {
+) -> Result<Response, Rejection> {
     lock(&who.note).method = "batch".into();
     let invalid = || {
-        rpc_error(
+        Rejection::rpc(
             StatusCode::BAD_REQUEST,
             None,
             code::INVALID_REQUEST,
@@ -600,20 +588,18 @@ async fn batch(
         )
     };
     if version_header.as_deref().is_some_and(is_modern_version) {
-        return invalid();
+        return Err(invalid());
     }
     let session = match session_of(&gw, &scope, headers, who) {
         Ok(s) if s.protocol_version == "2025-03-26" => s,
-        Ok(_) => return invalid(),
-        Err(_) if !headers.contains_key("mcp-session-id") => return invalid(),
-        Err(r) => return r,
+        Ok(_) => return Err(invalid()),
+        Err(_) if !headers.contains_key("mcp-session-id") => return Err(invalid()),
+        Err(r) => return Err(r),
     };
-    let items: Vec<&RawValue> = match serde_json::from_slice(&body) {
-        Ok(i) => i,
-        Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, code::PARSE_ERROR, &format!("Parse error: {e}")),
-    };
+    let items: Vec<&RawValue> = serde_json::from_slice(&body)
+        .map_err(|e| Rejection::rpc(StatusCode::BAD_REQUEST, None, code::PARSE_ERROR, format!("Parse error: {e}")))?;
     if items.is_empty() {
-        return rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, "Bad Request: empty batch");
+        return Err(Rejection::rpc(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, "Bad Request: empty batch"));
     }
     // Each element is authorized, answered and audited on its own.
     lock(&who.note).batch = true;
@@ -659,7 +645,7 @@ async fn batch(
     });
     let answers: Vec<String> = futures_util::future::join_all(futs).await.into_iter().flatten().collect();
     if answers.is_empty() {
-        return StatusCode::ACCEPTED.into_response();
+        return Ok(StatusCode::ACCEPTED.into_response());
     }
-    json(StatusCode::OK, format!("[{}]", answers.join(",")))
+    Ok(json(StatusCode::OK, format!("[{}]", answers.join(","))))
 }

@@ -20,7 +20,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::http::{EndSession, sse_response, stream_with_keepalive};
-use crate::gate::{audit, guarded, no_randomness, read_single, rpc_error, session_limit};
+use crate::gate::{Rejection, audit, guarded, no_randomness, read_single, session_limit};
 use crate::mcp::gateway::{self, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, RawObject, code};
 use crate::mcp::session::{Caller, Scope, Session, Transport};
@@ -67,17 +67,11 @@ pub async fn message(
             .and_then(|id| gw.session(&id))
             .filter(|s| s.transport == Transport::Sse && s.identity.same_principal(&who.identity));
         let Some(session) = session else {
-            return rpc_error(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found");
+            return Err(Rejection::rpc(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found"));
         };
         let config = gw.config();
-        let body = match read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        let env = match who.parse(&body) {
-            Ok(e) => e,
-            Err(r) => return r,
-        };
+        let body = read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
+        let env = who.parse(&body)?;
         let caller = Caller { session: Some(session.clone()), ..Caller::default() };
         let ctx = who.ctx(session.scope.clone(), caller, session.protocol_version.clone());
         match env.kind {
@@ -118,7 +112,7 @@ pub async fn message(
                 });
             }
         }
-        StatusCode::ACCEPTED.into_response()
+        Ok(StatusCode::ACCEPTED.into_response())
     })
     .await
 }

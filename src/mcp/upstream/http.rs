@@ -22,9 +22,9 @@ use reqwest::{StatusCode, Url};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Connected, Link, MODERN_VERSION, ServerInfo, Upstream};
+use super::{Connected, Link, MODERN_VERSION, ServerInfo, TransportError, Upstream, UpstreamError};
 use crate::config::{HttpMode, Transport};
-use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, code};
+use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject};
 use crate::mcp::sse;
 use crate::sharded::lock;
 
@@ -128,11 +128,11 @@ fn static_headers(headers: &[(String, String)]) -> HeaderMap {
     map
 }
 
-pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Connected, String> {
+pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Connected, TransportError> {
     let Transport::Http { url, mode, headers } = &up.def.transport else {
-        return Err("not an HTTP server".into());
+        return Err(TransportError::BadUrl("not an HTTP server".into()));
     };
-    let url = Url::parse(url).map_err(|e| format!("bad url: {e}"))?;
+    let url = Url::parse(url).map_err(|e| TransportError::BadUrl(e.to_string()))?;
     let headers = static_headers(headers);
     let closed = CancellationToken::new();
     let plain = match url.scheme() {
@@ -179,7 +179,7 @@ enum Probe {
     Modern(ServerInfo),
     Legacy,
     NoPost,
-    Unreachable(String),
+    Unreachable(TransportError),
 }
 
 fn client_meta() -> String {
@@ -217,7 +217,7 @@ async fn probe_modern(client: &reqwest::Client, url: &Url, headers: &HeaderMap, 
         .await;
     let resp = match resp {
         Ok(r) => r,
-        Err(e) => return Probe::Unreachable(format!("cannot reach {}: {}", shown(url), error_chain(e))),
+        Err(e) => return Probe::Unreachable(TransportError::Unreachable { url: shown(url), reason: error_chain(e) }),
     };
     let status = resp.status();
     if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
@@ -227,7 +227,7 @@ async fn probe_modern(client: &reqwest::Client, url: &Url, headers: &HeaderMap, 
         return Probe::Legacy;
     }
     let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
-    let body = match read_limited(hyper::Response::from(resp)).await {
+    let body = match read_limited(hyper::Response::from(resp).map(ResponseBody::Full)).await {
         Ok(b) => b,
         Err(_) => return Probe::Legacy,
     };
@@ -279,7 +279,7 @@ async fn connect_sse(
     url: &Url,
     headers: &HeaderMap,
     up: &Arc<Upstream>,
-) -> Result<Arc<HttpLink>, String> {
+) -> Result<Arc<HttpLink>, TransportError> {
     let resp = up
         .http
         .full
@@ -288,9 +288,9 @@ async fn connect_sse(
         .header(ACCEPT, "text/event-stream")
         .send()
         .await
-        .map_err(|e| format!("cannot reach {}: {}", shown(url), error_chain(e)))?;
+        .map_err(|e| TransportError::Unreachable { url: shown(url), reason: error_chain(e) })?;
     if !resp.status().is_success() {
-        return Err(format!("GET {} answered {}", shown(url), resp.status()));
+        return Err(TransportError::Status { method: "GET", url: shown(url), status: resp.status().as_u16() });
     }
     let mut stream = resp.bytes_stream();
     let mut parser = sse::Parser::new(MAX_UPSTREAM_MESSAGE);
@@ -299,9 +299,9 @@ async fn connect_sse(
     let post_url = loop {
         let chunk = tokio::time::timeout(idle.min(Duration::from_secs(30)), stream.next())
             .await
-            .map_err(|_| "no endpoint event from the SSE server".to_owned())?;
-        let Some(Ok(chunk)) = chunk else { return Err("the SSE stream ended before its endpoint event".into()) };
-        let events = parser.feed(&chunk).map_err(|e| e.to_string())?;
+            .map_err(|_| TransportError::NoEndpointEvent)?;
+        let Some(Ok(chunk)) = chunk else { return Err(TransportError::EndpointStreamEnded) };
+        let events = parser.feed(&chunk).map_err(|_| TransportError::TooLarge(MAX_UPSTREAM_MESSAGE))?;
         let mut found = None;
         for ev in events {
             if ev.event == "endpoint" && found.is_none() {
@@ -311,12 +311,9 @@ async fn connect_sse(
             }
         }
         if let Some(endpoint) = found {
-            let post = url.join(endpoint.trim()).map_err(|e| format!("bad endpoint event: {e}"))?;
+            let post = url.join(endpoint.trim()).map_err(|e| TransportError::BadEndpoint(e.to_string()))?;
             if post.origin() != url.origin() {
-                return Err(format!(
-                    "the SSE server named an endpoint on another origin ({}); refused",
-                    post.origin().ascii_serialization()
-                ));
+                return Err(TransportError::ForeignEndpoint(post.origin().ascii_serialization()));
             }
             break post;
         }
@@ -392,9 +389,9 @@ impl HttpLink {
         msg: Bytes,
         id: Option<u64>,
         forward: Option<ForwardHeaders>,
-    ) -> Result<(), String> {
+    ) -> Result<(), TransportError> {
         if self.closed.is_cancelled() {
-            return Err("the connection is closed".into());
+            return Err(TransportError::ConnectionClosed);
         }
         let this = self.clone();
         let run = async move {
@@ -418,24 +415,19 @@ impl HttpLink {
         Ok(())
     }
 
-    /// Answers a call with an error naming this server.
-    fn fail(&self, id: Option<u64>, message: &str) {
+    /// Ends a call with a transport failure naming this server.
+    fn fail(&self, id: Option<u64>, source: TransportError) {
         let (Some(id), Some(up)) = (id, self.up.upgrade()) else { return };
-        let message = format!("server {}: {message}", self.name);
-        up.on_message(
-            Bytes::from(jsonrpc::error_response(Some(&id.to_string()), code::UPSTREAM_ERROR, &message, None)),
-            None,
-        );
+        up.fail_call(id, UpstreamError::Transport { server: self.name.clone(), source });
     }
 
     /// The headers and body of the POST carrying `msg`: the configured headers, then ours.
-    fn request(&self, msg: Bytes, forward: Option<ForwardHeaders>) -> Result<(HeaderMap, Bytes), String> {
+    fn request(&self, msg: Bytes, forward: Option<ForwardHeaders>) -> Result<(HeaderMap, Bytes), TransportError> {
         let mut headers = self.headers.clone();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
         // Names the header, never its value (a mirrored argument may be sensitive).
-        let value =
-            |k: &str, v: &str| HeaderValue::from_str(v).map_err(|_| format!("{k} cannot be sent: not a header value"));
+        let value = |k: &str, v: &str| HeaderValue::from_str(v).map_err(|_| TransportError::HeaderValue(k.to_owned()));
         match self.mode {
             Mode::Modern => {
                 let (msg, method, name) = modernize(&msg)?;
@@ -474,10 +466,10 @@ impl HttpLink {
                 *req.method_mut() = hyper::Method::POST;
                 *req.uri_mut() = uri.clone();
                 *req.headers_mut() = headers;
-                let resp = client.request(req).await.map_err(|e| PostError {
-                    unreachable: e.is_connect(),
-                    message: format!("request failed: {}", chain(&e)),
-                })?;
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| PostError { unreachable: e.is_connect(), message: chain(&e) })?;
                 Ok(resp.map(ResponseBody::Plain))
             }
             _ => {
@@ -486,10 +478,7 @@ impl HttpLink {
                     _ => self.url.clone(),
                 };
                 let resp = self.client.post(url).headers(headers).body(body).send().await;
-                let resp = resp.map_err(|e| PostError {
-                    unreachable: e.is_connect(),
-                    message: format!("request failed: {}", error_chain(e)),
-                })?;
+                let resp = resp.map_err(|e| PostError { unreachable: e.is_connect(), message: error_chain(e) })?;
                 Ok(hyper::Response::from(resp).map(ResponseBody::Full))
             }
         }
@@ -498,7 +487,7 @@ impl HttpLink {
     async fn post(self: &Arc<Self>, msg: Bytes, id: Option<u64>, forward: Option<ForwardHeaders>) {
         let (headers, body) = match self.request(msg, forward) {
             Ok(r) => r,
-            Err(e) => return self.fail(id, &e),
+            Err(e) => return self.fail(id, e),
         };
         let resp = match self.send_post(headers, body).await {
             Ok(r) => r,
@@ -507,9 +496,9 @@ impl HttpLink {
                 // probes until it is back.
                 tracing::warn!(server = %self.name, "upstream unreachable: {}", e.message);
                 self.closed.cancel();
-                return self.fail(id, &format!("unreachable: {}", e.message));
+                return self.fail(id, TransportError::Unreachable { url: shown(&self.url), reason: e.message });
             }
-            Err(e) => return self.fail(id, &e.message),
+            Err(e) => return self.fail(id, TransportError::Request(e.message)),
         };
         let status = resp.status();
         // Streamable HTTP: keep the session id the server gave; note whether there is one.
@@ -540,7 +529,7 @@ impl HttpLink {
                 return self.session_refused(id, status);
             }
             let snippet = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-            return self.fail(id, &format!("HTTP {status}: {snippet}"));
+            return self.fail(id, TransportError::Refused { status: status.as_u16(), snippet });
         }
         if matches!(self.mode, Mode::Sse { .. }) {
             return; // answers arrive on the stream
@@ -555,17 +544,20 @@ impl HttpLink {
         }
         match read_limited(resp).await {
             Ok(body) => self.deliver_json(body, id),
-            Err(e) => self.fail(id, &e),
+            Err(e) => self.fail(id, e),
         }
     }
 
     /// A request that carried a session id was refused for it: the server never acted on it.
     /// This connection ends first (so the retry waits for the new one), then the call is
-    /// answered with [`super::SESSION_EXPIRED`], which sends it again, once, on the new session.
+    /// failed with [`UpstreamError::SessionExpired`], which sends it again, once, on the new
+    /// session.
     fn session_refused(&self, id: Option<u64>, status: StatusCode) {
         tracing::info!(server = %self.name, "upstream session refused ({status}); re-initializing");
         self.closed.cancel();
-        self.fail(id, super::SESSION_EXPIRED);
+        if let (Some(id), Some(up)) = (id, self.up.upgrade()) {
+            up.fail_call(id, UpstreamError::SessionExpired { server: self.name.clone() });
+        }
     }
 
     fn deliver_json(&self, body: Bytes, id: Option<u64>) {
@@ -577,10 +569,10 @@ impl HttpLink {
                         up.on_message(body.slice(jsonrpc::span_of(&body, item)), id);
                     }
                 }
-                Err(e) => self.fail(id, &format!("bad JSON from upstream: {e}")),
+                Err(e) => self.fail(id, TransportError::BadJson(e.to_string())),
             }
         } else if body.is_empty() {
-            self.fail(id, "empty response from upstream");
+            self.fail(id, TransportError::BadJson("an empty response".into()));
         } else {
             up.on_message(body, id);
         }
@@ -606,8 +598,8 @@ impl HttpLink {
             };
             let events = match parser.feed(&chunk) {
                 Ok(e) => e,
-                Err(e) => {
-                    self.fail(id, &e.to_string());
+                Err(_) => {
+                    self.fail(id, TransportError::TooLarge(MAX_UPSTREAM_MESSAGE));
                     return None;
                 }
             };
@@ -636,7 +628,7 @@ impl HttpLink {
         match last_id {
             Some(l) if !matches!(self.mode, Mode::Modern) => Some((l, retry)),
             _ => {
-                self.fail(Some(id), "the upstream closed the response stream without answering");
+                self.fail(Some(id), TransportError::StreamEnded);
                 None
             }
         }
@@ -661,10 +653,10 @@ impl HttpLink {
             let resp = match req.send().await {
                 Ok(r) if r.status().is_success() => r,
                 Ok(r) => {
-                    return self.fail(Some(id), &format!("resuming the response stream failed: HTTP {}", r.status()));
+                    return self.fail(Some(id), TransportError::Resume(format!("HTTP {}", r.status())));
                 }
                 Err(e) => {
-                    return self.fail(Some(id), &format!("resuming the response stream failed: {}", error_chain(e)));
+                    return self.fail(Some(id), TransportError::Resume(error_chain(e)));
                 }
             };
             match self.pump(resp.bytes_stream(), sse::Parser::new(MAX_UPSTREAM_MESSAGE), Some(id)).await {
@@ -675,7 +667,7 @@ impl HttpLink {
                 None => return,
             }
         }
-        self.fail(Some(id), "the upstream response stream kept closing without an answer");
+        self.fail(Some(id), TransportError::StreamKeptClosing);
     }
 
     /// Opens the standalone GET stream of a session-based server, for its own requests and
@@ -746,15 +738,16 @@ impl HttpLink {
 /// Headers a client sent that go upstream as they are (`Mcp-Param-*`).
 pub type ForwardHeaders = Arc<[(String, String)]>;
 
-fn modernize(msg: &[u8]) -> Result<(Bytes, String, Option<String>), String> {
-    let env = Envelope::parse(msg).map_err(|e| e.to_string())?;
+fn modernize(msg: &[u8]) -> Result<(Bytes, String, Option<String>), TransportError> {
+    let env = Envelope::parse(msg).map_err(|e| TransportError::Unsendable(e.to_string()))?;
     let method = env.method().to_owned();
     if env.kind != Kind::Request && env.kind != Kind::Notification {
         return Ok((Bytes::copy_from_slice(msg), method, None));
     }
     let (params, name) = match env.params {
         Some(p) => {
-            let obj = RawObject::parse(p).map_err(|e| format!("params must be an object: {e}"))?;
+            let obj = RawObject::parse(p)
+                .map_err(|e| TransportError::Unsendable(format!("params must be an object: {e}")))?;
             let name_key = match method.as_str() {
                 "tools/call" | "prompts/get" => Some("name"),
                 "resources/read" => Some("uri"),
@@ -807,15 +800,17 @@ enum ResponseBody {
 
 impl hyper::body::Body for ResponseBody {
     type Data = Bytes;
-    type Error = String;
+    type Error = TransportError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, String>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, TransportError>>> {
         match self.get_mut() {
-            ResponseBody::Full(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(error_chain),
-            ResponseBody::Plain(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(|e| chain(&e)),
+            ResponseBody::Full(b) => {
+                std::pin::Pin::new(b).poll_frame(cx).map_err(|e| TransportError::Body(error_chain(e)))
+            }
+            ResponseBody::Plain(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(|e| TransportError::Body(chain(&e))),
         }
     }
 
@@ -827,17 +822,16 @@ impl hyper::body::Body for ResponseBody {
     }
 }
 
-async fn read_limited<B>(resp: hyper::Response<B>) -> Result<Bytes, String>
+async fn read_limited<B>(resp: hyper::Response<B>) -> Result<Bytes, TransportError>
 where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
+    B: hyper::body::Body<Data = Bytes, Error = TransportError> + Unpin,
 {
     // Sized once from Content-Length (bounded), so a body in several chunks is copied once.
     let expected =
         hyper::body::Body::size_hint(resp.body()).exact().map_or(0, |n| n.min(MAX_UPSTREAM_MESSAGE as u64) as usize);
     let mut stream = http_body_util::BodyDataStream::new(resp.into_body());
     let mut buf = BytesMut::new();
-    let failed = |e: B::Error| format!("reading the response failed: {e}");
+    let failed = |e: TransportError| e;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(failed)?;
         if buf.is_empty() && chunk.len() <= MAX_UPSTREAM_MESSAGE {
@@ -853,7 +847,7 @@ where
             buf.extend_from_slice(&chunk);
         }
         if buf.len() > MAX_UPSTREAM_MESSAGE {
-            return Err(format!("the upstream response is larger than {MAX_UPSTREAM_MESSAGE} bytes"));
+            return Err(TransportError::TooLarge(MAX_UPSTREAM_MESSAGE));
         }
     }
     Ok(buf.freeze())

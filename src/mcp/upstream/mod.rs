@@ -15,8 +15,9 @@
 //!   dropped by its caller).
 //! - Client credentials never reach this module: it sends only what config names.
 
+mod error;
 pub mod http;
-mod mrtr;
+pub(crate) mod mrtr;
 pub mod stdio;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -34,6 +35,7 @@ use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
 use super::session::{self, Caller, ClientRequestRoute};
 use crate::config::{ServerDef, Transport};
 use crate::sharded::lock;
+pub use error::{Down, TransportError, UpstreamError};
 
 /// The protocol version Portcullis offers upstream in `initialize`.
 pub const UPSTREAM_HANDSHAKE_VERSION: &str = "2025-11-25";
@@ -41,9 +43,6 @@ pub const UPSTREAM_HANDSHAKE_VERSION: &str = "2025-11-25";
 pub const LOG_LEVEL_META: &str = "io.modelcontextprotocol/logLevel";
 /// `_meta` key of a 2026-07-28 request's client capabilities.
 pub const CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
-/// The error a request gets when its session-based HTTP upstream answered 404 (the server
-/// forgot the session): it was not processed, so the call is sent again once reconnected.
-const SESSION_EXPIRED: &str = "the upstream session expired; it is being re-initialized";
 /// The modern (stateless) protocol version.
 pub const MODERN_VERSION: &str = "2026-07-28";
 
@@ -124,51 +123,6 @@ async fn probe_due(target: Option<&(String, u16)>) -> &(String, u16) {
     }
 }
 
-/// Why an upstream call failed. All are the upstream's fault (or its absence), never the
-/// client's: the edge answers them with a JSON-RPC error, not a 4xx.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum UpstreamError {
-    /// Not running (starting, restarting, stopped, or the breaker is open).
-    #[error("server {server} is unavailable: {reason}")]
-    Unavailable {
-        /// The server's name.
-        server: String,
-        /// Why.
-        reason: String,
-    },
-    /// The connection ended while the request was in flight.
-    #[error("server {server} closed the connection while handling the request ({reason})")]
-    Closed {
-        /// The server's name.
-        server: String,
-        /// What happened.
-        reason: String,
-    },
-    /// The deadline passed.
-    #[error("server {server} did not answer within {after:?}")]
-    Timeout {
-        /// The server's name.
-        server: String,
-        /// The deadline.
-        after: Duration,
-    },
-    /// The upstream broke the protocol or the transport failed.
-    #[error("server {server}: {reason}")]
-    Protocol {
-        /// The server's name.
-        server: String,
-        /// What went wrong.
-        reason: String,
-    },
-}
-
-impl UpstreamError {
-    /// The JSON-RPC error object for a downstream response.
-    pub fn to_reply(&self) -> Reply {
-        Reply::error(code::UPSTREAM_ERROR, &self.to_string())
-    }
-}
-
 /// Lifecycle state of an upstream instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -236,7 +190,7 @@ enum Link {
 }
 
 impl Link {
-    fn send(&self, msg: Bytes, id: Option<u64>) -> Result<(), String> {
+    fn send(&self, msg: Bytes, id: Option<u64>) -> Result<(), TransportError> {
         self.send_forwarding(msg, id, None)
     }
 
@@ -245,7 +199,7 @@ impl Link {
         msg: Bytes,
         id: Option<u64>,
         forward: Option<http::ForwardHeaders>,
-    ) -> Result<(), String> {
+    ) -> Result<(), TransportError> {
         match self {
             Link::Stdio(l) => l.send(msg),
             Link::Http(l) => l.send(msg, id, forward),
@@ -283,7 +237,7 @@ pub struct Status {
     /// The live connection when running.
     pub conn: Option<Arc<Connection>>,
     /// The last error, for operators.
-    pub last_error: Option<String>,
+    pub last_error: Option<Down>,
     /// How many times it was restarted.
     pub restarts: u64,
     /// When the current connection came up.
@@ -300,7 +254,8 @@ pub trait Hub: Send + Sync {
 }
 
 struct Pending {
-    reply: oneshot::Sender<Reply>,
+    /// The answer, or why there is none (a transport failure, the session expiring).
+    reply: oneshot::Sender<Result<Reply, UpstreamError>>,
     caller: Caller,
     progress_token: Option<Box<RawValue>>,
 }
@@ -463,14 +418,13 @@ impl Upstream {
                     });
                     conn.link.shutdown().await;
                     if stopping {
-                        self.fail_all("the server was stopped");
+                        self.fail_all(Down::Stopped);
                         self.changed();
                         break;
                     }
-                    let reason = "the connection ended".to_owned();
                     tracing::warn!(server = %self.def.name, "upstream connection ended; restarting");
-                    self.set(|s| s.last_error = Some(reason.clone()));
-                    self.fail_all(&reason);
+                    self.set(|s| s.last_error = Some(Down::ConnectionEnded));
+                    self.fail_all(Down::ConnectionEnded);
                     self.changed();
                     if started.elapsed() >= HEALTHY_AFTER {
                         breaker.reset();
@@ -481,17 +435,17 @@ impl Upstream {
                         tracing::warn!(server = %self.def.name, error = %e, "upstream unreachable; probing until it is back");
                     }
                     unreachable = true;
-                    let reason = format!("unreachable: {e}");
+                    let reason = Down::Unreachable(e);
                     self.set(|s| {
                         s.last_error = Some(reason.clone());
                         s.state = State::Unreachable;
                     });
-                    self.fail_all(&format!("server {} is {reason}", self.def.name));
+                    self.fail_all(reason);
                 }
                 Err(e) => {
                     tracing::warn!(server = %self.def.name, error = %e, "upstream failed to start");
                     self.set(|s| {
-                        s.last_error = Some(e.clone());
+                        s.last_error = Some(Down::Failed(e));
                         if s.state == State::Running {
                             s.state = State::Restarting;
                         }
@@ -502,7 +456,8 @@ impl Upstream {
                 Retry::Open(d) => {
                     tracing::error!(server = %self.def.name, "crash loop: breaker open for {d:?}");
                     self.set(|s| s.state = State::Failed);
-                    self.fail_all("the server is in a crash loop");
+                    let last = self.status.borrow().last_error.clone().map(Box::new);
+                    self.fail_all(Down::CrashLoop { last });
                     d
                 }
                 // A remote server keeps the state its failure set (unreachable, restarting).
@@ -523,7 +478,7 @@ impl Upstream {
             s.state = State::Stopped;
             s.conn = None;
         });
-        self.fail_all("the server was stopped");
+        self.fail_all(Down::Stopped);
     }
 
     /// Whether the connected server speaks 2026-07-28.
@@ -596,7 +551,7 @@ impl Upstream {
         }
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<Connection, String> {
+    async fn connect(self: &Arc<Self>) -> Result<Connection, TransportError> {
         let connected = match &self.def.transport {
             Transport::Stdio { .. } => stdio::spawn(self).await?,
             Transport::Http { .. } => http::connect(self).await?,
@@ -613,28 +568,28 @@ impl Upstream {
         let info = tokio::select! {
             r = tokio::time::timeout(self.def.timeout.min(Duration::from_secs(60)), handshake) => match r {
                 Ok(r) => r,
-                Err(_) => Err("no answer to initialize".to_owned()),
+                Err(_) => Err(TransportError::InitializeTimeout),
             },
-            _ = closed.cancelled() => Err("exited during initialize".to_owned()),
+            _ = closed.cancelled() => Err(TransportError::EndedDuringInitialize),
         };
         match info {
             Ok(info) => Ok(Connection { link, info, closed, pid }),
             Err(e) => {
                 link.shutdown().await;
-                self.fail_all(&e);
+                self.fail_all(Down::Failed(e.clone()));
                 Err(e)
             }
         }
     }
 
-    async fn handshake(self: &Arc<Self>, link: &Link) -> Result<ServerInfo, String> {
+    async fn handshake(self: &Arc<Self>, link: &Link) -> Result<ServerInfo, TransportError> {
         let params = format!(
             r#"{{"protocolVersion":"{UPSTREAM_HANDSHAKE_VERSION}","capabilities":{{"sampling":{{}},"elicitation":{{}},"roots":{{"listChanged":true}}}},"clientInfo":{{"name":"portcullis","version":"{}"}}}}"#,
             env!("CARGO_PKG_VERSION")
         );
         let reply = self.raw_call(link, "initialize", Some(&params), &Caller::default()).await?;
         if reply.is_error {
-            return Err(format!("initialize failed: {}", reply.payload_str()));
+            return Err(TransportError::Initialize(reply.payload_str().to_owned()));
         }
         let info = parse_init(reply.payload_str())?;
         if let Link::Http(h) = link {
@@ -657,12 +612,17 @@ impl Upstream {
         method: &str,
         params: Option<&str>,
         caller: &Caller,
-    ) -> Result<Reply, String> {
+    ) -> Result<Reply, TransportError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, Pending { reply: tx, caller: caller.clone(), progress_token: None });
         link.send(Bytes::from(jsonrpc::request(&id.to_string(), method, params)), Some(id))?;
-        rx.await.map_err(|_| "connection closed".to_owned())
+        match rx.await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(UpstreamError::Transport { source, .. })) => Err(source),
+            Ok(Err(e)) => Err(TransportError::Initialize(e.to_string())),
+            Err(_) => Err(TransportError::ConnectionClosed),
+        }
     }
 
     /// Waits until running (up to `deadline`); fails fast when stopped or the breaker is open.
@@ -683,7 +643,7 @@ impl Upstream {
                 if let Some(c) = s.conn.as_ref().filter(|c| !c.closed.is_cancelled()) {
                     return Ok(c.clone());
                 }
-                let unavailable = |reason: String| UpstreamError::Unavailable { server: self.def.name.clone(), reason };
+                let unavailable = |reason: Down| UpstreamError::Unavailable { server: self.def.name.clone(), reason };
                 match s.state {
                     State::Unreachable => {
                         let probe = Instant::now() + REMOTE_BACKOFF_MAX + Duration::from_millis(500);
@@ -692,19 +652,16 @@ impl Upstream {
                         }
                     }
                     State::Failed => {
-                        return Err(unavailable(format!(
-                            "crash loop, not restarting for a while (last error: {})",
-                            s.last_error.as_deref().unwrap_or("none")
-                        )));
+                        return Err(unavailable(Down::CrashLoop { last: s.last_error.clone().map(Box::new) }));
                     }
-                    State::Stopped => return Err(unavailable("stopped".into())),
+                    State::Stopped => return Err(unavailable(Down::Stopped)),
                     _ => {}
                 }
             }
             match tokio::time::timeout_at(wait_until, rx.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => {
-                    let reason = self.status.borrow().last_error.clone().unwrap_or_else(|| "not ready".into());
+                    let reason = self.status.borrow().last_error.clone().unwrap_or(Down::NotReady);
                     return Err(UpstreamError::Unavailable { server: self.def.name.clone(), reason });
                 }
             }
@@ -734,7 +691,7 @@ impl Upstream {
         let deadline = Instant::now() + self.def.timeout;
         let mut reply = self.call_once(method, params, edits, caller, down_id, deadline).await?;
         let Some(session) = &caller.session else { return Ok(reply) };
-        let protocol = |reason: String| UpstreamError::Protocol { server: self.def.name.clone(), reason };
+        let protocol = |source: mrtr::InputError| UpstreamError::Input { server: self.def.name.clone(), source };
         for _ in 0..mrtr::MAX_ROUNDS {
             // Only a 2026-07-28 server answers `input_required`: other results are not scanned.
             if reply.is_error || !reply.modern {
@@ -761,7 +718,7 @@ impl Upstream {
             }
             reply = self.call_once(method, params, &retry, caller, down_id, deadline).await?;
         }
-        Err(protocol(format!("more than {} rounds of input requests", mrtr::MAX_ROUNDS)))
+        Err(protocol(mrtr::InputError::TooManyRounds))
     }
 
     async fn call_once(
@@ -776,13 +733,12 @@ impl Upstream {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let reply = self.wait_once(method, params, edits, caller, down_id, deadline).await?;
-            // A 404 from a session-based server means it never saw the request: send it again
-            // on the new session (once).
-            if attempts == 1 && reply.is_error && reply.payload_str().contains(SESSION_EXPIRED) {
-                continue;
+            match self.wait_once(method, params, edits, caller, down_id, deadline).await {
+                // The session-based server refused the session (404): it never saw the request,
+                // so it goes again on the new session (once).
+                Err(UpstreamError::SessionExpired { .. }) if attempts == 1 => continue,
+                other => return other,
             }
-            return Ok(reply);
         }
     }
 
@@ -799,14 +755,18 @@ impl Upstream {
         let mut guard = CallGuard { up: self, conn: &conn, id, down_id, caller, armed: true };
         let result = tokio::time::timeout_at(deadline, rx).await;
         match result {
-            Ok(Ok(mut reply)) => {
+            Ok(Ok(Ok(mut reply))) => {
                 guard.armed = false;
                 reply.modern = conn.info.protocol_version == MODERN_VERSION;
                 Ok(reply)
             }
+            Ok(Ok(Err(e))) => {
+                guard.armed = false;
+                Err(e)
+            }
             Ok(Err(_)) => {
                 guard.armed = false;
-                Err(UpstreamError::Closed { server: self.def.name.clone(), reason: "no answer".into() })
+                Err(UpstreamError::Closed { server: self.def.name.clone(), reason: Down::NoAnswer })
             }
             Err(_) => {
                 guard.cancel_upstream("timed out");
@@ -825,7 +785,7 @@ impl Upstream {
         caller: &Caller,
         down_id: Option<&str>,
         deadline: Instant,
-    ) -> Result<(Arc<Connection>, u64, oneshot::Receiver<Reply>), UpstreamError> {
+    ) -> Result<(Arc<Connection>, u64, oneshot::Receiver<Result<Reply, UpstreamError>>), UpstreamError> {
         let conn = self.ready(deadline).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id_text = id.to_string();
@@ -841,19 +801,19 @@ impl Upstream {
         }
         let strip_era = caller.session.is_none() && conn.info.protocol_version != MODERN_VERSION;
         let (params, progress_token) = rewrite_params(params, edits, &id_text, &meta_adds, strip_era)
-            .map_err(|reason| UpstreamError::Protocol { server: self.def.name.clone(), reason })?;
+            .map_err(|source| UpstreamError::Transport { server: self.def.name.clone(), source })?;
         let msg = jsonrpc::request(&id_text, method, params.as_deref());
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, Pending { reply: tx, caller: caller.clone(), progress_token });
         if let (Some(s), Some(d)) = (&caller.session, down_id) {
             s.track(d, self.clone(), id);
         }
-        if let Err(reason) = conn.link.send_forwarding(Bytes::from(msg), Some(id), caller.forward.clone()) {
+        if let Err(e) = conn.link.send_forwarding(Bytes::from(msg), Some(id), caller.forward.clone()) {
             lock(&self.pending).remove(&id);
             if let (Some(s), Some(d)) = (&caller.session, down_id) {
                 s.untrack(d);
             }
-            return Err(UpstreamError::Closed { server: self.def.name.clone(), reason });
+            return Err(UpstreamError::Closed { server: self.def.name.clone(), reason: Down::Failed(e) });
         }
         Ok((conn, id, rx))
     }
@@ -927,11 +887,12 @@ impl Upstream {
             r = &mut p.rx => {
                 guard.armed = false;
                 match r {
-                    Ok(mut reply) => {
+                    Ok(Ok(mut reply)) => {
                         reply.modern = p.conn.info.protocol_version == MODERN_VERSION;
                         Ok(reply)
                     }
-                    Err(_) => Err(UpstreamError::Closed { server: self.def.name.clone(), reason: "no answer".into() }),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(UpstreamError::Closed { server: self.def.name.clone(), reason: Down::NoAnswer }),
                 }
             }
             Some(first) = p.asks_rx.recv() => {
@@ -959,7 +920,7 @@ impl Upstream {
                     Err(e) => {
                         lock(&self.pending).remove(&p.id);
                         send_cancel(&p.conn, p.id, Some("the gateway has no randomness"));
-                        return Err(UpstreamError::Unavailable { server: self.def.name.clone(), reason: e.to_string() });
+                        return Err(UpstreamError::Unavailable { server: self.def.name.clone(), reason: e.into() });
                     }
                 };
                 let result = format!(
@@ -1014,19 +975,18 @@ impl Upstream {
 
     /// Sends a notification upstream (no answer expected).
     pub fn notify(&self, method: &str, params: Option<&str>) -> Result<(), UpstreamError> {
-        let conn = self.connection().ok_or_else(|| UpstreamError::Unavailable {
-            server: self.def.name.clone(),
-            reason: "not running".into(),
-        })?;
+        let conn = self
+            .connection()
+            .ok_or_else(|| UpstreamError::Unavailable { server: self.def.name.clone(), reason: Down::NotRunning })?;
         conn.link
             .send(Bytes::from(jsonrpc::notification(method, params)), None)
-            .map_err(|reason| UpstreamError::Closed { server: self.def.name.clone(), reason })
+            .map_err(|e| UpstreamError::Closed { server: self.def.name.clone(), reason: Down::Failed(e) })
     }
 
     /// Cancels an in-flight call on behalf of its caller (`notifications/cancelled`).
     pub fn cancel(&self, id: u64, reason: Option<&str>) {
         if let Some(p) = lock(&self.pending).remove(&id) {
-            let _ = p.reply.send(Reply::error(code::REQUEST_CANCELLED, "request cancelled"));
+            let _ = p.reply.send(Ok(Reply::error(code::REQUEST_CANCELLED, "request cancelled")));
         }
         if let Some(conn) = self.connection() {
             send_cancel(&conn, id, reason);
@@ -1050,14 +1010,21 @@ impl Upstream {
         lock(&self.pending).contains_key(&id)
     }
 
-    fn fail_all(&self, reason: &str) {
+    fn fail_all(&self, reason: Down) {
         let drained: Vec<(u64, Pending)> = lock(&self.pending).drain().collect();
         if drained.is_empty() {
             return;
         }
-        let err = UpstreamError::Closed { server: self.def.name.clone(), reason: reason.to_owned() }.to_reply();
+        let err = UpstreamError::Closed { server: self.def.name.clone(), reason };
         for (_, p) in drained {
-            let _ = p.reply.send(err.clone());
+            let _ = p.reply.send(Err(err.clone()));
+        }
+    }
+
+    /// Ends one call in flight with `error` (its transport failed for it).
+    pub(crate) fn fail_call(&self, id: u64, error: UpstreamError) {
+        if let Some(p) = lock(&self.pending).remove(&id) {
+            let _ = p.reply.send(Err(error));
         }
     }
 
@@ -1091,7 +1058,7 @@ impl Upstream {
                     },
                     None => Reply::error(code::INTERNAL_ERROR, "empty response"),
                 };
-                let _ = p.reply.send(reply);
+                let _ = p.reply.send(Ok(reply));
             }
             Kind::Notification => self.on_notification(&env, related),
             Kind::Request => self.on_request(&env, related),
@@ -1267,7 +1234,7 @@ pub struct Ask {
 struct Parked {
     conn: Arc<Connection>,
     id: u64,
-    rx: oneshot::Receiver<Reply>,
+    rx: oneshot::Receiver<Result<Reply, UpstreamError>>,
     asks_tx: mpsc::Sender<Ask>,
     asks_rx: mpsc::Receiver<Ask>,
     /// Keys of the `inputRequests` sent, with the upstream's request ids.
@@ -1351,7 +1318,7 @@ fn rewrite_params(
     id_text: &str,
     meta_adds: &[(&str, &str)],
     strip_era: bool,
-) -> Result<(Option<String>, Option<Box<RawValue>>), String> {
+) -> Result<(Option<String>, Option<Box<RawValue>>), TransportError> {
     let Some(params) = params else {
         if meta_adds.is_empty() {
             return Ok((None, None));
@@ -1363,12 +1330,14 @@ fn rewrite_params(
     if edits.is_empty() && !needs_meta {
         return Ok((Some(params.get().to_owned()), None));
     }
-    let obj = RawObject::parse(params).map_err(|e| format!("params must be an object: {e}"))?;
+    let obj =
+        RawObject::parse(params).map_err(|e| TransportError::Unsendable(format!("params must be an object: {e}")))?;
     let mut token = None;
     let mut meta_json = None;
     if needs_meta {
         let mut meta_obj = match obj.get("_meta") {
-            Some(meta) => RawObject::parse(meta).map_err(|e| format!("_meta must be an object: {e}"))?,
+            Some(meta) => RawObject::parse(meta)
+                .map_err(|e| TransportError::Unsendable(format!("_meta must be an object: {e}")))?,
             None => RawObject::default(),
         };
         if strip_era {
@@ -1394,7 +1363,7 @@ fn rewrite_params(
     Ok((Some(obj.to_json_with(&all)), token))
 }
 
-fn parse_init(result: &str) -> Result<ServerInfo, String> {
+fn parse_init(result: &str) -> Result<ServerInfo, TransportError> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Init {
@@ -1406,7 +1375,8 @@ fn parse_init(result: &str) -> Result<ServerInfo, String> {
         #[serde(default)]
         instructions: Option<String>,
     }
-    let init: Init = serde_json::from_str(result).map_err(|e| format!("bad initialize result: {e}"))?;
+    let init: Init = serde_json::from_str(result)
+        .map_err(|e| TransportError::Initialize(format!("not an InitializeResult: {e}")))?;
     Ok(ServerInfo {
         protocol_version: init.protocol_version,
         capabilities: init.capabilities.unwrap_or_else(|| jsonrpc::raw("{}".into())),

@@ -22,6 +22,30 @@ use crate::mcp::session::{Caller, ClientRequestRoute, Session};
 /// At most this many rounds of input before the call is failed (a loop guard).
 pub const MAX_ROUNDS: usize = 8;
 
+/// Why a round of input requests failed: the upstream's `InputRequiredResult` is malformed, or
+/// the session-era client could not be asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    /// The `InputRequiredResult` is not what the protocol says.
+    #[error("{0}")]
+    Malformed(String),
+    /// The client has no stream to carry the request.
+    #[error("the client has no open stream to receive {0}")]
+    NoStream(String),
+    /// The client's session ended first.
+    #[error("the client session ended before answering {0}")]
+    SessionEnded(String),
+    /// The client did not answer by the call's deadline.
+    #[error("the client did not answer {0} in time")]
+    Late(String),
+    /// The client's answer is not a response.
+    #[error("the client's answer to {0} is not a JSON-RPC response")]
+    NotAResponse(String),
+    /// The upstream kept asking.
+    #[error("more than {MAX_ROUNDS} rounds of input requests")]
+    TooManyRounds,
+}
+
 /// One round's input requests, parsed from an `InputRequiredResult`.
 pub struct InputRequired {
     /// `(key, method, params)` for every embedded request.
@@ -32,7 +56,7 @@ pub struct InputRequired {
 
 /// Recognises an `InputRequiredResult`: a cheap substring test first, so ordinary results are
 /// never parsed.
-pub fn input_required(payload: &str) -> Option<Result<InputRequired, String>> {
+pub fn input_required(payload: &str) -> Option<Result<InputRequired, InputError>> {
     if !payload.contains("input_required") {
         return None;
     }
@@ -44,19 +68,21 @@ pub fn input_required(payload: &str) -> Option<Result<InputRequired, String>> {
     Some(parse(&obj))
 }
 
-fn parse(obj: &RawObject<'_>) -> Result<InputRequired, String> {
+fn parse(obj: &RawObject<'_>) -> Result<InputRequired, InputError> {
+    let bad = InputError::Malformed;
     let mut requests = Vec::new();
     if let Some(reqs) = obj.get("inputRequests").filter(|v| v.get() != "null") {
-        let reqs = RawObject::parse(reqs).map_err(|e| format!("inputRequests must be an object: {e}"))?;
+        let reqs = RawObject::parse(reqs).map_err(|e| bad(format!("inputRequests must be an object: {e}")))?;
         for (key, value) in &reqs.0 {
-            let req = RawObject::parse(value).map_err(|e| format!("input request {key} must be an object: {e}"))?;
-            let method = req.get_str("method").ok_or_else(|| format!("input request {key} has no method"))?;
+            let req =
+                RawObject::parse(value).map_err(|e| bad(format!("input request {key} must be an object: {e}")))?;
+            let method = req.get_str("method").ok_or_else(|| bad(format!("input request {key} has no method")))?;
             requests.push((key.to_string(), method, req.get("params").map(|p| p.get().to_owned())));
         }
     }
     let state = obj.get("requestState").filter(|v| v.get() != "null").map(|v| v.get().to_owned());
     if requests.is_empty() && state.is_none() {
-        return Err("an input_required result with neither inputRequests nor requestState".into());
+        return Err(bad("an input_required result with neither inputRequests nor requestState".into()));
     }
     Ok(InputRequired { requests, state })
 }
@@ -76,30 +102,30 @@ pub async fn ask(
     method: &str,
     params: Option<&str>,
     deadline: Instant,
-) -> Result<Answer, String> {
+) -> Result<Answer, InputError> {
     let (tx, rx) = oneshot::channel();
     let n = session.add_client_request(ClientRequestRoute::Local(tx));
     let msg = jsonrpc::request(&format!("\"pcs-{n}\""), method, params);
     if !caller.deliver(Bytes::from(msg)) {
         session.take_client_request(n);
-        return Err(format!("the client has no open stream to receive {method}"));
+        return Err(InputError::NoStream(method.to_owned()));
     }
     let bytes = match tokio::time::timeout_at(deadline, rx).await {
         Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => return Err(format!("the client session ended before answering {method}")),
+        Ok(Err(_)) => return Err(InputError::SessionEnded(method.to_owned())),
         Err(_) => {
             session.take_client_request(n);
-            return Err(format!("the client did not answer {method} in time"));
+            return Err(InputError::Late(method.to_owned()));
         }
     };
-    let env = Envelope::parse(&bytes).map_err(|e| e.to_string())?;
+    let env = Envelope::parse(&bytes).map_err(|_| InputError::NotAResponse(method.to_owned()))?;
     match (env.kind, env.result, env.error) {
         (Kind::Result, Some(r), _) => Ok(Answer::Result(r.get().to_owned())),
         (Kind::Error, _, Some(e)) => {
             let span = jsonrpc::span_of(&bytes, e);
             Ok(Answer::Refused(Reply { bytes: bytes.clone(), span, is_error: true, extra: "", modern: false }))
         }
-        _ => Err(format!("the client's answer to {method} is not a JSON-RPC response")),
+        _ => Err(InputError::NotAResponse(method.to_owned())),
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Connected, Link, Upstream};
+use super::{Connected, Link, TransportError, Upstream};
 use crate::config::Transport;
 use crate::mcp::lines::{Line, Lines};
 use crate::sharded::lock;
@@ -60,8 +60,8 @@ pub(crate) struct StdioLink {
 }
 
 impl StdioLink {
-    pub(crate) fn send(&self, msg: Bytes) -> Result<(), String> {
-        self.tx.send(msg).map_err(|_| "the process has exited".to_owned())
+    pub(crate) fn send(&self, msg: Bytes) -> Result<(), TransportError> {
+        self.tx.send(msg).map_err(|_| TransportError::Exited)
     }
 
     /// Closes stdin, then SIGTERM, then SIGKILL to the whole group, each after a grace period.
@@ -71,9 +71,9 @@ impl StdioLink {
     }
 }
 
-pub(crate) async fn spawn(up: &Arc<Upstream>) -> Result<Connected, String> {
+pub(crate) async fn spawn(up: &Arc<Upstream>) -> Result<Connected, TransportError> {
     let Transport::Stdio { command, args, env, inherit_env, cwd } = &up.def.transport else {
-        return Err("not a stdio server".into());
+        return Err(TransportError::Spawn { command: String::new(), reason: "not a stdio server".into() });
     };
     let mut cmd = Command::new(command);
     // A child sees a minimal environment and its own `env`, never Portcullis' secrets.
@@ -89,14 +89,15 @@ pub(crate) async fn spawn(up: &Arc<Upstream>) -> Result<Connected, String> {
     if let Some(cwd) = cwd {
         cmd.current_dir(cwd);
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {command:?}: {e}"))?;
-    let pid = child.id().ok_or("the process exited at once")?;
+    let mut child =
+        cmd.spawn().map_err(|e| TransportError::Spawn { command: command.clone(), reason: e.to_string() })?;
+    let pid = child.id().ok_or(TransportError::ExitedAtOnce)?;
     let pgid = pid as i32;
     lock(groups()).insert(pgid);
     let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         kill_group(pgid, Signal::SIGKILL);
-        return Err("missing stdio pipes".into());
+        return Err(TransportError::Spawn { command: command.clone(), reason: "no stdio pipes".into() });
     };
     let name = up.def.name.clone();
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
