@@ -63,7 +63,7 @@ where
     Fut: std::future::Future<Output = Response>,
 {
     admin(gw, label, headers, peer, |gw, who| async move {
-        let names: Vec<String> = gw.config().servers.iter().map(|s| s.name.clone()).collect();
+        let names: Vec<String> = who.snapshot.config.servers.iter().map(|s| s.name.clone()).collect();
         if !who.identity.is_unrestricted_admin(&names) {
             let e = AuthError::Forbidden("this needs an admin with every right (every server, no tenant)".into());
             lock(&who.note).refused = Some(e.outcome().into());
@@ -82,7 +82,7 @@ where
     Fut: std::future::Future<Output = Response>,
 {
     guarded(&gw.clone(), &Scope::All, label, headers, peer, |who| async move {
-        let names: Vec<String> = gw.config().servers.iter().map(|s| s.name.clone()).collect();
+        let names: Vec<String> = who.snapshot.config.servers.iter().map(|s| s.name.clone()).collect();
         if !who.identity.reads_metrics(&names) {
             let e = AuthError::Forbidden(
                 "this needs a metrics credential or an admin with every right (every server, no tenant)".into(),
@@ -101,9 +101,9 @@ fn no_such_server(name: &str) -> Response {
 
 /// Whether an admin may see and manage an issued token: its tenant (if the admin has one) and
 /// grants its own grants cover.
-fn manages(gw: &Gateway, who: &Who, t: &crate::store::StoredToken) -> bool {
+fn manages(who: &Who, t: &crate::store::StoredToken) -> bool {
     let tenant_ok = who.identity.tenant.as_deref().is_none_or(|own| own == t.tenant);
-    let grants = gw.authenticator().effective_grants(&t.name, Some(&t.tenant), t.grants.grants());
+    let grants = who.snapshot.auth.effective_grants(&t.name, Some(&t.tenant), t.grants.grants());
     tenant_ok && who.identity.grants.covers(&grants)
 }
 
@@ -182,7 +182,7 @@ pub async fn servers(
     headers: HeaderMap,
 ) -> Response {
     admin(gw, "GET /servers", &headers, peer, |gw, who| async move {
-        let config = gw.config();
+        let config = who.snapshot.config.clone();
         let visible = config.servers.iter().filter(|d| who.identity.grants.reaches(&d.name));
         let all = join_all(visible.map(|d| describe(&gw, d))).await;
         json_value(StatusCode::OK, &json!({"servers": all}))
@@ -199,7 +199,7 @@ pub async fn server(
 ) -> Response {
     admin(gw, "GET /servers/{name}", &headers, peer, |gw, who| async move {
         lock(&who.note).server = Some(name.clone());
-        match gw.config().server(&name) {
+        match who.snapshot.config.server(&name) {
             Some(def) if who.identity.grants.reaches(&name) => json_value(StatusCode::OK, &describe(&gw, def).await),
             _ => no_such_server(&name),
         }
@@ -337,7 +337,7 @@ pub async fn rpc(
     body: Body,
 ) -> Response {
     guarded(&gw.clone(), &Scope::All, "POST /rpc", &headers, peer, |who| async move {
-        let config = gw.config();
+        let config = who.snapshot.config.clone();
         let body = read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
         let env = who.parse(&body)?;
         if env.kind != Kind::Request {
@@ -399,7 +399,7 @@ fn open_store(gw: &Gateway) -> Result<crate::store::SqliteStore, crate::store::S
 /// The token `id` when the caller manages it; 404 (as unknown) when it does not.
 fn managed(gw: &Gateway, who: &Who, id: &str) -> Result<crate::store::StoredToken, Rejection> {
     match open_store(gw).and_then(|s| s.get(id)) {
-        Ok(t) if manages(gw, who, &t) => Ok(t),
+        Ok(t) if manages(who, &t) => Ok(t),
         Ok(_) | Err(crate::store::StoreError::Invalid(_)) => {
             Err(Rejection::api(StatusCode::NOT_FOUND, "not_found", format!("no token {id}")))
         }
@@ -417,8 +417,8 @@ async fn applied(gw: &Gateway) {
 const TOKEN_BODY_LIMIT: usize = 64 * 1024;
 
 /// Reads a management API body: 413 (or 400) in the management API's error format.
-async fn admin_body(gw: &Gateway, body: Body) -> Result<bytes::Bytes, Rejection> {
-    let within = gw.config().limits.body_read_timeout;
+async fn admin_body(who: &Who, body: Body) -> Result<bytes::Bytes, Rejection> {
+    let within = who.snapshot.config.limits.body_read_timeout;
     crate::gate::collect_body(body, TOKEN_BODY_LIMIT, within).await.map_err(|e| {
         let kind = match e {
             crate::gate::BodyError::TooLarge(_) => "payload_too_large",
@@ -437,15 +437,15 @@ pub async fn create_token(
     body: Body,
 ) -> Response {
     admin(gw, "POST /admin/tokens", &headers, peer, |gw, who| async move {
-        let body = admin_body(&gw, body).await?;
+        let body = admin_body(&who, body).await?;
         let mut req: crate::store::TokenRequest = serde_json::from_slice(&body)
             .map_err(|e| Rejection::api(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
         // A tenant's admin issues tokens in its tenant.
         if req.tenant.is_none() {
             req.tenant = who.identity.tenant.clone();
         }
-        let new = req.validate(&gw.config())?;
-        if let Some(refusal) = beyond_caller(&gw, &who, &new) {
+        let new = req.validate(&who.snapshot.config)?;
+        if let Some(refusal) = beyond_caller(&who, &new) {
             lock(&who.note).refused = Some("refused: beyond the caller's rights".into());
             return Err(Rejection::api(StatusCode::FORBIDDEN, "forbidden", refusal));
         }
@@ -457,7 +457,7 @@ pub async fn create_token(
 }
 
 /// Why a token to issue would have rights its issuer lacks, if it would.
-fn beyond_caller(gw: &Gateway, who: &Who, new: &crate::store::NewToken) -> Option<String> {
+fn beyond_caller(who: &Who, new: &crate::store::NewToken) -> Option<String> {
     let me = &who.identity;
     if let Some(own) = &me.tenant
         && *own != new.tenant
@@ -465,14 +465,14 @@ fn beyond_caller(gw: &Gateway, who: &Who, new: &crate::store::NewToken) -> Optio
         return Some(format!("a token of tenant {own:?} can only issue tokens in that tenant"));
     }
     if new.role == crate::credentials::Role::Metrics {
-        let names: Vec<String> = gw.config().servers.iter().map(|s| s.name.clone()).collect();
+        let names: Vec<String> = who.snapshot.config.servers.iter().map(|s| s.name.clone()).collect();
         if !me.reads_metrics(&names) || me.role != crate::credentials::Role::Admin {
             return Some(
                 "only an admin with every right may issue a metrics token (it reads gateway-wide figures)".into(),
             );
         }
     }
-    let grants = gw.authenticator().effective_grants(&new.name, Some(&new.tenant), new.grants.grants());
+    let grants = who.snapshot.auth.effective_grants(&new.name, Some(&new.tenant), new.grants.grants());
     if !me.grants.covers(&grants) {
         return Some(
             "a token can only issue tokens with a subset of its own grants (servers, tools, prompts, resources)".into(),
@@ -497,7 +497,7 @@ pub async fn list_tokens(
         match open_store(&gw).and_then(|s| s.list()) {
             Ok(tokens) => {
                 let visible: Vec<Value> =
-                    tokens.iter().filter(|t| manages(&gw, &who, t)).map(|t| token_json(t, None)).collect();
+                    tokens.iter().filter(|t| manages(&who, t)).map(|t| token_json(t, None)).collect();
                 json_value(StatusCode::OK, &json!({ "tokens": visible }))
             }
             Err(e) => store_error(e),
@@ -529,7 +529,7 @@ pub async fn rotate_token(
 ) -> Response {
     admin(gw, "POST /admin/tokens/{id}/rotate", &headers, peer, |gw, who| async move {
         managed(&gw, &who, &id)?;
-        let body = admin_body(&gw, body).await?;
+        let body = admin_body(&who, body).await?;
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Rotate {

@@ -17,9 +17,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 
-use crate::auth::{AuthError, Authenticator, Identity};
+use crate::auth::{AuthError, Identity};
 use crate::config::Config;
-use crate::mcp::gateway::{self, Ctx, Gateway, Note};
+use crate::mcp::gateway::{self, Ctx, Gateway, Note, Snapshot};
 use crate::mcp::jsonrpc::{self, Envelope, code};
 use crate::mcp::session::{Caller, Scope};
 use crate::sharded::lock;
@@ -232,6 +232,9 @@ pub async fn read_single(body: Body, limit: usize, within: Duration) -> Result<B
 /// The authenticated caller of one HTTP request, and the note its audit record is made from.
 #[derive(Clone)]
 pub struct Who {
+    /// The config and credentials the gate checked this request against: everything behind
+    /// the gate reads this one snapshot, never a newer one.
+    pub snapshot: Arc<Snapshot>,
     /// The identity.
     pub identity: Arc<Identity>,
     /// The client's address (after `trusted_proxies`).
@@ -243,7 +246,14 @@ pub struct Who {
 impl Who {
     /// The gateway context of one request by this caller.
     pub fn ctx(&self, scope: Scope, caller: Caller, protocol_version: String) -> Ctx {
-        Ctx { scope, caller, protocol_version, identity: self.identity.clone(), note: self.note.clone() }
+        Ctx {
+            snapshot: self.snapshot.clone(),
+            scope,
+            caller,
+            protocol_version,
+            identity: self.identity.clone(),
+            note: self.note.clone(),
+        }
     }
 
     /// Parses one JSON-RPC message (400 with its JSON-RPC error when it is not one) and notes
@@ -260,7 +270,12 @@ impl Who {
     /// The same caller with a fresh note (one batch element).
     pub(crate) fn element(&self, method: &str) -> Who {
         let note = Note { identity: Some(self.identity.clone()), method: method.to_owned(), ..Note::default() };
-        Who { identity: self.identity.clone(), client: self.client, note: Arc::new(Mutex::new(note)) }
+        Who {
+            snapshot: self.snapshot.clone(),
+            identity: self.identity.clone(),
+            client: self.client,
+            note: Arc::new(Mutex::new(note)),
+        }
     }
 }
 
@@ -313,7 +328,7 @@ where
     let snap = gw.snapshot();
     let client = snap.auth.client_addr(peer, headers);
     let note = Arc::new(Mutex::new(Note { method: method.to_owned(), ..Note::default() }));
-    let resp = match admit(&snap.config, &snap.auth, scope, headers, client, &note) {
+    let resp = match admit(&snap, scope, headers, client, &note) {
         Ok(who) => f(who).await.into_response(),
         Err(r) => r.into_response(),
     };
@@ -326,13 +341,13 @@ where
 
 /// The gate itself (see [`guarded`]).
 fn admit(
-    config: &Config,
-    auth: &Authenticator,
+    snapshot: &Arc<Snapshot>,
     scope: &Scope,
     headers: &HeaderMap,
     client: IpAddr,
     note: &Arc<Mutex<Note>>,
 ) -> Result<Who, Rejection> {
+    let (config, auth) = (&*snapshot.config, &*snapshot.auth);
     if let Some(r) = check_origin(config, headers) {
         lock(note).refused = Some("refused: origin not allowed".into());
         return Err(r);
@@ -366,5 +381,5 @@ fn admit(
         }
     }
     auth.check_rate(&identity, client).map_err(refuse)?;
-    Ok(Who { identity, client, note: note.clone() })
+    Ok(Who { snapshot: snapshot.clone(), identity, client, note: note.clone() })
 }

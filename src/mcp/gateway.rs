@@ -52,6 +52,9 @@ pub struct Request<'a> {
 
 /// Per-request context.
 pub struct Ctx {
+    /// The config and credentials of this request, as the gate read them (one snapshot for
+    /// the whole request, whatever reload happens meanwhile).
+    pub snapshot: Arc<Snapshot>,
     /// Which servers are visible.
     pub scope: Scope,
     /// Who is asking.
@@ -520,11 +523,11 @@ impl Gateway {
         self.config().servers.iter().map(|d| (d.clone(), self.upstream(&d.name).map(|u| u.status()))).collect()
     }
 
-    /// Registers a new session, within `limits`: per principal (sessions; legacy SSE streams
-    /// separately) and in total. A stdio session (the one local client) is not counted.
-    pub fn add_session(&self, s: Arc<Session>) -> Result<(), SessionLimit> {
+    /// Registers a new session, within `limits` (the request's own snapshot's): per principal
+    /// (sessions; legacy SSE streams separately) and in total. A stdio session (the one local
+    /// client) is not counted.
+    pub fn add_session(&self, s: Arc<Session>, limits: &crate::config::Limits) -> Result<(), SessionLimit> {
         if s.transport != session::Transport::Stdio {
-            let limits = self.config().limits;
             if self.sessions.len() >= limits.max_sessions {
                 return Err(SessionLimit::Gateway(limits.max_sessions));
             }
@@ -706,9 +709,16 @@ impl Gateway {
     }
 
     /// Answers `initialize` (the caller has already negotiated the version).
-    pub async fn initialize_result(&self, scope: &Scope, version: &str, caller: &Caller, who: &Identity) -> String {
+    pub async fn initialize_result(
+        &self,
+        config: &Config,
+        scope: &Scope,
+        version: &str,
+        caller: &Caller,
+        who: &Identity,
+    ) -> String {
         self.initializes.fetch_add(1, Ordering::Relaxed);
-        let (caps, info, instructions) = self.server_identity(scope, caller, who).await;
+        let (caps, info, instructions) = self.server_identity(config, scope, caller, who).await;
         let mut out =
             format!(r#"{{"protocolVersion":{},"capabilities":{caps},"serverInfo":{info}"#, jsonrpc::quote(version));
         if let Some(i) = instructions {
@@ -719,8 +729,8 @@ impl Gateway {
     }
 
     /// Answers `server/discover`.
-    pub async fn discover_result(&self, scope: &Scope, caller: &Caller, who: &Identity) -> String {
-        let (caps, info, instructions) = self.server_identity(scope, caller, who).await;
+    pub async fn discover_result(&self, config: &Config, scope: &Scope, caller: &Caller, who: &Identity) -> String {
+        let (caps, info, instructions) = self.server_identity(config, scope, caller, who).await;
         let mut out = format!(r#"{{"supportedVersions":["{MODERN_VERSION}"],"capabilities":{caps}"#);
         if let Some(i) = instructions {
             out.push_str(&format!(r#","instructions":{}"#, jsonrpc::quote(&i)));
@@ -733,15 +743,15 @@ impl Gateway {
     /// with the union of the capabilities of the servers the caller may reach.
     async fn server_identity(
         &self,
+        config: &Config,
         scope: &Scope,
         caller: &Caller,
         who: &Identity,
     ) -> (String, String, Option<String>) {
-        let config = self.config();
         let own_info =
             format!(r#"{{"name":{},"version":"{}"}}"#, jsonrpc::quote(&config.name), env!("CARGO_PKG_VERSION"));
         if let Scope::One(name) = scope {
-            if let Some(up) = self.instance(&config, name, caller) {
+            if let Some(up) = self.instance(config, name, caller) {
                 let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
                 if let Ok(conn) = up.ready_by(deadline).await {
                     return (
@@ -757,7 +767,7 @@ impl Gateway {
         // and go behind the gateway.
         let mut has = HashMap::<&str, bool>::new();
         let mut subscribe = false;
-        for def in self.servers_in_scope(&config, scope, who) {
+        for def in self.servers_in_scope(config, scope, who) {
             let Some(up) = self.upstream(&def.name) else { continue };
             let Some(conn) = live(&up).await else { continue };
             let Ok(obj) = RawObject::parse(&conn.info.capabilities) else { continue };
@@ -827,24 +837,24 @@ impl Gateway {
     }
 
     async fn dispatch(&self, ctx: &Ctx, req: &Request<'_>) -> Reply {
-        let config = self.config();
+        let config = &ctx.snapshot.config;
         match req.method {
             "ping" => Reply::owned("{}".into(), false),
             "server/discover" => {
                 self.discovers.fetch_add(1, Ordering::Relaxed);
-                Reply::owned(self.discover_result(&ctx.scope, &ctx.caller, &ctx.identity).await, false)
+                Reply::owned(self.discover_result(config, &ctx.scope, &ctx.caller, &ctx.identity).await, false)
             }
             "initialize" => {
                 Reply::error(code::INVALID_REQUEST, "initialize is only valid as the first request of a session")
             }
-            "tools/list" => self.list(&config, ctx, req, ListKind::Tools).await,
-            "prompts/list" => self.list(&config, ctx, req, ListKind::Prompts).await,
-            "resources/list" => self.list(&config, ctx, req, ListKind::Resources).await,
-            "resources/templates/list" => self.list(&config, ctx, req, ListKind::Templates).await,
-            "tools/call" | "prompts/get" => self.by_name(&config, ctx, req).await,
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => self.by_uri(&config, ctx, req).await,
-            "completion/complete" => self.complete(&config, ctx, req).await,
-            "logging/setLevel" => self.set_level(&config, ctx, req).await,
+            "tools/list" => self.list(config, ctx, req, ListKind::Tools).await,
+            "prompts/list" => self.list(config, ctx, req, ListKind::Prompts).await,
+            "resources/list" => self.list(config, ctx, req, ListKind::Resources).await,
+            "resources/templates/list" => self.list(config, ctx, req, ListKind::Templates).await,
+            "tools/call" | "prompts/get" => self.by_name(config, ctx, req).await,
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => self.by_uri(config, ctx, req).await,
+            "completion/complete" => self.complete(config, ctx, req).await,
+            "logging/setLevel" => self.set_level(config, ctx, req).await,
             other => Reply::error(code::METHOD_NOT_FOUND, &format!("Method not found: {other}")),
         }
     }
@@ -1248,13 +1258,14 @@ impl Gateway {
                 .map_err(|e| Reply::error(code::INTERNAL_ERROR, &e.to_string()))?;
         let (tx, rx) = mpsc::channel(256);
         session.attach_stream(tx);
-        self.add_session(session.clone()).map_err(|e| Reply::error(code::LIMIT_REACHED, &e.to_string()))?;
+        self.add_session(session.clone(), &ctx.snapshot.config.limits)
+            .map_err(|e| Reply::error(code::LIMIT_REACHED, &e.to_string()))?;
         let caller =
             Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
-        let config = self.config();
+        let config = &ctx.snapshot.config;
         let mut honoured = Vec::new();
         for uri in uris {
-            let Resolved::Found { server, uri: own } = self.resolve_uri(&config, ctx, &uri).await else { continue };
+            let Resolved::Found { server, uri: own } = self.resolve_uri(config, ctx, &uri).await else { continue };
             // Not granted is answered exactly like unknown: left out of the acknowledgement.
             if !ctx.scope.includes(&server)
                 || !ctx.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own)
@@ -1262,7 +1273,7 @@ impl Gateway {
                 ctx.refuse(&server, &own, "refused: resource not granted");
                 continue;
             }
-            let Some(up) = self.instance(&config, &server, &caller) else { continue };
+            let Some(up) = self.instance(config, &server, &caller) else { continue };
             if !self.subscribe(&server, &up, &session, &own, &caller, None).await.is_error {
                 honoured.push(uri);
             }
@@ -1424,8 +1435,8 @@ impl Gateway {
                 }
             }
             "notifications/roots/list_changed" => {
-                let config = self.config();
-                for def in self.servers_in_scope(&config, &ctx.scope, &ctx.identity) {
+                let config = &ctx.snapshot.config;
+                for def in self.servers_in_scope(config, &ctx.scope, &ctx.identity) {
                     if let Some(up) = ctx.caller.session.as_ref().and_then(|s| s.per_session(&def.name)) {
                         let _ = up.notify("notifications/roots/list_changed", None);
                     }

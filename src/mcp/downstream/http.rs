@@ -64,7 +64,7 @@ pub async fn handle(
     let label = method.to_string();
     let headers = &headers;
     guarded(&gw.clone(), &scope.clone(), &label, headers, peer, |who| async move {
-        let config = gw.config();
+        let config = who.snapshot.config.clone();
         let version_header = header_str(headers, "mcp-protocol-version").map(str::to_owned);
         let modern_header = version_header.as_deref().is_some_and(is_modern_version);
         match method {
@@ -316,12 +316,12 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Wh
     // Registered (within the limits) before anything is started for it: a refused session
     // has no per-session upstream to leak, and one whose client went away mid-initialize is
     // reclaimed by the idle sweep, its children with it.
-    if let Err(e) = gw.add_session(session.clone()) {
+    if let Err(e) = gw.add_session(session.clone(), &who.snapshot.config.limits) {
         return session_limit(env.id.map(RawValue::get), &e);
     }
     let caller =
         Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
-    let result = gw.initialize_result(&scope, version, &caller, &who.identity).await;
+    let result = gw.initialize_result(&who.snapshot.config, &scope, version, &caller, &who.identity).await;
     let id = env.id.map_or("null", RawValue::get);
     let msg = jsonrpc::result_response(id, &result);
     let mut r = json(StatusCode::OK, msg);

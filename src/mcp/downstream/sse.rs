@@ -39,7 +39,7 @@ pub async fn open(gw: Arc<Gateway>, scope: Scope, headers: HeaderMap, peer: Sock
         };
         let (tx, rx) = mpsc::channel::<Bytes>(256);
         session.attach_stream(tx);
-        if let Err(e) = gw.add_session(session.clone()) {
+        if let Err(e) = gw.add_session(session.clone(), &who.snapshot.config.limits) {
             return session_limit(None, &e);
         }
         let endpoint = format!("/messages/?session_id={}", session.id);
@@ -69,7 +69,7 @@ pub async fn message(
         let Some(session) = session else {
             return Err(Rejection::rpc(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found"));
         };
-        let config = gw.config();
+        let config = who.snapshot.config.clone();
         let body = read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
         let env = who.parse(&body)?;
         let caller = Caller { session: Some(session.clone()), ..Caller::default() };
@@ -86,7 +86,9 @@ pub async fn message(
                     session.set_capabilities(caps.get());
                 }
                 let version = gateway::negotiate(requested.as_deref());
-                let result = gw.initialize_result(&session.scope, version, &ctx.caller, &who.identity).await;
+                let result = gw
+                    .initialize_result(&ctx.snapshot.config, &session.scope, version, &ctx.caller, &who.identity)
+                    .await;
                 session.send(Bytes::from(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)));
             }
             Kind::Request => {

@@ -43,7 +43,7 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
     let session = Session::new(scope.clone(), "2025-11-25".into(), Transport::Stdio, identity.clone())
         .map_err(std::io::Error::other)?;
     session.attach_stream(tx.clone());
-    gw.add_session(session.clone()).map_err(std::io::Error::other)?;
+    gw.add_session(session.clone(), &gw.config().limits).map_err(std::io::Error::other)?;
     // Each message gets its audit note (the one client is local: its address is loopback).
     let note_for = |method: &str, id: Option<&str>| {
         let note = Note {
@@ -57,7 +57,9 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
     let record = |gw: &Gateway, note: &Arc<std::sync::Mutex<Note>>, status: StatusCode, started: (String, Instant)| {
         crate::gate::audit(gw, started.0, IpAddr::V4(Ipv4Addr::LOCALHOST), &lock(note), status, started.1);
     };
+    // One snapshot per message: what a reload changes applies from the next message on.
     let ctx_for = |caller: Caller, version: String, note: Arc<std::sync::Mutex<Note>>| Ctx {
+        snapshot: gw.snapshot(),
         scope: scope.clone(),
         caller,
         protocol_version: version,
@@ -114,7 +116,7 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
                 }
                 let version = gateway::negotiate(params.and_then(|o| o.get_str("protocolVersion")).as_deref());
                 let caller = Caller { session: Some(session.clone()), ..Caller::default() };
-                let result = gw.initialize_result(&scope, version, &caller, &identity).await;
+                let result = gw.initialize_result(&gw.config(), &scope, version, &caller, &identity).await;
                 send(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)).await;
                 record(&gw, &note, StatusCode::OK, started);
             }
