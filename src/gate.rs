@@ -37,6 +37,18 @@ pub fn rpc_error(status: StatusCode, id: Option<&str>, code: i64, message: &str)
     json(status, jsonrpc::error_response(id, code, message, None))
 }
 
+/// Which servers an MCP endpoint addresses, from its path: `/servers/{name}/…` (and MCP
+/// Front's `/{name}/…`) is that one server, anything else every server.
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Scope {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state).await;
+        let name = params.ok().and_then(|p| p.iter().find(|(k, _)| *k == "name").map(|(_, v)| v.to_owned()));
+        Ok(name.map_or(Scope::All, Scope::One))
+    }
+}
+
 /// A request refused at the edge. It renders itself (`IntoResponse`): that rendering is the
 /// HTTP edge's one conversion from a typed refusal to bytes, so handlers use `?` on it.
 #[derive(Debug)]

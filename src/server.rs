@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{any, get, post};
 use tokio::net::TcpListener;
@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gate::json;
 use crate::mcp::downstream::http as mcp_http;
+use crate::mcp::downstream::sse as mcp_sse;
 use crate::mcp::gateway::Gateway;
-use crate::mcp::session::Scope;
 use crate::mcp::upstream::State as UpState;
 
 /// How long in-flight requests get to finish after a shutdown signal.
@@ -32,15 +32,16 @@ pub const GRACE: Duration = Duration::from_secs(10);
 /// Builds the router over a gateway.
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
-        .route("/mcp", any(aggregated))
-        .route("/servers/{name}/mcp", any(one_server))
-        .route("/sse", get(sse_aggregated))
-        .route("/servers/{name}/sse", get(sse_one))
-        .route("/messages", post(sse_message))
-        .route("/messages/", post(sse_message))
+        // The MCP endpoints: the path's `{name}` (if any) is the scope (`gate`'s `Scope` extractor).
+        .route("/mcp", any(mcp_http::handle))
+        .route("/servers/{name}/mcp", any(mcp_http::handle))
+        .route("/sse", get(mcp_sse::open))
+        .route("/servers/{name}/sse", get(mcp_sse::open))
+        .route("/messages", post(mcp_sse::message))
+        .route("/messages/", post(mcp_sse::message))
         // MCP Front's paths: /{name}/sse and /{name}/mcp (server names may not be reserved paths).
-        .route("/{name}/sse", get(sse_one))
-        .route("/{name}/mcp", any(one_server))
+        .route("/{name}/sse", get(mcp_sse::open))
+        .route("/{name}/mcp", any(mcp_http::handle))
         .route("/health", get(health))
         .route("/servers", get(crate::admin::servers))
         .route("/servers/{name}", get(crate::admin::server))
@@ -82,62 +83,6 @@ async fn edge(
         }
     }
     next.run(req).await
-}
-
-async fn aggregated(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    mcp_http::handle(gw, Scope::All, method, headers, body, peer).await
-}
-
-async fn one_server(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    mcp_http::handle(gw, Scope::One(name), method, headers, body, peer).await
-}
-
-async fn sse_aggregated(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    crate::mcp::downstream::sse::open(gw, Scope::All, headers, peer).await
-}
-
-async fn sse_one(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    crate::mcp::downstream::sse::open(gw, Scope::One(name), headers, peer).await
-}
-
-/// The session id of a legacy SSE POST: `session_id` (Python servers) or `sessionId` (TypeScript).
-#[derive(serde::Deserialize)]
-struct SessionQuery {
-    session_id: Option<String>,
-    #[serde(rename = "sessionId")]
-    session_id_camel: Option<String>,
-}
-
-async fn sse_message(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(q): Query<SessionQuery>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    crate::mcp::downstream::sse::message(gw, q.session_id.or(q.session_id_camel), headers, body, peer).await
 }
 
 /// `GET /health` (open): 503 only while starting or draining, so one dead upstream does not take

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -54,12 +55,12 @@ fn is_modern_version(v: &str) -> bool {
 
 /// Handles POST, GET and DELETE on a streamable-HTTP MCP endpoint.
 pub async fn handle(
-    gw: Arc<Gateway>,
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     scope: Scope,
     method: Method,
     headers: HeaderMap,
     body: Body,
-    peer: SocketAddr,
 ) -> Response {
     let label = method.to_string();
     let headers = &headers;

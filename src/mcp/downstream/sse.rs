@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -31,7 +32,12 @@ use crate::sharded::lock;
 const SSE_VERSION: &str = "2024-11-05";
 
 /// `GET /sse`: opens a session and its stream.
-pub async fn open(gw: Arc<Gateway>, scope: Scope, headers: HeaderMap, peer: SocketAddr) -> Response {
+pub async fn open(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    scope: Scope,
+    headers: HeaderMap,
+) -> Response {
     guarded(&gw.clone(), &scope.clone(), "GET", &headers, peer, |who| async move {
         let session = match Session::new(scope, SSE_VERSION.to_owned(), Transport::Sse, who.identity.clone()) {
             Ok(s) => s,
@@ -55,13 +61,22 @@ pub async fn open(gw: Arc<Gateway>, scope: Scope, headers: HeaderMap, peer: Sock
 }
 
 /// `POST /messages/?session_id=…` (or `sessionId`).
-pub async fn message(
-    gw: Arc<Gateway>,
+/// The session id of a legacy SSE POST: `session_id` (Python servers) or `sessionId` (TypeScript).
+#[derive(serde::Deserialize)]
+pub struct SessionQuery {
     session_id: Option<String>,
+    #[serde(rename = "sessionId")]
+    session_id_camel: Option<String>,
+}
+
+pub async fn message(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<SessionQuery>,
     headers: HeaderMap,
     body: Body,
-    peer: SocketAddr,
 ) -> Response {
+    let session_id = q.session_id.or(q.session_id_camel);
     guarded(&gw.clone(), &Scope::All, "POST", &headers, peer, |who| async move {
         let session = session_id
             .and_then(|id| gw.session(&id))
