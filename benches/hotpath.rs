@@ -6,7 +6,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use portcullis::authz::{Grants, Kind, Patterns};
+use portcullis::authz::{GrantKind, Grants, Patterns};
 use portcullis::mcp::gateway::{ListPage, push_prefixed};
 use portcullis::mcp::jsonrpc::{Envelope, RawObject};
 
@@ -56,7 +56,7 @@ fn main() {
         let mut out = String::with_capacity(page_len + 16 * 500);
         out.push('[');
         for item in page.items("tools") {
-            push_prefixed(&mut out, item, "files", "__", grants, Kind::Tool);
+            push_prefixed(&mut out, item, "files", "__", grants, GrantKind::Tool);
         }
         out.push(']');
         out

@@ -26,8 +26,9 @@ use crate::config::{self, ServerDef, Transport};
 use crate::gate::{Rejection, Who, guarded, json as json_response, read_single};
 use crate::mcp::gateway::{ControlError, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, code};
-use crate::mcp::session::{Caller, Scope, Transport as SessionTransport};
+use crate::mcp::session::{Caller, ClientTransport, Scope};
 use crate::mcp::upstream::{State as UpState, Upstream};
+use crate::mcp::version::ProtocolVersion;
 use crate::sharded::lock;
 
 fn json_value(status: StatusCode, v: &Value) -> Response {
@@ -167,7 +168,7 @@ async fn describe(gw: &Gateway, def: &Arc<ServerDef>) -> Value {
         "restarts": status.as_ref().map_or(0, |s| s.restarts),
         "last_error": status.as_ref().and_then(|s| s.last_error.as_ref().map(ToString::to_string)),
         "uptime_s": status.as_ref().and_then(|s| s.since).map(|t| t.elapsed().as_secs()),
-        "protocol_version": conn.as_ref().map(|c| c.info.protocol_version.clone()),
+        "protocol_version": conn.as_ref().map(|c| c.info.protocol_version),
         "in_flight": up.as_ref().map_or(0, |u| u.in_flight()),
         "tools": tools,
         "prompts": prompts,
@@ -275,10 +276,10 @@ pub async fn metrics(
         let _ = writeln!(out, "# TYPE portcullis_sessions gauge");
         let sessions = gw.sessions();
         for (t, label) in [
-            (SessionTransport::Streamable, "streamable_http"),
-            (SessionTransport::Sse, "sse"),
-            (SessionTransport::Listen, "listen"),
-            (SessionTransport::Stdio, "stdio"),
+            (ClientTransport::Streamable, "streamable_http"),
+            (ClientTransport::Sse, "sse"),
+            (ClientTransport::Listen, "listen"),
+            (ClientTransport::Stdio, "stdio"),
         ] {
             let n = sessions.iter().filter(|s| s.transport == t).count();
             let _ = writeln!(out, "portcullis_sessions{{transport=\"{label}\"}} {n}");
@@ -359,7 +360,7 @@ pub async fn rpc(
         }
         let id = env.id.map_or("null", |i| i.get()).to_owned();
         let caller = Caller { cancel_on_drop: true, ..Caller::default() };
-        let ctx = who.ctx(Scope::All, caller, "2025-11-25".into());
+        let ctx = who.ctx(Scope::All, caller, ProtocolVersion::LATEST_SESSION);
         let req = Request { method: env.method(), params: env.params, id: Some(&id) };
         let reply = gw.request(&ctx, &req).await;
         Ok(json_response(StatusCode::OK, reply.to_message(&id)))

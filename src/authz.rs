@@ -143,7 +143,7 @@ impl Patterns {
 
 /// The kinds of named items grants cover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum GrantKind {
     /// Tools (`tools/list`, `tools/call`).
     Tool,
     /// Prompts (`prompts/list`, `prompts/get`, prompt completions).
@@ -203,16 +203,16 @@ impl Grants {
     }
 
     /// The patterns of a kind.
-    pub fn patterns(&self, kind: Kind) -> &Patterns {
+    pub fn patterns(&self, kind: GrantKind) -> &Patterns {
         match kind {
-            Kind::Tool => &self.tools,
-            Kind::Prompt => &self.prompts,
-            Kind::Resource => &self.resources,
+            GrantKind::Tool => &self.tools,
+            GrantKind::Prompt => &self.prompts,
+            GrantKind::Resource => &self.resources,
         }
     }
 
     /// Whether an item (its server and its name or URI on that server) may be used.
-    pub fn allows(&self, kind: Kind, server: &str, separator: &str, name: &str) -> bool {
+    pub fn allows(&self, kind: GrantKind, server: &str, separator: &str, name: &str) -> bool {
         if !self.reaches(server) {
             return false;
         }

@@ -477,7 +477,7 @@ fn json_response(status: StatusCode, body: String) -> Response {
 }
 
 async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: HeaderMap, body: Body) -> Response {
-    let modern = headers.get("mcp-protocol-version").and_then(|v| v.to_str().ok()) == Some("2026-07-28");
+    let stateless = headers.get("mcp-protocol-version").and_then(|v| v.to_str().ok()) == Some("2026-07-28");
     let sid = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     {
         let mut seen = lock(&demo.seen_headers);
@@ -488,8 +488,8 @@ async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: Header
             }
         }
     }
-    if modern && demo.opts.session_only {
-        // What a pre-2026 server says to a 2026-07-28 probe: a plain 400 without a modern error.
+    if stateless && demo.opts.session_only {
+        // What a pre-2026 server says to a 2026-07-28 probe: a plain 400 without a stateless error.
         return StatusCode::BAD_REQUEST.into_response();
     }
     match method {
@@ -522,7 +522,7 @@ async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: Header
     }
     let is_request = msg.get("id").is_some() && msg.get("method").is_some();
     let mut new_session = None;
-    if !modern {
+    if !stateless {
         if method_name == "initialize" {
             let Ok(id) = crate::random::id() else {
                 return json_response(
@@ -556,7 +556,7 @@ async fn http_mcp(State(demo): State<Arc<Demo>>, method: Method, headers: Header
             r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32601,"message":"Method not found"}}"#.into(),
         );
     }
-    if !modern && method_name == "tools/call" && msg.pointer("/params/name") == Some(&json!("drop_stream")) {
+    if !stateless && method_name == "tools/call" && msg.pointer("/params/name") == Some(&json!("drop_stream")) {
         return drop_stream(&demo, &msg);
     }
     if !is_request {

@@ -257,7 +257,7 @@ pub struct Who {
 
 impl Who {
     /// The gateway context of one request by this caller.
-    pub fn ctx(&self, scope: Scope, caller: Caller, protocol_version: String) -> Ctx {
+    pub fn ctx(&self, scope: Scope, caller: Caller, protocol_version: crate::mcp::version::ProtocolVersion) -> Ctx {
         Ctx {
             snapshot: self.snapshot.clone(),
             scope,

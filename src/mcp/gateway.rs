@@ -24,19 +24,13 @@ use tokio::sync::mpsc;
 use super::jsonrpc::{self, Envelope, Item, RawObject, Reply, code};
 use super::resources::{Resolved, ResourceIndex};
 use super::session::{self, Caller, ClientRequestRoute, Scope, Session};
-use super::upstream::{Hub, MODERN_VERSION, Status, Upstream};
+use super::upstream::{Hub, Status, Upstream};
+use super::version::ProtocolVersion;
 use crate::auth::{Authenticator, Identity};
-use crate::authz::Kind as GrantKind;
+use crate::authz::GrantKind;
 use crate::config::{Config, ServerDef, Share};
 use crate::sharded::Sharded;
 use crate::sharded::lock;
-
-/// Protocol versions reachable through `initialize`, oldest first.
-pub const HANDSHAKE_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
-/// The newest handshake version (offered when the client asks for one we do not know).
-pub const LATEST_HANDSHAKE: &str = "2025-11-25";
-/// Stateless protocol versions.
-pub const MODERN_VERSIONS: &[&str] = &[MODERN_VERSION];
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -59,8 +53,8 @@ pub struct Ctx {
     pub scope: Scope,
     /// Who is asking.
     pub caller: Caller,
-    /// The protocol version of this request (negotiated, or the modern `_meta` one).
-    pub protocol_version: String,
+    /// The protocol version of this request (negotiated, or the stateless one).
+    pub protocol_version: ProtocolVersion,
     /// The authenticated identity (its grants decide what is visible).
     pub identity: Arc<Identity>,
     /// What the audit record of this request will say (filled as the request is routed).
@@ -338,7 +332,7 @@ impl Gateway {
         let auth = self.authenticator();
         // stdio has no tokens to revoke: the launching process is the client.
         let sessions: Vec<Arc<Session>> =
-            self.sessions().into_iter().filter(|s| s.transport != session::Transport::Stdio).collect();
+            self.sessions().into_iter().filter(|s| s.transport != session::ClientTransport::Stdio).collect();
         let now = std::time::SystemTime::now();
         let mut stale: Vec<String> = sessions
             .iter()
@@ -368,7 +362,7 @@ impl Gateway {
         let now = crate::store::now_ms();
         let unused: Vec<String> = sessions
             .iter()
-            .filter(|s| s.transport == session::Transport::Streamable && s.idle(now, idle))
+            .filter(|s| s.transport == session::ClientTransport::Streamable && s.idle(now, idle))
             .map(|s| s.id.clone())
             .collect();
         for id in unused {
@@ -527,7 +521,7 @@ impl Gateway {
     /// (sessions; legacy SSE streams separately) and in total. A stdio session (the one local
     /// client) is not counted.
     pub fn add_session(&self, s: Arc<Session>, limits: &crate::config::Limits) -> Result<(), SessionLimit> {
-        if s.transport != session::Transport::Stdio {
+        if s.transport != session::ClientTransport::Stdio {
             if self.sessions.len() >= limits.max_sessions {
                 return Err(SessionLimit::Gateway(limits.max_sessions));
             }
@@ -536,11 +530,11 @@ impl Gateway {
             if h.0 >= limits.max_sessions_per_identity {
                 return Err(SessionLimit::Identity(limits.max_sessions_per_identity));
             }
-            if s.transport == session::Transport::Sse && h.1 >= limits.max_sse_streams_per_identity {
+            if s.transport == session::ClientTransport::Sse && h.1 >= limits.max_sse_streams_per_identity {
                 return Err(SessionLimit::Identity(limits.max_sse_streams_per_identity));
             }
             h.0 += 1;
-            h.1 += usize::from(s.transport == session::Transport::Sse);
+            h.1 += usize::from(s.transport == session::ClientTransport::Sse);
         }
         lock(self.sessions.shard(&s.id)).insert(s.id.clone(), s);
         Ok(())
@@ -567,11 +561,11 @@ impl Gateway {
         if let Some(i) = EndCause::ALL.iter().position(|c| *c == cause) {
             self.ended[i].fetch_add(1, Ordering::Relaxed);
         }
-        if s.transport != session::Transport::Stdio {
+        if s.transport != session::ClientTransport::Stdio {
             let mut held = lock(self.held.shard(&s.identity.key));
             if let Some(h) = held.get_mut(&s.identity.key) {
                 h.0 = h.0.saturating_sub(1);
-                h.1 = h.1.saturating_sub(usize::from(s.transport == session::Transport::Sse));
+                h.1 = h.1.saturating_sub(usize::from(s.transport == session::ClientTransport::Sse));
                 if *h == (0, 0) {
                     held.remove(&s.identity.key);
                 }
@@ -636,7 +630,7 @@ impl Gateway {
             return None;
         }
         if def.share == Share::PerSession {
-            if let Some(session) = caller.session.as_ref().filter(|s| s.transport != session::Transport::Listen) {
+            if let Some(session) = caller.session.as_ref().filter(|s| s.transport != session::ClientTransport::Listen) {
                 if let Some(up) = session.per_session(server) {
                     return Some(up);
                 }
@@ -713,14 +707,13 @@ impl Gateway {
         &self,
         config: &Config,
         scope: &Scope,
-        version: &str,
+        version: ProtocolVersion,
         caller: &Caller,
         who: &Identity,
     ) -> String {
         self.initializes.fetch_add(1, Ordering::Relaxed);
         let (caps, info, instructions) = self.server_identity(config, scope, caller, who).await;
-        let mut out =
-            format!(r#"{{"protocolVersion":{},"capabilities":{caps},"serverInfo":{info}"#, jsonrpc::quote(version));
+        let mut out = format!(r#"{{"protocolVersion":"{version}","capabilities":{caps},"serverInfo":{info}"#);
         if let Some(i) = instructions {
             out.push_str(&format!(r#","instructions":{}"#, jsonrpc::quote(&i)));
         }
@@ -731,7 +724,7 @@ impl Gateway {
     /// Answers `server/discover`.
     pub async fn discover_result(&self, config: &Config, scope: &Scope, caller: &Caller, who: &Identity) -> String {
         let (caps, info, instructions) = self.server_identity(config, scope, caller, who).await;
-        let mut out = format!(r#"{{"supportedVersions":["{MODERN_VERSION}"],"capabilities":{caps}"#);
+        let mut out = format!(r#"{{"supportedVersions":["{}"],"capabilities":{caps}"#, ProtocolVersion::STATELESS);
         if let Some(i) = instructions {
             out.push_str(&format!(r#","instructions":{}"#, jsonrpc::quote(&i)));
         }
@@ -822,15 +815,15 @@ impl Gateway {
             ctx.note(|n| n.error = true);
         }
         // A 2026-07-28 caller gets 2026-07-28 results, whatever era produced them.
-        if ctx.protocol_version == MODERN_VERSION && !reply.is_error && !reply.modern {
+        if ctx.protocol_version.is_stateless() && !reply.is_error && !reply.stateless {
             reply.extra = match req.method {
                 "tools/list"
                 | "prompts/list"
                 | "resources/list"
                 | "resources/templates/list"
                 | "resources/read"
-                | "server/discover" => jsonrpc::MODERN_CACHEABLE,
-                _ => jsonrpc::MODERN_COMPLETE,
+                | "server/discover" => jsonrpc::STATELESS_CACHEABLE,
+                _ => jsonrpc::STATELESS_COMPLETE,
             };
         }
         reply
@@ -994,7 +987,7 @@ impl Gateway {
             .collect();
         let filtered = format!("[{}]", kept.join(","));
         let mut out = Reply::owned(obj.to_json_with(&[(kind.field(), &filtered)]), false);
-        out.modern = reply.modern;
+        out.stateless = reply.stateless;
         out
     }
 
@@ -1185,7 +1178,7 @@ impl Gateway {
         match self.resources.rewrite_result(server, reply.payload_str()) {
             Some(rewritten) => {
                 let mut r = Reply::owned(rewritten, false);
-                r.modern = reply.modern;
+                r.stateless = reply.stateless;
                 r
             }
             None => reply,
@@ -1215,7 +1208,7 @@ impl Gateway {
         if !first && up.def.share == Share::Shared {
             return Reply::owned("{}".into(), false);
         }
-        if up.is_modern() {
+        if up.is_stateless() {
             up.listen_to(uri, true);
             return Reply::owned("{}".into(), false);
         }
@@ -1253,9 +1246,8 @@ impl Gateway {
             prompts: flag("promptsListChanged"),
             resources: flag("resourcesListChanged"),
         };
-        let session =
-            Session::listener(ctx.scope.clone(), ctx.protocol_version.clone(), ctx.identity.clone(), filter.clone())
-                .map_err(|e| Reply::error(code::INTERNAL_ERROR, &e.to_string()))?;
+        let session = Session::listener(ctx.scope.clone(), ctx.protocol_version, ctx.identity.clone(), filter.clone())
+            .map_err(|e| Reply::error(code::INTERNAL_ERROR, &e.to_string()))?;
         let (tx, rx) = mpsc::channel(256);
         session.attach_stream(tx);
         self.add_session(session.clone(), &ctx.snapshot.config.limits)
@@ -1316,7 +1308,7 @@ impl Gateway {
             }
         };
         if last && let Some(up) = self.upstream(server) {
-            if up.is_modern() {
+            if up.is_stateless() {
                 up.listen_to(uri, false);
                 return;
             }
@@ -1663,11 +1655,6 @@ impl Hub for Gateway {
             }
         }
     }
-}
-
-/// Picks the version to answer `initialize` with.
-pub fn negotiate(requested: Option<&str>) -> &'static str {
-    requested.and_then(|r| HANDSHAKE_VERSIONS.iter().find(|v| **v == r)).copied().unwrap_or(LATEST_HANDSHAKE)
 }
 
 /// Logs what a reload changed: servers added, removed and restarted, token names added and

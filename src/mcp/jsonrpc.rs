@@ -267,20 +267,20 @@ pub struct Reply {
     /// 2026-07-28 `resultType` a session-era upstream does not send); empty for none.
     pub extra: &'static str,
     /// True when the payload came from a 2026-07-28 server and already has those members.
-    pub modern: bool,
+    pub stateless: bool,
 }
 
 /// The members a 2026-07-28 result carries that earlier results lack.
-pub const MODERN_COMPLETE: &str = r#""resultType":"complete""#;
+pub const STATELESS_COMPLETE: &str = r#""resultType":"complete""#;
 /// The same for cacheable results (lists, `server/discover`, `resources/read`): Portcullis'
 /// answers depend on who asks, so they are private and not to be reused.
-pub const MODERN_CACHEABLE: &str = r#""resultType":"complete","ttlMs":0,"cacheScope":"private""#;
+pub const STATELESS_CACHEABLE: &str = r#""resultType":"complete","ttlMs":0,"cacheScope":"private""#;
 
 impl Reply {
     /// A reply built from an already-serialised result or error value.
     pub fn owned(value: String, is_error: bool) -> Self {
         let len = value.len();
-        Reply { bytes: Bytes::from(value), span: 0..len, is_error, extra: "", modern: false }
+        Reply { bytes: Bytes::from(value), span: 0..len, is_error, extra: "", stateless: false }
     }
 
     /// An error reply with a code and message.
@@ -869,7 +869,7 @@ mod tests {
         let msg = Bytes::from_static(br#"{"jsonrpc":"2.0","id":3,"result":{"ok":true}}"#);
         let env = Envelope::parse(&msg).unwrap();
         let span = span_of(&msg, env.result.unwrap());
-        let reply = Reply { bytes: msg.clone(), span, is_error: false, extra: "", modern: false };
+        let reply = Reply { bytes: msg.clone(), span, is_error: false, extra: "", stateless: false };
         assert_eq!(reply.to_message("\"x\""), r#"{"jsonrpc":"2.0","id":"x","result":{"ok":true}}"#);
         assert_eq!(reply.payload().as_ptr(), msg[reply.span.clone()].as_ptr());
     }

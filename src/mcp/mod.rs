@@ -8,3 +8,4 @@ pub mod resources;
 pub mod session;
 pub mod sse;
 pub mod upstream;
+pub mod version;

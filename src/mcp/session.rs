@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::upstream::Upstream;
+use super::version::ProtocolVersion;
 use crate::auth::Identity;
 use crate::random::NoRandomness;
 use crate::sharded::lock;
@@ -41,7 +42,7 @@ impl Scope {
 
 /// The transport a session arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
+pub enum ClientTransport {
     /// Streamable HTTP (2025 era).
     Streamable,
     /// HTTP+SSE (2024-11-05).
@@ -92,9 +93,9 @@ pub struct Session {
     /// The servers this session sees.
     pub scope: Scope,
     /// The negotiated protocol version.
-    pub protocol_version: String,
+    pub protocol_version: ProtocolVersion,
     /// The transport.
-    pub transport: Transport,
+    pub transport: ClientTransport,
     /// The identity that opened it: only that identity may use it (others get 404), and it
     /// ends when that identity is revoked, expires or loses the server.
     pub identity: Arc<Identity>,
@@ -137,8 +138,8 @@ impl Session {
     /// A new session with a fresh random id.
     pub fn new(
         scope: Scope,
-        protocol_version: String,
-        transport: Transport,
+        protocol_version: ProtocolVersion,
+        transport: ClientTransport,
         identity: Arc<Identity>,
     ) -> Result<Arc<Self>, NoRandomness> {
         Self::build(scope, protocol_version, transport, identity, None)
@@ -147,17 +148,17 @@ impl Session {
     /// The session behind one `subscriptions/listen` stream.
     pub fn listener(
         scope: Scope,
-        protocol_version: String,
+        protocol_version: ProtocolVersion,
         identity: Arc<Identity>,
         filter: ListenFilter,
     ) -> Result<Arc<Self>, NoRandomness> {
-        Self::build(scope, protocol_version, Transport::Listen, identity, Some(filter))
+        Self::build(scope, protocol_version, ClientTransport::Listen, identity, Some(filter))
     }
 
     fn build(
         scope: Scope,
-        protocol_version: String,
-        transport: Transport,
+        protocol_version: ProtocolVersion,
+        transport: ClientTransport,
         identity: Arc<Identity>,
         listen: Option<ListenFilter>,
     ) -> Result<Arc<Self>, NoRandomness> {

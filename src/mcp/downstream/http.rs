@@ -4,7 +4,7 @@
 //! `MCP-Protocol-Version` header or `_meta` version makes it stateless; else session rules) →
 //! route → answer as JSON, or as SSE once a related message (progress, a server-to-client
 //! request) arrives before the result. Invariants: every malformed input gets a 4xx with a
-//! JSON-RPC error body, never a 5xx; a modern request never mints or reads a session; a
+//! JSON-RPC error body, never a 5xx; a stateless request never mints or reads a session; a
 //! legacy request without a session id (other than `initialize`) gets 400, with an unknown
 //! one 404.
 
@@ -26,10 +26,11 @@ use crate::config::Config;
 use crate::gate::{
     Rejection, Who, audit, guarded, header_str, json, no_randomness, read_body, rpc_error, session_limit,
 };
-use crate::mcp::gateway::{self, Ctx, Gateway, HANDSHAKE_VERSIONS, MODERN_VERSIONS, Request};
+use crate::mcp::gateway::{self, Ctx, Gateway, Request};
 use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
-use crate::mcp::session::{Caller, Scope, Session, Transport};
+use crate::mcp::session::{Caller, ClientTransport, Scope, Session};
 use crate::mcp::sse;
+use crate::mcp::version::ProtocolVersion;
 use crate::sharded::lock;
 
 /// Interval of keep-alive comments on idle SSE streams.
@@ -49,8 +50,8 @@ fn accepts(headers: &HeaderMap, mime: &str) -> bool {
     }
 }
 
-fn is_modern_version(v: &str) -> bool {
-    MODERN_VERSIONS.contains(&v)
+fn is_stateless_version(v: &str) -> bool {
+    ProtocolVersion::parse(v).is_some_and(ProtocolVersion::is_stateless)
 }
 
 /// Handles POST, GET and DELETE on a streamable-HTTP MCP endpoint.
@@ -67,12 +68,12 @@ pub async fn handle(
     guarded(&gw.clone(), &scope.clone(), &label, headers, peer, |who| async move {
         let config = who.snapshot.config.clone();
         let version_header = header_str(headers, "mcp-protocol-version").map(str::to_owned);
-        let modern_header = version_header.as_deref().is_some_and(is_modern_version);
+        let stateless_header = version_header.as_deref().is_some_and(is_stateless_version);
         match method {
             Method::POST => post(gw.clone(), &config, scope, headers, body, version_header, &who).await,
-            Method::GET if modern_header => Ok(method_not_allowed()),
+            Method::GET if stateless_header => Ok(method_not_allowed()),
             Method::GET => get_stream(gw.clone(), scope, headers, &who).await,
-            Method::DELETE if modern_header => Ok(method_not_allowed()),
+            Method::DELETE if stateless_header => Ok(method_not_allowed()),
             Method::DELETE => {
                 let s = session_of(&gw, &scope, headers, &who)?;
                 gw.end_session_as(&s.id, gateway::EndCause::Deleted).await;
@@ -104,7 +105,7 @@ fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who) -> Re
     match gw.session(id) {
         Some(s)
             if s.scope == *scope
-                && s.transport == Transport::Streamable
+                && s.transport == ClientTransport::Streamable
                 && s.identity.same_principal(&who.identity) =>
         {
             Ok(s)
@@ -234,13 +235,13 @@ async fn post(
         return batch(gw, scope, headers, body, version_header, who).await;
     }
     let env = who.parse(&body)?;
-    let modern_header = version_header.as_deref().is_some_and(is_modern_version);
-    let parsed = ModernParams::of(&env, modern_header);
-    if modern_header || (parsed.version.is_some() && !headers.contains_key("mcp-session-id")) {
-        return Ok(modern_post(gw, scope, headers, &env, parsed, version_header, who).await);
+    let stateless_header = version_header.as_deref().is_some_and(is_stateless_version);
+    let parsed = StatelessParams::of(&env, stateless_header);
+    if stateless_header || (parsed.version.is_some() && !headers.contains_key("mcp-session-id")) {
+        return Ok(stateless_post(gw, scope, headers, &env, parsed, version_header, who).await);
     }
     if let Some(v) = &version_header
-        && !HANDSHAKE_VERSIONS.contains(&v.as_str())
+        && !ProtocolVersion::parse(v).is_some_and(ProtocolVersion::is_handshake)
     {
         return Err(Rejection::rpc(
             StatusCode::BAD_REQUEST,
@@ -255,7 +256,7 @@ async fn post(
     let session = session_of(&gw, &scope, headers, who)?;
     let caller =
         Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
-    let ctx = who.ctx(scope, caller, session.protocol_version.clone());
+    let ctx = who.ctx(scope, caller, session.protocol_version);
     Ok(match env.kind {
         Kind::Notification => {
             gw.notification(&ctx, &env);
@@ -273,17 +274,17 @@ async fn post(
 /// 2026-07-28 validation ladder. Left empty (nothing parsed) for a request that neither names
 /// 2026-07-28 in its header nor carries a `_meta` protocol version.
 #[derive(Default)]
-struct ModernParams<'a> {
+struct StatelessParams<'a> {
     params: Option<RawObject<'a>>,
     meta: Option<RawObject<'a>>,
     /// The protocol version in `_meta`, if any.
     version: Option<String>,
 }
 
-impl<'a> ModernParams<'a> {
-    fn of(env: &Envelope<'a>, modern_header: bool) -> Self {
+impl<'a> StatelessParams<'a> {
+    fn of(env: &Envelope<'a>, stateless_header: bool) -> Self {
         let Some(raw) = env.params else { return Self::default() };
-        if !modern_header && !raw.get().contains(PROTOCOL_VERSION_META) {
+        if !stateless_header && !raw.get().contains(PROTOCOL_VERSION_META) {
             return Self::default();
         }
         let params = RawObject::parse(raw).ok();
@@ -292,7 +293,7 @@ impl<'a> ModernParams<'a> {
             .as_ref()
             .and_then(|m| m.get(PROTOCOL_VERSION_META))
             .map(|v| serde_json::from_str::<String>(v.get()).unwrap_or_else(|_| v.get().to_owned()));
-        ModernParams { params, meta, version }
+        StatelessParams { params, meta, version }
     }
 }
 
@@ -306,8 +307,8 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Wh
             "initialize: params.protocolVersion is required",
         );
     };
-    let version = gateway::negotiate(Some(&requested));
-    let session = match Session::new(scope.clone(), version.to_owned(), Transport::Streamable, who.identity.clone()) {
+    let version = ProtocolVersion::negotiate(Some(&requested));
+    let session = match Session::new(scope.clone(), version, ClientTransport::Streamable, who.identity.clone()) {
         Ok(s) => s,
         Err(e) => return no_randomness(env.id.map(RawValue::get), &e),
     };
@@ -333,12 +334,12 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Wh
 }
 
 /// The 2026-07-28 validation ladder, then routing without a session.
-async fn modern_post(
+async fn stateless_post(
     gw: Arc<Gateway>,
     scope: Scope,
     headers: &HeaderMap,
     env: &Envelope<'_>,
-    parsed: ModernParams<'_>,
+    parsed: StatelessParams<'_>,
     version_header: Option<String>,
     who: &Who,
 ) -> Response {
@@ -349,7 +350,7 @@ async fn modern_post(
             return reject(code::INVALID_REQUEST, "Bad Request: 2026-07-28 clients must not send responses");
         }
         Kind::Notification => {
-            return if version_header.as_deref().is_some_and(is_modern_version) {
+            return if version_header.as_deref().is_some_and(is_stateless_version) {
                 StatusCode::ACCEPTED.into_response()
             } else {
                 reject(code::HEADER_MISMATCH, "MCP-Protocol-Version header is required")
@@ -362,7 +363,7 @@ async fn modern_post(
             return reject(code::HEADER_MISMATCH, &format!("{name} header appears more than once"));
         }
     }
-    let ModernParams { params, meta, version: meta_version } = parsed;
+    let StatelessParams { params, meta, version: meta_version } = parsed;
     let Some(meta) = meta else {
         return reject(
             code::INVALID_PARAMS,
@@ -396,18 +397,15 @@ async fn modern_post(
     {
         return reject(code::HEADER_MISMATCH, &format!("Mcp-Name header does not match the request body's {key:?}"));
     }
-    let version = meta_version.unwrap_or_default();
-    if !is_modern_version(&version) {
-        let data = format!(
-            r#"{{"supported":["{}"],"requested":{}}}"#,
-            MODERN_VERSIONS.join("\",\""),
-            jsonrpc::quote(&version)
-        );
+    let requested = meta_version.unwrap_or_default();
+    let Some(version) = ProtocolVersion::parse(&requested).filter(|v| v.is_stateless()) else {
+        let data =
+            format!(r#"{{"supported":["{}"],"requested":{}}}"#, ProtocolVersion::STATELESS, jsonrpc::quote(&requested));
         return json(
             StatusCode::BAD_REQUEST,
             jsonrpc::error_response(id, code::UNSUPPORTED_VERSION, "Unsupported protocol version", Some(&data)),
         );
-    }
+    };
     let caller =
         Caller { session: None, related: None, cancel_on_drop: true, asks: None, forward: param_headers(headers) };
     let ctx = who.ctx(scope, caller, version);
@@ -424,7 +422,7 @@ async fn listen(gw: Arc<Gateway>, ctx: Ctx, env: &Envelope<'_>) -> Response {
     let id = env.id.map_or("null", RawValue::get).to_owned();
     let (session, rx, ack) = match gw.listen(&ctx, &id, env.params).await {
         Ok(opened) => opened,
-        Err(reply) => return json(modern_status(&reply), reply.to_message(&id)),
+        Err(reply) => return json(stateless_status(&reply), reply.to_message(&id)),
     };
     let end = EndSession { gw, id: session.id.clone() };
     let closed = session.closed.clone();
@@ -495,8 +493,8 @@ pub fn decode_header_value(v: Option<&str>) -> Option<String> {
     }
 }
 
-/// HTTP status for a modern-era JSON error (as the 2026-07-28 SDKs map them).
-fn modern_status(reply: &Reply) -> StatusCode {
+/// HTTP status for a stateless-era JSON error (as the 2026-07-28 SDKs map them).
+fn stateless_status(reply: &Reply) -> StatusCode {
     if !reply.is_error {
         return StatusCode::OK;
     }
@@ -514,7 +512,7 @@ fn modern_status(reply: &Reply) -> StatusCode {
 
 /// Routes a request and answers: JSON when the result comes first, SSE when a related message
 /// (progress, a server-to-client request) comes first and the client accepts SSE.
-async fn answer(gw: Arc<Gateway>, mut ctx: Ctx, req: Owned, sse_ok: bool, modern: bool) -> Response {
+async fn answer(gw: Arc<Gateway>, mut ctx: Ctx, req: Owned, sse_ok: bool, stateless: bool) -> Response {
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     if sse_ok {
         ctx.caller.related = Some(tx);
@@ -537,7 +535,7 @@ async fn answer(gw: Arc<Gateway>, mut ctx: Ctx, req: Owned, sse_ok: bool, modern
                 early.push(sse::message(reply.to_message(&id).as_bytes(), None));
                 return sse_response(futures_util::stream::iter(early.into_iter().map(Ok::<_, Infallible>)), None);
             }
-            let status = if modern { modern_status(&reply) } else { StatusCode::OK };
+            let status = if stateless { stateless_status(&reply) } else { StatusCode::OK };
             let chunks = reply.to_chunks(&id);
             let body = Body::from_stream(futures_util::stream::iter(chunks.into_iter().map(Ok::<_, Infallible>)));
             json(status, body)
@@ -588,11 +586,11 @@ async fn batch(
             "Bad Request: JSON-RPC batches are not supported in this protocol version",
         )
     };
-    if version_header.as_deref().is_some_and(is_modern_version) {
+    if version_header.as_deref().is_some_and(is_stateless_version) {
         return Err(invalid());
     }
     let session = match session_of(&gw, &scope, headers, who) {
-        Ok(s) if s.protocol_version == "2025-03-26" => s,
+        Ok(s) if s.protocol_version.allows_batches() => s,
         Ok(_) => return Err(invalid()),
         Err(_) if !headers.contains_key("mcp-session-id") => return Err(invalid()),
         Err(r) => return Err(r),
@@ -608,7 +606,7 @@ async fn batch(
         Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
     let futs = items.iter().map(|item| {
         let gw = gw.clone();
-        let (scope, caller, version) = (scope.clone(), caller.clone(), session.protocol_version.clone());
+        let (scope, caller, version) = (scope.clone(), caller.clone(), session.protocol_version);
         async move {
             let started = Instant::now();
             let time = crate::audit::now_rfc3339();

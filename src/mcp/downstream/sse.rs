@@ -22,14 +22,15 @@ use tokio::sync::mpsc;
 
 use super::http::{EndSession, sse_response, stream_with_keepalive};
 use crate::gate::{Rejection, audit, guarded, no_randomness, read_single, session_limit};
-use crate::mcp::gateway::{self, Gateway, Request};
+use crate::mcp::gateway::{Gateway, Request};
 use crate::mcp::jsonrpc::{self, Kind, RawObject, code};
-use crate::mcp::session::{Caller, Scope, Session, Transport};
+use crate::mcp::session::{Caller, ClientTransport, Scope, Session};
 use crate::mcp::sse;
+use crate::mcp::version::ProtocolVersion;
 use crate::sharded::lock;
 
 /// The version a legacy SSE session speaks until `initialize` says otherwise.
-const SSE_VERSION: &str = "2024-11-05";
+const SSE_VERSION: ProtocolVersion = ProtocolVersion::V2024_11_05;
 
 /// `GET /sse`: opens a session and its stream.
 pub async fn open(
@@ -39,7 +40,7 @@ pub async fn open(
     headers: HeaderMap,
 ) -> Response {
     guarded(&gw.clone(), &scope.clone(), "GET", &headers, peer, |who| async move {
-        let session = match Session::new(scope, SSE_VERSION.to_owned(), Transport::Sse, who.identity.clone()) {
+        let session = match Session::new(scope, SSE_VERSION, ClientTransport::Sse, who.identity.clone()) {
             Ok(s) => s,
             Err(e) => return no_randomness(None, &e),
         };
@@ -80,7 +81,7 @@ pub async fn message(
     guarded(&gw.clone(), &Scope::All, "POST", &headers, peer, |who| async move {
         let session = session_id
             .and_then(|id| gw.session(&id))
-            .filter(|s| s.transport == Transport::Sse && s.identity.same_principal(&who.identity));
+            .filter(|s| s.transport == ClientTransport::Sse && s.identity.same_principal(&who.identity));
         let Some(session) = session else {
             return Err(Rejection::rpc(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found"));
         };
@@ -88,7 +89,7 @@ pub async fn message(
         let body = read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
         let env = who.parse(&body)?;
         let caller = Caller { session: Some(session.clone()), ..Caller::default() };
-        let ctx = who.ctx(session.scope.clone(), caller, session.protocol_version.clone());
+        let ctx = who.ctx(session.scope.clone(), caller, session.protocol_version);
         match env.kind {
             Kind::Notification => gw.notification(&ctx, &env),
             Kind::Result | Kind::Error => gw.response(&ctx, &env),
@@ -100,7 +101,7 @@ pub async fn message(
                 {
                     session.set_capabilities(caps.get());
                 }
-                let version = gateway::negotiate(requested.as_deref());
+                let version = ProtocolVersion::negotiate(requested.as_deref());
                 let result = gw
                     .initialize_result(&ctx.snapshot.config, &session.scope, version, &ctx.caller, &who.identity)
                     .await;

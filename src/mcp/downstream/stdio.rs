@@ -19,11 +19,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::auth::Identity;
-use crate::mcp::gateway::{self, Ctx, Gateway, Note, Request};
+use crate::mcp::gateway::{Ctx, Gateway, Note, Request};
 use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, code};
 use crate::mcp::lines::{Line, Lines};
-use crate::mcp::session::{Caller, Scope, Session, Transport};
-use crate::mcp::upstream::MODERN_VERSION;
+use crate::mcp::session::{Caller, ClientTransport, Scope, Session};
+use crate::mcp::version::ProtocolVersion;
 use crate::sharded::lock;
 
 /// Serves one client on stdin/stdout until stdin closes.
@@ -40,8 +40,9 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
             }
         }
     });
-    let session = Session::new(scope.clone(), "2025-11-25".into(), Transport::Stdio, identity.clone())
-        .map_err(std::io::Error::other)?;
+    let session =
+        Session::new(scope.clone(), ProtocolVersion::LATEST_SESSION, ClientTransport::Stdio, identity.clone())
+            .map_err(std::io::Error::other)?;
     session.attach_stream(tx.clone());
     gw.add_session(session.clone(), &gw.config().limits).map_err(std::io::Error::other)?;
     // Each message gets its audit note (the one client is local: its address is loopback).
@@ -58,7 +59,7 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
         crate::gate::audit(gw, started.0, IpAddr::V4(Ipv4Addr::LOCALHOST), &lock(note), status, started.1);
     };
     // One snapshot per message: what a reload changes applies from the next message on.
-    let ctx_for = |caller: Caller, version: String, note: Arc<std::sync::Mutex<Note>>| Ctx {
+    let ctx_for = |caller: Caller, version: ProtocolVersion, note: Arc<std::sync::Mutex<Note>>| Ctx {
         snapshot: gw.snapshot(),
         scope: scope.clone(),
         caller,
@@ -107,27 +108,30 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
             }
         };
         let note = note_for(env.method(), env.id.map(RawValue::get));
-        let modern = env.method() == "server/discover" || is_modern(&env);
+        let stateless = env.method() == "server/discover" || is_stateless(&env);
         match env.kind {
             Kind::Request if env.method() == "initialize" => {
                 let params = env.params.and_then(|p| RawObject::parse(p).ok());
                 if let Some(caps) = params.as_ref().and_then(|o| o.get("capabilities")) {
                     session.set_capabilities(caps.get());
                 }
-                let version = gateway::negotiate(params.and_then(|o| o.get_str("protocolVersion")).as_deref());
+                let version = ProtocolVersion::negotiate(params.and_then(|o| o.get_str("protocolVersion")).as_deref());
                 let caller = Caller { session: Some(session.clone()), ..Caller::default() };
                 let result = gw.initialize_result(&gw.config(), &scope, version, &caller, &identity).await;
                 send(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)).await;
                 record(&gw, &note, StatusCode::OK, started);
             }
             Kind::Request => {
-                let (caller, version) = if modern {
+                let (caller, version) = if stateless {
                     // Stateless: related messages go out on stdout with the answer.
-                    (Caller { related: Some(tx.clone()), cancel_on_drop: true, ..Caller::default() }, MODERN_VERSION)
+                    (
+                        Caller { related: Some(tx.clone()), cancel_on_drop: true, ..Caller::default() },
+                        ProtocolVersion::STATELESS,
+                    )
                 } else {
-                    (Caller { session: Some(session.clone()), ..Caller::default() }, "2025-11-25")
+                    (Caller { session: Some(session.clone()), ..Caller::default() }, session.protocol_version)
                 };
-                let ctx = ctx_for(caller, version.to_owned(), note.clone());
+                let ctx = ctx_for(caller, version, note.clone());
                 let id = env.id.map_or("null", RawValue::get).to_owned();
                 let method = env.method().to_owned();
                 let params: Option<Box<RawValue>> = env.params.map(ToOwned::to_owned);
@@ -142,12 +146,12 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
             }
             Kind::Notification => {
                 let caller = Caller { session: Some(session.clone()), ..Caller::default() };
-                gw.notification(&ctx_for(caller, "2025-11-25".into(), note.clone()), &env);
+                gw.notification(&ctx_for(caller, session.protocol_version, note.clone()), &env);
                 record(&gw, &note, StatusCode::ACCEPTED, started);
             }
             Kind::Result | Kind::Error => {
                 let caller = Caller { session: Some(session.clone()), ..Caller::default() };
-                gw.response(&ctx_for(caller, "2025-11-25".into(), note.clone()), &env);
+                gw.response(&ctx_for(caller, session.protocol_version, note.clone()), &env);
                 record(&gw, &note, StatusCode::ACCEPTED, started);
             }
         }
@@ -159,7 +163,7 @@ pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> s
     Ok(())
 }
 
-fn is_modern(env: &Envelope<'_>) -> bool {
+fn is_stateless(env: &Envelope<'_>) -> bool {
     env.params
         .and_then(|p| RawObject::parse(p).ok())
         .and_then(|o| {
@@ -167,5 +171,5 @@ fn is_modern(env: &Envelope<'_>) -> bool {
                 .and_then(|m| RawObject::parse(m).ok())
                 .and_then(|m| m.get_str(crate::mcp::downstream::http::PROTOCOL_VERSION_META))
         })
-        .is_some_and(|v| v == MODERN_VERSION)
+        .is_some_and(|v| ProtocolVersion::parse(&v).is_some_and(ProtocolVersion::is_stateless))
 }

@@ -195,7 +195,7 @@ pub enum UpstreamError {
         /// The server's name.
         server: String,
         /// What failed.
-        source: super::mrtr::InputError,
+        source: super::input_requests::InputError,
     },
 }
 

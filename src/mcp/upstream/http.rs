@@ -22,10 +22,11 @@ use reqwest::{StatusCode, Url};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Connected, Link, MODERN_VERSION, ServerInfo, TransportError, Upstream, UpstreamError};
+use super::{Link, Opened, ServerInfo, TransportError, Upstream, UpstreamError};
 use crate::config::{HttpMode, Transport};
 use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject};
 use crate::mcp::sse;
+use crate::mcp::version::ProtocolVersion;
 use crate::sharded::lock;
 
 /// The largest JSON body or SSE event accepted from an upstream.
@@ -35,7 +36,7 @@ const MAX_RESUMES: u32 = 5;
 
 enum Mode {
     Streamable,
-    Modern,
+    Stateless,
     Sse { post_url: Url },
 }
 
@@ -111,7 +112,7 @@ pub(crate) struct HttpLink {
     mode: Mode,
     session_id: Mutex<Option<HeaderValue>>,
     protocol_version: Mutex<Option<HeaderValue>>,
-    modern_info: OnceLock<ServerInfo>,
+    stateless_info: OnceLock<ServerInfo>,
     closed: CancellationToken,
     tasks: Mutex<HashMap<u64, AbortHandle>>,
     idle: Duration,
@@ -128,7 +129,7 @@ fn static_headers(headers: &[(String, String)]) -> HeaderMap {
     map
 }
 
-pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Connected, TransportError> {
+pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Opened, TransportError> {
     let Transport::Http { url, mode, headers } = &up.def.transport else {
         return Err(TransportError::BadUrl("not an HTTP server".into()));
     };
@@ -148,7 +149,7 @@ pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Connected, TransportEr
         mode,
         session_id: Mutex::new(None),
         protocol_version: Mutex::new(None),
-        modern_info: OnceLock::new(),
+        stateless_info: OnceLock::new(),
         closed: closed.clone(),
         tasks: Mutex::new(HashMap::new()),
         idle: up.def.sse_idle_timeout,
@@ -157,13 +158,11 @@ pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Connected, TransportEr
     let link = match mode {
         HttpMode::Sse => connect_sse(make, &url, &headers, up).await?,
         HttpMode::Streamable | HttpMode::Auto => {
-            match probe_modern(&up.http.full, &url, &headers, up.def.timeout).await {
-                Probe::Modern(info) => {
-                    let link = make(Mode::Modern);
-                    let _ = link.modern_info.set(info);
-                    if let Ok(v) = HeaderValue::from_str(MODERN_VERSION) {
-                        *lock(&link.protocol_version) = Some(v);
-                    }
+            match probe_stateless(&up.http.full, &url, &headers, up.def.timeout).await {
+                Probe::Stateless(info) => {
+                    let link = make(Mode::Stateless);
+                    let _ = link.stateless_info.set(info);
+                    link.set_protocol_version(ProtocolVersion::STATELESS);
                     Arc::new(link)
                 }
                 Probe::NoPost if *mode == HttpMode::Auto => connect_sse(make, &url, &headers, up).await?,
@@ -172,11 +171,11 @@ pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Connected, TransportEr
             }
         }
     };
-    Ok(Connected { link: Link::Http(link), closed, pid: None })
+    Ok(Opened { link: Link::Http(link), closed, pid: None })
 }
 
 enum Probe {
-    Modern(ServerInfo),
+    Stateless(ServerInfo),
     Legacy,
     NoPost,
     Unreachable(TransportError),
@@ -192,7 +191,7 @@ fn client_meta_members() -> &'static [(&'static str, String)] {
     static MEMBERS: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
     MEMBERS.get_or_init(|| {
         vec![
-            ("io.modelcontextprotocol/protocolVersion", jsonrpc::quote(MODERN_VERSION)),
+            ("io.modelcontextprotocol/protocolVersion", jsonrpc::quote(ProtocolVersion::STATELESS.as_str())),
             ("io.modelcontextprotocol/clientCapabilities", "{}".to_owned()),
             (
                 "io.modelcontextprotocol/clientInfo",
@@ -202,14 +201,14 @@ fn client_meta_members() -> &'static [(&'static str, String)] {
     })
 }
 
-async fn probe_modern(client: &reqwest::Client, url: &Url, headers: &HeaderMap, timeout: Duration) -> Probe {
+async fn probe_stateless(client: &reqwest::Client, url: &Url, headers: &HeaderMap, timeout: Duration) -> Probe {
     let body = jsonrpc::request("0", "server/discover", Some(&format!(r#"{{"_meta":{}}}"#, client_meta())));
     let resp = client
         .post(url.clone())
         .headers(headers.clone())
         .header(CONTENT_TYPE, "application/json")
         .header(ACCEPT, "application/json, text/event-stream")
-        .header("mcp-protocol-version", MODERN_VERSION)
+        .header("mcp-protocol-version", ProtocolVersion::STATELESS.as_str())
         .header("mcp-method", "server/discover")
         .timeout(timeout.min(Duration::from_secs(30)))
         .body(body)
@@ -259,15 +258,15 @@ async fn probe_modern(client: &reqwest::Client, url: &Url, headers: &HeaderMap, 
         meta: Option<HashMap<String, Box<serde_json::value::RawValue>>>,
     }
     let Some(Ok(d)) = env.result.map(|r| serde_json::from_str::<Discover>(r.get())) else { return Probe::Legacy };
-    if !d.supported_versions.iter().any(|v| v == MODERN_VERSION) {
+    if !d.supported_versions.iter().any(|v| ProtocolVersion::parse(v).is_some_and(ProtocolVersion::is_stateless)) {
         return Probe::Legacy;
     }
     let server_info = d
         .meta
         .and_then(|mut m| m.remove("io.modelcontextprotocol/serverInfo"))
         .unwrap_or_else(|| jsonrpc::raw("{}".into()));
-    Probe::Modern(ServerInfo {
-        protocol_version: MODERN_VERSION.to_owned(),
+    Probe::Stateless(ServerInfo {
+        protocol_version: ProtocolVersion::STATELESS,
         capabilities: d.capabilities.unwrap_or_else(|| jsonrpc::raw("{}".into())),
         server_info,
         instructions: d.instructions,
@@ -341,14 +340,12 @@ async fn connect_sse(
 }
 
 impl HttpLink {
-    pub(crate) fn modern_info(&self) -> Option<ServerInfo> {
-        self.modern_info.get().cloned()
+    pub(crate) fn stateless_info(&self) -> Option<ServerInfo> {
+        self.stateless_info.get().cloned()
     }
 
-    pub(crate) fn set_protocol_version(&self, v: &str) {
-        if let Ok(v) = HeaderValue::from_str(v) {
-            *lock(&self.protocol_version) = Some(v);
-        }
+    pub(crate) fn set_protocol_version(&self, v: ProtocolVersion) {
+        *lock(&self.protocol_version) = Some(HeaderValue::from_static(v.as_str()));
     }
 
     pub(crate) async fn shutdown(&self) {
@@ -373,7 +370,7 @@ impl HttpLink {
     }
 
     pub(crate) fn abort(&self, id: u64) -> bool {
-        if !matches!(self.mode, Mode::Modern) {
+        if !matches!(self.mode, Mode::Stateless) {
             return false;
         }
         if let Some(t) = lock(&self.tasks).remove(&id) {
@@ -429,9 +426,9 @@ impl HttpLink {
         // Names the header, never its value (a mirrored argument may be sensitive).
         let value = |k: &str, v: &str| HeaderValue::from_str(v).map_err(|_| TransportError::HeaderValue(k.to_owned()));
         match self.mode {
-            Mode::Modern => {
-                let (msg, method, name) = modernize(&msg)?;
-                headers.insert("mcp-protocol-version", HeaderValue::from_static(MODERN_VERSION));
+            Mode::Stateless => {
+                let (msg, method, name) = for_stateless(&msg)?;
+                headers.insert("mcp-protocol-version", HeaderValue::from_static(ProtocolVersion::STATELESS.as_str()));
                 headers.insert("mcp-method", value("Mcp-Method", &method)?);
                 if let Some(name) = name {
                     headers.insert("mcp-name", value("Mcp-Name", &name)?);
@@ -461,7 +458,7 @@ impl HttpLink {
     /// error says whether the server could not be reached at all.
     async fn send_post(&self, headers: HeaderMap, body: Bytes) -> Result<hyper::Response<ResponseBody>, PostError> {
         match (&self.plain, &self.mode) {
-            (Some((client, uri)), Mode::Modern | Mode::Streamable) => {
+            (Some((client, uri)), Mode::Stateless | Mode::Streamable) => {
                 let mut req = hyper::Request::new(http_body_util::Full::new(body));
                 *req.method_mut() = hyper::Method::POST;
                 *req.uri_mut() = uri.clone();
@@ -516,9 +513,9 @@ impl HttpLink {
             return;
         }
         let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
-        // A modern server answers JSON-RPC errors with 4xx and a JSON body: deliver those as is.
-        let modern_json_error = matches!(self.mode, Mode::Modern) && !is_sse;
-        if !status.is_success() && !modern_json_error {
+        // A stateless server answers JSON-RPC errors with 4xx and a JSON body: deliver those as is.
+        let stateless_json_error = matches!(self.mode, Mode::Stateless) && !is_sse;
+        if !status.is_success() && !stateless_json_error {
             let body = read_limited(resp).await.unwrap_or_default();
             // The 400 "No valid session ID provided" that SDK servers answer after a restart is
             // the 404's kin.
@@ -626,7 +623,7 @@ impl HttpLink {
             return None;
         }
         match last_id {
-            Some(l) if !matches!(self.mode, Mode::Modern) => Some((l, retry)),
+            Some(l) if !matches!(self.mode, Mode::Stateless) => Some((l, retry)),
             _ => {
                 self.fail(Some(id), TransportError::StreamEnded);
                 None
@@ -738,7 +735,7 @@ impl HttpLink {
 /// Headers a client sent that go upstream as they are (`Mcp-Param-*`).
 pub type ForwardHeaders = Arc<[(String, String)]>;
 
-fn modernize(msg: &[u8]) -> Result<(Bytes, String, Option<String>), TransportError> {
+fn for_stateless(msg: &[u8]) -> Result<(Bytes, String, Option<String>), TransportError> {
     let env = Envelope::parse(msg).map_err(|e| TransportError::Unsendable(e.to_string()))?;
     let method = env.method().to_owned();
     if env.kind != Kind::Request && env.kind != Kind::Notification {

@@ -17,7 +17,7 @@
 
 mod error;
 pub mod http;
-pub(crate) mod mrtr;
+pub(crate) mod input_requests;
 pub mod stdio;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -37,14 +37,14 @@ use crate::config::{ServerDef, Transport};
 use crate::sharded::lock;
 pub use error::{Down, TransportError, UpstreamError};
 
+use super::version::ProtocolVersion;
+
 /// The protocol version Portcullis offers upstream in `initialize`.
-pub const UPSTREAM_HANDSHAKE_VERSION: &str = "2025-11-25";
+pub const UPSTREAM_HANDSHAKE_VERSION: &str = ProtocolVersion::LATEST_SESSION.as_str();
 /// `_meta` key of a 2026-07-28 request's log level.
 pub const LOG_LEVEL_META: &str = "io.modelcontextprotocol/logLevel";
 /// `_meta` key of a 2026-07-28 request's client capabilities.
 pub const CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
-/// The modern (stateless) protocol version.
-pub const MODERN_VERSION: &str = "2026-07-28";
 
 /// Crash-loop breaker: this many failed starts or crashes ...
 const BREAKER_FAILURES: usize = 5;
@@ -159,7 +159,7 @@ impl State {
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
     /// Negotiated protocol version.
-    pub protocol_version: String,
+    pub protocol_version: ProtocolVersion,
     /// Raw `capabilities` object.
     pub capabilities: Box<RawValue>,
     /// Raw `serverInfo` object.
@@ -206,7 +206,7 @@ impl Link {
         }
     }
 
-    /// Stops a request the transport can stop by itself (modern HTTP: closing the POST).
+    /// Stops a request the transport can stop by itself (stateless HTTP: closing the POST).
     fn abort(&self, id: u64) -> bool {
         match self {
             Link::Stdio(_) => false,
@@ -222,8 +222,9 @@ impl Link {
     }
 }
 
-/// What a transport hands back when it connects, before the handshake.
-pub(crate) struct Connected {
+/// A transport opened (a child started, a URL reached), before the handshake makes it a
+/// [`Connection`].
+pub(crate) struct Opened {
     link: Link,
     closed: CancellationToken,
     pid: Option<u32>,
@@ -387,7 +388,7 @@ impl Upstream {
                         breaker.reset();
                     }
                     tracing::info!(server = %self.def.name, pid = conn.pid, version = %conn.info.protocol_version, "upstream connected");
-                    if conn.info.protocol_version == MODERN_VERSION {
+                    if conn.info.protocol_version.is_stateless() {
                         self.spawn_listener(conn.clone());
                     }
                     self.changed();
@@ -482,8 +483,8 @@ impl Upstream {
     }
 
     /// Whether the connected server speaks 2026-07-28.
-    pub fn is_modern(&self) -> bool {
-        self.connection().is_some_and(|c| c.info.protocol_version == MODERN_VERSION)
+    pub fn is_stateless(&self) -> bool {
+        self.connection().is_some_and(|c| c.info.protocol_version.is_stateless())
     }
 
     /// Adds or removes a resource on this instance's `subscriptions/listen` stream (2026-07-28
@@ -552,14 +553,14 @@ impl Upstream {
     }
 
     async fn connect(self: &Arc<Self>) -> Result<Connection, TransportError> {
-        let connected = match &self.def.transport {
+        let opened = match &self.def.transport {
             Transport::Stdio { .. } => stdio::spawn(self).await?,
             Transport::Http { .. } => http::connect(self).await?,
         };
-        let Connected { link, closed, pid } = connected;
+        let Opened { link, closed, pid } = opened;
         let handshake = async {
             if let Link::Http(h) = &link
-                && let Some(info) = h.modern_info()
+                && let Some(info) = h.stateless_info()
             {
                 return Ok(info);
             }
@@ -593,7 +594,7 @@ impl Upstream {
         }
         let info = parse_init(reply.payload_str())?;
         if let Link::Http(h) = link {
-            h.set_protocol_version(&info.protocol_version);
+            h.set_protocol_version(info.protocol_version);
         }
         link.send(Bytes::from(jsonrpc::notification("notifications/initialized", None)), None)?;
         if let Link::Http(h) = link {
@@ -676,7 +677,7 @@ impl Upstream {
     ///
     /// A session-era caller never sees a 2026-07-28 `InputRequiredResult`: its embedded
     /// requests are asked on the caller's stream and the call is retried with the answers
-    /// (see [`mrtr`]), all within the one deadline.
+    /// (see [`input_requests`]), all within the one deadline.
     pub async fn call(
         self: &Arc<Self>,
         method: &str,
@@ -685,30 +686,31 @@ impl Upstream {
         caller: &Caller,
         down_id: Option<&str>,
     ) -> Result<Reply, UpstreamError> {
-        if caller.session.is_none() && MRTR_METHODS.contains(&method) {
+        if caller.session.is_none() && INPUT_REQUEST_METHODS.contains(&method) {
             return self.call_stateless(method, params, edits, caller, down_id).await;
         }
         let deadline = Instant::now() + self.def.timeout;
         let mut reply = self.call_once(method, params, edits, caller, down_id, deadline).await?;
         let Some(session) = &caller.session else { return Ok(reply) };
-        let protocol = |source: mrtr::InputError| UpstreamError::Input { server: self.def.name.clone(), source };
-        for _ in 0..mrtr::MAX_ROUNDS {
+        let protocol =
+            |source: input_requests::InputError| UpstreamError::Input { server: self.def.name.clone(), source };
+        for _ in 0..input_requests::MAX_ROUNDS {
             // Only a 2026-07-28 server answers `input_required`: other results are not scanned.
-            if reply.is_error || !reply.modern {
+            if reply.is_error || !reply.stateless {
                 return Ok(reply);
             }
-            let required = match mrtr::input_required(reply.payload_str()) {
+            let required = match input_requests::input_required(reply.payload_str()) {
                 None => return Ok(reply),
                 Some(r) => r.map_err(protocol)?,
             };
             let mut answers = Vec::with_capacity(required.requests.len());
             for (key, m, p) in &required.requests {
-                match mrtr::ask(session, caller, m, p.as_deref(), deadline).await.map_err(protocol)? {
-                    mrtr::Answer::Result(r) => answers.push((key.clone(), r)),
-                    mrtr::Answer::Refused(err) => return Ok(err),
+                match input_requests::ask(session, caller, m, p.as_deref(), deadline).await.map_err(protocol)? {
+                    input_requests::Answer::Result(r) => answers.push((key.clone(), r)),
+                    input_requests::Answer::Refused(err) => return Ok(err),
                 }
             }
-            let responses = mrtr::responses_json(&answers);
+            let responses = input_requests::responses_json(&answers);
             let mut retry: Vec<(&str, &str)> = edits.to_vec();
             if !answers.is_empty() {
                 retry.push(("inputResponses", &responses));
@@ -718,7 +720,7 @@ impl Upstream {
             }
             reply = self.call_once(method, params, &retry, caller, down_id, deadline).await?;
         }
-        Err(protocol(mrtr::InputError::TooManyRounds))
+        Err(protocol(input_requests::InputError::TooManyRounds))
     }
 
     async fn call_once(
@@ -757,7 +759,7 @@ impl Upstream {
         match result {
             Ok(Ok(Ok(mut reply))) => {
                 guard.armed = false;
-                reply.modern = conn.info.protocol_version == MODERN_VERSION;
+                reply.stateless = conn.info.protocol_version.is_stateless();
                 Ok(reply)
             }
             Ok(Ok(Err(e))) => {
@@ -793,13 +795,13 @@ impl Upstream {
         // travels in every request's `_meta` instead.
         let (level, caps);
         let mut meta_adds: Vec<(&str, &str)> = Vec::new();
-        if let Some(session) = caller.session.as_ref().filter(|_| conn.info.protocol_version == MODERN_VERSION) {
+        if let Some(session) = caller.session.as_ref().filter(|_| conn.info.protocol_version.is_stateless()) {
             level = jsonrpc::quote(session::LOG_LEVELS[usize::from(session.log_level().unwrap_or(0))]);
             caps = session.capabilities();
             meta_adds.push((LOG_LEVEL_META, &level));
             meta_adds.push((CAPABILITIES_META, &caps));
         }
-        let strip_era = caller.session.is_none() && conn.info.protocol_version != MODERN_VERSION;
+        let strip_era = caller.session.is_none() && !conn.info.protocol_version.is_stateless();
         let (params, progress_token) = rewrite_params(params, edits, &id_text, &meta_adds, strip_era)
             .map_err(|source| UpstreamError::Transport { server: self.def.name.clone(), source })?;
         let msg = jsonrpc::request(&id_text, method, params.as_deref());
@@ -888,7 +890,7 @@ impl Upstream {
                 guard.armed = false;
                 match r {
                     Ok(Ok(mut reply)) => {
-                        reply.modern = p.conn.info.protocol_version == MODERN_VERSION;
+                        reply.stateless = p.conn.info.protocol_version.is_stateless();
                         Ok(reply)
                     }
                     Ok(Err(e)) => Err(e),
@@ -940,7 +942,7 @@ impl Upstream {
                     }
                 });
                 let mut reply = Reply::owned(result, false);
-                reply.modern = true;
+                reply.stateless = true;
                 Ok(reply)
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -956,7 +958,7 @@ impl Upstream {
     pub async fn set_log_level(self: &Arc<Self>, rank: u8) {
         let previous = self.log_level.swap(rank.saturating_add(1), Ordering::Relaxed);
         if let Some(conn) = self.connection()
-            && conn.info.protocol_version != MODERN_VERSION
+            && !conn.info.protocol_version.is_stateless()
             && previous != rank.saturating_add(1)
         {
             let params = jsonrpc::raw(format!(r#"{{"level":"{}"}}"#, session::LOG_LEVELS[usize::from(rank)]));
@@ -1054,7 +1056,7 @@ impl Upstream {
                         span,
                         is_error: env.kind == Kind::Error,
                         extra: "",
-                        modern: false,
+                        stateless: false,
                     },
                     None => Reply::error(code::INTERNAL_ERROR, "empty response"),
                 };
@@ -1215,7 +1217,7 @@ fn wants_log(caller: &Caller, env: &Envelope<'_>) -> bool {
 }
 
 /// The methods that may answer with `InputRequiredResult` (2026-07-28).
-const MRTR_METHODS: [&str; 3] = ["tools/call", "prompts/get", "resources/read"];
+const INPUT_REQUEST_METHODS: [&str; 3] = ["tools/call", "prompts/get", "resources/read"];
 
 /// Marks a `requestState` that Portcullis minted (a parked call), as opposed to an upstream's.
 const PARKED_PREFIX: &str = "pcs-parked.";
@@ -1377,8 +1379,16 @@ fn parse_init(result: &str) -> Result<ServerInfo, TransportError> {
     }
     let init: Init = serde_json::from_str(result)
         .map_err(|e| TransportError::Initialize(format!("not an InitializeResult: {e}")))?;
+    // A version Portcullis does not speak is not guessed at: the server is refused.
+    let protocol_version =
+        ProtocolVersion::parse(&init.protocol_version).filter(|v| v.is_handshake()).ok_or_else(|| {
+            TransportError::Initialize(format!(
+                "the server speaks protocol version {:?}, which Portcullis does not",
+                init.protocol_version
+            ))
+        })?;
     Ok(ServerInfo {
-        protocol_version: init.protocol_version,
+        protocol_version,
         capabilities: init.capabilities.unwrap_or_else(|| jsonrpc::raw("{}".into())),
         server_info: init.server_info.unwrap_or_else(|| jsonrpc::raw("{}".into())),
         instructions: init.instructions,

@@ -19,7 +19,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Connected, Link, TransportError, Upstream};
+use super::{Link, Opened, TransportError, Upstream};
 use crate::config::Transport;
 use crate::mcp::lines::{Line, Lines};
 use crate::sharded::lock;
@@ -71,7 +71,7 @@ impl StdioLink {
     }
 }
 
-pub(crate) async fn spawn(up: &Arc<Upstream>) -> Result<Connected, TransportError> {
+pub(crate) async fn spawn(up: &Arc<Upstream>) -> Result<Opened, TransportError> {
     let Transport::Stdio { command, args, env, inherit_env, cwd } = &up.def.transport else {
         return Err(TransportError::Spawn { command: String::new(), reason: "not a stdio server".into() });
     };
@@ -110,7 +110,7 @@ pub(crate) async fn spawn(up: &Arc<Upstream>) -> Result<Connected, TransportErro
     tokio::spawn(read_loop(stdout, Arc::downgrade(up), closed.clone(), name.clone()));
     tokio::spawn(reap(child, pgid, name, closed.clone(), stop.clone(), exited.clone()));
 
-    Ok(Connected { link: Link::Stdio(StdioLink { tx, stop, exited }), closed, pid: Some(pid) })
+    Ok(Opened { link: Link::Stdio(StdioLink { tx, stop, exited }), closed, pid: Some(pid) })
 }
 
 async fn write_loop(

@@ -123,7 +123,7 @@ pub async fn ask(
         (Kind::Result, Some(r), _) => Ok(Answer::Result(r.get().to_owned())),
         (Kind::Error, _, Some(e)) => {
             let span = jsonrpc::span_of(&bytes, e);
-            Ok(Answer::Refused(Reply { bytes: bytes.clone(), span, is_error: true, extra: "", modern: false }))
+            Ok(Answer::Refused(Reply { bytes: bytes.clone(), span, is_error: true, extra: "", stateless: false }))
         }
         _ => Err(InputError::NotAResponse(method.to_owned())),
     }
