@@ -301,40 +301,13 @@ fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()
             }
         }
         TokenCommand::List { json } => {
-            let now = now_ms();
             let tokens = store.list()?;
             if json {
                 for t in &tokens {
                     show(t, None, true);
                 }
             } else {
-                println!(
-                    "{:<20} {:<10} {:<10} {:<28} {:<20} {:<20} {:<20} state",
-                    "name", "tenant", "prefix", "grants", "created", "expires", "last used"
-                );
-                for t in &tokens {
-                    let g = &t.grants;
-                    let grants = format!(
-                        "servers={} tools={}",
-                        if g.servers.is_empty() { "*".into() } else { g.servers.join(",") },
-                        if g.tools.is_empty() { "*".into() } else { g.tools.join(",") }
-                    );
-                    let grants = printable(&grants);
-                    let state = serde_json::to_value(t.state(now))
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    println!(
-                        "{:<20} {:<10} {:<10} {:<28} {:<20} {:<20} {:<20} {state}",
-                        printable(&t.name),
-                        if t.tenant.is_empty() { "-".into() } else { printable(&t.tenant) },
-                        t.prefix,
-                        grants,
-                        fmt_time(Some(t.created_at)),
-                        fmt_time(t.ends_at()),
-                        fmt_time(t.last_used_at)
-                    );
-                }
+                print_token_table(&tokens);
             }
         }
         TokenCommand::Rotate { token, tenant, grace, json } => {
@@ -348,6 +321,37 @@ fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// `token list` as a table.
+fn print_token_table(tokens: &[crate::store::StoredToken]) {
+    use crate::store::{now_ms, printable};
+    let now = now_ms();
+    println!(
+        "{:<20} {:<10} {:<10} {:<28} {:<20} {:<20} {:<20} state",
+        "name", "tenant", "prefix", "grants", "created", "expires", "last used"
+    );
+    for t in tokens {
+        let g = &t.grants;
+        let grants = format!(
+            "servers={} tools={}",
+            if g.servers.is_empty() { "*".into() } else { g.servers.join(",") },
+            if g.tools.is_empty() { "*".into() } else { g.tools.join(",") }
+        );
+        let grants = printable(&grants);
+        let state =
+            serde_json::to_value(t.state(now)).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        println!(
+            "{:<20} {:<10} {:<10} {:<28} {:<20} {:<20} {:<20} {state}",
+            printable(&t.name),
+            if t.tenant.is_empty() { "-".into() } else { printable(&t.tenant) },
+            t.prefix,
+            grants,
+            fmt_time(Some(t.created_at)),
+            fmt_time(t.ends_at()),
+            fmt_time(t.last_used_at)
+        );
+    }
 }
 
 /// Sets up logging on stderr (stdout may carry protocol).

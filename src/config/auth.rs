@@ -131,28 +131,7 @@ pub const GENERATED_NAME: &str = "generated";
 impl Validator<'_> {
     pub(super) fn auth(&mut self, parts: RawAuthParts, servers: &[String]) -> AuthConfig {
         let mut out = AuthConfig::default();
-        // The environment: one key for everything, admin (VoiceGateway, Open MCP Gateway).
-        let mut env_tokens: Vec<String> = Vec::new();
-        if let Some(t) = self.env.get("PORTCULLIS_TOKEN").map(str::trim).filter(|t| !t.is_empty()) {
-            env_tokens.push(t.to_owned());
-        }
-        if let Some(list) = self.env.get("PORTCULLIS_TOKENS") {
-            env_tokens.extend(list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned));
-        }
-        for (i, secret) in env_tokens.iter().enumerate() {
-            let name = if i == 0 { "env".to_owned() } else { format!("env-{}", i + 1) };
-            out.tokens.push(admin_token(name, secret, TokenSource::Env));
-        }
-        if let Some(key) = &parts.api_key {
-            let before = self.errors.len();
-            let secret = self.subst("api_key", key);
-            if secret.trim().is_empty() && self.errors.len() == before {
-                self.error("api_key", "resolves to an empty string");
-            } else {
-                out.tokens.push(admin_token("api_key".into(), &secret, TokenSource::File));
-            }
-        }
-
+        self.single_keys(&mut out, parts.api_key.as_ref());
         for (name, tenant) in &parts.tenants {
             let mut namespaces = BTreeMap::new();
             for (ns, list) in &tenant.namespaces {
@@ -209,6 +188,32 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    /// The one-key sources, each an admin: `PORTCULLIS_TOKEN`, `PORTCULLIS_TOKENS`
+    /// (VoiceGateway) and Open MCP Gateway's `api_key`.
+    fn single_keys(&mut self, out: &mut AuthConfig, api_key: Option<&S>) {
+        // The environment: one key for everything, admin (VoiceGateway, Open MCP Gateway).
+        let mut env_tokens: Vec<String> = Vec::new();
+        if let Some(t) = self.env.get("PORTCULLIS_TOKEN").map(str::trim).filter(|t| !t.is_empty()) {
+            env_tokens.push(t.to_owned());
+        }
+        if let Some(list) = self.env.get("PORTCULLIS_TOKENS") {
+            env_tokens.extend(list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned));
+        }
+        for (i, secret) in env_tokens.iter().enumerate() {
+            let name = if i == 0 { "env".to_owned() } else { format!("env-{}", i + 1) };
+            out.tokens.push(admin_token(name, secret, TokenSource::Env));
+        }
+        if let Some(key) = api_key {
+            let before = self.errors.len();
+            let secret = self.subst("api_key", key);
+            if !secret.trim().is_empty() {
+                out.tokens.push(admin_token("api_key".into(), &secret, TokenSource::File));
+            } else if self.errors.len() == before {
+                self.error("api_key", "resolves to an empty string");
+            }
+        }
     }
 
     fn rate(&mut self, path: &str, value: &S) -> Option<Rate> {

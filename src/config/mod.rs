@@ -811,24 +811,8 @@ impl Validator<'_> {
     fn validate(mut self, raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         let listen = self.listen(&raw);
         let public_url = self.public_url(&raw);
-        let name = raw
-            .name
-            .as_ref()
-            .map(|n| ("name", n))
-            .or_else(|| raw.proxy.as_ref().and_then(|p| p.name.as_ref()).map(|n| ("proxy.name", n)))
-            .map(|(path, n)| self.subst(path, n))
-            .filter(|n| !n.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_NAME.to_owned());
-        let separator = match &raw.separator {
-            Some(s) => {
-                let v = self.subst("separator", s);
-                if v.is_empty() || v.chars().any(|c| c.is_whitespace()) {
-                    self.error("separator", "must be non-empty and contain no whitespace");
-                }
-                v
-            }
-            None => DEFAULT_SEPARATOR.to_owned(),
-        };
+        let name = self.name(&raw);
+        let separator = self.separator(raw.separator.as_ref());
         let allowed_origins = raw
             .allowed_origins
             .iter()
@@ -845,50 +829,8 @@ impl Validator<'_> {
         if max_body_bytes == 0 {
             self.error("max_body_bytes", "must be greater than 0");
         }
-
-        let mut servers = Vec::new();
-        for (section, map) in [("servers", raw.servers), ("mcpServers", raw.mcp_servers)] {
-            for (name, entry) in map {
-                if let Some(def) = self.server(section, &name, &entry, &separator) {
-                    if servers.iter().any(|s: &Arc<ServerDef>| s.name == def.name) {
-                        self.error(format!("{section}.{name}"), "defined twice");
-                    } else {
-                        servers.push(Arc::new(def));
-                    }
-                }
-            }
-        }
-        let catalog = raw.catalog_path.as_ref().map(|c| {
-            let file = self.subst("catalog_path", c);
-            let file = match &self.base {
-                Some(dir) if Path::new(&file).is_relative() => dir.join(&file),
-                _ => PathBuf::from(file),
-            };
-            let (catalog, errors, warnings) = catalog::load(&file);
-            self.errors.extend(errors);
-            self.warnings.extend(warnings);
-            for (name, entry, line) in &catalog.servers {
-                let before = self.errors.len();
-                let def = self.server("catalog", name, entry, &separator);
-                for e in &mut self.errors[before..] {
-                    e.file = Some(file.clone());
-                    e.line = e.line.or(*line);
-                }
-                match def {
-                    Some(def) if servers.iter().any(|s: &Arc<ServerDef>| s.name == def.name) => {
-                        self.errors.push(ConfigError {
-                            file: Some(file.clone()),
-                            path: format!("catalog.{name}"),
-                            line: *line,
-                            message: "defined twice (also in this config file)".into(),
-                        })
-                    }
-                    Some(def) => servers.push(Arc::new(def)),
-                    None => {}
-                }
-            }
-            file
-        });
+        let mut servers = self.servers([("servers", raw.servers), ("mcpServers", raw.mcp_servers)], &separator);
+        let catalog = raw.catalog_path.as_ref().map(|c| self.catalog(c, &separator, &mut servers));
         servers.sort_by(|a, b| a.name.cmp(&b.name));
         let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
         let auth = self.auth(
@@ -907,12 +849,7 @@ impl Validator<'_> {
                 self.error(format!("servers.{}.authTokens", s.name), format!("unknown token name {t:?}"));
             }
         }
-        let audit_file = raw.audit.and_then(|a| a.file).map(|f| PathBuf::from(self.subst("audit.file", &f)));
-        let audit_file = match audit_file {
-            Some(p) if p.as_os_str() == "-" => AuditTo::Stderr,
-            Some(p) => AuditTo::File(p),
-            None => AuditTo::Default,
-        };
+        let audit_file = self.audit(raw.audit);
         let store_path = raw.store.map(|st| {
             let p = self.subst("store.path", &st.path);
             if env::has_unset(&p) {
@@ -920,17 +857,7 @@ impl Validator<'_> {
             }
             PathBuf::from(p)
         });
-        let tls = raw.tls.map(|t| {
-            let settings = crate::tls::TlsSettings {
-                cert: PathBuf::from(self.subst("tls.cert", &t.cert)),
-                key: PathBuf::from(self.subst("tls.key", &t.key)),
-                client_ca: t.client_ca.as_ref().map(|c| PathBuf::from(self.subst("tls.client_ca", c))),
-            };
-            if let Err(e) = crate::tls::server_config(&settings) {
-                self.error("tls", e);
-            }
-            settings
-        });
+        let tls = raw.tls.map(|t| self.tls(&t));
         let limits = self.limits(raw.limits.as_ref());
         if !self.errors.is_empty() {
             self.errors.sort_by_key(|e| e.line.unwrap_or(u32::MAX));
@@ -955,6 +882,100 @@ impl Validator<'_> {
             source: None,
             warnings: self.warnings,
         })
+    }
+
+    /// `name`, or MCP Front's `proxy.name`.
+    fn name(&mut self, raw: &RawConfig) -> String {
+        raw.name
+            .as_ref()
+            .map(|n| ("name", n))
+            .or_else(|| raw.proxy.as_ref().and_then(|p| p.name.as_ref()).map(|n| ("proxy.name", n)))
+            .map(|(path, n)| self.subst(path, n))
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_NAME.to_owned())
+    }
+
+    fn separator(&mut self, raw: Option<&S>) -> String {
+        let Some(s) = raw else { return DEFAULT_SEPARATOR.to_owned() };
+        let v = self.subst("separator", s);
+        if v.is_empty() || v.chars().any(|c| c.is_whitespace()) {
+            self.error("separator", "must be non-empty and contain no whitespace");
+        }
+        v
+    }
+
+    /// The servers of the file's server maps, each name once.
+    fn servers<const N: usize>(
+        &mut self,
+        sections: [(&str, BTreeMap<String, RawServer>); N],
+        separator: &str,
+    ) -> Vec<Arc<ServerDef>> {
+        let mut servers: Vec<Arc<ServerDef>> = Vec::new();
+        for (section, map) in sections {
+            for (name, entry) in map {
+                if let Some(def) = self.server(section, &name, &entry, separator) {
+                    if servers.iter().any(|s| s.name == def.name) {
+                        self.error(format!("{section}.{name}"), "defined twice");
+                    } else {
+                        servers.push(Arc::new(def));
+                    }
+                }
+            }
+        }
+        servers
+    }
+
+    /// Open MCP Gateway's catalog: its servers join `servers` (each problem names the catalog
+    /// file); returns the file, for the watcher.
+    fn catalog(&mut self, path: &S, separator: &str, servers: &mut Vec<Arc<ServerDef>>) -> PathBuf {
+        let file = self.subst("catalog_path", path);
+        let file = match &self.base {
+            Some(dir) if Path::new(&file).is_relative() => dir.join(&file),
+            _ => PathBuf::from(file),
+        };
+        let (catalog, errors, warnings) = catalog::load(&file);
+        self.errors.extend(errors);
+        self.warnings.extend(warnings);
+        for (name, entry, line) in &catalog.servers {
+            let before = self.errors.len();
+            let def = self.server("catalog", name, entry, separator);
+            for e in &mut self.errors[before..] {
+                e.file = Some(file.clone());
+                e.line = e.line.or(*line);
+            }
+            match def {
+                Some(def) if servers.iter().any(|s| s.name == def.name) => self.errors.push(ConfigError {
+                    file: Some(file.clone()),
+                    path: format!("catalog.{name}"),
+                    line: *line,
+                    message: "defined twice (also in this config file)".into(),
+                }),
+                Some(def) => servers.push(Arc::new(def)),
+                None => {}
+            }
+        }
+        file
+    }
+
+    fn audit(&mut self, raw: Option<RawAudit>) -> AuditTo {
+        match raw.and_then(|a| a.file).map(|f| PathBuf::from(self.subst("audit.file", &f))) {
+            Some(p) if p.as_os_str() == "-" => AuditTo::Stderr,
+            Some(p) => AuditTo::File(p),
+            None => AuditTo::Default,
+        }
+    }
+
+    /// `tls:`, with its files loaded once to prove they make a configuration.
+    fn tls(&mut self, t: &RawTls) -> crate::tls::TlsSettings {
+        let settings = crate::tls::TlsSettings {
+            cert: PathBuf::from(self.subst("tls.cert", &t.cert)),
+            key: PathBuf::from(self.subst("tls.key", &t.key)),
+            client_ca: t.client_ca.as_ref().map(|c| PathBuf::from(self.subst("tls.client_ca", c))),
+        };
+        if let Err(e) = crate::tls::server_config(&settings) {
+            self.error("tls", e);
+        }
+        settings
     }
 
     /// A duration field: its value, or `default` when absent or wrong (with an error). Zero is

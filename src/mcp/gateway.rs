@@ -854,43 +854,11 @@ impl Gateway {
 
     async fn list(&self, config: &Config, ctx: &Ctx, req: &Request<'_>, kind: ListKind) -> Reply {
         if let Scope::One(name) = &ctx.scope {
-            let Some(up) = self.instance(config, name, &ctx.caller) else {
-                return Reply::error(code::UPSTREAM_ERROR, &format!("server {name} is not available"));
-            };
-            return match up.call(req.method, req.params, &[], &ctx.caller, req.id).await {
-                Ok(r) => {
-                    if kind == ListKind::Resources || kind == ListKind::Templates {
-                        self.index_resources(name, kind, &r);
-                    }
-                    if r.is_error || ctx.identity.grants.patterns(kind.grant()).is_open() {
-                        return r;
-                    }
-                    self.filter_one(config, ctx, name, kind, r)
-                }
-                Err(e) => e.to_reply(),
-            };
+            return self.list_one(config, ctx, req, kind, name).await;
         }
         let cursor = req.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("cursor"));
-        let entries: Vec<(String, Option<String>)> = match cursor {
-            // A cursor is valid only for the identity, scope and list it was minted for, and
-            // names only servers that identity may still reach.
-            Some(c) => match self.open_cursor(&c, &ctx.identity, kind) {
-                Some(e)
-                    if e.iter().all(|(s, _)| {
-                        config.server(s).is_some_and(|d| d.enabled)
-                            && ctx.scope.includes(s)
-                            && ctx.identity.grants.reaches(s)
-                    }) =>
-                {
-                    e
-                }
-                _ => return Reply::error(code::INVALID_PARAMS, "Invalid cursor"),
-            },
-            None => self
-                .servers_in_scope(config, &ctx.scope, &ctx.identity)
-                .iter()
-                .map(|d| (d.name.clone(), None))
-                .collect(),
+        let Some(entries) = self.list_entries(config, ctx, kind, cursor.as_deref()) else {
+            return Reply::error(code::INVALID_PARAMS, "Invalid cursor");
         };
         let calls = entries.iter().map(|(server, upstream_cursor)| async move {
             let up = self.instance(config, server, &ctx.caller)?;
@@ -916,14 +884,75 @@ impl Gateway {
                 self.index_resources(server, kind, reply);
             }
         }
+        let (items, next) = self.merge_pages(config, ctx, kind, results);
+        let mut out = format!(r#"{{"{}":{items}"#, kind.field());
+        if !next.is_empty() {
+            out.push_str(&format!(
+                r#","nextCursor":{}"#,
+                jsonrpc::quote(&self.seal_cursor(&next, &ctx.identity, kind))
+            ));
+        }
+        out.push('}');
+        Reply::owned(out, false)
+    }
+
+    /// A list on one server's own endpoint: its page as it is, less what the caller may not use.
+    async fn list_one(&self, config: &Config, ctx: &Ctx, req: &Request<'_>, kind: ListKind, name: &str) -> Reply {
+        let Some(up) = self.instance(config, name, &ctx.caller) else {
+            return Reply::error(code::UPSTREAM_ERROR, &format!("server {name} is not available"));
+        };
+        match up.call(req.method, req.params, &[], &ctx.caller, req.id).await {
+            Ok(r) => {
+                if kind == ListKind::Resources || kind == ListKind::Templates {
+                    self.index_resources(name, kind, &r);
+                }
+                if r.is_error || ctx.identity.grants.patterns(kind.grant()).is_open() {
+                    return r;
+                }
+                self.filter_one(config, ctx, name, kind, r)
+            }
+            Err(e) => e.to_reply(),
+        }
+    }
+
+    /// Which servers (and their own cursors) an aggregated page asks: every server in scope
+    /// for a first page, the cursor's for a later one. None for a cursor that is not valid for
+    /// this identity, scope and list, or names a server the identity may no longer reach.
+    fn list_entries(
+        &self,
+        config: &Config,
+        ctx: &Ctx,
+        kind: ListKind,
+        cursor: Option<&str>,
+    ) -> Option<Vec<(String, Option<String>)>> {
+        let Some(c) = cursor else {
+            let servers = self.servers_in_scope(config, &ctx.scope, &ctx.identity);
+            return Some(servers.iter().map(|d| (d.name.clone(), None)).collect());
+        };
+        self.open_cursor(c, &ctx.identity, kind).filter(|e| {
+            e.iter().all(|(s, _)| {
+                config.server(s).is_some_and(|d| d.enabled) && ctx.scope.includes(s) && ctx.identity.grants.reaches(s)
+            })
+        })
+    }
+
+    /// The items of every server's page, prefixed and filtered by the caller's grants, as one
+    /// JSON array; and the servers that have more.
+    fn merge_pages(
+        &self,
+        config: &Config,
+        ctx: &Ctx,
+        kind: ListKind,
+        results: Vec<(String, Reply)>,
+    ) -> (String, Vec<(String, Option<String>)>) {
         let mut items = String::from("[");
         let mut next: Vec<(String, Option<String>)> = Vec::new();
+        let grants = &ctx.identity.grants;
         for (server, reply) in results {
             let Some(page) = ListPage::parse(reply.payload_str()) else { continue };
             if let Some(c) = &page.next_cursor {
                 next.push((server.clone(), Some(c.to_string())));
             }
-            let grants = &ctx.identity.grants;
             for item in page.items(kind.field()) {
                 let rewritten = match kind {
                     ListKind::Tools | ListKind::Prompts => {
@@ -954,15 +983,7 @@ impl Gateway {
             }
         }
         items.push(']');
-        let mut out = format!(r#"{{"{}":{items}"#, kind.field());
-        if !next.is_empty() {
-            out.push_str(&format!(
-                r#","nextCursor":{}"#,
-                jsonrpc::quote(&self.seal_cursor(&next, &ctx.identity, kind))
-            ));
-        }
-        out.push('}');
-        Reply::owned(out, false)
+        (items, next)
     }
 
     /// A one-server list without the items the caller may not use.

@@ -375,58 +375,15 @@ impl Upstream {
             };
             match attempt {
                 Ok(conn) => {
-                    let conn = Arc::new(conn);
-                    self.set(|s| {
-                        s.state = State::Running;
-                        s.conn = Some(conn.clone());
-                        s.since = Some(Instant::now());
-                    });
                     if std::mem::take(&mut unreachable) {
                         tracing::info!(server = %self.def.name, "upstream reachable again");
                     }
                     if remote {
                         breaker.reset();
                     }
-                    tracing::info!(server = %self.def.name, pid = conn.pid, version = %conn.info.protocol_version, "upstream connected");
-                    if conn.info.protocol_version.is_stateless() {
-                        self.spawn_listener(conn.clone());
-                    }
-                    self.changed();
-                    let mut missed = 0;
-                    let stopping = loop {
-                        tokio::select! {
-                            _ = conn.closed.cancelled() => break false,
-                            _ = self.stop.cancelled() => break true,
-                            // A remote server is probed while connected, so its state, health
-                            // and metrics say it is gone even when nobody calls it.
-                            target = probe_due(probe.as_ref()) => {
-                                // Two probes in a row, so one slow connect is not an outage.
-                                missed = if http::reachable(target).await { 0 } else { missed + 1 };
-                                if missed >= 2 {
-                                    tracing::warn!(server = %self.def.name, "upstream unreachable (probe)");
-                                    conn.closed.cancel();
-                                }
-                            }
-                        }
-                    };
-                    // Unpublish first (no new calls land on it), reap, then say Stopped.
-                    self.set(|s| {
-                        s.conn = None;
-                        s.since = None;
-                        if !stopping {
-                            s.state = State::Restarting;
-                        }
-                    });
-                    conn.link.shutdown().await;
-                    if stopping {
-                        self.fail_all(Down::Stopped);
-                        self.changed();
+                    if self.run_connection(Arc::new(conn), probe.as_ref()).await {
                         break;
                     }
-                    tracing::warn!(server = %self.def.name, "upstream connection ended; restarting");
-                    self.set(|s| s.last_error = Some(Down::ConnectionEnded));
-                    self.fail_all(Down::ConnectionEnded);
-                    self.changed();
                     if started.elapsed() >= HEALTHY_AFTER {
                         breaker.reset();
                     }
@@ -453,23 +410,7 @@ impl Upstream {
                     });
                 }
             }
-            let delay = match breaker.failed(Instant::now()) {
-                Retry::Open(d) => {
-                    tracing::error!(server = %self.def.name, "crash loop: breaker open for {d:?}");
-                    self.set(|s| s.state = State::Failed);
-                    let last = self.status.borrow().last_error.clone().map(Box::new);
-                    self.fail_all(Down::CrashLoop { last });
-                    d
-                }
-                // A remote server keeps the state its failure set (unreachable, restarting).
-                Retry::After(d) if remote => d,
-                Retry::After(d) => {
-                    if self.status.borrow().state != State::Starting {
-                        self.set(|s| s.state = State::Restarting);
-                    }
-                    d
-                }
-            };
+            let delay = self.after_failure(&mut breaker, remote);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.stop.cancelled() => break,
@@ -480,6 +421,79 @@ impl Upstream {
             s.conn = None;
         });
         self.fail_all(Down::Stopped);
+    }
+
+    /// Publishes a new connection and watches it (probing a remote server) until it ends or
+    /// the instance stops; returns whether it is stopping.
+    async fn run_connection(self: &Arc<Self>, conn: Arc<Connection>, probe: Option<&(String, u16)>) -> bool {
+        self.set(|s| {
+            s.state = State::Running;
+            s.conn = Some(conn.clone());
+            s.since = Some(Instant::now());
+        });
+        tracing::info!(server = %self.def.name, pid = conn.pid, version = %conn.info.protocol_version, "upstream connected");
+        if conn.info.protocol_version.is_stateless() {
+            self.spawn_listener(conn.clone());
+        }
+        self.changed();
+        let mut missed = 0;
+        let stopping = loop {
+            tokio::select! {
+                _ = conn.closed.cancelled() => break false,
+                _ = self.stop.cancelled() => break true,
+                // A remote server is probed while connected, so its state, health and metrics
+                // say it is gone even when nobody calls it.
+                target = probe_due(probe) => {
+                    // Two probes in a row, so one slow connect is not an outage.
+                    missed = if http::reachable(target).await { 0 } else { missed + 1 };
+                    if missed >= 2 {
+                        tracing::warn!(server = %self.def.name, "upstream unreachable (probe)");
+                        conn.closed.cancel();
+                    }
+                }
+            }
+        };
+        // Unpublish first (no new calls land on it), reap, then say Stopped.
+        self.set(|s| {
+            s.conn = None;
+            s.since = None;
+            if !stopping {
+                s.state = State::Restarting;
+            }
+        });
+        conn.link.shutdown().await;
+        if stopping {
+            self.fail_all(Down::Stopped);
+            self.changed();
+            return true;
+        }
+        tracing::warn!(server = %self.def.name, "upstream connection ended; restarting");
+        self.set(|s| s.last_error = Some(Down::ConnectionEnded));
+        self.fail_all(Down::ConnectionEnded);
+        self.changed();
+        false
+    }
+
+    /// How long to wait after a failed start or an ended connection; opens the crash-loop
+    /// breaker (failing every call in flight) when the breaker says so.
+    fn after_failure(&self, breaker: &mut Breaker, remote: bool) -> Duration {
+        match breaker.failed(Instant::now()) {
+            Retry::Open(d) => {
+                tracing::error!(server = %self.def.name, "crash loop: breaker open for {d:?}");
+                self.set(|s| s.state = State::Failed);
+                let last = self.status.borrow().last_error.clone().map(Box::new);
+                self.fail_all(Down::CrashLoop { last });
+                d
+            }
+            // A remote server keeps the state its failure set (unreachable, restarting).
+            Retry::After(d) if remote => d,
+            Retry::After(d) => {
+                if self.status.borrow().state != State::Starting {
+                    self.set(|s| s.state = State::Restarting);
+                }
+                d
+            }
+        }
     }
 
     /// Whether the connected server speaks 2026-07-28.
