@@ -7,8 +7,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use portcullis::authz::{GrantKind, Grants, Patterns};
-use portcullis::mcp::gateway::{ListPage, push_prefixed};
 use portcullis::mcp::jsonrpc::{Envelope, RawObject};
+use portcullis::mcp::lists::{ListPage, push_prefixed};
 
 fn median_ns(iters: u32, mut f: impl FnMut()) -> f64 {
     let mut samples = Vec::new();

@@ -4,6 +4,7 @@ pub mod downstream;
 pub mod gateway;
 pub mod jsonrpc;
 pub mod lines;
+pub mod lists;
 pub mod resources;
 pub mod session;
 pub mod sse;
