@@ -177,7 +177,7 @@ async fn describe(gw: &Gateway, def: &Arc<ServerDef>) -> Value {
 }
 
 /// `GET /servers`.
-pub async fn servers(
+pub(crate) async fn servers(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -192,7 +192,7 @@ pub async fn servers(
 }
 
 /// `GET /servers/{name}`.
-pub async fn server(
+pub(crate) async fn server(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
@@ -209,7 +209,7 @@ pub async fn server(
 }
 
 /// `POST /servers/{name}/start|stop|restart`.
-pub async fn control(
+pub(crate) async fn control(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((name, action)): Path<(String, String)>,
@@ -248,7 +248,7 @@ pub async fn control(
 }
 
 /// `GET /stats`.
-pub async fn stats(
+pub(crate) async fn stats(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -264,7 +264,7 @@ pub async fn stats(
 }
 
 /// `GET /metrics` (Prometheus text format).
-pub async fn metrics(
+pub(crate) async fn metrics(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -313,7 +313,7 @@ pub async fn metrics(
 }
 
 /// `POST /admin/reload`: as SIGHUP, but the errors of an invalid file come back in the answer.
-pub async fn reload(
+pub(crate) async fn reload(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -331,7 +331,7 @@ pub async fn reload(
 }
 
 /// `POST /rpc`: one JSON-RPC request without a session, under the caller's own grants.
-pub async fn rpc(
+pub(crate) async fn rpc(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -431,7 +431,7 @@ async fn admin_body(who: &Who, body: Body) -> Result<bytes::Bytes, Rejection> {
 }
 
 /// `POST /admin/tokens`: issues a token (its secret only in this answer).
-pub async fn create_token(
+pub(crate) async fn create_token(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -489,7 +489,7 @@ fn beyond_caller(who: &Who, new: &crate::store::NewToken) -> Option<String> {
 }
 
 /// `GET /admin/tokens`.
-pub async fn list_tokens(
+pub(crate) async fn list_tokens(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -508,7 +508,7 @@ pub async fn list_tokens(
 }
 
 /// `GET /admin/tokens/{id}`.
-pub async fn get_token(
+pub(crate) async fn get_token(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
@@ -521,7 +521,7 @@ pub async fn get_token(
 }
 
 /// `POST /admin/tokens/{id}/rotate` with `{"grace":"24h"}`.
-pub async fn rotate_token(
+pub(crate) async fn rotate_token(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
@@ -554,7 +554,7 @@ pub async fn rotate_token(
 }
 
 /// `DELETE /admin/tokens/{id}`: revokes (the row stays); effective at once.
-pub async fn revoke_token(
+pub(crate) async fn revoke_token(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,

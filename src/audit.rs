@@ -44,7 +44,7 @@ pub struct Record {
 }
 
 /// Formats a time as RFC 3339 with milliseconds.
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 

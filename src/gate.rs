@@ -25,7 +25,7 @@ use crate::mcp::session::{Caller, Scope};
 use crate::sharded::lock;
 
 /// A JSON response with a status.
-pub fn json(status: StatusCode, body: impl Into<Body>) -> Response {
+pub(crate) fn json(status: StatusCode, body: impl Into<Body>) -> Response {
     let mut r = Response::new(body.into());
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -33,7 +33,7 @@ pub fn json(status: StatusCode, body: impl Into<Body>) -> Response {
 }
 
 /// A JSON-RPC error response with an HTTP status.
-pub fn rpc_error(status: StatusCode, id: Option<&str>, code: i64, message: &str) -> Response {
+pub(crate) fn rpc_error(status: StatusCode, id: Option<&str>, code: i64, message: &str) -> Response {
     json(status, jsonrpc::error_response(id, code, message, None))
 }
 
@@ -52,7 +52,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Scope {
 /// A request refused at the edge. It renders itself (`IntoResponse`): that rendering is the
 /// HTTP edge's one conversion from a typed refusal to bytes, so handlers use `?` on it.
 #[derive(Debug)]
-pub enum Rejection {
+pub(crate) enum Rejection {
     /// A JSON-RPC error answer with an HTTP status (the MCP surfaces, `/rpc`).
     Rpc {
         /// The HTTP status.
@@ -79,12 +79,12 @@ pub enum Rejection {
 
 impl Rejection {
     /// A JSON-RPC error answer.
-    pub fn rpc(status: StatusCode, id: Option<&str>, code: i64, message: impl Into<String>) -> Rejection {
+    pub(crate) fn rpc(status: StatusCode, id: Option<&str>, code: i64, message: impl Into<String>) -> Rejection {
         Rejection::Rpc { status, id: id.map(str::to_owned), code, message: message.into() }
     }
 
     /// A management API error.
-    pub fn api(status: StatusCode, error: &'static str, message: impl Into<String>) -> Rejection {
+    pub(crate) fn api(status: StatusCode, error: &'static str, message: impl Into<String>) -> Rejection {
         Rejection::Api { status, error, message: message.into() }
     }
 }
@@ -113,7 +113,7 @@ pub(crate) fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Checks `Origin` (when present) and `Host` (on loopback, or when `allowed_hosts` is set).
 /// Returns the 403 response to send when the request must be refused.
-pub fn check_origin(config: &Config, headers: &HeaderMap) -> Option<Rejection> {
+pub(crate) fn check_origin(config: &Config, headers: &HeaderMap) -> Option<Rejection> {
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("").trim_end_matches('/').to_ascii_lowercase();
         let allowed = if config.allowed_origins.is_empty() {
@@ -167,7 +167,7 @@ fn own_origins(config: &Config) -> Vec<String> {
 
 /// The answer when a session limit is reached: 429 for the identity's own, 503 for the
 /// gateway's, with a JSON-RPC error saying which.
-pub fn session_limit(id: Option<&str>, e: &gateway::SessionLimit) -> Response {
+pub(crate) fn session_limit(id: Option<&str>, e: &gateway::SessionLimit) -> Response {
     let status = match e {
         gateway::SessionLimit::Identity(_) => StatusCode::TOO_MANY_REQUESTS,
         gateway::SessionLimit::Gateway(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -176,14 +176,14 @@ pub fn session_limit(id: Option<&str>, e: &gateway::SessionLimit) -> Response {
 }
 
 /// The answer when the OS random source fails: 503, nothing created.
-pub fn no_randomness(id: Option<&str>, e: &crate::random::NoRandomness) -> Response {
+pub(crate) fn no_randomness(id: Option<&str>, e: &crate::random::NoRandomness) -> Response {
     tracing::error!(error = %e, "refusing to open a session");
     rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, code::INTERNAL_ERROR, "No randomness available; try again")
 }
 
 /// Why a request body could not be read; every surface renders it in its own format.
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     /// Larger than the limit (413).
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
@@ -197,7 +197,7 @@ pub enum BodyError {
 
 impl BodyError {
     /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             BodyError::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
@@ -208,7 +208,7 @@ impl BodyError {
 
 /// Collects a body up to `limit` bytes, within `within` (`limits.body_read_timeout`: a client
 /// that trickles a body holds a connection and a task).
-pub async fn collect_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, BodyError> {
+pub(crate) async fn collect_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, BodyError> {
     let collected = tokio::time::timeout(within, http_body_util::Limited::new(body, limit).collect());
     match collected.await {
         Err(_) => Err(BodyError::TooSlow(within)),
@@ -219,7 +219,7 @@ pub async fn collect_body(body: Body, limit: usize, within: Duration) -> Result<
 }
 
 /// [`collect_body`] for the MCP endpoints: `Err` is the 413/408/400 JSON-RPC answer.
-pub async fn read_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, Rejection> {
+pub(crate) async fn read_body(body: Body, limit: usize, within: Duration) -> Result<Bytes, Rejection> {
     collect_body(body, limit, within).await.map_err(|e| {
         let code = if matches!(e, BodyError::Unreadable) { code::PARSE_ERROR } else { code::INVALID_REQUEST };
         Rejection::rpc(e.status(), None, code, e.to_string())
@@ -228,7 +228,7 @@ pub async fn read_body(body: Body, limit: usize, within: Duration) -> Result<Byt
 
 /// Reads a body that must hold one JSON-RPC message (legacy SSE POSTs, `/rpc`): an array is 400
 /// with -32600.
-pub async fn read_single(body: Body, limit: usize, within: Duration) -> Result<Bytes, Rejection> {
+pub(crate) async fn read_single(body: Body, limit: usize, within: Duration) -> Result<Bytes, Rejection> {
     let body = read_body(body, limit, within).await?;
     if jsonrpc::is_array(&body) {
         return Err(Rejection::rpc(
@@ -243,7 +243,7 @@ pub async fn read_single(body: Body, limit: usize, within: Duration) -> Result<B
 
 /// The authenticated caller of one HTTP request, and the note its audit record is made from.
 #[derive(Clone)]
-pub struct Who {
+pub(crate) struct Who {
     /// The config and credentials the gate checked this request against: everything behind
     /// the gate reads this one snapshot, never a newer one.
     pub snapshot: Arc<Snapshot>,
@@ -257,7 +257,12 @@ pub struct Who {
 
 impl Who {
     /// The gateway context of one request by this caller.
-    pub fn ctx(&self, scope: Scope, caller: Caller, protocol_version: crate::mcp::version::ProtocolVersion) -> Ctx {
+    pub(crate) fn ctx(
+        &self,
+        scope: Scope,
+        caller: Caller,
+        protocol_version: crate::mcp::version::ProtocolVersion,
+    ) -> Ctx {
         Ctx {
             snapshot: self.snapshot.clone(),
             scope,
@@ -270,7 +275,7 @@ impl Who {
 
     /// Parses one JSON-RPC message (400 with its JSON-RPC error when it is not one) and notes
     /// its method and id for the audit record.
-    pub fn parse<'a>(&self, body: &'a [u8]) -> Result<Envelope<'a>, Rejection> {
+    pub(crate) fn parse<'a>(&self, body: &'a [u8]) -> Result<Envelope<'a>, Rejection> {
         let env = Envelope::parse(body)
             .map_err(|e| Rejection::rpc(StatusCode::BAD_REQUEST, e.id(), e.code(), e.to_string()))?;
         let mut n = lock(&self.note);
@@ -292,7 +297,7 @@ impl Who {
 }
 
 /// Writes one audit record from a note.
-pub fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: StatusCode, started: Instant) {
+pub(crate) fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: StatusCode, started: Instant) {
     let latency = started.elapsed();
     gw.metrics().observe(&crate::metrics::Observation {
         server: note.server.as_deref(),
@@ -321,7 +326,7 @@ pub fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: St
 /// Runs one request behind the gate: the Origin check, authentication, the endpoint's server
 /// grant and the rate limits, then `f`, then one audit record. Every client-facing endpoint
 /// goes through here.
-pub async fn guarded<F, Fut, R>(
+pub(crate) async fn guarded<F, Fut, R>(
     gw: &Arc<Gateway>,
     scope: &Scope,
     method: &str,

@@ -18,19 +18,19 @@
 //! - [`cli`]: the command line. [`demo`]: the bundled demo MCP server.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod audit;
+pub(crate) mod admin;
+pub(crate) mod audit;
 pub mod auth;
 pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod demo;
-pub mod gate;
+pub(crate) mod gate;
 pub mod mcp;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod random;
 pub mod server;
 mod sharded;
 pub mod store;
-pub mod tls;
+pub(crate) mod tls;

@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use crate::sharded::lock;
 
 /// The MCP methods counted under their own label; anything else is `other`.
-pub const METHODS: [&str; 22] = [
+pub(crate) const METHODS: [&str; 22] = [
     "initialize",
     "ping",
     "server/discover",
@@ -43,7 +43,7 @@ pub const METHODS: [&str; 22] = [
 ];
 
 /// Refusal reasons counted under their own label.
-pub const REASONS: [&str; 8] = [
+pub(crate) const REASONS: [&str; 8] = [
     "missing credential",
     "invalid token",
     "malformed credentials",
@@ -61,7 +61,7 @@ fn bounds() -> &'static [u64] {
 }
 
 /// A latency histogram with fine geometric buckets.
-pub struct Histogram {
+pub(crate) struct Histogram {
     buckets: Vec<AtomicU64>,
     sum_us: AtomicU64,
     count: AtomicU64,
@@ -89,7 +89,7 @@ impl Histogram {
     }
 
     /// The q-quantile in milliseconds (the upper bound of its bucket), None when empty.
-    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+    pub(crate) fn quantile_ms(&self, q: f64) -> Option<f64> {
         let total = self.count.load(Ordering::Relaxed);
         if total == 0 {
             return None;
@@ -109,7 +109,7 @@ impl Histogram {
 
 /// Counters of one server or one identity.
 #[derive(Default)]
-pub struct Series {
+pub(crate) struct Series {
     /// Requests seen.
     pub requests: AtomicU64,
     /// Requests answered with an error (a JSON-RPC error or an HTTP 5xx).

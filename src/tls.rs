@@ -30,11 +30,11 @@ pub struct TlsSettings {
 
 /// Marks a request that arrived over TLS.
 #[derive(Debug, Clone, Copy)]
-pub struct Https;
+pub(crate) struct Https;
 
 /// The subject common name of a verified client certificate.
 #[derive(Debug, Clone)]
-pub struct ClientSubject(pub String);
+pub(crate) struct ClientSubject(pub String);
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -42,7 +42,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Why the listener's TLS configuration cannot be built: the operator's files are at fault.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     /// A PEM file that cannot be read or parsed.
     #[error("tls.{field} {}: {source}", path.display())]
     Pem {
@@ -70,7 +70,7 @@ pub enum TlsError {
 }
 
 /// Builds a rustls server configuration from the files.
-pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
     fn pem<'a>(field: &'static str, path: &'a Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError + 'a {
         move |source| TlsError::Pem { field, path: path.to_owned(), source }
     }
@@ -106,7 +106,7 @@ pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
 }
 
 /// The live TLS configuration, reloaded when its files change.
-pub struct Tls {
+pub(crate) struct Tls {
     current: ArcSwap<ServerConfig>,
     settings: TlsSettings,
 }
@@ -119,13 +119,13 @@ fn stamp(p: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
 
 impl Tls {
     /// Loads the files (an error names the file).
-    pub fn load(settings: TlsSettings) -> Result<Arc<Tls>, TlsError> {
+    pub(crate) fn load(settings: TlsSettings) -> Result<Arc<Tls>, TlsError> {
         let config = server_config(&settings)?;
         Ok(Arc::new(Tls { current: ArcSwap::new(config), settings }))
     }
 
     /// Polls the files every second and swaps in a new configuration when they change and load.
-    pub fn watch(self: &Arc<Self>, stop: CancellationToken) {
+    pub(crate) fn watch(self: &Arc<Self>, stop: CancellationToken) {
         let this = self.clone();
         tokio::spawn(async move {
             let files = |s: &TlsSettings| {
@@ -164,7 +164,7 @@ impl Tls {
     /// Completes the TLS handshake of an accepted connection (10 s at most): the stream and the
     /// subject CN of the client certificate, if one was presented. None when the handshake
     /// fails, which concerns that client only.
-    pub async fn accept(
+    pub(crate) async fn accept(
         &self,
         tcp: tokio::net::TcpStream,
     ) -> Option<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Option<String>)> {
@@ -176,7 +176,7 @@ impl Tls {
 }
 
 /// The subject common name of a DER certificate (a minimal walk of the X.509 structure).
-pub fn subject_cn(cert: &[u8]) -> Option<String> {
+pub(crate) fn subject_cn(cert: &[u8]) -> Option<String> {
     fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         let tag = *b.first()?;
         let first = *b.get(1)?;

@@ -116,7 +116,7 @@ pub struct RawProxy {
 }
 
 /// The raw pieces the validator turns into an [`AuthConfig`].
-pub struct RawAuthParts {
+pub(crate) struct RawAuthParts {
     pub auth: Option<RawAuth>,
     pub proxy: Option<RawProxy>,
     pub api_key: Option<S>,
@@ -126,7 +126,7 @@ pub struct RawAuthParts {
 }
 
 /// The name of the `serve --generate-token` identity; no config entry may take it.
-pub const GENERATED_NAME: &str = "generated";
+pub(crate) const GENERATED_NAME: &str = "generated";
 
 impl Validator<'_> {
     pub(super) fn auth(&mut self, parts: RawAuthParts, servers: &[String]) -> AuthConfig {

@@ -16,7 +16,7 @@ use super::{ConfigError, RawServer, schema, tree};
 /// The catalog file.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawCatalog {
+pub(crate) struct RawCatalog {
     /// The servers.
     #[serde(default)]
     pub servers: Vec<RawCatalogServer>,
@@ -25,14 +25,16 @@ pub struct RawCatalog {
 /// One catalog entry.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawCatalogServer {
+pub(crate) struct RawCatalogServer {
     /// The server's name in Portcullis (`[a-z0-9_-]+`).
     pub id: String,
     /// Shown in Open MCP Gateway's listings; not used by Portcullis.
     #[serde(default)]
+    #[allow(dead_code, reason = "accepted as Open MCP Gateway writes it; not used by Portcullis")]
     pub display_name: Option<String>,
     /// Shown in Open MCP Gateway's listings; not used by Portcullis.
     #[serde(default)]
+    #[allow(dead_code, reason = "accepted as Open MCP Gateway writes it; not used by Portcullis")]
     pub description: Option<String>,
     /// How to start or reach the server.
     pub runtime: RawRuntime,
@@ -41,13 +43,14 @@ pub struct RawCatalogServer {
     pub env: BTreeMap<String, String>,
     /// Categories in Open MCP Gateway's listings; not used by Portcullis.
     #[serde(default)]
+    #[allow(dead_code, reason = "accepted as Open MCP Gateway writes it; not used by Portcullis")]
     pub tags: Vec<String>,
 }
 
 /// `runtime:`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawRuntime {
+pub(crate) struct RawRuntime {
     /// `local-process` (a stdio child) or `remote-sse` (an HTTP server).
     #[serde(rename = "type")]
     pub kind: String,

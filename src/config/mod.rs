@@ -7,8 +7,8 @@
 //! schema are errors, unknown keys in entries written for other clients (`mcpServers`, VS Code's
 //! `mcp.json`) are warnings.
 
-pub mod auth;
-pub mod catalog;
+pub(crate) mod auth;
+pub(crate) mod catalog;
 pub mod env;
 pub mod schema;
 mod tree;

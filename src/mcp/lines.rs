@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// What [`Lines::next`] read.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Line {
+pub(crate) enum Line {
     /// One line, without its `\n` (or `\r\n`).
     Text(BytesMut),
     /// A line longer than the bound (its bytes are skipped up to the next newline).
@@ -18,7 +18,7 @@ pub enum Line {
 }
 
 /// Lines of at most `max` bytes from a reader.
-pub struct Lines<R> {
+pub(crate) struct Lines<R> {
     reader: R,
     buf: BytesMut,
     scanned: usize,
@@ -28,13 +28,13 @@ pub struct Lines<R> {
 
 impl<R: AsyncRead + Unpin> Lines<R> {
     /// Lines of `reader`, each at most `max` bytes.
-    pub fn new(reader: R, max: usize) -> Self {
+    pub(crate) fn new(reader: R, max: usize) -> Self {
         Lines { reader, buf: BytesMut::with_capacity(8 * 1024), scanned: 0, max, skipping: false }
     }
 
     /// The next line; None at the end of the input (a last line without `\n` is returned
     /// first) or on a read error.
-    pub async fn next(&mut self) -> Option<Line> {
+    pub(crate) async fn next(&mut self) -> Option<Line> {
         loop {
             if let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..]).map(|p| p + self.scanned) {
                 let mut line = self.buf.split_to(pos + 1);

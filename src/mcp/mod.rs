@@ -1,12 +1,12 @@
 //! The MCP protocol pieces: envelopes, SSE framing, sessions, the resource index, upstream
 //! connectors, the gateway that routes between them.
-pub mod downstream;
+pub(crate) mod downstream;
 pub mod gateway;
 pub mod jsonrpc;
-pub mod lines;
+pub(crate) mod lines;
 pub mod lists;
-pub mod resources;
-pub mod session;
+pub(crate) mod resources;
+pub(crate) mod session;
 pub mod sse;
 pub mod upstream;
-pub mod version;
+pub(crate) mod version;

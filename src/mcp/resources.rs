@@ -19,11 +19,11 @@ use super::session::Scope;
 use crate::sharded::lock;
 
 /// The scheme of rewritten URIs.
-pub const PREFIX: &str = "portcullis://";
+pub(crate) const PREFIX: &str = "portcullis://";
 
 /// What the gateway knows of every server's resources.
 #[derive(Default)]
-pub struct ResourceIndex {
+pub(crate) struct ResourceIndex {
     /// URI → the servers that list it.
     uris: Mutex<HashMap<String, Vec<String>>>,
     /// (server, fixed prefix of a URI template).
@@ -37,7 +37,7 @@ pub struct ResourceIndex {
 
 /// How a URI resolved.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Resolved {
+pub(crate) enum Resolved {
     /// Owned by this server, under this URI of its own.
     Found { server: String, uri: String },
     /// Listed by several servers: the client must use a rewritten URI.
@@ -52,7 +52,7 @@ fn template_prefix(template: &str) -> &str {
 
 impl ResourceIndex {
     /// Records a resource a server listed.
-    pub fn add_uri(&self, server: &str, uri: String) {
+    pub(crate) fn add_uri(&self, server: &str, uri: String) {
         let mut uris = lock(&self.uris);
         let owners = uris.entry(uri).or_default();
         if !owners.iter().any(|s| s == server) {
@@ -65,7 +65,7 @@ impl ResourceIndex {
     }
 
     /// Records a URI template a server listed.
-    pub fn add_template(&self, server: &str, template: &str) {
+    pub(crate) fn add_template(&self, server: &str, template: &str) {
         let prefix = template_prefix(template).to_owned();
         let mut templates = lock(&self.templates);
         if templates.iter().any(|(s, p)| s == server && *p == prefix) {
@@ -83,7 +83,7 @@ impl ResourceIndex {
     }
 
     /// Forgets a server's resources (it stopped, or its list changed).
-    pub fn forget(&self, server: &str) {
+    pub(crate) fn forget(&self, server: &str) {
         let mut uris = lock(&self.uris);
         uris.retain(|_, owners| {
             owners.retain(|s| s != server);
@@ -103,7 +103,7 @@ impl ResourceIndex {
     }
 
     /// Whether a server has any colliding URI (results need walking only then).
-    pub fn has_collisions(&self, server: &str) -> bool {
+    pub(crate) fn has_collisions(&self, server: &str) -> bool {
         self.any.load(Ordering::Relaxed) && lock(&self.colliding).contains(server)
     }
 
@@ -124,12 +124,12 @@ impl ResourceIndex {
     }
 
     /// A server's URI as aggregate clients see it.
-    pub fn show<'a>(&self, server: &str, uri: &'a str) -> Cow<'a, str> {
+    pub(crate) fn show<'a>(&self, server: &str, uri: &'a str) -> Cow<'a, str> {
         if self.collides(server, uri) { Cow::Owned(format!("{PREFIX}{server}/{uri}")) } else { Cow::Borrowed(uri) }
     }
 
     /// A server's URI template as aggregate clients see it.
-    pub fn show_template<'a>(&self, server: &str, template: &'a str) -> Cow<'a, str> {
+    pub(crate) fn show_template<'a>(&self, server: &str, template: &'a str) -> Cow<'a, str> {
         let prefix = template_prefix(template);
         let clash =
             self.has_collisions(server) && lock(&self.templates).iter().any(|(s, p)| s != server && p == prefix);
@@ -137,7 +137,7 @@ impl ResourceIndex {
     }
 
     /// Finds the owner of a URI as an aggregate client wrote it.
-    pub fn resolve(&self, shown: &str, scope: &Scope) -> Resolved {
+    pub(crate) fn resolve(&self, shown: &str, scope: &Scope) -> Resolved {
         if let Some(rest) = shown.strip_prefix(PREFIX)
             && let Some((server, uri)) = rest.split_once('/')
             && scope.includes(server)
@@ -172,7 +172,7 @@ impl ResourceIndex {
 
     /// Rewrites every colliding `uri` (and `uriTemplate`) member in a result of `server`, at
     /// any depth; `None` when nothing changed (or the server has no collision).
-    pub fn rewrite_result(&self, server: &str, payload: &str) -> Option<String> {
+    pub(crate) fn rewrite_result(&self, server: &str, payload: &str) -> Option<String> {
         if !self.has_collisions(server) {
             return None;
         }

@@ -68,7 +68,7 @@ pub struct ListenFilter {
 }
 
 /// `_meta` key naming the subscription a notification belongs to.
-pub const SUBSCRIPTION_ID_META: &str = "io.modelcontextprotocol/subscriptionId";
+pub(crate) const SUBSCRIPTION_ID_META: &str = "io.modelcontextprotocol/subscriptionId";
 
 /// Where a server-to-client request must be answered.
 pub enum ClientRequestRoute {
@@ -127,10 +127,11 @@ impl Drop for CallSlot {
 }
 
 /// The `logging/setLevel` levels, least severe first (RFC 5424 order).
-pub const LOG_LEVELS: [&str; 8] = ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"];
+pub(crate) const LOG_LEVELS: [&str; 8] =
+    ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"];
 
 /// A log level's rank in [`LOG_LEVELS`].
-pub fn log_rank(level: &str) -> Option<u8> {
+pub(crate) fn log_rank(level: &str) -> Option<u8> {
     LOG_LEVELS.iter().position(|l| *l == level).and_then(|p| u8::try_from(p).ok())
 }
 

@@ -15,25 +15,25 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// The portcullis binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
 /// A YAML config under construction.
 #[derive(Default)]
-pub struct GatewayBuilder {
+pub(crate) struct GatewayBuilder {
     yaml: String,
     top: String,
     env: Vec<(String, String)>,
 }
 
-pub fn gateway() -> GatewayBuilder {
+pub(crate) fn gateway() -> GatewayBuilder {
     GatewayBuilder { yaml: "servers:\n".into(), ..Default::default() }
 }
 
 /// A temporary directory removed on drop.
-pub struct TempDir(pub std::path::PathBuf);
+pub(crate) struct TempDir(pub std::path::PathBuf);
 
 impl TempDir {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let p = std::env::temp_dir().join(format!("portcullis-it-{}-{n}", std::process::id()));
@@ -50,7 +50,7 @@ impl Drop for TempDir {
 
 impl GatewayBuilder {
     /// A stdio demo server; `extra` is added to its entry (indented YAML lines).
-    pub fn demo(mut self, name: &str, args: &[&str], extra: &str) -> Self {
+    pub(crate) fn demo(mut self, name: &str, args: &[&str], extra: &str) -> Self {
         let mut all = vec!["demo-server", "--fixtures", "--name", name];
         all.extend_from_slice(args);
         self.yaml.push_str(&format!("  {name}:\n    command: {BIN:?}\n    args: {}\n", json!(all)));
@@ -61,7 +61,7 @@ impl GatewayBuilder {
     }
 
     /// Any stdio command.
-    pub fn command(mut self, name: &str, command: &str, args: &[&str], extra: &str) -> Self {
+    pub(crate) fn command(mut self, name: &str, command: &str, args: &[&str], extra: &str) -> Self {
         self.yaml.push_str(&format!("  {name}:\n    command: {command:?}\n    args: {}\n", json!(args)));
         for line in extra.lines().filter(|l| !l.trim().is_empty()) {
             self.yaml.push_str(&format!("    {}\n", line.trim()));
@@ -70,7 +70,7 @@ impl GatewayBuilder {
     }
 
     /// A remote server.
-    pub fn remote(mut self, name: &str, url: &str, extra: &str) -> Self {
+    pub(crate) fn remote(mut self, name: &str, url: &str, extra: &str) -> Self {
         self.yaml.push_str(&format!("  {name}:\n    url: {url:?}\n"));
         for line in extra.lines().filter(|l| !l.trim().is_empty()) {
             self.yaml.push_str(&format!("    {}\n", line.trim()));
@@ -79,7 +79,7 @@ impl GatewayBuilder {
     }
 
     /// Top-level YAML after `servers` (auth, tenants, rate_limit, trusted_proxies…).
-    pub fn top(mut self, yaml: &str) -> Self {
+    pub(crate) fn top(mut self, yaml: &str) -> Self {
         self.top.push_str(yaml);
         if !self.top.ends_with('\n') {
             self.top.push('\n');
@@ -88,13 +88,13 @@ impl GatewayBuilder {
     }
 
     /// An environment variable as config substitution and `PORTCULLIS_TOKEN(S)` see it.
-    pub fn env(mut self, key: &str, value: &str) -> Self {
+    pub(crate) fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
         self
     }
 
     /// The YAML text.
-    pub fn yaml(&self) -> String {
+    pub(crate) fn yaml(&self) -> String {
         format!("{}{}", self.yaml, self.top)
     }
 
@@ -113,7 +113,7 @@ impl GatewayBuilder {
     }
 
     /// Starts the gateway in this process on 127.0.0.1:0 and waits until every server runs.
-    pub async fn start(self) -> TestGateway {
+    pub(crate) async fn start(self) -> TestGateway {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -134,7 +134,7 @@ impl GatewayBuilder {
     }
 }
 
-pub struct TestGateway {
+pub(crate) struct TestGateway {
     pub url: String,
     pub running: Option<Running>,
     pub audit: std::path::PathBuf,
@@ -144,7 +144,7 @@ pub struct TestGateway {
 
 impl TestGateway {
     /// A handle on a gateway another thread owns (only its URL is used).
-    pub fn detached(url: String) -> Self {
+    pub(crate) fn detached(url: String) -> Self {
         TestGateway {
             url,
             running: None,
@@ -154,18 +154,18 @@ impl TestGateway {
         }
     }
 
-    pub fn mcp(&self) -> String {
+    pub(crate) fn mcp(&self) -> String {
         format!("{}/mcp", self.url)
     }
-    pub fn server(&self, name: &str) -> String {
+    pub(crate) fn server(&self, name: &str) -> String {
         format!("{}/servers/{name}/mcp", self.url)
     }
-    pub fn gateway(&self) -> Arc<Gateway> {
+    pub(crate) fn gateway(&self) -> Arc<Gateway> {
         self.running.as_ref().unwrap().gateway.clone()
     }
 
     /// Reloads with the same servers and this top-level YAML instead of the original.
-    pub async fn reload_top(&mut self, top: &str) {
+    pub(crate) async fn reload_top(&mut self, top: &str) {
         self.builder.top = top.to_owned();
         let config = self.builder.config(&self.audit);
         self.gateway().reload(config).await;
@@ -173,7 +173,7 @@ impl TestGateway {
 
     /// The audit records written so far, once `ready` holds for them (they are written by
     /// another thread, so a test waits for the ones it expects).
-    pub async fn audit_until(&self, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub(crate) async fn audit_until(&self, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
         let path = self.audit.clone();
         let ready = &ready;
         eventually(Duration::from_secs(10), || {
@@ -186,7 +186,7 @@ impl TestGateway {
         })
         .await
     }
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
@@ -194,18 +194,18 @@ impl TestGateway {
 }
 
 /// A demo server over HTTP in a child process.
-pub struct HttpDemo {
+pub(crate) struct HttpDemo {
     pub url: String,
     /// Kept so the process lives as long as the handle (kill on drop).
     pub _child: Child,
 }
 
-pub async fn http_demo(args: &[&str]) -> HttpDemo {
+pub(crate) async fn http_demo(args: &[&str]) -> HttpDemo {
     http_demo_on(0, args).await
 }
 
 /// A demo server over HTTP on a given port of 127.0.0.1 (0: any).
-pub async fn http_demo_on(port: u16, args: &[&str]) -> HttpDemo {
+pub(crate) async fn http_demo_on(port: u16, args: &[&str]) -> HttpDemo {
     let mut child = Command::new(BIN)
         .args(["demo-server", "--fixtures"])
         .args(["--http", &format!("127.0.0.1:{port}")])
@@ -221,7 +221,12 @@ pub async fn http_demo_on(port: u16, args: &[&str]) -> HttpDemo {
 
 /// One HTTP request with an optional bearer token and JSON body: the status and the answer as
 /// JSON (`{"raw": text}` when it is not JSON).
-pub async fn http_json(method: reqwest::Method, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+pub(crate) async fn http_json(
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
     let mut req = reqwest::Client::new().request(method, url);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -236,7 +241,7 @@ pub async fn http_json(method: reqwest::Method, url: &str, token: Option<&str>, 
 }
 
 /// Reads a child's stderr until its `listening on URL` line; keeps draining it afterwards.
-pub async fn listen_url(child: &mut Child) -> String {
+pub(crate) async fn listen_url(child: &mut Child) -> String {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let url = loop {
         let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
@@ -250,7 +255,7 @@ pub async fn listen_url(child: &mut Child) -> String {
 
 /// What one request produced: the response and the messages that came before it.
 #[derive(Debug, Default)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub status: u16,
     pub response: Value,
     pub related: Vec<Value>,
@@ -258,7 +263,7 @@ pub struct Answer {
 
 /// A streamable-HTTP MCP client for tests.
 #[derive(Clone)]
-pub struct Client {
+pub(crate) struct Client {
     pub http: reqwest::Client,
     pub url: String,
     pub session: Option<String>,
@@ -269,7 +274,7 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(url: &str) -> Self {
+    pub(crate) fn new(url: &str) -> Self {
         Client {
             http: reqwest::Client::new(),
             url: url.to_owned(),
@@ -281,24 +286,24 @@ impl Client {
     }
 
     /// The same client presenting a bearer token.
-    pub fn bearer(mut self, token: &str) -> Self {
+    pub(crate) fn bearer(mut self, token: &str) -> Self {
         self.headers.push(("authorization".into(), format!("Bearer {token}")));
         self
     }
 
     /// A session-based client with a bearer token.
-    pub async fn connect_as(url: &str, token: &str) -> Self {
+    pub(crate) async fn connect_as(url: &str, token: &str) -> Self {
         let mut c = Client::new(url).bearer(token);
         c.initialize("2025-11-25").await;
         c
     }
 
     /// A session-based client after `initialize`.
-    pub async fn connect(url: &str) -> Self {
+    pub(crate) async fn connect(url: &str) -> Self {
         Self::connect_version(url, "2025-11-25").await
     }
 
-    pub async fn connect_version(url: &str, version: &str) -> Self {
+    pub(crate) async fn connect_version(url: &str, version: &str) -> Self {
         let mut c = Client::new(url);
         c.initialize(version).await;
         c
@@ -317,14 +322,14 @@ impl Client {
     }
 
     /// A stateless 2026-07-28 client.
-    pub fn modern(url: &str) -> Self {
+    pub(crate) fn modern(url: &str) -> Self {
         let mut c = Client::new(url);
         c.modern = true;
         c.version = "2026-07-28".into();
         c
     }
 
-    pub fn request_builder(&self, body: &Value) -> reqwest::RequestBuilder {
+    pub(crate) fn request_builder(&self, body: &Value) -> reqwest::RequestBuilder {
         let mut req = self
             .http
             .post(&self.url)
@@ -355,7 +360,7 @@ impl Client {
         req.body(body.to_string())
     }
 
-    pub async fn post(&self, body: Value) -> reqwest::Response {
+    pub(crate) async fn post(&self, body: Value) -> reqwest::Response {
         self.request_builder(&body).send().await.unwrap()
     }
 
@@ -368,7 +373,7 @@ impl Client {
         params
     }
 
-    pub async fn notify(&self, method: &str, params: Option<Value>) {
+    pub(crate) async fn notify(&self, method: &str, params: Option<Value>) {
         let mut body = json!({"jsonrpc":"2.0","method":method});
         if let Some(p) = params {
             body["params"] = p;
@@ -379,7 +384,7 @@ impl Client {
 
     /// Sends a request and reads the whole answer (JSON or SSE). Server-to-client requests on
     /// the stream are answered with `on_request`.
-    pub async fn request_with(
+    pub(crate) async fn request_with(
         &self,
         id: Value,
         method: &str,
@@ -419,16 +424,16 @@ impl Client {
         panic!("stream ended without a response to {id}");
     }
 
-    pub async fn request(&self, id: Value, method: &str, params: Value) -> Answer {
+    pub(crate) async fn request(&self, id: Value, method: &str, params: Value) -> Answer {
         self.request_with(id, method, params, |_| json!({})).await
     }
 
-    pub async fn call(&self, tool: &str, args: Value) -> Answer {
+    pub(crate) async fn call(&self, tool: &str, args: Value) -> Answer {
         self.request(json!(1), "tools/call", json!({"name": tool, "arguments": args})).await
     }
 
     /// The text of a tool result, or panics with the answer.
-    pub async fn call_text(&self, tool: &str, args: Value) -> String {
+    pub(crate) async fn call_text(&self, tool: &str, args: Value) -> String {
         let a = self.call(tool, args).await;
         a.response["result"]["content"][0]["text"]
             .as_str()
@@ -437,7 +442,7 @@ impl Client {
     }
 
     /// Every tool name, following cursors.
-    pub async fn all_tools(&self) -> Vec<String> {
+    pub(crate) async fn all_tools(&self) -> Vec<String> {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..100 {
@@ -460,7 +465,7 @@ impl Client {
 }
 
 /// Polls `f` until it returns Some, up to `limit` (for state that has no event to wait on).
-pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -476,7 +481,7 @@ where
 }
 
 /// Whether a pid is alive (present in /proc and not a zombie).
-pub fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("");
@@ -487,7 +492,7 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// An open SSE stream (a session's GET stream or a 2026-07-28 `subscriptions/listen`).
-pub struct Events {
+pub(crate) struct Events {
     stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     parser: sse::Parser,
     queue: std::collections::VecDeque<sse::Event>,
@@ -499,12 +504,12 @@ impl Events {
     }
 
     /// Reads the SSE stream of a response.
-    pub fn from_response(resp: reqwest::Response) -> Self {
+    pub(crate) fn from_response(resp: reqwest::Response) -> Self {
         Self::new(resp)
     }
 
     /// The next event of any type with data, as (event name, data), waiting up to 10 s.
-    pub async fn next_event(&mut self) -> (Option<String>, String) {
+    pub(crate) async fn next_event(&mut self) -> (Option<String>, String) {
         loop {
             if let Some(ev) = self.queue.pop_front() {
                 let name = (!ev.event.is_empty()).then(|| ev.event.clone());
@@ -524,7 +529,7 @@ impl Events {
     }
 
     /// The next message, waiting up to 10 s.
-    pub async fn next(&mut self) -> Value {
+    pub(crate) async fn next(&mut self) -> Value {
         loop {
             let (name, data) = self.next_event().await;
             if name.as_deref().is_none_or(|n| n == "message") {
@@ -534,7 +539,7 @@ impl Events {
     }
 
     /// Waits until the server ends the stream (messages on the way are skipped).
-    pub async fn ended(&mut self) {
+    pub(crate) async fn ended(&mut self) {
         while let Some(chunk) = self.stream.next().await {
             if chunk.is_err() {
                 break;
@@ -543,7 +548,7 @@ impl Events {
     }
 
     /// The next message with this method, skipping others.
-    pub async fn next_method(&mut self, method: &str) -> Value {
+    pub(crate) async fn next_method(&mut self, method: &str) -> Value {
         loop {
             let m = self.next().await;
             if m["method"] == method {
@@ -555,7 +560,7 @@ impl Events {
 
 impl Client {
     /// Opens the session's standalone GET stream.
-    pub async fn get_stream(&self) -> Events {
+    pub(crate) async fn get_stream(&self) -> Events {
         let mut req = self.http.get(&self.url);
         for (k, v) in &self.headers {
             req = req.header(k, v);
@@ -572,7 +577,7 @@ impl Client {
     }
 
     /// Opens a 2026-07-28 `subscriptions/listen` stream with this filter.
-    pub async fn listen(&self, id: Value, notifications: Value) -> Events {
+    pub(crate) async fn listen(&self, id: Value, notifications: Value) -> Events {
         let params = self.add_meta(json!({ "notifications": notifications }));
         let resp = self.post(json!({"jsonrpc":"2.0","id":id,"method":"subscriptions/listen","params":params})).await;
         assert_eq!(resp.status(), 200);
@@ -581,14 +586,14 @@ impl Client {
 }
 
 /// A `portcullis serve` child on 127.0.0.1, and its stderr lines as they come.
-pub struct Served {
+pub(crate) struct Served {
     pub child: Child,
     pub url: String,
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 impl Served {
-    pub async fn start(config: &std::path::Path, env: &[(&str, &str)]) -> Served {
+    pub(crate) async fn start(config: &std::path::Path, env: &[(&str, &str)]) -> Served {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
         cmd.env_remove("PORTCULLIS_TOKEN").env_remove("PORTCULLIS_TOKENS");
@@ -621,14 +626,18 @@ impl Served {
         found.await.unwrap_or_else(|_| panic!("no {needle:?} on stderr"))
     }
 
-    pub async fn next_line_with(&mut self, needle: &str) -> String {
+    pub(crate) async fn next_line_with(&mut self, needle: &str) -> String {
         Self::wait(&mut self.lines, needle).await
     }
 }
 
 /// Runs the binary to completion (`check`, `token …`) in `dir` (None: here), without any
 /// `PORTCULLIS_TOKEN(S)` of the test's own environment: (success, stdout, stderr).
-pub async fn run_cli(dir: Option<&std::path::Path>, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+pub(crate) async fn run_cli(
+    dir: Option<&std::path::Path>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     let mut cmd = Command::new(BIN);
     cmd.args(args).env_remove("PORTCULLIS_TOKEN").env_remove("PORTCULLIS_TOKENS");
     if let Some(d) = dir {

@@ -34,10 +34,10 @@ use crate::mcp::version::ProtocolVersion;
 use crate::sharded::lock;
 
 /// Interval of keep-alive comments on idle SSE streams.
-pub const KEEPALIVE: Duration = Duration::from_secs(15);
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// `_meta` key of a 2026-07-28 request's protocol version.
-pub const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
+pub(crate) const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
 const CLIENT_CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
 
 fn accepts(headers: &HeaderMap, mime: &str) -> bool {
@@ -55,7 +55,7 @@ fn is_stateless_version(v: &str) -> bool {
 }
 
 /// Handles POST, GET and DELETE on a streamable-HTTP MCP endpoint.
-pub async fn handle(
+pub(crate) async fn handle(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     scope: Scope,
@@ -131,7 +131,7 @@ async fn get_stream(gw: Arc<Gateway>, scope: Scope, headers: &HeaderMap, who: &W
 
 /// An SSE body from a channel, with keep-alive comments, ending when `closed` fires. The
 /// connection polls it directly: an idle stream holds no task or channel of its own.
-pub fn stream_with_keepalive(
+pub(crate) fn stream_with_keepalive(
     rx: mpsc::Receiver<Bytes>,
     closed: tokio_util::sync::CancellationToken,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
@@ -149,7 +149,7 @@ pub fn stream_with_keepalive(
 }
 
 /// A tiny generator: runs `f` with a sender and streams what it sends.
-pub fn async_stream<F, Fut>(f: F) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static
+pub(crate) fn async_stream<F, Fut>(f: F) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static
 where
     F: FnOnce(mpsc::Sender<Bytes>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -171,7 +171,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Wraps a byte stream as an SSE response.
-pub fn sse_response(
+pub(crate) fn sse_response(
     stream: impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
     session_id: Option<&str>,
 ) -> Response {
@@ -449,14 +449,14 @@ async fn listen(gw: Arc<Gateway>, ctx: Ctx, env: &Envelope<'_>) -> Response {
 }
 
 /// Ends a session when dropped (the stream that owned it went away).
-pub struct EndSession {
+pub(crate) struct EndSession {
     gw: Arc<Gateway>,
     id: String,
 }
 
 impl EndSession {
     /// A guard for a session.
-    pub fn new(gw: Arc<Gateway>, id: String) -> Self {
+    pub(crate) fn new(gw: Arc<Gateway>, id: String) -> Self {
         EndSession { gw, id }
     }
 }
@@ -481,7 +481,7 @@ fn param_headers(headers: &HeaderMap) -> Option<crate::mcp::upstream::http::Forw
 }
 
 /// Decodes an `Mcp-Name`-style header value (`=?base64?…?=` or plain).
-pub fn decode_header_value(v: Option<&str>) -> Option<String> {
+pub(crate) fn decode_header_value(v: Option<&str>) -> Option<String> {
     use base64::Engine;
     let v = v?;
     match v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {

@@ -1,5 +1,5 @@
 //! Serving MCP to clients (the gateway as an MCP server): streamable HTTP in both eras, the
 //! 2024-11-05 HTTP+SSE transport, and stdio for a client that launches Portcullis.
-pub mod http;
-pub mod sse;
-pub mod stdio;
+pub(crate) mod http;
+pub(crate) mod sse;
+pub(crate) mod stdio;

@@ -33,7 +33,7 @@ use crate::sharded::lock;
 const SSE_VERSION: ProtocolVersion = ProtocolVersion::V2024_11_05;
 
 /// `GET /sse`: opens a session and its stream.
-pub async fn open(
+pub(crate) async fn open(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     scope: Scope,
@@ -64,13 +64,13 @@ pub async fn open(
 /// `POST /messages/?session_id=…` (or `sessionId`).
 /// The session id of a legacy SSE POST: `session_id` (Python servers) or `sessionId` (TypeScript).
 #[derive(serde::Deserialize)]
-pub struct SessionQuery {
+pub(crate) struct SessionQuery {
     session_id: Option<String>,
     #[serde(rename = "sessionId")]
     session_id_camel: Option<String>,
 }
 
-pub async fn message(
+pub(crate) async fn message(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(q): Query<SessionQuery>,

@@ -160,7 +160,7 @@ fn record(gw: &Gateway, note: &SharedNote, status: StatusCode, started: (String,
 }
 
 /// Serves one client on stdin/stdout until stdin closes.
-pub async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> std::io::Result<()> {
+pub(crate) async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity>) -> std::io::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Bytes>(256);
     let writer = tokio::spawn(async move {
         let mut out = tokio::io::stdout();

@@ -20,7 +20,7 @@ use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, Reply};
 use crate::mcp::session::{Caller, ClientRequestRoute, Session};
 
 /// At most this many rounds of input before the call is failed (a loop guard).
-pub const MAX_ROUNDS: usize = 8;
+pub(crate) const MAX_ROUNDS: usize = 8;
 
 /// Why a round of input requests failed: the upstream's `InputRequiredResult` is malformed, or
 /// the session-era client could not be asked.
@@ -47,7 +47,7 @@ pub enum InputError {
 }
 
 /// One round's input requests, parsed from an `InputRequiredResult`.
-pub struct InputRequired {
+pub(crate) struct InputRequired {
     /// `(key, method, params)` for every embedded request.
     pub requests: Vec<(String, String, Option<String>)>,
     /// The opaque state to echo back, raw JSON.
@@ -56,7 +56,7 @@ pub struct InputRequired {
 
 /// Recognises an `InputRequiredResult`: a cheap substring test first, so ordinary results are
 /// never parsed.
-pub fn input_required(payload: &str) -> Option<Result<InputRequired, InputError>> {
+pub(crate) fn input_required(payload: &str) -> Option<Result<InputRequired, InputError>> {
     if !payload.contains("input_required") {
         return None;
     }
@@ -88,7 +88,7 @@ fn parse(obj: &RawObject<'_>) -> Result<InputRequired, InputError> {
 }
 
 /// What asking the client produced.
-pub enum Answer {
+pub(crate) enum Answer {
     /// The client's result, raw JSON.
     Result(String),
     /// The client answered with an error: the call ends with it.
@@ -96,7 +96,7 @@ pub enum Answer {
 }
 
 /// Sends one request to a session-era client on the caller's stream and waits for its answer.
-pub async fn ask(
+pub(crate) async fn ask(
     session: &Arc<Session>,
     caller: &Caller,
     method: &str,
@@ -130,7 +130,7 @@ pub async fn ask(
 }
 
 /// The `inputResponses` object for a round's answers.
-pub fn responses_json(answers: &[(String, String)]) -> String {
+pub(crate) fn responses_json(answers: &[(String, String)]) -> String {
     let mut out = String::from("{");
     for (i, (key, value)) in answers.iter().enumerate() {
         if i > 0 {
