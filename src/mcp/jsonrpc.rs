@@ -14,32 +14,32 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// Standard JSON-RPC and MCP error codes used by the gateway.
-pub mod code {
+pub(crate) mod code {
     /// Invalid JSON was received.
-    pub const PARSE_ERROR: i64 = -32700;
+    pub(crate) const PARSE_ERROR: i64 = -32700;
     /// The JSON sent is not a valid request object.
-    pub const INVALID_REQUEST: i64 = -32600;
+    pub(crate) const INVALID_REQUEST: i64 = -32600;
     /// The method does not exist or is not available.
-    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub(crate) const METHOD_NOT_FOUND: i64 = -32601;
     /// Invalid method parameters (also: unknown tool, prompt or tampered cursor).
-    pub const INVALID_PARAMS: i64 = -32602;
+    pub(crate) const INVALID_PARAMS: i64 = -32602;
     /// Internal error.
-    pub const INTERNAL_ERROR: i64 = -32603;
+    pub(crate) const INTERNAL_ERROR: i64 = -32603;
     /// MCP: resource not found.
-    pub const RESOURCE_NOT_FOUND: i64 = -32002;
+    pub(crate) const RESOURCE_NOT_FOUND: i64 = -32002;
     /// MCP 2026-07-28: HTTP headers disagree with the body.
-    pub const HEADER_MISMATCH: i64 = -32020;
+    pub(crate) const HEADER_MISMATCH: i64 = -32020;
     /// MCP 2026-07-28: a capability the request needs was not declared by the client.
-    pub const MISSING_CAPABILITY: i64 = -32021;
+    pub(crate) const MISSING_CAPABILITY: i64 = -32021;
     /// MCP 2026-07-28: unsupported protocol version (`data.supported` lists ours).
-    pub const UNSUPPORTED_VERSION: i64 = -32022;
+    pub(crate) const UNSUPPORTED_VERSION: i64 = -32022;
     /// Gateway-specific: the upstream server is unavailable, crashed or timed out.
-    pub const UPSTREAM_ERROR: i64 = -32000;
+    pub(crate) const UPSTREAM_ERROR: i64 = -32000;
     /// Gateway-specific: a limit of the gateway's was reached (sessions, streams, calls in
     /// flight); the message says which.
-    pub const LIMIT_REACHED: i64 = -32029;
+    pub(crate) const LIMIT_REACHED: i64 = -32029;
     /// Gateway-specific: the request was cancelled.
-    pub const REQUEST_CANCELLED: i64 = -32800;
+    pub(crate) const REQUEST_CANCELLED: i64 = -32800;
 }
 
 /// Why bytes could not be read as a JSON-RPC message.
@@ -244,12 +244,12 @@ fn unique_members(json: &str, start: usize, at: Nesting) -> Result<usize, Repeat
 }
 
 /// True when the body (after leading whitespace) is a JSON array.
-pub fn is_array(bytes: &[u8]) -> bool {
+pub(crate) fn is_array(bytes: &[u8]) -> bool {
     bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
 }
 
 /// The byte range of `part` inside `whole`; `part` must borrow from `whole`.
-pub fn span_of(whole: &[u8], part: &RawValue) -> Range<usize> {
+pub(crate) fn span_of(whole: &[u8], part: &RawValue) -> Range<usize> {
     let start = part.get().as_ptr() as usize - whole.as_ptr() as usize;
     start..start + part.get().len()
 }
@@ -271,10 +271,10 @@ pub struct Reply {
 }
 
 /// The members a 2026-07-28 result carries that earlier results lack.
-pub const STATELESS_COMPLETE: &str = r#""resultType":"complete""#;
+pub(crate) const STATELESS_COMPLETE: &str = r#""resultType":"complete""#;
 /// The same for cacheable results (lists, `server/discover`, `resources/read`): Portcullis'
 /// answers depend on who asks, so they are private and not to be reused.
-pub const STATELESS_CACHEABLE: &str = r#""resultType":"complete","ttlMs":0,"cacheScope":"private""#;
+pub(crate) const STATELESS_CACHEABLE: &str = r#""resultType":"complete","ttlMs":0,"cacheScope":"private""#;
 
 impl Reply {
     /// A reply built from an already-serialised result or error value.
@@ -325,7 +325,7 @@ impl Reply {
 }
 
 /// Serialises a JSON string literal.
-pub fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     push_quoted(&mut out, s);
     out
@@ -333,7 +333,7 @@ pub fn quote(s: &str) -> String {
 
 /// Appends a JSON string literal: as is between quotes when nothing needs escaping (the common
 /// case for names and keys), else through serde_json.
-pub fn push_quoted(out: &mut String, s: &str) {
+pub(crate) fn push_quoted(out: &mut String, s: &str) {
     if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
         out.push('"');
         out.push_str(s);
@@ -344,7 +344,7 @@ pub fn push_quoted(out: &mut String, s: &str) {
 }
 
 /// A JSON-RPC error object.
-pub fn error_object(code: i64, message: &str, data: Option<&str>) -> String {
+pub(crate) fn error_object(code: i64, message: &str, data: Option<&str>) -> String {
     match data {
         Some(data) => format!(r#"{{"code":{code},"message":{},"data":{data}}}"#, quote(message)),
         None => format!(r#"{{"code":{code},"message":{}}}"#, quote(message)),
@@ -352,17 +352,17 @@ pub fn error_object(code: i64, message: &str, data: Option<&str>) -> String {
 }
 
 /// A full error response; `id` is raw JSON (`null` when the request's id is unknown).
-pub fn error_response(id: Option<&str>, code: i64, message: &str, data: Option<&str>) -> String {
+pub(crate) fn error_response(id: Option<&str>, code: i64, message: &str, data: Option<&str>) -> String {
     format!(r#"{{"jsonrpc":"2.0","id":{},"error":{}}}"#, id.unwrap_or("null"), error_object(code, message, data))
 }
 
 /// A full success response; `id` and `result` are raw JSON.
-pub fn result_response(id: &str, result: &str) -> String {
+pub(crate) fn result_response(id: &str, result: &str) -> String {
     format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#)
 }
 
 /// A request; `id` and `params` are raw JSON.
-pub fn request(id: &str, method: &str, params: Option<&str>) -> String {
+pub(crate) fn request(id: &str, method: &str, params: Option<&str>) -> String {
     match params {
         Some(p) => format!(r#"{{"jsonrpc":"2.0","id":{id},"method":{},"params":{p}}}"#, quote(method)),
         None => format!(r#"{{"jsonrpc":"2.0","id":{id},"method":{}}}"#, quote(method)),
@@ -370,7 +370,7 @@ pub fn request(id: &str, method: &str, params: Option<&str>) -> String {
 }
 
 /// A notification; `params` is raw JSON.
-pub fn notification(method: &str, params: Option<&str>) -> String {
+pub(crate) fn notification(method: &str, params: Option<&str>) -> String {
     match params {
         Some(p) => format!(r#"{{"jsonrpc":"2.0","method":{},"params":{p}}}"#, quote(method)),
         None => format!(r#"{{"jsonrpc":"2.0","method":{}}}"#, quote(method)),
@@ -378,7 +378,7 @@ pub fn notification(method: &str, params: Option<&str>) -> String {
 }
 
 /// Rebuilds a message with another id (requests and responses), keeping every other part raw.
-pub fn with_id(env: &Envelope<'_>, id: &str) -> String {
+pub(crate) fn with_id(env: &Envelope<'_>, id: &str) -> String {
     match env.kind {
         Kind::Request => request(id, env.method(), env.params.map(RawValue::get)),
         Kind::Notification => notification(env.method(), env.params.map(RawValue::get)),
@@ -391,7 +391,7 @@ pub fn with_id(env: &Envelope<'_>, id: &str) -> String {
 
 /// A notification or request with one member added to (or replaced in) `params._meta`; the
 /// message unchanged when it is not a JSON-RPC object.
-pub fn with_meta(msg: &[u8], key: &str, value: &str) -> Vec<u8> {
+pub(crate) fn with_meta(msg: &[u8], key: &str, value: &str) -> Vec<u8> {
     let Ok(env) = Envelope::parse(msg) else { return msg.to_vec() };
     let params = match env.params.map(RawObject::parse) {
         Some(Ok(p)) => p,
@@ -412,7 +412,7 @@ pub fn with_meta(msg: &[u8], key: &str, value: &str) -> Vec<u8> {
 
 /// A raw member key (as written, escapes and all, without its quotes) unescaped: borrowed when
 /// it holds no escape (the common case), None when its escapes are malformed.
-pub fn unescape_key(raw_key: &str) -> Option<Cow<'_, str>> {
+pub(crate) fn unescape_key(raw_key: &str) -> Option<Cow<'_, str>> {
     if !raw_key.contains('\\') {
         return Some(Cow::Borrowed(raw_key));
     }
@@ -420,7 +420,7 @@ pub fn unescape_key(raw_key: &str) -> Option<Cow<'_, str>> {
 }
 
 /// Whether a raw member key (as written, escapes and all, without its quotes) names `key`.
-pub fn key_is(raw_key: &str, key: &str) -> bool {
+pub(crate) fn key_is(raw_key: &str, key: &str) -> bool {
     unescape_key(raw_key).is_some_and(|k| k == key)
 }
 
@@ -428,7 +428,7 @@ pub fn key_is(raw_key: &str, key: &str) -> bool {
 /// parse), in order: each raw key (without its quotes) and the byte range of its value. A light
 /// scan that skips nested values without building anything. Stops at the first malformed byte;
 /// empty when the text is not an object.
-pub fn members(json: &str) -> Members<'_> {
+pub(crate) fn members(json: &str) -> Members<'_> {
     let b = json.as_bytes();
     let i = skip_ws(b, 0);
     Members { json, i: if b.get(i) == Some(&b'{') { i + 1 } else { usize::MAX } }
@@ -437,14 +437,14 @@ pub fn members(json: &str) -> Members<'_> {
 /// See [`members`]. Also a cursor: [`Members::key`] reads the next key, then
 /// [`Members::value`] or [`Members::array`] consumes its value, so a caller that wants an
 /// array's items scans it once.
-pub struct Members<'a> {
+pub(crate) struct Members<'a> {
     json: &'a str,
     i: usize,
 }
 
 impl<'a> Members<'a> {
     /// The next member's raw key (without its quotes); its value starts at the cursor.
-    pub fn key(&mut self) -> Option<&'a str> {
+    pub(crate) fn key(&mut self) -> Option<&'a str> {
         let i = std::mem::replace(&mut self.i, usize::MAX);
         let (key, start) = next_member(self.json, i)?.ok()?;
         self.i = start;
@@ -452,7 +452,7 @@ impl<'a> Members<'a> {
     }
 
     /// Skips the value after [`Members::key`]: its byte range.
-    pub fn value(&mut self) -> Option<Range<usize>> {
+    pub(crate) fn value(&mut self) -> Option<Range<usize>> {
         let start = std::mem::replace(&mut self.i, usize::MAX);
         let end = skip_value(self.json.as_bytes(), start)?;
         if end <= start {
@@ -465,7 +465,7 @@ impl<'a> Members<'a> {
     /// Reads the value after [`Members::key`] as an array: its items, each with the span of its
     /// member `key`, so a caller needing one member of every item scans the array once. None when
     /// it is not an array.
-    pub fn array(&mut self, key: &str) -> Option<Vec<Item<'a>>> {
+    pub(crate) fn array(&mut self, key: &str) -> Option<Vec<Item<'a>>> {
         let start = std::mem::replace(&mut self.i, usize::MAX);
         let (items, end) = array_items_at(self.json, start, key)?;
         self.i = end;
@@ -665,12 +665,12 @@ impl<'a> RawObject<'a> {
     }
 
     /// The raw value of a member.
-    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a RawValue> {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
     }
 
     /// A member as a string, when it is one.
-    pub fn get_str(&self, key: &str) -> Option<String> {
+    pub(crate) fn get_str(&self, key: &str) -> Option<String> {
         self.get(key).and_then(|v| serde_json::from_str::<String>(v.get()).ok())
     }
 
@@ -703,7 +703,7 @@ impl<'a> RawObject<'a> {
 }
 
 /// Converts a string to a boxed raw JSON value (the string must be valid JSON).
-pub fn raw(json: String) -> Box<RawValue> {
+pub(crate) fn raw(json: String) -> Box<RawValue> {
     RawValue::from_string(json).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 

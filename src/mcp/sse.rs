@@ -72,12 +72,12 @@ impl Parser {
     }
 
     /// The stream's last event id (for `Last-Event-ID`), None while empty.
-    pub fn last_event_id(&self) -> Option<&str> {
+    pub(crate) fn last_event_id(&self) -> Option<&str> {
         (!self.last_id.is_empty()).then_some(self.last_id.as_str())
     }
 
     /// The reconnection time the stream asked for (`retry:`), in milliseconds.
-    pub fn retry(&self) -> Option<u64> {
+    pub(crate) fn retry(&self) -> Option<u64> {
         self.retry
     }
 
@@ -180,7 +180,7 @@ impl Parser {
 }
 
 /// Encodes one `message` event carrying a JSON-RPC message, with an optional id.
-pub fn message(data: &[u8], id: Option<&str>) -> Bytes {
+pub(crate) fn message(data: &[u8], id: Option<&str>) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 32);
     if let Some(id) = id {
         out.extend_from_slice(b"id: ");
@@ -194,12 +194,12 @@ pub fn message(data: &[u8], id: Option<&str>) -> Bytes {
 }
 
 /// Encodes a named event with text data (e.g. the legacy `endpoint` event).
-pub fn named(event: &str, data: &str) -> Bytes {
+pub(crate) fn named(event: &str, data: &str) -> Bytes {
     Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
 }
 
 /// A keep-alive comment.
-pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+pub(crate) const KEEPALIVE: &[u8] = b": keep-alive\n\n";
 
 #[cfg(test)]
 mod tests {

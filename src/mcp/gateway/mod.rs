@@ -897,7 +897,7 @@ const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The credential table for a config (each token's grants narrowed by tenants and `authTokens`).
-pub fn authenticator_for(config: &Config, store: Option<Arc<crate::store::StoreView>>) -> Authenticator {
+pub(crate) fn authenticator_for(config: &Config, store: Option<Arc<crate::store::StoreView>>) -> Authenticator {
     let servers: Vec<(String, Vec<String>)> =
         config.servers.iter().map(|s| (s.name.clone(), s.auth_tokens.clone())).collect();
     Authenticator::new(&config.auth, &servers, store)

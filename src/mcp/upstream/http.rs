@@ -733,7 +733,7 @@ impl HttpLink {
 /// Adds the 2026-07-28 per-request `_meta` fields and returns the body with its `Mcp-Method`
 /// and `Mcp-Name` header values.
 /// Headers a client sent that go upstream as they are (`Mcp-Param-*`).
-pub type ForwardHeaders = Arc<[(String, String)]>;
+pub(crate) type ForwardHeaders = Arc<[(String, String)]>;
 
 fn for_stateless(msg: &[u8]) -> Result<(Bytes, String, Option<String>), TransportError> {
     let env = Envelope::parse(msg).map_err(|e| TransportError::Unsendable(e.to_string()))?;
@@ -776,7 +776,7 @@ fn for_stateless(msg: &[u8]) -> Result<(Bytes, String, Option<String>), Transpor
 }
 
 /// Encodes a header value: as is when it is visible ASCII, else `=?base64?…?=`.
-pub fn encode_header_value(v: &str) -> String {
+pub(crate) fn encode_header_value(v: &str) -> String {
     use base64::Engine;
     if v.bytes().all(|b| (0x20..0x7f).contains(&b)) && !v.starts_with(' ') && !v.ends_with(' ') {
         v.to_owned()

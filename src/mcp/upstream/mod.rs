@@ -16,7 +16,7 @@
 //! - Client credentials never reach this module: it sends only what config names.
 
 mod error;
-pub mod http;
+pub(crate) mod http;
 pub(crate) mod input_requests;
 pub mod stdio;
 
@@ -35,16 +35,16 @@ use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
 use super::session::{self, Caller, ClientRequestRoute};
 use crate::config::{ServerDef, Transport};
 use crate::sharded::lock;
-pub use error::{Down, TransportError, UpstreamError};
+pub(crate) use error::{Down, TransportError, UpstreamError};
 
 use super::version::ProtocolVersion;
 
 /// The protocol version Portcullis offers upstream in `initialize`.
-pub const UPSTREAM_HANDSHAKE_VERSION: &str = ProtocolVersion::LATEST_SESSION.as_str();
+pub(crate) const UPSTREAM_HANDSHAKE_VERSION: &str = ProtocolVersion::LATEST_SESSION.as_str();
 /// `_meta` key of a 2026-07-28 request's log level.
-pub const LOG_LEVEL_META: &str = "io.modelcontextprotocol/logLevel";
+pub(crate) const LOG_LEVEL_META: &str = "io.modelcontextprotocol/logLevel";
 /// `_meta` key of a 2026-07-28 request's client capabilities.
-pub const CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
+pub(crate) const CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
 
 /// Crash-loop breaker: this many failed starts or crashes ...
 const BREAKER_FAILURES: usize = 5;

@@ -25,9 +25,9 @@ use crate::mcp::lines::{Line, Lines};
 use crate::sharded::lock;
 
 /// The longest message accepted from a child (64 MiB).
-pub const MAX_LINE: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_LINE: usize = 64 * 1024 * 1024;
 /// The longest stderr line logged from a child (64 KiB); longer ones are skipped.
-pub const MAX_STDERR_LINE: usize = 64 * 1024;
+pub(crate) const MAX_STDERR_LINE: usize = 64 * 1024;
 /// How long a child gets to exit after stdin closes, and again after SIGTERM.
 const GRACE: Duration = Duration::from_millis(1500);
 
