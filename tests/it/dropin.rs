@@ -146,6 +146,14 @@ async fn mcp_front_config_dev_json_as_its_documentation_writes_it() {
     assert!(!test_client.all_tools().await.iter().any(|t| t.starts_with("files__")));
     let dev_client = Client::connect_as(&served.url, "my-secure-dev-token").await;
     assert!(dev_client.all_tools().await.contains(&"files__echo".to_owned()));
+
+    // `addr: ":0"` is every interface: without credentials that is refused before anything
+    // is bound (so this test never listens beyond loopback).
+    let open = dir.0.join("open.json");
+    std::fs::write(&open, r#"{"version": "1.0", "proxy": {"addr": ":0"}, "mcpServers": {}}"#).unwrap();
+    let (ok, _, stderr) = run_cli(None, &["serve", "--config", open.to_str().unwrap()], &[]).await;
+    assert!(!ok);
+    assert!(stderr.contains("refusing to serve 0.0.0.0:0 without credentials"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
