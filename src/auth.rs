@@ -63,7 +63,7 @@ pub struct Identity {
     pub name: Arc<str>,
     /// Admin or not.
     pub role: Role,
-    /// Its tenant.
+    /// The tenant whose namespaces bound what it sees (None: no tenant).
     pub tenant: Option<String>,
     /// What it may reach (tenant and per-server restrictions applied).
     pub grants: Grants,

@@ -259,7 +259,7 @@ impl std::fmt::Debug for TokenDef {
 pub struct FailureLimit {
     /// Failures allowed within `window`.
     pub max: u32,
-    /// The window.
+    /// How long an address's failures are counted, and how long it is refused past the limit.
     pub window: Duration,
     /// How long an address is refused (429) once over.
     pub block: Duration,

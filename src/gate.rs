@@ -61,7 +61,7 @@ pub(crate) enum Rejection {
         id: Option<String>,
         /// The JSON-RPC error code.
         code: i64,
-        /// The message.
+        /// What the client is told (no secret, no URL credentials).
         message: String,
     },
     /// Refused by authentication or authorization (401, 403, 429, 503 with their headers).
@@ -72,7 +72,7 @@ pub(crate) enum Rejection {
         status: StatusCode,
         /// The error's short name (`invalid_request`, `not_found`, …).
         error: &'static str,
-        /// The message.
+        /// What the caller is told.
         message: String,
     },
 }
@@ -247,7 +247,7 @@ pub(crate) struct Who {
     /// The config and credentials the gate checked this request against: everything behind
     /// the gate reads this one snapshot, never a newer one.
     pub snapshot: Arc<Snapshot>,
-    /// The identity.
+    /// Who the credential says the caller is (its grants decide what it reaches).
     pub identity: Arc<Identity>,
     /// The client's address (after `trusted_proxies`).
     pub client: IpAddr,

@@ -40,7 +40,7 @@ pub(crate) struct Entry {
     pub(crate) line: u32,
     /// 1-based column of the key.
     pub(crate) col: u32,
-    /// Its value.
+    /// The value under the key.
     pub(crate) value: Node,
 }
 

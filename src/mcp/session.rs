@@ -94,7 +94,7 @@ pub struct Session {
     pub scope: Scope,
     /// The negotiated protocol version.
     pub protocol_version: ProtocolVersion,
-    /// The transport.
+    /// How the client reached it (decides which limits count it and how it is answered).
     pub transport: ClientTransport,
     /// The identity that opened it: only that identity may use it (others get 404), and it
     /// ends when that identity is revoked, expires or loses the server.

@@ -35,7 +35,7 @@ use crate::sharded::lock;
 
 /// One request as the gateway routes it.
 pub struct Request<'a> {
-    /// The method.
+    /// The JSON-RPC method, as the client wrote it.
     pub method: &'a str,
     /// Raw params.
     pub params: Option<&'a RawValue>,

@@ -55,13 +55,13 @@ pub enum TransportError {
         method: &'static str,
         /// The URL, as shown.
         url: String,
-        /// The status.
+        /// The HTTP status code.
         status: u16,
     },
     /// A POST answered with an error status (the start of the body says why).
     #[error("HTTP {status}: {snippet}")]
     Refused {
-        /// The status.
+        /// The HTTP status code.
         status: u16,
         /// The first 200 bytes of the body, as text.
         snippet: String,

@@ -1240,7 +1240,7 @@ const PARKED_PREFIX: &str = "pcs-parked.";
 pub struct Ask {
     /// The id the upstream used, raw JSON.
     pub upstream_id: Box<str>,
-    /// The method.
+    /// The server-to-client method (`sampling/createMessage`, `elicitation/create`, …).
     pub method: String,
     /// The params, raw.
     pub params: Option<Box<RawValue>>,
