@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::upstream::Upstream;
+use super::jsonrpc::Envelope;
 use super::version::ProtocolVersion;
 use crate::auth::Identity;
 use crate::random::NoRandomness;
@@ -70,10 +70,34 @@ pub struct ListenFilter {
 /// `_meta` key naming the subscription a notification belongs to.
 pub(crate) const SUBSCRIPTION_ID_META: &str = "io.modelcontextprotocol/subscriptionId";
 
+/// What a session keeps of an upstream instance it has business with: the calls it has in
+/// flight there (to cancel them) and the requests that instance asked its client (to answer
+/// them). `upstream::Upstream` implements it, so this module does not depend on `upstream`.
+pub trait Instance: Send + Sync {
+    /// Sends the client's answer to a request the instance asked under `upstream_id`.
+    fn answer(&self, upstream_id: &str, env: &Envelope<'_>);
+    /// Cancels a call in flight (`notifications/cancelled` upstream).
+    fn cancel(&self, id: u64, reason: Option<&str>);
+}
+
+/// A server-to-client request for a caller without a back-channel (a 2026-07-28 call on a
+/// session-era upstream): it becomes an `InputRequiredResult`.
+pub struct Ask {
+    /// The id the upstream used, raw JSON.
+    pub upstream_id: Box<str>,
+    /// The server-to-client method (`sampling/createMessage`, `elicitation/create`, …).
+    pub method: String,
+    /// The params, raw.
+    pub params: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// Headers a client sent that go upstream as they are (`Mcp-Param-*`).
+pub(crate) type ForwardHeaders = Arc<[(String, String)]>;
+
 /// Where a server-to-client request must be answered.
 pub enum ClientRequestRoute {
     /// Back to the upstream that asked, under the raw id it used.
-    Upstream { upstream: Arc<Upstream>, upstream_id: Box<str> },
+    Upstream { upstream: Arc<dyn Instance>, upstream_id: Box<str> },
     /// To Portcullis itself (an era translation asking on an upstream's behalf): the client's
     /// whole answer message.
     Local(oneshot::Sender<Bytes>),
@@ -82,7 +106,7 @@ pub enum ClientRequestRoute {
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
 /// An upstream call in flight: the instance and the id it was sent under.
-type InflightCall = (Arc<Upstream>, u64);
+type InflightCall = (Arc<dyn Instance>, u64);
 
 /// One downstream client session.
 pub struct Session {
@@ -105,7 +129,6 @@ pub struct Session {
     next_client_id: AtomicU64,
     client_requests: Mutex<HashMap<u64, ClientRequestRoute>>,
     inflight: Mutex<HashMap<Box<str>, InflightCall>>,
-    per_session: Mutex<HashMap<String, Arc<Upstream>>>,
     subscriptions: Mutex<HashSet<(String, String)>>,
     capabilities: Mutex<Option<Box<str>>>,
     /// 0 while unset, else the `logging/setLevel` level's rank + 1.
@@ -175,7 +198,6 @@ impl Session {
             next_client_id: AtomicU64::new(1),
             client_requests: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
-            per_session: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(HashSet::new()),
             capabilities: Mutex::new(None),
             log_level: AtomicU8::new(0),
@@ -276,7 +298,7 @@ impl Session {
     }
 
     /// Records an in-flight upstream call for cancellation.
-    pub fn track(&self, down_id: &str, upstream: Arc<Upstream>, up_id: u64) {
+    pub fn track(&self, down_id: &str, upstream: Arc<dyn Instance>, up_id: u64) {
         lock(&self.inflight).insert(down_id.into(), (upstream, up_id));
     }
 
@@ -286,28 +308,13 @@ impl Session {
     }
 
     /// Takes every call in flight (to cancel them when the session ends).
-    pub fn take_inflight(&self) -> Vec<(Arc<Upstream>, u64)> {
+    pub fn take_inflight(&self) -> Vec<InflightCall> {
         lock(&self.inflight).drain().map(|(_, v)| v).collect()
     }
 
     /// The upstream call for a downstream request id.
-    pub fn inflight(&self, down_id: &str) -> Option<(Arc<Upstream>, u64)> {
+    pub fn inflight(&self, down_id: &str) -> Option<InflightCall> {
         lock(&self.inflight).get(down_id).cloned()
-    }
-
-    /// The session's own instance of a `per_session` server, if started.
-    pub fn per_session(&self, name: &str) -> Option<Arc<Upstream>> {
-        lock(&self.per_session).get(name).cloned()
-    }
-
-    /// Stores a `per_session` instance.
-    pub fn set_per_session(&self, name: &str, up: Arc<Upstream>) {
-        lock(&self.per_session).insert(name.to_owned(), up);
-    }
-
-    /// Takes every `per_session` instance (to stop them).
-    pub fn take_per_session(&self) -> Vec<Arc<Upstream>> {
-        lock(&self.per_session).drain().map(|(_, v)| v).collect()
     }
 
     /// Records a subscription to a server's resource (its own URI); true if new.
@@ -350,9 +357,9 @@ pub struct Caller {
     pub cancel_on_drop: bool,
     /// Where server-to-client requests go for a caller without a back-channel (a 2026-07-28
     /// call waiting on a session-era upstream); they become an `InputRequiredResult`.
-    pub asks: Option<mpsc::Sender<crate::mcp::upstream::Ask>>,
+    pub asks: Option<mpsc::Sender<Ask>>,
     /// The request's `Mcp-Param-*` headers, forwarded to a 2026-07-28 upstream as they are.
-    pub forward: Option<crate::mcp::upstream::http::ForwardHeaders>,
+    pub forward: Option<ForwardHeaders>,
 }
 
 impl Caller {

@@ -471,7 +471,7 @@ impl Drop for EndSession {
 }
 
 /// The `Mcp-Param-*` headers of a request (mirrored tool arguments), to forward upstream.
-fn param_headers(headers: &HeaderMap) -> Option<crate::mcp::upstream::http::ForwardHeaders> {
+fn param_headers(headers: &HeaderMap) -> Option<crate::mcp::session::ForwardHeaders> {
     let found: Vec<(String, String)> = headers
         .iter()
         .filter(|(k, _)| k.as_str().starts_with("mcp-param-"))

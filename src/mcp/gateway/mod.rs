@@ -115,6 +115,9 @@ pub struct Gateway {
     /// the rare start or stop.
     upstreams: ArcSwap<HashMap<String, Arc<Upstream>>>,
     sessions: Sharded<String, Arc<Session>>,
+    /// Each session's own instances of `per_session` servers, by (session key, server): owned
+    /// here, not by the session, so sessions do not depend on upstreams.
+    per_session: Sharded<(u64, String), Arc<Upstream>>,
     resources: ResourceIndex,
     subscriptions: Mutex<HashMap<(String, String), usize>>,
     cursors: lists::CursorKey,
@@ -240,6 +243,7 @@ impl Gateway {
             snapshot: ArcSwap::from_pointee(Snapshot { config: Arc::new(config), auth: Arc::new(authenticator) }),
             upstreams: ArcSwap::from_pointee(HashMap::new()),
             sessions: Sharded::new(),
+            per_session: Sharded::new(),
             resources: ResourceIndex::default(),
             subscriptions: Mutex::new(HashMap::new()),
             cursors,
@@ -541,7 +545,7 @@ impl Gateway {
         for (up, up_id) in s.take_inflight() {
             up.cancel(up_id, Some("the client session ended"));
         }
-        for up in s.take_per_session() {
+        for up in self.take_per_session(Some(s.key)) {
             up.stop().await;
         }
         for (server, uri) in s.subscriptions() {
@@ -575,17 +579,33 @@ impl Gateway {
     /// Stops every upstream instance (children included).
     pub async fn shutdown(&self) {
         self.close_all_sessions();
-        let sessions: Vec<Arc<Session>> = self.sessions.drain();
-        let mut stops = Vec::new();
-        for s in sessions {
-            stops.extend(s.take_per_session());
-        }
+        drop(self.sessions.drain());
+        let mut stops = self.take_per_session(None);
         let shared: Vec<Arc<Upstream>> = self.upstreams.swap(Arc::default()).values().cloned().collect();
         stops.extend(shared);
         for up in &stops {
             up.stop_now();
         }
         join_all(stops.iter().map(|u| u.stop())).await;
+    }
+
+    /// A session's own instance of a `per_session` server, if started.
+    fn own_instance(&self, session: u64, server: &str) -> Option<Arc<Upstream>> {
+        let key = (session, server.to_owned());
+        lock(self.per_session.shard(&key)).get(&key).cloned()
+    }
+
+    /// Takes the `per_session` instances of one session (every session's with None), to stop.
+    fn take_per_session(&self, session: Option<u64>) -> Vec<Arc<Upstream>> {
+        let mut taken = Vec::new();
+        self.per_session.retain(|(key, _), up| {
+            let take = session.is_none_or(|s| s == *key);
+            if take {
+                taken.push(up.clone());
+            }
+            !take
+        });
+        taken
     }
 
     /// The instance serving `server` for this caller: its own for `per_session` servers.
@@ -596,11 +616,13 @@ impl Gateway {
         }
         if def.share == Share::PerSession {
             if let Some(session) = caller.session.as_ref().filter(|s| s.transport != session::ClientTransport::Listen) {
-                if let Some(up) = session.per_session(server) {
-                    return Some(up);
+                let key = (session.key, server.to_owned());
+                let mut instances = lock(self.per_session.shard(&key));
+                if let Some(up) = instances.get(&key) {
+                    return Some(up.clone());
                 }
                 let up = Upstream::start(def.clone(), self.hub(), Some(Arc::downgrade(session)), self.http.clone());
-                session.set_per_session(server, up.clone());
+                instances.insert(key, up.clone());
                 return Some(up);
             }
             // Stateless callers have no session to own an instance: one instance serves them all.
@@ -831,7 +853,7 @@ impl Gateway {
             "notifications/roots/list_changed" => {
                 let config = &ctx.snapshot.config;
                 for def in self.servers_in_scope(config, &ctx.scope, &ctx.identity) {
-                    if let Some(up) = ctx.caller.session.as_ref().and_then(|s| s.per_session(&def.name)) {
+                    if let Some(up) = ctx.caller.session.as_ref().and_then(|s| self.own_instance(s.key, &def.name)) {
                         let _ = up.notify("notifications/roots/list_changed", None);
                     }
                 }

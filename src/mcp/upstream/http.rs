@@ -732,8 +732,7 @@ impl HttpLink {
 
 /// Adds the 2026-07-28 per-request `_meta` fields and returns the body with its `Mcp-Method`
 /// and `Mcp-Name` header values.
-/// Headers a client sent that go upstream as they are (`Mcp-Param-*`).
-pub(crate) type ForwardHeaders = Arc<[(String, String)]>;
+pub(crate) use crate::mcp::session::ForwardHeaders;
 
 fn for_stateless(msg: &[u8]) -> Result<(Bytes, String, Option<String>), TransportError> {
     let env = Envelope::parse(msg).map_err(|e| TransportError::Unsendable(e.to_string()))?;

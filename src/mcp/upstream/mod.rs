@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
-use super::session::{self, Caller, ClientRequestRoute};
+use super::session::{self, Ask, Caller, ClientRequestRoute};
 use crate::config::{ServerDef, Transport};
 use crate::sharded::lock;
 pub(crate) use error::{Down, TransportError, UpstreamError};
@@ -198,7 +198,7 @@ impl Link {
         &self,
         msg: Bytes,
         id: Option<u64>,
-        forward: Option<http::ForwardHeaders>,
+        forward: Option<session::ForwardHeaders>,
     ) -> Result<(), TransportError> {
         match self {
             Link::Stdio(l) => l.send(msg),
@@ -1009,13 +1009,6 @@ impl Upstream {
         }
     }
 
-    /// Sends a client's answer to a server-to-client request back upstream.
-    pub fn answer(&self, upstream_id: &str, env: &Envelope<'_>) {
-        if let Some(conn) = self.connection() {
-            let _ = conn.link.send(Bytes::from(jsonrpc::with_id(env, upstream_id)), None);
-        }
-    }
-
     /// How many requests are waiting for their answers.
     pub fn in_flight(&self) -> usize {
         lock(&self.pending).len()
@@ -1236,16 +1229,6 @@ const INPUT_REQUEST_METHODS: [&str; 3] = ["tools/call", "prompts/get", "resource
 /// Marks a `requestState` that Portcullis minted (a parked call), as opposed to an upstream's.
 const PARKED_PREFIX: &str = "pcs-parked.";
 
-/// A server-to-client request for a caller without a back-channel.
-pub struct Ask {
-    /// The id the upstream used, raw JSON.
-    pub upstream_id: Box<str>,
-    /// The server-to-client method (`sampling/createMessage`, `elicitation/create`, …).
-    pub method: String,
-    /// The params, raw.
-    pub params: Option<Box<RawValue>>,
-}
-
 /// A stateless call waiting for its caller's answers (see `Upstream::call_stateless`).
 struct Parked {
     conn: Arc<Connection>,
@@ -1407,6 +1390,20 @@ fn parse_init(result: &str) -> Result<ServerInfo, TransportError> {
         server_info: init.server_info.unwrap_or_else(|| jsonrpc::raw("{}".into())),
         instructions: init.instructions,
     })
+}
+
+/// What a session keeps of an instance: a client's answer goes back under the id the upstream
+/// used; a cancellation is `notifications/cancelled` upstream.
+impl session::Instance for Upstream {
+    fn answer(&self, upstream_id: &str, env: &Envelope<'_>) {
+        if let Some(conn) = self.connection() {
+            let _ = conn.link.send(Bytes::from(jsonrpc::with_id(env, upstream_id)), None);
+        }
+    }
+
+    fn cancel(&self, id: u64, reason: Option<&str>) {
+        Upstream::cancel(self, id, reason);
+    }
 }
 
 #[cfg(test)]
