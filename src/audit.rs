@@ -13,7 +13,7 @@ use serde::Serialize;
 
 /// One audit record.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Record {
+pub(crate) struct Record {
     /// RFC 3339 time the request arrived.
     pub time: String,
     /// The identity's name (`anonymous` without authentication, absent when refused before).
@@ -57,13 +57,13 @@ enum Msg {
 
 /// Where records go.
 #[derive(Clone)]
-pub struct Audit {
+pub(crate) struct Audit {
     tx: mpsc::Sender<Msg>,
 }
 
 impl Audit {
     /// Starts the writer: to `file` (appended, created if needed) or stderr.
-    pub fn start(file: Option<PathBuf>) -> std::io::Result<Audit> {
+    pub(crate) fn start(file: Option<PathBuf>) -> std::io::Result<Audit> {
         let out: Box<dyn Write + Send> = match file {
             Some(path) => {
                 use std::os::unix::fs::OpenOptionsExt;
@@ -78,18 +78,18 @@ impl Audit {
     }
 
     /// A sink that drops records (for tools that never serve requests).
-    pub fn discard() -> Audit {
+    pub(crate) fn discard() -> Audit {
         let (tx, _rx) = mpsc::channel();
         Audit { tx }
     }
 
     /// Queues a record.
-    pub fn record(&self, r: Record) {
+    pub(crate) fn record(&self, r: Record) {
         let _ = self.tx.send(Msg::Record(Box::new(r)));
     }
 
     /// Waits until every record queued so far is written (at shutdown).
-    pub fn sync(&self) {
+    pub(crate) fn sync(&self) {
         let (tx, rx) = mpsc::channel();
         if self.tx.send(Msg::Sync(tx)).is_ok() {
             let _ = rx.recv_timeout(Duration::from_secs(5));

@@ -24,10 +24,10 @@ use crate::sharded::lock;
 
 /// Carries a verified client certificate's subject from the TLS acceptor to authentication.
 /// The edge layer removes it from every incoming request first, so a client cannot send it.
-pub const CLIENT_SUBJECT_HEADER: &str = "x-portcullis-client-subject";
+pub(crate) const CLIENT_SUBJECT_HEADER: &str = "x-portcullis-client-subject";
 
 /// The realm in every challenge.
-pub const REALM: &str = "portcullis";
+pub(crate) const REALM: &str = "portcullis";
 
 /// A token bucket.
 #[derive(Debug)]
@@ -82,7 +82,7 @@ pub struct Identity {
 
 impl Identity {
     /// The caller when no credential source is configured: everything is allowed.
-    pub fn anonymous() -> Arc<Self> {
+    pub(crate) fn anonymous() -> Arc<Self> {
         Arc::new(Identity {
             name: "anonymous".into(),
             role: Role::Admin,
@@ -97,24 +97,24 @@ impl Identity {
     }
 
     /// Whether a session opened by `other` may be used by this identity.
-    pub fn same_principal(&self, other: &Identity) -> bool {
+    pub(crate) fn same_principal(&self, other: &Identity) -> bool {
         self.key == other.key
     }
 
     /// Whether it may use the management API.
-    pub fn is_admin(&self) -> bool {
+    pub(crate) fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
 
     /// Whether it may read the gateway-wide figures (`/metrics`, `/stats`): a `metrics`
     /// credential, or an admin without restriction.
-    pub fn reads_metrics(&self, servers: &[String]) -> bool {
+    pub(crate) fn reads_metrics(&self, servers: &[String]) -> bool {
         self.role == Role::Metrics || self.is_unrestricted_admin(servers)
     }
 
     /// Whether it is an admin without restriction: no tenant, every server, every name. Only
     /// such an admin may see gateway-wide figures (`/stats`, `/metrics`) or reload the config.
-    pub fn is_unrestricted_admin(&self, servers: &[String]) -> bool {
+    pub(crate) fn is_unrestricted_admin(&self, servers: &[String]) -> bool {
         let every_server = self.grants.servers.as_ref().is_none_or(|s| servers.iter().all(|n| s.contains(n)));
         self.is_admin()
             && self.tenant.is_none()
@@ -125,7 +125,7 @@ impl Identity {
     }
 
     /// Whether it has expired at `now`.
-    pub fn expired(&self, now: SystemTime) -> bool {
+    pub(crate) fn expired(&self, now: SystemTime) -> bool {
         self.expires.is_some_and(|e| now >= e)
     }
 }
@@ -158,7 +158,7 @@ pub enum AuthError {
 
 impl AuthError {
     /// The outcome as the audit log names it.
-    pub fn outcome(&self) -> &'static str {
+    pub(crate) fn outcome(&self) -> &'static str {
         match self {
             AuthError::Missing => "refused: missing credential",
             AuthError::Invalid => "refused: invalid token",
@@ -171,7 +171,7 @@ impl AuthError {
     }
 
     /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             AuthError::Missing | AuthError::Invalid => StatusCode::UNAUTHORIZED,
             AuthError::BadRequest => StatusCode::BAD_REQUEST,
@@ -226,7 +226,7 @@ impl IntoResponse for AuthError {
 
 /// What an `Authorization` header value presents (RFC 7235 `credentials`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Presented<'a> {
+pub(crate) enum Presented<'a> {
     /// `Bearer <token68>`.
     Bearer(&'a str),
     /// The Bearer scheme with nothing after it.
@@ -247,7 +247,7 @@ fn is_token68(s: &str) -> bool {
 }
 
 /// Parses an `Authorization` value: `scheme 1*SP token68`, scheme case-insensitive.
-pub fn parse_authorization(value: &str) -> Presented<'_> {
+pub(crate) fn parse_authorization(value: &str) -> Presented<'_> {
     let v = value.trim_matches(|c| c == ' ' || c == '\t');
     let (scheme, rest) = match v.find(' ') {
         Some(i) => (&v[..i], v[i..].trim_start_matches(' ')),
@@ -266,7 +266,7 @@ pub fn parse_authorization(value: &str) -> Presented<'_> {
 }
 
 /// The one credential a request presents, per the presentation rules.
-pub fn presented_credential(headers: &HeaderMap) -> Result<&str, AuthError> {
+pub(crate) fn presented_credential(headers: &HeaderMap) -> Result<&str, AuthError> {
     let auth: Vec<&HeaderValue> = headers.get_all(header::AUTHORIZATION).iter().collect();
     let keys: Vec<&HeaderValue> = headers.get_all("x-api-key").iter().collect();
     if auth.len() + keys.len() > 1 {
@@ -423,7 +423,7 @@ impl Authenticator {
 
     /// The grants a token with these lists would have here: narrowed to its tenant's servers
     /// and to the servers whose `authTokens` name it (what the management API compares).
-    pub fn effective_grants(&self, name: &str, tenant: Option<&str>, grants: Grants) -> Grants {
+    pub(crate) fn effective_grants(&self, name: &str, tenant: Option<&str>, grants: Grants) -> Grants {
         let def = TokenDef {
             name: name.to_owned(),
             digest: [0; 32],
@@ -439,7 +439,7 @@ impl Authenticator {
 
     /// Whether an issued token's lineage is still usable (for open sessions): the token, or
     /// the token that replaced it by rotation, and so on. None when the store cannot say.
-    pub fn store_token_usable(&self, id: &str) -> Option<bool> {
+    pub(crate) fn store_token_usable(&self, id: &str) -> Option<bool> {
         let store = self.store.as_ref()?;
         let now = crate::store::now_ms();
         let mut id = id.to_owned();
@@ -459,7 +459,7 @@ impl Authenticator {
 
     /// The client's address: the peer, or when the peer is a trusted proxy, the nearest
     /// untrusted address in `X-Forwarded-For`.
-    pub fn client_addr(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    pub(crate) fn client_addr(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
         let peer = peer.ip();
         if !self.trusted.iter().any(|c| c.contains(peer)) {
             return peer;
@@ -485,7 +485,7 @@ impl Authenticator {
     }
 
     /// Whether an address is a trusted proxy.
-    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+    pub(crate) fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|c| c.contains(ip))
     }
 
@@ -547,7 +547,7 @@ impl Authenticator {
 
     /// Drops per-address state that no longer says anything: failure counts whose window and
     /// block have passed, and rate buckets that have refilled (a fresh bucket is the same).
-    pub fn prune(&self) {
+    pub(crate) fn prune(&self) {
         let now = Instant::now();
         let limit = self.failure_limit;
         self.failures.retain(|_, f| !failures_stale(f, limit, now));
@@ -618,7 +618,7 @@ impl Authenticator {
     }
 
     /// The current identity of a name (None once removed by a reload).
-    pub fn current(&self, name: &str) -> Option<Arc<Identity>> {
+    pub(crate) fn current(&self, name: &str) -> Option<Arc<Identity>> {
         match &self.anonymous {
             Some(a) if &*a.name == name => Some(a.clone()),
             _ => self.by_name.get(name).cloned(),

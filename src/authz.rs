@@ -14,17 +14,12 @@ pub struct Glob(String);
 
 impl Glob {
     /// A glob from its pattern text.
-    pub fn new(pattern: &str) -> Self {
+    pub(crate) fn new(pattern: &str) -> Self {
         Glob(pattern.to_owned())
     }
 
-    /// The pattern text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// Whether `name` matches the whole pattern. Linear time (greedy with one backtrack point).
-    pub fn matches(&self, name: &str) -> bool {
+    pub(crate) fn matches(&self, name: &str) -> bool {
         if self.0.is_ascii() && name.is_ascii() {
             return glob_match(self.0.as_bytes(), name.as_bytes());
         }
@@ -114,7 +109,7 @@ impl Patterns {
     }
 
     /// Whether a name is allowed.
-    pub fn allows(&self, name: &str) -> bool {
+    pub(crate) fn allows(&self, name: &str) -> bool {
         if self.deny.iter().any(|g| g.matches(name)) {
             return false;
         }
@@ -122,13 +117,13 @@ impl Patterns {
     }
 
     /// True when nothing is restricted (lists can pass through unfiltered).
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.allow.is_empty() && self.deny.is_empty()
     }
 
     /// Whether everything `other` allows, these allow too (a conservative check: `other` must
     /// carry each of these denies, and each of its allows must be covered by one of these).
-    pub fn covers(&self, other: &Patterns) -> bool {
+    pub(crate) fn covers(&self, other: &Patterns) -> bool {
         if self.is_open() {
             return true;
         }
@@ -173,7 +168,7 @@ impl Grants {
 
     /// Grants from the lists a config token or an issued token carries: `servers` (empty: all)
     /// and allow/`!`deny globs per kind.
-    pub fn from_lists(servers: &[String], tools: &[String], prompts: &[String], resources: &[String]) -> Self {
+    pub(crate) fn from_lists(servers: &[String], tools: &[String], prompts: &[String], resources: &[String]) -> Self {
         let globs = |l: &[String]| Patterns::parse(l.iter().map(String::as_str));
         Grants {
             servers: (!servers.is_empty()).then(|| servers.iter().cloned().collect()),
@@ -184,13 +179,13 @@ impl Grants {
     }
 
     /// Whether a server may be reached at all.
-    pub fn reaches(&self, server: &str) -> bool {
+    pub(crate) fn reaches(&self, server: &str) -> bool {
         self.servers.as_ref().is_none_or(|s| s.contains(server))
     }
 
     /// Whether everything `other` grants, these grant too: its servers a subset of these, its
     /// patterns of each kind covered by these.
-    pub fn covers(&self, other: &Grants) -> bool {
+    pub(crate) fn covers(&self, other: &Grants) -> bool {
         let servers = match (&self.servers, &other.servers) {
             (None, _) => true,
             (Some(_), None) => false,
@@ -203,7 +198,7 @@ impl Grants {
     }
 
     /// The patterns of a kind.
-    pub fn patterns(&self, kind: GrantKind) -> &Patterns {
+    pub(crate) fn patterns(&self, kind: GrantKind) -> &Patterns {
         match kind {
             GrantKind::Tool => &self.tools,
             GrantKind::Prompt => &self.prompts,
@@ -212,7 +207,7 @@ impl Grants {
     }
 
     /// Whether an item (its server and its name or URI on that server) may be used.
-    pub fn allows(&self, kind: GrantKind, server: &str, separator: &str, name: &str) -> bool {
+    pub(crate) fn allows(&self, kind: GrantKind, server: &str, separator: &str, name: &str) -> bool {
         if !self.reaches(server) {
             return false;
         }

@@ -379,7 +379,7 @@ pub struct ServeOptions {
 }
 
 /// A new random token: `pcs_` and 43 characters of base64url from 32 bytes of OS randomness.
-pub fn new_token() -> anyhow::Result<String> {
+pub(crate) fn new_token() -> anyhow::Result<String> {
     Ok(crate::store::new_secret()?)
 }
 

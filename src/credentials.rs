@@ -16,7 +16,7 @@ use crate::authz::Grants;
 /// A value written in a config file, a command line or an API request that does not read as
 /// what it should be. Always the writer's fault (a 400 at an API, an error in `check`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ValueError {
+pub(crate) enum ValueError {
     /// Not a role.
     #[error("unknown role {0:?} (user, admin, metrics)")]
     Role(String),
@@ -49,13 +49,13 @@ pub enum ValueError {
 }
 
 /// Parses `30s`, `5m`, `1h30m`, `250ms`, `2d`.
-pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, ValueError> {
     humantime::parse_duration(text.trim())
         .map_err(|e| ValueError::Duration { text: text.to_owned(), reason: e.to_string() })
 }
 
 /// A duration of at most [`MAX_SPAN`] (a time to live, a rotation's grace).
-pub fn parse_span(text: &str) -> Result<Duration, ValueError> {
+pub(crate) fn parse_span(text: &str) -> Result<Duration, ValueError> {
     let d = parse_duration(text)?;
     if d > MAX_SPAN {
         return Err(ValueError::TooLong(text.to_owned()));
@@ -65,7 +65,7 @@ pub fn parse_span(text: &str) -> Result<Duration, ValueError> {
 
 /// The longest duration Portcullis takes anywhere (a limit, a token's time to live, a
 /// rotation's grace): 100 years. Longer is refused, never read as "never" or left to overflow.
-pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub(crate) const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// What an identity may administer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,7 +81,7 @@ pub enum Role {
 
 impl Role {
     /// A role by name (`user`, `admin` or `metrics`; none is `user`).
-    pub fn parse(name: Option<&str>) -> Result<Role, ValueError> {
+    pub(crate) fn parse(name: Option<&str>) -> Result<Role, ValueError> {
         match name {
             None | Some("user") => Ok(Role::User),
             Some("admin") => Ok(Role::Admin),
@@ -91,7 +91,7 @@ impl Role {
     }
 
     /// Its name, as [`Role::parse`] reads it.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Role::User => "user",
             Role::Admin => "admin",
@@ -101,7 +101,7 @@ impl Role {
 }
 
 /// The only requests a `metrics` credential may make (the gate's labels for them).
-pub const METRICS_REQUESTS: &[&str] = &["GET /metrics", "GET /stats"];
+pub(crate) const METRICS_REQUESTS: &[&str] = &["GET /metrics", "GET /stats"];
 
 /// A rate: `count` requests per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +114,7 @@ pub struct Rate {
 
 impl Rate {
     /// Parses `100/min`, `10/s`, `5000/h`, `20/10s`.
-    pub fn parse(s: &str) -> Result<Rate, ValueError> {
+    pub(crate) fn parse(s: &str) -> Result<Rate, ValueError> {
         let bad = || ValueError::Rate(s.to_owned());
         let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
         let count: u32 = n.trim().parse().map_err(|_| bad())?;
@@ -154,7 +154,7 @@ pub struct Cidr {
 
 impl Cidr {
     /// Parses a CIDR or a bare address.
-    pub fn parse(s: &str) -> Result<Cidr, ValueError> {
+    pub(crate) fn parse(s: &str) -> Result<Cidr, ValueError> {
         let bad = || ValueError::Cidr(s.to_owned());
         let (addr, prefix) = match s.trim().split_once('/') {
             Some((a, p)) => (a.parse::<IpAddr>().map_err(|_| bad())?, Some(p.parse::<u8>().map_err(|_| bad())?)),
@@ -169,7 +169,7 @@ impl Cidr {
     }
 
     /// Whether an address is in the range.
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
@@ -204,18 +204,18 @@ pub enum TokenSource {
 }
 
 /// The longest token name or tenant name, in characters.
-pub const MAX_NAME_CHARS: usize = 128;
+pub(crate) const MAX_NAME_CHARS: usize = 128;
 
 /// Whether a character prints as itself anywhere (terminal, audit line, log): a visible ASCII
 /// character, or a letter or digit of any script. Not a space, a control or a formatting
 /// character (ESC, NUL, BEL, U+202E, …).
-pub fn is_visible(c: char) -> bool {
+pub(crate) fn is_visible(c: char) -> bool {
     c.is_ascii_graphic() || (!c.is_ascii() && c.is_alphanumeric())
 }
 
 /// A token or tenant name that can be printed anywhere as it is: 1 to [`MAX_NAME_CHARS`]
 /// characters, each [`is_visible`].
-pub fn check_name(name: &str) -> Result<(), ValueError> {
+pub(crate) fn check_name(name: &str) -> Result<(), ValueError> {
     let n = name.chars().count();
     if n == 0 || n > MAX_NAME_CHARS {
         return Err(ValueError::NameLength);

@@ -123,7 +123,7 @@ pub(crate) struct Series {
 }
 
 /// What one finished request contributes.
-pub struct Observation<'a> {
+pub(crate) struct Observation<'a> {
     /// The server it addressed, if any.
     pub server: Option<&'a str>,
     /// The identity's series, if authenticated.
@@ -139,7 +139,7 @@ pub struct Observation<'a> {
 }
 
 /// Every series, and the gateway-wide counters.
-pub struct Metrics {
+pub(crate) struct Metrics {
     servers: ArcSwap<HashMap<String, Arc<Series>>>,
     identities: ArcSwap<HashMap<String, Arc<Series>>>,
     /// Identities seen since the last rebuild (added on first sight, rare).
@@ -171,7 +171,11 @@ fn method_index(m: &str) -> usize {
 impl Metrics {
     /// Sets the known servers and identities (config load and reload): existing series carry
     /// over, new ones start at zero.
-    pub fn configure<'a>(&self, servers: impl Iterator<Item = &'a str>, identities: impl Iterator<Item = &'a str>) {
+    pub(crate) fn configure<'a>(
+        &self,
+        servers: impl Iterator<Item = &'a str>,
+        identities: impl Iterator<Item = &'a str>,
+    ) {
         let _g = lock(&self.added);
         let old = self.servers.load();
         let mut next: HashMap<String, Arc<Series>> =
@@ -198,7 +202,7 @@ impl Metrics {
     }
 
     /// Counts one finished request.
-    pub fn observe(&self, o: &Observation<'_>) {
+    pub(crate) fn observe(&self, o: &Observation<'_>) {
         let servers = self.servers.load();
         let series = o.server.and_then(|s| servers.get(s)).or_else(|| servers.get(""));
         let identity = o.identity.map(|i| self.identity(i));
@@ -221,12 +225,12 @@ impl Metrics {
     }
 
     /// Counts a reload.
-    pub fn reloaded(&self, ok: bool) {
+    pub(crate) fn reloaded(&self, ok: bool) {
         if ok { &self.reloads_ok } else { &self.reloads_failed }.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `/stats`: per server and per identity.
-    pub fn stats_json(&self) -> serde_json::Value {
+    pub(crate) fn stats_json(&self) -> serde_json::Value {
         let one = |s: &Series| {
             serde_json::json!({
                 "requests": s.requests.load(Ordering::Relaxed),
@@ -243,7 +247,7 @@ impl Metrics {
     }
 
     /// The request-derived part of `/metrics` (Prometheus text format 0.0.4).
-    pub fn render(&self, out: &mut String) {
+    pub(crate) fn render(&self, out: &mut String) {
         let servers = self.servers.load();
         let mut names: Vec<&String> = servers.keys().collect();
         names.sort();

@@ -21,7 +21,7 @@ pub fn fail_from_now_on() {
 }
 
 /// Fills `buf` from the OS random source.
-pub fn fill(buf: &mut [u8]) -> Result<(), NoRandomness> {
+pub(crate) fn fill(buf: &mut [u8]) -> Result<(), NoRandomness> {
     if FAIL.load(Ordering::Relaxed) {
         return Err(NoRandomness("disabled by --test-no-randomness".into()));
     }
@@ -29,14 +29,14 @@ pub fn fill(buf: &mut [u8]) -> Result<(), NoRandomness> {
 }
 
 /// 32 random bytes.
-pub fn key() -> Result<[u8; 32], NoRandomness> {
+pub(crate) fn key() -> Result<[u8; 32], NoRandomness> {
     let mut b = [0u8; 32];
     fill(&mut b)?;
     Ok(b)
 }
 
 /// A new random id: 32 bytes, base64url without padding (43 characters).
-pub fn id() -> Result<String, NoRandomness> {
+pub(crate) fn id() -> Result<String, NoRandomness> {
     use base64::Engine;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key()?))
 }

@@ -27,10 +27,10 @@ use crate::mcp::gateway::Gateway;
 use crate::mcp::upstream::State as UpState;
 
 /// How long in-flight requests get to finish after a shutdown signal.
-pub const GRACE: Duration = Duration::from_secs(10);
+pub(crate) const GRACE: Duration = Duration::from_secs(10);
 
 /// Builds the router over a gateway.
-pub fn router(gw: Arc<Gateway>) -> Router {
+pub(crate) fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         // The MCP endpoints: the path's `{name}` (if any) is the scope (`gate`'s `Scope` extractor).
         .route("/mcp", any(mcp_http::handle))
@@ -138,12 +138,12 @@ impl Running {
     }
 
     /// Waits until the server stops (after [`Running::trigger`] or a signal).
-    pub async fn wait(self) {
+    pub(crate) async fn wait(self) {
         let _ = self.done.await;
     }
 
     /// The token that starts a shutdown.
-    pub fn trigger(&self) -> CancellationToken {
+    pub(crate) fn trigger(&self) -> CancellationToken {
         self.shutdown.clone()
     }
 }
@@ -446,7 +446,7 @@ async fn serve_connection<I>(
 
 /// Which signal asked Portcullis to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Termination {
+pub(crate) enum Termination {
     /// SIGTERM: a supervisor or orchestrator; drain first.
     Term,
     /// SIGINT: someone at a terminal; stop now.
@@ -454,7 +454,7 @@ pub enum Termination {
 }
 
 /// Resolves on SIGTERM or SIGINT, saying which.
-pub async fn termination() -> Termination {
+pub(crate) async fn termination() -> Termination {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return std::future::pending().await;

@@ -16,7 +16,7 @@ use crate::credentials::{self as auth, AuthConfig, Cidr, FailureLimit, Rate, Rol
 /// `auth:` (also MCP Front's `proxy.auth:`).
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawAuth {
+pub(crate) struct RawAuth {
     /// MCP Front's kind of authentication; only `bearer_token` is supported (the default).
     #[serde(default)]
     pub kind: Option<S>,
@@ -33,7 +33,7 @@ pub struct RawAuth {
 /// One named token: its value alone, or its value with grants.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
-pub enum RawToken {
+pub(crate) enum RawToken {
     /// `name: "${SECRET}"`: every server, user role.
     Value(String),
     /// The full form.
@@ -43,7 +43,7 @@ pub enum RawToken {
 /// A named token with its grants.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawTokenFull {
+pub(crate) struct RawTokenFull {
     /// The secret (use `${VAR}`; it must not be empty).
     pub token: String,
     /// Servers it may reach (default: all).
@@ -76,7 +76,7 @@ pub struct RawTokenFull {
 /// One tenant.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawTenant {
+pub(crate) struct RawTenant {
     /// Named groups of servers: `prod: [files, db]`.
     #[serde(default)]
     pub namespaces: BTreeMap<String, Vec<String>>,
@@ -85,7 +85,7 @@ pub struct RawTenant {
 /// `rate_limit:`.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawRateLimit {
+pub(crate) struct RawRateLimit {
     /// Requests per identity (`600/min`); a token's own `rate` replaces it. Default: none.
     #[serde(default)]
     pub per_identity: Option<S>,
@@ -97,7 +97,7 @@ pub struct RawRateLimit {
 /// MCP Front's `proxy:` block.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawProxy {
+pub(crate) struct RawProxy {
     /// As `auth:`.
     #[serde(default)]
     pub auth: Option<RawAuth>,

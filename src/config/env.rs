@@ -30,13 +30,13 @@ fn unset_placeholder(name: &str) -> String {
 }
 
 /// Whether a substituted value holds a variable that was unset (in a lenient environment).
-pub fn has_unset(value: &str) -> bool {
+pub(crate) fn has_unset(value: &str) -> bool {
     value.contains("\u{0}unset:")
 }
 
 /// Why a value could not be substituted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubstError {
+pub(crate) enum SubstError {
     /// A referenced variable is unset and has no default.
     #[error("environment variable {0} is not set (and has no default)")]
     Missing(String),
@@ -52,7 +52,7 @@ pub enum SubstError {
 
 impl Env {
     /// The process environment plus the `.env` file in `dir`, if present.
-    pub fn load(dir: Option<&Path>) -> Self {
+    pub(crate) fn load(dir: Option<&Path>) -> Self {
         let (dotenv, warnings) = dir
             .map(|d| d.join(".env"))
             .and_then(|p| std::fs::read_to_string(p).ok())
@@ -65,14 +65,14 @@ impl Env {
     /// The same environment, where an unset variable is not an error but a placeholder that
     /// can match nothing: for the commands that read a config only for its store, servers and
     /// tenants (`portcullis token …`), so an unrelated upstream secret need not be set.
-    pub fn lenient(mut self) -> Self {
+    pub(crate) fn lenient(mut self) -> Self {
         self.lenient = true;
         self
     }
 
     /// The same environment, with VS Code's workspace folder for the config file at `file`:
     /// the folder holding `.vscode/` when the file is in one, else the file's own folder.
-    pub fn for_file(mut self, file: &Path) -> Self {
+    pub(crate) fn for_file(mut self, file: &Path) -> Self {
         let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         let workspace = if dir.file_name().is_some_and(|n| n == ".vscode") {
@@ -96,12 +96,12 @@ impl Env {
     }
 
     /// A variable's value; the process environment wins over `.env`.
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.process.get(name).or_else(|| self.dotenv.get(name)).map(String::as_str)
     }
 
     /// Substitutes every reference in `input`, collecting every problem rather than the first.
-    pub fn substitute(&self, input: &str) -> Result<String, Vec<SubstError>> {
+    pub(crate) fn substitute(&self, input: &str) -> Result<String, Vec<SubstError>> {
         if !input.contains('$') {
             return Ok(input.to_owned());
         }
@@ -202,7 +202,7 @@ fn is_name(name: &str) -> bool {
 /// `export`, `${VAR}` references to earlier lines), without touching the process environment.
 /// A line it cannot read is skipped and counted in the returned warnings (its text is not shown:
 /// it may hold a secret).
-pub fn parse_dotenv(text: &str) -> (HashMap<String, String>, Vec<String>) {
+pub(crate) fn parse_dotenv(text: &str) -> (HashMap<String, String>, Vec<String>) {
     let mut out = HashMap::new();
     let mut skipped = 0;
     for item in dotenvy::from_read_iter(text.as_bytes()) {

@@ -9,7 +9,7 @@
 
 pub(crate) mod auth;
 pub(crate) mod catalog;
-pub mod env;
+pub(crate) mod env;
 pub mod schema;
 mod tree;
 
@@ -24,22 +24,21 @@ use serde::Deserialize;
 
 pub use env::Env;
 
-/// The default listen address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-/// [`DEFAULT_LISTEN`] as an address.
-pub const DEFAULT_LISTEN_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+/// The default listen address, `127.0.0.1:8080`.
+pub(crate) const DEFAULT_LISTEN_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
 /// The server name Portcullis gives clients in `initialize` unless the config names another.
-pub const DEFAULT_NAME: &str = "portcullis";
+pub(crate) const DEFAULT_NAME: &str = "portcullis";
 /// The default separator between a server's name and a tool or prompt name.
-pub const DEFAULT_SEPARATOR: &str = "__";
+pub(crate) const DEFAULT_SEPARATOR: &str = "__";
 /// The default per-request deadline for an upstream call.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The default idle timeout of an upstream SSE stream.
-pub const DEFAULT_SSE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_SSE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The default request body limit.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Paths a server name may not take, because they are the gateway's own.
-pub const RESERVED_NAMES: &[&str] =
+pub(crate) const RESERVED_NAMES: &[&str] =
     &["mcp", "sse", "messages", "servers", "health", "rpc", "stats", "metrics", "admin", ".well-known"];
 
 type S = String;
@@ -50,7 +49,7 @@ type S = String;
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(title = "Portcullis configuration")]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     /// Address and port to listen on: `127.0.0.1:8080` (the default), `localhost:8080`, `:8080`
     /// (every interface) or a port alone (`8080`, on loopback). `--listen` overrides it.
     #[serde(default)]
@@ -84,6 +83,7 @@ pub struct RawConfig {
     /// MCP Front's format version (`"1.0"`); accepted and not otherwise read.
     #[serde(default)]
     #[schemars(with = "Option<serde_json::Value>")]
+    #[allow(dead_code, reason = "accepted as MCP Front writes it; nothing to read")]
     pub version: Option<serde::de::IgnoredAny>,
     /// Open MCP Gateway's server catalog: a YAML file of `servers: [{id, runtime, env}]`,
     /// relative to this file, watched and reloaded like it.
@@ -98,6 +98,7 @@ pub struct RawConfig {
     /// VS Code `mcp.json` prompt inputs. Portcullis cannot prompt: referencing one is an error.
     #[serde(default)]
     #[schemars(with = "Option<serde_json::Value>")]
+    #[allow(dead_code, reason = "accepted as VS Code writes it; a reference to an input is refused where it is used")]
     pub inputs: Option<serde::de::IgnoredAny>,
     /// Authentication: named tokens and their grants (see `docs/authentication.md`).
     #[serde(default)]
@@ -139,7 +140,7 @@ pub struct RawConfig {
 /// `limits:` (every field optional; the defaults suit real clients).
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawLimits {
+pub(crate) struct RawLimits {
     /// How long a client may take to send a request's headers, from its first byte (default
     /// `5s`). A slower client's connection is closed.
     #[serde(default)]
@@ -222,7 +223,7 @@ impl Default for Limits {
 /// `store:`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawStore {
+pub(crate) struct RawStore {
     /// The SQLite file for issued tokens (created on first use).
     pub path: S,
 }
@@ -230,7 +231,7 @@ pub struct RawStore {
 /// `tls:`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawTls {
+pub(crate) struct RawTls {
     /// PEM certificate chain for the listener (reloaded when the file changes).
     pub cert: S,
     /// PEM private key (reloaded when the file changes).
@@ -244,7 +245,7 @@ pub struct RawTls {
 /// `audit:`.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawAudit {
+pub(crate) struct RawAudit {
     /// Append records to this file (default: `portcullis-audit.jsonl` beside the token store;
     /// `-` for stderr, with the log).
     #[serde(default)]
@@ -257,7 +258,7 @@ pub struct RawAudit {
 /// `envFile`).
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RawServer {
+pub(crate) struct RawServer {
     /// The program to run for a stdio server (looked up on `PATH`).
     #[serde(default)]
     pub command: Option<S>,
@@ -321,7 +322,7 @@ pub struct RawServer {
 /// `inherit_env:` as written: `true`/`false` or a list of variable names.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
-pub enum InheritEnvValue {
+pub(crate) enum InheritEnvValue {
     /// All (`true`) or only the base (`false`).
     All(bool),
     /// These names (on top of the base).
@@ -343,12 +344,12 @@ pub enum InheritEnv {
 /// What every stdio child gets from Portcullis' environment, as the official SDKs pass it, plus
 /// what a process needs to run (locale, temporary directory, time zone). Names ending in `*`
 /// are prefixes.
-pub const BASE_CHILD_ENV: &[&str] =
+pub(crate) const BASE_CHILD_ENV: &[&str] =
     &["HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LANGUAGE", "LC_*", "TMPDIR", "TZ"];
 
 impl InheritEnv {
     /// Whether a variable of Portcullis' environment passes to the child.
-    pub fn passes(&self, name: &str) -> bool {
+    pub(crate) fn passes(&self, name: &str) -> bool {
         if name.starts_with("PORTCULLIS_") {
             return false;
         }
@@ -366,7 +367,7 @@ impl InheritEnv {
 /// into a [`Duration`] by the validator, so that a bad one is reported with the rest.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
-pub enum DurationValue {
+pub(crate) enum DurationValue {
     /// A number: milliseconds, as Claude's format has it.
     Millis(u64),
     /// Text for `humantime`.
@@ -375,7 +376,7 @@ pub enum DurationValue {
 
 impl DurationValue {
     /// The duration, or why the text is not one.
-    pub fn duration(&self) -> Result<Duration, crate::credentials::ValueError> {
+    pub(crate) fn duration(&self) -> Result<Duration, crate::credentials::ValueError> {
         match self {
             DurationValue::Millis(ms) => Ok(Duration::from_millis(*ms)),
             DurationValue::Text(t) => parse_duration(t),
@@ -400,7 +401,7 @@ impl schemars::JsonSchema for DurationValue {
 /// A URL as Portcullis shows it anywhere (errors, `check`, logs, the management API): scheme,
 /// host, port and path only, so credentials in the user part or the query never appear. Works
 /// on text that is not a valid URL too.
-pub fn shown_url(url: &str) -> String {
+pub(crate) fn shown_url(url: &str) -> String {
     if let Ok(mut u) = reqwest::Url::parse(url)
         && u.has_host()
     {
@@ -418,11 +419,11 @@ pub fn shown_url(url: &str) -> String {
     if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
 }
 
-pub use crate::credentials::MAX_SPAN;
+pub(crate) use crate::credentials::MAX_SPAN;
 
 /// Reads a listen address as people write it: `127.0.0.1:8080`, `[::1]:8080`,
 /// `localhost:8080` (loopback), `:8080` (every interface) or a port alone, `8080` (loopback).
-pub fn parse_listen(text: &str) -> Result<SocketAddr, crate::credentials::ValueError> {
+pub(crate) fn parse_listen(text: &str) -> Result<SocketAddr, crate::credentials::ValueError> {
     let t = text.trim();
     let bad = || crate::credentials::ValueError::Listen(t.to_owned());
     if let Ok(a) = t.parse::<SocketAddr>() {
@@ -440,7 +441,7 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, crate::credentials::ValueE
     }
 }
 
-pub use crate::credentials::parse_duration;
+pub(crate) use crate::credentials::parse_duration;
 
 /// How a server is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -490,7 +491,7 @@ pub enum Share {
 }
 
 /// The audit file's name when the config names none (beside the token store).
-pub const DEFAULT_AUDIT_FILE: &str = "portcullis-audit.jsonl";
+pub(crate) const DEFAULT_AUDIT_FILE: &str = "portcullis-audit.jsonl";
 
 /// Where audit records go, as the config says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -582,7 +583,7 @@ impl Config {
 
     /// The audit file, or None for stderr: the configured file, else `portcullis-audit.jsonl`
     /// beside the token store, so that audit records never mix with the log.
-    pub fn audit_target(&self) -> Option<PathBuf> {
+    pub(crate) fn audit_target(&self) -> Option<PathBuf> {
         match &self.audit_file {
             AuditTo::Stderr => None,
             AuditTo::File(p) => Some(p.clone()),
@@ -594,7 +595,7 @@ impl Config {
     }
 
     /// A server by name.
-    pub fn server(&self, name: &str) -> Option<&Arc<ServerDef>> {
+    pub(crate) fn server(&self, name: &str) -> Option<&Arc<ServerDef>> {
         self.servers.iter().find(|s| s.name == name)
     }
 }
@@ -651,7 +652,7 @@ impl fmt::Display for ConfigErrors {
 }
 
 /// Where to look when no `--config` is given: `./portcullis.yaml`, then `./portcullis.json`.
-pub fn default_path() -> Option<PathBuf> {
+pub(crate) fn default_path() -> Option<PathBuf> {
     ["portcullis.yaml", "portcullis.yml", "portcullis.json"].iter().map(PathBuf::from).find(|p| p.is_file())
 }
 
@@ -663,7 +664,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// [`load`] for commands that need only the store, servers and tenants (`portcullis token`):
 /// an unset variable elsewhere (an upstream's secret) is not an error. The store path itself
 /// must still resolve.
-pub fn load_lenient(path: &Path) -> Result<Config, ConfigErrors> {
+pub(crate) fn load_lenient(path: &Path) -> Result<Config, ConfigErrors> {
     load_with(path, true)
 }
 
@@ -687,7 +688,7 @@ fn is_json(path: &Path) -> bool {
 /// The built-in configuration used when no file exists: the bundled demo server over stdio.
 /// It is validated exactly as a file is, so the credential sources (`PORTCULLIS_TOKEN`,
 /// `PORTCULLIS_TOKENS`, and `.env` in the working directory) apply to it as to a file.
-pub fn demo(exe: &Path) -> Result<Config, ConfigErrors> {
+pub(crate) fn demo(exe: &Path) -> Result<Config, ConfigErrors> {
     let command = serde_json::Value::String(exe.display().to_string());
     // `$` in the path is literal, not a variable reference.
     let command = command.to_string().replace('$', "$$");

@@ -59,7 +59,7 @@ pub enum EnvelopeError {
 
 impl EnvelopeError {
     /// The JSON-RPC error code for this failure.
-    pub fn code(&self) -> i64 {
+    pub(crate) fn code(&self) -> i64 {
         match self {
             EnvelopeError::Parse(_) => code::PARSE_ERROR,
             EnvelopeError::Invalid(_) | EnvelopeError::Repeated(_) => code::INVALID_REQUEST,
@@ -67,7 +67,7 @@ impl EnvelopeError {
     }
 
     /// The raw id of the refused request, when it could be read.
-    pub fn id(&self) -> Option<&str> {
+    pub(crate) fn id(&self) -> Option<&str> {
         match self {
             EnvelopeError::Repeated(id) => id.as_deref(),
             _ => None,
@@ -177,7 +177,7 @@ impl<'a> Envelope<'a> {
     }
 
     /// The id as a `u64` when it is a plain non-negative integer (the form the gateway mints).
-    pub fn id_u64(&self) -> Option<u64> {
+    pub(crate) fn id_u64(&self) -> Option<u64> {
         self.id.and_then(|id| id.get().parse().ok())
     }
 }
@@ -256,7 +256,7 @@ pub(crate) fn span_of(whole: &[u8], part: &RawValue) -> Range<usize> {
 
 /// The result or error of a response, held as a slice of the bytes it arrived in (no copy).
 #[derive(Debug, Clone)]
-pub struct Reply {
+pub(crate) struct Reply {
     /// The whole message the payload came from.
     pub bytes: Bytes,
     /// The span of the `result` or `error` value in `bytes`.
@@ -278,29 +278,29 @@ pub(crate) const STATELESS_CACHEABLE: &str = r#""resultType":"complete","ttlMs":
 
 impl Reply {
     /// A reply built from an already-serialised result or error value.
-    pub fn owned(value: String, is_error: bool) -> Self {
+    pub(crate) fn owned(value: String, is_error: bool) -> Self {
         let len = value.len();
         Reply { bytes: Bytes::from(value), span: 0..len, is_error, extra: "", stateless: false }
     }
 
     /// An error reply with a code and message.
-    pub fn error(code: i64, message: &str) -> Self {
+    pub(crate) fn error(code: i64, message: &str) -> Self {
         Reply::owned(error_object(code, message, None), true)
     }
 
     /// The raw JSON of the result or error value.
-    pub fn payload(&self) -> Bytes {
+    pub(crate) fn payload(&self) -> Bytes {
         self.bytes.slice(self.span.clone())
     }
 
     /// The payload as text.
-    pub fn payload_str(&self) -> &str {
+    pub(crate) fn payload_str(&self) -> &str {
         std::str::from_utf8(&self.bytes[self.span.clone()]).unwrap_or("null")
     }
 
     /// The full response message for a downstream id, as chunks that can be written without
     /// copying the payload.
-    pub fn to_chunks(&self, id: &str) -> [Bytes; 3] {
+    pub(crate) fn to_chunks(&self, id: &str) -> [Bytes; 3] {
         let field = if self.is_error { "error" } else { "result" };
         let payload = &self.bytes[self.span.clone()];
         if !self.extra.is_empty() && payload.first() == Some(&b'{') {
@@ -314,7 +314,7 @@ impl Reply {
     }
 
     /// The full response message as one string.
-    pub fn to_message(&self, id: &str) -> String {
+    pub(crate) fn to_message(&self, id: &str) -> String {
         let [a, b, c] = self.to_chunks(id);
         let mut s = String::with_capacity(a.len() + b.len() + c.len());
         s.push_str(std::str::from_utf8(&a).unwrap_or_default());

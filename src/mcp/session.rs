@@ -23,7 +23,7 @@ use crate::sharded::lock;
 
 /// Which servers a downstream endpoint exposes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Scope {
+pub(crate) enum Scope {
     /// All servers, names prefixed (`/mcp`).
     All,
     /// One server, unchanged (`/servers/{name}/mcp`).
@@ -32,7 +32,7 @@ pub enum Scope {
 
 impl Scope {
     /// Whether the scope includes a server.
-    pub fn includes(&self, server: &str) -> bool {
+    pub(crate) fn includes(&self, server: &str) -> bool {
         match self {
             Scope::All => true,
             Scope::One(s) => s == server,
@@ -42,7 +42,7 @@ impl Scope {
 
 /// The transport a session arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientTransport {
+pub(crate) enum ClientTransport {
     /// Streamable HTTP (2025 era).
     Streamable,
     /// HTTP+SSE (2024-11-05).
@@ -56,7 +56,7 @@ pub enum ClientTransport {
 
 /// What a `subscriptions/listen` stream asked for.
 #[derive(Debug, Clone, Default)]
-pub struct ListenFilter {
+pub(crate) struct ListenFilter {
     /// The listen request's id, raw JSON (carried as `subscriptionId`).
     pub id: Box<str>,
     /// `notifications/tools/list_changed` wanted.
@@ -73,7 +73,7 @@ pub(crate) const SUBSCRIPTION_ID_META: &str = "io.modelcontextprotocol/subscript
 /// What a session keeps of an upstream instance it has business with: the calls it has in
 /// flight there (to cancel them) and the requests that instance asked its client (to answer
 /// them). `upstream::Upstream` implements it, so this module does not depend on `upstream`.
-pub trait Instance: Send + Sync {
+pub(crate) trait Instance: Send + Sync {
     /// Sends the client's answer to a request the instance asked under `upstream_id`.
     fn answer(&self, upstream_id: &str, env: &Envelope<'_>);
     /// Cancels a call in flight (`notifications/cancelled` upstream).
@@ -82,7 +82,7 @@ pub trait Instance: Send + Sync {
 
 /// A server-to-client request for a caller without a back-channel (a 2026-07-28 call on a
 /// session-era upstream): it becomes an `InputRequiredResult`.
-pub struct Ask {
+pub(crate) struct Ask {
     /// The id the upstream used, raw JSON.
     pub upstream_id: Box<str>,
     /// The server-to-client method (`sampling/createMessage`, `elicitation/create`, …).
@@ -95,7 +95,7 @@ pub struct Ask {
 pub(crate) type ForwardHeaders = Arc<[(String, String)]>;
 
 /// Where a server-to-client request must be answered.
-pub enum ClientRequestRoute {
+pub(crate) enum ClientRequestRoute {
     /// Back to the upstream that asked, under the raw id it used.
     Upstream { upstream: Arc<dyn Instance>, upstream_id: Box<str> },
     /// To Portcullis itself (an era translation asking on an upstream's behalf): the client's
@@ -109,7 +109,7 @@ static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 type InflightCall = (Arc<dyn Instance>, u64);
 
 /// One downstream client session.
-pub struct Session {
+pub(crate) struct Session {
     /// The session id the client presents.
     pub id: String,
     /// A small process-unique key (cheap to compare and hash).
@@ -141,7 +141,7 @@ pub struct Session {
 }
 
 /// One call in flight on a session; the count drops when it does.
-pub struct CallSlot(Arc<std::sync::atomic::AtomicUsize>);
+pub(crate) struct CallSlot(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Drop for CallSlot {
     fn drop(&mut self) {
@@ -160,7 +160,7 @@ pub(crate) fn log_rank(level: &str) -> Option<u8> {
 
 impl Session {
     /// A new session with a fresh random id.
-    pub fn new(
+    pub(crate) fn new(
         scope: Scope,
         protocol_version: ProtocolVersion,
         transport: ClientTransport,
@@ -170,7 +170,7 @@ impl Session {
     }
 
     /// The session behind one `subscriptions/listen` stream.
-    pub fn listener(
+    pub(crate) fn listener(
         scope: Scope,
         protocol_version: ProtocolVersion,
         identity: Arc<Identity>,
@@ -208,20 +208,20 @@ impl Session {
     }
 
     /// Notes that a request used it now.
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_active.store(crate::store::now_ms().max(0).cast_unsigned(), Ordering::Relaxed);
     }
 
     /// Whether it has gone unused for `idle` at `now_ms`: no request since, no open stream,
     /// no call in flight.
-    pub fn idle(&self, now_ms: i64, idle: std::time::Duration) -> bool {
+    pub(crate) fn idle(&self, now_ms: i64, idle: std::time::Duration) -> bool {
         let last = self.last_active.load(Ordering::Relaxed);
         let since = now_ms.max(0).cast_unsigned().saturating_sub(last);
         u128::from(since) >= idle.as_millis() && self.calls.load(Ordering::Relaxed) == 0 && !self.has_stream()
     }
 
     /// Takes a slot for one call, unless `max` are in flight already.
-    pub fn begin_call(&self, max: usize) -> Option<CallSlot> {
+    pub(crate) fn begin_call(&self, max: usize) -> Option<CallSlot> {
         let before = self.calls.fetch_add(1, Ordering::Relaxed);
         let slot = CallSlot(self.calls.clone());
         (before < max).then_some(slot)
@@ -229,7 +229,7 @@ impl Session {
 
     /// Sends a change notification if this session wants it: every session-era session does;
     /// a listen stream only what it opted in to, tagged with its subscription id.
-    pub fn notify_change(&self, method: &str, msg: &Bytes) -> bool {
+    pub(crate) fn notify_change(&self, method: &str, msg: &Bytes) -> bool {
         let Some(f) = &self.listen else { return self.send(msg.clone()) };
         let wanted = match method {
             "notifications/tools/list_changed" => f.tools,
@@ -241,43 +241,43 @@ impl Session {
     }
 
     /// Records the capabilities the client declared at `initialize` (raw JSON).
-    pub fn set_capabilities(&self, raw: &str) {
+    pub(crate) fn set_capabilities(&self, raw: &str) {
         *lock(&self.capabilities) = Some(raw.into());
     }
 
     /// The capabilities the client declared, raw JSON (`{}` when none).
-    pub fn capabilities(&self) -> String {
+    pub(crate) fn capabilities(&self) -> String {
         lock(&self.capabilities).as_deref().unwrap_or("{}").to_owned()
     }
 
     /// Records the client's `logging/setLevel` rank.
-    pub fn set_log_level(&self, rank: u8) {
+    pub(crate) fn set_log_level(&self, rank: u8) {
         self.log_level.store(rank.saturating_add(1), Ordering::Relaxed);
     }
 
     /// The client's log level rank, if it set one.
-    pub fn log_level(&self) -> Option<u8> {
+    pub(crate) fn log_level(&self) -> Option<u8> {
         self.log_level.load(Ordering::Relaxed).checked_sub(1)
     }
 
     /// Whether a `notifications/message` at `rank` passes the client's level (all pass until
     /// the client sets one, as a session-era server sends them unasked).
-    pub fn wants_log(&self, rank: u8) -> bool {
+    pub(crate) fn wants_log(&self, rank: u8) -> bool {
         self.log_level().is_none_or(|min| rank >= min)
     }
 
     /// Attaches the standalone stream (GET or legacy SSE), replacing an earlier one.
-    pub fn attach_stream(&self, tx: mpsc::Sender<Bytes>) {
+    pub(crate) fn attach_stream(&self, tx: mpsc::Sender<Bytes>) {
         *lock(&self.stream) = Some(tx);
     }
 
     /// Whether a standalone stream is attached and open.
-    pub fn has_stream(&self) -> bool {
+    pub(crate) fn has_stream(&self) -> bool {
         lock(&self.stream).as_ref().is_some_and(|s| !s.is_closed())
     }
 
     /// Sends a message on the standalone stream; false when there is none or it is full.
-    pub fn send(&self, msg: Bytes) -> bool {
+    pub(crate) fn send(&self, msg: Bytes) -> bool {
         let tx = lock(&self.stream).clone();
         match tx {
             Some(tx) => tx.try_send(msg).is_ok(),
@@ -286,59 +286,59 @@ impl Session {
     }
 
     /// Registers a server-to-client request and returns the id to use downstream.
-    pub fn add_client_request(&self, route: ClientRequestRoute) -> u64 {
+    pub(crate) fn add_client_request(&self, route: ClientRequestRoute) -> u64 {
         let id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
         lock(&self.client_requests).insert(id, route);
         id
     }
 
     /// Removes and returns the route of a server-to-client request.
-    pub fn take_client_request(&self, id: u64) -> Option<ClientRequestRoute> {
+    pub(crate) fn take_client_request(&self, id: u64) -> Option<ClientRequestRoute> {
         lock(&self.client_requests).remove(&id)
     }
 
     /// Records an in-flight upstream call for cancellation.
-    pub fn track(&self, down_id: &str, upstream: Arc<dyn Instance>, up_id: u64) {
+    pub(crate) fn track(&self, down_id: &str, upstream: Arc<dyn Instance>, up_id: u64) {
         lock(&self.inflight).insert(down_id.into(), (upstream, up_id));
     }
 
     /// Forgets an in-flight call.
-    pub fn untrack(&self, down_id: &str) {
+    pub(crate) fn untrack(&self, down_id: &str) {
         lock(&self.inflight).remove(down_id);
     }
 
     /// Takes every call in flight (to cancel them when the session ends).
-    pub fn take_inflight(&self) -> Vec<InflightCall> {
+    pub(crate) fn take_inflight(&self) -> Vec<InflightCall> {
         lock(&self.inflight).drain().map(|(_, v)| v).collect()
     }
 
     /// The upstream call for a downstream request id.
-    pub fn inflight(&self, down_id: &str) -> Option<InflightCall> {
+    pub(crate) fn inflight(&self, down_id: &str) -> Option<InflightCall> {
         lock(&self.inflight).get(down_id).cloned()
     }
 
     /// Records a subscription to a server's resource (its own URI); true if new.
-    pub fn subscribe(&self, server: &str, uri: &str) -> bool {
+    pub(crate) fn subscribe(&self, server: &str, uri: &str) -> bool {
         lock(&self.subscriptions).insert((server.to_owned(), uri.to_owned()))
     }
 
     /// Removes a subscription; true if it existed.
-    pub fn unsubscribe(&self, server: &str, uri: &str) -> bool {
+    pub(crate) fn unsubscribe(&self, server: &str, uri: &str) -> bool {
         lock(&self.subscriptions).remove(&(server.to_owned(), uri.to_owned()))
     }
 
     /// Whether the session subscribed to a server's resource.
-    pub fn is_subscribed(&self, server: &str, uri: &str) -> bool {
+    pub(crate) fn is_subscribed(&self, server: &str, uri: &str) -> bool {
         lock(&self.subscriptions).iter().any(|(s, u)| s == server && u == uri)
     }
 
     /// Every (server, URI) the session subscribed to.
-    pub fn subscriptions(&self) -> Vec<(String, String)> {
+    pub(crate) fn subscriptions(&self) -> Vec<(String, String)> {
         lock(&self.subscriptions).iter().cloned().collect()
     }
 
     /// Ends the session: closes its stream and drops its routes.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.closed.cancel();
         lock(&self.stream).take();
         lock(&self.client_requests).clear();
@@ -347,7 +347,7 @@ impl Session {
 
 /// Who made a request: the session (if any) and the request's own response stream (if any).
 #[derive(Clone, Default)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// The session, for session-based clients.
     pub session: Option<Arc<Session>>,
     /// Messages related to this request (progress, server-to-client requests) go here.
@@ -364,13 +364,13 @@ pub struct Caller {
 
 impl Caller {
     /// The session key, or 0 for stateless callers.
-    pub fn key(&self) -> u64 {
+    pub(crate) fn key(&self) -> u64 {
         self.session.as_ref().map_or(0, |s| s.key)
     }
 
     /// Delivers a message related to this caller's request: on its own stream if it has one,
     /// else on the session's standalone stream.
-    pub fn deliver(&self, msg: Bytes) -> bool {
+    pub(crate) fn deliver(&self, msg: Bytes) -> bool {
         if let Some(tx) = &self.related
             && tx.try_send(msg.clone()).is_ok()
         {

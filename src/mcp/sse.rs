@@ -21,7 +21,7 @@ pub struct Event {
 
 impl Event {
     /// True for `message` events (the default type).
-    pub fn is_message(&self) -> bool {
+    pub(crate) fn is_message(&self) -> bool {
         self.event.is_empty() || self.event == "message"
     }
 }

@@ -24,7 +24,7 @@ pub enum ProtocolVersion {
 
 impl ProtocolVersion {
     /// The versions `initialize` can negotiate, oldest first.
-    pub const HANDSHAKE: [ProtocolVersion; 4] = [
+    pub(crate) const HANDSHAKE: [ProtocolVersion; 4] = [
         ProtocolVersion::V2024_11_05,
         ProtocolVersion::V2025_03_26,
         ProtocolVersion::V2025_06_18,
@@ -32,12 +32,12 @@ impl ProtocolVersion {
     ];
     /// The newest session-based version (offered when a client asks for one Portcullis does not
     /// know, and asked of upstreams).
-    pub const LATEST_SESSION: ProtocolVersion = ProtocolVersion::V2025_11_25;
+    pub(crate) const LATEST_SESSION: ProtocolVersion = ProtocolVersion::V2025_11_25;
     /// The stateless version.
-    pub const STATELESS: ProtocolVersion = ProtocolVersion::V2026_07_28;
+    pub(crate) const STATELESS: ProtocolVersion = ProtocolVersion::V2026_07_28;
 
     /// The version a string names, if Portcullis speaks it.
-    pub fn parse(s: &str) -> Option<ProtocolVersion> {
+    pub(crate) fn parse(s: &str) -> Option<ProtocolVersion> {
         Some(match s {
             "2024-11-05" => ProtocolVersion::V2024_11_05,
             "2025-03-26" => ProtocolVersion::V2025_03_26,
@@ -49,7 +49,7 @@ impl ProtocolVersion {
     }
 
     /// As written on the wire.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             ProtocolVersion::V2024_11_05 => "2024-11-05",
             ProtocolVersion::V2025_03_26 => "2025-03-26",
@@ -60,23 +60,23 @@ impl ProtocolVersion {
     }
 
     /// Whether this is the stateless protocol (no session, per-request `_meta`).
-    pub fn is_stateless(self) -> bool {
+    pub(crate) fn is_stateless(self) -> bool {
         self == ProtocolVersion::STATELESS
     }
 
     /// Whether a JSON-RPC batch is allowed (2025-03-26 only).
-    pub fn allows_batches(self) -> bool {
+    pub(crate) fn allows_batches(self) -> bool {
         self == ProtocolVersion::V2025_03_26
     }
 
     /// Whether `initialize` can negotiate it.
-    pub fn is_handshake(self) -> bool {
+    pub(crate) fn is_handshake(self) -> bool {
         ProtocolVersion::HANDSHAKE.contains(&self)
     }
 
     /// The version to answer `initialize` with: the one asked for when `initialize` can
     /// negotiate it, else the newest session-based one.
-    pub fn negotiate(requested: Option<&str>) -> ProtocolVersion {
+    pub(crate) fn negotiate(requested: Option<&str>) -> ProtocolVersion {
         requested
             .and_then(ProtocolVersion::parse)
             .filter(|v| v.is_handshake())

@@ -34,7 +34,7 @@ use crate::sharded::Sharded;
 use crate::sharded::lock;
 
 /// One request as the gateway routes it.
-pub struct Request<'a> {
+pub(crate) struct Request<'a> {
     /// The JSON-RPC method, as the client wrote it.
     pub method: &'a str,
     /// Raw params.
@@ -44,7 +44,7 @@ pub struct Request<'a> {
 }
 
 /// Per-request context.
-pub struct Ctx {
+pub(crate) struct Ctx {
     /// The config and credentials of this request, as the gate read them (one snapshot for
     /// the whole request, whatever reload happens meanwhile).
     pub snapshot: Arc<Snapshot>,
@@ -62,7 +62,7 @@ pub struct Ctx {
 
 /// The routing facts of one request, for its audit record.
 #[derive(Debug, Default)]
-pub struct Note {
+pub(crate) struct Note {
     /// The identity, once authenticated.
     pub identity: Option<Arc<Identity>>,
     /// The JSON-RPC method (the HTTP method until one is known).
@@ -137,7 +137,7 @@ pub struct Gateway {
 
 /// Why a session ended (the `cause` label of `portcullis_sessions_ended_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndCause {
+pub(crate) enum EndCause {
     /// The client sent DELETE.
     Deleted,
     /// Its stream closed (legacy SSE, `subscriptions/listen`) or its stdio client went away.
@@ -150,10 +150,10 @@ pub enum EndCause {
 
 impl EndCause {
     /// Every cause, in label order.
-    pub const ALL: [EndCause; 4] = [EndCause::Deleted, EndCause::Closed, EndCause::Idle, EndCause::Revoked];
+    pub(crate) const ALL: [EndCause; 4] = [EndCause::Deleted, EndCause::Closed, EndCause::Idle, EndCause::Revoked];
 
     /// The label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EndCause::Deleted => "deleted",
             EndCause::Closed => "closed",
@@ -164,7 +164,7 @@ impl EndCause {
 }
 
 /// One configuration and everything derived from it, replaced whole on reload.
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// The validated config.
     pub config: Arc<Config>,
     /// The credential table built from it.
@@ -173,7 +173,7 @@ pub struct Snapshot {
 
 /// Why a server could not be started or stopped (`POST /servers/{name}/start|stop`).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ControlError {
+pub(crate) enum ControlError {
     /// No such server in the config.
     #[error("no such server")]
     Unknown,
@@ -184,7 +184,7 @@ pub enum ControlError {
 
 /// Why a session could not be opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SessionLimit {
+pub(crate) enum SessionLimit {
     /// The identity holds `limits.max_sessions_per_identity` (or its SSE streams) already.
     #[error("this identity holds {0} open sessions or streams of this kind already (the limit); end some first")]
     Identity(usize),
@@ -231,7 +231,7 @@ impl Gateway {
     }
 
     /// Like [`Gateway::start`], with a store view already opened.
-    pub fn start_with(config: Config, store: Arc<crate::store::StoreView>) -> Result<Arc<Self>, StartError> {
+    pub(crate) fn start_with(config: Config, store: Arc<crate::store::StoreView>) -> Result<Arc<Self>, StartError> {
         let cursors = lists::CursorKey::new(crate::random::key()?);
         let authenticator = authenticator_for(&config, Some(store.clone()));
         let audit = crate::audit::Audit::start(config.audit_target()).unwrap_or_else(|e| {
@@ -340,7 +340,7 @@ impl Gateway {
     }
 
     /// Starts a stopped shared server (`POST /servers/{name}/start`).
-    pub fn start_server(&self, name: &str) -> Result<(), ControlError> {
+    pub(crate) fn start_server(&self, name: &str) -> Result<(), ControlError> {
         let config = self.config();
         let def = config.server(name).ok_or(ControlError::Unknown)?;
         if !def.enabled {
@@ -358,7 +358,7 @@ impl Gateway {
 
     /// Stops a shared server (`POST /servers/{name}/stop`): its calls in flight end with an
     /// error naming it, sessions get `*/list_changed`, the others carry on.
-    pub async fn stop_server(&self, name: &str) -> Result<(), ControlError> {
+    pub(crate) async fn stop_server(&self, name: &str) -> Result<(), ControlError> {
         let config = self.config();
         let def = config.server(name).ok_or(ControlError::Unknown)?;
         if def.share != Share::Shared {
@@ -375,7 +375,7 @@ impl Gateway {
 
     /// Reloads from the file the config came from; the errors when it is invalid (the running
     /// config stays).
-    pub async fn reload_from_source(&self) -> Result<(), Vec<String>> {
+    pub(crate) async fn reload_from_source(&self) -> Result<(), Vec<String>> {
         let Some(path) = self.config().source.clone() else {
             return Err(vec!["there is no config file to reload (the built-in demo is running)".into()]);
         };
@@ -455,18 +455,18 @@ impl Gateway {
     }
 
     /// The current config snapshot.
-    pub fn config(&self) -> Arc<Config> {
+    pub(crate) fn config(&self) -> Arc<Config> {
         self.snapshot.load().config.clone()
     }
 
     /// The current snapshot: config and credentials from one reload.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
     }
 
     /// Records the address the listener actually bound (port 0 resolves to a real port), which
     /// the Origin and Host checks compare against.
-    pub fn set_bound_address(&self, addr: std::net::SocketAddr) {
+    pub(crate) fn set_bound_address(&self, addr: std::net::SocketAddr) {
         if self.snapshot.load().config.listen != addr {
             self.snapshot.rcu(|s| {
                 let mut c = Config::clone(&s.config);
@@ -482,14 +482,14 @@ impl Gateway {
     }
 
     /// Status of every server, in config order.
-    pub fn statuses(&self) -> Vec<(Arc<ServerDef>, Option<Status>)> {
+    pub(crate) fn statuses(&self) -> Vec<(Arc<ServerDef>, Option<Status>)> {
         self.config().servers.iter().map(|d| (d.clone(), self.upstream(&d.name).map(|u| u.status()))).collect()
     }
 
     /// Registers a new session, within `limits` (the request's own snapshot's): per principal
     /// (sessions; legacy SSE streams separately) and in total. A stdio session (the one local
     /// client) is not counted.
-    pub fn add_session(&self, s: Arc<Session>, limits: &crate::config::Limits) -> Result<(), SessionLimit> {
+    pub(crate) fn add_session(&self, s: Arc<Session>, limits: &crate::config::Limits) -> Result<(), SessionLimit> {
         if s.transport != session::ClientTransport::Stdio {
             if self.sessions.len() >= limits.max_sessions {
                 return Err(SessionLimit::Gateway(limits.max_sessions));
@@ -510,12 +510,12 @@ impl Gateway {
     }
 
     /// Sessions ended since start, by cause.
-    pub fn sessions_ended(&self) -> Vec<(EndCause, u64)> {
+    pub(crate) fn sessions_ended(&self) -> Vec<(EndCause, u64)> {
         EndCause::ALL.iter().zip(&self.ended).map(|(c, n)| (*c, n.load(Ordering::Relaxed))).collect()
     }
 
     /// Looks a session up by id.
-    pub fn session(&self, id: &str) -> Option<Arc<Session>> {
+    pub(crate) fn session(&self, id: &str) -> Option<Arc<Session>> {
         lock(self.sessions.shard(id)).get(id).cloned()
     }
 
@@ -525,7 +525,7 @@ impl Gateway {
     }
 
     /// Ends a session: closes its streams, releases its subscriptions, stops its own servers.
-    pub async fn end_session_as(&self, id: &str, cause: EndCause) -> bool {
+    pub(crate) async fn end_session_as(&self, id: &str, cause: EndCause) -> bool {
         let Some(s) = lock(self.sessions.shard(id)).remove(id) else { return false };
         if let Some(i) = EndCause::ALL.iter().position(|c| *c == cause) {
             self.ended[i].fetch_add(1, Ordering::Relaxed);
@@ -564,12 +564,12 @@ impl Gateway {
 
     /// Marks the gateway as draining: `/health` answers 503 `draining`, requests are still
     /// served (the drain period before a shutdown).
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Closes every session's streams (first step of shutdown).
-    pub fn close_all_sessions(&self) {
+    pub(crate) fn close_all_sessions(&self) {
         self.draining.store(true, Ordering::Relaxed);
         for s in self.sessions.values() {
             s.close();
@@ -577,7 +577,7 @@ impl Gateway {
     }
 
     /// Stops every upstream instance (children included).
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         self.close_all_sessions();
         drop(self.sessions.drain());
         let mut stops = self.take_per_session(None);
@@ -645,7 +645,7 @@ impl Gateway {
     }
 
     /// The token store as this gateway sees it.
-    pub fn store(&self) -> &Arc<crate::store::StoreView> {
+    pub(crate) fn store(&self) -> &Arc<crate::store::StoreView> {
         &self.store
     }
 
@@ -655,12 +655,12 @@ impl Gateway {
     }
 
     /// The audit sink.
-    pub fn audit(&self) -> &crate::audit::Audit {
+    pub(crate) fn audit(&self) -> &crate::audit::Audit {
         &self.audit
     }
 
     /// The counters behind `/stats` and `/metrics`.
-    pub fn metrics(&self) -> &crate::metrics::Metrics {
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
     }
 
@@ -672,12 +672,12 @@ impl Gateway {
     }
 
     /// True once shutdown has begun (health answers `draining`).
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
     /// Every live session (for `/metrics`).
-    pub fn sessions(&self) -> Vec<Arc<Session>> {
+    pub(crate) fn sessions(&self) -> Vec<Arc<Session>> {
         self.sessions.values()
     }
 
@@ -690,7 +690,7 @@ impl Gateway {
     }
 
     /// Answers `initialize` (the caller has already negotiated the version).
-    pub async fn initialize_result(
+    pub(crate) async fn initialize_result(
         &self,
         config: &Config,
         scope: &Scope,
@@ -709,7 +709,13 @@ impl Gateway {
     }
 
     /// Answers `server/discover`.
-    pub async fn discover_result(&self, config: &Config, scope: &Scope, caller: &Caller, who: &Identity) -> String {
+    pub(crate) async fn discover_result(
+        &self,
+        config: &Config,
+        scope: &Scope,
+        caller: &Caller,
+        who: &Identity,
+    ) -> String {
         let (caps, info, instructions) = self.server_identity(config, scope, caller, who).await;
         let mut out = format!(r#"{{"supportedVersions":["{}"],"capabilities":{caps}"#, ProtocolVersion::STATELESS);
         if let Some(i) = instructions {
@@ -779,7 +785,7 @@ impl Gateway {
 
     /// Routes one request and returns its result or error. A session's calls in flight are
     /// bounded by `limits.max_calls_per_session`.
-    pub async fn request(&self, ctx: &Ctx, req: &Request<'_>) -> Reply {
+    pub(crate) async fn request(&self, ctx: &Ctx, req: &Request<'_>) -> Reply {
         let _slot = match &ctx.caller.session {
             Some(s) => {
                 s.touch();
@@ -840,7 +846,7 @@ impl Gateway {
     }
 
     /// Handles a notification from a client.
-    pub fn notification(&self, ctx: &Ctx, env: &Envelope<'_>) {
+    pub(crate) fn notification(&self, ctx: &Ctx, env: &Envelope<'_>) {
         match env.method() {
             "notifications/cancelled" => {
                 let (Some(session), Some(params)) = (&ctx.caller.session, env.params) else { return };
@@ -863,7 +869,7 @@ impl Gateway {
     }
 
     /// Handles a client's answer to a server-to-client request.
-    pub fn response(&self, ctx: &Ctx, env: &Envelope<'_>) {
+    pub(crate) fn response(&self, ctx: &Ctx, env: &Envelope<'_>) {
         let Some(session) = &ctx.caller.session else { return };
         let Some(id) = env.id.map(|i| i.get().trim_matches('"')) else { return };
         let Some(n) = id.strip_prefix("pcs-").and_then(|n| n.parse().ok()) else { return };

@@ -57,7 +57,7 @@ impl Gateway {
     /// Opens a 2026-07-28 `subscriptions/listen` stream: a listen session that receives the
     /// change notifications it opted in to and `resources/updated` for the URIs it named.
     /// Returns the session, its message channel and the acknowledgement to send first.
-    pub async fn listen(
+    pub(crate) async fn listen(
         &self,
         ctx: &Ctx,
         id: &str,

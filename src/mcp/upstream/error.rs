@@ -201,7 +201,7 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// The JSON-RPC error object for a downstream response.
-    pub fn to_reply(&self) -> Reply {
+    pub(crate) fn to_reply(&self) -> Reply {
         Reply::error(code::UPSTREAM_ERROR, &self.to_string())
     }
 }

@@ -49,14 +49,14 @@ type PlainClient =
 /// per-request layers (two URL parses, redirect and retry policies, header merging), unless a
 /// proxy is set in the environment (`HTTP_PROXY`, `ALL_PROXY`): reqwest honours those.
 #[derive(Clone)]
-pub struct Clients {
+pub(crate) struct Clients {
     full: reqwest::Client,
     plain: Option<PlainClient>,
 }
 
 impl Clients {
     /// Clients with a 5 s connect timeout and no redirects.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let full = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))

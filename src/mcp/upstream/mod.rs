@@ -125,7 +125,7 @@ async fn probe_due(target: Option<&(String, u16)>) -> &(String, u16) {
 
 /// Lifecycle state of an upstream instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     /// First start in progress.
     Starting,
     /// Connected and initialized.
@@ -143,7 +143,7 @@ pub enum State {
 
 impl State {
     /// Lowercase name for APIs and logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Starting => "starting",
             State::Running => "running",
@@ -179,7 +179,7 @@ pub struct Connection {
 
 impl Connection {
     /// The child's pid, for stdio servers.
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.pid
     }
 }
@@ -232,7 +232,7 @@ pub(crate) struct Opened {
 
 /// A snapshot of an instance's status.
 #[derive(Clone)]
-pub struct Status {
+pub(crate) struct Status {
     /// Lifecycle state.
     pub state: State,
     /// The live connection when running.
@@ -246,7 +246,7 @@ pub struct Status {
 }
 
 /// Receives what an upstream says that is not an answer to a request.
-pub trait Hub: Send + Sync {
+pub(crate) trait Hub: Send + Sync {
     /// A `notifications/*/list_changed` from `server`, or its visible set changed (it started,
     /// stopped or failed).
     fn list_changed(&self, server: &str, method: &str);
@@ -286,7 +286,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// Starts an instance; it connects in the background.
-    pub fn start(
+    pub(crate) fn start(
         def: Arc<ServerDef>,
         hub: Weak<dyn Hub>,
         owner: Option<Weak<super::session::Session>>,
@@ -319,30 +319,25 @@ impl Upstream {
         up
     }
 
-    /// The server's name.
-    pub fn name(&self) -> &str {
-        &self.def.name
-    }
-
     /// The current status.
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         self.status.borrow().clone()
     }
 
     /// The live connection, if running.
-    pub fn connection(&self) -> Option<Arc<Connection>> {
+    pub(crate) fn connection(&self) -> Option<Arc<Connection>> {
         self.status.borrow().conn.clone()
     }
 
     /// Stops the instance: ends its connection (children included) and fails calls in flight.
-    pub async fn stop(&self) {
+    pub(crate) async fn stop(&self) {
         self.stop.cancel();
         let mut rx = self.status.subscribe();
         let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.state == State::Stopped)).await;
     }
 
     /// Marks stopping without waiting.
-    pub fn stop_now(&self) {
+    pub(crate) fn stop_now(&self) {
         self.stop.cancel();
     }
 
@@ -497,13 +492,13 @@ impl Upstream {
     }
 
     /// Whether the connected server speaks 2026-07-28.
-    pub fn is_stateless(&self) -> bool {
+    pub(crate) fn is_stateless(&self) -> bool {
         self.connection().is_some_and(|c| c.info.protocol_version.is_stateless())
     }
 
     /// Adds or removes a resource on this instance's `subscriptions/listen` stream (2026-07-28
     /// servers have no `resources/subscribe`).
-    pub fn listen_to(&self, uri: &str, on: bool) {
+    pub(crate) fn listen_to(&self, uri: &str, on: bool) {
         let changed = {
             let mut uris = lock(&self.listen_uris);
             if on { uris.insert(uri.to_owned()) } else { uris.remove(uri) }
@@ -692,7 +687,7 @@ impl Upstream {
     /// A session-era caller never sees a 2026-07-28 `InputRequiredResult`: its embedded
     /// requests are asked on the caller's stream and the call is retried with the answers
     /// (see [`input_requests`]), all within the one deadline.
-    pub async fn call(
+    pub(crate) async fn call(
         self: &Arc<Self>,
         method: &str,
         params: Option<&RawValue>,
@@ -969,7 +964,7 @@ impl Upstream {
     /// with a session-era server and again after every reconnect. 2026-07-28 servers take the
     /// level per request instead.
     /// Returns once the server has answered (or failed to).
-    pub async fn set_log_level(self: &Arc<Self>, rank: u8) {
+    pub(crate) async fn set_log_level(self: &Arc<Self>, rank: u8) {
         let previous = self.log_level.swap(rank.saturating_add(1), Ordering::Relaxed);
         if let Some(conn) = self.connection()
             && !conn.info.protocol_version.is_stateless()
@@ -990,7 +985,7 @@ impl Upstream {
     }
 
     /// Sends a notification upstream (no answer expected).
-    pub fn notify(&self, method: &str, params: Option<&str>) -> Result<(), UpstreamError> {
+    pub(crate) fn notify(&self, method: &str, params: Option<&str>) -> Result<(), UpstreamError> {
         let conn = self
             .connection()
             .ok_or_else(|| UpstreamError::Unavailable { server: self.def.name.clone(), reason: Down::NotRunning })?;
@@ -1000,7 +995,7 @@ impl Upstream {
     }
 
     /// Cancels an in-flight call on behalf of its caller (`notifications/cancelled`).
-    pub fn cancel(&self, id: u64, reason: Option<&str>) {
+    pub(crate) fn cancel(&self, id: u64, reason: Option<&str>) {
         if let Some(p) = lock(&self.pending).remove(&id) {
             let _ = p.reply.send(Ok(Reply::error(code::REQUEST_CANCELLED, "request cancelled")));
         }
