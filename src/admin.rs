@@ -35,8 +35,8 @@ fn json_value(status: StatusCode, v: &Value) -> Response {
     json_response(status, v.to_string())
 }
 
-fn error(status: StatusCode, error: &str, message: &str) -> Response {
-    json_value(status, &json!({"error": error, "message": message}))
+fn error(status: StatusCode, error: &'static str, message: &str) -> Response {
+    Rejection::api(status, error, message).into_response()
 }
 
 /// Runs `f` for an admin caller; others get 403 (`insufficient_scope`).

@@ -142,7 +142,7 @@ pub fn check(path: Option<PathBuf>) -> i32 {
             }
             println!("{}: ok, {} server(s), listen {}", path.display(), c.servers.len(), c.listen);
             if let Some(u) = &c.public_url {
-                println!("  public URL {u}");
+                println!("  public URL {}", config::shown_url(u));
             }
             if c.name != config::DEFAULT_NAME {
                 println!("  name {:?}", c.name);

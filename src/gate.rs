@@ -38,14 +38,26 @@ pub(crate) fn rpc_error(status: StatusCode, id: Option<&str>, code: i64, message
 }
 
 /// Which servers an MCP endpoint addresses, from its path: `/servers/{name}/…` (and MCP
-/// Front's `/{name}/…`) is that one server, anything else every server.
+/// Front's `/{name}/…`) is that one server, a path without parameters every server. A name that
+/// is not valid UTF-8 once percent-decoded is refused (400), never read as "every server".
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Scope {
-    type Rejection = std::convert::Infallible;
+    type Rejection = Rejection;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let params = axum::extract::RawPathParams::from_request_parts(parts, state).await;
-        let name = params.ok().and_then(|p| p.iter().find(|(k, _)| *k == "name").map(|(_, v)| v.to_owned()));
-        Ok(name.map_or(Scope::All, Scope::One))
+        use axum::extract::rejection::RawPathParamsRejection;
+        match axum::extract::RawPathParams::from_request_parts(parts, state).await {
+            Ok(params) => {
+                let name = params.iter().find(|(k, _)| *k == "name").map(|(_, v)| v.to_owned());
+                Ok(name.map_or(Scope::All, Scope::One))
+            }
+            Err(RawPathParamsRejection::MissingPathParams(_)) => Ok(Scope::All),
+            Err(e) => Err(Rejection::rpc(
+                StatusCode::BAD_REQUEST,
+                None,
+                code::INVALID_REQUEST,
+                format!("Bad Request: {}", e.body_text()),
+            )),
+        }
     }
 }
 

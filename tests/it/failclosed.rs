@@ -1133,3 +1133,18 @@ async fn a_session_refused_by_a_limit_leaves_no_child_behind() {
     drop(first);
     gw.stop().await;
 }
+
+/// A server name in the path that is not UTF-8 once percent-decoded is refused, never read as
+/// the aggregated endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_name_that_is_not_utf8_is_refused_not_widened() {
+    let gw = gateway().demo("a", &[], "").start().await;
+    let init = serde_json::json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"it","version":"1"}}});
+    for path in ["/servers/%FF/mcp", "/%FF/mcp"] {
+        let resp = Client::new(&format!("{}{path}", gw.url)).post(init.clone()).await;
+        assert_eq!(resp.status(), 400, "{path}");
+        let body: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], -32600, "{path}: {body}");
+    }
+    assert_eq!(Client::new(&gw.mcp()).post(init).await.status(), 200);
+}

@@ -115,9 +115,9 @@ pub struct Gateway {
     /// the rare start or stop.
     upstreams: ArcSwap<HashMap<String, Arc<Upstream>>>,
     sessions: Sharded<String, Arc<Session>>,
-    /// Each session's own instances of `per_session` servers, by (session key, server): owned
-    /// here, not by the session, so sessions do not depend on upstreams.
-    per_session: Sharded<(u64, String), Arc<Upstream>>,
+    /// Each session's own instances of `per_session` servers, by session key, then server:
+    /// owned here, not by the session, so sessions do not depend on upstreams.
+    per_session: Sharded<u64, HashMap<String, Arc<Upstream>>>,
     resources: ResourceIndex,
     subscriptions: Mutex<HashMap<(String, String), usize>>,
     cursors: lists::CursorKey,
@@ -591,21 +591,17 @@ impl Gateway {
 
     /// A session's own instance of a `per_session` server, if started.
     fn own_instance(&self, session: u64, server: &str) -> Option<Arc<Upstream>> {
-        let key = (session, server.to_owned());
-        lock(self.per_session.shard(&key)).get(&key).cloned()
+        lock(self.per_session.shard(&session)).get(&session).and_then(|m| m.get(server)).cloned()
     }
 
     /// Takes the `per_session` instances of one session (every session's with None), to stop.
     fn take_per_session(&self, session: Option<u64>) -> Vec<Arc<Upstream>> {
-        let mut taken = Vec::new();
-        self.per_session.retain(|(key, _), up| {
-            let take = session.is_none_or(|s| s == *key);
-            if take {
-                taken.push(up.clone());
+        match session {
+            Some(key) => {
+                lock(self.per_session.shard(&key)).remove(&key).map(|m| m.into_values().collect()).unwrap_or_default()
             }
-            !take
-        });
-        taken
+            None => self.per_session.drain().into_iter().flat_map(HashMap::into_values).collect(),
+        }
     }
 
     /// The instance serving `server` for this caller: its own for `per_session` servers.
@@ -616,13 +612,14 @@ impl Gateway {
         }
         if def.share == Share::PerSession {
             if let Some(session) = caller.session.as_ref().filter(|s| s.transport != session::ClientTransport::Listen) {
-                let key = (session.key, server.to_owned());
-                let mut instances = lock(self.per_session.shard(&key));
-                if let Some(up) = instances.get(&key) {
+                // Looked up and started under one lock: two first calls start one instance.
+                let mut shard = lock(self.per_session.shard(&session.key));
+                let instances = shard.entry(session.key).or_default();
+                if let Some(up) = instances.get(server) {
                     return Some(up.clone());
                 }
                 let up = Upstream::start(def.clone(), self.hub(), Some(Arc::downgrade(session)), self.http.clone());
-                instances.insert(key, up.clone());
+                instances.insert(server.to_owned(), up.clone());
                 return Some(up);
             }
             // Stateless callers have no session to own an instance: one instance serves them all.
