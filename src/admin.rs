@@ -23,13 +23,12 @@ use serde_json::{Value, json};
 
 use crate::auth::AuthError;
 use crate::config::{self, ServerDef, Transport};
-use crate::gate::{Rejection, Who, guarded, json as json_response, read_single};
-use crate::mcp::gateway::{ControlError, Gateway, Request};
+use crate::gate::{Entry, Rejection, guarded, json as json_response, parse, read_single};
+use crate::mcp::gateway::{ControlError, Gateway, Who};
 use crate::mcp::jsonrpc::{self, Kind, code};
 use crate::mcp::session::{Caller, ClientTransport, Scope};
 use crate::mcp::upstream::{State as UpState, Upstream};
 use crate::mcp::version::ProtocolVersion;
-use crate::sharded::lock;
 
 fn json_value(status: StatusCode, v: &Value) -> Response {
     json_response(status, v.to_string())
@@ -40,56 +39,55 @@ fn error(status: StatusCode, error: &'static str, message: &str) -> Response {
 }
 
 /// Runs `f` for an admin caller; others get 403 (`insufficient_scope`).
-async fn admin<F, Fut, R>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
+async fn admin<F, R>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
 where
-    F: FnOnce(Arc<Gateway>, Who) -> Fut,
-    Fut: std::future::Future<Output = R>,
+    F: AsyncFnOnce(Arc<Gateway>, Who, &mut Entry) -> R,
     R: IntoResponse,
 {
-    guarded(&gw.clone(), &Scope::All, label, headers, peer, |who| async move {
+    guarded(&gw.clone(), &Scope::All, label, headers, peer, async move |who, entry| {
         if !who.identity.is_admin() {
-            let e = AuthError::Forbidden("the management API needs the admin role".into());
-            lock(&who.note).refused = Some(e.outcome().into());
-            return e.into_response();
+            return refuse(entry, AuthError::Forbidden("the management API needs the admin role".into()));
         }
-        f(gw, who).await.into_response()
+        f(gw, who, entry).await.into_response()
     })
     .await
 }
 
+/// Notes a refusal in the audit entry and answers it.
+fn refuse(entry: &mut Entry, e: AuthError) -> Response {
+    entry.refuse(e.outcome());
+    e.into_response()
+}
+
 /// For an admin with every right only (`/admin/reload`).
-async fn unrestricted<F, Fut>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
+async fn unrestricted<F>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
 where
-    F: FnOnce(Arc<Gateway>, Who) -> Fut,
-    Fut: std::future::Future<Output = Response>,
+    F: AsyncFnOnce(Arc<Gateway>) -> Response,
 {
-    admin(gw, label, headers, peer, |gw, who| async move {
+    admin(gw, label, headers, peer, async move |gw, who, entry| {
         let names: Vec<String> = who.snapshot.config.servers.iter().map(|s| s.name.clone()).collect();
         if !who.identity.is_unrestricted_admin(&names) {
             let e = AuthError::Forbidden("this needs an admin with every right (every server, no tenant)".into());
-            lock(&who.note).refused = Some(e.outcome().into());
-            return e.into_response();
+            return refuse(entry, e);
         }
-        f(gw, who).await.into_response()
+        f(gw).await
     })
     .await
 }
 
 /// For a reader of the gateway-wide figures (`/stats`, `/metrics`): a `metrics` credential, or
 /// an admin with every right.
-async fn figures<F, Fut>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
+async fn figures<F>(gw: Arc<Gateway>, label: &str, headers: &HeaderMap, peer: SocketAddr, f: F) -> Response
 where
-    F: FnOnce(Arc<Gateway>) -> Fut,
-    Fut: std::future::Future<Output = Response>,
+    F: AsyncFnOnce(Arc<Gateway>) -> Response,
 {
-    guarded(&gw.clone(), &Scope::All, label, headers, peer, |who| async move {
+    guarded(&gw.clone(), &Scope::All, label, headers, peer, async move |who, entry| {
         let names: Vec<String> = who.snapshot.config.servers.iter().map(|s| s.name.clone()).collect();
         if !who.identity.reads_metrics(&names) {
             let e = AuthError::Forbidden(
                 "this needs a metrics credential or an admin with every right (every server, no tenant)".into(),
             );
-            lock(&who.note).refused = Some(e.outcome().into());
-            return e.into_response();
+            return refuse(entry, e);
         }
         f(gw).await
     })
@@ -182,7 +180,7 @@ pub(crate) async fn servers(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    admin(gw, "GET /servers", &headers, peer, |gw, who| async move {
+    admin(gw, "GET /servers", &headers, peer, async move |gw, who, _| {
         let config = who.snapshot.config.clone();
         let visible = config.servers.iter().filter(|d| who.identity.grants.reaches(&d.name));
         let all = join_all(visible.map(|d| describe(&gw, d))).await;
@@ -198,8 +196,8 @@ pub(crate) async fn server(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    admin(gw, "GET /servers/{name}", &headers, peer, |gw, who| async move {
-        lock(&who.note).server = Some(name.clone());
+    admin(gw, "GET /servers/{name}", &headers, peer, async move |gw, who, entry| {
+        entry.server(&name);
         match who.snapshot.config.server(&name) {
             Some(def) if who.identity.grants.reaches(&name) => json_value(StatusCode::OK, &describe(&gw, def).await),
             _ => no_such_server(&name),
@@ -215,8 +213,8 @@ pub(crate) async fn control(
     Path((name, action)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    admin(gw, "POST /servers/{name}/{action}", &headers, peer, |gw, who| async move {
-        lock(&who.note).server = Some(name.clone());
+    admin(gw, "POST /servers/{name}/{action}", &headers, peer, async move |gw, who, entry| {
+        entry.server(&name);
         if !who.identity.grants.reaches(&name) {
             return no_such_server(&name);
         }
@@ -253,14 +251,8 @@ pub(crate) async fn stats(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    figures(
-        gw,
-        "GET /stats",
-        &headers,
-        peer,
-        |gw| async move { json_value(StatusCode::OK, &gw.metrics().stats_json()) },
-    )
-    .await
+    figures(gw, "GET /stats", &headers, peer, async move |gw| json_value(StatusCode::OK, &gw.metrics().stats_json()))
+        .await
 }
 
 /// `GET /metrics` (Prometheus text format).
@@ -269,7 +261,7 @@ pub(crate) async fn metrics(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    figures(gw, "GET /metrics", &headers, peer, |gw| async move {
+    figures(gw, "GET /metrics", &headers, peer, async move |gw| {
         let mut out = String::new();
         gw.metrics().render(&mut out);
         let _ = writeln!(out, "# HELP portcullis_sessions Open client sessions by transport.");
@@ -318,14 +310,12 @@ pub(crate) async fn reload(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    unrestricted(gw, "POST /admin/reload", &headers, peer, |gw, _| async move {
-        match gw.reload_from_source().await {
-            Ok(()) => json_value(StatusCode::OK, &json!({"status": "reloaded"})),
-            Err(errors) => json_value(
-                StatusCode::BAD_REQUEST,
-                &json!({"error": "invalid_config", "message": "the config was not reloaded", "errors": errors}),
-            ),
-        }
+    unrestricted(gw, "POST /admin/reload", &headers, peer, async move |gw| match gw.reload_from_source().await {
+        Ok(()) => json_value(StatusCode::OK, &json!({"status": "reloaded"})),
+        Err(errors) => json_value(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "invalid_config", "message": "the config was not reloaded", "errors": errors}),
+        ),
     })
     .await
 }
@@ -337,10 +327,10 @@ pub(crate) async fn rpc(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    guarded(&gw.clone(), &Scope::All, "POST /rpc", &headers, peer, |who| async move {
+    guarded(&gw.clone(), &Scope::All, "POST /rpc", &headers, peer, async move |who, entry| {
         let config = who.snapshot.config.clone();
         let body = read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
-        let env = who.parse(&body)?;
+        let env = parse(&body, entry)?;
         if env.kind != Kind::Request {
             return Err(Rejection::rpc(
                 StatusCode::BAD_REQUEST,
@@ -358,12 +348,12 @@ pub(crate) async fn rpc(
                 "/rpc is sessionless: no initialize",
             ));
         }
-        let id = env.id.map_or("null", |i| i.get()).to_owned();
         let caller = Caller { cancel_on_drop: true, ..Caller::default() };
         let ctx = who.ctx(Scope::All, caller, ProtocolVersion::LATEST_SESSION);
-        let req = Request { method: env.method(), params: env.params, id: Some(&id) };
-        let reply = gw.request(&ctx, &req).await;
-        Ok(json_response(StatusCode::OK, reply.to_message(&id)))
+        Ok(match gw.handle(&ctx, &env, entry.routed()).await {
+            Some(reply) => json_response(StatusCode::OK, reply.to_message(env.id.map_or("null", |i| i.get()))),
+            None => StatusCode::ACCEPTED.into_response(),
+        })
     })
     .await
 }
@@ -437,7 +427,7 @@ pub(crate) async fn create_token(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    admin(gw, "POST /admin/tokens", &headers, peer, |gw, who| async move {
+    admin(gw, "POST /admin/tokens", &headers, peer, async move |gw, who, entry| {
         let body = admin_body(&who, body).await?;
         let mut req: crate::store::TokenRequest = serde_json::from_slice(&body)
             .map_err(|e| Rejection::api(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
@@ -447,7 +437,7 @@ pub(crate) async fn create_token(
         }
         let new = req.validate(&who.snapshot.config)?;
         if let Some(refusal) = beyond_caller(&who, &new) {
-            lock(&who.note).refused = Some("refused: beyond the caller's rights".into());
+            entry.refuse("refused: beyond the caller's rights");
             return Err(Rejection::api(StatusCode::FORBIDDEN, "forbidden", refusal));
         }
         let (t, secret) = open_store(&gw).and_then(|s| s.create(&new, crate::store::now_ms()))?;
@@ -494,7 +484,7 @@ pub(crate) async fn list_tokens(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    admin(gw, "GET /admin/tokens", &headers, peer, |gw, who| async move {
+    admin(gw, "GET /admin/tokens", &headers, peer, async move |gw, who, _| {
         match open_store(&gw).and_then(|s| s.list()) {
             Ok(tokens) => {
                 let visible: Vec<Value> =
@@ -514,7 +504,7 @@ pub(crate) async fn get_token(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    admin(gw, "GET /admin/tokens/{id}", &headers, peer, |gw, who| async move {
+    admin(gw, "GET /admin/tokens/{id}", &headers, peer, async move |gw, who, _| {
         managed(&gw, &who, &id).map(|t| json_value(StatusCode::OK, &token_json(&t, None)))
     })
     .await
@@ -528,7 +518,7 @@ pub(crate) async fn rotate_token(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    admin(gw, "POST /admin/tokens/{id}/rotate", &headers, peer, |gw, who| async move {
+    admin(gw, "POST /admin/tokens/{id}/rotate", &headers, peer, async move |gw, who, _| {
         managed(&gw, &who, &id)?;
         let body = admin_body(&who, body).await?;
         #[derive(serde::Deserialize)]
@@ -560,7 +550,7 @@ pub(crate) async fn revoke_token(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    admin(gw, "DELETE /admin/tokens/{id}", &headers, peer, |gw, who| async move {
+    admin(gw, "DELETE /admin/tokens/{id}", &headers, peer, async move |gw, who, _| {
         managed(&gw, &who, &id)?;
         let t = open_store(&gw).and_then(|s| s.revoke(&id, crate::store::now_ms()))?;
         applied(&gw).await;

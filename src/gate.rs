@@ -8,7 +8,7 @@
 //! size and time bounds.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -19,10 +19,9 @@ use http_body_util::BodyExt;
 
 use crate::auth::{AuthError, Identity};
 use crate::config::Config;
-use crate::mcp::gateway::{self, Ctx, Gateway, Note, Snapshot};
+use crate::mcp::gateway::{self, Gateway, Routed, Snapshot, Who};
 use crate::mcp::jsonrpc::{self, Envelope, code};
-use crate::mcp::session::{Caller, Scope};
-use crate::sharded::lock;
+use crate::mcp::session::Scope;
 
 /// A JSON response with a status.
 pub(crate) fn json(status: StatusCode, body: impl Into<Body>) -> Response {
@@ -253,92 +252,187 @@ pub(crate) async fn read_single(body: Body, limit: usize, within: Duration) -> R
     Ok(body)
 }
 
-/// The authenticated caller of one HTTP request, and the note its audit record is made from.
-#[derive(Clone)]
-pub(crate) struct Who {
-    /// The config and credentials the gate checked this request against: everything behind
-    /// the gate reads this one snapshot, never a newer one.
-    pub snapshot: Arc<Snapshot>,
-    /// Who the credential says the caller is (its grants decide what it reaches).
-    pub identity: Arc<Identity>,
-    /// The client's address (after `trusted_proxies`).
-    pub client: IpAddr,
-    /// Filled while routing.
-    pub note: Arc<Mutex<Note>>,
+/// The audit entry of one request in the making: the gate opens it, the surface notes the
+/// message and [`Gateway::handle`] fills its [`Routed`] part, and it is written exactly once:
+/// by [`guarded`] when the answer is ready, or, for an answer sent later (legacy SSE, a
+/// streamed answer, stdio), by the [`Deferred`] that took it over.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    time: String,
+    started: Instant,
+    client: IpAddr,
+    /// The identity, once authenticated.
+    identity: Option<Arc<Identity>>,
+    /// The JSON-RPC method (the HTTP method or the operation until one is known).
+    method: String,
+    request_id: Option<String>,
+    /// What the gate and routing found: the server, the name, a refusal, an error.
+    routed: Routed,
+    /// Written, or handed on (taken over by a [`Deferred`], or a batch whose elements have
+    /// entries of their own): nothing more is written from here.
+    done: bool,
 }
 
-impl Who {
-    /// The gateway context of one request by this caller.
-    pub(crate) fn ctx(
-        &self,
-        scope: Scope,
-        caller: Caller,
-        protocol_version: crate::mcp::version::ProtocolVersion,
-    ) -> Ctx {
-        Ctx {
-            snapshot: self.snapshot.clone(),
-            scope,
-            caller,
-            protocol_version,
-            identity: self.identity.clone(),
-            note: self.note.clone(),
+impl Entry {
+    /// The entry of a request that arrives now from `client`.
+    pub(crate) fn open(client: IpAddr, method: &str) -> Entry {
+        Entry {
+            time: crate::audit::now_rfc3339(),
+            started: Instant::now(),
+            client,
+            identity: None,
+            method: method.to_owned(),
+            request_id: None,
+            routed: Routed::default(),
+            done: false,
         }
     }
 
-    /// Parses one JSON-RPC message (400 with its JSON-RPC error when it is not one) and notes
-    /// its method and id for the audit record.
-    pub(crate) fn parse<'a>(&self, body: &'a [u8]) -> Result<Envelope<'a>, Rejection> {
-        let env = Envelope::parse(body)
-            .map_err(|e| Rejection::rpc(StatusCode::BAD_REQUEST, e.id(), e.code(), e.to_string()))?;
-        let mut n = lock(&self.note);
-        n.method = env.method().to_owned();
-        n.request_id = env.id.map(|i| i.get().to_owned());
-        Ok(env)
+    /// The entry of one element of a batch, or of one message on stdio: same client and
+    /// identity, its own method, id and clock.
+    pub(crate) fn element(&self, env: &Envelope<'_>) -> Entry {
+        let mut e = Entry::open(self.client, env.method());
+        e.identity = self.identity.clone();
+        e.request_id = env.id.map(|i| i.get().to_owned());
+        e
     }
 
-    /// The same caller with a fresh note (one batch element).
-    pub(crate) fn element(&self, method: &str) -> Who {
-        let note = Note { identity: Some(self.identity.clone()), method: method.to_owned(), ..Note::default() };
-        Who {
-            snapshot: self.snapshot.clone(),
-            identity: self.identity.clone(),
+    /// Notes the identity.
+    pub(crate) fn identify(&mut self, identity: &Arc<Identity>) {
+        self.identity = Some(identity.clone());
+    }
+
+    /// Notes the method and id of the message the request carries.
+    pub(crate) fn message(&mut self, env: &Envelope<'_>) {
+        env.method().clone_into(&mut self.method);
+        self.request_id = env.id.map(|i| i.get().to_owned());
+    }
+
+    /// Replaces the method noted (a batch, an operation of the management API).
+    pub(crate) fn set_method(&mut self, method: &str) {
+        method.clone_into(&mut self.method);
+    }
+
+    /// Notes the server addressed.
+    pub(crate) fn server(&mut self, name: &str) {
+        self.routed.server = Some(name.to_owned());
+    }
+
+    /// Notes a refusal.
+    pub(crate) fn refuse(&mut self, why: impl Into<String>) {
+        self.routed.refused = Some(why.into());
+    }
+
+    /// The part [`Gateway::handle`] fills.
+    pub(crate) fn routed(&mut self) -> &mut Routed {
+        &mut self.routed
+    }
+
+    /// A batch: this request writes no entry of its own; each element writes one.
+    pub(crate) fn per_element(&mut self) {
+        self.done = true;
+    }
+
+    /// The answer will be sent by work that may outlive this call: the entry goes with it (see
+    /// [`Deferred`]; `status` is what it records if the work is dropped), and what is left here
+    /// is handed on (not written).
+    pub(crate) fn defer(&mut self, gw: &Arc<Gateway>, status: StatusCode) -> Deferred {
+        self.done = true;
+        let taken = Entry {
+            time: std::mem::take(&mut self.time),
+            started: self.started,
             client: self.client,
-            note: Arc::new(Mutex::new(note)),
+            identity: self.identity.take(),
+            method: std::mem::take(&mut self.method),
+            request_id: self.request_id.take(),
+            routed: std::mem::take(&mut self.routed),
+            done: false,
+        };
+        taken.deferred(gw, status)
+    }
+
+    /// This entry, to be written when the answer is sent (see [`Deferred`]).
+    pub(crate) fn deferred(self, gw: &Arc<Gateway>, status: StatusCode) -> Deferred {
+        Deferred { gw: gw.clone(), entry: self, status }
+    }
+
+    /// Writes the audit record and the request's metrics, unless that was done (or handed
+    /// on) before: an entry is written at most once.
+    pub(crate) fn write(&mut self, gw: &Gateway, status: StatusCode) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
         }
+        let latency = self.started.elapsed();
+        let Routed { server, name, refused, error } = std::mem::take(&mut self.routed);
+        let (method, identity) = (std::mem::take(&mut self.method), self.identity.take());
+        gw.metrics().observe(&crate::metrics::Observation {
+            server: server.as_deref(),
+            identity: identity.as_ref().map(|i| &*i.name),
+            method: &method,
+            refused: refused.as_deref(),
+            error: error || status.is_server_error(),
+            latency,
+        });
+        gw.audit().record(crate::audit::Record {
+            time: std::mem::take(&mut self.time),
+            identity: identity.as_ref().map(|i| i.name.to_string()),
+            tenant: identity.as_ref().and_then(|i| i.tenant.clone()),
+            server,
+            method,
+            name,
+            outcome: refused.unwrap_or_else(|| "allowed".into()),
+            status: status.as_u16(),
+            // Microsecond precision: `1.327`, not `1.3273519999999999`.
+            latency_ms: (latency.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+            client: self.client.to_string(),
+            request_id: self.request_id.take(),
+        });
     }
 }
 
-/// Writes one audit record from a note.
-pub(crate) fn audit(gw: &Gateway, time: String, client: IpAddr, note: &Note, status: StatusCode, started: Instant) {
-    let latency = started.elapsed();
-    gw.metrics().observe(&crate::metrics::Observation {
-        server: note.server.as_deref(),
-        identity: note.identity.as_ref().map(|i| &*i.name),
-        method: &note.method,
-        refused: note.refused.as_deref(),
-        error: note.error || status.is_server_error(),
-        latency,
-    });
-    gw.audit().record(crate::audit::Record {
-        time,
-        identity: note.identity.as_ref().map(|i| i.name.to_string()),
-        tenant: note.identity.as_ref().and_then(|i| i.tenant.clone()),
-        server: note.server.clone(),
-        method: note.method.clone(),
-        name: note.name.clone(),
-        outcome: note.refused.clone().unwrap_or_else(|| "allowed".into()),
-        status: status.as_u16(),
-        // Microsecond precision: `1.327`, not `1.3273519999999999`.
-        latency_ms: (latency.as_secs_f64() * 1_000_000.0).round() / 1000.0,
-        client: client.to_string(),
-        request_id: note.request_id.clone(),
-    });
+/// An audit entry whose answer is sent later, owned by the work that sends it.
+/// [`Deferred::finish`] writes it; dropped unfinished (the client went away, the work was
+/// cancelled), it is written as it stands, with what routing had found and the status already
+/// sent, so no request goes unrecorded.
+pub(crate) struct Deferred {
+    gw: Arc<Gateway>,
+    entry: Entry,
+    /// The status recorded if the work is dropped unfinished.
+    status: StatusCode,
+}
+
+impl Deferred {
+    /// The part [`Gateway::handle`] fills.
+    pub(crate) fn routed(&mut self) -> &mut Routed {
+        &mut self.entry.routed
+    }
+
+    /// Writes the entry with the answer's status; call it before the answer goes out, so a
+    /// client that has its answer finds the record written.
+    pub(crate) fn finish(mut self, status: StatusCode) {
+        self.entry.write(&self.gw, status);
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        self.entry.write(&self.gw, self.status);
+    }
+}
+
+/// Parses one JSON-RPC message (400 with its JSON-RPC error when it is not one) and notes its
+/// method and id in the entry.
+pub(crate) fn parse<'a>(body: &'a [u8], entry: &mut Entry) -> Result<Envelope<'a>, Rejection> {
+    let env =
+        Envelope::parse(body).map_err(|e| Rejection::rpc(StatusCode::BAD_REQUEST, e.id(), e.code(), e.to_string()))?;
+    entry.message(&env);
+    Ok(env)
 }
 
 /// Runs one request behind the gate: the Origin check, authentication, the endpoint's server
-/// grant and the rate limits, then `f`, then one audit record. Every client-facing endpoint
-/// goes through here.
-pub(crate) async fn guarded<F, Fut, R>(
+/// grant and the rate limits, then `f`, then one audit record (unless `f` handed the entry on).
+/// Every client-facing HTTP endpoint goes through here.
+pub(crate) async fn guarded<F, R>(
     gw: &Arc<Gateway>,
     scope: &Scope,
     method: &str,
@@ -347,24 +441,18 @@ pub(crate) async fn guarded<F, Fut, R>(
     f: F,
 ) -> Response
 where
-    F: FnOnce(Who) -> Fut,
-    Fut: std::future::Future<Output = R>,
+    F: AsyncFnOnce(Who, &mut Entry) -> R,
     R: IntoResponse,
 {
-    let started = Instant::now();
-    let time = crate::audit::now_rfc3339();
     // One snapshot for the whole gate: the config and the credentials of one reload.
     let snap = gw.snapshot();
     let client = snap.auth.client_addr(peer, headers);
-    let note = Arc::new(Mutex::new(Note { method: method.to_owned(), ..Note::default() }));
-    let resp = match admit(&snap, scope, headers, client, &note) {
-        Ok(who) => f(who).await.into_response(),
+    let mut entry = Entry::open(client, method);
+    let resp = match admit(&snap, scope, headers, client, &mut entry) {
+        Ok(who) => f(who, &mut entry).await.into_response(),
         Err(r) => r.into_response(),
     };
-    let n = lock(&note);
-    if !n.batch && !n.deferred {
-        audit(gw, time, client, &n, resp.status(), started);
-    }
+    entry.write(gw, resp.status());
     resp
 }
 
@@ -374,29 +462,36 @@ fn admit(
     scope: &Scope,
     headers: &HeaderMap,
     client: IpAddr,
-    note: &Arc<Mutex<Note>>,
+    entry: &mut Entry,
 ) -> Result<Who, Rejection> {
     let (config, auth) = (&*snapshot.config, &*snapshot.auth);
     if let Some(r) = check_origin(config, headers) {
-        lock(note).refused = Some("refused: origin not allowed".into());
+        entry.refuse("refused: origin not allowed");
         return Err(r);
     }
-    let refuse = |e: AuthError| {
-        lock(note).refused = Some(e.outcome().into());
+    let identity = match auth.authenticate(headers, client) {
+        Ok(i) => i,
+        Err(e) => {
+            entry.refuse(e.outcome());
+            return Err(Rejection::Auth(e));
+        }
+    };
+    entry.identify(&identity);
+    let refuse = |entry: &mut Entry, e: AuthError| {
+        entry.refuse(e.outcome());
         Rejection::Auth(e)
     };
-    let identity = auth.authenticate(headers, client).map_err(refuse)?;
-    lock(note).identity = Some(identity.clone());
     // A scraper's credential reads the figures and nothing else, whatever the surface.
     if identity.role == crate::credentials::Role::Metrics
-        && !crate::credentials::METRICS_REQUESTS.contains(&lock(note).method.as_str())
+        && !crate::credentials::METRICS_REQUESTS.contains(&entry.method.as_str())
     {
-        return Err(refuse(AuthError::Forbidden(
-            "this credential (role metrics) may only read /metrics and /stats".into(),
-        )));
+        return Err(refuse(
+            entry,
+            AuthError::Forbidden("this credential (role metrics) may only read /metrics and /stats".into()),
+        ));
     }
     if let Scope::One(name) = scope {
-        lock(note).server = Some(name.clone());
+        entry.server(name);
         if config.server(name).is_none_or(|d| !d.enabled) {
             return Err(Rejection::rpc(
                 StatusCode::NOT_FOUND,
@@ -406,9 +501,11 @@ fn admit(
             ));
         }
         if !identity.grants.reaches(name) {
-            return Err(refuse(AuthError::Forbidden(format!("this token may not reach server {name}"))));
+            return Err(refuse(entry, AuthError::Forbidden(format!("this token may not reach server {name}"))));
         }
     }
-    auth.check_rate(&identity, client).map_err(refuse)?;
-    Ok(Who { snapshot: snapshot.clone(), identity, client, note: note.clone() })
+    if let Err(e) = auth.check_rate(&identity, client) {
+        return Err(refuse(entry, e));
+    }
+    Ok(Who { snapshot: snapshot.clone(), identity, client })
 }

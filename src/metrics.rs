@@ -116,7 +116,7 @@ pub(crate) struct Series {
     pub errors: AtomicU64,
     /// Requests refused (authentication, grants, limits).
     pub refusals: AtomicU64,
-    /// Latency.
+    /// How long requests took, from arrival to answer.
     pub latency: Histogram,
     /// Per method (index in [`METHODS`]) and outcome (0 allowed, 1 refused).
     by_method: [[AtomicU64; 2]; METHODS.len()],

@@ -71,9 +71,10 @@ async fn edge(
     {
         req.headers_mut().insert(crate::auth::CLIENT_SUBJECT_HEADER, v);
     }
-    if gw.config().require_https && req.extensions().get::<crate::tls::Https>().is_none() {
+    let snap = gw.snapshot();
+    if snap.config.require_https && req.extensions().get::<crate::tls::Https>().is_none() {
         let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-        let via_trusted_https = peer.is_some_and(|p| gw.authenticator().is_trusted(p))
+        let via_trusted_https = peer.is_some_and(|p| snap.auth.is_trusted(p))
             && req.headers().get("x-forwarded-proto").and_then(|v| v.to_str().ok()) == Some("https");
         if !via_trusted_https {
             return json(

@@ -81,7 +81,7 @@ pub struct StoredToken {
     pub tenant: String,
     /// The first characters of the secret, for recognising it (`pcs_AbCd`).
     pub prefix: String,
-    /// Grants.
+    /// The servers, tools, prompts and resources it reaches.
     pub grants: StoredGrants,
     /// `user` or `admin`.
     pub role: String,
@@ -137,7 +137,7 @@ pub(crate) enum TokenState {
     Expiring,
     /// Past its expiry.
     Expired,
-    /// Revoked.
+    /// Revoked (`portcullis token revoke` or the management API).
     Revoked,
     /// Replaced by a rotation and past the grace.
     Superseded,
@@ -189,11 +189,11 @@ impl StoredToken {
 /// What to create.
 #[derive(Debug, Clone, Default)]
 pub struct NewToken {
-    /// Name.
+    /// Unique per tenant among live tokens.
     pub name: String,
     /// Tenant ("" for none).
     pub tenant: String,
-    /// Grants.
+    /// The servers, tools, prompts and resources it will reach.
     pub grants: StoredGrants,
     /// `user` or `admin`.
     pub role: Role,
@@ -208,7 +208,7 @@ pub struct NewToken {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TokenRequest {
-    /// Name.
+    /// Unique per tenant among live tokens.
     pub name: String,
     /// Tenant (must be configured).
     #[serde(default)]

@@ -126,6 +126,42 @@ pub struct Envelope<'a> {
     pub error: Option<&'a RawValue>,
 }
 
+/// A request's envelope, owned, for an answer that outlives the body it came in (a streamed
+/// or deferred answer): the id, method and params are copied once, nothing is parsed again.
+pub(crate) struct OwnedRequest {
+    id: Option<Box<RawValue>>,
+    method: String,
+    params: Option<Box<RawValue>>,
+}
+
+impl OwnedRequest {
+    /// The request `env` carries, owned.
+    pub(crate) fn from(env: &Envelope<'_>) -> Self {
+        OwnedRequest {
+            id: env.id.map(ToOwned::to_owned),
+            method: env.method().to_owned(),
+            params: env.params.map(ToOwned::to_owned),
+        }
+    }
+
+    /// The raw id, or `null`.
+    pub(crate) fn id(&self) -> &str {
+        self.id.as_deref().map_or("null", RawValue::get)
+    }
+
+    /// The request as an envelope again.
+    pub(crate) fn envelope(&self) -> Envelope<'_> {
+        Envelope {
+            kind: Kind::Request,
+            id: self.id.as_deref(),
+            method: Some(Cow::Borrowed(&self.method)),
+            params: self.params.as_deref(),
+            result: None,
+            error: None,
+        }
+    }
+}
+
 impl<'a> Envelope<'a> {
     /// Parses one message. Arrays (batches) are rejected here; see [`is_array`].
     pub fn parse(bytes: &'a [u8]) -> Result<Self, EnvelopeError> {

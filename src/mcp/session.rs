@@ -47,7 +47,7 @@ pub(crate) enum ClientTransport {
     Streamable,
     /// HTTP+SSE (2024-11-05).
     Sse,
-    /// stdio.
+    /// `portcullis stdio`: the launching process is the one client.
     Stdio,
     /// A 2026-07-28 `subscriptions/listen` stream: a session in all but name, never addressable
     /// by id, living as long as the stream.

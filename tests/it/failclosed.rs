@@ -1148,3 +1148,39 @@ async fn a_server_name_that_is_not_utf8_is_refused_not_widened() {
     }
     assert_eq!(Client::new(&gw.mcp()).post(init).await.status(), 200);
 }
+
+/// Issue 12: an answer sent after the POST returned (a streamed answer; legacy SSE) is audited
+/// once, with its server and tool, before the client has it; one whose client goes away
+/// mid-stream is audited once too, still naming its target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_sent_later_are_audited_once_with_their_target() {
+    let gw = gateway().demo("a", &[], "").start().await;
+    let client = Client::connect(&gw.mcp()).await;
+    let progress = |id: u64, steps: u64, ms: u64| {
+        serde_json::json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"a__progress",
+            "arguments":{"steps":steps,"ms":ms,"text":"t"},"_meta":{"progressToken":format!("p{id}")}}})
+    };
+    // Streamed to the end: the record is there once the answer is.
+    let streamed = client.post(progress(7, 2, 20)).await;
+    assert!(streamed.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut events = Events::from_response(streamed);
+    loop {
+        if events.next().await["id"] == 7 {
+            break;
+        }
+    }
+    // Abandoned after its first progress message: recorded once the work is dropped.
+    let abandoned = client.post(progress(8, 50, 200)).await;
+    let mut events = Events::from_response(abandoned);
+    assert_eq!(events.next().await["method"], "notifications/progress");
+    drop(events);
+    // The audit thread writes in order: once 8 is there, any second record of 7 would be too.
+    let records = gw.audit_until(|r| r.iter().any(|r| r["request_id"] == "8")).await;
+    for id in ["7", "8"] {
+        let of: Vec<&serde_json::Value> = records.iter().filter(|r| r["request_id"] == id).collect();
+        assert_eq!(of.len(), 1, "{id}: {records:?}");
+        assert_eq!((of[0]["server"].as_str(), of[0]["name"].as_str()), (Some("a"), Some("progress")), "{of:?}");
+        assert_eq!((of[0]["status"].as_u64(), of[0]["outcome"].as_str()), (Some(200), Some("allowed")), "{of:?}");
+    }
+    gw.stop().await;
+}

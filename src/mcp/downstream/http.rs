@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
@@ -22,16 +22,14 @@ use futures_util::StreamExt;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use crate::config::Config;
 use crate::gate::{
-    Rejection, Who, audit, guarded, header_str, json, no_randomness, read_body, rpc_error, session_limit,
+    Entry, Rejection, guarded, header_str, json, no_randomness, parse, read_body, rpc_error, session_limit,
 };
-use crate::mcp::gateway::{self, Ctx, Gateway, Request};
-use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, Reply, code};
+use crate::mcp::gateway::{self, Ctx, Gateway, Who};
+use crate::mcp::jsonrpc::{self, Envelope, Kind, OwnedRequest, RawObject, Reply, code};
 use crate::mcp::session::{Caller, ClientTransport, Scope, Session};
 use crate::mcp::sse;
 use crate::mcp::version::ProtocolVersion;
-use crate::sharded::lock;
 
 /// Interval of keep-alive comments on idle SSE streams.
 pub(crate) const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -65,12 +63,11 @@ pub(crate) async fn handle(
 ) -> Response {
     let label = method.to_string();
     let headers = &headers;
-    guarded(&gw.clone(), &scope.clone(), &label, headers, peer, |who| async move {
-        let config = who.snapshot.config.clone();
+    guarded(&gw.clone(), &scope.clone(), &label, headers, peer, async move |who, entry| {
         let version_header = header_str(headers, "mcp-protocol-version").map(str::to_owned);
         let stateless_header = version_header.as_deref().is_some_and(is_stateless_version);
         match method {
-            Method::POST => post(gw.clone(), &config, scope, headers, body, version_header, &who).await,
+            Method::POST => post(gw.clone(), scope, headers, body, version_header, who, entry).await,
             Method::GET if stateless_header => Ok(method_not_allowed()),
             Method::GET => get_stream(gw.clone(), scope, headers, &who).await,
             Method::DELETE if stateless_header => Ok(method_not_allowed()),
@@ -186,31 +183,14 @@ pub(crate) fn sse_response(
     r
 }
 
-/// The parts of a request the router needs, owned so the response may stream.
-struct Owned {
-    id: String,
-    method: String,
-    params: Option<Box<RawValue>>,
-}
-
-impl Owned {
-    fn from(env: &Envelope<'_>) -> Self {
-        Owned {
-            id: env.id.map_or_else(|| "null".to_owned(), |i| i.get().to_owned()),
-            method: env.method().to_owned(),
-            params: env.params.map(|p| p.to_owned()),
-        }
-    }
-}
-
 async fn post(
     gw: Arc<Gateway>,
-    config: &Config,
     scope: Scope,
     headers: &HeaderMap,
     body: Body,
     version_header: Option<String>,
-    who: &Who,
+    who: Who,
+    entry: &mut Entry,
 ) -> Result<Response, Rejection> {
     if let Some(ct) = header_str(headers, "content-type")
         && !ct.to_ascii_lowercase().starts_with("application/json")
@@ -230,15 +210,16 @@ async fn post(
             "Not Acceptable: accept application/json or text/event-stream",
         ));
     }
+    let config = &who.snapshot.config;
     let body = read_body(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
     if jsonrpc::is_array(&body) {
-        return batch(gw, scope, headers, body, version_header, who).await;
+        return batch(gw, scope, headers, body, version_header, &who, entry).await;
     }
-    let env = who.parse(&body)?;
+    let env = parse(&body, entry)?;
     let stateless_header = version_header.as_deref().is_some_and(is_stateless_version);
     let parsed = StatelessParams::of(&env, stateless_header);
     if stateless_header || (parsed.version.is_some() && !headers.contains_key("mcp-session-id")) {
-        return Ok(stateless_post(gw, scope, headers, &env, parsed, version_header, who).await);
+        return Ok(stateless_post(gw, scope, headers, &env, parsed, who, entry).await);
     }
     if let Some(v) = &version_header
         && !ProtocolVersion::parse(v).is_some_and(ProtocolVersion::is_handshake)
@@ -251,23 +232,18 @@ async fn post(
         ));
     }
     if env.kind == Kind::Request && env.method() == "initialize" {
-        return Ok(initialize(gw, scope, &env, who).await);
+        return Ok(initialize(gw, scope, &env, &who).await);
     }
-    let session = session_of(&gw, &scope, headers, who)?;
+    let session = session_of(&gw, &scope, headers, &who)?;
     let caller =
         Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
     let ctx = who.ctx(scope, caller, session.protocol_version);
-    Ok(match env.kind {
-        Kind::Notification => {
-            gw.notification(&ctx, &env);
-            StatusCode::ACCEPTED.into_response()
-        }
-        Kind::Result | Kind::Error => {
-            gw.response(&ctx, &env);
-            StatusCode::ACCEPTED.into_response()
-        }
-        Kind::Request => answer(gw, ctx, Owned::from(&env), accepts(headers, "text/event-stream"), false).await,
-    })
+    if env.kind != Kind::Request {
+        // A notification or a client's response: delivered at once, answered 202.
+        gw.handle(&ctx, &env, entry.routed()).await;
+        return Ok(StatusCode::ACCEPTED.into_response());
+    }
+    Ok(answer(gw, ctx, OwnedRequest::from(&env), entry, accepts(headers, "text/event-stream"), false).await)
 }
 
 /// A request's `params` and `params._meta` as objects, parsed once for the era check and the
@@ -340,9 +316,10 @@ async fn stateless_post(
     headers: &HeaderMap,
     env: &Envelope<'_>,
     parsed: StatelessParams<'_>,
-    version_header: Option<String>,
-    who: &Who,
+    who: Who,
+    entry: &mut Entry,
 ) -> Response {
+    let version_header = header_str(headers, "mcp-protocol-version");
     let id = env.id.map(RawValue::get);
     let reject = |code: i64, msg: &str| rpc_error(StatusCode::BAD_REQUEST, id, code, msg);
     match env.kind {
@@ -350,7 +327,7 @@ async fn stateless_post(
             return reject(code::INVALID_REQUEST, "Bad Request: 2026-07-28 clients must not send responses");
         }
         Kind::Notification => {
-            return if version_header.as_deref().is_some_and(is_stateless_version) {
+            return if version_header.is_some_and(is_stateless_version) {
                 StatusCode::ACCEPTED.into_response()
             } else {
                 reject(code::HEADER_MISMATCH, "MCP-Protocol-Version header is required")
@@ -377,7 +354,7 @@ async fn stateless_post(
     if !missing.is_empty() {
         return reject(code::INVALID_PARAMS, &format!("params._meta is missing: {}", missing.join(", ")));
     }
-    if version_header.is_none() || version_header != meta_version {
+    if version_header.is_none() || version_header != meta_version.as_deref() {
         return reject(
             code::HEADER_MISMATCH,
             "MCP-Protocol-Version header does not match the request envelope's protocol version",
@@ -410,17 +387,17 @@ async fn stateless_post(
         Caller { session: None, related: None, cancel_on_drop: true, asks: None, forward: param_headers(headers) };
     let ctx = who.ctx(scope, caller, version);
     if env.method() == "subscriptions/listen" {
-        return listen(gw, ctx, env).await;
+        return listen(gw, ctx, env, entry).await;
     }
-    answer(gw, ctx, Owned::from(env), accepts(headers, "text/event-stream"), true).await
+    answer(gw, ctx, OwnedRequest::from(env), entry, accepts(headers, "text/event-stream"), true).await
 }
 
 /// `subscriptions/listen`: an SSE stream that starts with the acknowledgement and carries the
 /// opted-in notifications until the client closes it (which ends its listen session) or the
 /// gateway shuts down (which ends it with a result).
-async fn listen(gw: Arc<Gateway>, ctx: Ctx, env: &Envelope<'_>) -> Response {
+async fn listen(gw: Arc<Gateway>, ctx: Ctx, env: &Envelope<'_>, entry: &mut Entry) -> Response {
     let id = env.id.map_or("null", RawValue::get).to_owned();
-    let (session, rx, ack) = match gw.listen(&ctx, &id, env.params).await {
+    let (session, rx, ack) = match gw.listen(&ctx, &id, env.params, entry.routed()).await {
         Ok(opened) => opened,
         Err(reply) => return json(stateless_status(&reply), reply.to_message(&id)),
     };
@@ -511,39 +488,58 @@ fn stateless_status(reply: &Reply) -> StatusCode {
 }
 
 /// Routes a request and answers: JSON when the result comes first, SSE when a related message
-/// (progress, a server-to-client request) comes first and the client accepts SSE.
-async fn answer(gw: Arc<Gateway>, mut ctx: Ctx, req: Owned, sse_ok: bool, stateless: bool) -> Response {
+/// (progress, a server-to-client request) comes first and the client accepts SSE. The work
+/// owns the audit entry: it is written just before the result goes out, or, if the client goes
+/// away first, when the work is dropped, with what routing had found.
+async fn answer(
+    gw: Arc<Gateway>,
+    mut ctx: Ctx,
+    req: OwnedRequest,
+    entry: &mut Entry,
+    sse_ok: bool,
+    stateless: bool,
+) -> Response {
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     if sse_ok {
         ctx.caller.related = Some(tx);
     }
-    let id = req.id.clone();
-    let work = async move {
-        let r = Request { method: &req.method, params: req.params.as_deref(), id: Some(&req.id) };
-        gw.request(&ctx, &r).await
-    };
-    let mut work = Box::pin(work);
+    let id = req.id().to_owned();
+    let mut later = entry.defer(&gw, StatusCode::OK);
+    let mut work = Box::pin(async move {
+        let reply = gw.handle(&ctx, &req.envelope(), later.routed()).await;
+        (reply, later)
+    });
     tokio::select! {
         biased;
-        reply = &mut work => {
+        (reply, later) = &mut work => {
+            let Some(reply) = reply else {
+                later.finish(StatusCode::ACCEPTED);
+                return StatusCode::ACCEPTED.into_response();
+            };
             // Related messages that arrived with the result still go first, on an SSE stream.
             let mut early = Vec::new();
             while let Ok(m) = rx.try_recv() {
                 early.push(sse::message(&m, None));
             }
             if !early.is_empty() {
+                later.finish(StatusCode::OK);
                 early.push(sse::message(reply.to_message(&id).as_bytes(), None));
                 return sse_response(futures_util::stream::iter(early.into_iter().map(Ok::<_, Infallible>)), None);
             }
             let status = if stateless { stateless_status(&reply) } else { StatusCode::OK };
+            later.finish(status);
             let chunks = reply.to_chunks(&id);
             let body = Body::from_stream(futures_util::stream::iter(chunks.into_iter().map(Ok::<_, Infallible>)));
             json(status, body)
         }
         first = rx.recv() => {
             let Some(first) = first else {
-                let reply = work.await;
-                return json(StatusCode::OK, reply.to_message(&id));
+                let (reply, later) = work.await;
+                later.finish(StatusCode::OK);
+                return match reply {
+                    Some(reply) => json(StatusCode::OK, reply.to_message(&id)),
+                    None => StatusCode::ACCEPTED.into_response(),
+                };
             };
             let stream = async_stream(move |out| async move {
                 if out.send(sse::message(&first, None)).await.is_err() { return; }
@@ -551,11 +547,14 @@ async fn answer(gw: Arc<Gateway>, mut ctx: Ctx, req: Owned, sse_ok: bool, statel
                 tick.tick().await;
                 loop {
                     tokio::select! {
-                        reply = &mut work => {
+                        (reply, later) = &mut work => {
+                            later.finish(StatusCode::OK);
                             while let Ok(m) = rx.try_recv() {
                                 let _ = out.send(sse::message(&m, None)).await;
                             }
-                            let _ = out.send(sse::message(reply.to_message(&id).as_bytes(), None)).await;
+                            if let Some(reply) = reply {
+                                let _ = out.send(sse::message(reply.to_message(&id).as_bytes(), None)).await;
+                            }
                             return;
                         }
                         Some(m) = rx.recv() => { if out.send(sse::message(&m, None)).await.is_err() { return; } }
@@ -568,7 +567,8 @@ async fn answer(gw: Arc<Gateway>, mut ctx: Ctx, req: Owned, sse_ok: bool, statel
     }
 }
 
-/// JSON-RPC batches: only in sessions negotiated at 2025-03-26; each element on its own.
+/// JSON-RPC batches: only in sessions negotiated at 2025-03-26; each element on its own, with
+/// an audit entry of its own.
 async fn batch(
     gw: Arc<Gateway>,
     scope: Scope,
@@ -576,8 +576,9 @@ async fn batch(
     body: Bytes,
     version_header: Option<String>,
     who: &Who,
+    entry: &mut Entry,
 ) -> Result<Response, Rejection> {
-    lock(&who.note).method = "batch".into();
+    entry.set_method("batch");
     let invalid = || {
         Rejection::rpc(
             StatusCode::BAD_REQUEST,
@@ -600,45 +601,31 @@ async fn batch(
     if items.is_empty() {
         return Err(Rejection::rpc(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, "Bad Request: empty batch"));
     }
-    // Each element is authorized, answered and audited on its own.
-    lock(&who.note).batch = true;
+    entry.per_element();
+    let entry = &*entry;
     let caller =
         Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
     let futs = items.iter().map(|item| {
         let gw = gw.clone();
-        let (scope, caller, version) = (scope.clone(), caller.clone(), session.protocol_version);
+        let ctx = who.clone().ctx(scope.clone(), caller.clone(), session.protocol_version);
         async move {
-            let started = Instant::now();
-            let time = crate::audit::now_rfc3339();
             let env = match Envelope::parse(item.get().as_bytes()) {
                 Ok(e) => e,
                 Err(e) => return Some(jsonrpc::error_response(e.id(), e.code(), &e.to_string(), None)),
             };
-            let one = who.element(env.method());
-            lock(&one.note).request_id = env.id.map(|i| i.get().to_owned());
-            let ctx = one.ctx(scope, caller, version);
-            let answer = match env.kind {
-                Kind::Request if env.method() == "initialize" => Some(jsonrpc::error_response(
+            let mut one = entry.element(&env);
+            let answer = if env.kind == Kind::Request && env.method() == "initialize" {
+                Some(jsonrpc::error_response(
                     env.id.map(RawValue::get),
                     code::INVALID_REQUEST,
                     "initialize may not be part of a batch",
                     None,
-                )),
-                Kind::Request => {
-                    let id = env.id.map_or("null", RawValue::get);
-                    let r = Request { method: env.method(), params: env.params, id: Some(id) };
-                    Some(gw.request(&ctx, &r).await.to_message(id))
-                }
-                Kind::Notification => {
-                    gw.notification(&ctx, &env);
-                    None
-                }
-                Kind::Result | Kind::Error => {
-                    gw.response(&ctx, &env);
-                    None
-                }
+                ))
+            } else {
+                let reply = gw.handle(&ctx, &env, one.routed()).await;
+                reply.map(|r| r.to_message(env.id.map_or("null", RawValue::get)))
             };
-            audit(&gw, time, one.client, &lock(&one.note), StatusCode::OK, started);
+            one.write(&gw, StatusCode::OK);
             answer
         }
     });

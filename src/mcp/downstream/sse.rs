@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Query, State};
@@ -21,13 +20,12 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::http::{EndSession, sse_response, stream_with_keepalive};
-use crate::gate::{Rejection, audit, guarded, no_randomness, read_single, session_limit};
-use crate::mcp::gateway::{Gateway, Request};
-use crate::mcp::jsonrpc::{self, Kind, RawObject, code};
+use crate::gate::{Entry, Rejection, guarded, no_randomness, parse, read_single, session_limit};
+use crate::mcp::gateway::Gateway;
+use crate::mcp::jsonrpc::{self, Kind, OwnedRequest, RawObject, code};
 use crate::mcp::session::{Caller, ClientTransport, Scope, Session};
 use crate::mcp::sse;
 use crate::mcp::version::ProtocolVersion;
-use crate::sharded::lock;
 
 /// The version a legacy SSE session speaks until `initialize` says otherwise.
 const SSE_VERSION: ProtocolVersion = ProtocolVersion::V2024_11_05;
@@ -39,7 +37,7 @@ pub(crate) async fn open(
     scope: Scope,
     headers: HeaderMap,
 ) -> Response {
-    guarded(&gw.clone(), &scope.clone(), "GET", &headers, peer, |who| async move {
+    guarded(&gw.clone(), &scope.clone(), "GET", &headers, peer, async move |who, _: &mut Entry| {
         let session = match Session::new(scope, SSE_VERSION, ClientTransport::Sse, who.identity.clone()) {
             Ok(s) => s,
             Err(e) => return no_randomness(None, &e),
@@ -78,7 +76,7 @@ pub(crate) async fn message(
     body: Body,
 ) -> Response {
     let session_id = q.session_id.or(q.session_id_camel);
-    guarded(&gw.clone(), &Scope::All, "POST", &headers, peer, |who| async move {
+    guarded(&gw.clone(), &Scope::All, "POST", &headers, peer, async move |who, entry| {
         let session = session_id
             .and_then(|id| gw.session(&id))
             .filter(|s| s.transport == ClientTransport::Sse && s.identity.same_principal(&who.identity));
@@ -87,49 +85,41 @@ pub(crate) async fn message(
         };
         let config = who.snapshot.config.clone();
         let body = read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
-        let env = who.parse(&body)?;
+        let env = parse(&body, entry)?;
         let caller = Caller { session: Some(session.clone()), ..Caller::default() };
-        let ctx = who.ctx(session.scope.clone(), caller, session.protocol_version);
-        match env.kind {
-            Kind::Notification => gw.notification(&ctx, &env),
-            Kind::Result | Kind::Error => gw.response(&ctx, &env),
-            Kind::Request if env.method() == "initialize" => {
-                let requested =
-                    env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("protocolVersion"));
-                if let Some(caps) =
-                    env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities"))
-                {
-                    session.set_capabilities(caps.get());
-                }
-                let version = ProtocolVersion::negotiate(requested.as_deref());
-                let result = gw
-                    .initialize_result(&ctx.snapshot.config, &session.scope, version, &ctx.caller, &who.identity)
-                    .await;
-                session.send(Bytes::from(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)));
+        if env.kind == Kind::Request && env.method() == "initialize" {
+            let requested =
+                env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("protocolVersion"));
+            if let Some(caps) = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities")) {
+                session.set_capabilities(caps.get());
             }
-            Kind::Request => {
-                // Answered on the stream; the POST returns at once. The audit record is written
-                // when the answer is sent, with what routing found.
-                lock(&who.note).deferred = true;
-                let id = env.id.map_or("null", RawValue::get).to_owned();
-                let method = env.method().to_owned();
-                let params: Option<Box<RawValue>> = env.params.map(ToOwned::to_owned);
-                let gw = gw.clone();
-                let time = crate::audit::now_rfc3339();
-                let started = Instant::now();
-                tokio::spawn(async move {
-                    let r = Request { method: &method, params: params.as_deref(), id: Some(&id) };
-                    let reply = gw.request(&ctx, &r).await;
-                    let [head, payload, tail] = reply.to_chunks(&id);
-                    let mut msg = Vec::with_capacity(head.len() + payload.len() + tail.len());
-                    msg.extend_from_slice(&head);
-                    msg.extend_from_slice(&payload);
-                    msg.extend_from_slice(&tail);
-                    session.send(Bytes::from(msg));
-                    audit(&gw, time, who.client, &lock(&who.note), StatusCode::ACCEPTED, started);
-                });
-            }
+            let version = ProtocolVersion::negotiate(requested.as_deref());
+            let result = gw.initialize_result(&config, &session.scope, version, &caller, &who.identity).await;
+            session.send(Bytes::from(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)));
+            return Ok(StatusCode::ACCEPTED.into_response());
         }
+        let ctx = who.ctx(session.scope.clone(), caller, session.protocol_version);
+        if env.kind != Kind::Request {
+            gw.handle(&ctx, &env, entry.routed()).await;
+            return Ok(StatusCode::ACCEPTED.into_response());
+        }
+        // Answered on the stream; the POST returns at once. The audit entry goes with the
+        // answer and is written, with what routing found, before the answer is sent.
+        let mut later = entry.defer(&gw, StatusCode::ACCEPTED);
+        let req = OwnedRequest::from(&env);
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let reply = gw.handle(&ctx, &req.envelope(), later.routed()).await;
+            later.finish(StatusCode::ACCEPTED);
+            if let Some(reply) = reply {
+                let [head, payload, tail] = reply.to_chunks(req.id());
+                let mut msg = Vec::with_capacity(head.len() + payload.len() + tail.len());
+                msg.extend_from_slice(&head);
+                msg.extend_from_slice(&payload);
+                msg.extend_from_slice(&tail);
+                session.send(Bytes::from(msg));
+            }
+        });
         Ok(StatusCode::ACCEPTED.into_response())
     })
     .await

@@ -9,7 +9,6 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::http::StatusCode;
 
@@ -19,15 +18,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::auth::Identity;
-use crate::mcp::gateway::{Ctx, Gateway, Note, Request};
-use crate::mcp::jsonrpc::{self, Envelope, Kind, RawObject, code};
+use crate::gate::Entry;
+use crate::mcp::gateway::{Ctx, Gateway, Snapshot, Who};
+use crate::mcp::jsonrpc::{self, Envelope, Kind, OwnedRequest, RawObject, code};
 use crate::mcp::lines::{Line, Lines};
 use crate::mcp::session::{Caller, ClientTransport, Scope, Session};
 use crate::mcp::version::ProtocolVersion;
-use crate::sharded::lock;
-
-/// Type of an audit note shared with a spawned answer.
-type SharedNote = Arc<std::sync::Mutex<Note>>;
 
 /// The one stdio client: its session, identity and the channel to stdout.
 struct Client {
@@ -39,28 +35,19 @@ struct Client {
 }
 
 impl Client {
-    /// An audit note for one message (the one client is local: its address is loopback).
-    fn note(&self, method: &str, id: Option<&str>) -> SharedNote {
-        let note = Note {
-            identity: Some(self.identity.clone()),
-            method: method.to_owned(),
-            request_id: id.map(str::to_owned),
-            ..Note::default()
-        };
-        Arc::new(std::sync::Mutex::new(note))
+    /// The audit entry of one line (the one client is local: its address is loopback).
+    fn entry(&self) -> Entry {
+        let mut e = Entry::open(IpAddr::V4(Ipv4Addr::LOCALHOST), "");
+        e.identify(&self.identity);
+        e
     }
 
-    /// The gateway context of one message: one snapshot per message, so what a reload changes
-    /// applies from the next message on.
-    fn ctx(&self, caller: Caller, version: ProtocolVersion, note: SharedNote) -> Ctx {
-        Ctx {
-            snapshot: self.gw.snapshot(),
-            scope: self.scope.clone(),
-            caller,
-            protocol_version: version,
-            identity: self.identity.clone(),
-            note,
-        }
+    /// The context of one message: one snapshot per message, so what a reload changes applies
+    /// from the next message on.
+    fn ctx(&self, snapshot: &Arc<Snapshot>, caller: Caller, version: ProtocolVersion) -> Ctx {
+        let snapshot = snapshot.clone();
+        let who = Who { snapshot, identity: self.identity.clone(), client: IpAddr::V4(Ipv4Addr::LOCALHOST) };
+        who.ctx(self.scope.clone(), caller, version)
     }
 
     fn in_session(&self) -> Caller {
@@ -72,22 +59,22 @@ impl Client {
     }
 
     /// Answers a line that is not one message with an error line, and audits the refusal.
-    async fn refuse(&self, answer: String, why: &str, started: &(String, Instant)) {
+    async fn refuse(&self, answer: String, why: &str, mut entry: Entry) {
         self.send(answer).await;
-        let note = self.note("", None);
-        lock(&note).refused = Some(why.to_owned());
-        record(&self.gw, &note, StatusCode::BAD_REQUEST, started.clone());
+        entry.refuse(why);
+        entry.write(&self.gw, StatusCode::BAD_REQUEST);
     }
 
-    /// One line from stdin.
-    async fn line(&self, line: Line, started: (String, Instant)) {
-        let max = self.gw.config().max_body_bytes;
+    /// One line from stdin; `entry` was opened when it arrived.
+    async fn line(&self, line: Line, entry: Entry) {
+        let snap = self.gw.snapshot();
+        let max = snap.config.max_body_bytes;
         let line = match line {
             Line::Text(l) => l,
             Line::TooLong => {
                 let msg = format!("message longer than {max} bytes (max_body_bytes); skipped");
                 let answer = jsonrpc::error_response(None, code::INVALID_REQUEST, &msg, None);
-                return self.refuse(answer, "refused: message too long", &started).await;
+                return self.refuse(answer, "refused: message too long", entry).await;
             }
         };
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -95,68 +82,58 @@ impl Client {
         }
         if jsonrpc::is_array(&line) {
             let answer = jsonrpc::error_response(None, code::INVALID_REQUEST, "batches are not supported", None);
-            return self.refuse(answer, "refused: batch", &started).await;
+            return self.refuse(answer, "refused: batch", entry).await;
         }
         match Envelope::parse(&line) {
-            Ok(env) => self.message(&env, started).await,
+            Ok(env) => self.message(&snap, &env, entry).await,
             Err(e) => {
                 let answer = jsonrpc::error_response(e.id(), e.code(), &e.to_string(), None);
-                self.refuse(answer, "refused: invalid message", &started).await;
+                self.refuse(answer, "refused: invalid message", entry).await;
             }
         }
     }
 
     /// One message: `initialize` answered here, a request answered when its reply comes (other
-    /// lines keep flowing), notifications and responses routed at once; one audit record each.
-    async fn message(&self, env: &Envelope<'_>, started: (String, Instant)) {
-        let note = self.note(env.method(), env.id.map(RawValue::get));
-        let version = self.session.protocol_version;
-        match env.kind {
-            Kind::Request if env.method() == "initialize" => {
-                let params = env.params.and_then(|p| RawObject::parse(p).ok());
-                if let Some(caps) = params.as_ref().and_then(|o| o.get("capabilities")) {
-                    self.session.set_capabilities(caps.get());
-                }
-                let version = ProtocolVersion::negotiate(params.and_then(|o| o.get_str("protocolVersion")).as_deref());
-                let config = self.gw.config();
-                let result =
-                    self.gw.initialize_result(&config, &self.scope, version, &self.in_session(), &self.identity).await;
-                self.send(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)).await;
-                record(&self.gw, &note, StatusCode::OK, started);
+    /// lines keep flowing), notifications and responses delivered at once; one audit record
+    /// each.
+    async fn message(&self, snap: &Arc<Snapshot>, env: &Envelope<'_>, mut entry: Entry) {
+        entry.message(env);
+        if env.kind == Kind::Request && env.method() == "initialize" {
+            let params = env.params.and_then(|p| RawObject::parse(p).ok());
+            if let Some(caps) = params.as_ref().and_then(|o| o.get("capabilities")) {
+                self.session.set_capabilities(caps.get());
             }
-            Kind::Request => {
-                let ctx = if env.method() == "server/discover" || is_stateless(env) {
-                    // Stateless: related messages go out on stdout with the answer.
-                    let caller = Caller { related: Some(self.tx.clone()), cancel_on_drop: true, ..Caller::default() };
-                    self.ctx(caller, ProtocolVersion::STATELESS, note.clone())
-                } else {
-                    self.ctx(self.in_session(), version, note.clone())
-                };
-                let id = env.id.map_or("null", RawValue::get).to_owned();
-                let method = env.method().to_owned();
-                let params: Option<Box<RawValue>> = env.params.map(ToOwned::to_owned);
-                let (gw, tx) = (self.gw.clone(), self.tx.clone());
-                tokio::spawn(async move {
-                    let r = Request { method: &method, params: params.as_deref(), id: Some(&id) };
-                    let reply = gw.request(&ctx, &r).await;
-                    let _ = tx.send(Bytes::from(reply.to_message(&id))).await;
-                    record(&gw, &note, StatusCode::OK, started);
-                });
-            }
-            Kind::Notification => {
-                self.gw.notification(&self.ctx(self.in_session(), version, note.clone()), env);
-                record(&self.gw, &note, StatusCode::ACCEPTED, started);
-            }
-            Kind::Result | Kind::Error => {
-                self.gw.response(&self.ctx(self.in_session(), version, note.clone()), env);
-                record(&self.gw, &note, StatusCode::ACCEPTED, started);
-            }
+            let version = ProtocolVersion::negotiate(params.and_then(|o| o.get_str("protocolVersion")).as_deref());
+            let result =
+                self.gw.initialize_result(&snap.config, &self.scope, version, &self.in_session(), &self.identity).await;
+            entry.write(&self.gw, StatusCode::OK);
+            self.send(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)).await;
+            return;
         }
+        if env.kind != Kind::Request {
+            let ctx = self.ctx(snap, self.in_session(), self.session.protocol_version);
+            self.gw.handle(&ctx, env, entry.routed()).await;
+            entry.write(&self.gw, StatusCode::ACCEPTED);
+            return;
+        }
+        let ctx = if env.method() == "server/discover" || is_stateless(env) {
+            // Stateless: related messages go out on stdout with the answer.
+            let caller = Caller { related: Some(self.tx.clone()), cancel_on_drop: true, ..Caller::default() };
+            self.ctx(snap, caller, ProtocolVersion::STATELESS)
+        } else {
+            self.ctx(snap, self.in_session(), self.session.protocol_version)
+        };
+        let req = OwnedRequest::from(env);
+        let mut later = entry.deferred(&self.gw, StatusCode::OK);
+        let (gw, tx) = (self.gw.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let reply = gw.handle(&ctx, &req.envelope(), later.routed()).await;
+            later.finish(StatusCode::OK);
+            if let Some(reply) = reply {
+                let _ = tx.send(Bytes::from(reply.to_message(req.id()))).await;
+            }
+        });
     }
-}
-
-fn record(gw: &Gateway, note: &SharedNote, status: StatusCode, started: (String, Instant)) {
-    crate::gate::audit(gw, started.0, IpAddr::V4(Ipv4Addr::LOCALHOST), &lock(note), status, started.1);
 }
 
 /// Serves one client on stdin/stdout until stdin closes.
@@ -181,7 +158,8 @@ pub(crate) async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity
     let client = Client { gw: gw.clone(), scope, identity, session: session.clone(), tx };
     let mut lines = Lines::new(tokio::io::stdin(), gw.config().max_body_bytes);
     while let Some(line) = lines.next().await {
-        client.line(line, (crate::audit::now_rfc3339(), Instant::now())).await;
+        let entry = client.entry();
+        client.line(line, entry).await;
     }
     gw.end_session_as(&session.id, crate::mcp::gateway::EndCause::Closed).await;
     gw.shutdown().await;

@@ -33,7 +33,7 @@ use crate::config::{Config, ServerDef, Share};
 use crate::sharded::Sharded;
 use crate::sharded::lock;
 
-/// One request as the gateway routes it.
+/// One request as the gateway routes it: the envelope's parts.
 pub(crate) struct Request<'a> {
     /// The JSON-RPC method, as the client wrote it.
     pub method: &'a str,
@@ -43,66 +43,64 @@ pub(crate) struct Request<'a> {
     pub id: Option<&'a str>,
 }
 
-/// Per-request context.
+/// One request, whatever surface it came by: who sent it and what it may see. It is built
+/// once, by the surface, from what the gate admitted, and read (never changed) by everything
+/// behind it.
 pub(crate) struct Ctx {
-    /// The config and credentials of this request, as the gate read them (one snapshot for
-    /// the whole request, whatever reload happens meanwhile).
-    pub snapshot: Arc<Snapshot>,
+    /// What the gate admitted: the snapshot, the identity and the client's address.
+    pub who: Who,
     /// Which servers are visible.
     pub scope: Scope,
-    /// Who is asking.
+    /// How to reach the caller: its session (absent for a stateless request) and its
+    /// request's own stream.
     pub caller: Caller,
     /// The protocol version of this request (negotiated, or the stateless one).
     pub protocol_version: ProtocolVersion,
-    /// The authenticated identity (its grants decide what is visible).
-    pub identity: Arc<Identity>,
-    /// What the audit record of this request will say (filled as the request is routed).
-    pub note: Arc<Mutex<Note>>,
 }
 
-/// The routing facts of one request, for its audit record.
+/// The caller of one request as the gate admitted it.
+#[derive(Clone)]
+pub(crate) struct Who {
+    /// The config and credentials the gate checked this request against: everything behind
+    /// the gate reads this one snapshot, never a newer one.
+    pub snapshot: Arc<Snapshot>,
+    /// Who the credential says the caller is (its grants decide what it reaches).
+    pub identity: Arc<Identity>,
+    /// The client's address (after `trusted_proxies`).
+    pub client: std::net::IpAddr,
+}
+
+impl Who {
+    /// This caller's context for one request.
+    pub(crate) fn ctx(self, scope: Scope, caller: Caller, protocol_version: ProtocolVersion) -> Ctx {
+        Ctx { who: self, scope, caller, protocol_version }
+    }
+}
+
+/// What routing found about one request, for its audit record: [`Gateway::handle`] fills it.
 #[derive(Debug, Default)]
-pub(crate) struct Note {
-    /// The identity, once authenticated.
-    pub identity: Option<Arc<Identity>>,
-    /// The JSON-RPC method (the HTTP method until one is known).
-    pub method: String,
+pub(crate) struct Routed {
     /// The server addressed.
     pub server: Option<String>,
     /// The tool, prompt or resource named.
     pub name: Option<String>,
-    /// The JSON-RPC id, raw.
-    pub request_id: Option<String>,
     /// Why the request was refused, if it was.
     pub refused: Option<String>,
-    /// Set for a batch: its elements are recorded one by one instead.
-    pub batch: bool,
-    /// Set when the request is answered later (legacy SSE): the record is written then.
-    pub deferred: bool,
     /// The answer was a JSON-RPC error.
     pub error: bool,
 }
 
-impl Ctx {
-    fn note(&self, f: impl FnOnce(&mut Note)) {
-        f(&mut lock(&self.note));
+impl Routed {
+    /// Records the target.
+    fn target(&mut self, server: &str, name: Option<&str>) {
+        self.server = Some(server.to_owned());
+        self.name = name.map(str::to_owned);
     }
 
-    /// Records a refusal for the audit trail.
-    fn refuse(&self, server: &str, name: &str, why: &str) {
-        self.note(|n| {
-            n.server = Some(server.to_owned());
-            n.name = Some(name.to_owned());
-            n.refused = Some(why.to_owned());
-        });
-    }
-
-    /// Records the target for the audit trail.
-    fn target(&self, server: &str, name: Option<&str>) {
-        self.note(|n| {
-            n.server = Some(server.to_owned());
-            n.name = name.map(str::to_owned);
-        });
+    /// Records a refusal of a target.
+    fn refuse(&mut self, server: &str, name: &str, why: &str) {
+        self.target(server, Some(name));
+        self.refused = Some(why.to_owned());
     }
 }
 
@@ -780,17 +778,46 @@ impl Gateway {
         (caps, own_info, Some("Portcullis aggregates several MCP servers; tool and prompt names are prefixed with their server's name.".to_owned()))
     }
 
+    /// The one entry point behind the gate: every surface (streamable HTTP and its batch
+    /// elements, legacy SSE, stdio, `/rpc`) hands each message it admitted here. A request is
+    /// routed and answered; a notification or a client's response is delivered (no answer).
+    /// What routing finds goes into `routed`, the request's own part of its audit entry, as it
+    /// is found: a request cancelled half-way still records its target.
+    pub(crate) async fn handle(&self, ctx: &Ctx, env: &Envelope<'_>, routed: &mut Routed) -> Option<Reply> {
+        match env.kind {
+            jsonrpc::Kind::Request => {
+                let id = env.id.map_or("null", RawValue::get);
+                let req = Request { method: env.method(), params: env.params, id: Some(id) };
+                Some(self.request(ctx, &req, routed).await)
+            }
+            jsonrpc::Kind::Notification => {
+                self.notification(ctx, env);
+                None
+            }
+            jsonrpc::Kind::Result | jsonrpc::Kind::Error => {
+                self.response(ctx, env);
+                None
+            }
+        }
+    }
+
     /// Routes one request and returns its result or error. A session's calls in flight are
     /// bounded by `limits.max_calls_per_session`.
-    pub(crate) async fn request(&self, ctx: &Ctx, req: &Request<'_>) -> Reply {
+    async fn request(&self, ctx: &Ctx, req: &Request<'_>, routed: &mut Routed) -> Reply {
         let _slot = match &ctx.caller.session {
             Some(s) => {
                 s.touch();
-                let max = self.snapshot.load().config.limits.max_calls_per_session;
+                let max = ctx.who.snapshot.config.limits.max_calls_per_session;
                 match s.begin_call(max) {
                     Some(slot) => Some(slot),
                     None => {
-                        ctx.note(|n| n.refused = Some("refused: calls in flight limit".into()));
+                        tracing::info!(
+                            identity = %ctx.who.identity.name,
+                            client = %ctx.who.client,
+                            limit = max,
+                            "a session reached its limit of calls in flight"
+                        );
+                        routed.refused = Some("refused: calls in flight limit".into());
                         return Reply::error(
                             code::LIMIT_REACHED,
                             &format!("this session has {max} calls in flight (the limit); wait for some to finish"),
@@ -800,10 +827,8 @@ impl Gateway {
             }
             None => None,
         };
-        let mut reply = self.dispatch(ctx, req).await;
-        if reply.is_error {
-            ctx.note(|n| n.error = true);
-        }
+        let mut reply = self.dispatch(ctx, req, routed).await;
+        routed.error = reply.is_error;
         // A 2026-07-28 caller gets 2026-07-28 results, whatever era produced them.
         if ctx.protocol_version.is_stateless() && !reply.is_error && !reply.stateless {
             reply.extra = match req.method {
@@ -819,13 +844,13 @@ impl Gateway {
         reply
     }
 
-    async fn dispatch(&self, ctx: &Ctx, req: &Request<'_>) -> Reply {
-        let config = &ctx.snapshot.config;
+    async fn dispatch(&self, ctx: &Ctx, req: &Request<'_>, routed: &mut Routed) -> Reply {
+        let config = &ctx.who.snapshot.config;
         match req.method {
             "ping" => Reply::owned("{}".into(), false),
             "server/discover" => {
                 self.discovers.fetch_add(1, Ordering::Relaxed);
-                Reply::owned(self.discover_result(config, &ctx.scope, &ctx.caller, &ctx.identity).await, false)
+                Reply::owned(self.discover_result(config, &ctx.scope, &ctx.caller, &ctx.who.identity).await, false)
             }
             "initialize" => {
                 Reply::error(code::INVALID_REQUEST, "initialize is only valid as the first request of a session")
@@ -834,16 +859,18 @@ impl Gateway {
             "prompts/list" => self.list(config, ctx, req, ListKind::Prompts).await,
             "resources/list" => self.list(config, ctx, req, ListKind::Resources).await,
             "resources/templates/list" => self.list(config, ctx, req, ListKind::Templates).await,
-            "tools/call" | "prompts/get" => self.by_name(config, ctx, req).await,
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => self.by_uri(config, ctx, req).await,
-            "completion/complete" => self.complete(config, ctx, req).await,
+            "tools/call" | "prompts/get" => self.by_name(config, ctx, req, routed).await,
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                self.by_uri(config, ctx, req, routed).await
+            }
+            "completion/complete" => self.complete(config, ctx, req, routed).await,
             "logging/setLevel" => self.set_level(config, ctx, req).await,
             other => Reply::error(code::METHOD_NOT_FOUND, &format!("Method not found: {other}")),
         }
     }
 
     /// Handles a notification from a client.
-    pub(crate) fn notification(&self, ctx: &Ctx, env: &Envelope<'_>) {
+    fn notification(&self, ctx: &Ctx, env: &Envelope<'_>) {
         match env.method() {
             "notifications/cancelled" => {
                 let (Some(session), Some(params)) = (&ctx.caller.session, env.params) else { return };
@@ -854,8 +881,8 @@ impl Gateway {
                 }
             }
             "notifications/roots/list_changed" => {
-                let config = &ctx.snapshot.config;
-                for def in self.servers_in_scope(config, &ctx.scope, &ctx.identity) {
+                let config = &ctx.who.snapshot.config;
+                for def in self.servers_in_scope(config, &ctx.scope, &ctx.who.identity) {
                     if let Some(up) = ctx.caller.session.as_ref().and_then(|s| self.own_instance(s.key, &def.name)) {
                         let _ = up.notify("notifications/roots/list_changed", None);
                     }
@@ -866,7 +893,7 @@ impl Gateway {
     }
 
     /// Handles a client's answer to a server-to-client request.
-    pub(crate) fn response(&self, ctx: &Ctx, env: &Envelope<'_>) {
+    fn response(&self, ctx: &Ctx, env: &Envelope<'_>) {
         let Some(session) = &ctx.caller.session else { return };
         let Some(id) = env.id.map(|i| i.get().trim_matches('"')) else { return };
         let Some(n) = id.strip_prefix("pcs-").and_then(|n| n.parse().ok()) else { return };

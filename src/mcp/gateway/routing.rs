@@ -8,7 +8,7 @@
 use futures_util::future::join_all;
 use serde_json::value::RawValue;
 
-use super::{Ctx, Gateway, Request, live};
+use super::{Ctx, Gateway, Request, Routed, live};
 use crate::authz::GrantKind;
 use crate::config::{Config, Share};
 use crate::mcp::jsonrpc::{self, RawObject, Reply, code};
@@ -49,12 +49,13 @@ impl Gateway {
                 self.index_resources(server, kind, reply);
             }
         }
-        let (items, next) = lists::merge_pages(&self.resources, &config.separator, &ctx.identity.grants, kind, results);
+        let (items, next) =
+            lists::merge_pages(&self.resources, &config.separator, &ctx.who.identity.grants, kind, results);
         let mut out = format!(r#"{{"{}":{items}"#, kind.field());
         if !next.is_empty() {
             out.push_str(&format!(
                 r#","nextCursor":{}"#,
-                jsonrpc::quote(&self.cursors.seal(&next, &ctx.identity.key, kind))
+                jsonrpc::quote(&self.cursors.seal(&next, &ctx.who.identity.key, kind))
             ));
         }
         out.push('}');
@@ -78,7 +79,7 @@ impl Gateway {
                 if kind == ListKind::Resources || kind == ListKind::Templates {
                     self.index_resources(name, kind, &r);
                 }
-                if r.is_error || ctx.identity.grants.patterns(kind.grant()).is_open() {
+                if r.is_error || ctx.who.identity.grants.patterns(kind.grant()).is_open() {
                     return r;
                 }
                 self.filter_one(config, ctx, name, kind, r)
@@ -98,12 +99,14 @@ impl Gateway {
         cursor: Option<&str>,
     ) -> Option<Vec<(String, Option<String>)>> {
         let Some(c) = cursor else {
-            let servers = self.servers_in_scope(config, &ctx.scope, &ctx.identity);
+            let servers = self.servers_in_scope(config, &ctx.scope, &ctx.who.identity);
             return Some(servers.iter().map(|d| (d.name.clone(), None)).collect());
         };
-        self.cursors.open(c, &ctx.identity.key, kind).filter(|e| {
+        self.cursors.open(c, &ctx.who.identity.key, kind).filter(|e| {
             e.iter().all(|(s, _)| {
-                config.server(s).is_some_and(|d| d.enabled) && ctx.scope.includes(s) && ctx.identity.grants.reaches(s)
+                config.server(s).is_some_and(|d| d.enabled)
+                    && ctx.scope.includes(s)
+                    && ctx.who.identity.grants.reaches(s)
             })
         })
     }
@@ -118,16 +121,15 @@ impl Gateway {
             ListKind::Resources => "uri",
             ListKind::Templates => "uriTemplate",
         };
-        let kept: Vec<&str> = list
-            .iter()
-            .filter(|item| {
-                RawObject::parse(item)
-                    .ok()
-                    .and_then(|o| o.get_str(key))
-                    .is_some_and(|name| ctx.identity.grants.allows(kind.grant(), server, &config.separator, &name))
-            })
-            .map(|item| item.get())
-            .collect();
+        let kept: Vec<&str> =
+            list.iter()
+                .filter(|item| {
+                    RawObject::parse(item).ok().and_then(|o| o.get_str(key)).is_some_and(|name| {
+                        ctx.who.identity.grants.allows(kind.grant(), server, &config.separator, &name)
+                    })
+                })
+                .map(|item| item.get())
+                .collect();
         let filtered = format!("[{}]", kept.join(","));
         let mut out = Reply::owned(obj.to_json_with(&[(kind.field(), &filtered)]), false);
         out.stateless = reply.stateless;
@@ -162,7 +164,7 @@ impl Gateway {
     }
 
     pub(super) async fn refresh_resource_index(&self, config: &Config, ctx: &Ctx) {
-        for def in self.servers_in_scope(config, &ctx.scope, &ctx.identity) {
+        for def in self.servers_in_scope(config, &ctx.scope, &ctx.who.identity) {
             let Some(up) = self.instance(config, &def.name, &ctx.caller) else { continue };
             if up.connection().is_none() {
                 continue;
@@ -185,7 +187,7 @@ impl Gateway {
         }
     }
 
-    pub(super) async fn by_name(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
+    pub(super) async fn by_name(&self, config: &Config, ctx: &Ctx, req: &Request<'_>, routed: &mut Routed) -> Reply {
         let what = if req.method == "tools/call" { "tool" } else { "prompt" };
         let Some(params) = req.params else {
             return Reply::error(code::INVALID_PARAMS, "params.name is required");
@@ -209,9 +211,9 @@ impl Gateway {
         }
         // Not granted answers exactly like unknown: the item is absent from the caller's lists.
         let kind = if req.method == "tools/call" { GrantKind::Tool } else { GrantKind::Prompt };
-        ctx.target(&server, Some(&inner));
-        if !ctx.identity.grants.allows(kind, &server, &config.separator, &inner) {
-            ctx.refuse(&server, &inner, &format!("refused: {what} not granted"));
+        routed.target(&server, Some(&inner));
+        if !ctx.who.identity.grants.allows(kind, &server, &config.separator, &inner) {
+            routed.refuse(&server, &inner, &format!("refused: {what} not granted"));
             return unknown();
         }
         let Some(up) = self.instance(config, &server, &ctx.caller) else { return unknown() };
@@ -223,7 +225,7 @@ impl Gateway {
         }
     }
 
-    pub(super) async fn by_uri(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
+    pub(super) async fn by_uri(&self, config: &Config, ctx: &Ctx, req: &Request<'_>, routed: &mut Routed) -> Reply {
         let Some(uri) = req.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("uri")) else {
             return Reply::error(code::INVALID_PARAMS, "params.uri is required");
         };
@@ -239,9 +241,9 @@ impl Gateway {
                 return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
             }
         };
-        ctx.target(&server, Some(&own));
-        if !ctx.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own) {
-            ctx.refuse(&server, &own, "refused: resource not granted");
+        routed.target(&server, Some(&own));
+        if !ctx.who.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own) {
+            routed.refuse(&server, &own, "refused: resource not granted");
             return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
         }
         let Some(up) = self.instance(config, &server, &ctx.caller) else {
@@ -306,7 +308,7 @@ impl Gateway {
         }
     }
 
-    pub(super) async fn complete(&self, config: &Config, ctx: &Ctx, req: &Request<'_>) -> Reply {
+    pub(super) async fn complete(&self, config: &Config, ctx: &Ctx, req: &Request<'_>, routed: &mut Routed) -> Reply {
         let Some(params) = req.params else { return Reply::error(code::INVALID_PARAMS, "params.ref is required") };
         let Ok(obj) = RawObject::parse(params) else {
             return Reply::error(code::INVALID_PARAMS, "params must be an object");
@@ -344,7 +346,7 @@ impl Gateway {
                     }
                     Scope::One(_) => name.clone(),
                 };
-                ctx.identity.grants.allows(GrantKind::Prompt, &server, &config.separator, &inner)
+                ctx.who.identity.grants.allows(GrantKind::Prompt, &server, &config.separator, &inner)
             }
             Some("ref/resource") => {
                 let uri = r.get_str("uri").unwrap_or_default();
@@ -352,12 +354,12 @@ impl Gateway {
                     Resolved::Found { uri, .. } => uri,
                     _ => uri,
                 };
-                ctx.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own)
+                ctx.who.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own)
             }
-            _ => ctx.identity.grants.reaches(&server),
+            _ => ctx.who.identity.grants.reaches(&server),
         };
         if !granted || !ctx.scope.includes(&server) {
-            ctx.refuse(&server, "completion", "refused: reference not granted");
+            routed.refuse(&server, "completion", "refused: reference not granted");
             return Reply::error(code::INVALID_PARAMS, "Unknown completion reference");
         }
         let Some(up) = self.instance(config, &server, &ctx.caller) else {
@@ -386,7 +388,7 @@ impl Gateway {
         let Some(s) = &ctx.caller.session else { return Reply::owned("{}".into(), false) };
         s.set_log_level(rank);
         let mut updates = Vec::new();
-        for def in self.servers_in_scope(config, &ctx.scope, &ctx.identity) {
+        for def in self.servers_in_scope(config, &ctx.scope, &ctx.who.identity) {
             if def.share == Share::PerSession {
                 if let Some(up) = self.instance(config, &def.name, &ctx.caller) {
                     updates.push((up, rank));

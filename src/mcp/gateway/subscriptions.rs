@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::{Ctx, Gateway};
+use super::{Ctx, Gateway, Routed};
 use crate::authz::GrantKind;
 use crate::config::Share;
 use crate::mcp::jsonrpc::{self, RawObject, Reply, code};
@@ -62,6 +62,7 @@ impl Gateway {
         ctx: &Ctx,
         id: &str,
         params: Option<&RawValue>,
+        routed: &mut Routed,
     ) -> Result<(Arc<Session>, mpsc::Receiver<Bytes>, String), Reply> {
         let bad = |m: &str| Reply::error(code::INVALID_PARAMS, m);
         let obj = params.and_then(|p| RawObject::parse(p).ok()).ok_or_else(|| bad("params must be an object"))?;
@@ -81,23 +82,24 @@ impl Gateway {
             prompts: flag("promptsListChanged"),
             resources: flag("resourcesListChanged"),
         };
-        let session = Session::listener(ctx.scope.clone(), ctx.protocol_version, ctx.identity.clone(), filter.clone())
-            .map_err(|e| Reply::error(code::INTERNAL_ERROR, &e.to_string()))?;
+        let session =
+            Session::listener(ctx.scope.clone(), ctx.protocol_version, ctx.who.identity.clone(), filter.clone())
+                .map_err(|e| Reply::error(code::INTERNAL_ERROR, &e.to_string()))?;
         let (tx, rx) = mpsc::channel(256);
         session.attach_stream(tx);
-        self.add_session(session.clone(), &ctx.snapshot.config.limits)
+        self.add_session(session.clone(), &ctx.who.snapshot.config.limits)
             .map_err(|e| Reply::error(code::LIMIT_REACHED, &e.to_string()))?;
         let caller =
             Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
-        let config = &ctx.snapshot.config;
+        let config = &ctx.who.snapshot.config;
         let mut honoured = Vec::new();
         for uri in uris {
             let Resolved::Found { server, uri: own } = self.resolve_uri(config, ctx, &uri).await else { continue };
             // Not granted is answered exactly like unknown: left out of the acknowledgement.
             if !ctx.scope.includes(&server)
-                || !ctx.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own)
+                || !ctx.who.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own)
             {
-                ctx.refuse(&server, &own, "refused: resource not granted");
+                routed.refuse(&server, &own, "refused: resource not granted");
                 continue;
             }
             let Some(up) = self.instance(config, &server, &caller) else { continue };
