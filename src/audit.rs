@@ -59,6 +59,8 @@ enum Msg {
 #[derive(Clone)]
 pub(crate) struct Audit {
     tx: mpsc::Sender<Msg>,
+    /// How many records the writer has written (and flushed).
+    written: tokio::sync::watch::Sender<u64>,
 }
 
 impl Audit {
@@ -73,14 +75,21 @@ impl Audit {
             None => Box::new(std::io::stderr()),
         };
         let (tx, rx) = mpsc::channel::<Msg>();
-        std::thread::Builder::new().name("audit".into()).spawn(move || write_all(rx, out))?;
-        Ok(Audit { tx })
+        let written = tokio::sync::watch::Sender::new(0);
+        let counter = written.clone();
+        std::thread::Builder::new().name("audit".into()).spawn(move || write_all(rx, out, &counter))?;
+        Ok(Audit { tx, written })
     }
 
     /// A sink that drops records (for tools that never serve requests).
     pub(crate) fn discard() -> Audit {
         let (tx, _rx) = mpsc::channel();
-        Audit { tx }
+        Audit { tx, written: tokio::sync::watch::Sender::new(0) }
+    }
+
+    /// The count of records written so far.
+    pub(crate) fn written(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.written.subscribe()
     }
 
     /// Queues a record.
@@ -101,17 +110,19 @@ impl Audit {
 /// dozen times a second instead of once per request (the request path only sends on a channel).
 const GATHER: Duration = Duration::from_millis(20);
 
-fn write_all(rx: mpsc::Receiver<Msg>, out: Box<dyn Write + Send>) {
+fn write_all(rx: mpsc::Receiver<Msg>, out: Box<dyn Write + Send>, written: &tokio::sync::watch::Sender<u64>) {
     let mut out = std::io::BufWriter::new(out);
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         let mut synced = false;
+        let mut count = 0;
         while let Some(m) = next {
             match m {
                 Msg::Record(r) => {
                     if let Ok(line) = serde_json::to_string(&r) {
                         let _ = out.write_all(line.as_bytes());
                         let _ = out.write_all(b"\n");
+                        count += 1;
                     }
                 }
                 Msg::Sync(ack) => {
@@ -123,6 +134,9 @@ fn write_all(rx: mpsc::Receiver<Msg>, out: Box<dyn Write + Send>) {
             next = rx.recv_timeout(Duration::ZERO).ok();
         }
         let _ = out.flush();
+        if count > 0 {
+            written.send_modify(|n| *n += count);
+        }
         if !synced {
             std::thread::sleep(GATHER);
         }

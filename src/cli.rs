@@ -519,6 +519,10 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     let gateway = crate::mcp::gateway::Gateway::start_with(config, store).context("refusing to start")?;
     let running = crate::server::serve(listener, gateway.clone()).await?;
     tracing::info!("listening on {scheme}://{addr}/mcp");
+    service_manager(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("listening on {scheme}://{addr}/mcp")),
+    ]);
     let trigger = running.trigger();
     let panic_delay = panic_after.map(|d| config::parse_duration(&d)).transpose().map_err(anyhow::Error::msg)?;
     if let Some(path) = source.clone() {
@@ -549,6 +553,7 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
                 }
             }
             tracing::info!("shutting down");
+            service_manager(&[sd_notify::NotifyState::Stopping]);
         }
         _ = reloads => {}
         _ = async {
@@ -564,6 +569,14 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     // Anything still registered (a child that ignored every signal) goes now.
     crate::mcp::upstream::stdio::kill_all();
     Ok(())
+}
+
+/// Tells the service manager (systemd's `Type=notify`, through `NOTIFY_SOCKET`; nothing when it
+/// is unset) that the gateway is ready and where it listens, or that it is stopping.
+fn service_manager(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "could not notify the service manager (NOTIFY_SOCKET)");
+    }
 }
 
 /// Runs `portcullis stdio` until stdin closes.

@@ -50,9 +50,14 @@ pub struct Options {
 pub const FIXTURES: &[&str] =
     &["forget_sessions", "drop_stream", "sleep", "fail", "crash", "spawn_grandchild", "big", "stats", "env"];
 
+/// The longest a fixture waits for a state a test asked for (`stats until_in_flight`,
+/// `touch until_told`).
+const WAIT_AT_MOST: Duration = Duration::from_secs(30);
+
 struct Demo {
     opts: Options,
-    in_flight: AtomicUsize,
+    /// Calls running now (a watch, so `stats` can wait for a count instead of a test polling).
+    in_flight: tokio::sync::watch::Sender<usize>,
     max_in_flight: AtomicUsize,
     calls: AtomicU64,
     next_id: AtomicU64,
@@ -62,6 +67,8 @@ struct Demo {
     /// Who hears `notifications/resources/updated`: (URIs, stream) from `resources/subscribe`
     /// (stdio) and `subscriptions/listen` (2026-07-28).
     watchers: Mutex<Vec<(Vec<String>, Out)>>,
+    /// Told when a watcher is added (`touch` waiting for a number of watchers).
+    watcher_added: tokio::sync::Notify,
     /// The level from the last `logging/setLevel` (none: log everything).
     log_level: Mutex<Option<String>>,
     /// The `Mcp-Param-*` headers of the last HTTP request (reported by `stats`).
@@ -81,7 +88,7 @@ type Out = mpsc::UnboundedSender<String>;
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let demo = Arc::new(Demo {
         opts: opts.clone(),
-        in_flight: AtomicUsize::new(0),
+        in_flight: tokio::sync::watch::Sender::new(0),
         max_in_flight: AtomicUsize::new(0),
         calls: AtomicU64::new(0),
         next_id: AtomicU64::new(1),
@@ -89,6 +96,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         cancels: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         watchers: Mutex::new(Vec::new()),
+        watcher_added: tokio::sync::Notify::new(),
         log_level: Mutex::new(None),
         param_headers: Mutex::new(serde_json::Map::new()),
         resumable: Mutex::new(HashMap::new()),
@@ -222,6 +230,7 @@ impl Demo {
             "resources/subscribe" => {
                 let uri = params.get("uri").and_then(Value::as_str).unwrap_or("").to_owned();
                 lock(&self.watchers).push((vec![uri], out.clone()));
+                self.watcher_added.notify_waiters();
                 Ok(json!({}))
             }
             "subscriptions/listen" => {
@@ -234,6 +243,7 @@ impl Demo {
                 let ack = json!({"jsonrpc":"2.0","method":"notifications/subscriptions/acknowledged","params":{"notifications":filter}});
                 let _ = out.send(ack.to_string());
                 lock(&self.watchers).push((uris, out.clone()));
+                self.watcher_added.notify_waiters();
                 cancel.cancelled().await;
                 Ok(json!({"resultType":"complete","_meta":{}}))
             }
@@ -276,11 +286,15 @@ impl Demo {
             }
             "completion/complete" => Ok(json!({"completion":{"values":["alice","bob"],"total":2,"hasMore":false}})),
             "tools/call" => {
-                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                let mut now = 0;
+                self.in_flight.send_modify(|n| {
+                    *n += 1;
+                    now = *n;
+                });
                 self.max_in_flight.fetch_max(now, Ordering::SeqCst);
                 self.calls.fetch_add(1, Ordering::Relaxed);
                 let r = self.call(params, out, cancel).await;
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                self.in_flight.send_modify(|n| *n -= 1);
                 r
             }
             other => Err((-32601, format!("Method not found: {other}"))),
@@ -406,6 +420,9 @@ impl Demo {
             }
             "touch" => {
                 let uri = args.get("uri").and_then(Value::as_str).unwrap_or("").to_owned();
+                if let Some(want) = args.get("until_told").and_then(Value::as_u64) {
+                    self.watchers_of(&uri, want as usize).await?;
+                }
                 let note = json!({"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":uri}});
                 let mut watchers = lock(&self.watchers);
                 watchers.retain(|(_, w)| !w.is_closed());
@@ -421,20 +438,67 @@ impl Demo {
                 let n = args.get("bytes").and_then(Value::as_u64).unwrap_or(1024) as usize;
                 text("x".repeat(n))
             }
-            "stats" => Ok(json!({"content":[{"type":"text","text":json!({
-                "max_in_flight": self.max_in_flight.load(Ordering::SeqCst),
-                // Not counting this stats call itself.
-                "in_flight": self.in_flight.load(Ordering::SeqCst).saturating_sub(1),
-                "calls": self.calls.load(Ordering::Relaxed),
+            "stats" => {
+                if let Some(want) = args.get("until_in_flight").and_then(Value::as_u64) {
+                    // Counting this stats call itself.
+                    let mut rx = self.in_flight.subscribe();
+                    tokio::time::timeout(WAIT_AT_MOST, rx.wait_for(|n| *n == want as usize + 1))
+                        .await
+                        .map_err(|_| (-32603, format!("in flight did not reach {want} within {WAIT_AT_MOST:?}")))?
+                        .map_err(|_| (-32603, "stopping".to_owned()))?;
+                }
+                self.stats()
+            }
+            other => Err((-32602, format!("Unknown tool: {other}"))),
+        }
+    }
+
+    /// The `stats` tool's answer.
+    fn stats(&self) -> Result<Value, (i64, String)> {
+        Ok(json!({"content":[{"type":"text","text":json!({
+            "max_in_flight": self.max_in_flight.load(Ordering::SeqCst),
+            // Not counting this stats call itself.
+            "in_flight": self.in_flight.borrow().saturating_sub(1),
+            "calls": self.calls.load(Ordering::Relaxed),
                 "log_level": lock(&self.log_level).clone(),
                 "param_headers": lock(&self.param_headers).clone(),
                 "resumes": self.resumes.load(Ordering::Relaxed),
                 "seen_headers": lock(&self.seen_headers).clone(),
                 "sessions": lock(&self.sessions).len(),
                 "pid": std::process::id(),
-            }).to_string()}]})),
-            other => Err((-32602, format!("Unknown tool: {other}"))),
-        }
+            }).to_string()}]}))
+    }
+
+    /// Waits until `want` live watchers hear `uri`: re-counted when one is added or one of
+    /// those counted goes away (its stream closed), never on a timer.
+    async fn watchers_of(&self, uri: &str, want: usize) -> Result<(), (i64, String)> {
+        let wait = async {
+            loop {
+                let added = self.watcher_added.notified();
+                tokio::pin!(added);
+                added.as_mut().enable();
+                let live: Vec<Out> = lock(&self.watchers)
+                    .iter()
+                    .filter(|(uris, w)| uris.iter().any(|u| u == uri) && !w.is_closed())
+                    .map(|(_, w)| w.clone())
+                    .collect();
+                if live.len() == want {
+                    return;
+                }
+                let closed = futures_util::future::select_all(live.iter().map(|w| Box::pin(w.closed())));
+                if live.is_empty() {
+                    added.await;
+                } else {
+                    tokio::select! {
+                        _ = added => {}
+                        _ = closed => {}
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(WAIT_AT_MOST, wait)
+            .await
+            .map_err(|_| (-32603, format!("{uri} did not have {want} watchers within {WAIT_AT_MOST:?}")))
     }
 }
 
@@ -446,7 +510,7 @@ fn tools() -> Vec<Value> {
         json!({"name":"link","description":"Returns a link to a resource and the resource embedded","inputSchema":obj(json!({"uri":{"type":"string"}}))}),
         json!({"name":"forget_sessions","description":"Ends every HTTP session (their next request gets 404)","inputSchema":obj(json!({}))}),
         json!({"name":"drop_stream","description":"HTTP: closes the response stream after a priming event; the result waits for a resume","inputSchema":obj(json!({"ms":{"type":"integer"}}))}),
-        json!({"name":"touch","description":"Announces that a resource changed","inputSchema":obj(json!({"uri":{"type":"string"}}))}),
+        json!({"name":"touch","description":"Announces that a resource changed (first waiting, if asked, until until_told watchers hear it)","inputSchema":obj(json!({"uri":{"type":"string"},"until_told":{"type":"integer"}}))}),
         json!({"name":"add","description":"Adds two numbers","inputSchema":obj(json!({"a":{"type":"number"},"b":{"type":"number"}}))}),
         json!({"name":"sleep","description":"Sleeps ms milliseconds","inputSchema":obj(json!({"ms":{"type":"integer"}}))}),
         json!({"name":"fail","description":"Returns a tool error","inputSchema":obj(json!({"message":{"type":"string"}}))}),
@@ -455,7 +519,7 @@ fn tools() -> Vec<Value> {
         json!({"name":"sample","description":"Asks the client to sample","inputSchema":obj(json!({"prompt":{"type":"string"}}))}),
         json!({"name":"spawn_grandchild","description":"Starts a child process and returns its pid","inputSchema":obj(json!({}))}),
         json!({"name":"big","description":"Returns a text of the given size","inputSchema":obj(json!({"bytes":{"type":"integer"}}))}),
-        json!({"name":"stats","description":"Call statistics","inputSchema":obj(json!({}))}),
+        json!({"name":"stats","description":"Call statistics (first waiting, if asked, until until_in_flight other calls run)","inputSchema":obj(json!({"until_in_flight":{"type":"integer"}}))}),
         json!({"name":"env","description":"The value of one of its environment variables","inputSchema":obj(json!({"name":{"type":"string"}}))}),
     ]
 }

@@ -129,6 +129,8 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<()>,
+    /// How many times the TLS certificate was reloaded.
+    certificates: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Running {
@@ -147,6 +149,12 @@ impl Running {
     pub(crate) fn trigger(&self) -> CancellationToken {
         self.shutdown.clone()
     }
+
+    /// A counter of TLS certificate reloads: await `changed()` to know new connections get the
+    /// new certificate.
+    pub fn certificate_reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.certificates.clone()
+    }
 }
 
 /// Binds and serves until the returned handle is shut down.
@@ -161,9 +169,17 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Res
         Some(settings) => Some(crate::tls::Tls::load(settings).map_err(std::io::Error::other)?),
         None => None,
     };
+    let reloads = tokio::sync::watch::Sender::new(0);
+    let certificates = reloads.subscribe();
     let done = tokio::spawn(async move {
         if let Some(tls) = &tls {
-            tls.watch(token.clone());
+            let weak = Arc::downgrade(&gw);
+            tls.watch(token.clone(), move || {
+                reloads.send_modify(|n| *n += 1);
+                if let Some(gw) = weak.upgrade() {
+                    gw.changed();
+                }
+            });
         }
         let closing = token.clone();
         let gw2 = gw.clone();
@@ -177,7 +193,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) -> std::io::Res
         gw.shutdown().await;
         tracing::info!("stopped");
     });
-    Ok(Running { addr, gateway, shutdown, done })
+    Ok(Running { addr, gateway, shutdown, done, certificates })
 }
 
 /// Accepts connections until `stop` and serves each with hyper's HTTP/1.1 server, after a TLS
@@ -209,7 +225,7 @@ async fn accept_loop(
             },
             _ = stop.cancelled() => break,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
             // At the cap: closed at once (no task, no buffer), logged at most once a minute.
             if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                 refused_logged = Some(tokio::time::Instant::now());
@@ -218,6 +234,7 @@ async fn accept_loop(
             drop(tcp);
             continue;
         };
+        let slot = Slot { _permit: permit, gw: Arc::downgrade(&gw) };
         // Small JSON-RPC answers go out at once: no Nagle delay on the client's connection.
         let _ = tcp.set_nodelay(true);
         let (app, stop) = (app.clone(), stop.clone());
@@ -245,6 +262,21 @@ async fn accept_loop(
         tracing::warn!("grace period over; closing remaining connections");
     }
     connections.abort_all();
+}
+
+/// A connection's place under `limits.max_connections`; freeing it is a change a watcher of
+/// [`Gateway::changes`] sees (a connection refused at the cap may be retried).
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gw: std::sync::Weak<Gateway>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(gw) = self.gw.upgrade() {
+            gw.changed();
+        }
+    }
 }
 
 /// A connection's two clocks.

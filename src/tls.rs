@@ -124,8 +124,9 @@ impl Tls {
         Ok(Arc::new(Tls { current: ArcSwap::new(config), settings }))
     }
 
-    /// Polls the files every second and swaps in a new configuration when they change and load.
-    pub(crate) fn watch(self: &Arc<Self>, stop: CancellationToken) {
+    /// Polls the files every second and swaps in a new configuration when they change and load,
+    /// then calls `reloaded`.
+    pub(crate) fn watch(self: &Arc<Self>, stop: CancellationToken, reloaded: impl Fn() + Send + 'static) {
         let this = self.clone();
         tokio::spawn(async move {
             let files = |s: &TlsSettings| {
@@ -151,6 +152,7 @@ impl Tls {
                         this.current.store(c);
                         last = now;
                         tracing::info!("TLS certificate reloaded");
+                        reloaded();
                     }
                     // Mid-write, or a bad pair: keep serving the old one and try again.
                     Err(e) => tracing::warn!("TLS certificate not reloaded: {e}"),

@@ -347,10 +347,16 @@ pub enum InheritEnv {
 pub(crate) const BASE_CHILD_ENV: &[&str] =
     &["HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LANGUAGE", "LC_*", "TMPDIR", "TZ"];
 
+/// What systemd gives Portcullis itself, never passed on (even with `inherit_env: true`).
+const SERVICE_MANAGER_ENV: &[&str] =
+    &["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"];
+
 impl InheritEnv {
     /// Whether a variable of Portcullis' environment passes to the child.
     pub(crate) fn passes(&self, name: &str) -> bool {
-        if name.starts_with("PORTCULLIS_") {
+        // Portcullis' own secrets, and the service manager's channels to Portcullis (a child
+        // that inherited them could report readiness or claim sockets in its name).
+        if name.starts_with("PORTCULLIS_") || SERVICE_MANAGER_ENV.contains(&name) {
             return false;
         }
         let base =

@@ -64,12 +64,7 @@ async fn stopping_one_server_leaves_the_other_serving() {
         let c = client.clone();
         async move { c.call("a__sleep", json!({"ms": 60000})).await }
     });
-    let up_a = gw.gateway().upstream("a").unwrap();
-    eventually(Duration::from_secs(10), || {
-        let up = up_a.clone();
-        async move { (up.in_flight() == 1).then_some(()) }
-    })
-    .await;
+    crate::upstream::wait_in_flight(&client, "a", 1).await;
     let (status, stopped) = post(&format!("{}/servers/a/stop", gw.url), ROOT, "").await;
     assert_eq!((status, stopped["state"].as_str()), (200, Some("stopped")), "{stopped}");
     let a_answer = tokio::time::timeout(Duration::from_secs(5), on_a).await.unwrap().unwrap();
@@ -84,21 +79,19 @@ async fn stopping_one_server_leaves_the_other_serving() {
 
     // Start and restart: a serves again, under a new pid after the restart.
     assert_eq!(post(&format!("{}/servers/a/start", gw.url), ROOT, "").await.0, 200);
-    eventually(Duration::from_secs(10), || {
-        let c = client.clone();
-        async move {
-            let a = c.call("a__echo", json!({"text": "back"})).await;
-            (a.response["result"]["content"][0]["text"] == "back").then_some(())
-        }
+    gw.until(Duration::from_secs(10), || async {
+        let a = client.call("a__echo", json!({"text": "back"})).await;
+        (a.response["result"]["content"][0]["text"] == "back").then_some(())
     })
     .await;
     let started_pid = pid(get(&format!("{}/servers/a", gw.url), Some(ROOT)).await.1);
     assert_ne!(started_pid, a_pid);
     assert_eq!(post(&format!("{}/servers/a/restart", gw.url), ROOT, "").await.0, 200);
-    let restarted = eventually(Duration::from_secs(10), || async {
-        get(&format!("{}/servers/a", gw.url), Some(ROOT)).await.1["pid"].as_u64().filter(|p| *p != started_pid)
-    })
-    .await;
+    let restarted = gw
+        .until(Duration::from_secs(10), || async {
+            get(&format!("{}/servers/a", gw.url), Some(ROOT)).await.1["pid"].as_u64().filter(|p| *p != started_pid)
+        })
+        .await;
     assert_ne!(restarted, started_pid);
     assert_eq!(post(&format!("{}/servers/a/explode", gw.url), ROOT, "").await.0, 404);
     gw.stop().await;
@@ -202,20 +195,10 @@ async fn reload_over_http_applies_a_valid_file_and_refuses_an_invalid_one() {
     let cfg = dir.0.join("portcullis.yaml");
     let good = gateway().demo("a", &[], "").top(TOP).yaml();
     std::fs::write(&cfg, &good).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let url = listen_url(&mut child).await.trim_end_matches("/mcp").to_owned();
+    let mut served = Served::start(&cfg, &[]).await;
+    let url = served.url.trim_end_matches("/mcp").to_owned();
     // The listener opens while the child may still be starting.
-    eventually(Duration::from_secs(20), || {
-        let u = format!("{url}/servers/a");
-        async move { (get(&u, Some(ROOT)).await.1["state"] == "running").then_some(()) }
-    })
-    .await;
+    served.connected(&["a"]).await;
     std::fs::write(&cfg, good.replace("servers:\n", "servers:\n  bad name: {command: x}\n")).unwrap();
     let (status, body) = post(&format!("{url}/admin/reload"), ROOT, "").await;
     assert_eq!(status, 400, "{body}");
@@ -225,15 +208,8 @@ async fn reload_over_http_applies_a_valid_file_and_refuses_an_invalid_one() {
     std::fs::write(&cfg, with_b).unwrap();
     assert_eq!(post(&format!("{url}/admin/reload"), ROOT, "").await.0, 200);
     let client = Client::connect_as(&format!("{url}/mcp"), ROOT).await;
-    let b = eventually(Duration::from_secs(10), || {
-        let c = client.clone();
-        async move {
-            let a = c.call("b__echo", json!({"text": "new"})).await;
-            a.response["result"]["content"][0]["text"].as_str().map(str::to_owned)
-        }
-    })
-    .await;
-    assert_eq!(b, "new");
+    served.connected(&["b"]).await;
+    assert_eq!(client.call_text("b__echo", json!({"text": "new"})).await, "new");
     let text = reqwest::Client::new()
         .get(format!("{url}/metrics"))
         .header("authorization", format!("Bearer {ROOT}"))
@@ -272,23 +248,15 @@ async fn file_edits_reload_without_dropping_untouched_servers_or_sessions() {
     };
     std::fs::write(&real, config(&[("a", ""), ("b", ""), ("c", "")])).unwrap();
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config", link.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let url = listen_url(&mut child).await.trim_end_matches("/mcp").to_owned();
+    let mut served = Served::start(&link, &[]).await;
+    let url = served.url.trim_end_matches("/mcp").to_owned();
     let status = |name: &'static str| {
         let url = url.clone();
         async move { get(&format!("{url}/servers/{name}"), Some(ROOT)).await }
     };
     let pid_of = |v: &Value| v["pid"].as_u64();
-    let (a_pid, c_pid) = eventually(Duration::from_secs(15), || async {
-        Some((pid_of(&status("a").await.1)?, pid_of(&status("c").await.1)?))
-    })
-    .await;
+    served.connected(&["a", "b", "c"]).await;
+    let (a_pid, c_pid) = (pid_of(&status("a").await.1).unwrap(), pid_of(&status("c").await.1).unwrap());
     let client = Client::connect_as(&format!("{url}/mcp"), ROOT).await;
     let session = client.session.clone();
     let long = tokio::spawn({
@@ -298,12 +266,10 @@ async fn file_edits_reload_without_dropping_untouched_servers_or_sessions() {
 
     // Rename-on-save over the symlink's target: b removed, c changed, d added, a untouched.
     save(&real, &config(&[("a", ""), ("c", "timeout: 42s"), ("d", "")]));
-    eventually(Duration::from_secs(15), || async {
-        let d = status("d").await.1;
-        let c = status("c").await.1;
-        (d["state"] == "running" && pid_of(&c).is_some_and(|p| p != c_pid)).then_some(())
-    })
-    .await;
+    // The reload restarts c and starts d (in either order).
+    served.connected(&["c", "d"]).await;
+    assert_eq!(status("d").await.1["state"], "running");
+    assert!(pid_of(&status("c").await.1).is_some_and(|p| p != c_pid));
     assert_eq!(status("b").await.0, 404);
     assert_eq!(long.await.unwrap(), "slept 2000 ms", "the call on the untouched server was cut");
     assert_eq!(pid_of(&status("a").await.1), Some(a_pid), "the untouched server was restarted");
@@ -316,7 +282,8 @@ async fn file_edits_reload_without_dropping_untouched_servers_or_sessions() {
     let tmp_link = dir.0.join("link.tmp");
     std::os::unix::fs::symlink(&v2, &tmp_link).unwrap();
     std::fs::rename(&tmp_link, &link).unwrap();
-    eventually(Duration::from_secs(15), || async { (status("e").await.1["state"] == "running").then_some(()) }).await;
+    served.connected(&["e"]).await;
+    assert_eq!(status("e").await.1["state"], "running");
 
     // An invalid edit changes nothing.
     save(&v2, "servers:\n  Bad Name: {command: x}\n");
@@ -331,10 +298,8 @@ async fn file_edits_reload_without_dropping_untouched_servers_or_sessions() {
             .await
             .unwrap()
     };
-    eventually(Duration::from_secs(15), || async {
-        (!metrics().await.contains(r#"portcullis_reloads_total{result="failed"} 0"#)).then_some(())
-    })
-    .await;
+    served.next_line_with("config not reloaded").await;
+    assert!(!metrics().await.contains(r#"portcullis_reloads_total{result="failed"} 0"#));
     assert_eq!(status("e").await.1["state"], "running");
     assert_eq!(pid_of(&status("a").await.1), Some(a_pid));
     assert_eq!(client.call_text("a__echo", json!({"text": "still"})).await, "still");

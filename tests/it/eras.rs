@@ -53,21 +53,14 @@ async fn session_subscription_on_a_modern_upstream_uses_listen() {
     let mut events = client.get_stream().await;
     let sub = client.request(json!(2), "resources/subscribe", json!({"uri":"demo://info"})).await;
     assert_eq!(sub.response["result"], json!({}), "{:?}", sub.response);
-    // The subscription rides the upstream's subscriptions/listen stream; wait until it is held.
-    eventually(std::time::Duration::from_secs(10), || {
-        let client = client.clone();
-        async move { (client.call_text("m__touch", json!({"uri":"demo://info"})).await == "told 1").then_some(()) }
-    })
-    .await;
+    // The subscription rides the upstream's subscriptions/listen stream: the demo touches the
+    // resource once that stream is there.
+    assert_eq!(client.call_text("m__touch", json!({"uri":"demo://info", "until_told": 1})).await, "told 1");
     let updated = events.next_method("notifications/resources/updated").await;
     assert_eq!(updated["params"]["uri"], "demo://info");
     // Unsubscribing closes the upstream listen for that URI.
     client.request(json!(3), "resources/unsubscribe", json!({"uri":"demo://info"})).await;
-    eventually(std::time::Duration::from_secs(10), || {
-        let client = client.clone();
-        async move { (client.call_text("m__touch", json!({"uri":"demo://info"})).await == "told 0").then_some(()) }
-    })
-    .await;
+    assert_eq!(client.call_text("m__touch", json!({"uri":"demo://info", "until_told": 0})).await, "told 0");
     gw.stop().await;
 }
 

@@ -148,14 +148,12 @@ async fn server_everything_as_stdio_and_http_upstream() {
         .start()
         .await;
     let client = Client::connect(&gw.mcp()).await;
-    let tools = eventually(std::time::Duration::from_secs(30), || {
-        let client = client.clone();
-        async move {
+    let tools = gw
+        .until(std::time::Duration::from_secs(30), || async {
             let tools = client.all_tools().await;
             (tools.contains(&"ev__echo".to_owned()) && tools.contains(&"evh__echo".to_owned())).then_some(tools)
-        }
-    })
-    .await;
+        })
+        .await;
     assert!(tools.iter().filter(|t| t.starts_with("ev__")).count() >= 5, "{tools:?}");
     assert_eq!(client.call_text("ev__echo", json!({"message": "via stdio"})).await, "Echo: via stdio");
     assert_eq!(client.call_text("evh__echo", json!({"message": "via http"})).await, "Echo: via http");
@@ -231,41 +229,35 @@ async fn server_everything_as_legacy_sse_upstream_fails_fast_and_reconnects() {
     let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
     let gw = gateway().remote("evs", &format!("{base}/sse"), "transport: sse").start().await;
     let client = Client::connect(&gw.mcp()).await;
-    eventually(std::time::Duration::from_secs(30), || {
-        let client = client.clone();
-        async move { client.all_tools().await.contains(&"evs__echo".to_owned()).then_some(()) }
+    gw.until(std::time::Duration::from_secs(30), || async {
+        client.all_tools().await.contains(&"evs__echo".to_owned()).then_some(())
     })
     .await;
     assert_eq!(client.call_text("evs__echo", json!({"message": "over sse"})).await, "Echo: over sse");
 
-    // A call in flight when the SSE stream drops gets an error at once, naming the server.
-    let slow = tokio::spawn({
-        let client = client.clone();
-        async move { client.call("evs__trigger-long-running-operation", json!({"duration": 60, "steps": 60})).await }
-    });
-    let up = gw.gateway().upstream("evs").unwrap();
-    eventually(std::time::Duration::from_secs(10), || {
-        let up = up.clone();
-        async move { (up.in_flight() == 1).then_some(()) }
-    })
-    .await;
-    let dropped = std::time::Instant::now();
+    // A call in flight when the SSE stream drops gets an error at once (long before the
+    // operation's 60 s), naming the server. In flight: its first progress report is here.
+    let slow = client
+        .post(
+            json!({"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"evs__trigger-long-running-operation",
+            "arguments":{"duration": 60, "steps": 60},"_meta":{"progressToken":"slow"}}}),
+        )
+        .await;
+    let mut slow = Events::from_response(slow);
+    assert_eq!(slow.next_method("notifications/progress").await["params"]["progressToken"], "slow");
     sse_child.kill().await.unwrap();
-    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), slow).await.unwrap().unwrap();
-    assert!(dropped.elapsed() < std::time::Duration::from_secs(5));
-    let message = answer.response["error"]["message"].as_str().unwrap_or_else(|| panic!("{:?}", answer.response));
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), slow.response(json!(9))).await.unwrap();
+    let message = answer["error"]["message"].as_str().unwrap_or_else(|| panic!("{answer:?}"));
     assert!(message.contains("evs"), "{message}");
 
     // The server comes back on the same address: the next call re-initializes and works.
     let (_again, _) = everything("sse", port).await;
-    let echoed = eventually(std::time::Duration::from_secs(30), || {
-        let client = client.clone();
-        async move {
+    let echoed = gw
+        .until(std::time::Duration::from_secs(30), || async {
             let a = client.call("evs__echo", json!({"message": "again"})).await;
             a.response["result"]["content"][0]["text"].as_str().map(str::to_owned)
-        }
-    })
-    .await;
+        })
+        .await;
     assert_eq!(echoed, "Echo: again");
     gw.stop().await;
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::process::Command;
 
-use crate::support::{BIN, Client, alive, eventually, gateway, listen_url};
+use crate::support::{BIN, Client, alive, gateway, listen_url, reaped};
 
 async fn run_and_end(how: &str) {
     let dir = std::env::temp_dir().join(format!("pcs-orphans-{how}-{}", std::process::id()));
@@ -42,7 +42,7 @@ async fn run_and_end(how: &str) {
         assert!(!status.success());
     }
     // Killed processes may linger a moment until their parent (init) reaps them.
-    eventually(Duration::from_secs(5), || async { pids.iter().all(|p| !alive(*p)).then_some(()) }).await;
+    reaped(&pids, Duration::from_secs(5)).await;
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -4,9 +4,7 @@
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use std::time::Duration;
-
-use crate::support::{Client, Events, TestGateway, eventually, gateway};
+use crate::support::{Client, Events, TestGateway, gateway};
 
 async fn raw(gw: &TestGateway, headers: &[(&str, &str)], body: &str) -> (u16, Value) {
     let mut req = reqwest::Client::new().post(gw.mcp());
@@ -229,16 +227,9 @@ async fn legacy_sse_sessions_are_private_single_message_and_end_with_their_strea
     let sleep =
         json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"d__sleep","arguments":{"ms":60000}}});
     assert_eq!(post(sleep, token, &endpoint).await.status(), 202);
-    let in_flight = |n: u64| {
-        let watcher = watcher.clone();
-        async move {
-            let s: Value = serde_json::from_str(&watcher.call_text("d__stats", json!({})).await).ok()?;
-            (s["in_flight"].as_u64()? == n).then_some(())
-        }
-    };
-    eventually(Duration::from_secs(10), || in_flight(1)).await;
+    crate::upstream::wait_in_flight(&watcher, "d", 1).await;
     drop(events);
-    eventually(Duration::from_secs(10), || in_flight(0)).await;
+    crate::upstream::wait_in_flight(&watcher, "d", 0).await;
     assert_eq!(post(call, token, &endpoint).await.status(), 404, "the session outlived its stream");
     gw.stop().await;
 }

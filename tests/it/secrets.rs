@@ -12,43 +12,25 @@ use tokio::process::{Child, Command};
 
 use crate::support::*;
 
-/// Starts `portcullis serve` with stderr going to a file; returns the child and its base URL.
+/// Starts `portcullis serve` with stderr going to a file; returns the child and its base URL
+/// once it says it is ready (the service manager's `READY=1`, logging on or off).
 pub(crate) async fn serve(dir: &Path, config: &str, args: &[&str], env: &[(&str, &str)]) -> (Child, String, PathBuf) {
     let cfg = dir.join("portcullis.yaml");
     std::fs::write(&cfg, config).unwrap();
     let stderr_path = dir.join(format!("stderr-{}.log", args.len()));
     let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let ready = Readiness::new();
     let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--config", cfg.to_str().unwrap()]).args(args);
+    cmd.args(["serve", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"]).args(args);
+    let (k, v) = ready.env();
+    cmd.env(k, v);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    // With logging off there is no "listening on" line: listen on a port picked here instead.
-    let quiet = env.iter().any(|(k, v)| *k == "RUST_LOG" && *v == "off");
-    let port = if quiet { std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port() } else { 0 };
-    cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
     let child = cmd.stdout(Stdio::null()).stderr(stderr).kill_on_drop(true).spawn().unwrap();
-    if quiet {
-        let url = format!("http://127.0.0.1:{port}");
-        let health = format!("{url}/health");
-        eventually(Duration::from_secs(20), || {
-            let health = health.clone();
-            async move { reqwest::get(&health).await.ok().filter(|r| r.status() == 200).map(|_| ()) }
-        })
-        .await;
-        return (child, url, stderr_path);
-    }
-    let url = eventually(Duration::from_secs(20), || {
-        let p = stderr_path.clone();
-        async move {
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
-            text.lines()
-                .find_map(|l| l.split("listening on ").nth(1))
-                .map(|u| u.trim().trim_end_matches("/mcp").to_owned())
-        }
-    })
-    .await;
-    (child, url, stderr_path)
+    let status = ready.ready().await;
+    let url = status.strip_prefix("listening on ").unwrap_or_else(|| panic!("{status:?}"));
+    (child, url.trim_end_matches("/mcp").to_owned(), stderr_path)
 }
 
 /// Stops a served child at once (SIGINT: no drain period) and waits for it.

@@ -172,11 +172,12 @@ impl TestGateway {
     }
 
     /// The audit records written so far, once `ready` holds for them (they are written by
-    /// another thread, so a test waits for the ones it expects).
+    /// another thread: read again each time it writes more).
     pub(crate) async fn audit_until(&self, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
         let path = self.audit.clone();
         let ready = &ready;
-        eventually(Duration::from_secs(10), || {
+        let mut written = self.gateway().audit_written();
+        until(&mut written, Duration::from_secs(10), || {
             let path = path.clone();
             async move {
                 let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -185,6 +186,16 @@ impl TestGateway {
             }
         })
         .await
+    }
+
+    /// Waits until `f` yields, checking it now and after each change of the gateway's state
+    /// (an upstream's status, a session opened or ended, a reload: [`Gateway::changes`]).
+    pub(crate) async fn until<T, F, Fut>(&self, limit: Duration, f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        until(&mut self.gateway().changes(), limit, f).await
     }
     pub(crate) async fn stop(mut self) {
         if let Some(r) = self.running.take() {
@@ -465,17 +476,70 @@ impl Client {
 }
 
 /// Polls `f` until it returns Some, up to `limit` (for state that has no event to wait on).
-pub(crate) async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> T
+pub(crate) async fn until<T, F, Fut>(changes: &mut tokio::sync::watch::Receiver<u64>, limit: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
+        // Marked seen before the check: a change during the check wakes the wait below.
+        changes.borrow_and_update();
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached within {limit:?}");
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("the gateway went away"),
+            Err(_) => panic!("condition not reached within {limit:?}"),
+        }
+    }
+}
+
+/// A `NOTIFY_SOCKET` for one child: it says `READY=1` (with its address as `STATUS`) once it
+/// listens, by the systemd notification protocol, so a test waits for that message.
+pub(crate) struct Readiness {
+    sock: tokio::net::UnixDatagram,
+    path: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl Readiness {
+    pub(crate) fn new() -> Self {
+        let dir = TempDir::new();
+        let path = dir.0.join("notify.sock");
+        let sock = tokio::net::UnixDatagram::bind(&path).unwrap();
+        Readiness { sock, path, _dir: dir }
+    }
+
+    /// The variable to give the child.
+    pub(crate) fn env(&self) -> (&'static str, String) {
+        ("NOTIFY_SOCKET", self.path.display().to_string())
+    }
+
+    /// The `STATUS` of the child's `READY=1` message (`listening on URL`), waiting up to 30 s.
+    pub(crate) async fn ready(&self) -> String {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(30), self.sock.recv(&mut buf))
+                .await
+                .expect("no readiness message within 30 s")
+                .unwrap();
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.lines().any(|l| l == "READY=1") {
+                return msg.lines().find_map(|l| l.strip_prefix("STATUS=")).unwrap_or_default().to_owned();
+            }
+        }
+    }
+}
+
+/// Waits until none of `pids` is alive. The one wait in this suite that checks on a timer:
+/// these are not our children (the gateway's children and their children, reparented when it
+/// exits), and the end of another's process has no event short of a pidfd.
+pub(crate) async fn reaped(pids: &[u32], limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(tokio::time::Instant::now() < deadline, "still alive after {limit:?}: {pids:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -547,6 +611,17 @@ impl Events {
         }
     }
 
+    /// The response with this id (the end of a request's own stream), skipping the messages
+    /// before it.
+    pub(crate) async fn response(&mut self, id: Value) -> Value {
+        loop {
+            let m = self.next().await;
+            if m.get("method").is_none() && m["id"] == id {
+                return m;
+            }
+        }
+    }
+
     /// The next message with this method, skipping others.
     pub(crate) async fn next_method(&mut self, method: &str) -> Value {
         loop {
@@ -589,6 +664,8 @@ impl Client {
 pub(crate) struct Served {
     pub child: Child,
     pub url: String,
+    /// The lines up to the `listening on` one, not read by the tests yet.
+    backlog: std::collections::VecDeque<String>,
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
@@ -608,26 +685,49 @@ impl Served {
                 let _ = tx.send(line);
             }
         });
-        let listening = Self::wait(&mut lines, "listening on ").await;
+        let mut backlog = std::collections::VecDeque::new();
+        let listening = Self::wait(&mut lines, "listening on ", &mut backlog).await;
         let url = listening.split("listening on ").nth(1).unwrap().trim().to_owned();
-        Served { child, url, lines }
+        Served { child, url, backlog, lines }
     }
 
-    /// The next stderr line containing `needle` (every line before it is passed over).
-    async fn wait(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &str) -> String {
+    /// The next stderr line containing `needle` (every line before it is passed over), each
+    /// line passed over kept in `kept` when given.
+    async fn wait(
+        lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+        needle: &str,
+        kept: &mut std::collections::VecDeque<String>,
+    ) -> String {
         let found = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.recv().await {
                 if line.contains(needle) {
                     return line;
                 }
+                kept.push_back(line);
             }
             panic!("stderr ended before {needle:?}");
         });
         found.await.unwrap_or_else(|_| panic!("no {needle:?} on stderr"))
     }
 
+    /// Waits until each of `servers` has logged `upstream connected` (in any order) from here.
+    pub(crate) async fn connected(&mut self, servers: &[&str]) {
+        let mut left: Vec<&str> = servers.to_vec();
+        while !left.is_empty() {
+            let line = self.next_line_with("upstream connected server=").await;
+            left.retain(|n| !line.contains(&format!("server={n} ")));
+        }
+    }
+
+    /// The next stderr line containing `needle`, from the start of stderr on: every line
+    /// before it is passed over.
     pub(crate) async fn next_line_with(&mut self, needle: &str) -> String {
-        Self::wait(&mut self.lines, needle).await
+        while let Some(line) = self.backlog.pop_front() {
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        Self::wait(&mut self.lines, needle, &mut std::collections::VecDeque::new()).await
     }
 }
 

@@ -182,17 +182,16 @@ async fn https_client_certificates_and_a_certificate_swap() {
         .unwrap();
     assert_eq!(stream.status(), 200);
     let mut events = Events::from_response(stream);
+    let mut reloads = gw.running.as_ref().unwrap().certificate_reloads();
     for f in ["pem", "key"] {
         let tmp = dir.0.join(format!("live.{f}.tmp"));
         std::fs::copy(dir.0.join(format!("server2.{f}")), &tmp).unwrap();
         std::fs::rename(&tmp, dir.0.join(format!("live.{f}"))).unwrap();
     }
-    eventually(Duration::from_secs(10), || async {
-        // A fresh client: no pooled connection on the old certificate.
-        let r = client(&dir.0, None).get(format!("{base}/health")).send().await.ok()?;
-        (peer_cert(&r) != first_cert).then_some(())
-    })
-    .await;
+    tokio::time::timeout(Duration::from_secs(10), reloads.changed()).await.unwrap().unwrap();
+    // A fresh client: no pooled connection on the old certificate.
+    let r = client(&dir.0, None).get(format!("{base}/health")).send().await.unwrap();
+    assert_ne!(peer_cert(&r), first_cert);
     let caller = as_alice.clone();
     let r = caller
         .post(format!("{base}/mcp"))

@@ -3,7 +3,7 @@
 //! a store that is down (503), and no secret in the database files.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::process::Command;
@@ -68,8 +68,8 @@ async fn cli_issues_rotates_and_revokes_tokens_on_a_running_gateway() {
     let secret = alice["secret"].as_str().unwrap().to_owned();
     assert!(secret.starts_with("pcs_") && secret.len() == 47);
     assert_eq!(alice["prefix"], &secret[..8]);
-    // A token created while the gateway runs works at once (well within a second).
-    eventually(Duration::from_secs(2), || async { (status_with(&mcp, &secret).await == 200).then_some(()) }).await;
+    // A token created while the gateway runs works at once: an unknown digest is looked up.
+    assert_eq!(status_with(&mcp, &secret).await, 200);
     let client = Client::connect_as(&mcp, &secret).await;
     assert_eq!(client.all_tools().await, ["a__echo", "a__sleep"], "the token's grants apply");
     let (ok, _, err) = token_cli(&cfg, &["create", "--name", "alice"]).await;
@@ -89,9 +89,8 @@ async fn cli_issues_rotates_and_revokes_tokens_on_a_running_gateway() {
     let mut stream = fresh.get_stream().await;
     let (ok, _, err) = token_cli(&cfg, &["revoke", "alice"]).await;
     assert!(ok, "{err}");
-    let started = Instant::now();
+    // The sweep runs four times a second (`gateway::SWEEP_EVERY`, asserted at compile time).
     tokio::time::timeout(Duration::from_secs(2), stream.ended()).await.expect("the stream stayed open");
-    assert!(started.elapsed() < Duration::from_millis(1300), "{:?}", started.elapsed());
     assert_eq!(status_with(&mcp, &new_secret).await, 401);
     // The superseded secret keeps its grace: revoking the live one does not end it.
     assert_eq!(status_with(&mcp, &secret).await, 200);

@@ -131,6 +131,8 @@ pub struct Gateway {
     held: Sharded<Arc<str>, (usize, usize)>,
     /// Sessions ended, by [`EndCause`].
     ended: [AtomicU64; EndCause::ALL.len()],
+    /// Bumped whenever something a watcher can see changes (see [`Gateway::changes`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Why a session ended (the `cause` label of `portcullis_sessions_ended_total`).
@@ -255,6 +257,7 @@ impl Gateway {
             draining: std::sync::atomic::AtomicBool::new(false),
             held: Sharded::new(),
             ended: std::array::from_fn(|_| AtomicU64::new(0)),
+            changes: tokio::sync::watch::Sender::new(0),
         });
         let config = gw.config();
         gw.configure_metrics(&config);
@@ -425,6 +428,7 @@ impl Gateway {
         }
         log_changes(&old, &config);
         self.sweep_sessions().await;
+        self.changed();
     }
 
     fn hub(&self) -> Weak<dyn Hub> {
@@ -504,6 +508,7 @@ impl Gateway {
             h.1 += usize::from(s.transport == session::ClientTransport::Sse);
         }
         lock(self.sessions.shard(&s.id)).insert(s.id.clone(), s);
+        self.changed();
         Ok(())
     }
 
@@ -520,6 +525,27 @@ impl Gateway {
     /// Number of open sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// A counter that moves whenever something the management API, `/health` or the metrics
+    /// show may have changed: an upstream's status (started, connected, failed, restarted,
+    /// breaker), a session opened or ended, a connection closed, a reload, a certificate
+    /// reload. For tools and tests
+    /// that wait for a state instead of polling for it: check, then await `changed()`. Nothing
+    /// on a call's path moves it.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Moves [`Gateway::changes`].
+    pub(crate) fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A counter of the audit records written so far (to the file or stderr): check the file,
+    /// then await `changed()` to wait for a record without polling.
+    pub fn audit_written(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.audit.written()
     }
 
     /// Ends a session: closes its streams, releases its subscriptions, stops its own servers.
@@ -557,6 +583,7 @@ impl Gateway {
                 }
             }
         }
+        self.changed();
         true
     }
 
@@ -947,6 +974,8 @@ const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often sessions are checked against the credential table.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+// A revoked, expired or narrowed credential's sessions end within a second (ARCHITECTURE.md).
+const _: () = assert!(SWEEP_EVERY.as_millis() <= 1000);
 
 /// The credential table for a config (each token's grants narrowed by tenants and `authTokens`).
 pub(crate) fn authenticator_for(config: &Config, store: Option<Arc<crate::store::StoreView>>) -> Authenticator {
@@ -956,6 +985,10 @@ pub(crate) fn authenticator_for(config: &Config, store: Option<Arc<crate::store:
 }
 
 impl Hub for Gateway {
+    fn status_changed(&self) {
+        self.changed();
+    }
+
     fn list_changed(&self, server: &str, method: &str) {
         let methods: &[&str] = if method.is_empty() {
             &[

@@ -252,6 +252,8 @@ pub(crate) trait Hub: Send + Sync {
     fn list_changed(&self, server: &str, method: &str);
     /// `notifications/resources/updated` from `server` (raw params).
     fn resource_updated(&self, server: &str, params: &RawValue);
+    /// An instance's status changed (see [`crate::mcp::gateway::Gateway::changes`]).
+    fn status_changed(&self);
 }
 
 struct Pending {
@@ -343,6 +345,9 @@ impl Upstream {
 
     fn set(&self, f: impl FnOnce(&mut Status)) {
         self.status.send_modify(f);
+        if let Some(hub) = self.hub.upgrade() {
+            hub.status_changed();
+        }
     }
 
     async fn supervise(self: Arc<Self>) {
