@@ -528,17 +528,7 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     if let Some(path) = source.clone() {
         watch_config(gateway.clone(), path);
     }
-    let reloads = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Some(path), Ok(mut hup)) = (source, signal(SignalKind::hangup())) else {
-            return std::future::pending::<()>().await;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!(config = %path.display(), "SIGHUP: reloading");
-            // A bad file changes nothing: the running config stays (the errors are logged).
-            let _ = gateway.reload_from_source().await;
-        }
-    };
+    let reloads = reload_on_hangup(&gateway, source);
     let drain = gateway.config().limits.drain_period;
     tokio::select! {
         how = crate::server::termination() => {
@@ -569,6 +559,19 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     // Anything still registered (a child that ignored every signal) goes now.
     crate::mcp::upstream::stdio::kill_all();
     Ok(())
+}
+
+/// Reloads the config file on every SIGHUP (forever; never, without a file).
+async fn reload_on_hangup(gateway: &crate::mcp::gateway::Gateway, source: Option<std::path::PathBuf>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Some(path), Ok(mut hup)) = (source, signal(SignalKind::hangup())) else {
+        return std::future::pending::<()>().await;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading");
+        // A bad file changes nothing: the running config stays (the errors are logged).
+        let _ = gateway.reload_from_source().await;
+    }
 }
 
 /// Tells the service manager (systemd's `Type=notify`, through `NOTIFY_SOCKET`; nothing when it

@@ -360,19 +360,8 @@ async fn stateless_post(
             "MCP-Protocol-Version header does not match the request envelope's protocol version",
         );
     }
-    if header_str(headers, "mcp-method") != Some(env.method()) {
-        return reject(code::HEADER_MISMATCH, "Mcp-Method header does not match the request body's method");
-    }
-    let name_key = match env.method() {
-        "tools/call" | "prompts/get" => Some("name"),
-        "resources/read" => Some("uri"),
-        _ => None,
-    };
-    if let Some(key) = name_key
-        && let Some(body_value) = params.as_ref().and_then(|p| p.get_str(key))
-        && decode_header_value(header_str(headers, "mcp-name")).as_deref() != Some(body_value.as_str())
-    {
-        return reject(code::HEADER_MISMATCH, &format!("Mcp-Name header does not match the request body's {key:?}"));
+    if let Some(mismatch) = header_mismatch(headers, env, params.as_ref()) {
+        return reject(code::HEADER_MISMATCH, &mismatch);
     }
     let requested = meta_version.unwrap_or_default();
     let Some(version) = ProtocolVersion::parse(&requested).filter(|v| v.is_stateless()) else {
@@ -390,6 +379,26 @@ async fn stateless_post(
         return listen(gw, ctx, env, entry).await;
     }
     answer(gw, ctx, OwnedRequest::from(env), entry, accepts(headers, "text/event-stream"), true).await
+}
+
+/// Where a 2026-07-28 request's `Mcp-Method` or `Mcp-Name` header says other than its body,
+/// as the client is told; `None` when they agree.
+fn header_mismatch(headers: &HeaderMap, env: &Envelope<'_>, params: Option<&RawObject<'_>>) -> Option<String> {
+    if header_str(headers, "mcp-method") != Some(env.method()) {
+        return Some("Mcp-Method header does not match the request body's method".into());
+    }
+    let name_key = match env.method() {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    };
+    if let Some(key) = name_key
+        && let Some(body_value) = params.and_then(|p| p.get_str(key))
+        && decode_header_value(header_str(headers, "mcp-name")).as_deref() != Some(body_value.as_str())
+    {
+        return Some(format!("Mcp-Name header does not match the request body's {key:?}"));
+    }
+    None
 }
 
 /// `subscriptions/listen`: an SSE stream that starts with the acknowledgement and carries the

@@ -252,7 +252,7 @@ pub(crate) trait Hub: Send + Sync {
     fn list_changed(&self, server: &str, method: &str);
     /// `notifications/resources/updated` from `server` (raw params).
     fn resource_updated(&self, server: &str, params: &RawValue);
-    /// An instance's status changed (see [`crate::mcp::gateway::Gateway::changes`]).
+    /// An instance's status changed (the hub tells whoever waits for a change of state).
     fn status_changed(&self);
 }
 
