@@ -509,3 +509,26 @@ fn admit(
     }
     Ok(Who { snapshot: snapshot.clone(), identity, client })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body that never finishes is refused once `body_read_timeout` has passed, on tokio's
+    /// clock (paused here: the test does not wait for it).
+    #[tokio::test(start_paused = true)]
+    async fn a_trickling_body_runs_out_of_time() {
+        let stalled = futures_util::stream::pending::<Result<Bytes, std::io::Error>>();
+        let started = tokio::time::Instant::now();
+        let within = Duration::from_secs(30);
+        let r = collect_body(Body::from_stream(stalled), 1024, within).await;
+        assert!(matches!(r, Err(BodyError::TooSlow(d)) if d == within), "{r:?}");
+        assert_eq!(started.elapsed(), within);
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_is_too_large() {
+        let r = collect_body(Body::from(vec![b'x'; 2048]), 1024, Duration::from_secs(1)).await;
+        assert!(matches!(r, Err(BodyError::TooLarge(1024))), "{r:?}");
+    }
+}

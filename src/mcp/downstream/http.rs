@@ -644,3 +644,28 @@ async fn batch(
     }
     Ok(json(StatusCode::OK, format!("[{}]", answers.join(","))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle stream carries a keep-alive comment every `KEEPALIVE` and nothing else, and ends
+    /// when its session closes (tokio's clock, paused: no real wait).
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stream_is_kept_alive_then_ends_with_its_session() {
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        let closed = tokio_util::sync::CancellationToken::new();
+        let mut stream = Box::pin(stream_with_keepalive(rx, closed.clone()));
+        let started = tokio::time::Instant::now();
+        for n in 1..=3u32 {
+            let chunk = stream.next().await.and_then(Result::ok);
+            assert_eq!(chunk.as_deref(), Some(sse::KEEPALIVE));
+            assert_eq!(started.elapsed(), KEEPALIVE * n);
+        }
+        tx.send(Bytes::from_static(b"{}")).await.ok();
+        let message = stream.next().await.and_then(Result::ok);
+        assert_eq!(message, Some(sse::message(b"{}", None)));
+        closed.cancel();
+        assert!(stream.next().await.is_none());
+    }
+}
