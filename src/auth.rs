@@ -74,8 +74,11 @@ pub struct Identity {
     /// The credential's stable identity, which sessions are bound to: `config:NAME` for a
     /// config, environment or generated token (and a client certificate naming one),
     /// `issued:LINEAGE` for an issued token (its rotations share it; its tenant is fixed), and
-    /// `anonymous`. Two identities may share a name, never a key.
+    /// `anonymous`, `oauth:ISSUER#SUBJECT` for an access token. Two identities may share a
+    /// name, never a key.
     pub key: Arc<str>,
+    /// The identity provider of an access token (its configuration as the token was checked).
+    pub(crate) issuer: Option<Arc<crate::credentials::IssuerDef>>,
     rate: Option<Rate>,
     bucket: Mutex<Option<Bucket>>,
 }
@@ -91,6 +94,7 @@ impl Identity {
             expires: None,
             token_id: None,
             key: "anonymous".into(),
+            issuer: None,
             rate: None,
             bucket: Mutex::new(None),
         })
@@ -322,6 +326,7 @@ fn identity_for(
         expires: t.expires,
         token_id,
         key: key.into(),
+        issuer: None,
         rate: t.rate.or(cfg.per_identity),
         bucket: Mutex::new(None),
     })
@@ -349,9 +354,27 @@ struct Failures {
 /// An issued token's row and the identity built from it (rebuilt when the row changes).
 type StoreIdentity = (Arc<crate::store::StoredToken>, Arc<Identity>);
 
+/// A verified access token: the identity it makes and the `aud` values it carries (checked
+/// again at each endpoint it is used at).
+type VerifiedToken = (Arc<Identity>, Vec<String>);
+
+/// Verified access tokens one shard keeps at most (16 shards).
+const VERIFIED_PER_SHARD: usize = 1024;
+
+/// What authentication decided, or that it needs an issuer's keys fetched first.
+enum Verdict {
+    Done(Result<Arc<Identity>, AuthError>),
+    /// An access token names a key its issuer's set (of this generation) does not hold.
+    Refetch(Arc<crate::oauth::Provider>, u64),
+}
+
 /// The credential table and the limits, built from one config (rebuilt whole on reload).
 pub struct Authenticator {
     cfg: AuthConfig,
+    /// One per configured issuer (kept across reloads that leave it unchanged, keys and all).
+    providers: Vec<Arc<crate::oauth::Provider>>,
+    /// Access tokens already verified, by digest: the identity and the `aud` values.
+    verified: Sharded<[u8; 32], VerifiedToken>,
     servers: Vec<(String, Vec<String>)>,
     store: Option<Arc<crate::store::StoreView>>,
     store_identities: Sharded<String, StoreIdentity>,
@@ -381,8 +404,12 @@ impl Authenticator {
             by_name.insert(identity.name.clone(), identity.clone());
             by_digest.insert(t.digest, identity);
         }
+        let providers = cfg.oauth.issuers.iter().map(|d| crate::oauth::Provider::new(Arc::new(d.clone()))).collect();
         Authenticator {
-            anonymous: cfg.tokens.is_empty().then(Identity::anonymous),
+            // Open only when no credential of any kind is configured.
+            anonymous: (cfg.tokens.is_empty() && cfg.oauth.issuers.is_empty()).then(Identity::anonymous),
+            providers,
+            verified: Sharded::new(),
             cfg: cfg.clone(),
             servers: servers.to_vec(),
             store,
@@ -490,14 +517,94 @@ impl Authenticator {
     }
 
     /// Authenticates a request from `client`: its one credential, else a verified client
-    /// certificate whose subject names a configured identity.
+    /// certificate whose subject names a configured identity. (Access tokens from identity
+    /// providers are accepted by [`Authenticator::authenticate_at`], which knows the endpoint.)
     pub fn authenticate(&self, headers: &HeaderMap, client: IpAddr) -> Result<Arc<Identity>, AuthError> {
+        match self.decide(headers, client, None) {
+            Verdict::Done(r) => r,
+            Verdict::Refetch(..) => Err(self.failed(client).unwrap_or(AuthError::Invalid)),
+        }
+    }
+
+    /// Authenticates a request for an MCP endpoint: as [`Authenticator::authenticate`], and an
+    /// access token of a configured issuer, issued for this endpoint. A token naming a key its
+    /// issuer's set lacks has the set fetched again (at most once per 30 s) and is checked once
+    /// more.
+    pub(crate) async fn authenticate_at(
+        &self,
+        headers: &HeaderMap,
+        client: IpAddr,
+        at: &crate::oauth::Endpoint,
+    ) -> Result<Arc<Identity>, AuthError> {
+        match self.decide(headers, client, Some(at)) {
+            Verdict::Done(r) => r,
+            Verdict::Refetch(provider, seen) => {
+                if !provider.refetch_for_unknown_key(seen).await {
+                    return Err(self.failed(client).unwrap_or(AuthError::Invalid));
+                }
+                match self.decide(headers, client, Some(at)) {
+                    Verdict::Done(r) => r,
+                    Verdict::Refetch(..) => Err(self.failed(client).unwrap_or(AuthError::Invalid)),
+                }
+            }
+        }
+    }
+
+    /// Whether access tokens of identity providers are accepted.
+    pub(crate) fn has_issuers(&self) -> bool {
+        !self.providers.is_empty()
+    }
+
+    /// The identity providers, in config order.
+    pub(crate) fn providers(&self) -> &[Arc<crate::oauth::Provider>] {
+        &self.providers
+    }
+
+    /// Takes over the providers of `old` whose configuration is unchanged (their keys with
+    /// them), so a reload neither refetches nor forgets keys.
+    pub(crate) fn adopt_providers(&mut self, old: &Authenticator) {
+        for p in &mut self.providers {
+            if let Some(o) = old.providers.iter().find(|o| o.def == p.def) {
+                *p = o.clone();
+            }
+        }
+    }
+
+    /// Starts fetching the keys of providers not started yet.
+    pub(crate) fn start_providers(&self) {
+        for p in &self.providers {
+            p.start();
+        }
+    }
+
+    /// Whether an access token's issuer is configured as it was when the token was checked
+    /// (a reload that removes or changes it ends the sessions of its tokens).
+    pub(crate) fn issuer_current(&self, def: &crate::credentials::IssuerDef) -> bool {
+        self.providers.iter().any(|p| *p.def == *def)
+    }
+
+    /// The scopes that reach a server (all of them for the aggregated endpoint), by issuer: what
+    /// a challenge asks for.
+    pub(crate) fn scopes_for(&self, server: Option<&str>) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .providers
+            .iter()
+            .flat_map(|p| p.def.scopes.iter())
+            .filter(|(_, g)| server.is_none_or(|s| g.reaches(s)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn decide(&self, headers: &HeaderMap, client: IpAddr, at: Option<&crate::oauth::Endpoint>) -> Verdict {
         if let Some(anon) = &self.anonymous {
             match self.store.as_ref().map(|s| s.state()) {
-                None | Some(crate::store::StoreState::Empty) => return Ok(anon.clone()),
+                None | Some(crate::store::StoreState::Empty) => return Verdict::Done(Ok(anon.clone())),
                 // The store's tokens may be the only credentials: nobody can be confirmed.
                 Some(crate::store::StoreState::Unavailable) => {
-                    return Err(AuthError::Unavailable(Duration::from_secs(1)));
+                    return Verdict::Done(Err(AuthError::Unavailable(Duration::from_secs(1))));
                 }
                 Some(crate::store::StoreState::HasTokens) => {}
             }
@@ -506,15 +613,27 @@ impl Authenticator {
         if presented == Err(AuthError::Missing)
             && let Some(subject) = headers.get(CLIENT_SUBJECT_HEADER).and_then(|v| v.to_str().ok())
         {
-            return match self.by_name.get(subject) {
+            return Verdict::Done(match self.by_name.get(subject) {
                 Some(identity) if !identity.expired(SystemTime::now()) => Ok(identity.clone()),
                 _ => Err(self.failed(client).unwrap_or(AuthError::Invalid)),
-            };
+            });
         }
+        let mut refetch = None;
         let found = presented.and_then(|secret| {
             let d = digest(secret);
             let identity = match self.by_digest.get(&d) {
                 Some(i) => i.clone(),
+                None if !self.providers.is_empty() && crate::oauth::jwt::looks_like_jwt(secret) => {
+                    let Some(at) = at else { return Err(AuthError::Invalid) };
+                    match self.access_token(secret, &d, at) {
+                        Ok(identity) => identity,
+                        Err(Some(pending)) => {
+                            refetch = Some(pending);
+                            return Err(AuthError::Invalid);
+                        }
+                        Err(None) => return Err(AuthError::Invalid),
+                    }
+                }
                 None => {
                     let store = self.store.as_ref().ok_or(AuthError::Invalid)?;
                     let now = crate::store::now_ms();
@@ -536,13 +655,99 @@ impl Authenticator {
             }
             Ok(identity)
         });
-        match found {
+        if let Some((provider, seen)) = refetch {
+            return Verdict::Refetch(provider, seen);
+        }
+        Verdict::Done(match found {
             Ok(identity) => Ok(identity),
             // No credential at all is not a guess: it gets the 401 challenge that starts the
             // authorization flow, and is not counted by the failure throttle.
             Err(e @ (AuthError::Unavailable(_) | AuthError::Missing)) => Err(e),
             Err(e) => Err(self.failed(client).unwrap_or(e)),
+        })
+    }
+
+    /// An access token for `at`: from the verified cache, or verified now against its issuer's
+    /// keys. `Err(Some(provider))` when its key id is not in the issuer's set (fetch and retry).
+    fn access_token(
+        &self,
+        token: &str,
+        d: &[u8; 32],
+        at: &crate::oauth::Endpoint,
+    ) -> Result<Arc<Identity>, Option<(Arc<crate::oauth::Provider>, u64)>> {
+        let now = SystemTime::now();
+        let cached = lock(self.verified.shard(d)).get(d).cloned();
+        if let Some((identity, auds)) = cached {
+            let def = identity.issuer.as_ref().ok_or(None)?;
+            let accepted = at.audiences(self.cfg.oauth.resources, &self.server_names(), def);
+            if identity.expired(now) || !auds.iter().any(|a| accepted.contains(a)) {
+                return Err(None);
+            }
+            return Ok(identity);
         }
+        let iss = crate::oauth::jwt::claimed_issuer(token).map_err(|_| None)?;
+        let provider = self.providers.iter().find(|p| p.def.issuer == iss).ok_or(None)?;
+        let def = &provider.def;
+        let audiences = at.audiences(self.cfg.oauth.resources, &self.server_names(), def);
+        let policy = crate::oauth::jwt::Policy {
+            issuer: &def.issuer,
+            audiences: &audiences,
+            algorithms: &def.algorithms,
+            leeway: def.leeway,
+            require_at_jwt: def.require_at_jwt,
+        };
+        let keys = provider.keys();
+        let claims = match crate::oauth::jwt::verify(token, &policy, &keys) {
+            Ok(c) => c,
+            Err(crate::oauth::jwt::JwtError::UnknownKey(_)) => return Err(Some((provider.clone(), keys.generation))),
+            Err(e) => {
+                tracing::debug!(issuer = %def.issuer, reason = %e, "access token refused");
+                return Err(None);
+            }
+        };
+        let identity = self.token_identity(def, &claims);
+        let auds = claims.aud.values().into_iter().map(str::to_owned).collect();
+        let mut cache = lock(self.verified.shard(d));
+        if cache.len() >= VERIFIED_PER_SHARD {
+            cache.retain(|_, (i, _)| !i.expired(now));
+            if cache.len() >= VERIFIED_PER_SHARD {
+                cache.clear();
+            }
+        }
+        cache.insert(*d, (identity.clone(), auds));
+        Ok(identity)
+    }
+
+    /// The identity an access token makes: named by the issuer's identity claim, keyed by
+    /// issuer and subject, reaching what its scopes grant, ending at its expiry.
+    fn token_identity(
+        &self,
+        def: &Arc<crate::credentials::IssuerDef>,
+        claims: &crate::oauth::jwt::Claims,
+    ) -> Arc<Identity> {
+        let name = match def.identity_claim.as_str() {
+            "sub" => claims.sub.clone(),
+            claim => claims.other.get(claim).and_then(|v| v.as_str()).map_or_else(|| claims.sub.clone(), str::to_owned),
+        };
+        let scopes = claims.scopes();
+        let parts: Vec<&Grants> =
+            def.scopes.iter().filter(|(s, _)| scopes.contains(&s.as_str())).map(|(_, g)| g).collect();
+        Arc::new(Identity {
+            name: name.into(),
+            role: Role::User,
+            tenant: None,
+            grants: Grants::union(&parts, &self.cfg.oauth.separator),
+            expires: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(claims.exp)),
+            token_id: None,
+            key: format!("oauth:{}#{}", claims.iss, claims.sub).into(),
+            issuer: Some(def.clone()),
+            rate: self.cfg.per_identity,
+            bucket: Mutex::new(None),
+        })
+    }
+
+    fn server_names(&self) -> Vec<String> {
+        self.servers.iter().map(|(s, _)| s.clone()).collect()
     }
 
     /// Drops per-address state that no longer says anything: failure counts whose window and

@@ -178,6 +178,47 @@ impl Grants {
         }
     }
 
+    /// What any of `parts` grants (allow-only grants, as OAuth scopes map to): the union of
+    /// their servers, and per kind the union of their allows, a part that names no pattern of
+    /// a kind allowing every item of its servers. Nothing, for no parts.
+    pub(crate) fn union(parts: &[&Grants], separator: &str) -> Grants {
+        if parts.is_empty() {
+            return Grants { servers: Some(BTreeSet::new()), ..Grants::default() };
+        }
+        let servers = parts.iter().try_fold(BTreeSet::new(), |mut acc, g| {
+            g.servers.as_ref().map(|s| {
+                acc.extend(s.iter().cloned());
+                acc
+            })
+        });
+        let kind = |k: GrantKind| {
+            let mut allow = Vec::new();
+            for g in parts {
+                let p = g.patterns(k);
+                if p.allow.is_empty() {
+                    match &g.servers {
+                        // Every item of every server: nothing to restrict for this kind.
+                        None => return Patterns::default(),
+                        Some(s) => allow.extend(s.iter().map(|s| Glob::new(&format!("{s}{separator}*")))),
+                    }
+                } else {
+                    allow.extend(p.allow.iter().cloned());
+                }
+            }
+            if allow.is_empty() {
+                // Parts that reach no server: a pattern nothing matches keeps the kind closed.
+                allow.push(Glob::new(""));
+            }
+            Patterns { allow, deny: Vec::new() }
+        };
+        Grants {
+            servers,
+            tools: kind(GrantKind::Tool),
+            prompts: kind(GrantKind::Prompt),
+            resources: kind(GrantKind::Resource),
+        }
+    }
+
     /// Whether a server may be reached at all.
     pub(crate) fn reaches(&self, server: &str) -> bool {
         self.servers.as_ref().is_none_or(|s| s.contains(server))

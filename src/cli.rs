@@ -407,7 +407,7 @@ pub fn startup_check(
         });
     }
     let store_has_tokens = store.state() == crate::store::StoreState::HasTokens;
-    let open = config.auth.tokens.is_empty() && !store_has_tokens;
+    let open = config.auth.tokens.is_empty() && config.auth.oauth.issuers.is_empty() && !store_has_tokens;
     if open && !config.listen.ip().is_loopback() {
         if !opts.allow_unauthenticated {
             anyhow::bail!(
@@ -447,6 +447,9 @@ fn auth_summary(config: &Config, store: &crate::store::StoreView, open: bool) ->
     }
     if config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
         parts.push("client certificates".into());
+    }
+    for i in &config.auth.oauth.issuers {
+        parts.push(format!("access tokens from {}", i.issuer));
     }
     format!("authentication: ON: {}", parts.join(", "))
 }

@@ -287,6 +287,63 @@ pub struct AuthConfig {
     pub failures: FailureLimit,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<Cidr>,
+    /// The identity providers whose access tokens are accepted.
+    pub oauth: OAuthConfig,
+}
+
+/// The algorithms a public key can verify: the only ones an access token may use.
+pub(crate) const ASYMMETRIC: &[jsonwebtoken::Algorithm] = &[
+    jsonwebtoken::Algorithm::RS256,
+    jsonwebtoken::Algorithm::RS384,
+    jsonwebtoken::Algorithm::RS512,
+    jsonwebtoken::Algorithm::PS256,
+    jsonwebtoken::Algorithm::PS384,
+    jsonwebtoken::Algorithm::PS512,
+    jsonwebtoken::Algorithm::ES256,
+    jsonwebtoken::Algorithm::ES384,
+    jsonwebtoken::Algorithm::EdDSA,
+];
+
+/// The identity providers whose access tokens are accepted (`oauth:`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OAuthConfig {
+    /// One entry per issuer.
+    pub issuers: Vec<IssuerDef>,
+    /// Which resource a token must be issued for.
+    pub resources: ResourceBinding,
+    /// The config's name separator (scope grants are patterns over aggregated names).
+    pub separator: String,
+}
+
+/// Which resource (RFC 8707 audience) a token must name to be accepted at an endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ResourceBinding {
+    /// The exact endpoint URL (`…/mcp`, `…/servers/NAME/mcp`).
+    #[default]
+    Endpoint,
+    /// Any of this gateway's MCP endpoint URLs.
+    Gateway,
+}
+
+/// One identity provider, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerDef {
+    /// The exact `iss`.
+    pub issuer: String,
+    /// Its JWKS URL, when the config gives it (else discovered from its metadata).
+    pub jwks_uri: Option<String>,
+    /// `aud` values accepted besides the endpoint's resource URL.
+    pub audiences: Vec<String>,
+    /// The signature algorithms accepted (asymmetric only).
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Clock skew allowed.
+    pub leeway: std::time::Duration,
+    /// Whether `typ: at+jwt` is required.
+    pub require_at_jwt: bool,
+    /// The claim naming the identity.
+    pub identity_claim: String,
+    /// Scope → what it grants.
+    pub scopes: BTreeMap<String, Grants>,
 }
 
 /// SHA-256 of a secret.

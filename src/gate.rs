@@ -77,6 +77,16 @@ pub(crate) enum Rejection {
     },
     /// Refused by authentication or authorization (401, 403, 429, 503 with their headers).
     Auth(AuthError),
+    /// Refused at a protected resource (OAuth configured): 401 or 403 with a challenge that
+    /// names the resource's metadata and the scopes it needs (RFC 9728 §5.1, RFC 6750 §3).
+    Challenge {
+        /// The refusal.
+        error: AuthError,
+        /// The protected resource metadata URL.
+        metadata: String,
+        /// The scopes the endpoint needs, space-separated.
+        scope: String,
+    },
     /// A management API error: `{"error": …, "message": …}`.
     Api {
         /// The HTTP status.
@@ -111,6 +121,26 @@ impl IntoResponse for Rejection {
         match self {
             Rejection::Rpc { status, id, code, message } => rpc_error(status, id.as_deref(), code, &message),
             Rejection::Auth(e) => e.into_response(),
+            Rejection::Challenge { error, metadata, scope } => {
+                // A missing credential gets no `error` (RFC 6750 §3.1).
+                let code = match error {
+                    AuthError::Invalid => Some("invalid_token"),
+                    AuthError::Forbidden(_) => Some("insufficient_scope"),
+                    _ => None,
+                };
+                let mut challenge = format!(r#"Bearer realm="{}", resource_metadata="{metadata}""#, crate::auth::REALM);
+                if !scope.is_empty() {
+                    challenge.push_str(&format!(r#", scope="{scope}""#));
+                }
+                if let Some(code) = code {
+                    challenge.push_str(&format!(r#", error="{code}""#));
+                }
+                let mut r = error.into_response();
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                r
+            }
             Rejection::Api { status, error, message } => {
                 json(status, serde_json::json!({"error": error, "message": message}).to_string())
             }
@@ -448,7 +478,7 @@ where
     let snap = gw.snapshot();
     let client = snap.auth.client_addr(peer, headers);
     let mut entry = Entry::open(client, method);
-    let resp = match admit(&snap, scope, headers, client, &mut entry) {
+    let resp = match admit(&snap, scope, headers, client, &mut entry).await {
         Ok(who) => f(who, &mut entry).await.into_response(),
         Err(r) => r.into_response(),
     };
@@ -457,7 +487,7 @@ where
 }
 
 /// The gate itself (see [`guarded`]).
-fn admit(
+async fn admit(
     snapshot: &Arc<Snapshot>,
     scope: &Scope,
     headers: &HeaderMap,
@@ -469,18 +499,37 @@ fn admit(
         entry.refuse("refused: origin not allowed");
         return Err(r);
     }
-    let identity = match auth.authenticate(headers, client) {
-        Ok(i) => i,
-        Err(e) => {
-            entry.refuse(e.outcome());
-            return Err(Rejection::Auth(e));
-        }
+    // With identity providers configured, the endpoint is a protected resource: its tokens
+    // are checked for it, and its refusals say where its metadata is.
+    let at = auth.has_issuers().then(|| crate::oauth::Endpoint {
+        base: config.public_base(),
+        server: match scope {
+            Scope::One(s) => Some(s.clone()),
+            Scope::All => None,
+        },
+    });
+    let authenticated = match &at {
+        Some(at) => auth.authenticate_at(headers, client, at).await,
+        None => auth.authenticate(headers, client),
     };
-    entry.identify(&identity);
     let refuse = |entry: &mut Entry, e: AuthError| {
         entry.refuse(e.outcome());
-        Rejection::Auth(e)
+        match &at {
+            Some(at) if matches!(e, AuthError::Missing | AuthError::Invalid | AuthError::Forbidden(_)) => {
+                Rejection::Challenge {
+                    metadata: at.metadata_url(),
+                    scope: auth.scopes_for(at.server.as_deref()).join(" "),
+                    error: e,
+                }
+            }
+            _ => Rejection::Auth(e),
+        }
     };
+    let identity = match authenticated {
+        Ok(i) => i,
+        Err(e) => return Err(refuse(entry, e)),
+    };
+    entry.identify(&identity);
     // A scraper's credential reads the figures and nothing else, whatever the surface.
     if identity.role == crate::credentials::Role::Metrics
         && !crate::credentials::METRICS_REQUESTS.contains(&entry.method.as_str())

@@ -43,6 +43,8 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .route("/{name}/sse", get(mcp_sse::open))
         .route("/{name}/mcp", any(mcp_http::handle))
         .route("/health", get(health))
+        .route("/.well-known/oauth-protected-resource", get(crate::oauth::metadata::serve))
+        .route("/.well-known/oauth-protected-resource/{*path}", get(crate::oauth::metadata::serve))
         .route("/servers", get(crate::admin::servers))
         .route("/servers/{name}", get(crate::admin::server))
         .route("/servers/{name}/{action}", post(crate::admin::control))

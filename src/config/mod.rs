@@ -10,6 +10,7 @@
 pub(crate) mod auth;
 pub(crate) mod catalog;
 pub(crate) mod env;
+pub(crate) mod oauth;
 pub mod schema;
 mod tree;
 
@@ -119,6 +120,9 @@ pub(crate) struct RawConfig {
     /// Proxies (CIDRs or addresses) whose `X-Forwarded-For` names the client.
     #[serde(default)]
     pub trusted_proxies: Vec<S>,
+    /// Access tokens from identity providers (OAuth 2.1; see `docs/oauth.md`).
+    #[serde(default)]
+    pub oauth: Option<oauth::RawOAuth>,
     /// Where audit records go (one JSON line per request).
     #[serde(default)]
     pub audit: Option<RawAudit>,
@@ -569,6 +573,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// The URL clients reach the gateway at, without a trailing slash: `public_url`, else the
+    /// listen address (https when TLS is on).
+    pub(crate) fn public_base(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.clone(),
+            None => format!("{}://{}", if self.tls.is_some() { "https" } else { "http" }, self.listen),
+        }
+    }
+
     /// The token store file and whether the config named it: the named path, else
     /// `portcullis.db` beside the config file (or in the working directory without one).
     pub fn store(&self) -> (PathBuf, bool) {
@@ -840,7 +853,8 @@ impl Validator<'_> {
         let catalog = raw.catalog_path.as_ref().map(|c| self.catalog(c, &separator, &mut servers));
         servers.sort_by(|a, b| a.name.cmp(&b.name));
         let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
-        let auth = self.auth(
+        let oauth = self.oauth(raw.oauth, &names, &separator);
+        let mut auth = self.auth(
             auth::RawAuthParts {
                 auth: raw.auth,
                 proxy: raw.proxy,
@@ -851,6 +865,7 @@ impl Validator<'_> {
             },
             &names,
         );
+        auth.oauth = oauth;
         for s in &servers {
             for t in s.auth_tokens.iter().filter(|t| !auth.tokens.iter().any(|d| d.name == **t)) {
                 self.error(format!("servers.{}.authTokens", s.name), format!("unknown token name {t:?}"));

@@ -11,7 +11,7 @@ use tokio::process::Command;
 use crate::secrets::{serve, stop};
 use crate::support::*;
 
-const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+pub(crate) const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
 
 /// POSTs `initialize` to `url` with an optional bearer token; the status.
 async fn init_status(url: &str, token: Option<&str>) -> u16 {

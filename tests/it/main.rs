@@ -9,6 +9,7 @@ mod eras;
 mod external;
 mod failclosed;
 mod hotpath;
+mod oauth;
 mod operating;
 mod process;
 mod protocol;

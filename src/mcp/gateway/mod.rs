@@ -234,6 +234,7 @@ impl Gateway {
     pub(crate) fn start_with(config: Config, store: Arc<crate::store::StoreView>) -> Result<Arc<Self>, StartError> {
         let cursors = lists::CursorKey::new(crate::random::key()?);
         let authenticator = authenticator_for(&config, Some(store.clone()));
+        authenticator.start_providers();
         let audit = crate::audit::Audit::start(config.audit_target()).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot open the audit file; audit records go to stderr");
             crate::audit::Audit::start(None).unwrap_or_else(|_| crate::audit::Audit::discard())
@@ -405,7 +406,9 @@ impl Gateway {
         for t in old.auth.tokens.iter().filter(|t| t.source == crate::credentials::TokenSource::Generated) {
             config.auth.tokens.push(t.clone());
         }
-        let authenticator = authenticator_for(&config, Some(self.store.clone()));
+        let mut authenticator = authenticator_for(&config, Some(self.store.clone()));
+        authenticator.adopt_providers(&self.authenticator());
+        authenticator.start_providers();
         let config = Arc::new(config);
         self.snapshot.store(Arc::new(Snapshot { config: config.clone(), auth: Arc::new(authenticator) }));
         self.configure_metrics(&config);
@@ -959,6 +962,10 @@ async fn live(up: &Upstream) -> Option<Arc<crate::mcp::upstream::Connection>> {
 /// Whether a config or environment identity behind a session no longer holds: removed,
 /// expired, or its grants or tenant changed by a reload (it was authorized under the old ones).
 fn config_identity_stale(auth: &Authenticator, s: &Session, now: std::time::SystemTime) -> bool {
+    // An access token's session: until the token expires or its issuer leaves the config.
+    if let Some(def) = &s.identity.issuer {
+        return s.identity.expired(now) || !auth.issuer_current(def);
+    }
     match auth.current(&s.identity.name) {
         None => true,
         Some(c) if Arc::ptr_eq(&c, &s.identity) => c.expired(now),

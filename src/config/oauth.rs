@@ -1,0 +1,184 @@
+//! The `oauth:` part of the file: the identity providers whose access tokens Portcullis
+//! accepts (an OAuth 2.1 resource server, see `docs/oauth.md`), validated into
+//! [`OAuthConfig`].
+//!
+//! Invariants: an issuer is an https URL (http only on a loopback host); only asymmetric
+//! algorithms can be named; a scope's grants only allow (a denial in one scope could not be
+//! undone by another the token also carries, so none is accepted); every server a scope names
+//! exists.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{DurationValue, S, Validator};
+use crate::authz::Grants;
+use crate::credentials::{IssuerDef, OAuthConfig, ResourceBinding};
+
+/// `oauth:`.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOAuth {
+    /// The identity providers whose access tokens are accepted.
+    #[serde(default)]
+    pub issuers: Vec<RawIssuer>,
+    /// Which resource a token must be issued for: `endpoint` (default: the exact MCP endpoint
+    /// URL it is used at, so a token for one server's endpoint is refused at another's) or
+    /// `gateway` (a token for any of this gateway's MCP endpoints is accepted at all of them).
+    #[serde(default)]
+    pub resources: Option<S>,
+}
+
+/// One identity provider.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawIssuer {
+    /// The issuer identifier, exactly as its tokens' `iss` says (`https://idp.example.com/realms/acme`).
+    pub issuer: S,
+    /// Where its signing keys are (JWKS). Default: the `jwks_uri` of its metadata
+    /// (`/.well-known/oauth-authorization-server`, then `/.well-known/openid-configuration`).
+    #[serde(default)]
+    pub jwks_uri: Option<S>,
+    /// `aud` values accepted besides the endpoint's resource URL (Entra ID's `api://…`, say).
+    #[serde(default)]
+    pub audiences: Vec<S>,
+    /// Signature algorithms accepted (default: RS256, RS384, RS512, PS256, PS384, PS512,
+    /// ES256, ES384, EdDSA; `none` and HMAC never).
+    #[serde(default)]
+    pub algorithms: Vec<S>,
+    /// Clock skew allowed on `exp` and `nbf` (default `60s`, at most `5m`).
+    #[serde(default)]
+    pub leeway: Option<DurationValue>,
+    /// Require RFC 9068's `typ: at+jwt` (default false: many providers type access tokens `JWT`).
+    #[serde(default)]
+    pub require_at_jwt: bool,
+    /// The claim that names the identity in audit records, metrics and rate limits (default
+    /// `sub`; `email` or `preferred_username`, say). Sessions are bound to issuer and `sub`.
+    #[serde(default)]
+    pub identity_claim: Option<S>,
+    /// What each scope grants: `files:read: {servers: [files], tools: ["files__read_*"]}`. A
+    /// token reaches the union of its scopes' grants; a scope not listed grants nothing.
+    #[serde(default)]
+    pub scopes: BTreeMap<String, RawScopeGrant>,
+}
+
+/// What one scope grants (allows only).
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScopeGrant {
+    /// Servers it reaches (default: all).
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Tool globs over aggregated names (default: every tool of its servers).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Prompt globs (default: every prompt of its servers).
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Resource globs over `server` + separator + URI (default: every resource of its servers).
+    #[serde(default)]
+    pub resources: Vec<String>,
+}
+
+/// The longest leeway accepted.
+const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
+impl Validator<'_> {
+    pub(super) fn oauth(&mut self, raw: Option<RawOAuth>, servers: &[String], separator: &str) -> OAuthConfig {
+        let Some(raw) = raw else { return OAuthConfig::default() };
+        let resources = match raw.resources.as_deref() {
+            None | Some("endpoint") => ResourceBinding::Endpoint,
+            Some("gateway") => ResourceBinding::Gateway,
+            Some(other) => {
+                self.error("oauth.resources", format!("{other:?} is neither `endpoint` nor `gateway`"));
+                ResourceBinding::Endpoint
+            }
+        };
+        let mut issuers: Vec<IssuerDef> = Vec::new();
+        for (i, r) in raw.issuers.iter().enumerate() {
+            let path = format!("oauth.issuers[{i}]");
+            if let Some(def) = self.issuer(&path, r, servers) {
+                if issuers.iter().any(|d| d.issuer == def.issuer) {
+                    self.error(format!("{path}.issuer"), format!("{:?} is listed twice", def.issuer));
+                }
+                issuers.push(def);
+            }
+        }
+        OAuthConfig { issuers, resources, separator: separator.to_owned() }
+    }
+
+    fn issuer(&mut self, path: &str, r: &RawIssuer, servers: &[String]) -> Option<IssuerDef> {
+        let before = self.errors.len();
+        let issuer = self.subst(&format!("{path}.issuer"), &r.issuer);
+        self.provider_url(&format!("{path}.issuer"), &issuer);
+        let jwks_uri = r.jwks_uri.as_ref().map(|u| {
+            let u = self.subst(&format!("{path}.jwks_uri"), u);
+            self.provider_url(&format!("{path}.jwks_uri"), &u);
+            u
+        });
+        let audiences =
+            r.audiences.iter().enumerate().map(|(j, a)| self.subst(&format!("{path}.audiences[{j}]"), a)).collect();
+        let mut algorithms = Vec::new();
+        for (j, a) in r.algorithms.iter().enumerate() {
+            match crate::credentials::ASYMMETRIC.iter().find(|alg| format!("{alg:?}") == *a) {
+                Some(alg) => algorithms.push(*alg),
+                None => self.error(
+                    format!("{path}.algorithms[{j}]"),
+                    format!("{a:?} is not accepted (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA)"),
+                ),
+            }
+        }
+        if algorithms.is_empty() {
+            algorithms = crate::credentials::ASYMMETRIC.to_vec();
+        }
+        let leeway = self.duration(&format!("{path}.leeway"), r.leeway.as_ref(), Duration::from_secs(60), true);
+        if leeway > MAX_LEEWAY {
+            self.error(format!("{path}.leeway"), "at most 5m");
+        }
+        let mut scopes = BTreeMap::new();
+        for (scope, g) in &r.scopes {
+            let sp = format!("{path}.scopes.{scope}");
+            // RFC 6749 §3.3 scope-token: printable ASCII but space, `"` and `\`.
+            if scope.is_empty() || !scope.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\') {
+                self.error(&sp, "a scope is printable ASCII without spaces, quotes or backslashes");
+            }
+            for (j, s) in g.servers.iter().enumerate().filter(|(_, s)| !servers.contains(s)) {
+                self.error(format!("{sp}.servers[{j}]"), format!("unknown server {s:?}"));
+            }
+            for (kind, list) in [("tools", &g.tools), ("prompts", &g.prompts), ("resources", &g.resources)] {
+                if list.iter().any(|p| p.starts_with('!')) {
+                    self.error(format!("{sp}.{kind}"), "a scope only grants: `!` denials are not accepted here");
+                }
+            }
+            scopes.insert(scope.clone(), Grants::from_lists(&g.servers, &g.tools, &g.prompts, &g.resources));
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(IssuerDef {
+            issuer,
+            jwks_uri,
+            audiences,
+            algorithms,
+            leeway,
+            require_at_jwt: r.require_at_jwt,
+            identity_claim: r.identity_claim.clone().unwrap_or_else(|| "sub".into()),
+            scopes,
+        })
+    }
+
+    /// An identity provider's URL: https, or http on a loopback host (a provider on this
+    /// machine, a test's).
+    fn provider_url(&mut self, path: &str, url: &str) {
+        match reqwest::Url::parse(url) {
+            Ok(u) if u.scheme() == "https" && u.has_host() => {}
+            Ok(u) if u.scheme() == "http" && u.host_str().is_some_and(is_loopback_host) => {}
+            _ => self.error(path, format!("{url:?} is not an https URL (http only on a loopback host)")),
+        }
+    }
+}
+
+fn is_loopback_host(h: &str) -> bool {
+    h == "localhost" || h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}

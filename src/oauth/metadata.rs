@@ -1,0 +1,44 @@
+//! Protected resource metadata (RFC 9728): where a client learns which authorization servers
+//! issue tokens for an MCP endpoint and which scopes it knows.
+//!
+//! Invariants: a document exists only while identity providers are configured (404 otherwise,
+//! and for a path that is no MCP endpoint of an enabled server); its `resource` is exactly the
+//! URL the well-known path was formed from (§3.3: clients compare it strictly); it never lists
+//! `offline_access`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::gate::json;
+use crate::mcp::gateway::Gateway;
+
+/// `GET /.well-known/oauth-protected-resource[/PATH]`.
+pub(crate) async fn serve(State(gw): State<Arc<Gateway>>, path: Option<Path<String>>) -> Response {
+    let snap = gw.snapshot();
+    let (config, auth) = (&snap.config, &snap.auth);
+    let rest = path.map(|Path(p)| p).unwrap_or_default();
+    let enabled = |n: &str| config.server(n).is_some_and(|d| d.enabled);
+    let server = match rest.trim_matches('/').split('/').collect::<Vec<_>>().as_slice() {
+        [""] | ["mcp" | "sse"] => None,
+        ["servers", name, "mcp" | "sse"] | [name, "mcp" | "sse"] if enabled(name) => Some(*name),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    if !auth.has_issuers() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let base = config.public_base();
+    let resource = if rest.is_empty() { base } else { format!("{base}/{}", rest.trim_start_matches('/')) };
+    let issuers: Vec<&str> = auth.providers().iter().map(|p| p.def.issuer.as_str()).collect();
+    let scopes: Vec<String> = auth.scopes_for(server).into_iter().filter(|s| s != "offline_access").collect();
+    let doc = serde_json::json!({
+        "resource": resource,
+        "authorization_servers": issuers,
+        "scopes_supported": scopes,
+        "bearer_methods_supported": ["header"],
+        "resource_name": config.name,
+    });
+    json(StatusCode::OK, doc.to_string())
+}

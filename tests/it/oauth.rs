@@ -1,0 +1,234 @@
+//! Portcullis as an OAuth 2.1 resource server: access tokens from an identity provider, checked
+//! against the keys it publishes; protected resource metadata; the challenges of every refusal.
+//! The provider here is a small one on 127.0.0.1 that publishes OpenID discovery and a JWKS
+//! whose keys the test rotates, and counts its fetches.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// A signing key and its public JWK.
+struct Key {
+    kid: String,
+    signing: EncodingKey,
+    jwk: Value,
+}
+
+fn key(kid: &str) -> Key {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
+    let p = pair.public_key().as_ref();
+    let jwk =
+        json!({"kty":"EC","crv":"P-256","x":b64(&p[1..33]),"y":b64(&p[33..65]),"kid":kid,"alg":"ES256","use":"sig"});
+    Key { kid: kid.to_owned(), signing: EncodingKey::from_ec_der(pkcs8.as_ref()), jwk }
+}
+
+/// The identity provider: OpenID discovery and a JWKS, on 127.0.0.1.
+struct Provider {
+    issuer: String,
+    keys: Arc<Mutex<Vec<Value>>>,
+    fetches: Arc<AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+async fn provider(keys: &[&Key]) -> Provider {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let set = Arc::new(Mutex::new(keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (s, f, i) = (set.clone(), fetches.clone(), issuer.clone());
+    let app = axum::Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            get(move || {
+                let i = i.clone();
+                async move { json!({"issuer": i, "jwks_uri": format!("{i}/jwks")}).to_string() }
+            }),
+        )
+        .route(
+            "/jwks",
+            get(move || {
+                let (s, f) = (s.clone(), f.clone());
+                async move {
+                    f.fetch_add(1, Ordering::SeqCst);
+                    json!({"keys": *s.lock().unwrap()}).to_string()
+                }
+            }),
+        );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let until = stop.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(until.cancelled_owned()).await;
+    });
+    Provider { issuer, keys: set, fetches, stop }
+}
+
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+/// A token from `k` for `aud` with `scope`, valid for five minutes unless `claims` says else.
+fn token(p: &Provider, k: &Key, sub: &str, aud: &str, scope: &str, extra: Value) -> String {
+    let mut claims = json!({"iss": p.issuer, "sub": sub, "aud": aud, "exp": now() + 300, "iat": now(),
+        "scope": scope, "email": format!("{sub}@example.com")});
+    for (name, v) in extra.as_object().unwrap() {
+        claims[name] = v.clone();
+    }
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some(k.kid.clone());
+    jsonwebtoken::encode(&h, &claims, &k.signing).unwrap()
+}
+
+/// An `initialize` POST with a bearer token: (status, WWW-Authenticate).
+async fn init(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut req = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(crate::failclosed::INIT);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let r = req.send().await.unwrap();
+    let challenge = r.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    (r.status().as_u16(), challenge)
+}
+
+fn config(p: &Provider) -> String {
+    format!(
+        "oauth:\n  issuers:\n    - issuer: {:?}\n      identity_claim: email\n      scopes:\n        a:all: {{servers: [a]}}\n        b:echo: {{servers: [b], tools: [b__echo]}}\n",
+        p.issuer
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_tokens_of_the_provider_are_checked_for_the_endpoint_they_were_issued_for() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&config(&p)).start().await;
+    let (mcp, on_b) = (gw.mcp(), gw.server("b"));
+
+    // No credential: 401 naming the metadata and the scopes, no `error` (RFC 6750 §3.1).
+    let (status, challenge) = init(&mcp, None).await;
+    assert_eq!(status, 401);
+    let metadata = format!("{}/.well-known/oauth-protected-resource/mcp", gw.url);
+    assert!(challenge.contains(&format!("resource_metadata=\"{metadata}\"")), "{challenge}");
+    assert!(challenge.contains("scope=\"a:all b:echo\"") && !challenge.contains("error="), "{challenge}");
+    // The metadata names this endpoint exactly, and the provider.
+    let (status, doc) = http_json(reqwest::Method::GET, &metadata, None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["resource"], mcp);
+    assert_eq!(doc["authorization_servers"], json!([p.issuer]));
+    assert_eq!(doc["bearer_methods_supported"], json!(["header"]));
+    let (_, doc_b) = http_json(
+        reqwest::Method::GET,
+        &format!("{}/.well-known/oauth-protected-resource/servers/b/mcp", gw.url),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (doc_b["resource"].as_str(), doc_b["scopes_supported"].clone()),
+        (Some(on_b.as_str()), json!(["b:echo"]))
+    );
+    assert_eq!(
+        http_json(
+            reqwest::Method::GET,
+            &format!("{}/.well-known/oauth-protected-resource/servers/nope/mcp", gw.url),
+            None,
+            None
+        )
+        .await
+        .0,
+        404
+    );
+
+    // A token for /mcp with scope a:all: a's tools only, named by its email in the audit.
+    let alice = token(&p, &k1, "alice", &mcp, "a:all", json!({}));
+    let client = Client::connect_as(&mcp, &alice).await;
+    let tools = client.all_tools().await;
+    assert!(!tools.is_empty() && tools.iter().all(|t| t.starts_with("a__")), "{tools:?}");
+    assert_eq!(client.call_text("a__echo", json!({"text": "hi"})).await, "hi");
+    let records = gw.audit_until(|r| r.iter().any(|r| r["method"] == "tools/call")).await;
+    let call = records.iter().find(|r| r["method"] == "tools/call").unwrap();
+    assert_eq!(call["identity"], "alice@example.com");
+    // The client's token never goes upstream.
+    let stats = client.call_text("a__stats", json!({})).await;
+    assert!(!stats.contains(&alice) && !stats.to_ascii_lowercase().contains("authorization"), "{stats}");
+
+    // The same token at another resource: refused as invalid there.
+    let (status, challenge) = init(&on_b, Some(&alice)).await;
+    assert_eq!(status, 401);
+    assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
+    assert!(challenge.contains("/.well-known/oauth-protected-resource/servers/b/mcp"), "{challenge}");
+    // A token for b's endpoint without b's scope: 403 asking for every scope b needs.
+    let narrow = token(&p, &k1, "alice", &on_b, "a:all", json!({}));
+    let (status, challenge) = init(&on_b, Some(&narrow)).await;
+    assert_eq!(status, 403);
+    assert!(
+        challenge.contains("error=\"insufficient_scope\"") && challenge.contains("scope=\"b:echo\""),
+        "{challenge}"
+    );
+    // With it: b's echo and nothing else of b.
+    let wide = token(&p, &k1, "alice", &on_b, "b:echo", json!({}));
+    assert_eq!(Client::connect_as(&on_b, &wide).await.all_tools().await, ["echo"]);
+
+    // Expired, not yet valid, another issuer, a session of another subject.
+    for (what, claims) in [
+        ("expired", json!({"exp": now() - 600})),
+        ("not yet valid", json!({"nbf": now() + 600})),
+        ("another issuer", json!({"iss": "http://127.0.0.1:1"})),
+    ] {
+        let t = token(&p, &k1, "alice", &mcp, "a:all", claims);
+        assert_eq!(init(&mcp, Some(&t)).await.0, 401, "{what}");
+    }
+    let bob = token(&p, &k1, "bob", &mcp, "a:all", json!({}));
+    let mut stolen = client.clone();
+    stolen.headers = vec![("authorization".into(), format!("Bearer {bob}"))];
+    let r = stolen.post(json!({"jsonrpc":"2.0","id":9,"method":"tools/list"})).await;
+    assert_eq!(r.status(), 404, "a session is bound to issuer and subject");
+    p.stop.cancel();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_without_a_restart_and_forged_key_ids_cannot_hammer_the_provider() {
+    let (k1, k2) = (key("k1"), key("k2"));
+    let p = provider(&[&k1]).await;
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&config(&p)).start().await;
+    let mcp = gw.mcp();
+    let first = token(&p, &k1, "alice", &mcp, "a:all", json!({}));
+    assert_eq!(init(&mcp, Some(&first)).await.0, 200);
+    // Fetched once at start (a token that came first waited for that fetch).
+    assert_eq!(p.fetches.load(Ordering::SeqCst), 1);
+    // The provider rotates to k2: a token of k2 makes the gateway fetch again, and it works.
+    p.keys.lock().unwrap().push(k2.jwk.clone());
+    let rotated = token(&p, &k2, "alice", &mcp, "a:all", json!({}));
+    assert_eq!(init(&mcp, Some(&rotated)).await.0, 200);
+    assert_eq!(p.fetches.load(Ordering::SeqCst), 2);
+    // Forged key ids: no fetch within 30 s of the last one, so refused without fetching.
+    let forger = key("forged");
+    for i in 0..20 {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(format!("forged-{i}"));
+        let claims = json!({"iss": p.issuer, "sub": "eve", "aud": mcp, "exp": now() + 300, "scope": "a:all"});
+        let t = jsonwebtoken::encode(&h, &claims, &forger.signing).unwrap();
+        // 401, until the failure throttle answers 429 for this address.
+        assert!(matches!(init(&mcp, Some(&t)).await.0, 401 | 429));
+    }
+    assert_eq!(p.fetches.load(Ordering::SeqCst), 2);
+    // The provider goes away: tokens of keys already fetched still work.
+    p.stop.cancel();
+    let later = token(&p, &k1, "alice", &mcp, "a:all", json!({"jti": "another"}));
+    assert_eq!(init(&mcp, Some(&later)).await.0, 200);
+    gw.stop().await;
+}
