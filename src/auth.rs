@@ -679,8 +679,9 @@ impl Authenticator {
         let cached = lock(self.verified.shard(d)).get(d).cloned();
         if let Some((identity, auds)) = cached {
             let def = identity.issuer.as_ref().ok_or(None)?;
-            let accepted = at.audiences(self.cfg.oauth.resources, &self.server_names(), def);
-            if identity.expired(now) || !auds.iter().any(|a| accepted.contains(a)) {
+            let binding = self.cfg.oauth.resources;
+            let names = || self.servers.iter().map(|(s, _)| s.as_str());
+            if identity.expired(now) || !auds.iter().any(|a| at.accepts(a, binding, names(), def)) {
                 return Err(None);
             }
             return Ok(identity);
@@ -688,7 +689,7 @@ impl Authenticator {
         let iss = crate::oauth::jwt::claimed_issuer(token).map_err(|_| None)?;
         let provider = self.providers.iter().find(|p| p.def.issuer == iss).ok_or(None)?;
         let def = &provider.def;
-        let audiences = at.audiences(self.cfg.oauth.resources, &self.server_names(), def);
+        let audiences = at.audiences(self.cfg.oauth.resources, self.servers.iter().map(|(s, _)| s.as_str()), def);
         let policy = crate::oauth::jwt::Policy {
             issuer: &def.issuer,
             audiences: &audiences,
@@ -705,7 +706,10 @@ impl Authenticator {
                 return Err(None);
             }
         };
-        let identity = self.token_identity(def, &claims);
+        let Some(identity) = self.token_identity(def, &claims) else {
+            tracing::debug!(issuer = %def.issuer, "access token refused: its sub is not a name");
+            return Err(None);
+        };
         let auds = claims.aud.values().into_iter().map(str::to_owned).collect();
         let mut cache = lock(self.verified.shard(d));
         if cache.len() >= VERIFIED_PER_SHARD {
@@ -718,36 +722,36 @@ impl Authenticator {
         Ok(identity)
     }
 
-    /// The identity an access token makes: named by the issuer's identity claim, keyed by
-    /// issuer and subject, reaching what its scopes grant, ending at its expiry.
+    /// The identity an access token makes: named by the issuer's identity claim (else `sub`),
+    /// keyed by issuer and subject, reaching what its scopes grant, ending at its expiry. None
+    /// when `sub` is not a name (visible characters, 1 to 128; a claim that is not one falls
+    /// back to `sub`): a claim never puts control characters into a log line or `/stats`.
     fn token_identity(
         &self,
         def: &Arc<crate::credentials::IssuerDef>,
         claims: &crate::oauth::jwt::Claims,
-    ) -> Arc<Identity> {
-        let name = match def.identity_claim.as_str() {
-            "sub" => claims.sub.clone(),
-            claim => claims.other.get(claim).and_then(|v| v.as_str()).map_or_else(|| claims.sub.clone(), str::to_owned),
-        };
+    ) -> Option<Arc<Identity>> {
+        let named = |v: &str| crate::credentials::check_name(v).is_ok().then(|| v.to_owned());
+        let sub = named(&claims.sub)?;
+        let name =
+            claims.other.get(def.identity_claim.as_str()).and_then(|v| v.as_str()).and_then(named).unwrap_or(sub);
+        // An `exp` past what the clock can hold is no expiry Portcullis can keep.
+        let expires = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp))?;
         let scopes = claims.scopes();
         let parts: Vec<&Grants> =
             def.scopes.iter().filter(|(s, _)| scopes.contains(&s.as_str())).map(|(_, g)| g).collect();
-        Arc::new(Identity {
+        Some(Arc::new(Identity {
             name: name.into(),
             role: Role::User,
             tenant: None,
             grants: Grants::union(&parts, &self.cfg.oauth.separator),
-            expires: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(claims.exp)),
+            expires: Some(expires),
             token_id: None,
             key: format!("oauth:{}#{}", claims.iss, claims.sub).into(),
             issuer: Some(def.clone()),
             rate: self.cfg.per_identity,
             bucket: Mutex::new(None),
-        })
-    }
-
-    fn server_names(&self) -> Vec<String> {
-        self.servers.iter().map(|(s, _)| s.clone()).collect()
+        }))
     }
 
     /// Drops per-address state that no longer says anything: failure counts whose window and

@@ -275,6 +275,23 @@ impl Grants {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn scope_grants_add_up() {
+        let files = Grants::from_lists(&["files".into()], &["files__read_*".into()], &[], &[]);
+        let git = Grants::from_lists(&["git".into()], &[], &[], &[]);
+        let u = Grants::union(&[&files, &git], "__");
+        assert!(u.reaches("files") && u.reaches("git") && !u.reaches("db"));
+        assert!(
+            u.allows(GrantKind::Tool, "files", "__", "read_a") && !u.allows(GrantKind::Tool, "files", "__", "write")
+        );
+        assert!(u.allows(GrantKind::Tool, "git", "__", "anything"));
+        assert!(u.allows(GrantKind::Prompt, "files", "__", "p") && u.allows(GrantKind::Resource, "git", "__", "x://y"));
+        let none = Grants::union(&[], "__");
+        assert!(!none.reaches("files"));
+        let all = Grants::union(&[&Grants::all(), &files], "__");
+        assert!(all.reaches("db") && all.allows(GrantKind::Tool, "db", "__", "x"));
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -138,6 +138,11 @@ pub(crate) struct Observation<'a> {
     pub latency: Duration,
 }
 
+/// The most identities with a series of their own.
+const MAX_IDENTITY_SERIES: usize = 1000;
+/// The name under which `/stats` shows the series the identities past the cap share.
+const OTHER_IDENTITIES: &str = "(other)";
+
 /// Every series, and the gateway-wide counters.
 pub(crate) struct Metrics {
     servers: ArcSwap<HashMap<String, Arc<Series>>>,
@@ -190,13 +195,17 @@ impl Metrics {
         self.identities.store(Arc::new(ids));
     }
 
+    /// The series of an identity (made on first use).
     fn identity(&self, name: &str) -> Arc<Series> {
         if let Some(s) = self.identities.load().get(name) {
             return s.clone();
         }
         let _g = lock(&self.added);
         let mut ids = (**self.identities.load()).clone();
-        let s = ids.entry(name.to_owned()).or_default().clone();
+        // Identities that come and go (access tokens of a provider's every user) are bounded:
+        // past the cap, the rest share one series.
+        let key = if ids.len() >= MAX_IDENTITY_SERIES && !ids.contains_key(name) { OTHER_IDENTITIES } else { name };
+        let s = ids.entry(key.to_owned()).or_default().clone();
         self.identities.store(Arc::new(ids));
         s
     }

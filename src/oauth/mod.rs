@@ -63,7 +63,12 @@ impl Endpoint {
     /// `/servers/NAME/mcp`, `/servers/NAME/sse` and MCP Front's `/NAME/mcp`, `/NAME/sse` for
     /// one), or with `resources: gateway` those of every endpoint; and the issuer's own extra
     /// audiences.
-    pub(crate) fn audiences(&self, binding: ResourceBinding, servers: &[String], def: &IssuerDef) -> Vec<String> {
+    pub(crate) fn audiences<'a>(
+        &self,
+        binding: ResourceBinding,
+        servers: impl Iterator<Item = &'a str>,
+        def: &IssuerDef,
+    ) -> Vec<String> {
         let mut out = def.audiences.clone();
         let base = &self.base;
         let one = |s: &str| -> Vec<String> {
@@ -76,10 +81,39 @@ impl Endpoint {
             }
             (ResourceBinding::Gateway, _) => {
                 out.extend([format!("{base}/mcp"), format!("{base}/sse"), base.clone()]);
-                out.extend(servers.iter().flat_map(|s| one(s)));
+                out.extend(servers.flat_map(one));
             }
         }
         out
+    }
+}
+
+impl Endpoint {
+    /// Whether one `aud` value is among [`Endpoint::audiences`], without building that list (a
+    /// cached token is checked at every request).
+    pub(crate) fn accepts<'a>(
+        &self,
+        aud: &str,
+        binding: ResourceBinding,
+        mut servers: impl Iterator<Item = &'a str>,
+        def: &IssuerDef,
+    ) -> bool {
+        if def.audiences.iter().any(|a| a == aud) {
+            return true;
+        }
+        let Some(path) = aud.strip_prefix(self.base.as_str()) else { return false };
+        let aggregated = matches!(path, "" | "/mcp" | "/sse");
+        let of_server = |path: &str| -> Option<String> {
+            let p = path.strip_prefix("/servers").unwrap_or(path);
+            let name =
+                p.strip_prefix('/')?.strip_suffix("/mcp").or_else(|| p.strip_prefix('/')?.strip_suffix("/sse"))?;
+            (!name.is_empty() && !name.contains('/')).then(|| name.to_owned())
+        };
+        match (binding, &self.server) {
+            (ResourceBinding::Endpoint, None) => aggregated,
+            (ResourceBinding::Endpoint, Some(s)) => of_server(path).is_some_and(|n| n == *s),
+            (ResourceBinding::Gateway, _) => aggregated || of_server(path).is_some_and(|n| servers.any(|s| s == n)),
+        }
     }
 }
 
@@ -308,6 +342,48 @@ mod tests {
                 "https://idp.test/.well-known/openid-configuration"
             ]
         );
+    }
+
+    /// What a cached token is checked with agrees with the list its first check used.
+    #[test]
+    fn accepted_audiences_agree_with_the_list() {
+        let def = IssuerDef {
+            issuer: "https://idp.test".into(),
+            jwks_uri: None,
+            audiences: vec!["api://portcullis".into()],
+            algorithms: Vec::new(),
+            leeway: Duration::ZERO,
+            require_at_jwt: false,
+            identity_claim: "sub".into(),
+            scopes: Default::default(),
+        };
+        let servers = ["a".to_owned(), "b".to_owned()];
+        let base = "https://gw.test".to_owned();
+        let candidates = [
+            "https://gw.test",
+            "https://gw.test/mcp",
+            "https://gw.test/sse",
+            "https://gw.test/servers/a/mcp",
+            "https://gw.test/servers/b/sse",
+            "https://gw.test/a/mcp",
+            "https://gw.test/b/sse",
+            "https://gw.test/servers/c/mcp",
+            "https://gw.test/servers/a/b/mcp",
+            "https://gw.test/mcp/",
+            "https://other.test/mcp",
+            "api://portcullis",
+            "https://gw.test/servers//mcp",
+        ];
+        for server in [None, Some("a".to_owned())] {
+            let at = Endpoint { base: base.clone(), server };
+            for binding in [ResourceBinding::Endpoint, ResourceBinding::Gateway] {
+                let list = at.audiences(binding, servers.iter().map(String::as_str), &def);
+                for aud in candidates {
+                    let quick = at.accepts(aud, binding, servers.iter().map(String::as_str), &def);
+                    assert_eq!(quick, list.iter().any(|a| a == aud), "{aud} at {:?} with {binding:?}", at.server);
+                }
+            }
+        }
     }
 
     #[test]
