@@ -467,6 +467,9 @@ impl Authenticator {
     /// Whether an issued token's lineage is still usable (for open sessions): the token, or
     /// the token that replaced it by rotation, and so on. None when the store cannot say.
     pub(crate) fn store_token_usable(&self, id: &str) -> Option<bool> {
+        if self.cfg.issued_off {
+            return Some(false);
+        }
         let store = self.store.as_ref()?;
         let now = crate::store::now_ms();
         let mut id = id.to_owned();
@@ -635,6 +638,9 @@ impl Authenticator {
                     }
                 }
                 None => {
+                    if self.cfg.issued_off {
+                        return Err(AuthError::Invalid);
+                    }
                     let store = self.store.as_ref().ok_or(AuthError::Invalid)?;
                     let now = crate::store::now_ms();
                     match store.lookup(&d) {

@@ -391,6 +391,9 @@ pub fn startup_check(
     opts: &ServeOptions,
     store: &crate::store::StoreView,
 ) -> anyhow::Result<String> {
+    if opts.generate_token && config.auth.static_off {
+        anyhow::bail!("--generate-token makes a static token, and auth.static_tokens is false");
+    }
     if opts.generate_token {
         let token = new_token()?;
         // Straight to stderr, once: never through the log, which may be kept.
@@ -407,7 +410,8 @@ pub fn startup_check(
         });
     }
     let store_has_tokens = store.state() == crate::store::StoreState::HasTokens;
-    let open = config.auth.tokens.is_empty() && config.auth.oauth.issuers.is_empty() && !store_has_tokens;
+    let issued = store_has_tokens && !config.auth.issued_off;
+    let open = config.auth.tokens.is_empty() && config.auth.oauth.issuers.is_empty() && !issued;
     if open && !config.listen.ip().is_loopback() {
         if !opts.allow_unauthenticated {
             anyhow::bail!(
@@ -439,7 +443,11 @@ fn auth_summary(config: &Config, store: &crate::store::StoreView, open: bool) ->
             parts.push(format!("{n} token{} {what}", if n == 1 { "" } else { "s" }));
         }
     }
+    if config.auth.static_off {
+        parts.push("static tokens off".into());
+    }
     match store.live_count() {
+        _ if config.auth.issued_off => parts.push("issued tokens off".into()),
         Ok(n) => {
             parts.push(format!("{n} live issued token{} in {}", if n == 1 { "" } else { "s" }, store.path().display()))
         }

@@ -289,6 +289,10 @@ pub struct AuthConfig {
     pub trusted_proxies: Vec<Cidr>,
     /// The identity providers whose access tokens are accepted.
     pub oauth: OAuthConfig,
+    /// Static tokens are not accepted (`auth.static_tokens: false`): `tokens` is empty.
+    pub static_off: bool,
+    /// Issued tokens are not accepted (`auth.issued_tokens: false`).
+    pub issued_off: bool,
 }
 
 /// The algorithms a public key can verify: the only ones an access token may use.

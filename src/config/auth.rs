@@ -28,6 +28,13 @@ pub(crate) struct RawAuth {
     /// 429 for a minute (default 10). A valid credential is never refused by this.
     #[serde(default)]
     pub max_failures_per_minute: Option<u32>,
+    /// Accept static tokens (`auth.tokens`, `PORTCULLIS_TOKEN(S)`, `api_key`,
+    /// `--generate-token`; default true). Turn off once every client has moved to OAuth.
+    #[serde(default)]
+    pub static_tokens: Option<bool>,
+    /// Accept issued tokens (`portcullis token create`, `/admin/tokens`; default true).
+    #[serde(default)]
+    pub issued_tokens: Option<bool>,
 }
 
 /// One named token: its value alone, or its value with grants.
@@ -153,6 +160,12 @@ impl Validator<'_> {
                 self.error(format!("{section}.kind"), "only `bearer_token` is supported");
             }
             max_failures = auth.max_failures_per_minute.or(max_failures);
+            if auth.static_tokens == Some(false) {
+                out.static_off = true;
+            }
+            if auth.issued_tokens == Some(false) {
+                out.issued_off = true;
+            }
             for (name, entry) in &auth.tokens {
                 if let Some(t) = self.token(&format!("{section}.tokens.{name}"), name, entry, servers, &out.tenants) {
                     out.tokens.push(t);
@@ -175,6 +188,10 @@ impl Validator<'_> {
             }
         }
 
+        if out.static_off {
+            // Checked above like any others; then not accepted.
+            out.tokens.clear();
+        }
         if let Some(rl) = &parts.rate_limit {
             out.per_identity = rl.per_identity.as_ref().and_then(|r| self.rate("rate_limit.per_identity", r));
             out.per_address = rl.per_address.as_ref().and_then(|r| self.rate("rate_limit.per_address", r));

@@ -866,6 +866,12 @@ impl Validator<'_> {
             &names,
         );
         auth.oauth = oauth;
+        if auth.static_off && auth.issued_off && auth.oauth.issuers.is_empty() {
+            self.error(
+                "auth",
+                "static_tokens and issued_tokens are off and no oauth issuer is configured: nothing could authenticate",
+            );
+        }
         for s in &servers {
             for t in s.auth_tokens.iter().filter(|t| !auth.tokens.iter().any(|d| d.name == **t)) {
                 self.error(format!("servers.{}.authTokens", s.name), format!("unknown token name {t:?}"));

@@ -232,3 +232,35 @@ async fn keys_rotate_without_a_restart_and_forged_key_ids_cannot_hammer_the_prov
     assert_eq!(init(&mcp, Some(&later)).await.0, 200);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_credential_kind_can_be_turned_off_while_clients_migrate() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    let statics = "auth:\n  tokens:\n    old: old-client-token-0123456789\n";
+    // Side by side: the static token and the access token both work.
+    let mut gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&format!("{statics}{}", config(&p))).start().await;
+    let mcp = gw.mcp();
+    let jwt = token(&p, &k1, "alice", &mcp, "a:all", json!({}));
+    assert_eq!(init(&mcp, Some("old-client-token-0123456789")).await.0, 200);
+    assert_eq!(init(&mcp, Some(&jwt)).await.0, 200);
+    let old = Client::connect_as(&mcp, "old-client-token-0123456789").await;
+    // Static tokens off: the old client is refused (its session ends), the access token works.
+    gw.reload_top(&format!(
+        "auth:\n  static_tokens: false\n  tokens:\n    old: old-client-token-0123456789\n{}",
+        config(&p)
+    ))
+    .await;
+    assert_eq!(init(&mcp, Some("old-client-token-0123456789")).await.0, 401);
+    assert_eq!(old.post(json!({"jsonrpc":"2.0","id":1,"method":"tools/list"})).await.status(), 401);
+    assert_eq!(init(&mcp, Some(&jwt)).await.0, 200);
+    p.stop.cancel();
+    gw.stop().await;
+
+    // Everything off is a config error, never an open gateway.
+    let dir = TempDir::new();
+    let cfg = dir.0.join("portcullis.yaml");
+    std::fs::write(&cfg, "servers: {}\nauth:\n  static_tokens: false\n  issued_tokens: false\n").unwrap();
+    let (ok, _, err) = run_cli(None, &["check", "--config", cfg.to_str().unwrap()], &[]).await;
+    assert!(!ok && err.contains("nothing could authenticate"), "{err}");
+}
