@@ -7,6 +7,11 @@
 //! Issued tokens (the SQLite store) are measured too: a cache hit through the authenticator, and
 //! the one indexed lookup a cache miss costs.
 //!
+//! Access tokens (JWTs of an identity provider, `oauth.issuers`) are measured on the endpoint
+//! path (`Authenticator::authenticate_at`) against a static token on the same path: a known
+//! token (the verified cache), and a first verification (ES256). The provider is a JWKS
+//! served on 127.0.0.1 by this process.
+//!
 //! `cargo bench --bench auth` prints the median time per authentication over 31 rounds.
 
 use std::hint::black_box;
@@ -147,4 +152,107 @@ fn main() {
     samples.sort_by(f64::total_cmp);
     println!("{:<24} {:>12.1}", "issued token, cache miss", samples[15]);
     let _ = std::fs::remove_dir_all(&dir);
+    access_tokens(&table[0]);
+}
+
+/// An ES256 signing key and its public JWK.
+fn es256() -> (jsonwebtoken::EncodingKey, serde_json::Value) {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap_or_else(|e| panic!("{e}"));
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap_or_else(|e| panic!("{e}"));
+    let p = pair.public_key().as_ref();
+    let jwk =
+        serde_json::json!({"kty":"EC","crv":"P-256","x":b64(&p[1..33]),"y":b64(&p[33..65]),"kid":"k1","alg":"ES256"});
+    (jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()), jwk)
+}
+
+/// A static token and access tokens, each through `authenticate_at` for `/mcp`.
+fn access_tokens(static_token: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
+    let (signing, jwk) = es256();
+    let (issuer, _server) = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let issuer = format!("http://{}", listener.local_addr().unwrap_or_else(|e| panic!("{e}")));
+        let jwks = serde_json::json!({"keys": [jwk]}).to_string();
+        let app = axum::Router::new().route("/jwks", axum::routing::get(move || std::future::ready(jwks.clone())));
+        (issuer, tokio::spawn(async move { axum::serve(listener, app).await }))
+    });
+    let mut cfg =
+        AuthConfig { failures: FailureLimit { max: u32::MAX, ..FailureLimit::default() }, ..AuthConfig::default() };
+    cfg.tokens.push(TokenDef {
+        name: "static".into(),
+        digest: digest(static_token),
+        role: Role::User,
+        tenant: None,
+        grants: Grants::all(),
+        expires: None,
+        rate: None,
+        source: portcullis::credentials::TokenSource::File,
+    });
+    cfg.oauth.separator = "__".into();
+    cfg.oauth.issuers.push(portcullis::credentials::IssuerDef {
+        issuer: issuer.clone(),
+        jwks_uri: Some(format!("{issuer}/jwks")),
+        audiences: Vec::new(),
+        algorithms: vec![jsonwebtoken::Algorithm::ES256],
+        leeway: std::time::Duration::from_secs(60),
+        require_at_jwt: false,
+        identity_claim: "sub".into(),
+        scopes: [("all".to_owned(), Grants::all())].into_iter().collect(),
+    });
+    let auth = Authenticator::new(&cfg, &[("a".into(), Vec::new())], None);
+    let at = portcullis::oauth::Endpoint { base: "http://gw.test".into(), server: None };
+    let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let exp = jsonwebtoken::get_current_timestamp() + 3600;
+    let jwt = |n: usize| {
+        let claims = serde_json::json!({"iss": issuer, "sub": format!("user-{n}"), "aud": "http://gw.test/mcp", "exp": exp, "scope": "all"});
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(&h, &claims, &signing).unwrap_or_default()
+    };
+    // The first access token fetches the keys (an unknown key id makes the provider fetch).
+    let first = headers(&jwt(0));
+    assert!(rt.block_on(auth.authenticate_at(&first, client, &at)).is_ok(), "the access token is accepted");
+    let known: Vec<HeaderMap> = (0..256).map(|n| headers(&jwt(n))).collect();
+    for h in &known {
+        assert!(rt.block_on(auth.authenticate_at(h, client, &at)).is_ok());
+    }
+    let statics: Vec<HeaderMap> = vec![headers(static_token); 256];
+    const ROUNDS: usize = 31;
+    const ITERS: usize = 20_480;
+    let mut samples = [Vec::new(), Vec::new()];
+    for _ in 0..ROUNDS {
+        for (i, set) in [&statics, &known].into_iter().enumerate() {
+            let start = Instant::now();
+            rt.block_on(async {
+                for n in 0..ITERS {
+                    let _ = black_box(auth.authenticate_at(black_box(&set[n % set.len()]), client, &at).await);
+                }
+            });
+            samples[i].push(start.elapsed().as_nanos() as f64 / ITERS as f64);
+        }
+    }
+    let median = |s: &mut Vec<f64>| {
+        s.sort_by(f64::total_cmp);
+        s[ROUNDS / 2]
+    };
+    let (st, jw) = (median(&mut samples[0]), median(&mut samples[1]));
+    println!("{:<24} {st:>12.1}", "static, endpoint path");
+    println!("{:<24} {jw:>12.1}", "access token, known");
+    println!("known access token - static: {:.1} ns", jw - st);
+    // A first verification: a token never seen (ES256 signature and claims).
+    let fresh: Vec<HeaderMap> = (1000..1000 + 31 * 64).map(|n| headers(&jwt(n))).collect();
+    let mut first = Vec::new();
+    for chunk in fresh.chunks(64) {
+        let start = Instant::now();
+        for h in chunk {
+            let _ = black_box(rt.block_on(auth.authenticate_at(h, client, &at)));
+        }
+        first.push(start.elapsed().as_nanos() as f64 / chunk.len() as f64);
+    }
+    println!("{:<24} {:>12.1}", "access token, first (ES256)", median(&mut first));
 }

@@ -354,9 +354,10 @@ struct Failures {
 /// An issued token's row and the identity built from it (rebuilt when the row changes).
 type StoreIdentity = (Arc<crate::store::StoredToken>, Arc<Identity>);
 
-/// A verified access token: the identity it makes and the `aud` values it carries (checked
-/// again at each endpoint it is used at).
-type VerifiedToken = (Arc<Identity>, Vec<String>);
+/// A verified access token: the token itself (a hit must be the same token, not only the same
+/// hash), the identity it makes and the `aud` values it carries (checked again at each
+/// endpoint it is used at).
+type VerifiedToken = (Box<str>, Arc<Identity>, Arc<[String]>);
 
 /// Verified access tokens one shard keeps at most (16 shards).
 const VERIFIED_PER_SHARD: usize = 1024;
@@ -373,8 +374,10 @@ pub struct Authenticator {
     cfg: AuthConfig,
     /// One per configured issuer (kept across reloads that leave it unchanged, keys and all).
     providers: Vec<Arc<crate::oauth::Provider>>,
-    /// Access tokens already verified, by digest: the identity and the `aud` values.
-    verified: Sharded<[u8; 32], VerifiedToken>,
+    /// Access tokens already verified, by a keyed hash of the token (one pass over it, cheaper
+    /// than SHA-256 for a token of a kilobyte; the stored token is compared on a hit).
+    verified: Sharded<u64, VerifiedToken>,
+    verified_key: std::collections::hash_map::RandomState,
     servers: Vec<(String, Vec<String>)>,
     store: Option<Arc<crate::store::StoreView>>,
     store_identities: Sharded<String, StoreIdentity>,
@@ -410,6 +413,7 @@ impl Authenticator {
             anonymous: (cfg.tokens.is_empty() && cfg.oauth.issuers.is_empty()).then(Identity::anonymous),
             providers,
             verified: Sharded::new(),
+            verified_key: std::collections::hash_map::RandomState::new(),
             cfg: cfg.clone(),
             servers: servers.to_vec(),
             store,
@@ -533,7 +537,7 @@ impl Authenticator {
     /// access token of a configured issuer, issued for this endpoint. A token naming a key its
     /// issuer's set lacks has the set fetched again (at most once per 30 s) and is checked once
     /// more.
-    pub(crate) async fn authenticate_at(
+    pub async fn authenticate_at(
         &self,
         headers: &HeaderMap,
         client: IpAddr,
@@ -623,12 +627,20 @@ impl Authenticator {
         }
         let mut refetch = None;
         let found = presented.and_then(|secret| {
+            let jwt = !self.providers.is_empty() && crate::oauth::jwt::looks_like_jwt(secret);
+            // A known access token: no digest, no signature.
+            if jwt
+                && let Some(at) = at
+                && let Some(known) = self.verified_hit(secret, at)
+            {
+                return known;
+            }
             let d = digest(secret);
             let identity = match self.by_digest.get(&d) {
                 Some(i) => i.clone(),
-                None if !self.providers.is_empty() && crate::oauth::jwt::looks_like_jwt(secret) => {
+                None if jwt => {
                     let Some(at) = at else { return Err(AuthError::Invalid) };
-                    match self.access_token(secret, &d, at) {
+                    match self.access_token(secret, at) {
                         Ok(identity) => identity,
                         Err(Some(pending)) => {
                             refetch = Some(pending);
@@ -673,25 +685,37 @@ impl Authenticator {
         })
     }
 
-    /// An access token for `at`: from the verified cache, or verified now against its issuer's
-    /// keys. `Err(Some(provider))` when its key id is not in the issuer's set (fetch and retry).
+    /// A verified access token's identity for `at`: None when the token is not in the cache;
+    /// refused when it has expired or is not for this endpoint.
+    fn verified_hit(&self, token: &str, at: &crate::oauth::Endpoint) -> Option<Result<Arc<Identity>, AuthError>> {
+        use std::hash::BuildHasher;
+        let h = self.verified_key.hash_one(token);
+        let (identity, auds) = {
+            let shard = lock(self.verified.shard(&h));
+            let (t, identity, auds) = shard.get(&h)?;
+            if **t != *token {
+                return None;
+            }
+            (identity.clone(), auds.clone())
+        };
+        let def = identity.issuer.as_ref()?;
+        let binding = self.cfg.oauth.resources;
+        let names = || self.servers.iter().map(|(s, _)| s.as_str());
+        if identity.expired(SystemTime::now()) || !auds.iter().any(|a| at.accepts(a, binding, names(), def)) {
+            return Some(Err(AuthError::Invalid));
+        }
+        Some(Ok(identity))
+    }
+
+    /// An access token for `at`, verified now against its issuer's keys (and then cached).
+    /// `Err(Some(provider))` when its key id is not in the issuer's set (fetch and retry).
     fn access_token(
         &self,
         token: &str,
-        d: &[u8; 32],
         at: &crate::oauth::Endpoint,
     ) -> Result<Arc<Identity>, Option<(Arc<crate::oauth::Provider>, u64)>> {
+        use std::hash::BuildHasher;
         let now = SystemTime::now();
-        let cached = lock(self.verified.shard(d)).get(d).cloned();
-        if let Some((identity, auds)) = cached {
-            let def = identity.issuer.as_ref().ok_or(None)?;
-            let binding = self.cfg.oauth.resources;
-            let names = || self.servers.iter().map(|(s, _)| s.as_str());
-            if identity.expired(now) || !auds.iter().any(|a| at.accepts(a, binding, names(), def)) {
-                return Err(None);
-            }
-            return Ok(identity);
-        }
         let iss = crate::oauth::jwt::claimed_issuer(token).map_err(|_| None)?;
         let provider = self.providers.iter().find(|p| p.def.issuer == iss).ok_or(None)?;
         let def = &provider.def;
@@ -716,15 +740,16 @@ impl Authenticator {
             tracing::debug!(issuer = %def.issuer, "access token refused: its sub is not a name");
             return Err(None);
         };
-        let auds = claims.aud.values().into_iter().map(str::to_owned).collect();
-        let mut cache = lock(self.verified.shard(d));
+        let auds: Arc<[String]> = claims.aud.values().into_iter().map(str::to_owned).collect();
+        let h = self.verified_key.hash_one(token);
+        let mut cache = lock(self.verified.shard(&h));
         if cache.len() >= VERIFIED_PER_SHARD {
-            cache.retain(|_, (i, _)| !i.expired(now));
+            cache.retain(|_, (_, i, _)| !i.expired(now));
             if cache.len() >= VERIFIED_PER_SHARD {
                 cache.clear();
             }
         }
-        cache.insert(*d, (identity.clone(), auds));
+        cache.insert(h, (token.into(), identity.clone(), auds));
         Ok(identity)
     }
 

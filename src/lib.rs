@@ -29,7 +29,7 @@ pub mod demo;
 pub(crate) mod gate;
 pub mod mcp;
 pub(crate) mod metrics;
-pub(crate) mod oauth;
+pub mod oauth;
 pub mod random;
 pub mod server;
 mod sharded;

@@ -36,7 +36,7 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
 /// The MCP endpoint a request is for, as an OAuth resource (RFC 8707, RFC 9728).
 #[derive(Debug, Clone)]
-pub(crate) struct Endpoint {
+pub struct Endpoint {
     /// The gateway's public URL (`public_url`, else from `listen`), without a trailing slash.
     pub base: String,
     /// The one server of a `/servers/{name}/mcp` endpoint; None for the aggregated `/mcp`.
