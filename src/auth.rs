@@ -374,10 +374,10 @@ pub struct Authenticator {
     cfg: AuthConfig,
     /// One per configured issuer (kept across reloads that leave it unchanged, keys and all).
     providers: Vec<Arc<crate::oauth::Provider>>,
-    /// Access tokens already verified, by a keyed hash of the token (one pass over it, cheaper
-    /// than SHA-256 for a token of a kilobyte; the stored token is compared on a hit).
+    /// Access tokens already verified, by [`Authenticator::verified_hash`] (no pass over the
+    /// whole token, as SHA-256 would be; the stored token is compared on a hit).
     verified: Sharded<u64, VerifiedToken>,
-    verified_key: std::collections::hash_map::RandomState,
+    verified_seed: u64,
     servers: Vec<(String, Vec<String>)>,
     store: Option<Arc<crate::store::StoreView>>,
     store_identities: Sharded<String, StoreIdentity>,
@@ -413,7 +413,10 @@ impl Authenticator {
             anonymous: (cfg.tokens.is_empty() && cfg.oauth.issuers.is_empty()).then(Identity::anonymous),
             providers,
             verified: Sharded::new(),
-            verified_key: std::collections::hash_map::RandomState::new(),
+            verified_seed: {
+                use std::hash::BuildHasher;
+                std::collections::hash_map::RandomState::new().hash_one(0u8)
+            },
             cfg: cfg.clone(),
             servers: servers.to_vec(),
             store,
@@ -688,8 +691,7 @@ impl Authenticator {
     /// A verified access token's identity for `at`: None when the token is not in the cache;
     /// refused when it has expired or is not for this endpoint.
     fn verified_hit(&self, token: &str, at: &crate::oauth::Endpoint) -> Option<Result<Arc<Identity>, AuthError>> {
-        use std::hash::BuildHasher;
-        let h = self.verified_key.hash_one(token);
+        let h = self.verified_hash(token);
         let (identity, auds) = {
             let shard = lock(self.verified.shard(&h));
             let (t, identity, auds) = shard.get(&h)?;
@@ -707,6 +709,20 @@ impl Authenticator {
         Some(Ok(identity))
     }
 
+    /// The cache key of an access token: the first 16 characters of its signature (which the
+    /// provider's key makes unpredictable), folded. Only verified tokens are cached and a hit
+    /// is compared with the whole token, so a token made to collide only misses (and is then
+    /// verified like any other).
+    fn verified_hash(&self, token: &str) -> u64 {
+        let sig = token.rsplit('.').next().unwrap_or(token).as_bytes();
+        let mut word = [0u8; 16];
+        let n = sig.len().min(16);
+        word[..n].copy_from_slice(&sig[..n]);
+        let (a, b) = word.split_at(8);
+        let fold = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or_default());
+        fold(a) ^ fold(b).rotate_left(29) ^ self.verified_seed
+    }
+
     /// An access token for `at`, verified now against its issuer's keys (and then cached).
     /// `Err(Some(provider))` when its key id is not in the issuer's set (fetch and retry).
     fn access_token(
@@ -714,7 +730,6 @@ impl Authenticator {
         token: &str,
         at: &crate::oauth::Endpoint,
     ) -> Result<Arc<Identity>, Option<(Arc<crate::oauth::Provider>, u64)>> {
-        use std::hash::BuildHasher;
         let now = SystemTime::now();
         let iss = crate::oauth::jwt::claimed_issuer(token).map_err(|_| None)?;
         let provider = self.providers.iter().find(|p| p.def.issuer == iss).ok_or(None)?;
@@ -741,7 +756,7 @@ impl Authenticator {
             return Err(None);
         };
         let auds: Arc<[String]> = claims.aud.values().into_iter().map(str::to_owned).collect();
-        let h = self.verified_key.hash_one(token);
+        let h = self.verified_hash(token);
         let mut cache = lock(self.verified.shard(&h));
         if cache.len() >= VERIFIED_PER_SHARD {
             cache.retain(|_, (_, i, _)| !i.expired(now));

@@ -242,9 +242,19 @@ pub(crate) fn claimed_issuer(token: &str) -> Result<String, JwtError> {
 /// Whether a credential has the shape of a JWT (three base64url parts): only those are tried as
 /// one.
 pub(crate) fn looks_like_jwt(token: &str) -> bool {
-    token.len() <= MAX_TOKEN
-        && token.split('.').count() == 3
-        && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    if token.len() > MAX_TOKEN {
+        return false;
+    }
+    // One pass: every byte base64url or a dot, exactly two dots.
+    let mut dots = 0;
+    for b in token.bytes() {
+        match b {
+            b'.' => dots += 1,
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => {}
+            _ => return false,
+        }
+    }
+    dots == 2
 }
 
 /// Verifies a token against an issuer's keys and policy; its claims when it holds.
