@@ -203,6 +203,9 @@ fn access_tokens(static_token: &str) {
         require_at_jwt: false,
         identity_claim: "sub".into(),
         scopes: [("all".to_owned(), Grants::all())].into_iter().collect(),
+        groups_claim: "groups".into(),
+        roles: Default::default(),
+        tenants: Default::default(),
     });
     let auth = Authenticator::new(&cfg, &[("a".into(), Vec::new())], None);
     let at = portcullis::oauth::Endpoint { base: "http://gw.test".into(), server: None };

@@ -769,8 +769,9 @@ impl Authenticator {
     }
 
     /// The identity an access token makes: named by the issuer's identity claim (else `sub`),
-    /// keyed by issuer and subject, reaching what its scopes grant, ending at its expiry. None
-    /// when `sub` is not a name (visible characters, 1 to 128; a claim that is not one falls
+    /// keyed by issuer and subject, reaching what its scopes grant (narrowed to its tenant's
+    /// servers), with the role and tenant its groups map to, ending at its expiry. None when its
+    /// groups name two tenants, or when `sub` is not a name (visible characters, 1 to 128; a claim that is not one falls
     /// back to `sub`): a claim never puts control characters into a log line or `/stats`.
     fn token_identity(
         &self,
@@ -786,11 +787,39 @@ impl Authenticator {
         let scopes = claims.scopes();
         let parts: Vec<&Grants> =
             def.scopes.iter().filter(|(s, _)| scopes.contains(&s.as_str())).map(|(_, g)| g).collect();
+        let mut grants = Grants::union(&parts, &self.cfg.oauth.separator);
+        // Groups (or roles) give a role and a tenant; groups of two tenants refuse the token.
+        let groups: Vec<&str> = match claims.other.get(def.groups_claim.as_str()) {
+            Some(serde_json::Value::String(g)) => vec![g.as_str()],
+            Some(serde_json::Value::Array(gs)) => gs.iter().filter_map(|g| g.as_str()).collect(),
+            _ => Vec::new(),
+        };
+        let roles: Vec<Role> = groups.iter().filter_map(|g| def.roles.get(*g).copied()).collect();
+        let role = if roles.contains(&Role::Admin) {
+            Role::Admin
+        } else if roles.contains(&Role::Metrics) {
+            Role::Metrics
+        } else {
+            Role::User
+        };
+        let mut tenants: Vec<&String> = groups.iter().filter_map(|g| def.tenants.get(*g)).collect();
+        tenants.sort();
+        tenants.dedup();
+        if tenants.len() > 1 {
+            return None;
+        }
+        let tenant = tenants.first().map(|t| (*t).clone());
+        if let Some(t) = &tenant {
+            let own: Vec<&String> =
+                self.cfg.tenants.get(t).map(|ns| ns.values().flatten().collect()).unwrap_or_default();
+            let reachable = self.servers.iter().map(|(s, _)| s).filter(|s| grants.reaches(s) && own.contains(s));
+            grants.servers = Some(reachable.cloned().collect());
+        }
         Some(Arc::new(Identity {
             name: name.into(),
-            role: Role::User,
-            tenant: None,
-            grants: Grants::union(&parts, &self.cfg.oauth.separator),
+            role,
+            tenant,
+            grants,
             expires: Some(expires),
             token_id: None,
             key: format!("oauth:{}#{}", claims.iss, claims.sub).into(),

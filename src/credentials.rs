@@ -348,6 +348,12 @@ pub struct IssuerDef {
     pub identity_claim: String,
     /// Scope → what it grants.
     pub scopes: BTreeMap<String, Grants>,
+    /// The claim listing groups or roles.
+    pub groups_claim: String,
+    /// Group → role.
+    pub roles: BTreeMap<String, Role>,
+    /// Group → tenant.
+    pub tenants: BTreeMap<String, String>,
 }
 
 /// SHA-256 of a secret.

@@ -853,7 +853,7 @@ impl Validator<'_> {
         let catalog = raw.catalog_path.as_ref().map(|c| self.catalog(c, &separator, &mut servers));
         servers.sort_by(|a, b| a.name.cmp(&b.name));
         let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
-        let oauth = self.oauth(raw.oauth, &names, &separator);
+        let raw_oauth = raw.oauth;
         let mut auth = self.auth(
             auth::RawAuthParts {
                 auth: raw.auth,
@@ -865,7 +865,7 @@ impl Validator<'_> {
             },
             &names,
         );
-        auth.oauth = oauth;
+        auth.oauth = self.oauth(raw_oauth, &names, &separator, &auth.tenants);
         if auth.static_off && auth.issued_off && auth.oauth.issuers.is_empty() {
             self.error(
                 "auth",

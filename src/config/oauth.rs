@@ -61,6 +61,17 @@ pub(crate) struct RawIssuer {
     /// token reaches the union of its scopes' grants; a scope not listed grants nothing.
     #[serde(default)]
     pub scopes: BTreeMap<String, RawScopeGrant>,
+    /// The claim that lists the token's groups or roles (default `groups`; `roles` for Entra
+    /// ID app roles, say): a string or a list of strings.
+    #[serde(default)]
+    pub groups_claim: Option<S>,
+    /// Group → role: `portcullis-admins: admin`, `scrapers: metrics` (default `user`). With
+    /// several, `admin` wins over `metrics`.
+    #[serde(default)]
+    pub roles: BTreeMap<String, String>,
+    /// Group → tenant: `acme-staff: acme`. A token in groups of two tenants is refused.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, String>,
 }
 
 /// What one scope grants (allows only).
@@ -85,7 +96,13 @@ pub(crate) struct RawScopeGrant {
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
 
 impl Validator<'_> {
-    pub(super) fn oauth(&mut self, raw: Option<RawOAuth>, servers: &[String], separator: &str) -> OAuthConfig {
+    pub(super) fn oauth(
+        &mut self,
+        raw: Option<RawOAuth>,
+        servers: &[String],
+        separator: &str,
+        tenants: &BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    ) -> OAuthConfig {
         let Some(raw) = raw else { return OAuthConfig::default() };
         let resources = match raw.resources.as_deref() {
             None | Some("endpoint") => ResourceBinding::Endpoint,
@@ -98,7 +115,7 @@ impl Validator<'_> {
         let mut issuers: Vec<IssuerDef> = Vec::new();
         for (i, r) in raw.issuers.iter().enumerate() {
             let path = format!("oauth.issuers[{i}]");
-            if let Some(def) = self.issuer(&path, r, servers) {
+            if let Some(def) = self.issuer(&path, r, servers, tenants) {
                 if issuers.iter().any(|d| d.issuer == def.issuer) {
                     self.error(format!("{path}.issuer"), format!("{:?} is listed twice", def.issuer));
                 }
@@ -108,7 +125,13 @@ impl Validator<'_> {
         OAuthConfig { issuers, resources, separator: separator.to_owned() }
     }
 
-    fn issuer(&mut self, path: &str, r: &RawIssuer, servers: &[String]) -> Option<IssuerDef> {
+    fn issuer(
+        &mut self,
+        path: &str,
+        r: &RawIssuer,
+        servers: &[String],
+        tenants: &BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    ) -> Option<IssuerDef> {
         let before = self.errors.len();
         let issuer = self.subst(&format!("{path}.issuer"), &r.issuer);
         self.provider_url(&format!("{path}.issuer"), &issuer);
@@ -153,6 +176,20 @@ impl Validator<'_> {
             }
             scopes.insert(scope.clone(), Grants::from_lists(&g.servers, &g.tools, &g.prompts, &g.resources));
         }
+        let mut roles = BTreeMap::new();
+        for (group, role) in &r.roles {
+            match crate::credentials::Role::parse(Some(role)) {
+                Ok(role) => {
+                    roles.insert(group.clone(), role);
+                }
+                Err(e) => self.error(format!("{path}.roles.{group}"), e),
+            }
+        }
+        for (group, tenant) in &r.tenants {
+            if !tenants.contains_key(tenant) {
+                self.error(format!("{path}.tenants.{group}"), format!("unknown tenant {tenant:?}"));
+            }
+        }
         if self.errors.len() != before {
             return None;
         }
@@ -165,6 +202,9 @@ impl Validator<'_> {
             require_at_jwt: r.require_at_jwt,
             identity_claim: r.identity_claim.clone().unwrap_or_else(|| "sub".into()),
             scopes,
+            groups_claim: r.groups_claim.clone().unwrap_or_else(|| "groups".into()),
+            roles,
+            tenants: r.tenants.clone(),
         })
     }
 

@@ -356,6 +356,9 @@ mod tests {
             require_at_jwt: false,
             identity_claim: "sub".into(),
             scopes: Default::default(),
+            groups_claim: "groups".into(),
+            roles: Default::default(),
+            tenants: Default::default(),
         };
         let servers = ["a".to_owned(), "b".to_owned()];
         let base = "https://gw.test".to_owned();

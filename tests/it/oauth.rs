@@ -264,3 +264,28 @@ async fn each_credential_kind_can_be_turned_off_while_clients_migrate() {
     let (ok, _, err) = run_cli(None, &["check", "--config", cfg.to_str().unwrap()], &[]).await;
     assert!(!ok && err.contains("nothing could authenticate"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_give_a_role_and_a_tenant() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    let top = format!(
+        "{}      roles: {{ops: admin}}\n      tenants: {{acme-staff: acme, globex-staff: globex}}\ntenants:\n  acme: {{namespaces: {{prod: [a]}}}}\n  globex: {{namespaces: {{prod: [b]}}}}\n",
+        config(&p).replace("a:all: {servers: [a]}", "all: {}")
+    );
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&top).start().await;
+    let mcp = gw.mcp();
+    let with_groups = |groups: Value| token(&p, &k1, "carol", &mcp, "all", json!({"groups": groups}));
+    // A tenant's group: only the tenant's servers.
+    let acme = Client::connect_as(&mcp, &with_groups(json!(["acme-staff"]))).await;
+    let tools = acme.all_tools().await;
+    assert!(!tools.is_empty() && tools.iter().all(|t| t.starts_with("a__")), "{tools:?}");
+    // Groups of two tenants: refused.
+    assert_eq!(init(&mcp, Some(&with_groups(json!(["acme-staff", "globex-staff"])))).await.0, 401);
+    // The admin group reaches the management API; a plain token does not.
+    let servers = format!("{}/servers", gw.url);
+    assert_eq!(http_json(reqwest::Method::GET, &servers, Some(&with_groups(json!("ops"))), None).await.0, 200);
+    assert_eq!(http_json(reqwest::Method::GET, &servers, Some(&with_groups(json!([]))), None).await.0, 403);
+    p.stop.cancel();
+    gw.stop().await;
+}
