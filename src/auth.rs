@@ -782,8 +782,9 @@ impl Authenticator {
         let sub = named(&claims.sub)?;
         let name =
             claims.other.get(def.identity_claim.as_str()).and_then(|v| v.as_str()).and_then(named).unwrap_or(sub);
-        // An `exp` past what the clock can hold is no expiry Portcullis can keep.
-        let expires = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp))?;
+        // It ends where verification would stop accepting it: `exp` plus the leeway. An `exp`
+        // past what the clock can hold is no expiry Portcullis can keep.
+        let expires = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp))?.checked_add(def.leeway)?;
         let scopes = claims.scopes();
         let parts: Vec<&Grants> =
             def.scopes.iter().filter(|(s, _)| scopes.contains(&s.as_str())).map(|(_, g)| g).collect();

@@ -289,3 +289,21 @@ async fn groups_give_a_role_and_a_tenant() {
     p.stop.cancel();
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_token_s_expiry_ends_its_sessions() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    let top = config(&p).replace("      identity_claim: email\n", "      identity_claim: email\n      leeway: 0s\n");
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&top).start().await;
+    let mcp = gw.mcp();
+    let brief = token(&p, &k1, "dave", &mcp, "a:all", json!({"exp": now() + 2}));
+    let client = Client::connect_as(&mcp, &brief).await;
+    let mut stream = client.get_stream().await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.ended())
+        .await
+        .expect("the stream outlived the token");
+    assert_eq!(client.post(json!({"jsonrpc":"2.0","id":1,"method":"tools/list"})).await.status(), 401);
+    p.stop.cancel();
+    gw.stop().await;
+}
