@@ -206,6 +206,7 @@ fn access_tokens(static_token: &str) {
         groups_claim: "groups".into(),
         roles: Default::default(),
         tenants: Default::default(),
+        introspection: None,
     });
     let auth = Authenticator::new(&cfg, &[("a".into(), Vec::new())], None);
     let at = portcullis::oauth::Endpoint { base: "http://gw.test".into(), server: None };

@@ -357,7 +357,11 @@ type StoreIdentity = (Arc<crate::store::StoredToken>, Arc<Identity>);
 /// A verified access token: the token itself (a hit must be the same token, not only the same
 /// hash), the identity it makes and the `aud` values it carries (checked again at each
 /// endpoint it is used at).
-type VerifiedToken = (Box<str>, Arc<Identity>, Arc<[String]>);
+type VerifiedToken = (Box<str>, Arc<Identity>, Arc<[String]>, SystemTime);
+
+/// How long an introspection's answer is trusted before the provider is asked again (a token
+/// revoked at the provider is refused within this).
+const INTROSPECTION_TRUSTED_FOR: Duration = Duration::from_secs(60);
 
 /// Verified access tokens one shard keeps at most (16 shards).
 const VERIFIED_PER_SHARD: usize = 1024;
@@ -367,6 +371,8 @@ enum Verdict {
     Done(Result<Arc<Identity>, AuthError>),
     /// An access token names a key its issuer's set (of this generation) does not hold.
     Refetch(Arc<crate::oauth::Provider>, u64),
+    /// An opaque token no table knows: ask the issuer that introspects.
+    Introspect(Arc<crate::oauth::Provider>, String),
 }
 
 /// The credential table and the limits, built from one config (rebuilt whole on reload).
@@ -378,6 +384,7 @@ pub struct Authenticator {
     /// whole token, as SHA-256 would be; the stored token is compared on a hit).
     verified: Sharded<u64, VerifiedToken>,
     verified_seed: u64,
+    opaque_key: std::collections::hash_map::RandomState,
     servers: Vec<(String, Vec<String>)>,
     store: Option<Arc<crate::store::StoreView>>,
     store_identities: Sharded<String, StoreIdentity>,
@@ -413,6 +420,7 @@ impl Authenticator {
             anonymous: (cfg.tokens.is_empty() && cfg.oauth.issuers.is_empty()).then(Identity::anonymous),
             providers,
             verified: Sharded::new(),
+            opaque_key: std::collections::hash_map::RandomState::new(),
             verified_seed: {
                 use std::hash::BuildHasher;
                 std::collections::hash_map::RandomState::new().hash_one(0u8)
@@ -532,7 +540,7 @@ impl Authenticator {
     pub fn authenticate(&self, headers: &HeaderMap, client: IpAddr) -> Result<Arc<Identity>, AuthError> {
         match self.decide(headers, client, None) {
             Verdict::Done(r) => r,
-            Verdict::Refetch(..) => Err(self.failed(client).unwrap_or(AuthError::Invalid)),
+            Verdict::Refetch(..) | Verdict::Introspect(..) => Err(self.failed(client).unwrap_or(AuthError::Invalid)),
         }
     }
 
@@ -554,10 +562,64 @@ impl Authenticator {
                 }
                 match self.decide(headers, client, Some(at)) {
                     Verdict::Done(r) => r,
-                    Verdict::Refetch(..) => Err(self.failed(client).unwrap_or(AuthError::Invalid)),
+                    Verdict::Refetch(..) | Verdict::Introspect(..) => {
+                        Err(self.failed(client).unwrap_or(AuthError::Invalid))
+                    }
                 }
             }
+            Verdict::Introspect(provider, token) => match provider.introspect(&token).await {
+                Ok(Some(claims)) => match self.introspected(&provider, &token, &claims, at) {
+                    Some(identity) => Ok(identity),
+                    None => Err(self.failed(client).unwrap_or(AuthError::Invalid)),
+                },
+                Ok(None) => Err(self.failed(client).unwrap_or(AuthError::Invalid)),
+                Err(e) => {
+                    // The provider cannot say: the token may be valid, so never a 401.
+                    tracing::warn!(issuer = %provider.def.issuer, error = %e, "token introspection failed");
+                    Err(AuthError::Unavailable(Duration::from_secs(1)))
+                }
+            },
         }
+    }
+
+    /// The identity of an opaque token the provider called active, when it is for this
+    /// endpoint; cached for [`INTROSPECTION_TRUSTED_FOR`] at most.
+    fn introspected(
+        &self,
+        provider: &Arc<crate::oauth::Provider>,
+        token: &str,
+        claims: &crate::oauth::jwt::Claims,
+        at: &crate::oauth::Endpoint,
+    ) -> Option<Arc<Identity>> {
+        let def = &provider.def;
+        let names = || self.servers.iter().map(|(s, _)| s.as_str());
+        let auds: Arc<[String]> = claims.aud.values().into_iter().map(str::to_owned).collect();
+        if !auds.iter().any(|a| at.accepts(a, self.cfg.oauth.resources, names(), def)) {
+            tracing::debug!(issuer = %def.issuer, "introspected token refused: issued for another audience");
+            return None;
+        }
+        let identity = self.token_identity(def, claims)?;
+        let now = SystemTime::now();
+        if identity.expired(now) {
+            return None;
+        }
+        let until = identity.expires.map_or(now, |e| e.min(now + INTROSPECTION_TRUSTED_FOR));
+        self.remember(token, &identity, auds, until);
+        Some(identity)
+    }
+
+    /// Caches a verified token until `until`, within the cache's bound.
+    fn remember(&self, token: &str, identity: &Arc<Identity>, auds: Arc<[String]>, until: SystemTime) {
+        let now = SystemTime::now();
+        let h = self.verified_hash(token);
+        let mut cache = lock(self.verified.shard(&h));
+        if cache.len() >= VERIFIED_PER_SHARD {
+            cache.retain(|_, (_, _, _, u)| *u > now);
+            if cache.len() >= VERIFIED_PER_SHARD {
+                cache.clear();
+            }
+        }
+        cache.insert(h, (token.into(), identity.clone(), auds, until));
     }
 
     /// Whether access tokens of identity providers are accepted.
@@ -629,10 +691,12 @@ impl Authenticator {
             });
         }
         let mut refetch = None;
+        let mut introspect = None;
+        let introspector = self.providers.iter().find(|p| p.def.introspection.is_some());
         let found = presented.and_then(|secret| {
             let jwt = !self.providers.is_empty() && crate::oauth::jwt::looks_like_jwt(secret);
-            // A known access token: no digest, no signature.
-            if jwt
+            // A known access token: no digest, no signature, no introspection.
+            if (jwt || introspector.is_some())
                 && let Some(at) = at
                 && let Some(known) = self.verified_hit(secret, at)
             {
@@ -653,16 +717,24 @@ impl Authenticator {
                     }
                 }
                 None => {
+                    // Neither ours nor a known issuer's JWT: an issuer that introspects decides.
+                    let unknown = |introspect: &mut Option<_>| {
+                        if let (Some(p), Some(_)) = (introspector, at) {
+                            *introspect = Some((p.clone(), secret.to_owned()));
+                        }
+                        Err(AuthError::Invalid)
+                    };
                     if self.cfg.issued_off {
-                        return Err(AuthError::Invalid);
+                        return unknown(&mut introspect);
                     }
-                    let store = self.store.as_ref().ok_or(AuthError::Invalid)?;
+                    let Some(store) = self.store.as_ref() else { return unknown(&mut introspect) };
                     let now = crate::store::now_ms();
                     match store.lookup(&d) {
                         Ok(Some(t)) if t.usable(now) => {
                             store.used(&t.id, now);
                             self.store_identity(&t)
                         }
+                        Ok(None) => return unknown(&mut introspect),
                         Ok(_) => return Err(AuthError::Invalid),
                         Err(e) => {
                             tracing::warn!(error = %e, "token store unavailable");
@@ -679,6 +751,9 @@ impl Authenticator {
         if let Some((provider, seen)) = refetch {
             return Verdict::Refetch(provider, seen);
         }
+        if let Some((provider, token)) = introspect {
+            return Verdict::Introspect(provider, token);
+        }
         Verdict::Done(match found {
             Ok(identity) => Ok(identity),
             // No credential at all is not a guess: it gets the 401 challenge that starts the
@@ -692,14 +767,18 @@ impl Authenticator {
     /// refused when it has expired or is not for this endpoint.
     fn verified_hit(&self, token: &str, at: &crate::oauth::Endpoint) -> Option<Result<Arc<Identity>, AuthError>> {
         let h = self.verified_hash(token);
-        let (identity, auds) = {
+        let (identity, auds, until) = {
             let shard = lock(self.verified.shard(&h));
-            let (t, identity, auds) = shard.get(&h)?;
+            let (t, identity, auds, until) = shard.get(&h)?;
             if **t != *token {
                 return None;
             }
-            (identity.clone(), auds.clone())
+            (identity.clone(), auds.clone(), *until)
         };
+        // Past its trust (an introspection's answer ages): check it again.
+        if !identity.expired(SystemTime::now()) && SystemTime::now() >= until {
+            return None;
+        }
         let def = identity.issuer.as_ref()?;
         let binding = self.cfg.oauth.resources;
         let names = || self.servers.iter().map(|(s, _)| s.as_str());
@@ -714,6 +793,11 @@ impl Authenticator {
     /// is compared with the whole token, so a token made to collide only misses (and is then
     /// verified like any other).
     fn verified_hash(&self, token: &str) -> u64 {
+        if !crate::oauth::jwt::looks_like_jwt(token) {
+            // An opaque token may start with a fixed prefix: hash all of it, keyed.
+            use std::hash::BuildHasher;
+            return self.opaque_key.hash_one(token);
+        }
         let sig = token.rsplit('.').next().unwrap_or(token).as_bytes();
         let mut word = [0u8; 16];
         let n = sig.len().min(16);
@@ -756,15 +840,7 @@ impl Authenticator {
             return Err(None);
         };
         let auds: Arc<[String]> = claims.aud.values().into_iter().map(str::to_owned).collect();
-        let h = self.verified_hash(token);
-        let mut cache = lock(self.verified.shard(&h));
-        if cache.len() >= VERIFIED_PER_SHARD {
-            cache.retain(|_, (_, i, _)| !i.expired(now));
-            if cache.len() >= VERIFIED_PER_SHARD {
-                cache.clear();
-            }
-        }
-        cache.insert(h, (token.into(), identity.clone(), auds));
+        self.remember(token, &identity, auds, identity.expires.unwrap_or(now));
         Ok(identity)
     }
 

@@ -354,6 +354,25 @@ pub struct IssuerDef {
     pub roles: BTreeMap<String, Role>,
     /// Group → tenant.
     pub tenants: BTreeMap<String, String>,
+    /// Where opaque tokens of this issuer are checked (RFC 7662).
+    pub introspection: Option<Introspection>,
+}
+
+/// An RFC 7662 introspection endpoint and the client credentials Portcullis uses there.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Introspection {
+    /// The endpoint URL.
+    pub endpoint: String,
+    /// Portcullis' client id.
+    pub client_id: String,
+    /// Its secret (never logged: `Debug` hides it).
+    pub client_secret: Box<str>,
+}
+
+impl std::fmt::Debug for Introspection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Introspection").field("endpoint", &self.endpoint).field("client_id", &self.client_id).finish()
+    }
 }
 
 /// SHA-256 of a secret.

@@ -72,6 +72,23 @@ pub(crate) struct RawIssuer {
     /// Group → tenant: `acme-staff: acme`. A token in groups of two tenants is refused.
     #[serde(default)]
     pub tenants: BTreeMap<String, String>,
+    /// Opaque (non-JWT) tokens are checked at this issuer's RFC 7662 introspection endpoint
+    /// (at most one issuer may have one: a token is never shown to a provider that did not
+    /// issue it).
+    #[serde(default)]
+    pub introspection: Option<RawIntrospection>,
+}
+
+/// An introspection endpoint and Portcullis' client credentials for it.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawIntrospection {
+    /// The endpoint (https; http only on a loopback host).
+    pub endpoint: S,
+    /// Portcullis' client id at the provider.
+    pub client_id: S,
+    /// Its client secret (use `${VAR}`).
+    pub client_secret: S,
 }
 
 /// What one scope grants (allows only).
@@ -121,6 +138,9 @@ impl Validator<'_> {
                 }
                 issuers.push(def);
             }
+        }
+        if issuers.iter().filter(|d| d.introspection.is_some()).count() > 1 {
+            self.error("oauth.issuers", "at most one issuer may have an introspection endpoint");
         }
         OAuthConfig { issuers, resources, separator: separator.to_owned() }
     }
@@ -185,6 +205,17 @@ impl Validator<'_> {
                 Err(e) => self.error(format!("{path}.roles.{group}"), e),
             }
         }
+        let introspection = r.introspection.as_ref().map(|i| {
+            let ip = format!("{path}.introspection");
+            let endpoint = self.subst(&format!("{ip}.endpoint"), &i.endpoint);
+            self.provider_url(&format!("{ip}.endpoint"), &endpoint);
+            let client_id = self.subst(&format!("{ip}.client_id"), &i.client_id);
+            let client_secret = self.subst(&format!("{ip}.client_secret"), &i.client_secret);
+            if client_id.is_empty() || client_secret.is_empty() {
+                self.error(&ip, "client_id and client_secret must not be empty");
+            }
+            crate::credentials::Introspection { endpoint, client_id, client_secret: client_secret.into() }
+        });
         for (group, tenant) in &r.tenants {
             if !tenants.contains_key(tenant) {
                 self.error(format!("{path}.tenants.{group}"), format!("unknown tenant {tenant:?}"));
@@ -205,6 +236,7 @@ impl Validator<'_> {
             groups_claim: r.groups_claim.clone().unwrap_or_else(|| "groups".into()),
             roles,
             tenants: r.tenants.clone(),
+            introspection,
         })
     }
 

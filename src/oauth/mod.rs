@@ -277,10 +277,46 @@ impl Provider {
         Err(last.unwrap_or_else(|| FetchError::NoJwksUri(issuer.clone())))
     }
 
+    /// Asks the issuer's introspection endpoint (RFC 7662) about an opaque token: its claims
+    /// when it is active and names this issuer (or none), a `sub` and an `exp`; None otherwise.
+    pub(crate) async fn introspect(&self, token: &str) -> Result<Option<jwt::Claims>, FetchError> {
+        let Some(i) = &self.def.introspection else { return Ok(None) };
+        let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+        let http = |reason: String| FetchError::Http { url: i.endpoint.clone(), reason };
+        let resp = self
+            .http
+            .post(&i.endpoint)
+            // RFC 6749 §2.3.1: the credentials are form-encoded before they are joined.
+            .basic_auth(enc(&i.client_id), Some(enc(&i.client_secret)))
+            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(format!("token={}&token_type_hint=access_token", enc(token)))
+            .send()
+            .await
+            .map_err(|e| http(e.without_url().to_string()))?;
+        let body = self.read(resp, &i.endpoint).await?.0;
+        let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else { return Ok(None) };
+        if v.get("active") != Some(&serde_json::Value::Bool(true)) {
+            return Ok(None);
+        }
+        match v.get("iss").and_then(|i| i.as_str()) {
+            Some(iss) if iss != self.def.issuer => return Ok(None),
+            Some(_) => {}
+            None => v["iss"] = serde_json::Value::String(self.def.issuer.clone()),
+        }
+        Ok(serde_json::from_value::<jwt::Claims>(v).ok())
+    }
+
     /// One bounded GET: the body and its lifetime.
     async fn get(&self, url: &str) -> Result<(Vec<u8>, Duration), FetchError> {
         let http = |reason: String| FetchError::Http { url: url.to_owned(), reason };
-        let mut resp = self.http.get(url).send().await.map_err(|e| http(e.without_url().to_string()))?;
+        let resp = self.http.get(url).send().await.map_err(|e| http(e.without_url().to_string()))?;
+        self.read(resp, url).await
+    }
+
+    /// A response's body (200 only, within [`MAX_DOCUMENT`]) and its lifetime.
+    async fn read(&self, mut resp: reqwest::Response, url: &str) -> Result<(Vec<u8>, Duration), FetchError> {
+        let http = |reason: String| FetchError::Http { url: url.to_owned(), reason };
         if resp.status() != reqwest::StatusCode::OK {
             return Err(http(format!("status {}", resp.status())));
         }
@@ -359,6 +395,7 @@ mod tests {
             groups_claim: "groups".into(),
             roles: Default::default(),
             tenants: Default::default(),
+            introspection: None,
         };
         let servers = ["a".to_owned(), "b".to_owned()];
         let base = "https://gw.test".to_owned();

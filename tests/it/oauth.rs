@@ -31,11 +31,15 @@ fn key(kid: &str) -> Key {
     Key { kid: kid.to_owned(), signing: EncodingKey::from_ec_der(pkcs8.as_ref()), jwk }
 }
 
-/// The identity provider: OpenID discovery and a JWKS, on 127.0.0.1.
+/// The identity provider: OpenID discovery, a JWKS and an introspection endpoint (one active
+/// opaque token, `opaque-good-token`, for Portcullis' client `portcullis:s3cret`), on 127.0.0.1.
 struct Provider {
     issuer: String,
     keys: Arc<Mutex<Vec<Value>>>,
     fetches: Arc<AtomicUsize>,
+    introspections: Arc<AtomicUsize>,
+    /// The `aud` its introspection answers name (the gateway's endpoint, once known).
+    audience: Arc<Mutex<String>>,
     stop: tokio_util::sync::CancellationToken,
 }
 
@@ -45,8 +49,29 @@ async fn provider(keys: &[&Key]) -> Provider {
     let issuer = format!("http://{}", listener.local_addr().unwrap());
     let set = Arc::new(Mutex::new(keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()));
     let fetches = Arc::new(AtomicUsize::new(0));
+    let introspections = Arc::new(AtomicUsize::new(0));
     let (s, f, i) = (set.clone(), fetches.clone(), issuer.clone());
+    let audience = Arc::new(Mutex::new(String::new()));
+    let (n, iss, a) = (introspections.clone(), issuer.clone(), audience.clone());
     let app = axum::Router::new()
+        .route(
+            "/introspect",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+                let (n, iss, aud) = (n.clone(), iss.clone(), a.lock().unwrap().clone());
+                async move {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    let basic = base64::engine::general_purpose::STANDARD.encode("portcullis:s3cret");
+                    let authorized = headers.get("authorization").and_then(|v| v.to_str().ok())
+                        == Some(format!("Basic {basic}").as_str());
+                    if authorized && body.starts_with("token=opaque-good-token&") {
+                        json!({"active": true, "iss": iss, "sub": "erin", "exp": now() + 300, "scope": "a:all", "aud": aud})
+                            .to_string()
+                    } else {
+                        json!({"active": false}).to_string()
+                    }
+                }
+            }),
+        )
         .route(
             "/.well-known/openid-configuration",
             get(move || {
@@ -69,7 +94,7 @@ async fn provider(keys: &[&Key]) -> Provider {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(until.cancelled_owned()).await;
     });
-    Provider { issuer, keys: set, fetches, stop }
+    Provider { issuer, keys: set, fetches, introspections, audience, stop }
 }
 
 fn now() -> u64 {
@@ -305,5 +330,35 @@ async fn an_access_token_s_expiry_ends_its_sessions() {
         .expect("the stream outlived the token");
     assert_eq!(client.post(json!({"jsonrpc":"2.0","id":1,"method":"tools/list"})).await.status(), 401);
     p.stop.cancel();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tokens_are_introspected_and_the_answer_is_cached_briefly() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    let top = format!(
+        "{}      introspection: {{endpoint: \"{}/introspect\", client_id: portcullis, client_secret: \"${{SECRET}}\"}}\n",
+        config(&p),
+        p.issuer
+    );
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").env("SECRET", "s3cret").top(&top).start().await;
+    let mcp = gw.mcp();
+    *p.audience.lock().unwrap() = mcp.clone();
+    // Active, for this endpoint: in, as its subject, with its scope's grants.
+    let client = Client::connect_as(&mcp, "opaque-good-token").await;
+    let tools = client.all_tools().await;
+    assert!(!tools.is_empty() && tools.iter().all(|t| t.starts_with("a__")), "{tools:?}");
+    let asked = p.introspections.load(Ordering::SeqCst);
+    assert_eq!(client.call_text("a__echo", json!({"text": "again"})).await, "again");
+    assert_eq!(p.introspections.load(Ordering::SeqCst), asked, "the answer is cached");
+    // Inactive: 401 invalid_token. For another endpoint: refused there.
+    let (status, challenge) = init(&mcp, Some("opaque-other-token")).await;
+    assert_eq!(status, 401);
+    assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
+    assert_eq!(init(&gw.server("b"), Some("opaque-good-token")).await.0, 401);
+    // The provider cannot answer: 503 (the token may be valid), never 401.
+    p.stop.cancel();
+    assert_eq!(init(&mcp, Some("opaque-unseen-token")).await.0, 503);
     gw.stop().await;
 }
