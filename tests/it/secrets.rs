@@ -80,14 +80,18 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
     let dir = TempDir::new();
     let alice = "Qz7alice-Secret-Value-91x";
     let envtok = "Wp3env-Token-Value-55k";
+    let intro = "Kx9QvR7-zT4wYp2-Lm8nB3q";
     let upstream = http_demo(&[]).await;
     let audit = dir.0.join("audit.jsonl");
+    // An issuer whose introspection endpoint cannot be reached: its client secret is used (an
+    // opaque token below is introspected) and must show nowhere.
+    let oauth = "oauth:\n  issuers:\n    - issuer: \"http://127.0.0.1:1\"\n      jwks_uri: \"http://127.0.0.1:1/jwks\"\n      introspection: {endpoint: \"http://127.0.0.1:1/introspect\", client_id: portcullis, client_secret: \"${INTRO_SECRET}\"}\n";
     let config = format!(
-        "servers:\n  h:\n    url: {:?}\n  s:\n    command: {BIN:?}\n    args: [demo-server, --fixtures]\nauth:\n  max_failures_per_minute: 1000\n  tokens:\n    alice: \"${{ALICE_TOKEN}}\"\naudit:\n  file: {:?}\n",
+        "servers:\n  h:\n    url: {:?}\n  s:\n    command: {BIN:?}\n    args: [demo-server, --fixtures]\nauth:\n  max_failures_per_minute: 1000\n  tokens:\n    alice: \"${{ALICE_TOKEN}}\"\naudit:\n  file: {:?}\n{oauth}",
         upstream.url,
         audit.display().to_string()
     );
-    let env = [("ALICE_TOKEN", alice), ("PORTCULLIS_TOKEN", envtok), ("RUST_LOG", "trace")];
+    let env = [("ALICE_TOKEN", alice), ("PORTCULLIS_TOKEN", envtok), ("INTRO_SECRET", intro), ("RUST_LOG", "trace")];
     let (mut child, url, stderr) = serve(&dir.0, &config, &[], &env).await;
     let mcp = format!("{url}/mcp");
     let near = format!("{}#", &alice[..alice.len() - 1]);
@@ -98,6 +102,7 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
         vec![("authorization", basic)],
         vec![("authorization", format!("Bearer {alice}")), ("x-api-key", envtok.to_owned())],
         vec![("x-api-key", format!("{alice}x"))],
+        vec![("authorization", "Bearer an-opaque-token-to-introspect".to_owned())],
         vec![],
     ];
     let http = reqwest::Client::new();
@@ -125,13 +130,14 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
     let upstream_view = seen["seen_headers"].to_string();
     assert!(upstream_view.contains("mcp-protocol-version"), "the demo recorded nothing: {upstream_view}");
     assert!(!upstream_view.to_ascii_lowercase().contains("authorization"), "{upstream_view}");
-    assert_clean("what the upstream received", &upstream_view, &[alice, envtok]);
+    assert_clean("what the upstream received", &upstream_view, &[alice, envtok, intro]);
     stop(&mut child).await;
 
     let check = std::process::Command::new(BIN)
         .args(["check", "--config", dir.0.join("portcullis.yaml").to_str().unwrap()])
         .env("ALICE_TOKEN", alice)
         .env("PORTCULLIS_TOKEN", envtok)
+        .env("INTRO_SECRET", intro)
         .output()
         .unwrap();
     let check_out = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
@@ -144,8 +150,9 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
     for (what, text) in
         [("stderr at trace level", &log), ("the audit file", &audit_text), ("answers", &answers), ("check", &check_out)]
     {
-        assert_clean(what, text, &[alice, envtok]);
+        assert_clean(what, text, &[alice, envtok, intro]);
     }
+    assert!(log.contains("token introspection failed"), "the opaque token was not introspected:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
