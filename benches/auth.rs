@@ -38,6 +38,20 @@ fn token(seed: &mut u64) -> String {
     format!("pcs_{body}")
 }
 
+/// A config token for `secret`: a user reaching everything.
+fn user_token(name: String, secret: &str) -> TokenDef {
+    TokenDef {
+        name,
+        digest: digest(secret),
+        role: Role::User,
+        tenant: None,
+        grants: Grants::all(),
+        expires: None,
+        rate: None,
+        source: portcullis::credentials::TokenSource::File,
+    }
+}
+
 fn headers(secret: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(
@@ -84,16 +98,7 @@ fn main() {
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
     let table: Vec<String> = (0..1000).map(|_| token(&mut seed)).collect();
     for (i, t) in table.iter().enumerate() {
-        cfg.tokens.push(TokenDef {
-            name: format!("t{i}"),
-            digest: digest(t),
-            role: Role::User,
-            tenant: None,
-            grants: Grants::all(),
-            expires: None,
-            rate: None,
-            source: portcullis::credentials::TokenSource::File,
-        });
+        cfg.tokens.push(user_token(format!("t{i}"), t));
     }
     let dir = std::env::temp_dir().join(format!("pcs-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -183,16 +188,7 @@ fn access_tokens(static_token: &str) {
     });
     let mut cfg =
         AuthConfig { failures: FailureLimit { max: u32::MAX, ..FailureLimit::default() }, ..AuthConfig::default() };
-    cfg.tokens.push(TokenDef {
-        name: "static".into(),
-        digest: digest(static_token),
-        role: Role::User,
-        tenant: None,
-        grants: Grants::all(),
-        expires: None,
-        rate: None,
-        source: portcullis::credentials::TokenSource::File,
-    });
+    cfg.tokens.push(user_token("static".into(), static_token));
     cfg.oauth.separator = "__".into();
     cfg.oauth.issuers.push(portcullis::credentials::IssuerDef {
         issuer: issuer.clone(),

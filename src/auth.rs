@@ -416,8 +416,7 @@ impl Authenticator {
         }
         let providers = cfg.oauth.issuers.iter().map(|d| crate::oauth::Provider::new(Arc::new(d.clone()))).collect();
         Authenticator {
-            // Open only when no credential of any kind is configured.
-            anonymous: (cfg.tokens.is_empty() && cfg.oauth.issuers.is_empty()).then(Identity::anonymous),
+            anonymous: cfg.is_open().then(Identity::anonymous),
             providers,
             verified: Sharded::new(),
             opaque_key: std::collections::hash_map::RandomState::new(),
@@ -717,9 +716,13 @@ impl Authenticator {
                     }
                 }
                 None => {
-                    // Neither ours nor a known issuer's JWT: an issuer that introspects decides.
+                    // Neither ours nor a known issuer's JWT: an issuer that introspects decides
+                    // (never about a token in Portcullis' own format: no secret of ours, or a
+                    // near miss of one, is shown to a provider).
                     let unknown = |introspect: &mut Option<_>| {
-                        if let (Some(p), Some(_)) = (introspector, at) {
+                        if let (Some(p), Some(_)) = (introspector, at)
+                            && !secret.starts_with(crate::store::SECRET_PREFIX)
+                        {
                             *introspect = Some((p.clone(), secret.to_owned()));
                         }
                         Err(AuthError::Invalid)

@@ -410,8 +410,7 @@ pub fn startup_check(
         });
     }
     let store_has_tokens = store.state() == crate::store::StoreState::HasTokens;
-    let issued = store_has_tokens && !config.auth.issued_off;
-    let open = config.auth.tokens.is_empty() && config.auth.oauth.issuers.is_empty() && !issued;
+    let open = config.auth.is_open() && !store_has_tokens;
     if open && !config.listen.ip().is_loopback() {
         if !opts.allow_unauthenticated {
             anyhow::bail!(

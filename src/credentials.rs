@@ -308,6 +308,15 @@ pub(crate) const ASYMMETRIC: &[jsonwebtoken::Algorithm] = &[
     jsonwebtoken::Algorithm::EdDSA,
 ];
 
+impl AuthConfig {
+    /// Whether no credential of any kind is configured, so every caller is the anonymous
+    /// identity (unless the token store holds issued tokens). A kind turned off is a choice to
+    /// authenticate otherwise, never a way to fall open.
+    pub(crate) fn is_open(&self) -> bool {
+        self.tokens.is_empty() && self.oauth.issuers.is_empty() && !self.static_off && !self.issued_off
+    }
+}
+
 /// The identity providers whose access tokens are accepted (`oauth:`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OAuthConfig {

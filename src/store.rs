@@ -347,9 +347,12 @@ pub(crate) fn printable_json(json: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-/// A new secret: `pcs_` + 43 base64url characters of 32 bytes from the OS.
+/// How every secret Portcullis makes begins (issued tokens, `--generate-token`).
+pub(crate) const SECRET_PREFIX: &str = "pcs_";
+
+/// A new secret: [`SECRET_PREFIX`] + 43 base64url characters of 32 bytes from the OS.
 pub(crate) fn new_secret() -> Result<String, StoreError> {
-    crate::random::id().map(|id| format!("pcs_{id}")).map_err(|e| StoreError::Unavailable(e.to_string()))
+    crate::random::id().map(|id| format!("{SECRET_PREFIX}{id}")).map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
 fn new_id() -> Result<String, StoreError> {

@@ -6,7 +6,9 @@
 //!
 //! Invariants: a provider's documents are read only over https (http on loopback), without
 //! redirects, within [`MAX_DOCUMENT`] bytes and [`FETCH_TIMEOUT`]; a failed fetch never
-//! replaces the last good key set; the metadata's `issuer` must be the configured one.
+//! replaces the last good key set; the metadata's `issuer` must be the configured one; a URL in
+//! an error is shown without credentials or query; a token in Portcullis' own format is never
+//! introspected.
 
 pub(crate) mod jwt;
 pub(crate) mod metadata;
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
+use crate::config::shown_url;
 use crate::credentials::{IssuerDef, ResourceBinding};
 use crate::sharded::lock;
 
@@ -123,7 +126,7 @@ pub(crate) enum FetchError {
     /// The request failed or the status was not 200.
     #[error("{url}: {reason}")]
     Http {
-        /// The URL (a provider's public document: no secret in it).
+        /// The URL, shown without credentials or query (`config::shown_url`).
         url: String,
         /// What went wrong.
         reason: String,
@@ -268,7 +271,7 @@ impl Provider {
             };
             let Ok(m) = serde_json::from_slice::<Metadata>(&body) else { continue };
             if let Some(found) = m.issuer.filter(|i| i != issuer) {
-                return Err(FetchError::IssuerMismatch { url, found });
+                return Err(FetchError::IssuerMismatch { url: shown_url(&url), found });
             }
             if let Some(jwks) = m.jwks_uri {
                 return Ok(jwks);
@@ -282,7 +285,7 @@ impl Provider {
     pub(crate) async fn introspect(&self, token: &str) -> Result<Option<jwt::Claims>, FetchError> {
         let Some(i) = &self.def.introspection else { return Ok(None) };
         let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
-        let http = |reason: String| FetchError::Http { url: i.endpoint.clone(), reason };
+        let http = |reason: String| FetchError::Http { url: shown_url(&i.endpoint), reason };
         let resp = self
             .http
             .post(&i.endpoint)
@@ -309,14 +312,14 @@ impl Provider {
 
     /// One bounded GET: the body and its lifetime.
     async fn get(&self, url: &str) -> Result<(Vec<u8>, Duration), FetchError> {
-        let http = |reason: String| FetchError::Http { url: url.to_owned(), reason };
+        let http = |reason: String| FetchError::Http { url: shown_url(url), reason };
         let resp = self.http.get(url).send().await.map_err(|e| http(e.without_url().to_string()))?;
         self.read(resp, url).await
     }
 
     /// A response's body (200 only, within [`MAX_DOCUMENT`]) and its lifetime.
     async fn read(&self, mut resp: reqwest::Response, url: &str) -> Result<(Vec<u8>, Duration), FetchError> {
-        let http = |reason: String| FetchError::Http { url: url.to_owned(), reason };
+        let http = |reason: String| FetchError::Http { url: shown_url(url), reason };
         if resp.status() != reqwest::StatusCode::OK {
             return Err(http(format!("status {}", resp.status())));
         }
@@ -330,7 +333,7 @@ impl Provider {
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| http(e.without_url().to_string()))? {
             if body.len() + chunk.len() > MAX_DOCUMENT {
-                return Err(FetchError::TooLarge(url.to_owned()));
+                return Err(FetchError::TooLarge(shown_url(url)));
             }
             body.extend_from_slice(&chunk);
         }

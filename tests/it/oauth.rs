@@ -357,8 +357,27 @@ async fn opaque_tokens_are_introspected_and_the_answer_is_cached_briefly() {
     assert_eq!(status, 401);
     assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
     assert_eq!(init(&gw.server("b"), Some("opaque-good-token")).await.0, 401);
+    // A token in Portcullis' own format is never shown to the provider.
+    let before = p.introspections.load(Ordering::SeqCst);
+    assert_eq!(init(&mcp, Some("pcs_NotAnIssuedTokenOfThisGatewayAtAll0123456789")).await.0, 401);
+    assert_eq!(p.introspections.load(Ordering::SeqCst), before);
     // The provider cannot answer: 503 (the token may be valid), never 401.
     p.stop.cancel();
     assert_eq!(init(&mcp, Some("opaque-unseen-token")).await.0, 503);
+    gw.stop().await;
+}
+
+/// Turning static tokens off never leaves a gateway open: with no issued token and no issuer,
+/// nobody is let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_tokens_off_with_nothing_else_refuses_everyone() {
+    let gw = gateway()
+        .demo("a", &[], "")
+        .top("auth:\n  static_tokens: false\n  tokens:\n    old: old-client-token-0123456789\n")
+        .start()
+        .await;
+    let mcp = gw.mcp();
+    assert_eq!(init(&mcp, None).await.0, 401);
+    assert_eq!(init(&mcp, Some("old-client-token-0123456789")).await.0, 401);
     gw.stop().await;
 }
