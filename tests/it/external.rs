@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use crate::support::*;
 
 /// Where `./scripts/test` installed the pinned peers.
-fn deps() -> PathBuf {
+pub(crate) fn deps() -> PathBuf {
     let dir = std::env::var_os("PORTCULLIS_TEST_DEPS")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-deps"), PathBuf::from);
     assert!(
@@ -24,19 +24,19 @@ fn deps() -> PathBuf {
     dir
 }
 
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     deps().join("venv/bin/python")
 }
 
-fn node() -> PathBuf {
+pub(crate) fn node() -> PathBuf {
     deps().join("node/node_modules/.bin/node")
 }
 
-fn node_module(path: &str) -> String {
+pub(crate) fn node_module(path: &str) -> String {
     deps().join("node/node_modules").join(path).display().to_string()
 }
 
-fn fixture(name: &str) -> String {
+pub(crate) fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).display().to_string()
 }
 

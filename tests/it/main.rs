@@ -9,6 +9,7 @@ mod eras;
 mod external;
 mod failclosed;
 mod hotpath;
+mod idp;
 mod oauth;
 mod operating;
 mod process;
