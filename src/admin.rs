@@ -350,7 +350,11 @@ pub(crate) async fn rpc(
         }
         let caller = Caller { cancel_on_drop: true, ..Caller::default() };
         let ctx = who.ctx(Scope::All, caller, ProtocolVersion::LATEST_SESSION);
-        Ok(match gw.handle(&ctx, &env, entry.routed()).await {
+        let reply = gw.handle(&ctx, &env, entry.routed()).await;
+        if let Some(step_up) = entry.routed().step_up.take() {
+            return Err(step_up.into());
+        }
+        Ok(match reply {
             Some(reply) => json_response(StatusCode::OK, reply.to_message(env.id.map_or("null", |i| i.get()))),
             None => StatusCode::ACCEPTED.into_response(),
         })

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::authz::Grants;
+use crate::authz::{GrantKind, Grants};
 use crate::credentials::{AuthConfig, Cidr, FailureLimit, Rate, Role, TokenDef, TokenSource, digest};
 use crate::sharded::Sharded;
 use crate::sharded::lock;
@@ -79,8 +79,11 @@ pub struct Identity {
     pub key: Arc<str>,
     /// The identity provider of an access token (its configuration as the token was checked).
     pub(crate) issuer: Option<Arc<crate::credentials::IssuerDef>>,
+    /// The scopes of an access token that its issuer maps (empty for other credentials).
+    pub(crate) scopes: Box<[String]>,
     rate: Option<Rate>,
-    bucket: Mutex<Option<Bucket>>,
+    /// Its rate bucket; an access token's is its subject's, shared by all the subject's tokens.
+    bucket: Arc<Mutex<Option<Bucket>>>,
 }
 
 impl Identity {
@@ -95,8 +98,9 @@ impl Identity {
             token_id: None,
             key: "anonymous".into(),
             issuer: None,
+            scopes: Box::default(),
             rate: None,
-            bucket: Mutex::new(None),
+            bucket: Arc::default(),
         })
     }
 
@@ -327,8 +331,9 @@ fn identity_for(
         token_id,
         key: key.into(),
         issuer: None,
+        scopes: Box::default(),
         rate: t.rate.or(cfg.per_identity),
-        bucket: Mutex::new(None),
+        bucket: Arc::default(),
     })
 }
 
@@ -393,6 +398,9 @@ pub struct Authenticator {
     anonymous: Option<Arc<Identity>>,
     per_address: Option<Rate>,
     addresses: Sharded<IpAddr, Bucket>,
+    /// The rate buckets of access tokens' subjects, by identity key (an entry lives while an
+    /// identity of the subject is cached).
+    subjects: Sharded<Arc<str>, Arc<Mutex<Option<Bucket>>>>,
     failure_limit: FailureLimit,
     failures: Sharded<IpAddr, Failures>,
     trusted: Vec<Cidr>,
@@ -432,6 +440,7 @@ impl Authenticator {
             by_name,
             per_address: cfg.per_address,
             addresses: Sharded::new(),
+            subjects: Sharded::new(),
             failure_limit: cfg.failures,
             failures: Sharded::new(),
             trusted: cfg.trusted_proxies.clone(),
@@ -669,6 +678,35 @@ impl Authenticator {
         out
     }
 
+    /// The scopes an access token should come back with to reach an item it was refused
+    /// (`insufficient_scope`): the scopes it has and the narrowest of its issuer's scopes that
+    /// grant the item (a scope is left out when it covers another that grants it: the broader
+    /// implies the narrower). None when it is not an access token, no scope grants the item, or
+    /// its tenant keeps it from the server: that refusal stays an unknown name.
+    pub(crate) fn step_up(&self, identity: &Identity, kind: GrantKind, server: &str, name: &str) -> Option<String> {
+        let def = identity.issuer.as_ref()?;
+        if let Some(t) = &identity.tenant
+            && !self.cfg.tenants.get(t).is_some_and(|ns| ns.values().flatten().any(|s| s == server))
+        {
+            return None;
+        }
+        let sep = &self.cfg.oauth.separator;
+        let granting: Vec<(&String, &Grants)> =
+            def.scopes.iter().filter(|(_, g)| g.allows(kind, server, sep, name)).collect();
+        let narrowest = granting.iter().filter(|(_, g)| {
+            !granting.iter().any(|(_, other)| !std::ptr::eq(*g, *other) && g.covers(other) && !other.covers(g))
+        });
+        let mut out: Vec<&str> = identity.scopes.iter().map(String::as_str).collect();
+        let before = out.len();
+        out.extend(narrowest.map(|(s, _)| s.as_str()));
+        if out.len() == before {
+            return None;
+        }
+        out.sort_unstable();
+        out.dedup();
+        Some(out.join(" "))
+    }
+
     fn decide(&self, headers: &HeaderMap, client: IpAddr, at: Option<&crate::oauth::Endpoint>) -> Verdict {
         if let Some(anon) = &self.anonymous {
             match self.store.as_ref().map(|s| s.state()) {
@@ -865,8 +903,8 @@ impl Authenticator {
         // past what the clock can hold is no expiry Portcullis can keep.
         let expires = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp))?.checked_add(def.leeway)?;
         let scopes = claims.scopes();
-        let parts: Vec<&Grants> =
-            def.scopes.iter().filter(|(s, _)| scopes.contains(&s.as_str())).map(|(_, g)| g).collect();
+        let mapped: Box<[String]> = def.scopes.keys().filter(|s| scopes.contains(&s.as_str())).cloned().collect();
+        let parts: Vec<&Grants> = mapped.iter().filter_map(|s| def.scopes.get(s)).collect();
         let mut grants = Grants::union(&parts, &self.cfg.oauth.separator);
         // Groups (or roles) give a role and a tenant; groups of two tenants refuse the token.
         let groups: Vec<&str> = match claims.other.get(def.groups_claim.as_str()) {
@@ -895,6 +933,10 @@ impl Authenticator {
             let reachable = self.servers.iter().map(|(s, _)| s).filter(|s| grants.reaches(s) && own.contains(s));
             grants.servers = Some(reachable.cloned().collect());
         }
+        let key: Arc<str> = format!("oauth:{}#{}", claims.iss, claims.sub).into();
+        // Rate limits count per subject, across its tokens (a client that fetches a new token
+        // per request gains nothing).
+        let bucket = lock(self.subjects.shard(&key)).entry(key.clone()).or_default().clone();
         Some(Arc::new(Identity {
             name: name.into(),
             role,
@@ -902,10 +944,11 @@ impl Authenticator {
             grants,
             expires: Some(expires),
             token_id: None,
-            key: format!("oauth:{}#{}", claims.iss, claims.sub).into(),
+            key,
             issuer: Some(def.clone()),
+            scopes: mapped,
             rate: self.cfg.per_identity,
-            bucket: Mutex::new(None),
+            bucket,
         }))
     }
 
@@ -918,6 +961,8 @@ impl Authenticator {
         if let Some(rate) = self.per_address {
             self.addresses.retain(|_, b| !bucket_refilled(b, rate, now));
         }
+        // A subject none of whose identities is cached any more (only this map holds it).
+        self.subjects.retain(|_, b| Arc::strong_count(b) > 1);
     }
 
     /// Counts a failure from an address; the throttle's refusal when it is over the limit.

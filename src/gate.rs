@@ -110,6 +110,16 @@ impl Rejection {
     }
 }
 
+impl From<crate::mcp::gateway::StepUp> for Rejection {
+    fn from(s: crate::mcp::gateway::StepUp) -> Self {
+        Rejection::Challenge {
+            error: AuthError::Forbidden("this token's scopes do not grant it".into()),
+            metadata: s.metadata,
+            scope: s.scope,
+        }
+    }
+}
+
 impl From<AuthError> for Rejection {
     fn from(e: AuthError) -> Self {
         Rejection::Auth(e)
@@ -393,7 +403,7 @@ impl Entry {
             return;
         }
         let latency = self.started.elapsed();
-        let Routed { server, name, refused, error } = std::mem::take(&mut self.routed);
+        let Routed { server, name, refused, error, .. } = std::mem::take(&mut self.routed);
         let (method, identity) = (std::mem::take(&mut self.method), self.identity.take());
         gw.metrics().observe(&crate::metrics::Observation {
             server: server.as_deref(),

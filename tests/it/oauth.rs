@@ -381,3 +381,76 @@ async fn static_tokens_off_with_nothing_else_refuses_everyone() {
     assert_eq!(init(&mcp, Some("old-client-token-0123456789")).await.0, 401);
     gw.stop().await;
 }
+
+/// A call the token's scopes do not grant: the list leaves it out, and the call gets 403
+/// `insufficient_scope` naming every scope to come back with (its own and the narrowest that
+/// grants the call), on streamable HTTP and `/rpc`. A name no scope grants stays unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_scopes_do_not_grant_asks_for_every_scope_it_needs() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    let top = config(&p).replace(
+        "        a:all: {servers: [a]}\n",
+        "        a:all: {servers: [a]}\n        a:echo: {servers: [a], tools: [a__echo]}\n",
+    );
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&top).start().await;
+    let mcp = gw.mcp();
+    let narrow = token(&p, &k1, "alice", &mcp, "b:echo", json!({}));
+    let client = Client::connect_as(&mcp, &narrow).await;
+    assert_eq!(client.all_tools().await, ["b__echo"]);
+    let call = |name: &str| json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":name,"arguments":{"text":"x"}}});
+    let r = client.post(call("a__echo")).await;
+    assert_eq!(r.status(), 403);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    let metadata = format!("{}/.well-known/oauth-protected-resource/mcp", gw.url);
+    assert!(challenge.contains(r#"error="insufficient_scope""#), "{challenge}");
+    assert!(challenge.contains(r#"scope="a:echo b:echo""#), "a:all covers a:echo: {challenge}");
+    assert!(challenge.contains(&format!(r#"resource_metadata="{metadata}""#)), "{challenge}");
+    // Any other tool of a only a:all grants.
+    let r = client.post(call("a__add")).await;
+    assert_eq!(r.status(), 403);
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains(r#"scope="a:all b:echo""#));
+    // b's other tools no scope grants: answered as unknown, exactly as a name that is not there.
+    let (hidden, absent) = (client.post(call("b__add")).await, client.post(call("b__no_such_tool")).await);
+    assert_eq!((hidden.status(), absent.status()), (reqwest::StatusCode::OK, reqwest::StatusCode::OK));
+    let body = async |r: reqwest::Response| serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap();
+    let (hidden, absent) = (body(hidden).await, body(absent).await);
+    assert_eq!(hidden["error"]["code"], absent["error"]["code"]);
+    // The same on /rpc; the audit records the refusal with its status.
+    let (status, _) =
+        http_json(reqwest::Method::POST, &format!("{}/rpc", gw.url), Some(&narrow), Some(&call("a__echo").to_string()))
+            .await;
+    assert_eq!(status, 403);
+    let records = gw.audit_until(|r| r.iter().filter(|r| r["status"] == 403).count() == 3).await;
+    let refused = records.iter().find(|r| r["status"] == 403).unwrap();
+    assert_eq!((refused["server"].as_str(), refused["name"].as_str()), (Some("a"), Some("echo")), "{refused}");
+    // With the scopes it asked for, the call goes through.
+    let wide = token(&p, &k1, "alice", &mcp, "a:echo b:echo", json!({}));
+    assert_eq!(Client::connect_as(&mcp, &wide).await.call_text("a__echo", json!({"text": "now"})).await, "now");
+    p.stop.cancel();
+    gw.stop().await;
+}
+
+/// `rate_limit.per_identity` counts an access token's subject, across all its tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_count_per_subject_across_its_tokens() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    let top = format!("rate_limit:\n  per_identity: 3/min\n{}", config(&p));
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&top).start().await;
+    let mcp = gw.mcp();
+    let fresh = |n: u32| token(&p, &k1, "mallory", &mcp, "a:all", json!({"jti": format!("t{n}")}));
+    // A new token per request: the subject's budget is spent all the same.
+    let statuses: Vec<u16> = futures_util::future::join_all((0..4).map(|n| {
+        let t = fresh(n);
+        let mcp = mcp.clone();
+        async move { init(&mcp, Some(&t)).await.0 }
+    }))
+    .await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 1, "{statuses:?}");
+    // Another subject has its own.
+    assert_eq!(init(&mcp, Some(&token(&p, &k1, "trent", &mcp, "a:all", json!({})))).await.0, 200);
+    p.stop.cancel();
+    gw.stop().await;
+}

@@ -520,11 +520,17 @@ async fn answer(
     });
     tokio::select! {
         biased;
-        (reply, later) = &mut work => {
+        (reply, mut later) = &mut work => {
             let Some(reply) = reply else {
                 later.finish(StatusCode::ACCEPTED);
                 return StatusCode::ACCEPTED.into_response();
             };
+            // An access token refused an item another of its issuer's scopes grants: 403
+            // with the scopes to come back with, not the unknown-name answer.
+            if let Some(step_up) = later.routed().step_up.take() {
+                later.finish(StatusCode::FORBIDDEN);
+                return Rejection::from(step_up).into_response();
+            }
             // Related messages that arrived with the result still go first, on an SSE stream.
             let mut early = Vec::new();
             while let Ok(m) = rx.try_recv() {

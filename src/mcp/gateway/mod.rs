@@ -88,6 +88,18 @@ pub(crate) struct Routed {
     pub refused: Option<String>,
     /// The answer was a JSON-RPC error.
     pub error: bool,
+    /// An access token was refused an item another scope of its issuer grants: an HTTP
+    /// surface answers 403 `insufficient_scope` with this challenge instead of the answer.
+    pub step_up: Option<StepUp>,
+}
+
+/// What a 403 `insufficient_scope` names (RFC 6750 §3.1, RFC 9728 §5.1).
+#[derive(Debug)]
+pub(crate) struct StepUp {
+    /// The protected resource metadata URL of the endpoint.
+    pub metadata: String,
+    /// Every scope the token should come back with, space-separated.
+    pub scope: String,
 }
 
 impl Routed {
@@ -101,6 +113,24 @@ impl Routed {
     fn refuse(&mut self, server: &str, name: &str, why: &str) {
         self.target(server, Some(name));
         self.refused = Some(why.to_owned());
+    }
+
+    /// Records a refusal of an item the caller's grants lack, with the step-up its access
+    /// token could take (see [`crate::auth::Authenticator::step_up`]).
+    fn refuse_item(&mut self, ctx: &Ctx, config: &Config, kind: GrantKind, server: &str, name: &str, why: &str) {
+        self.refuse(server, name, why);
+        let who = &ctx.who;
+        self.step_up = who.snapshot.auth.step_up(&who.identity, kind, server, name).map(|scope| StepUp {
+            metadata: crate::oauth::Endpoint {
+                base: config.public_base(),
+                server: match &ctx.scope {
+                    Scope::One(s) => Some(s.clone()),
+                    Scope::All => None,
+                },
+            }
+            .metadata_url(),
+            scope,
+        });
     }
 }
 

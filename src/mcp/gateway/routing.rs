@@ -213,7 +213,7 @@ impl Gateway {
         let kind = if req.method == "tools/call" { GrantKind::Tool } else { GrantKind::Prompt };
         routed.target(&server, Some(&inner));
         if !ctx.who.identity.grants.allows(kind, &server, &config.separator, &inner) {
-            routed.refuse(&server, &inner, &format!("refused: {what} not granted"));
+            routed.refuse_item(ctx, config, kind, &server, &inner, &format!("refused: {what} not granted"));
             return unknown();
         }
         let Some(up) = self.instance(config, &server, &ctx.caller) else { return unknown() };
@@ -243,7 +243,7 @@ impl Gateway {
         };
         routed.target(&server, Some(&own));
         if !ctx.who.identity.grants.allows(GrantKind::Resource, &server, &config.separator, &own) {
-            routed.refuse(&server, &own, "refused: resource not granted");
+            routed.refuse_item(ctx, config, GrantKind::Resource, &server, &own, "refused: resource not granted");
             return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
         }
         let Some(up) = self.instance(config, &server, &ctx.caller) else {
