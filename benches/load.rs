@@ -1,6 +1,8 @@
 //! Load benchmark: what Portcullis costs over talking to the upstream directly, measured side
 //! by side in one run. Starts the bundled demo server over HTTP (the upstream), measures it
-//! directly, then through Portcullis (auth off and on; HTTP upstream and stdio upstream), for
+//! directly, then through Portcullis (auth off and on; HTTP upstream and stdio upstream; and a
+//! gateway with an OAuth issuer, called with a static token and with an ES256 access token
+//! whose keys an in-process provider publishes), for
 //! concurrency 1, 16 and 64 and payloads of 100 B and 64 KiB; then holds idle sessions open
 //! (half legacy SSE streams, half streamable-HTTP sessions with their GET streams) and reports
 //! memory per session. Prints one table.
@@ -92,19 +94,29 @@ fn body(id: u64, tool: &str, text: &str) -> String {
 }
 
 /// `concurrency` workers calling `tool` for `secs` seconds (after a short warm-up).
-async fn run(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, auth: bool) -> Cell {
-    run_on(url, tool, text, concurrency, secs, auth, 0).await
+async fn run(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, token: Option<&str>) -> Cell {
+    run_on(url, tool, text, concurrency, secs, token, 0).await
 }
 
 /// [`run`], also measuring the CPU time process `pid` spends during the measured period.
-async fn run_on(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, auth: bool, pid: u32) -> Cell {
+async fn run_on(
+    url: &str,
+    tool: &str,
+    text: &str,
+    concurrency: usize,
+    secs: f64,
+    token: Option<&str>,
+    pid: u32,
+) -> Cell {
+    let bearer = token.map(|t| format!("Bearer {t}"));
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().expect("client");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..concurrency {
-        let (client, url, tool, text) = (client.clone(), url.to_owned(), tool.to_owned(), text.to_owned());
+        let (client, url, tool, text, bearer) =
+            (client.clone(), url.to_owned(), tool.to_owned(), text.to_owned(), bearer.clone());
         let (stop, measuring, errors) = (stop.clone(), measuring.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
@@ -118,8 +130,8 @@ async fn run_on(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64
                     .header("mcp-protocol-version", "2026-07-28")
                     .header("mcp-method", "tools/call")
                     .header("mcp-name", &tool);
-                if auth {
-                    req = req.header("authorization", format!("Bearer {TOKEN}"));
+                if let Some(b) = &bearer {
+                    req = req.header("authorization", b);
                 }
                 let start = Instant::now();
                 let ok = match req.body(body(n + (w as u64) * 1_000_000_000, &tool, &text)).send().await {
@@ -160,6 +172,38 @@ async fn run_on(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64
         p99: q(0.99),
         errors: errors.load(Ordering::Relaxed),
     }
+}
+
+/// An identity provider on 127.0.0.1 (OpenID discovery and a JWKS of one ES256 key): its
+/// issuer URL and signing key.
+async fn provider() -> (String, jsonwebtoken::EncodingKey) {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("key");
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).expect("key");
+    let p = pair.public_key().as_ref();
+    let jwk = serde_json::json!({"kty":"EC","crv":"P-256","x":b64(&p[1..33]),"y":b64(&p[33..65]),"kid":"bench","alg":"ES256"});
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let issuer = format!("http://{}", listener.local_addr().expect("addr"));
+    let discovery = serde_json::json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks")}).to_string();
+    let keys = serde_json::json!({"keys": [jwk]}).to_string();
+    let app = axum::Router::new()
+        .route("/.well-known/openid-configuration", axum::routing::get(move || async move { discovery }))
+        .route("/jwks", axum::routing::get(move || async move { keys }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (issuer, jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()))
+}
+
+/// An access token of the provider for `resource`, valid for an hour, with scope `bench`.
+fn access_token(issuer: &str, key: &jsonwebtoken::EncodingKey, resource: &str) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = serde_json::json!({"iss": issuer, "sub": "bench-client", "aud": resource, "exp": now + 3600,
+        "iat": now, "scope": "bench", "jti": "bench-0001"});
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some("bench".into());
+    jsonwebtoken::encode(&h, &claims, key).expect("sign")
 }
 
 /// The floor any gateway process on the path pays: a byte relay (one thread, no parsing) that
@@ -239,8 +283,14 @@ async fn bench() {
 
     // Portcullis: one worker thread on its own core, fronting the upstream over HTTP and the
     // same demo server over stdio (pinned to the other core).
-    let start_gateway = |auth: bool| {
-        let cfg = dir.join(if auth { "auth.yaml" } else { "open.yaml" });
+    // An identity provider for the OAuth rows: discovery and one ES256 key, in this process.
+    let (issuer, signing) = provider().await;
+    let start_gateway = |auth: bool, oauth: bool| {
+        let cfg = dir.join(match (auth, oauth) {
+            (_, true) => "oauth.yaml",
+            (true, false) => "auth.yaml",
+            (false, false) => "open.yaml",
+        });
         let mut yaml = format!(
             "servers:\n  h:\n    url: {upstream_url:?}\n  s:\n    command: taskset\n    args: [\"-c\", {other_cpu:?}, {BIN:?}, demo-server, --fixtures]\nstore:\n  path: {:?}\naudit:\n  file: {:?}\nlimits:\n  max_sessions: 100000\n  max_sessions_per_identity: 100000\n  max_sse_streams_per_identity: 100000\n  max_connections: 100000\n",
             dir.join("tokens.db").display().to_string(),
@@ -248,6 +298,11 @@ async fn bench() {
         );
         if auth {
             yaml.push_str(&format!("auth:\n  tokens:\n    bench: {TOKEN}\n"));
+        }
+        if oauth {
+            yaml.push_str(&format!(
+                "oauth:\n  issuers:\n    - issuer: {issuer:?}\n      scopes:\n        bench: {{}}\n"
+            ));
         }
         std::fs::write(&cfg, yaml).expect("config");
         let mut cmd = pinned(&gw_cpu);
@@ -271,7 +326,7 @@ async fn bench() {
     let sizes = [("100 B", &small, "small"), ("64 KiB", &large, "large")];
     for (payload_name, text, _) in sizes.into_iter().filter(|(_, _, k)| payloads.contains(k)) {
         for &conc in &concs {
-            let direct = run_on(&direct_url, "echo", text, conc, secs, false, direct_pid).await;
+            let direct = run_on(&direct_url, "echo", text, conc, secs, None, direct_pid).await;
             let print = |name: &str, c: &Cell| {
                 println!(
                     "| {name} | {payload_name} | {conc} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.2}× rps, {:+.0} µs p50 |",
@@ -286,24 +341,40 @@ async fn bench() {
                 );
             };
             print("direct (HTTP upstream)", &direct);
-            let relay = run_on(&relay_url, "echo", text, conc, secs, false, relay_pid).await;
+            let relay = run_on(&relay_url, "echo", text, conc, secs, None, relay_pid).await;
             print("byte relay → HTTP (floor)", &relay);
-            for auth in [false, true] {
-                let mut gw = start_gateway(auth);
+            for (auth, oauth) in [(false, false), (true, false), (true, true)] {
+                let mut gw = start_gateway(auth, oauth);
                 let pid = gw.id().unwrap_or(0);
                 let url = listen_url(&mut gw).await;
                 let base = url.trim_end_matches("/mcp").to_owned();
+                let token = auth.then_some(TOKEN);
                 // Wait for both upstreams.
                 for _ in 0..100 {
-                    let c = run(&format!("{base}/servers/s/mcp"), "echo", "warm", 1, 0.05, auth).await;
+                    let c = run(&format!("{base}/servers/s/mcp"), "echo", "warm", 1, 0.05, token).await;
                     if c.errors == 0 && c.rps > 0.0 {
                         break;
                     }
                 }
-                let http = run_on(&format!("{base}/mcp"), "h__echo", text, conc, secs, auth, pid).await;
-                print(&format!("Portcullis → HTTP, auth {}", if auth { "on" } else { "off" }), &http);
-                if auth {
-                    let stdio = run_on(&format!("{base}/mcp"), "s__echo", text, conc, secs, auth, pid).await;
+                let mcp = format!("{base}/mcp");
+                if oauth {
+                    // The same gateway, the same endpoint: a static token, then an access token.
+                    let stat = run_on(&mcp, "h__echo", text, conc, secs, token, pid).await;
+                    print("Portcullis → HTTP, OAuth on, static token", &stat);
+                    let jwt = access_token(&issuer, &signing, &mcp);
+                    let with_jwt = run_on(&mcp, "h__echo", text, conc, secs, Some(&jwt), pid).await;
+                    print("Portcullis → HTTP, OAuth on, ES256 JWT", &with_jwt);
+                    println!(
+                        "| (JWT vs static token, same gateway) | {payload_name} | {conc} | {:.3}× rps | | | | | {:+.1} µs/call | |",
+                        with_jwt.rps / stat.rps,
+                        with_jwt.cpu - stat.cpu
+                    );
+                } else {
+                    let http = run_on(&mcp, "h__echo", text, conc, secs, token, pid).await;
+                    print(&format!("Portcullis → HTTP, auth {}", if auth { "on" } else { "off" }), &http);
+                }
+                if auth && !oauth {
+                    let stdio = run_on(&mcp, "s__echo", text, conc, secs, token, pid).await;
                     print("Portcullis → stdio, auth on", &stdio);
                 }
                 peak = peak.max(rss_kib(pid, "VmHWM:"));
@@ -319,7 +390,7 @@ async fn bench() {
         return;
     }
     // Idle sessions: half legacy SSE streams, half streamable-HTTP sessions with GET streams.
-    let mut gw = start_gateway(true);
+    let mut gw = start_gateway(true, false);
     let pid = gw.id().unwrap_or(0);
     let url = listen_url(&mut gw).await;
     let base = url.trim_end_matches("/mcp").to_owned();
@@ -374,7 +445,7 @@ async fn bench() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(pid, "VmRSS:");
     // Still usable: a call on a fresh session while all of them are open.
-    let usable = run(&format!("{base}/mcp"), "h__echo", "still here", 1, 0.2, true).await;
+    let usable = run(&format!("{base}/mcp"), "h__echo", "still here", 1, 0.2, Some(TOKEN)).await;
     println!(
         "Idle sessions: {} open ({} failed), RSS {} → {} KiB: {:.2} KiB per session; a call meanwhile: {} errors, p50 {:.0} µs",
         held.len(),

@@ -454,3 +454,107 @@ async fn rate_limits_count_per_subject_across_its_tokens() {
     p.stop.cancel();
     gw.stop().await;
 }
+
+/// Tokens an attacker makes, each refused at the gateway with 401 `invalid_token` and a
+/// challenge naming the metadata: `alg: none`, HS256 keyed with the provider's public key, a
+/// `jku` naming the attacker's own keys (never fetched), another audience, 64 KiB; a JWT of
+/// 1 MiB gets 431; a provider that publishes 1,000 keys has its set refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_oversized_tokens_are_refused() {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&config(&p)).start().await;
+    let mcp = gw.mcp();
+    assert_eq!(init(&mcp, Some(&token(&p, &k1, "alice", &mcp, "a:all", json!({})))).await.0, 200);
+    // 1,000 keys: the set is refused whole, so even a token of a real key in it is refused.
+    let many = key("many");
+    let mut set: Vec<Value> = (0..999)
+        .map(|i| {
+            let mut k = many.jwk.clone();
+            k["kid"] = json!(format!("filler-{i}"));
+            k
+        })
+        .collect();
+    set.push(many.jwk.clone());
+    *p.keys.lock().unwrap() = set;
+    let fetched = p.fetches.load(Ordering::SeqCst);
+    let (status, challenge) = init(&mcp, Some(&token(&p, &many, "alice", &mcp, "a:all", json!({})))).await;
+    assert_eq!(p.fetches.load(Ordering::SeqCst), fetched + 1, "the unknown key id made it fetch once");
+    assert_eq!(status, 401);
+    assert!(challenge.contains(r#"error="invalid_token""#), "{challenge}");
+    // The last good keys are kept.
+    assert_eq!(init(&mcp, Some(&token(&p, &k1, "alice", &mcp, "a:all", json!({"jti": "k"})))).await.0, 200);
+
+    let claims = json!({"iss": p.issuer, "sub": "eve", "aud": mcp, "exp": now() + 300, "scope": "a:all"});
+    let body = b64(claims.to_string().as_bytes());
+
+    // alg none, naming the provider's key.
+    let none = format!("{}.{body}.", b64(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#));
+    // HS256 with the provider's public key as the secret (the algorithm confusion attack).
+    let public = serde_json::to_vec(&k1.jwk).unwrap();
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some("k1".into());
+    let confused = jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(&public).unwrap()).unwrap();
+    // A jku pointing at the attacker's keys: Portcullis reads keys from its issuer only.
+    let attacker_key = key("attacker");
+    let attacker = provider(&[&attacker_key]).await;
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("attacker".into());
+    h.jku = Some(format!("{}/jwks", attacker.issuer));
+    let jku = jsonwebtoken::encode(&h, &claims, &attacker_key.signing).unwrap();
+    // Signed by the provider, for another resource.
+    let elsewhere = token(&p, &k1, "eve", "https://elsewhere.example/mcp", "a:all", json!({}));
+    for (what, t) in [("alg none", &none), ("HS256 with the public key", &confused), ("jku", &jku), ("aud", &elsewhere)]
+    {
+        let (status, challenge) = init(&mcp, Some(t)).await;
+        assert_eq!(status, 401, "{what}");
+        assert!(challenge.contains(r#"error="invalid_token""#), "{what}: {challenge}");
+        assert!(challenge.contains("resource_metadata="), "{what}: {challenge}");
+    }
+    assert_eq!(attacker.fetches.load(Ordering::SeqCst), 0, "a jku is never followed");
+
+    // 1 MiB: past what the HTTP server reads of a request's headers (431); 64 KiB: past the
+    // 16 KiB a token may have, refused unread.
+    let sized = |n: usize| format!("{}.{}.{}", b64(br#"{"alg":"ES256","kid":"k1"}"#), "A".repeat(n), "AAAA");
+    assert_eq!(init(&mcp, Some(&sized(1 << 20))).await.0, 431);
+    let (status, challenge) = init(&mcp, Some(&sized(64 << 10))).await;
+    assert_eq!(status, 401);
+    assert!(challenge.contains(r#"error="invalid_token""#), "{challenge}");
+
+    p.stop.cancel();
+    attacker.stop.cancel();
+    gw.stop().await;
+}
+
+/// A legacy SSE session opened at one server's endpoint posts its messages to the shared
+/// `/messages/` with a token for that server's endpoint; the aggregated endpoint's token cannot
+/// post there, nor that server's token into an aggregated session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_sse_messages_are_checked_for_the_endpoint_the_session_was_opened_at() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    let top = config(&p).replace("a:all: {servers: [a]}", "a:all: {servers: [a, b]}");
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&top).start().await;
+    let (mcp, on_b) = (gw.mcp(), gw.server("b"));
+    let for_b = token(&p, &k1, "alice", &on_b, "b:echo", json!({}));
+    let for_all = token(&p, &k1, "alice", &mcp, "a:all", json!({}));
+    let post =
+        async |endpoint: &str, t: &str, body: Value| post_as(&format!("{}{endpoint}", gw.url), t, &body).await.status();
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
+    let call = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"one server"}}});
+
+    let (mut events, endpoint) = crate::protocol::open_sse(&format!("{}/servers/b/sse", gw.url), Some(&for_b)).await;
+    assert_eq!(post(&endpoint, &for_b, init.clone()).await, 202);
+    assert_eq!(events.next().await["result"]["protocolVersion"], "2024-11-05");
+    assert_eq!(post(&endpoint, &for_b, call.clone()).await, 202);
+    assert_eq!(events.next().await["result"]["content"][0]["text"], "one server");
+    // The same subject's token for the aggregated endpoint is not a token for b's.
+    assert_eq!(post(&endpoint, &for_all, call.clone()).await, 401);
+
+    // And the other way round: b's token cannot post into an aggregated session.
+    let (_all_events, all_endpoint) = crate::protocol::open_sse(&format!("{}/sse", gw.url), Some(&for_all)).await;
+    assert_eq!(post(&all_endpoint, &for_b, init).await, 401);
+    p.stop.cancel();
+    gw.stop().await;
+}

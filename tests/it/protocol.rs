@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use crate::support::{Client, Events, TestGateway, gateway};
+use crate::support::{Client, Events, TestGateway, gateway, post_as};
 
 async fn raw(gw: &TestGateway, headers: &[(&str, &str)], body: &str) -> (u16, Value) {
     let mut req = reqwest::Client::new().post(gw.mcp());
@@ -190,20 +190,7 @@ async fn legacy_sse_sessions_are_private_single_message_and_end_with_their_strea
     let gw = gateway().demo("d", &[], "").env("PORTCULLIS_TOKENS", &format!("{token},{other}")).start().await;
     let (mut events, endpoint) = open_sse(&format!("{}/sse", gw.url), Some(token)).await;
     assert!(endpoint.starts_with("/messages/?session_id="), "{endpoint}");
-    let post = |body: Value, t: &str, path: &str| {
-        let url = format!("{}{path}", gw.url);
-        let t = t.to_owned();
-        async move {
-            reqwest::Client::new()
-                .post(url)
-                .header("authorization", format!("Bearer {t}"))
-                .header("content-type", "application/json")
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap()
-        }
-    };
+    let post = async |body: Value, t: &str, path: &str| post_as(&format!("{}{path}", gw.url), t, &body).await;
     let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
     assert_eq!(post(init, token, &endpoint).await.status(), 202);
     assert_eq!(events.next().await["result"]["protocolVersion"], "2024-11-05");

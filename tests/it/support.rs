@@ -230,6 +230,18 @@ pub(crate) async fn http_demo_on(port: u16, args: &[&str]) -> HttpDemo {
     HttpDemo { url, _child: child }
 }
 
+/// POSTs a JSON body with a bearer token (no `Accept`, no session): the raw response.
+pub(crate) async fn post_as(url: &str, token: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(url)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
 /// One HTTP request with an optional bearer token and JSON body: the status and the answer as
 /// JSON (`{"raw": text}` when it is not JSON).
 pub(crate) async fn http_json(

@@ -30,16 +30,7 @@ async fn create(cfg: &Path, args: &[&str]) -> Value {
 
 async fn status_with(url: &str, secret: &str) -> u16 {
     let body = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
-    reqwest::Client::new()
-        .post(url)
-        .header("authorization", format!("Bearer {secret}"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    post_as(url, secret, &body).await.status().as_u16()
 }
 
 async fn serve(dir: &Path) -> (tokio::process::Child, String, std::path::PathBuf) {

@@ -59,7 +59,6 @@ pub(crate) async fn open(
     .await
 }
 
-/// `POST /messages/?session_id=…` (or `sessionId`).
 /// The session id of a legacy SSE POST: `session_id` (Python servers) or `sessionId` (TypeScript).
 #[derive(serde::Deserialize)]
 pub(crate) struct SessionQuery {
@@ -68,6 +67,7 @@ pub(crate) struct SessionQuery {
     session_id_camel: Option<String>,
 }
 
+/// `POST /messages/?session_id=…` (or `sessionId`).
 pub(crate) async fn message(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -76,7 +76,16 @@ pub(crate) async fn message(
     body: Body,
 ) -> Response {
     let session_id = q.session_id.or(q.session_id_camel);
-    guarded(&gw.clone(), &Scope::All, "POST", &headers, peer, async move |who, entry| {
+    // The gate checks the credential for the endpoint the session was opened at (a session of
+    // `/servers/NAME/sse` is that server's resource), so a token is accepted here only where it
+    // could have opened the session. The session is looked up again, for this identity, behind
+    // the gate: an id that is unknown, or of another identity, is 404 there.
+    let scope = session_id
+        .as_deref()
+        .and_then(|id| gw.session(id))
+        .filter(|s| s.transport == ClientTransport::Sse)
+        .map_or(Scope::All, |s| s.scope.clone());
+    guarded(&gw.clone(), &scope, "POST", &headers, peer, async move |who, entry| {
         let session = session_id
             .and_then(|id| gw.session(&id))
             .filter(|s| s.transport == ClientTransport::Sse && s.identity.same_principal(&who.identity));
