@@ -384,7 +384,8 @@ async fn static_tokens_off_with_nothing_else_refuses_everyone() {
 
 /// A call the token's scopes do not grant: the list leaves it out, and the call gets 403
 /// `insufficient_scope` naming every scope to come back with (its own and the narrowest that
-/// grants the call), on streamable HTTP and `/rpc`. A name no scope grants stays unknown.
+/// grants the call), on streamable HTTP in both eras and `/rpc`. A name no scope grants stays
+/// unknown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_the_scopes_do_not_grant_asks_for_every_scope_it_needs() {
     let k1 = key("k1");
@@ -424,6 +425,14 @@ async fn a_call_the_scopes_do_not_grant_asks_for_every_scope_it_needs() {
     let records = gw.audit_until(|r| r.iter().filter(|r| r["status"] == 403).count() == 3).await;
     let refused = records.iter().find(|r| r["status"] == 403).unwrap();
     assert_eq!((refused["server"].as_str(), refused["name"].as_str()), (Some("a"), Some("echo")), "{refused}");
+    // The stateless era: the same list, marked private to this caller; the same 403.
+    let stateless = Client::modern(&mcp).bearer(&narrow);
+    let listed = stateless.request(json!(1), "tools/list", json!({})).await;
+    assert_eq!(listed.response["result"]["cacheScope"], "private", "{}", listed.response);
+    let names: Vec<&str> =
+        listed.response["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["b__echo"]);
+    assert_eq!(stateless.call("a__echo", json!({"text": "x"})).await.status, 403);
     // With the scopes it asked for, the call goes through.
     let wide = token(&p, &k1, "alice", &mcp, "a:echo b:echo", json!({}));
     assert_eq!(Client::connect_as(&mcp, &wide).await.call_text("a__echo", json!({"text": "now"})).await, "now");
