@@ -14,13 +14,13 @@ use serde_json::{Value, json};
 use crate::support::*;
 
 /// A signing key and its public JWK.
-struct Key {
+pub(crate) struct Key {
     kid: String,
     signing: EncodingKey,
     jwk: Value,
 }
 
-fn key(kid: &str) -> Key {
+pub(crate) fn key(kid: &str) -> Key {
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     let rng = aws_lc_rs::rand::SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
@@ -33,17 +33,17 @@ fn key(kid: &str) -> Key {
 
 /// The identity provider: OpenID discovery, a JWKS and an introspection endpoint (one active
 /// opaque token, `opaque-good-token`, for Portcullis' client `portcullis:s3cret`), on 127.0.0.1.
-struct Provider {
-    issuer: String,
+pub(crate) struct Provider {
+    pub(crate) issuer: String,
     keys: Arc<Mutex<Vec<Value>>>,
     fetches: Arc<AtomicUsize>,
     introspections: Arc<AtomicUsize>,
     /// The `aud` its introspection answers name (the gateway's endpoint, once known).
     audience: Arc<Mutex<String>>,
-    stop: tokio_util::sync::CancellationToken,
+    pub(crate) stop: tokio_util::sync::CancellationToken,
 }
 
-async fn provider(keys: &[&Key]) -> Provider {
+pub(crate) async fn provider(keys: &[&Key]) -> Provider {
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let issuer = format!("http://{}", listener.local_addr().unwrap());
@@ -97,12 +97,12 @@ async fn provider(keys: &[&Key]) -> Provider {
     Provider { issuer, keys: set, fetches, introspections, audience, stop }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
 }
 
 /// A token from `k` for `aud` with `scope`, valid for five minutes unless `claims` says else.
-fn token(p: &Provider, k: &Key, sub: &str, aud: &str, scope: &str, extra: Value) -> String {
+pub(crate) fn token(p: &Provider, k: &Key, sub: &str, aud: &str, scope: &str, extra: Value) -> String {
     let mut claims = json!({"iss": p.issuer, "sub": sub, "aud": aud, "exp": now() + 300, "iat": now(),
         "scope": scope, "email": format!("{sub}@example.com")});
     for (name, v) in extra.as_object().unwrap() {

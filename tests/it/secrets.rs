@@ -85,7 +85,13 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
     let audit = dir.0.join("audit.jsonl");
     // An issuer whose introspection endpoint cannot be reached: its client secret is used (an
     // opaque token below is introspected) and must show nowhere.
-    let oauth = "oauth:\n  issuers:\n    - issuer: \"http://127.0.0.1:1\"\n      jwks_uri: \"http://127.0.0.1:1/jwks\"\n      introspection: {endpoint: \"http://127.0.0.1:1/introspect\", client_id: portcullis, client_secret: \"${INTRO_SECRET}\"}\n";
+    // And an identity provider whose access tokens are used below, accepted and refused.
+    let k1 = crate::oauth::key("k1");
+    let idp = crate::oauth::provider(&[&k1]).await;
+    let oauth = format!(
+        "oauth:\n  issuers:\n    - issuer: \"http://127.0.0.1:1\"\n      jwks_uri: \"http://127.0.0.1:1/jwks\"\n      introspection: {{endpoint: \"http://127.0.0.1:1/introspect\", client_id: portcullis, client_secret: \"${{INTRO_SECRET}}\"}}\n    - issuer: {:?}\n      scopes: {{all: {{}}}}\n",
+        idp.issuer
+    );
     let config = format!(
         "servers:\n  h:\n    url: {:?}\n  s:\n    command: {BIN:?}\n    args: [demo-server, --fixtures]\nauth:\n  max_failures_per_minute: 1000\n  tokens:\n    alice: \"${{ALICE_TOKEN}}\"\naudit:\n  file: {:?}\n{oauth}",
         upstream.url,
@@ -94,6 +100,13 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
     let env = [("ALICE_TOKEN", alice), ("PORTCULLIS_TOKEN", envtok), ("INTRO_SECRET", intro), ("RUST_LOG", "trace")];
     let (mut child, url, stderr) = serve(&dir.0, &config, &[], &env).await;
     let mcp = format!("{url}/mcp");
+    let jwt = crate::oauth::token(&idp, &k1, "jay", &mcp, "all", json!({}));
+    let expired = crate::oauth::token(&idp, &k1, "jay", &mcp, "all", json!({"exp": crate::oauth::now() - 600}));
+    let elsewhere = crate::oauth::token(&idp, &k1, "jay", "http://127.0.0.1:9/mcp", "all", json!({}));
+    // Only the signature is the token's own: header and claims are shapes any token shares.
+    let signature = |t: &str| t.rsplit('.').next().unwrap().to_owned();
+    let (jwt_sig, expired_sig, elsewhere_sig) = (signature(&jwt), signature(&expired), signature(&elsewhere));
+    let secrets = [alice, envtok, intro, jwt_sig.as_str(), expired_sig.as_str(), elsewhere_sig.as_str()];
     let near = format!("{}#", &alice[..alice.len() - 1]);
     let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("user:{alice}")));
     let mut answers = String::new();
@@ -103,6 +116,9 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
         vec![("authorization", format!("Bearer {alice}")), ("x-api-key", envtok.to_owned())],
         vec![("x-api-key", format!("{alice}x"))],
         vec![("authorization", "Bearer an-opaque-token-to-introspect".to_owned())],
+        vec![("authorization", format!("Bearer {expired}"))],
+        vec![("authorization", format!("Bearer {elsewhere}"))],
+        vec![("authorization", format!("Bearer {jwt}x"))],
         vec![],
     ];
     let http = reqwest::Client::new();
@@ -116,7 +132,7 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
         answers.push_str(&resp.text().await.unwrap());
     }
     // Real traffic with both valid tokens, to both upstreams, including an upstream error.
-    for token in [alice, envtok] {
+    for token in [alice, envtok, jwt.as_str()] {
         let client = Client::connect_as(&mcp, token).await;
         for tool in ["h__echo", "s__echo"] {
             let a = client.call(tool, json!({"text": "hi"})).await;
@@ -130,7 +146,7 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
     let upstream_view = seen["seen_headers"].to_string();
     assert!(upstream_view.contains("mcp-protocol-version"), "the demo recorded nothing: {upstream_view}");
     assert!(!upstream_view.to_ascii_lowercase().contains("authorization"), "{upstream_view}");
-    assert_clean("what the upstream received", &upstream_view, &[alice, envtok, intro]);
+    assert_clean("what the upstream received", &upstream_view, &secrets);
     stop(&mut child).await;
 
     let check = std::process::Command::new(BIN)
@@ -150,9 +166,10 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
     for (what, text) in
         [("stderr at trace level", &log), ("the audit file", &audit_text), ("answers", &answers), ("check", &check_out)]
     {
-        assert_clean(what, text, &[alice, envtok, intro]);
+        assert_clean(what, text, &secrets);
     }
     assert!(log.contains("token introspection failed"), "the opaque token was not introspected:\n{log}");
+    idp.stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
