@@ -337,6 +337,10 @@ fn identity_for(
     })
 }
 
+/// The OpenID scope for refresh tokens: an authorization server's business, never named by a
+/// resource server's challenge or metadata (MCP 2026-07-28).
+const OFFLINE_ACCESS: &str = "offline_access";
+
 /// Per-address entries one shard keeps at most (16 shards: 65,536 addresses per table).
 const ADDRESS_STATE_PER_SHARD: usize = 4096;
 
@@ -664,13 +668,14 @@ impl Authenticator {
     }
 
     /// The scopes that reach a server (all of them for the aggregated endpoint), by issuer: what
-    /// a challenge asks for.
+    /// a challenge asks for and the metadata lists (never `offline_access`, which a resource
+    /// server does not ask for).
     pub(crate) fn scopes_for(&self, server: Option<&str>) -> Vec<String> {
         let mut out: Vec<String> = self
             .providers
             .iter()
             .flat_map(|p| p.def.scopes.iter())
-            .filter(|(_, g)| server.is_none_or(|s| g.reaches(s)))
+            .filter(|(name, g)| server.is_none_or(|s| g.reaches(s)) && *name != OFFLINE_ACCESS)
             .map(|(name, _)| name.clone())
             .collect();
         out.sort();
@@ -696,9 +701,9 @@ impl Authenticator {
         let narrowest = granting.iter().filter(|(_, g)| {
             !granting.iter().any(|(_, other)| !std::ptr::eq(*g, *other) && g.covers(other) && !other.covers(g))
         });
-        let mut out: Vec<&str> = identity.scopes.iter().map(String::as_str).collect();
+        let mut out: Vec<&str> = identity.scopes.iter().map(String::as_str).filter(|s| *s != OFFLINE_ACCESS).collect();
         let before = out.len();
-        out.extend(narrowest.map(|(s, _)| s.as_str()));
+        out.extend(narrowest.map(|(s, _)| s.as_str()).filter(|s| *s != OFFLINE_ACCESS));
         if out.len() == before {
             return None;
         }

@@ -32,7 +32,7 @@ pub(crate) async fn serve(State(gw): State<Arc<Gateway>>, path: Option<Path<Stri
     let base = config.public_base();
     let resource = if rest.is_empty() { base } else { format!("{base}/{}", rest.trim_start_matches('/')) };
     let issuers: Vec<&str> = auth.providers().iter().map(|p| p.def.issuer.as_str()).collect();
-    let scopes: Vec<String> = auth.scopes_for(server).into_iter().filter(|s| s != "offline_access").collect();
+    let scopes = auth.scopes_for(server);
     let doc = serde_json::json!({
         "resource": resource,
         "authorization_servers": issuers,

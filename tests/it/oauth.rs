@@ -139,7 +139,9 @@ fn config(p: &Provider) -> String {
 async fn access_tokens_of_the_provider_are_checked_for_the_endpoint_they_were_issued_for() {
     let k1 = key("k1");
     let p = provider(&[&k1]).await;
-    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&config(&p)).start().await;
+    // `offline_access` is the authorization server's business: never asked for here.
+    let top = config(&p).replace("        a:all:", "        offline_access: {servers: [a]}\n        a:all:");
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&top).start().await;
     let (mcp, on_b) = (gw.mcp(), gw.server("b"));
 
     // No credential: 401 naming the metadata and the scopes, no `error` (RFC 6750 §3.1).
@@ -154,6 +156,7 @@ async fn access_tokens_of_the_provider_are_checked_for_the_endpoint_they_were_is
     assert_eq!(doc["resource"], mcp);
     assert_eq!(doc["authorization_servers"], json!([p.issuer]));
     assert_eq!(doc["bearer_methods_supported"], json!(["header"]));
+    assert_eq!(doc["scopes_supported"], json!(["a:all", "b:echo"]));
     let (_, doc_b) = http_json(
         reqwest::Method::GET,
         &format!("{}/.well-known/oauth-protected-resource/servers/b/mcp", gw.url),
