@@ -150,8 +150,9 @@ pub fn check(path: Option<PathBuf>) -> i32 {
             for s in &c.servers {
                 let what = match &s.transport {
                     Transport::Stdio { command, args, .. } => format!("stdio: {command} {}", args.join(" ")),
-                    Transport::Http { url, mode, .. } => {
-                        format!("{} {}", format!("{mode:?}").to_lowercase(), config::shown_url(url))
+                    Transport::Http { url, mode, tls, .. } => {
+                        let tls = tls.as_ref().map_or(String::new(), |t| format!(" ({})", t.summary()));
+                        format!("{} {}{tls}", format!("{mode:?}").to_lowercase(), config::shown_url(url))
                     }
                 };
                 let state = if s.enabled { "" } else { " (disabled)" };

@@ -1,11 +1,15 @@
 //! TLS on the listener (rustls): a PEM certificate chain and key, swapped when the files change
 //! without dropping a connection, and optional client certificates verified against
-//! `tls.client_ca`, whose subject common name names an identity.
+//! `tls.client_ca`, whose subject common name names an identity. And TLS towards one remote
+//! server ([`UpstreamTls`]): its own CAs, a client certificate, or (for development only) no
+//! verification, with the HTTP client made from them.
 //!
 //! Invariants: a connection keeps the configuration it was accepted with (a swap affects only
 //! new connections); an unreadable or mismatched new certificate leaves the old one in force;
 //! the subject of a verified client certificate reaches the request path only through
-//! [`ClientSubject`], set by the acceptor after verification (never from a client header).
+//! [`ClientSubject`], set by the acceptor after verification (never from a client header). A
+//! server's `tls:` that cannot be loaded is a config error, never a fallback to the default
+//! trust; a client key is held only inside the HTTP client built from it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -222,4 +226,137 @@ pub(crate) fn subject_cn(cert: &[u8]) -> Option<String> {
         rdns = next;
     }
     None
+}
+
+/// The builder every HTTP client towards remote servers starts from: no redirects (a redirect
+/// could take headers meant for one server to another), a 5 s connect timeout.
+pub(crate) fn http_client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).connect_timeout(Duration::from_secs(5))
+}
+
+/// TLS towards one remote server (`tls:` on a `url` server), and the HTTP client made from it.
+/// Two are equal when they were made from the same files' contents (a reload that changes a file
+/// reconnects the server).
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// The PEM bundle of the CAs trusted for this server, in place of the system's roots.
+    ca: Option<Vec<u8>>,
+    /// A digest of the client certificate chain and key (the key itself lives only in `client`).
+    identity: Option<[u8; 32]>,
+    /// Certificate verification off.
+    insecure_skip_verify: bool,
+    /// The client built from these.
+    pub(crate) client: reqwest::Client,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.ca, &self.identity, self.insecure_skip_verify)
+            == (&other.ca, &other.identity, other.insecure_skip_verify)
+    }
+}
+
+impl Eq for UpstreamTls {}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("ca", &self.ca.as_ref().map(|c| format!("{} bytes", c.len())))
+            .field("client_certificate", &self.identity.is_some())
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .finish()
+    }
+}
+
+/// Why a server's `tls:` cannot be used: the operator's files are at fault.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamTlsError {
+    /// A file that cannot be read.
+    #[error("{field} {}: {source}", path.display())]
+    Read {
+        /// `ca`, `cert` or `key`.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A CA file with no certificate in it, or one that cannot be parsed.
+    #[error("ca {}: no PEM certificate in the file", .0.display())]
+    NoCa(PathBuf),
+    /// A client certificate and key that do not make an identity.
+    #[error("cert and key: {0}")]
+    Identity(String),
+    /// The HTTP client refused the settings.
+    #[error("the HTTP client refuses these settings: {0}")]
+    Client(reqwest::Error),
+}
+
+impl UpstreamTls {
+    /// Loads the files and builds the client. `ca` replaces the system's roots for this server;
+    /// `cert_key` is a PEM certificate chain and its PEM key (mTLS).
+    pub(crate) fn load(
+        ca: Option<&Path>,
+        cert_key: Option<(&Path, &Path)>,
+        insecure_skip_verify: bool,
+    ) -> Result<UpstreamTls, UpstreamTlsError> {
+        let read = |field: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|source| UpstreamTlsError::Read { field, path: path.to_owned(), source })
+        };
+        let mut builder = http_client_builder();
+        let ca = match ca {
+            Some(path) => {
+                let pem = read("ca", path)?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                    .ok()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| UpstreamTlsError::NoCa(path.to_owned()))?;
+                builder = builder.tls_certs_only(certs);
+                Some(pem)
+            }
+            None => None,
+        };
+        let identity = match cert_key {
+            Some((cert, key)) => {
+                let mut pem = read("cert", cert)?;
+                pem.push(b'\n');
+                pem.extend(read("key", key)?);
+                let digest = crate::credentials::digest(&String::from_utf8_lossy(&pem));
+                let id = reqwest::Identity::from_pem(&pem).map_err(|e| UpstreamTlsError::Identity(e.to_string()))?;
+                builder = builder.identity(id);
+                Some(digest)
+            }
+            None => None,
+        };
+        if insecure_skip_verify {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        // The certificates parsed; what the builder can still refuse is a key that does not
+        // belong to its certificate.
+        let client = builder.build().map_err(|e| match identity {
+            Some(_) => UpstreamTlsError::Identity(format!("{e} (does the key belong to the certificate?)")),
+            None => UpstreamTlsError::Client(e),
+        })?;
+        Ok(UpstreamTls { ca, identity, insecure_skip_verify, client })
+    }
+
+    /// Whether certificate verification is off.
+    pub(crate) fn insecure(&self) -> bool {
+        self.insecure_skip_verify
+    }
+
+    /// What `portcullis check` says of it: `own CA, client certificate`, `NOT VERIFIED`, ….
+    pub(crate) fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if self.ca.is_some() {
+            parts.push("own CA");
+        }
+        if self.identity.is_some() {
+            parts.push("client certificate");
+        }
+        if self.insecure_skip_verify {
+            parts.push("certificate NOT VERIFIED");
+        }
+        parts.join(", ")
+    }
 }

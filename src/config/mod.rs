@@ -300,6 +300,10 @@ pub(crate) struct RawServer {
     /// client's own credentials: those are not forwarded.
     #[serde(default)]
     pub headers: BTreeMap<String, S>,
+    /// TLS towards an `https://` `url`: the CAs to trust, a client certificate (mTLS), or, for
+    /// development only, no verification.
+    #[serde(default)]
+    pub tls: Option<RawUpstreamTls>,
     /// Deadline for one request to this server, e.g. `30s` or `5m` (default `5m`); a number
     /// is milliseconds, as Claude's format has it. Progress notifications do not extend it.
     #[serde(default)]
@@ -321,6 +325,26 @@ pub(crate) struct RawServer {
     /// MCP Front: names of the tokens allowed to reach this server.
     #[serde(default, rename = "authTokens")]
     pub auth_tokens: Vec<S>,
+}
+
+/// `tls:` on a `url` server.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTls {
+    /// A PEM file of the CA certificates trusted for this server, in place of the system's
+    /// roots (an internal CA, a self-signed server).
+    #[serde(default)]
+    pub ca: Option<S>,
+    /// A PEM client certificate chain presented to the server (mTLS); needs `key`.
+    #[serde(default)]
+    pub cert: Option<S>,
+    /// The PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<S>,
+    /// `true` turns certificate verification off for this server: anyone on the path can then
+    /// read and change its traffic. For development only; logged as a warning at every start.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 /// `inherit_env:` as written: `true`/`false` or a list of variable names.
@@ -477,6 +501,8 @@ pub enum Transport {
         mode: HttpMode,
         /// Static headers sent upstream.
         headers: Vec<(String, String)>,
+        /// TLS of its own (None: the system's roots, verification on).
+        tls: Option<crate::tls::UpstreamTls>,
     },
 }
 
@@ -1166,8 +1192,8 @@ impl Validator<'_> {
         {
             self.error(format!("{base}.type"), format!("{k:?} needs `url`, not `command`"));
         }
-        if s.transport.is_some() || !s.headers.is_empty() {
-            self.error(base, "`transport` and `headers` apply only to `url` servers");
+        if s.transport.is_some() || !s.headers.is_empty() || s.tls.is_some() {
+            self.error(base, "`transport`, `headers` and `tls` apply only to `url` servers");
         }
         let command = self.subst(&format!("{base}.command"), command);
         if command.trim().is_empty() {
@@ -1303,7 +1329,45 @@ impl Validator<'_> {
             }
             headers.push((k.clone(), value));
         }
-        Some(Transport::Http { url, mode, headers })
+        let tls = s.tls.as_ref().and_then(|t| self.upstream_tls(base, &url, t));
+        Some(Transport::Http { url, mode, headers, tls })
+    }
+
+    /// A `url` server's `tls:`, its files loaded and its client built once: an error here is a
+    /// config error (the server is never reached with a trust it was not configured with).
+    fn upstream_tls(&mut self, base: &str, url: &str, t: &RawUpstreamTls) -> Option<crate::tls::UpstreamTls> {
+        let field = format!("{base}.tls");
+        if !url.starts_with("https://") {
+            self.error(&field, "applies only to an https:// url");
+            return None;
+        }
+        let path = |me: &mut Self, name: &str, v: &Option<S>| {
+            v.as_ref().map(|p| PathBuf::from(me.subst(&format!("{field}.{name}"), p)))
+        };
+        let ca = path(self, "ca", &t.ca);
+        let (cert, key) = (path(self, "cert", &t.cert), path(self, "key", &t.key));
+        let cert_key = match (&cert, &key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => {
+                self.error(&field, "`cert` and `key` go together");
+                return None;
+            }
+        };
+        if t.insecure_skip_verify && ca.is_some() {
+            self.error(&field, "`ca` and `insecure_skip_verify` contradict each other");
+            return None;
+        }
+        if t.insecure_skip_verify {
+            self.warn(&field, "insecure_skip_verify: this server's certificate is not verified (development only)");
+        }
+        match crate::tls::UpstreamTls::load(ca.as_deref(), cert_key, t.insecure_skip_verify) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                self.error(&field, e);
+                None
+            }
+        }
     }
 }
 

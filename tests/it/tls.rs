@@ -15,9 +15,9 @@ fn openssl(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A CA, two server certificates for 127.0.0.1/localhost, and client certificates for `alice`
-/// and `mallory`, all under `dir`.
-fn pki(dir: &Path) {
+/// A self-signed CA under `dir`: `NAME.pem` and `NAME.key`.
+fn ca(dir: &Path, name: &str, cn: &str) {
+    let (key, pem, subject) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN={cn}"));
     openssl(
         dir,
         &[
@@ -29,15 +29,21 @@ fn pki(dir: &Path) {
             "ec_paramgen_curve:P-256",
             "-nodes",
             "-keyout",
-            "ca.key",
+            &key,
             "-out",
-            "ca.pem",
+            &pem,
             "-days",
             "2",
             "-subj",
-            "/CN=portcullis test CA",
+            &subject,
         ],
     );
+}
+
+/// A CA, two server certificates for 127.0.0.1/localhost, and client certificates for `alice`
+/// and `mallory`, all under `dir`.
+fn pki(dir: &Path) {
+    ca(dir, "ca", "portcullis test CA");
     std::fs::write(
         dir.join("server.ext"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
@@ -245,4 +251,91 @@ async fn require_https_refuses_plain_http_unless_a_trusted_proxy_vouches() {
     let r = reqwest::Client::new().get(format!("{}/health", gw.url)).send().await.unwrap();
     assert_eq!(r.status(), 400);
     gw.stop().await;
+}
+
+/// TLS towards a remote server of its own: the server here is a Portcullis on HTTPS that
+/// takes client certificates (alice's names a token). A server entry with the test CA and
+/// alice's certificate gets in by mTLS alone; without the certificate it is refused (401); with
+/// the system's roots or another CA the certificate is refused; `insecure_skip_verify` gets in
+/// (and says so at every start). Bad settings are config errors, never a fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_servers_with_their_own_ca_and_client_certificate() {
+    let dir = TempDir::new();
+    pki(&dir.0);
+    ca(&dir.0, "other-ca", "another CA");
+    let path = |f: &str| dir.0.join(f).display().to_string();
+    let top = format!(
+        "tls:\n  cert: {:?}\n  key: {:?}\n  client_ca: {:?}\nauth:\n  tokens:\n    alice: alice-secret-0123456789abcdef\n",
+        path("live.pem"),
+        path("live.key"),
+        path("ca.pem")
+    );
+    let upstream = gateway().demo("d", &[], "").top(&top).start().await;
+    let url = format!("{}/mcp", upstream.url.replace("http://", "https://"));
+    let mtls =
+        format!("tls: {{ca: {:?}, cert: {:?}, key: {:?}}}", path("ca.pem"), path("alice.pem"), path("alice.key"));
+    let front = gateway()
+        .remote("good", &url, &mtls)
+        .remote("nocert", &url, &format!("tls: {{ca: {:?}}}", path("ca.pem")))
+        .remote("roots", &url, "")
+        .remote("otherca", &url, &mtls.replace("ca.pem", "other-ca.pem"))
+        .remote(
+            "insecure",
+            &url,
+            &format!(
+                "tls: {{insecure_skip_verify: true, cert: {:?}, key: {:?}}}",
+                path("alice.pem"),
+                path("alice.key")
+            ),
+        )
+        .start()
+        .await;
+    let client = Client::connect(&front.mcp()).await;
+    assert_eq!(client.call_text("good__d__echo", json!({"text": "by mTLS"})).await, "by mTLS");
+    assert_eq!(client.call_text("insecure__d__echo", json!({"text": "unverified"})).await, "unverified");
+    for refused in ["nocert", "roots", "otherca"] {
+        let a = client.call(&format!("{refused}__d__echo"), json!({"text": "x"})).await;
+        assert!(a.response["error"].is_object(), "{refused}: {}", a.response);
+    }
+    let (_, servers) = http_json(reqwest::Method::GET, &format!("{}/servers", front.url), None, None).await;
+    let error_of = |name: &str| {
+        servers["servers"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(error_of("nocert").contains("401"), "{}", error_of("nocert"));
+    for name in ["roots", "otherca"] {
+        assert!(error_of(name).to_ascii_lowercase().contains("certificate"), "{name}: {}", error_of(name));
+    }
+    front.stop().await;
+    upstream.stop().await;
+
+    // Settings that cannot work are refused when the config is loaded.
+    let check = |entry: String| {
+        let cfg = dir.0.join("check.yaml");
+        std::fs::write(&cfg, format!("servers:\n  r:\n{entry}")).unwrap();
+        async move { run_cli(None, &["check", "--config", cfg.to_str().unwrap()], &[]).await }
+    };
+    std::fs::write(dir.0.join("junk.pem"), "not a certificate").unwrap();
+    for (entry, says) in [
+        (format!("    url: http://127.0.0.1:9/mcp\n    tls: {{ca: {:?}}}\n", path("ca.pem")), "https://"),
+        (format!("    url: https://127.0.0.1:9/mcp\n    tls: {{cert: {:?}}}\n", path("alice.pem")), "go together"),
+        (format!("    url: https://127.0.0.1:9/mcp\n    tls: {{ca: {:?}}}\n", path("junk.pem")), "no PEM certificate"),
+        (format!("    url: https://127.0.0.1:9/mcp\n    tls: {{ca: {:?}}}\n", path("absent.pem")), "absent.pem"),
+        (
+            format!(
+                "    url: https://127.0.0.1:9/mcp\n    tls: {{cert: {:?}, key: {:?}}}\n",
+                path("alice.pem"),
+                path("ca.key")
+            ),
+            "cert and key",
+        ),
+    ] {
+        let (ok, out, err) = check(entry.clone()).await;
+        assert!(!ok && format!("{out}{err}").contains(says), "{entry}: {out}{err}");
+    }
+    let (ok, out, err) =
+        check("    url: https://127.0.0.1:9/mcp\n    tls: {insecure_skip_verify: true}\n".into()).await;
+    assert!(ok && format!("{out}{err}").contains("insecure_skip_verify"), "{out}{err}");
 }

@@ -57,11 +57,7 @@ pub(crate) struct Clients {
 impl Clients {
     /// Clients with a 5 s connect timeout and no redirects.
     pub(crate) fn new() -> Self {
-        let full = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_default();
+        let full = crate::tls::http_client_builder().build().unwrap_or_default();
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -130,19 +126,29 @@ fn static_headers(headers: &[(String, String)]) -> HeaderMap {
 }
 
 pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Opened, TransportError> {
-    let Transport::Http { url, mode, headers } = &up.def.transport else {
+    let Transport::Http { url, mode, headers, tls } = &up.def.transport else {
         return Err(TransportError::BadUrl("not an HTTP server".into()));
     };
     let url = Url::parse(url).map_err(|e| TransportError::BadUrl(e.to_string()))?;
     let headers = static_headers(headers);
     let closed = CancellationToken::new();
+    // A server with `tls:` of its own is reached only through the client made from it.
+    let client = match tls {
+        Some(t) => {
+            if t.insecure() {
+                tracing::warn!(server = %up.def.name, "TLS certificate verification is off for this server (insecure_skip_verify): development only");
+            }
+            t.client.clone()
+        }
+        None => up.http.full.clone(),
+    };
     let plain = match url.scheme() {
         "http" => up.http.plain.clone().zip(url.as_str().parse::<hyper::Uri>().ok()),
         _ => None,
     };
     let make = |mode: Mode| HttpLink {
         up: Arc::downgrade(up),
-        client: up.http.full.clone(),
+        client: client.clone(),
         plain,
         url: url.clone(),
         headers: headers.clone(),
@@ -156,20 +162,18 @@ pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Opened, TransportError
         name: up.def.name.clone(),
     };
     let link = match mode {
-        HttpMode::Sse => connect_sse(make, &url, &headers, up).await?,
-        HttpMode::Streamable | HttpMode::Auto => {
-            match probe_stateless(&up.http.full, &url, &headers, up.def.timeout).await {
-                Probe::Stateless(info) => {
-                    let link = make(Mode::Stateless);
-                    let _ = link.stateless_info.set(info);
-                    link.set_protocol_version(ProtocolVersion::STATELESS);
-                    Arc::new(link)
-                }
-                Probe::NoPost if *mode == HttpMode::Auto => connect_sse(make, &url, &headers, up).await?,
-                Probe::Legacy | Probe::NoPost => Arc::new(make(Mode::Streamable)),
-                Probe::Unreachable(e) => return Err(e),
+        HttpMode::Sse => connect_sse(make, &client, &url, &headers, up).await?,
+        HttpMode::Streamable | HttpMode::Auto => match probe_stateless(&client, &url, &headers, up.def.timeout).await {
+            Probe::Stateless(info) => {
+                let link = make(Mode::Stateless);
+                let _ = link.stateless_info.set(info);
+                link.set_protocol_version(ProtocolVersion::STATELESS);
+                Arc::new(link)
             }
-        }
+            Probe::NoPost if *mode == HttpMode::Auto => connect_sse(make, &client, &url, &headers, up).await?,
+            Probe::Legacy | Probe::NoPost => Arc::new(make(Mode::Streamable)),
+            Probe::Unreachable(e) => return Err(e),
+        },
     };
     Ok(Opened { link: Link::Http(link), closed, pid: None })
 }
@@ -275,13 +279,12 @@ async fn probe_stateless(client: &reqwest::Client, url: &Url, headers: &HeaderMa
 
 async fn connect_sse(
     make: impl FnOnce(Mode) -> HttpLink,
+    client: &reqwest::Client,
     url: &Url,
     headers: &HeaderMap,
     up: &Arc<Upstream>,
 ) -> Result<Arc<HttpLink>, TransportError> {
-    let resp = up
-        .http
-        .full
+    let resp = client
         .get(url.clone())
         .headers(headers.clone())
         .header(ACCEPT, "text/event-stream")
