@@ -150,9 +150,10 @@ pub fn check(path: Option<PathBuf>) -> i32 {
             for s in &c.servers {
                 let what = match &s.transport {
                     Transport::Stdio { command, args, .. } => format!("stdio: {command} {}", args.join(" ")),
-                    Transport::Http { url, mode, tls, .. } => {
+                    Transport::Http { url, mode, tls, oauth, .. } => {
                         let tls = tls.as_ref().map_or(String::new(), |t| format!(" ({})", t.summary()));
-                        format!("{} {}{tls}", format!("{mode:?}").to_lowercase(), config::shown_url(url))
+                        let oauth = if oauth.is_some() { " (its own access token: client credentials)" } else { "" };
+                        format!("{} {}{tls}{oauth}", format!("{mode:?}").to_lowercase(), config::shown_url(url))
                     }
                 };
                 let state = if s.enabled { "" } else { " (disabled)" };

@@ -304,6 +304,10 @@ pub(crate) struct RawServer {
     /// development only, no verification.
     #[serde(default)]
     pub tls: Option<RawUpstreamTls>,
+    /// An access token of Portcullis' own for a `url` server that wants OAuth: a machine
+    /// account by the client credentials grant. Never the client's token.
+    #[serde(default)]
+    pub oauth: Option<RawUpstreamOAuth>,
     /// Deadline for one request to this server, e.g. `30s` or `5m` (default `5m`); a number
     /// is milliseconds, as Claude's format has it. Progress notifications do not extend it.
     #[serde(default)]
@@ -345,6 +349,31 @@ pub(crate) struct RawUpstreamTls {
     /// read and change its traffic. For development only; logged as a warning at every start.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+}
+
+/// `oauth:` on a `url` server.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamOAuth {
+    /// The grant: `client_credentials` (a machine account of Portcullis' own).
+    pub grant: S,
+    /// Portcullis' client id at the server's authorization server.
+    pub client_id: S,
+    /// Its client secret, e.g. `${UPSTREAM_CLIENT_SECRET}`.
+    pub client_secret: S,
+    /// The scopes to ask for, space-separated (default: none named).
+    #[serde(default)]
+    pub scope: Option<S>,
+    /// The token endpoint (default: discovered from the server's protected resource metadata
+    /// and its authorization server's metadata).
+    #[serde(default)]
+    pub token_endpoint: Option<S>,
+    /// The authorization server (default: the first the server's metadata names).
+    #[serde(default)]
+    pub issuer: Option<S>,
+    /// The resource the token is for (RFC 8707; default: the server's `url`).
+    #[serde(default)]
+    pub resource: Option<S>,
 }
 
 /// `inherit_env:` as written: `true`/`false` or a list of variable names.
@@ -476,6 +505,7 @@ pub(crate) fn parse_listen(text: &str) -> Result<SocketAddr, crate::credentials:
 }
 
 pub(crate) use crate::credentials::parse_duration;
+pub(crate) use oauth::is_loopback_host;
 
 /// How a server is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -503,6 +533,8 @@ pub enum Transport {
         headers: Vec<(String, String)>,
         /// TLS of its own (None: the system's roots, verification on).
         tls: Option<crate::tls::UpstreamTls>,
+        /// Access tokens of Portcullis' own for it.
+        oauth: Option<crate::oauth::client::ClientCredentials>,
     },
 }
 
@@ -1192,8 +1224,8 @@ impl Validator<'_> {
         {
             self.error(format!("{base}.type"), format!("{k:?} needs `url`, not `command`"));
         }
-        if s.transport.is_some() || !s.headers.is_empty() || s.tls.is_some() {
-            self.error(base, "`transport`, `headers` and `tls` apply only to `url` servers");
+        if s.transport.is_some() || !s.headers.is_empty() || s.tls.is_some() || s.oauth.is_some() {
+            self.error(base, "`transport`, `headers`, `tls` and `oauth` apply only to `url` servers");
         }
         let command = self.subst(&format!("{base}.command"), command);
         if command.trim().is_empty() {
@@ -1330,7 +1362,54 @@ impl Validator<'_> {
             headers.push((k.clone(), value));
         }
         let tls = s.tls.as_ref().and_then(|t| self.upstream_tls(base, &url, t));
-        Some(Transport::Http { url, mode, headers, tls })
+        let oauth = s.oauth.as_ref().and_then(|o| self.upstream_oauth(base, &url, o, &headers));
+        Some(Transport::Http { url, mode, headers, tls, oauth })
+    }
+
+    /// A `url` server's `oauth:`.
+    fn upstream_oauth(
+        &mut self,
+        base: &str,
+        url: &str,
+        o: &RawUpstreamOAuth,
+        headers: &[(String, String)],
+    ) -> Option<crate::oauth::client::ClientCredentials> {
+        let field = format!("{base}.oauth");
+        if o.grant.as_str() != "client_credentials" {
+            self.error(
+                format!("{field}.grant"),
+                format!("{:?}: the grant Portcullis uses towards a server is client_credentials", o.grant.as_str()),
+            );
+            return None;
+        }
+        if headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("authorization")) {
+            self.error(&field, "an `Authorization` header and `oauth` cannot both say what to send");
+            return None;
+        }
+        let get = |me: &mut Self, name: &str, v: &S| me.subst(&format!("{field}.{name}"), v);
+        let client_id = get(self, "client_id", &o.client_id);
+        let client_secret = get(self, "client_secret", &o.client_secret);
+        if client_id.is_empty() || client_secret.is_empty() {
+            self.error(&field, "`client_id` and `client_secret` must not be empty");
+        }
+        let opt = |me: &mut Self, name: &str, v: &Option<S>| v.as_ref().map(|v| get(me, name, v));
+        let scope = opt(self, "scope", &o.scope).filter(|s| !s.trim().is_empty());
+        let token_endpoint = opt(self, "token_endpoint", &o.token_endpoint);
+        let issuer = opt(self, "issuer", &o.issuer);
+        let resource = opt(self, "resource", &o.resource).unwrap_or_else(|| url.to_owned());
+        for (name, v) in [("token_endpoint", &token_endpoint), ("issuer", &issuer)] {
+            if let Some(v) = v {
+                self.provider_url(&format!("{field}.{name}"), v);
+            }
+        }
+        Some(crate::oauth::client::ClientCredentials {
+            client_id,
+            client_secret,
+            scope,
+            token_endpoint,
+            issuer,
+            resource,
+        })
     }
 
     /// A `url` server's `tls:`, its files loaded and its client built once: an error here is a
@@ -1427,6 +1506,38 @@ servers:
         let input = r#"{"inputs": [], "servers": {"gh": {"type": "http", "url": "https://x/${input:tok}"}}}"#;
         let errs = parse(input, true, &env()).unwrap_err();
         assert!(errs[0].message.contains("cannot prompt"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_remote_server_s_own_oauth_is_validated() {
+        let ok = "servers:\n  r:\n    url: https://r.example/mcp\n    oauth: {grant: client_credentials, client_id: p, client_secret: \"${TOKEN}\", scope: \"a b\"}\n";
+        let c = parse(ok, false, &env()).unwrap();
+        let Transport::Http { oauth: Some(g), .. } = &c.server("r").unwrap().transport else { panic!() };
+        assert_eq!(
+            (g.client_secret.as_str(), g.resource.as_str(), g.scope.as_deref()),
+            ("t0k", "https://r.example/mcp", Some("a b"))
+        );
+        assert!(!format!("{g:?}").contains("t0k"), "the secret stays out of Debug");
+        for (yaml, says) in [
+            ("    oauth: {grant: authorization_code, client_id: p, client_secret: s}\n", "client_credentials"),
+            (
+                "    headers: {Authorization: \"Bearer x\"}\n    oauth: {grant: client_credentials, client_id: p, client_secret: s}\n",
+                "cannot both",
+            ),
+            (
+                "    oauth: {grant: client_credentials, client_id: p, client_secret: s, token_endpoint: \"http://idp.example/token\"}\n",
+                "not an https URL",
+            ),
+            ("    oauth: {grant: client_credentials, client_id: \"\", client_secret: s}\n", "must not be empty"),
+        ] {
+            let text = format!("servers:\n  r:\n    url: https://r.example/mcp\n{yaml}");
+            let errs = parse(&text, false, &env()).unwrap_err();
+            assert!(errs.iter().any(|e| e.to_string().contains(says)), "{yaml}: {errs:?}");
+        }
+        let stdio = "servers:\n  s:\n    command: echo\n    oauth: {grant: client_credentials, client_id: p, client_secret: s}\n";
+        assert!(
+            parse(stdio, false, &env()).unwrap_err().iter().any(|e| e.to_string().contains("only to `url` servers"))
+        );
     }
 
     #[test]

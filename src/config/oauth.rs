@@ -242,7 +242,7 @@ impl Validator<'_> {
 
     /// An identity provider's URL: https, or http on a loopback host (a provider on this
     /// machine, a test's).
-    fn provider_url(&mut self, path: &str, url: &str) {
+    pub(super) fn provider_url(&mut self, path: &str, url: &str) {
         match reqwest::Url::parse(url) {
             Ok(u) if u.scheme() == "https" && u.has_host() => {}
             Ok(u) if u.scheme() == "http" && u.host_str().is_some_and(is_loopback_host) => {}
@@ -251,6 +251,7 @@ impl Validator<'_> {
     }
 }
 
-fn is_loopback_host(h: &str) -> bool {
+/// `localhost` or a loopback address.
+pub(crate) fn is_loopback_host(h: &str) -> bool {
     h == "localhost" || h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }

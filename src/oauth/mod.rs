@@ -10,6 +10,7 @@
 //! an error is shown without credentials or query; a token in Portcullis' own format is never
 //! introspected.
 
+pub(crate) mod client;
 pub(crate) mod jwt;
 pub(crate) mod metadata;
 
@@ -251,33 +252,12 @@ impl Provider {
         Ok(lifetime)
     }
 
-    /// The `jwks_uri` of the issuer's metadata: RFC 8414's path-inserted document first, then
-    /// OpenID discovery's appended one.
+    /// The `jwks_uri` of the issuer's metadata.
     async fn discover(&self) -> Result<String, FetchError> {
-        #[derive(serde::Deserialize)]
-        struct Metadata {
-            issuer: Option<String>,
-            jwks_uri: Option<String>,
-        }
         let issuer = &self.def.issuer;
-        let mut last = None;
-        for url in metadata_urls(issuer) {
-            let body = match self.get(&url).await {
-                Ok((b, _)) => b,
-                Err(e) => {
-                    last = Some(e);
-                    continue;
-                }
-            };
-            let Ok(m) = serde_json::from_slice::<Metadata>(&body) else { continue };
-            if let Some(found) = m.issuer.filter(|i| i != issuer) {
-                return Err(FetchError::IssuerMismatch { url: shown_url(&url), found });
-            }
-            if let Some(jwks) = m.jwks_uri {
-                return Ok(jwks);
-            }
-        }
-        Err(last.unwrap_or_else(|| FetchError::NoJwksUri(issuer.clone())))
+        server_metadata(&self.http, issuer, |m| m.jwks_uri.clone())
+            .await?
+            .ok_or_else(|| FetchError::NoJwksUri(issuer.clone()))
     }
 
     /// Asks the issuer's introspection endpoint (RFC 7662) about an opaque token: its claims
@@ -310,35 +290,92 @@ impl Provider {
         Ok(serde_json::from_value::<jwt::Claims>(v).ok())
     }
 
-    /// One bounded GET: the body and its lifetime.
     async fn get(&self, url: &str) -> Result<(Vec<u8>, Duration), FetchError> {
-        let http = |reason: String| FetchError::Http { url: shown_url(url), reason };
-        let resp = self.http.get(url).send().await.map_err(|e| http(e.without_url().to_string()))?;
-        self.read(resp, url).await
+        get_document(&self.http, url).await
     }
 
-    /// A response's body (200 only, within [`MAX_DOCUMENT`]) and its lifetime.
-    async fn read(&self, mut resp: reqwest::Response, url: &str) -> Result<(Vec<u8>, Duration), FetchError> {
-        let http = |reason: String| FetchError::Http { url: shown_url(url), reason };
-        if resp.status() != reqwest::StatusCode::OK {
-            return Err(http(format!("status {}", resp.status())));
-        }
-        let lifetime = resp
-            .headers()
-            .get(reqwest::header::CACHE_CONTROL)
-            .and_then(|v| v.to_str().ok())
-            .and_then(max_age)
-            .unwrap_or(DEFAULT_LIFETIME)
-            .clamp(MIN_LIFETIME, MAX_LIFETIME);
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| http(e.without_url().to_string()))? {
-            if body.len() + chunk.len() > MAX_DOCUMENT {
-                return Err(FetchError::TooLarge(shown_url(url)));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok((body, lifetime))
+    async fn read(&self, resp: reqwest::Response, url: &str) -> Result<(Vec<u8>, Duration), FetchError> {
+        read_document(resp, url).await
     }
+}
+
+/// What Portcullis reads of an authorization server's metadata (RFC 8414, OpenID Discovery).
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct ServerMetadata {
+    /// The issuer it describes.
+    pub issuer: Option<String>,
+    /// Its key set.
+    pub jwks_uri: Option<String>,
+    /// Its token endpoint.
+    pub token_endpoint: Option<String>,
+}
+
+/// What `pick` takes from `issuer`'s metadata: RFC 8414's path-inserted document first, then
+/// OpenID discovery's appended one; the first document that gives it. A document naming another
+/// issuer is an error (RFC 8414 §3.3). None when no document gives it.
+pub(crate) async fn server_metadata(
+    http: &reqwest::Client,
+    issuer: &str,
+    pick: impl Fn(&ServerMetadata) -> Option<String>,
+) -> Result<Option<String>, FetchError> {
+    let mut last = None;
+    for url in metadata_urls(issuer) {
+        let body = match get_document(http, &url).await {
+            Ok((b, _)) => b,
+            Err(e) => {
+                last = Some(e);
+                continue;
+            }
+        };
+        let Ok(m) = serde_json::from_slice::<ServerMetadata>(&body) else { continue };
+        if let Some(found) = m.issuer.as_ref().filter(|i| *i != issuer) {
+            return Err(FetchError::IssuerMismatch { url: shown_url(&url), found: found.clone() });
+        }
+        if let Some(v) = pick(&m) {
+            return Ok(Some(v));
+        }
+    }
+    match last {
+        Some(e) => Err(e),
+        None => Ok(None),
+    }
+}
+
+/// One bounded GET: the body (200 only, within [`MAX_DOCUMENT`]) and its lifetime.
+pub(crate) async fn get_document(http: &reqwest::Client, url: &str) -> Result<(Vec<u8>, Duration), FetchError> {
+    let fail = |reason: String| FetchError::Http { url: shown_url(url), reason };
+    let resp = http.get(url).send().await.map_err(|e| fail(e.without_url().to_string()))?;
+    read_document(resp, url).await
+}
+
+/// A response's body (200 only, within [`MAX_DOCUMENT`]) and its lifetime by `Cache-Control`.
+pub(crate) async fn read_document(resp: reqwest::Response, url: &str) -> Result<(Vec<u8>, Duration), FetchError> {
+    let http = |reason: String| FetchError::Http { url: shown_url(url), reason };
+    if resp.status() != reqwest::StatusCode::OK {
+        return Err(http(format!("status {}", resp.status())));
+    }
+    let lifetime = resp
+        .headers()
+        .get(reqwest::header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(max_age)
+        .unwrap_or(DEFAULT_LIFETIME)
+        .clamp(MIN_LIFETIME, MAX_LIFETIME);
+    Ok((read_body(resp, url).await?, lifetime))
+}
+
+/// A response's body, whatever its status, within [`MAX_DOCUMENT`].
+pub(crate) async fn read_body(mut resp: reqwest::Response, url: &str) -> Result<Vec<u8>, FetchError> {
+    let mut body = Vec::new();
+    while let Some(chunk) =
+        resp.chunk().await.map_err(|e| FetchError::Http { url: shown_url(url), reason: e.without_url().to_string() })?
+    {
+        if body.len() + chunk.len() > MAX_DOCUMENT {
+            return Err(FetchError::TooLarge(shown_url(url)));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Where an issuer's metadata may be: RFC 8414 inserts the well-known path before the issuer's

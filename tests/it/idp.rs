@@ -278,3 +278,45 @@ async fn the_python_sdk_s_oauth_client_discovers_everything_from_the_first_401()
     assert_eq!(call["identity"], "sdk-user@example.com");
     gw.stop().await;
 }
+
+/// A remote server that wants OAuth (here a Portcullis that takes the provider's tokens):
+/// Portcullis finds the token endpoint from the server's protected resource metadata and the
+/// provider's metadata, gets a token of its own by the client credentials grant, and calls
+/// through it as `svc`. The client's own token never goes upstream; a wrong client secret is
+/// a clear error that shows no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_server_that_wants_oauth_gets_portcullis_own_token() {
+    let idp = idp("up:all", None).await;
+    let upstream = gateway()
+        .demo("d", &[], "")
+        .top(&format!("oauth:\n  issuers:\n    - issuer: {:?}\n      scopes:\n        up:all: {{}}\n", idp.issuer))
+        .start()
+        .await;
+    let grant = |secret: &str| {
+        format!("oauth: {{grant: client_credentials, client_id: svc, client_secret: {secret:?}, scope: \"up:all\"}}")
+    };
+    let front_token = "front-user-token-0123456789abc";
+    let front = gateway()
+        .remote("up", &upstream.mcp(), &grant("svc-secret"))
+        .remote("bad", &upstream.mcp(), &grant("not-the-secret-42"))
+        .top(&format!("auth:\n  tokens:\n    user: {{token: {front_token}, role: admin}}\n"))
+        .start()
+        .await;
+    let client = Client::connect_as(&front.mcp(), front_token).await;
+    assert_eq!(client.call_text("up__d__echo", json!({"text": "as svc"})).await, "as svc");
+    let records = upstream.audit_until(|r| r.iter().any(|r| r["method"] == "tools/call")).await;
+    let call = records.iter().find(|r| r["method"] == "tools/call").unwrap();
+    // Every request the server saw carried Portcullis' token (the client's would be refused).
+    assert_eq!(call["identity"], "svc", "{call}");
+    assert!(records.iter().all(|r| r["identity"] == "svc" && r["status"] != 401), "{records:?}");
+
+    // The wrong secret: the server is down with the provider's answer, and calls say so.
+    let a = client.call("bad__d__echo", json!({"text": "x"})).await;
+    assert!(a.response["error"].is_object(), "{}", a.response);
+    let (_, servers) =
+        http_json(reqwest::Method::GET, &format!("{}/servers", front.url), Some(front_token), None).await;
+    let bad = servers["servers"].as_array().unwrap().iter().find(|s| s["name"] == "bad").unwrap().to_string();
+    assert!(bad.contains("invalid_client") && !bad.contains("not-the-secret-42"), "{bad}");
+    front.stop().await;
+    upstream.stop().await;
+}

@@ -40,6 +40,11 @@ pub(crate) struct Provider {
     introspections: Arc<AtomicUsize>,
     /// The `aud` its introspection answers name (the gateway's endpoint, once known).
     audience: Arc<Mutex<String>>,
+    /// What its token endpoint signs with (`/token`, the client credentials grant): a key id
+    /// and key, and whether the first token it gives has already expired.
+    pub(crate) mint: Arc<Mutex<Option<(String, EncodingKey, bool)>>>,
+    /// How many tokens `/token` gave.
+    pub(crate) minted: Arc<AtomicUsize>,
     pub(crate) stop: tokio_util::sync::CancellationToken,
 }
 
@@ -53,7 +58,31 @@ pub(crate) async fn provider(keys: &[&Key]) -> Provider {
     let (s, f, i) = (set.clone(), fetches.clone(), issuer.clone());
     let audience = Arc::new(Mutex::new(String::new()));
     let (n, iss, a) = (introspections.clone(), issuer.clone(), audience.clone());
+    let mint: Arc<Mutex<Option<(String, EncodingKey, bool)>>> = Arc::new(Mutex::new(None));
+    let minted = Arc::new(AtomicUsize::new(0));
+    let (m, count, token_iss) = (mint.clone(), minted.clone(), issuer.clone());
     let app = axum::Router::new()
+        .route(
+            "/token",
+            axum::routing::post(move |body: String| {
+                let Some((kid, signing, expired_first)) = m.lock().unwrap().clone() else {
+                    return std::future::ready((axum::http::StatusCode::BAD_REQUEST, String::new()));
+                };
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                let resource = form_urlencoded::parse(body.as_bytes())
+                    .find(|(k, _)| k == "resource")
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default();
+                let exp = if n == 1 && expired_first { now() - 600 } else { now() + 300 };
+                let claims = json!({"iss": token_iss, "sub": "machine", "aud": resource, "exp": exp, "scope": "a:all", "jti": n});
+                let mut h = Header::new(Algorithm::ES256);
+                h.kid = Some(kid);
+                let t = jsonwebtoken::encode(&h, &claims, &signing).unwrap();
+                // It says an hour, whatever the token says: the server's refusal is what counts.
+                let answer = json!({"access_token": t, "token_type": "Bearer", "expires_in": 3600}).to_string();
+                std::future::ready((axum::http::StatusCode::OK, answer))
+            }),
+        )
         .route(
             "/introspect",
             axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
@@ -94,7 +123,7 @@ pub(crate) async fn provider(keys: &[&Key]) -> Provider {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(until.cancelled_owned()).await;
     });
-    Provider { issuer, keys: set, fetches, introspections, audience, stop }
+    Provider { issuer, keys: set, fetches, introspections, audience, mint, minted, stop }
 }
 
 pub(crate) fn now() -> u64 {
@@ -569,4 +598,28 @@ async fn legacy_sse_messages_are_checked_for_the_endpoint_the_session_was_opened
     assert_eq!(post(&all_endpoint, &for_b, init).await, 401);
     p.stop.cancel();
     gw.stop().await;
+}
+
+/// Portcullis' own token for a remote server that the server refuses (here: it had expired,
+/// though its endpoint said an hour) is replaced once and the request sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_remote_server_refuses_is_replaced_and_the_request_sent_again() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    *p.mint.lock().unwrap() = Some((k1.kid.clone(), k1.signing.clone(), true));
+    let strict = config(&p).replace("      identity_claim: email\n", "      leeway: 0s\n");
+    let upstream = gateway().demo("a", &[], "").demo("b", &[], "").top(&strict).start().await;
+    let grant = format!(
+        "oauth: {{grant: client_credentials, client_id: portcullis, client_secret: s3cret, token_endpoint: \"{}/token\"}}",
+        p.issuer
+    );
+    let front = gateway().remote("up", &upstream.mcp(), &grant).start().await;
+    let client = Client::connect(&front.mcp()).await;
+    assert_eq!(client.call_text("up__a__echo", json!({"text": "sent again"})).await, "sent again");
+    assert_eq!(p.minted.load(Ordering::SeqCst), 2, "one expired token, one replacement");
+    let records = upstream.audit_until(|r| r.iter().any(|r| r["method"] == "tools/call")).await;
+    assert!(records.iter().any(|r| r["status"] == 401), "the first token was refused: {records:?}");
+    front.stop().await;
+    upstream.stop().await;
+    p.stop.cancel();
 }

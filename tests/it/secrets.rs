@@ -81,6 +81,9 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
     let alice = "Qz7alice-Secret-Value-91x";
     let envtok = "Wp3env-Token-Value-55k";
     let intro = "Kx9QvR7-zT4wYp2-Lm8nB3q";
+    // The client secret of Portcullis' own account at a remote server's provider (which cannot
+    // be reached: the secret is used and must show nowhere).
+    let up_secret = "Ur5Qp7-Zx2Kw9-Vn4Tb8-Jh3M";
     let upstream = http_demo(&[]).await;
     let audit = dir.0.join("audit.jsonl");
     // An issuer whose introspection endpoint cannot be reached: its client secret is used (an
@@ -93,11 +96,17 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
         idp.issuer
     );
     let config = format!(
-        "servers:\n  h:\n    url: {:?}\n  s:\n    command: {BIN:?}\n    args: [demo-server, --fixtures]\nauth:\n  max_failures_per_minute: 1000\n  tokens:\n    alice: \"${{ALICE_TOKEN}}\"\naudit:\n  file: {:?}\n{oauth}",
+        "servers:\n  h:\n    url: {:?}\n  s:\n    command: {BIN:?}\n    args: [demo-server, --fixtures]\n  o:\n    url: \"http://127.0.0.1:1/mcp\"\n    oauth: {{grant: client_credentials, client_id: portcullis, client_secret: \"${{UP_SECRET}}\", token_endpoint: \"http://127.0.0.1:1/token\"}}\nauth:\n  max_failures_per_minute: 1000\n  tokens:\n    alice: \"${{ALICE_TOKEN}}\"\naudit:\n  file: {:?}\n{oauth}",
         upstream.url,
         audit.display().to_string()
     );
-    let env = [("ALICE_TOKEN", alice), ("PORTCULLIS_TOKEN", envtok), ("INTRO_SECRET", intro), ("RUST_LOG", "trace")];
+    let env = [
+        ("ALICE_TOKEN", alice),
+        ("PORTCULLIS_TOKEN", envtok),
+        ("INTRO_SECRET", intro),
+        ("UP_SECRET", up_secret),
+        ("RUST_LOG", "trace"),
+    ];
     let (mut child, url, stderr) = serve(&dir.0, &config, &[], &env).await;
     let mcp = format!("{url}/mcp");
     let jwt = crate::oauth::token(&idp, &k1, "jay", &mcp, "all", json!({}));
@@ -106,7 +115,7 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
     // Only the signature is the token's own: header and claims are shapes any token shares.
     let signature = |t: &str| t.rsplit('.').next().unwrap().to_owned();
     let (jwt_sig, expired_sig, elsewhere_sig) = (signature(&jwt), signature(&expired), signature(&elsewhere));
-    let secrets = [alice, envtok, intro, jwt_sig.as_str(), expired_sig.as_str(), elsewhere_sig.as_str()];
+    let secrets = [alice, envtok, intro, up_secret, jwt_sig.as_str(), expired_sig.as_str(), elsewhere_sig.as_str()];
     let near = format!("{}#", &alice[..alice.len() - 1]);
     let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("user:{alice}")));
     let mut answers = String::new();
@@ -154,6 +163,7 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
         .env("ALICE_TOKEN", alice)
         .env("PORTCULLIS_TOKEN", envtok)
         .env("INTRO_SECRET", intro)
+        .env("UP_SECRET", up_secret)
         .output()
         .unwrap();
     let check_out = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
@@ -169,6 +179,7 @@ async fn no_secret_reaches_a_log_an_audit_record_an_answer_or_an_upstream() {
         assert_clean(what, text, &secrets);
     }
     assert!(log.contains("token introspection failed"), "the opaque token was not introspected:\n{log}");
+    assert!(log.contains("could not obtain an access token"), "the upstream's token was not asked for:\n{log}");
     idp.stop.cancel();
 }
 

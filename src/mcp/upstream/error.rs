@@ -75,6 +75,9 @@ pub enum TransportError {
     /// A response stream kept ending without the answer, however often it was resumed.
     #[error("the upstream response stream kept closing without an answer")]
     StreamKeptClosing,
+    /// No access token could be had for a server with `oauth:`.
+    #[error("no access token: {0}")]
+    Credential(#[from] crate::oauth::client::CredentialError),
     /// A legacy SSE server did not name its POST endpoint in time.
     #[error("no endpoint event from the SSE server")]
     NoEndpointEvent,

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -113,6 +113,8 @@ pub(crate) struct HttpLink {
     tasks: Mutex<HashMap<u64, AbortHandle>>,
     idle: Duration,
     name: String,
+    /// Access tokens of Portcullis' own for this server (`oauth:`), sent on every request.
+    credential: Option<Arc<crate::oauth::client::TokenSource>>,
 }
 
 fn static_headers(headers: &[(String, String)]) -> HeaderMap {
@@ -126,11 +128,18 @@ fn static_headers(headers: &[(String, String)]) -> HeaderMap {
 }
 
 pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Opened, TransportError> {
-    let Transport::Http { url, mode, headers, tls } = &up.def.transport else {
+    let Transport::Http { url, mode, headers, tls, .. } = &up.def.transport else {
         return Err(TransportError::BadUrl("not an HTTP server".into()));
     };
     let url = Url::parse(url).map_err(|e| TransportError::BadUrl(e.to_string()))?;
     let headers = static_headers(headers);
+    // What the connection's own requests (the probe, the SSE GET) carry: the configured
+    // headers and, for a server with `oauth:`, a token; the link adds a current token to each
+    // of its requests.
+    let mut connecting = headers.clone();
+    if let Some(c) = &up.credential {
+        connecting.insert(AUTHORIZATION, c.bearer().await.map_err(TransportError::Credential)?);
+    }
     let closed = CancellationToken::new();
     // A server with `tls:` of its own is reached only through the client made from it.
     let client = match tls {
@@ -160,20 +169,23 @@ pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Opened, TransportError
         tasks: Mutex::new(HashMap::new()),
         idle: up.def.sse_idle_timeout,
         name: up.def.name.clone(),
+        credential: up.credential.clone(),
     };
     let link = match mode {
-        HttpMode::Sse => connect_sse(make, &client, &url, &headers, up).await?,
-        HttpMode::Streamable | HttpMode::Auto => match probe_stateless(&client, &url, &headers, up.def.timeout).await {
-            Probe::Stateless(info) => {
-                let link = make(Mode::Stateless);
-                let _ = link.stateless_info.set(info);
-                link.set_protocol_version(ProtocolVersion::STATELESS);
-                Arc::new(link)
+        HttpMode::Sse => connect_sse(make, &client, &url, &connecting, up).await?,
+        HttpMode::Streamable | HttpMode::Auto => {
+            match probe_stateless(&client, &url, &connecting, up.def.timeout).await {
+                Probe::Stateless(info) => {
+                    let link = make(Mode::Stateless);
+                    let _ = link.stateless_info.set(info);
+                    link.set_protocol_version(ProtocolVersion::STATELESS);
+                    Arc::new(link)
+                }
+                Probe::NoPost if *mode == HttpMode::Auto => connect_sse(make, &client, &url, &connecting, up).await?,
+                Probe::Legacy | Probe::NoPost => Arc::new(make(Mode::Streamable)),
+                Probe::Unreachable(e) => return Err(e),
             }
-            Probe::NoPost if *mode == HttpMode::Auto => connect_sse(make, &client, &url, &headers, up).await?,
-            Probe::Legacy | Probe::NoPost => Arc::new(make(Mode::Streamable)),
-            Probe::Unreachable(e) => return Err(e),
-        },
+        }
     };
     Ok(Opened { link: Link::Http(link), closed, pid: None })
 }
@@ -359,10 +371,11 @@ impl HttpLink {
         if matches!(self.mode, Mode::Streamable) {
             let sid = lock(&self.session_id).clone();
             if let Some(sid) = sid {
+                let headers = self.headers_now().await.unwrap_or_else(|_| self.headers.clone());
                 let _ = self
                     .client
                     .delete(self.url.clone())
-                    .headers(self.headers.clone())
+                    .headers(headers)
                     .header("mcp-session-id", sid)
                     .timeout(Duration::from_secs(2))
                     .send()
@@ -484,22 +497,69 @@ impl HttpLink {
         }
     }
 
-    async fn post(self: &Arc<Self>, msg: Bytes, id: Option<u64>, forward: Option<ForwardHeaders>) {
-        let (headers, body) = match self.request(msg, forward) {
-            Ok(r) => r,
-            Err(e) => return self.fail(id, e),
-        };
-        let resp = match self.send_post(headers, body).await {
-            Ok(r) => r,
+    /// The configured headers, with a current token for a server with `oauth:`.
+    async fn headers_now(&self) -> Result<HeaderMap, TransportError> {
+        let mut headers = self.headers.clone();
+        self.authorize(&mut headers).await?;
+        Ok(headers)
+    }
+
+    /// Adds a current token for a server with `oauth:`; the token used, if any.
+    async fn authorize(&self, headers: &mut HeaderMap) -> Result<Option<HeaderValue>, TransportError> {
+        let Some(c) = &self.credential else { return Ok(None) };
+        let bearer = c.bearer().await.map_err(TransportError::Credential)?;
+        headers.insert(AUTHORIZATION, bearer.clone());
+        Ok(Some(bearer))
+    }
+
+    /// [`HttpLink::send_post`], failing the call (and, when the server is gone, this
+    /// connection) on an error.
+    async fn exchange(
+        &self,
+        headers: HeaderMap,
+        body: Bytes,
+        id: Option<u64>,
+    ) -> Option<hyper::Response<ResponseBody>> {
+        match self.send_post(headers, body).await {
+            Ok(r) => Some(r),
             Err(e) if e.unreachable => {
                 // The server is gone: end this connection, so the supervisor says so and
                 // probes until it is back.
                 tracing::warn!(server = %self.name, "upstream unreachable: {}", e.message);
                 self.closed.cancel();
-                return self.fail(id, TransportError::Unreachable { url: shown(&self.url), reason: e.message });
+                self.fail(id, TransportError::Unreachable { url: shown(&self.url), reason: e.message });
+                None
             }
-            Err(e) => return self.fail(id, TransportError::Request(e.message)),
+            Err(e) => {
+                self.fail(id, TransportError::Request(e.message));
+                None
+            }
+        }
+    }
+
+    async fn post(self: &Arc<Self>, msg: Bytes, id: Option<u64>, forward: Option<ForwardHeaders>) {
+        let (mut headers, body) = match self.request(msg, forward) {
+            Ok(r) => r,
+            Err(e) => return self.fail(id, e),
         };
+        let used = match self.authorize(&mut headers).await {
+            Ok(u) => u,
+            Err(e) => return self.fail(id, e),
+        };
+        let again = used.as_ref().map(|_| (headers.clone(), body.clone()));
+        let Some(mut resp) = self.exchange(headers, body, id).await else { return };
+        // The server no longer takes the token (revoked, expired early, its keys changed): one
+        // new token, one more try.
+        if resp.status() == StatusCode::UNAUTHORIZED
+            && let (Some(used), Some((mut headers, body)), Some(c)) = (used, again, &self.credential)
+        {
+            c.refused(&used);
+            if let Err(e) = self.authorize(&mut headers).await {
+                return self.fail(id, e);
+            }
+            let Some(r) = self.exchange(headers, body, id).await else { return };
+            resp = r;
+        }
         let status = resp.status();
         // Streamable HTTP: keep the session id the server gave; note whether there is one.
         let has_session = matches!(self.mode, Mode::Streamable) && {
@@ -638,10 +698,14 @@ impl HttpLink {
     async fn resume(&self, id: u64, mut last_id: String, mut retry: Duration) {
         for _ in 0..MAX_RESUMES {
             tokio::time::sleep(retry.min(Duration::from_secs(30))).await;
+            let headers = match self.headers_now().await {
+                Ok(h) => h,
+                Err(e) => return self.fail(Some(id), e),
+            };
             let mut req = self
                 .client
                 .get(self.url.clone())
-                .headers(self.headers.clone())
+                .headers(headers)
                 .header(ACCEPT, "text/event-stream")
                 .header("last-event-id", last_id.clone());
             if let Some(sid) = lock(&self.session_id).clone() {
@@ -681,8 +745,14 @@ impl HttpLink {
             let mut failures = 0u32;
             let mut last_id: Option<String> = None;
             while !this.closed.is_cancelled() && failures < 5 {
-                let mut req =
-                    this.client.get(this.url.clone()).headers(this.headers.clone()).header(ACCEPT, "text/event-stream");
+                let Ok(headers) = this.headers_now().await else {
+                    failures += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(crate::oauth::client::RETRY_AFTER) => continue,
+                        _ = this.closed.cancelled() => return,
+                    }
+                };
+                let mut req = this.client.get(this.url.clone()).headers(headers).header(ACCEPT, "text/event-stream");
                 if let Some(sid) = lock(&this.session_id).clone() {
                     req = req.header("mcp-session-id", sid);
                 }

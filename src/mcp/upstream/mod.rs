@@ -275,6 +275,8 @@ pub struct Upstream {
     /// The session owning a `per_session` instance.
     owner: Option<Weak<super::session::Session>>,
     http: http::Clients,
+    /// Access tokens of Portcullis' own for a server with `oauth:` (they outlive connections).
+    credential: Option<Arc<crate::oauth::client::TokenSource>>,
     /// The `logging/setLevel` rank + 1 the sessions want from this instance (0: never set);
     /// re-sent after every reconnect.
     log_level: AtomicU8,
@@ -301,6 +303,10 @@ impl Upstream {
             restarts: 0,
             since: None,
         };
+        let (oauth, name) = match &def.transport {
+            crate::config::Transport::Http { oauth, .. } => (oauth.clone(), def.name.clone()),
+            crate::config::Transport::Stdio { .. } => (None, def.name.clone()),
+        };
         let up = Arc::new(Upstream {
             def,
             status: watch::Sender::new(initial),
@@ -310,6 +316,7 @@ impl Upstream {
             hub,
             owner,
             http,
+            credential: oauth.map(|grant| Arc::new(crate::oauth::client::TokenSource::new(grant, &name))),
             log_level: AtomicU8::new(0),
             listen_uris: Mutex::new(BTreeSet::new()),
             listen_changed: Arc::new(Notify::new()),

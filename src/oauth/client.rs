@@ -1,0 +1,431 @@
+//! Portcullis as an OAuth client of a remote MCP server that wants access tokens, with a machine
+//! account of its own (the client credentials grant, RFC 6749 §4.4): the token endpoint from
+//! the config, or discovered as MCP clients discover it (the server's protected resource
+//! metadata, RFC 9728, then its authorization server's metadata, RFC 8414 / OpenID Discovery);
+//! the token asked for the server's URL as the resource (RFC 8707).
+//!
+//! Invariants: one fetch at a time per server (callers that need a token while one is being
+//! fetched wait for it and share it); a token is renewed before it expires, and a still-valid
+//! token is used while a renewal fails; after a failure the endpoint is not asked again for
+//! [`RETRY_AFTER`]; only https URLs are used (http on a loopback host); the client secret and the
+//! tokens appear in no log line and no error (an error names the endpoint, the status and the
+//! OAuth `error` code only). This token is Portcullis' own, issued for the remote server: a
+//! client's credential never goes upstream.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::header::HeaderValue;
+
+use super::{FETCH_TIMEOUT, get_document, read_body, server_metadata};
+use crate::config::shown_url;
+use crate::sharded::lock;
+
+/// How long after a failed fetch the endpoint is left alone (calls fail at once meanwhile).
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// A token is renewed this long before it expires (or at four fifths of a shorter lifetime).
+const RENEW_BEFORE: Duration = Duration::from_secs(60);
+
+/// The client credentials grant towards one remote server, as the config gives it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientCredentials {
+    /// Portcullis' client id at the server's authorization server.
+    pub client_id: String,
+    /// Its secret (sent with HTTP Basic, RFC 6749 §2.3.1).
+    pub client_secret: String,
+    /// The scopes asked for (None: none named; the authorization server's default).
+    pub scope: Option<String>,
+    /// The token endpoint (None: discovered).
+    pub token_endpoint: Option<String>,
+    /// The authorization server (None: the one the server's metadata names).
+    pub issuer: Option<String>,
+    /// The resource the token is asked for (RFC 8707): the server's URL unless configured.
+    pub resource: String,
+}
+
+impl std::fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCredentials")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"(hidden)")
+            .field("scope", &self.scope)
+            .field("token_endpoint", &self.token_endpoint.as_deref().map(shown_url))
+            .field("issuer", &self.issuer)
+            .field("resource", &shown_url(&self.resource))
+            .finish()
+    }
+}
+
+/// Why no access token could be had for a server. Cloneable, so the one failure can be handed
+/// to every call that waited for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    /// Neither the config nor any metadata names a token endpoint.
+    #[error("no token endpoint: {0}")]
+    Discovery(String),
+    /// A discovered URL that is not https (http only on a loopback host).
+    #[error("{0} is not an https URL")]
+    Insecure(String),
+    /// The token endpoint could not be asked.
+    #[error("token endpoint {url}: {reason}")]
+    Unreachable {
+        /// The endpoint, as shown.
+        url: String,
+        /// What went wrong (without the URL).
+        reason: String,
+    },
+    /// The token endpoint said no.
+    #[error("token endpoint {url} answered {status}{}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Refused {
+        /// The endpoint, as shown.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The OAuth `error` code of the answer (`invalid_client`, …), when it is one.
+        code: Option<String>,
+    },
+    /// The answer is not a bearer token response (RFC 6749 §5.1).
+    #[error("token endpoint {0}: not a bearer token response")]
+    Malformed(String),
+}
+
+/// A token in hand.
+struct Token {
+    /// `Bearer …`, marked sensitive.
+    header: HeaderValue,
+    /// When to fetch the next one (None: when the server refuses this one).
+    renew_at: Option<Instant>,
+    /// When it stops working (None: not said).
+    expires_at: Option<Instant>,
+}
+
+/// The access tokens of one remote server: see the module documentation.
+pub(crate) struct TokenSource {
+    grant: ClientCredentials,
+    /// The server's name, for the log.
+    server: String,
+    http: reqwest::Client,
+    current: Mutex<Option<Token>>,
+    /// The discovered token endpoint, once found.
+    endpoint: Mutex<Option<String>>,
+    /// The last failure and when it happened.
+    failed: Mutex<Option<(Instant, CredentialError)>>,
+    /// Serialises fetches.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl TokenSource {
+    pub(crate) fn new(grant: ClientCredentials, server: &str) -> TokenSource {
+        let http = crate::tls::http_client_builder().timeout(FETCH_TIMEOUT).build().unwrap_or_default();
+        TokenSource {
+            grant,
+            server: server.to_owned(),
+            http,
+            current: Mutex::new(None),
+            endpoint: Mutex::new(None),
+            failed: Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The `Authorization` value to send now: the token in hand, or a new one.
+    pub(crate) async fn bearer(&self) -> Result<HeaderValue, CredentialError> {
+        if let Some(h) = self.usable(false) {
+            return Ok(h);
+        }
+        let _one = self.fetching.lock().await;
+        // Another caller may have fetched one while this one waited.
+        if let Some(h) = self.usable(false) {
+            return Ok(h);
+        }
+        if let Some((at, e)) = lock(&self.failed).as_ref()
+            && at.elapsed() < RETRY_AFTER
+        {
+            return self.usable(true).ok_or_else(|| e.clone());
+        }
+        match self.fetch().await {
+            Ok(token) => {
+                let header = token.header.clone();
+                *lock(&self.current) = Some(token);
+                *lock(&self.failed) = None;
+                tracing::info!(server = %self.server, "access token obtained for the upstream");
+                Ok(header)
+            }
+            Err(e) => {
+                tracing::warn!(server = %self.server, error = %e, "could not obtain an access token for the upstream");
+                *lock(&self.failed) = Some((Instant::now(), e.clone()));
+                // Renewal failed: a token that still works is used until it expires.
+                self.usable(true).ok_or(e)
+            }
+        }
+    }
+
+    /// The token in hand if it is not due for renewal (or, with `expiring`, if it has not
+    /// expired).
+    fn usable(&self, expiring: bool) -> Option<HeaderValue> {
+        let now = Instant::now();
+        let current = lock(&self.current);
+        let t = current.as_ref()?;
+        let until = if expiring { t.expires_at } else { t.renew_at };
+        until.is_none_or(|u| now < u).then(|| t.header.clone())
+    }
+
+    /// The server refused `used`: the next call fetches a new token (unless one newer than
+    /// `used` is already in hand).
+    pub(crate) fn refused(&self, used: &HeaderValue) {
+        let mut current = lock(&self.current);
+        if current.as_ref().is_some_and(|t| t.header == *used) {
+            *current = None;
+        }
+    }
+
+    async fn fetch(&self) -> Result<Token, CredentialError> {
+        let url = self.token_endpoint().await?;
+        let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+        let mut form = format!("grant_type=client_credentials&resource={}", enc(&self.grant.resource));
+        if let Some(scope) = &self.grant.scope {
+            form.push_str(&format!("&scope={}", enc(scope)));
+        }
+        let unreachable = |reason: String| CredentialError::Unreachable { url: shown_url(&url), reason };
+        let started = Instant::now();
+        let resp = self
+            .http
+            .post(&url)
+            // RFC 6749 §2.3.1: the credentials are form-encoded before they are joined.
+            .basic_auth(enc(&self.grant.client_id), Some(enc(&self.grant.client_secret)))
+            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(form)
+            .send()
+            .await
+            .map_err(|e| unreachable(e.without_url().to_string()))?;
+        let status = resp.status();
+        let body = read_body(resp, &url).await.map_err(|e| match e {
+            super::FetchError::Http { reason, .. } => unreachable(reason),
+            _ => CredentialError::Malformed(shown_url(&url)),
+        })?;
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            access_token: Option<String>,
+            token_type: Option<String>,
+            expires_in: Option<u64>,
+            error: Option<String>,
+        }
+        let answer = serde_json::from_slice::<Answer>(&body).ok();
+        if !status.is_success() {
+            // Only a code of the standard's shape is repeated: never free text from the server.
+            let code = answer
+                .and_then(|a| a.error)
+                .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            return Err(CredentialError::Refused { url: shown_url(&url), status: status.as_u16(), code });
+        }
+        let malformed = || CredentialError::Malformed(shown_url(&url));
+        let answer = answer.ok_or_else(malformed)?;
+        let token = answer.access_token.filter(|t| !t.is_empty()).ok_or_else(malformed)?;
+        if !answer.token_type.is_some_and(|t| t.eq_ignore_ascii_case("bearer")) {
+            return Err(malformed());
+        }
+        let mut header = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| malformed())?;
+        header.set_sensitive(true);
+        let (renew_at, expires_at) = match answer.expires_in.map(Duration::from_secs) {
+            Some(life) => {
+                let early = life.saturating_sub(RENEW_BEFORE).max(life * 4 / 5);
+                (Some(started + early), Some(started + life))
+            }
+            None => (None, None),
+        };
+        Ok(Token { header, renew_at, expires_at })
+    }
+
+    /// The configured token endpoint, or the one found (once) from the configured issuer's
+    /// metadata, or from the server's protected resource metadata and its first authorization
+    /// server's.
+    async fn token_endpoint(&self) -> Result<String, CredentialError> {
+        if let Some(u) = &self.grant.token_endpoint {
+            return Ok(u.clone());
+        }
+        if let Some(u) = lock(&self.endpoint).clone() {
+            return Ok(u);
+        }
+        let discovery = |e: super::FetchError| CredentialError::Discovery(e.to_string());
+        let issuer = match &self.grant.issuer {
+            Some(i) => i.clone(),
+            None => self.authorization_server().await?,
+        };
+        let found = server_metadata(&self.http, &issuer, |m| m.token_endpoint.clone())
+            .await
+            .map_err(discovery)?
+            .ok_or_else(|| CredentialError::Discovery(format!("the metadata of {} names none", shown_url(&issuer))))?;
+        secure(&found)?;
+        *lock(&self.endpoint) = Some(found.clone());
+        Ok(found)
+    }
+
+    /// The first authorization server the resource's protected resource metadata names (the
+    /// path-inserted document, then the root one: RFC 9728 §3.1).
+    async fn authorization_server(&self) -> Result<String, CredentialError> {
+        #[derive(serde::Deserialize)]
+        struct Resource {
+            authorization_servers: Option<Vec<String>>,
+        }
+        let resource = &self.grant.resource;
+        let u = reqwest::Url::parse(resource).map_err(|_| CredentialError::Insecure(shown_url(resource)))?;
+        let origin = u.origin().ascii_serialization();
+        let path = u.path().trim_end_matches('/');
+        let mut candidates = vec![format!("{origin}/.well-known/oauth-protected-resource{path}")];
+        if !path.is_empty() {
+            candidates.push(format!("{origin}/.well-known/oauth-protected-resource"));
+        }
+        let mut last = None;
+        for url in candidates {
+            match get_document(&self.http, &url).await {
+                Ok((body, _)) => {
+                    let servers = serde_json::from_slice::<Resource>(&body).ok().and_then(|r| r.authorization_servers);
+                    if let Some(first) = servers.and_then(|s| s.into_iter().next()) {
+                        secure(&first)?;
+                        return Ok(first);
+                    }
+                }
+                Err(e) => last = Some(e.to_string()),
+            }
+        }
+        Err(CredentialError::Discovery(last.unwrap_or_else(|| {
+            format!("the protected resource metadata of {} names no authorization server", shown_url(resource))
+        })))
+    }
+}
+
+/// An https URL, or http on a loopback host.
+fn secure(url: &str) -> Result<(), CredentialError> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.scheme() == "https" && u.has_host() => Ok(()),
+        Ok(u) if u.scheme() == "http" && u.host_str().is_some_and(crate::config::is_loopback_host) => Ok(()),
+        _ => Err(CredentialError::Insecure(shown_url(url))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A token endpoint on 127.0.0.1 that counts its answers: `ok` gives `token-N` valid for
+    /// `life` seconds, else 401 `invalid_client`.
+    async fn endpoint(life: u64, ok: bool) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::post(move |body: String| {
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    assert!(body.starts_with("grant_type=client_credentials&resource="), "{body}");
+                    // A little latency, so concurrent callers overlap the fetch.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if ok {
+                        (
+                            axum::http::StatusCode::OK,
+                            format!(r#"{{"access_token":"token-{n}","token_type":"Bearer","expires_in":{life}}}"#),
+                        )
+                    } else {
+                        (
+                            axum::http::StatusCode::UNAUTHORIZED,
+                            r#"{"error":"invalid_client","error_description":"secret s3cret is wrong"}"#.into(),
+                        )
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, count)
+    }
+
+    fn source(url: &str) -> TokenSource {
+        TokenSource::new(
+            ClientCredentials {
+                client_id: "portcullis".into(),
+                client_secret: "s3cret".into(),
+                scope: Some("mcp".into()),
+                token_endpoint: Some(url.into()),
+                issuer: None,
+                resource: "https://mcp.example/mcp".into(),
+            },
+            "t",
+        )
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_fetch_and_a_refusal_fetches_once_more() {
+        let (url, count) = endpoint(3600, true).await;
+        let s = Arc::new(source(&url));
+        let all = futures_util::future::join_all((0..50).map(|_| {
+            let s = s.clone();
+            async move { s.bearer().await.unwrap() }
+        }))
+        .await;
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        assert!(all.iter().all(|h| h == "Bearer token-1" && h.is_sensitive()));
+        // The server refused token-1: fifty callers that saw the refusal cause one fetch.
+        let used = all[0].clone();
+        let again = futures_util::future::join_all((0..50).map(|_| {
+            let (s, used) = (s.clone(), used.clone());
+            async move {
+                s.refused(&used);
+                s.bearer().await.unwrap()
+            }
+        }))
+        .await;
+        assert!(again.iter().all(|h| h == "Bearer token-2"), "{again:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        // A refusal of the old token, reported late, does not throw the new one away.
+        s.refused(&used);
+        assert_eq!(s.bearer().await.unwrap(), "Bearer token-2");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_token_is_renewed_before_it_expires() {
+        // 60 s of life: due for renewal at four fifths of it, but never past it.
+        let (url, count) = endpoint(60, true).await;
+        let s = source(&url);
+        assert_eq!(s.bearer().await.unwrap(), "Bearer token-1");
+        assert_eq!(s.bearer().await.unwrap(), "Bearer token-1");
+        // Ten seconds of life is shorter than the renewal margin: renewed at 8 s.
+        let (url, count10) = endpoint(10, true).await;
+        let s = source(&url);
+        s.bearer().await.unwrap();
+        let renew = lock(&s.current).as_ref().unwrap().renew_at.unwrap();
+        let expires = lock(&s.current).as_ref().unwrap().expires_at.unwrap();
+        assert!(expires - renew >= Duration::from_secs(2) - Duration::from_millis(50), "{:?}", expires - renew);
+        // Past the renewal time: a new one.
+        lock(&s.current).as_mut().unwrap().renew_at = Some(Instant::now());
+        assert_eq!(s.bearer().await.unwrap(), "Bearer token-2");
+        assert_eq!((count.load(Ordering::SeqCst), count10.load(Ordering::SeqCst)), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_the_code_never_the_description_or_secret() {
+        let (url, count) = endpoint(60, false).await;
+        let s = source(&url);
+        let e = s.bearer().await.unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("401") && text.contains("invalid_client"), "{text}");
+        assert!(!text.contains("s3cret") && !text.contains("wrong"), "{text}");
+        // Within the back-off the endpoint is not asked again.
+        assert_eq!(s.bearer().await.unwrap_err(), e);
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn discovered_urls_must_be_https_but_on_loopback() {
+        assert!(secure("https://idp.example/token").is_ok());
+        assert!(secure("http://127.0.0.1:8080/token").is_ok());
+        assert!(secure("http://localhost/token").is_ok());
+        assert!(matches!(secure("http://idp.example/token"), Err(CredentialError::Insecure(_))));
+        assert!(secure("file:///etc/passwd").is_err());
+    }
+}
