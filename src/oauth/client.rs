@@ -128,6 +128,11 @@ impl TokenSource {
         }
     }
 
+    /// The grant it was made for.
+    pub(crate) fn grant(&self) -> &ClientCredentials {
+        &self.grant
+    }
+
     /// The `Authorization` value to send now: the token in hand, or a new one.
     pub(crate) async fn bearer(&self) -> Result<HeaderValue, CredentialError> {
         if let Some(h) = self.usable(false) {

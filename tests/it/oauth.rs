@@ -623,3 +623,25 @@ async fn a_token_the_remote_server_refuses_is_replaced_and_the_request_sent_agai
     upstream.stop().await;
     p.stop.cancel();
 }
+
+/// The instances of a `per_session` server share its one token: two sessions, one fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_of_a_per_session_server_share_its_token() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    *p.mint.lock().unwrap() = Some((k1.kid.clone(), k1.signing.clone(), false));
+    let upstream = gateway().demo("a", &[], "").demo("b", &[], "").top(&config(&p)).start().await;
+    let grant = format!(
+        "share: per_session\noauth: {{grant: client_credentials, client_id: portcullis, client_secret: s3cret, token_endpoint: \"{}/token\"}}",
+        p.issuer
+    );
+    let front = gateway().remote("up", &upstream.mcp(), &grant).start().await;
+    for text in ["one", "two"] {
+        let client = Client::connect(&front.mcp()).await;
+        assert_eq!(client.call_text("up__a__echo", json!({"text": text})).await, text);
+    }
+    assert_eq!(p.minted.load(Ordering::SeqCst), 1);
+    front.stop().await;
+    upstream.stop().await;
+    p.stop.cancel();
+}

@@ -150,6 +150,9 @@ pub struct Gateway {
     subscriptions: Mutex<HashMap<(String, String), usize>>,
     cursors: lists::CursorKey,
     http: crate::mcp::upstream::http::Clients,
+    /// The access tokens of servers with `oauth:`, by server, shared by all its instances (a
+    /// `per_session` server's sessions use one token), replaced when the grant changes.
+    credentials: Mutex<HashMap<String, Arc<crate::oauth::client::TokenSource>>>,
     me: Weak<Gateway>,
     initializes: AtomicU64,
     discovers: AtomicU64,
@@ -279,6 +282,7 @@ impl Gateway {
             subscriptions: Mutex::new(HashMap::new()),
             cursors,
             http,
+            credentials: Mutex::new(HashMap::new()),
             me: me.clone(),
             initializes: AtomicU64::new(0),
             discovers: AtomicU64::new(0),
@@ -469,8 +473,24 @@ impl Gateway {
         w
     }
 
+    /// The token source of a server with `oauth:` (the one its instances share, or a new one
+    /// when the grant changed).
+    fn credential(&self, def: &ServerDef) -> Option<Arc<crate::oauth::client::TokenSource>> {
+        let crate::config::Transport::Http { oauth: Some(grant), .. } = &def.transport else {
+            lock(&self.credentials).remove(&def.name);
+            return None;
+        };
+        let mut all = lock(&self.credentials);
+        if let Some(c) = all.get(&def.name).filter(|c| c.grant() == grant) {
+            return Some(c.clone());
+        }
+        let c = Arc::new(crate::oauth::client::TokenSource::new(grant.clone(), &def.name));
+        all.insert(def.name.clone(), c.clone());
+        Some(c)
+    }
+
     fn start_shared(&self, def: Arc<ServerDef>) -> Arc<Upstream> {
-        let up = Upstream::start(def.clone(), self.hub(), None, self.http.clone());
+        let up = Upstream::start(def.clone(), self.hub(), None, self.http.clone(), self.credential(&def));
         self.upstreams.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.insert(def.name.clone(), up.clone());
@@ -676,7 +696,13 @@ impl Gateway {
                 if let Some(up) = instances.get(server) {
                     return Some(up.clone());
                 }
-                let up = Upstream::start(def.clone(), self.hub(), Some(Arc::downgrade(session)), self.http.clone());
+                let up = Upstream::start(
+                    def.clone(),
+                    self.hub(),
+                    Some(Arc::downgrade(session)),
+                    self.http.clone(),
+                    self.credential(def),
+                );
                 instances.insert(server.to_owned(), up.clone());
                 return Some(up);
             }

@@ -295,6 +295,7 @@ impl Upstream {
         hub: Weak<dyn Hub>,
         owner: Option<Weak<super::session::Session>>,
         http: http::Clients,
+        credential: Option<Arc<crate::oauth::client::TokenSource>>,
     ) -> Arc<Self> {
         let initial = Status {
             state: if def.enabled { State::Starting } else { State::Stopped },
@@ -302,10 +303,6 @@ impl Upstream {
             last_error: None,
             restarts: 0,
             since: None,
-        };
-        let (oauth, name) = match &def.transport {
-            crate::config::Transport::Http { oauth, .. } => (oauth.clone(), def.name.clone()),
-            crate::config::Transport::Stdio { .. } => (None, def.name.clone()),
         };
         let up = Arc::new(Upstream {
             def,
@@ -316,7 +313,7 @@ impl Upstream {
             hub,
             owner,
             http,
-            credential: oauth.map(|grant| Arc::new(crate::oauth::client::TokenSource::new(grant, &name))),
+            credential,
             log_level: AtomicU8::new(0),
             listen_uris: Mutex::new(BTreeSet::new()),
             listen_changed: Arc::new(Notify::new()),
