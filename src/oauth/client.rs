@@ -108,6 +108,9 @@ pub(crate) struct TokenSource {
     current: Mutex<Option<Token>>,
     /// The discovered token endpoint, once found.
     endpoint: Mutex<Option<String>>,
+    /// The scopes asked for: the configured ones and those the server asked for since
+    /// (`insufficient_scope`), space-separated.
+    scope: Mutex<Option<String>>,
     /// The last failure and when it happened.
     failed: Mutex<Option<(Instant, CredentialError)>>,
     /// Serialises fetches.
@@ -118,6 +121,7 @@ impl TokenSource {
     pub(crate) fn new(grant: ClientCredentials, server: &str) -> TokenSource {
         let http = crate::tls::http_client_builder().timeout(FETCH_TIMEOUT).build().unwrap_or_default();
         TokenSource {
+            scope: Mutex::new(grant.scope.clone()),
             grant,
             server: server.to_owned(),
             http,
@@ -175,6 +179,47 @@ impl TokenSource {
         until.is_none_or(|u| now < u).then(|| t.header.clone())
     }
 
+    /// What the server's answer to a request with `used` means for the token: a 401 throws it
+    /// away; a 403 `insufficient_scope` whose `scope` names a scope not asked for yet adds those
+    /// and throws it away (step-up). True when a new token is worth one more try; never twice
+    /// for the same scopes, so a server that keeps refusing cannot make a loop.
+    pub(crate) fn answered(
+        &self,
+        used: &HeaderValue,
+        status: reqwest::StatusCode,
+        challenge: Option<&HeaderValue>,
+    ) -> bool {
+        match status {
+            reqwest::StatusCode::UNAUTHORIZED => {
+                self.refused(used);
+                true
+            }
+            reqwest::StatusCode::FORBIDDEN => {
+                let Some(wanted) = challenge.and_then(|c| c.to_str().ok()).and_then(insufficient_scope) else {
+                    return false;
+                };
+                let mut scope = lock(&self.scope);
+                let mut all: Vec<&str> = scope.as_deref().unwrap_or_default().split_whitespace().collect();
+                let before = all.len();
+                for s in wanted.split_whitespace() {
+                    if !all.contains(&s) {
+                        all.push(s);
+                    }
+                }
+                if all.len() == before {
+                    return false;
+                }
+                let joined = all.join(" ");
+                tracing::info!(server = %self.server, scope = %joined, "the upstream asks for more scopes");
+                *scope = Some(joined);
+                drop(scope);
+                self.refused(used);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The server refused `used`: the next call fetches a new token (unless one newer than
     /// `used` is already in hand).
     pub(crate) fn refused(&self, used: &HeaderValue) {
@@ -188,7 +233,7 @@ impl TokenSource {
         let url = self.token_endpoint().await?;
         let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
         let mut form = format!("grant_type=client_credentials&resource={}", enc(&self.grant.resource));
-        if let Some(scope) = &self.grant.scope {
+        if let Some(scope) = lock(&self.scope).as_ref() {
             form.push_str(&format!("&scope={}", enc(scope)));
         }
         let unreachable = |reason: String| CredentialError::Unreachable { url: shown_url(&url), reason };
@@ -298,6 +343,48 @@ impl TokenSource {
             format!("the protected resource metadata of {} names no authorization server", shown_url(resource))
         })))
     }
+}
+
+/// The `scope` of a Bearer challenge whose `error` is `insufficient_scope` (RFC 6750 §3.1). The
+/// auth-params are read as RFC 9110 §11.2 writes them (`name=token` or `name="quoted"`, comma
+/// separated); no crate in the tree parses them, and only these two are needed.
+pub(crate) fn insufficient_scope(challenge: &str) -> Option<String> {
+    let rest = challenge.trim_start();
+    let params = rest.get(..6).filter(|s| s.eq_ignore_ascii_case("bearer")).map(|_| &rest[6..])?;
+    let (mut error, mut scope) = (None, None);
+    let mut chars = params.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
+            chars.next();
+        }
+        let name: String = chars.by_ref().take_while(|c| *c != '=').collect::<String>().trim().to_ascii_lowercase();
+        if name.is_empty() {
+            break;
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let value = if chars.peek() == Some(&'"') {
+            chars.next();
+            let mut v = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => v.extend(chars.next()),
+                    '"' => break,
+                    c => v.push(c),
+                }
+            }
+            v
+        } else {
+            chars.by_ref().take_while(|c| *c != ',').collect::<String>().trim().to_owned()
+        };
+        match name.as_str() {
+            "error" => error = Some(value),
+            "scope" => scope = Some(value),
+            _ => {}
+        }
+    }
+    (error.as_deref() == Some("insufficient_scope")).then_some(scope).flatten().filter(|s| !s.trim().is_empty())
 }
 
 /// An https URL, or http on a loopback host.
@@ -423,6 +510,33 @@ mod tests {
         // Within the back-off the endpoint is not asked again.
         assert_eq!(s.bearer().await.unwrap_err(), e);
         assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn an_insufficient_scope_challenge_is_read() {
+        let c = r#"Bearer realm="portcullis", resource_metadata="https://x/.well-known/oauth-protected-resource/mcp", scope="a:echo b:echo", error="insufficient_scope""#;
+        assert_eq!(insufficient_scope(c).as_deref(), Some("a:echo b:echo"));
+        assert_eq!(insufficient_scope(r#"bearer error=insufficient_scope, scope="x\"y""#).as_deref(), Some("x\"y"));
+        assert_eq!(insufficient_scope(r#"Bearer error="invalid_token", scope="a""#), None);
+        assert_eq!(insufficient_scope(r#"Basic realm="x", error="insufficient_scope", scope="a""#), None);
+        assert_eq!(insufficient_scope(r#"Bearer error="insufficient_scope""#), None);
+        assert_eq!(insufficient_scope("Bearer"), None);
+        assert_eq!(insufficient_scope(""), None);
+    }
+
+    #[test]
+    fn a_step_up_adds_scopes_once() {
+        let s = source("http://127.0.0.1:9/token");
+        let used = HeaderValue::from_static("Bearer old");
+        let forbidden = reqwest::StatusCode::FORBIDDEN;
+        let challenge = HeaderValue::from_static(r#"Bearer error="insufficient_scope", scope="mcp extra""#);
+        assert!(s.answered(&used, forbidden, Some(&challenge)));
+        assert_eq!(lock(&s.scope).as_deref(), Some("mcp extra"));
+        // The same challenge again asks for nothing new: no second try.
+        assert!(!s.answered(&used, forbidden, Some(&challenge)));
+        assert!(!s.answered(&used, forbidden, None));
+        assert!(s.answered(&used, reqwest::StatusCode::UNAUTHORIZED, None));
+        assert!(!s.answered(&used, reqwest::StatusCode::OK, None));
     }
 
     #[test]

@@ -40,8 +40,9 @@ pub(crate) struct Provider {
     introspections: Arc<AtomicUsize>,
     /// The `aud` its introspection answers name (the gateway's endpoint, once known).
     audience: Arc<Mutex<String>>,
-    /// What its token endpoint signs with (`/token`, the client credentials grant): a key id
-    /// and key, and whether the first token it gives has already expired.
+    /// What its token endpoint signs with (`/token`, the client credentials grant: the scopes
+    /// asked for, `a:all` when none): a key id and key, and whether the first token it gives
+    /// has already expired.
     pub(crate) mint: Arc<Mutex<Option<(String, EncodingKey, bool)>>>,
     /// How many tokens `/token` gave.
     pub(crate) minted: Arc<AtomicUsize>,
@@ -69,12 +70,12 @@ pub(crate) async fn provider(keys: &[&Key]) -> Provider {
                     return std::future::ready((axum::http::StatusCode::BAD_REQUEST, String::new()));
                 };
                 let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-                let resource = form_urlencoded::parse(body.as_bytes())
-                    .find(|(k, _)| k == "resource")
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default();
+                let field = |name: &str| {
+                    form_urlencoded::parse(body.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+                };
+                let (resource, scope) = (field("resource").unwrap_or_default(), field("scope").unwrap_or("a:all".into()));
                 let exp = if n == 1 && expired_first { now() - 600 } else { now() + 300 };
-                let claims = json!({"iss": token_iss, "sub": "machine", "aud": resource, "exp": exp, "scope": "a:all", "jti": n});
+                let claims = json!({"iss": token_iss, "sub": "machine", "aud": resource, "exp": exp, "scope": scope, "jti": n});
                 let mut h = Header::new(Algorithm::ES256);
                 h.kid = Some(kid);
                 let t = jsonwebtoken::encode(&h, &claims, &signing).unwrap();
@@ -641,6 +642,32 @@ async fn the_sessions_of_a_per_session_server_share_its_token() {
         assert_eq!(client.call_text("up__a__echo", json!({"text": text})).await, text);
     }
     assert_eq!(p.minted.load(Ordering::SeqCst), 1);
+    front.stop().await;
+    upstream.stop().await;
+    p.stop.cancel();
+}
+
+/// A remote server that answers 403 `insufficient_scope` (here a Portcullis whose call needs
+/// another scope) gets a token with the scopes it named, and the call goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portcullis_own_token_steps_up_when_the_remote_server_asks_for_more_scopes() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    *p.mint.lock().unwrap() = Some((k1.kid.clone(), k1.signing.clone(), false));
+    let upstream = gateway().demo("a", &[], "").demo("b", &[], "").top(&config(&p)).start().await;
+    let grant = format!(
+        "oauth: {{grant: client_credentials, client_id: portcullis, client_secret: s3cret, scope: \"b:echo\", token_endpoint: \"{}/token\"}}",
+        p.issuer
+    );
+    let front = gateway().remote("up", &upstream.mcp(), &grant).start().await;
+    let client = Client::connect(&front.mcp()).await;
+    assert_eq!(client.call_text("up__b__echo", json!({"text": "narrow"})).await, "narrow");
+    assert_eq!(p.minted.load(Ordering::SeqCst), 1);
+    assert_eq!(client.call_text("up__a__echo", json!({"text": "wider"})).await, "wider");
+    assert_eq!(p.minted.load(Ordering::SeqCst), 2, "one step-up");
+    let records = upstream.audit_until(|r| r.iter().filter(|r| r["method"] == "tools/call").count() == 3).await;
+    let statuses: Vec<&Value> = records.iter().filter(|r| r["method"] == "tools/call").map(|r| &r["status"]).collect();
+    assert_eq!(statuses, [&json!(200), &json!(403), &json!(200)]);
     front.stop().await;
     upstream.stop().await;
     p.stop.cancel();

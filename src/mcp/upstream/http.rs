@@ -548,12 +548,10 @@ impl HttpLink {
         };
         let again = used.as_ref().map(|_| (headers.clone(), body.clone()));
         let Some(mut resp) = self.exchange(headers, body, id).await else { return };
-        // The server no longer takes the token (revoked, expired early, its keys changed): one
-        // new token, one more try.
-        if resp.status() == StatusCode::UNAUTHORIZED
-            && let (Some(used), Some((mut headers, body)), Some(c)) = (used, again, &self.credential)
+        // The server no longer takes the token, or wants more scopes: one new token, one more try.
+        if let (Some(used), Some((mut headers, body)), Some(c)) = (used, again, &self.credential)
+            && c.answered(&used, resp.status(), resp.headers().get(reqwest::header::WWW_AUTHENTICATE))
         {
-            c.refused(&used);
             if let Err(e) = self.authorize(&mut headers).await {
                 return self.fail(id, e);
             }
