@@ -171,6 +171,7 @@ async fn describe(gw: &Gateway, def: &Arc<ServerDef>) -> Value {
         "tools": tools,
         "prompts": prompts,
         "resources": resources,
+        "oauth": up.as_ref().and_then(|u| u.credential_state()),
     })
 }
 

@@ -137,6 +137,24 @@ impl TokenSource {
         &self.grant
     }
 
+    /// What `/servers` shows of it: the grant, whether a token is in hand and valid, the
+    /// scopes asked for, and the last failure (never a token or the secret).
+    pub(crate) fn state(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let token = match lock(&self.current).as_ref() {
+            None => "none",
+            Some(t) if t.expires_at.is_some_and(|e| now >= e) => "expired",
+            Some(_) => "valid",
+        };
+        let failed = lock(&self.failed).as_ref().map(|(_, e)| e.to_string());
+        serde_json::json!({
+            "grant": "client_credentials",
+            "token": token,
+            "scope": lock(&self.scope).clone(),
+            "last_error": failed,
+        })
+    }
+
     /// The `Authorization` value to send now: the token in hand, or a new one.
     pub(crate) async fn bearer(&self) -> Result<HeaderValue, CredentialError> {
         if let Some(h) = self.usable(false) {
@@ -311,37 +329,62 @@ impl TokenSource {
         Ok(found)
     }
 
-    /// The first authorization server the resource's protected resource metadata names (the
-    /// path-inserted document, then the root one: RFC 9728 §3.1).
+    /// The first authorization server the resource's protected resource metadata names: the
+    /// document the server's 401 challenge points to (`resource_metadata`), else the
+    /// path-inserted well-known one, then the root one (RFC 9728 §3.1, §5.1). A document whose
+    /// `resource` is not the one asked for is passed over (§3.3).
     async fn authorization_server(&self) -> Result<String, CredentialError> {
         #[derive(serde::Deserialize)]
         struct Resource {
+            resource: Option<String>,
             authorization_servers: Option<Vec<String>>,
         }
         let resource = &self.grant.resource;
         let u = reqwest::Url::parse(resource).map_err(|_| CredentialError::Insecure(shown_url(resource)))?;
         let origin = u.origin().ascii_serialization();
         let path = u.path().trim_end_matches('/');
-        let mut candidates = vec![format!("{origin}/.well-known/oauth-protected-resource{path}")];
+        let mut candidates: Vec<String> = self.challenged_metadata().await.into_iter().collect();
+        candidates.push(format!("{origin}/.well-known/oauth-protected-resource{path}"));
         if !path.is_empty() {
             candidates.push(format!("{origin}/.well-known/oauth-protected-resource"));
         }
         let mut last = None;
         for url in candidates {
+            if secure(&url).is_err() {
+                continue;
+            }
             match get_document(&self.http, &url).await {
                 Ok((body, _)) => {
-                    let servers = serde_json::from_slice::<Resource>(&body).ok().and_then(|r| r.authorization_servers);
-                    if let Some(first) = servers.and_then(|s| s.into_iter().next()) {
+                    let Ok(doc) = serde_json::from_slice::<Resource>(&body) else { continue };
+                    if doc.resource.as_deref() != Some(resource.as_str()) {
+                        last.get_or_insert(format!("{} describes another resource", shown_url(&url)));
+                        continue;
+                    }
+                    if let Some(first) = doc.authorization_servers.and_then(|s| s.into_iter().next()) {
                         secure(&first)?;
                         return Ok(first);
                     }
                 }
-                Err(e) => last = Some(e.to_string()),
+                // The first failure says most (the challenge's document, or the nearest one).
+                Err(e) => {
+                    last.get_or_insert(e.to_string());
+                }
             }
         }
         Err(CredentialError::Discovery(last.unwrap_or_else(|| {
             format!("the protected resource metadata of {} names no authorization server", shown_url(resource))
         })))
+    }
+
+    /// The `resource_metadata` of the server's challenge to a request without a token (a GET
+    /// of the resource; RFC 9728 §5.1), if it gives one.
+    async fn challenged_metadata(&self) -> Option<String> {
+        let resp = self.http.get(&self.grant.resource).send().await.ok()?;
+        if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
+            return None;
+        }
+        let challenge = resp.headers().get(reqwest::header::WWW_AUTHENTICATE)?.to_str().ok()?;
+        challenge_param(challenge, "resource_metadata")
     }
 }
 
@@ -349,9 +392,16 @@ impl TokenSource {
 /// auth-params are read as RFC 9110 §11.2 writes them (`name=token` or `name="quoted"`, comma
 /// separated); no crate in the tree parses them, and only these two are needed.
 pub(crate) fn insufficient_scope(challenge: &str) -> Option<String> {
+    (challenge_param(challenge, "error").as_deref() == Some("insufficient_scope"))
+        .then(|| challenge_param(challenge, "scope"))
+        .flatten()
+        .filter(|s| !s.trim().is_empty())
+}
+
+/// One auth-param of a Bearer challenge (the first of that name), unquoted.
+fn challenge_param(challenge: &str, wanted: &str) -> Option<String> {
     let rest = challenge.trim_start();
     let params = rest.get(..6).filter(|s| s.eq_ignore_ascii_case("bearer")).map(|_| &rest[6..])?;
-    let (mut error, mut scope) = (None, None);
     let mut chars = params.chars().peekable();
     loop {
         while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
@@ -378,13 +428,11 @@ pub(crate) fn insufficient_scope(challenge: &str) -> Option<String> {
         } else {
             chars.by_ref().take_while(|c| *c != ',').collect::<String>().trim().to_owned()
         };
-        match name.as_str() {
-            "error" => error = Some(value),
-            "scope" => scope = Some(value),
-            _ => {}
+        if name == wanted {
+            return Some(value);
         }
     }
-    (error.as_deref() == Some("insufficient_scope")).then_some(scope).flatten().filter(|s| !s.trim().is_empty())
+    None
 }
 
 /// An https URL, or http on a loopback host.
@@ -510,6 +558,59 @@ mod tests {
         // Within the back-off the endpoint is not asked again.
         assert_eq!(s.bearer().await.unwrap_err(), e);
         assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    /// A resource server whose metadata only its challenge names (at `/custom/prm`), describing
+    /// `resource_path`, with an authorization server at `/as` and its token endpoint.
+    async fn protected(resource_path: &'static str) -> String {
+        use axum::routing::{get, post};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (b1, b2, b3) = (base.clone(), base.clone(), base.clone());
+        let app = axum::Router::new()
+            .route(
+                "/mcp",
+                get(move || async move {
+                    let challenge = format!(r#"Bearer realm="x", resource_metadata="{b1}/custom/prm""#);
+                    (axum::http::StatusCode::UNAUTHORIZED, [(axum::http::header::WWW_AUTHENTICATE, challenge)])
+                }),
+            )
+            .route(
+                "/custom/prm",
+                get(move || async move {
+                    format!(r#"{{"resource":"{b2}{resource_path}","authorization_servers":["{b2}/as"]}}"#)
+                }),
+            )
+            .route(
+                "/.well-known/oauth-authorization-server/as",
+                get(move || async move { format!(r#"{{"issuer":"{b3}/as","token_endpoint":"{b3}/token"}}"#) }),
+            )
+            .route("/token", post(|| async { r#"{"access_token":"found","token_type":"bearer","expires_in":600}"# }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        base
+    }
+
+    fn discovering(resource: String) -> TokenSource {
+        TokenSource::new(
+            ClientCredentials {
+                client_id: "p".into(),
+                client_secret: "s".into(),
+                scope: None,
+                token_endpoint: None,
+                issuer: None,
+                resource,
+            },
+            "t",
+        )
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_is_found_from_the_challenge_and_the_metadata_must_describe_the_resource() {
+        let base = protected("/mcp").await;
+        assert_eq!(discovering(format!("{base}/mcp")).bearer().await.unwrap(), "Bearer found");
+        let base = protected("/elsewhere").await;
+        let e = discovering(format!("{base}/mcp")).bearer().await.unwrap_err();
+        assert!(matches!(&e, CredentialError::Discovery(m) if m.contains("another resource")), "{e}");
     }
 
     #[test]

@@ -306,17 +306,28 @@ async fn a_remote_server_that_wants_oauth_gets_portcullis_own_token() {
     assert_eq!(client.call_text("up__d__echo", json!({"text": "as svc"})).await, "as svc");
     let records = upstream.audit_until(|r| r.iter().any(|r| r["method"] == "tools/call")).await;
     let call = records.iter().find(|r| r["method"] == "tools/call").unwrap();
-    // Every request the server saw carried Portcullis' token (the client's would be refused).
+    // Every request the server saw carried Portcullis' token (the client's would be refused),
+    // but the discovery's: a GET without any credential, for the challenge (RFC 9728 §5.1).
     assert_eq!(call["identity"], "svc", "{call}");
-    assert!(records.iter().all(|r| r["identity"] == "svc" && r["status"] != 401), "{records:?}");
+    let discovery = |r: &Value| r["method"] == "GET" && r["outcome"] == "refused: missing credential";
+    assert!(records.iter().any(discovery), "{records:?}");
+    assert!(records.iter().all(|r| r["identity"] == "svc" || discovery(r)), "{records:?}");
 
     // The wrong secret: the server is down with the provider's answer, and calls say so.
     let a = client.call("bad__d__echo", json!({"text": "x"})).await;
     assert!(a.response["error"].is_object(), "{}", a.response);
     let (_, servers) =
         http_json(reqwest::Method::GET, &format!("{}/servers", front.url), Some(front_token), None).await;
-    let bad = servers["servers"].as_array().unwrap().iter().find(|s| s["name"] == "bad").unwrap().to_string();
+    let of = |name: &str| servers["servers"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap().clone();
+    let bad = of("bad").to_string();
     assert!(bad.contains("invalid_client") && !bad.contains("not-the-secret-42"), "{bad}");
+    assert_eq!(of("bad")["oauth"]["token"], "none", "{bad}");
+    let good = of("up");
+    assert_eq!(
+        (&good["oauth"]["grant"], &good["oauth"]["token"], &good["oauth"]["scope"], &good["oauth"]["last_error"]),
+        (&json!("client_credentials"), &json!("valid"), &json!("up:all"), &Value::Null),
+        "{good}"
+    );
     front.stop().await;
     upstream.stop().await;
 }

@@ -325,6 +325,11 @@ impl Upstream {
         up
     }
 
+    /// The state of its access token of Portcullis' own (`oauth:`), for `/servers`.
+    pub(crate) fn credential_state(&self) -> Option<serde_json::Value> {
+        self.credential.as_ref().map(|c| c.state())
+    }
+
     /// The current status.
     pub(crate) fn status(&self) -> Status {
         self.status.borrow().clone()
