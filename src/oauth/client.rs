@@ -25,6 +25,8 @@ use crate::sharded::lock;
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// A token is renewed this long before it expires (or at four fifths of a shorter lifetime).
 const RENEW_BEFORE: Duration = Duration::from_secs(60);
+/// The most one fetch may take, discovery included (each request has [`FETCH_TIMEOUT`]).
+const FETCH_TOTAL: Duration = Duration::from_secs(20);
 
 /// The client credentials grant towards one remote server, as the config gives it.
 #[derive(Clone, PartialEq, Eq)]
@@ -113,6 +115,9 @@ pub(crate) struct TokenSource {
     scope: Mutex<Option<String>>,
     /// The last failure and when it happened.
     failed: Mutex<Option<(Instant, CredentialError)>>,
+    /// When a token was last thrown away for a 401 (at most once per [`RETRY_AFTER`]: a server
+    /// that refuses every token cannot make each call fetch one).
+    thrown: Mutex<Option<Instant>>,
     /// Serialises fetches.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -128,6 +133,7 @@ impl TokenSource {
             current: Mutex::new(None),
             endpoint: Mutex::new(None),
             failed: Mutex::new(None),
+            thrown: Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
         }
     }
@@ -170,7 +176,13 @@ impl TokenSource {
         {
             return self.usable(true).ok_or_else(|| e.clone());
         }
-        match self.fetch().await {
+        let fetched = tokio::time::timeout(FETCH_TOTAL, self.fetch()).await.unwrap_or_else(|_| {
+            Err(CredentialError::Unreachable {
+                url: "the token endpoint".into(),
+                reason: "no token within 20 s".into(),
+            })
+        });
+        match fetched {
             Ok(token) => {
                 let header = token.header.clone();
                 *lock(&self.current) = Some(token);
@@ -208,10 +220,7 @@ impl TokenSource {
         challenge: Option<&HeaderValue>,
     ) -> bool {
         match status {
-            reqwest::StatusCode::UNAUTHORIZED => {
-                self.refused(used);
-                true
-            }
+            reqwest::StatusCode::UNAUTHORIZED => self.refused(used),
             reqwest::StatusCode::FORBIDDEN => {
                 let Some(wanted) = challenge.and_then(|c| c.to_str().ok()).and_then(insufficient_scope) else {
                     return false;
@@ -231,16 +240,34 @@ impl TokenSource {
                 tracing::info!(server = %self.server, scope = %joined, "the upstream asks for more scopes");
                 *scope = Some(joined);
                 drop(scope);
-                self.refused(used);
+                self.forget(used);
                 true
             }
             _ => false,
         }
     }
 
-    /// The server refused `used`: the next call fetches a new token (unless one newer than
-    /// `used` is already in hand).
-    pub(crate) fn refused(&self, used: &HeaderValue) {
+    /// The server refused `used` (401): the next call fetches a new token, unless one newer
+    /// than `used` is already in hand or on its way (true: try again with it) or a token was
+    /// thrown away for a 401 less than [`RETRY_AFTER`] ago (false: a new token would fare no
+    /// better).
+    pub(crate) fn refused(&self, used: &HeaderValue) -> bool {
+        let mut current = lock(&self.current);
+        // Already replaced, or thrown away by another caller (whose fetch this one will share).
+        if current.as_ref().is_none_or(|t| t.header != *used) {
+            return true;
+        }
+        let mut thrown = lock(&self.thrown);
+        if thrown.is_some_and(|t| t.elapsed() < RETRY_AFTER) {
+            return false;
+        }
+        *thrown = Some(Instant::now());
+        *current = None;
+        true
+    }
+
+    /// Drops `used` if it is the token in hand.
+    fn forget(&self, used: &HeaderValue) {
         let mut current = lock(&self.current);
         if current.as_ref().is_some_and(|t| t.header == *used) {
             *current = None;
@@ -514,7 +541,7 @@ mod tests {
         let again = futures_util::future::join_all((0..50).map(|_| {
             let (s, used) = (s.clone(), used.clone());
             async move {
-                s.refused(&used);
+                assert!(s.refused(&used));
                 s.bearer().await.unwrap()
             }
         }))
@@ -522,7 +549,12 @@ mod tests {
         assert!(again.iter().all(|h| h == "Bearer token-2"), "{again:?}");
         assert_eq!(count.load(Ordering::SeqCst), 2);
         // A refusal of the old token, reported late, does not throw the new one away.
-        s.refused(&used);
+        assert!(s.refused(&used));
+        assert_eq!(s.bearer().await.unwrap(), "Bearer token-2");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        // The server refuses token-2 too, at once: no third token within the back-off, so a
+        // server that refuses every token cannot make every call fetch one.
+        assert!(!s.refused(&again[0]));
         assert_eq!(s.bearer().await.unwrap(), "Bearer token-2");
         assert_eq!(count.load(Ordering::SeqCst), 2);
     }
