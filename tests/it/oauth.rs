@@ -349,7 +349,7 @@ async fn groups_give_a_role_and_a_tenant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_access_token_s_expiry_ends_its_sessions() {
+async fn an_access_token_s_expiry_ends_its_sessions_on_every_transport() {
     let k1 = key("k1");
     let p = provider(&[&k1]).await;
     let top = config(&p).replace("      identity_claim: email\n", "      identity_claim: email\n      leeway: 0s\n");
@@ -358,9 +358,11 @@ async fn an_access_token_s_expiry_ends_its_sessions() {
     let brief = token(&p, &k1, "dave", &mcp, "a:all", json!({"exp": now() + 2}));
     let client = Client::connect_as(&mcp, &brief).await;
     let mut stream = client.get_stream().await;
-    tokio::time::timeout(std::time::Duration::from_secs(10), stream.ended())
+    // A legacy SSE session of the same token ends too.
+    let (mut legacy, _) = crate::protocol::open_sse(&format!("{}/sse", gw.url), Some(&brief)).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), async { tokio::join!(stream.ended(), legacy.ended()) })
         .await
-        .expect("the stream outlived the token");
+        .expect("a stream outlived the token");
     assert_eq!(client.post(json!({"jsonrpc":"2.0","id":1,"method":"tools/list"})).await.status(), 401);
     p.stop.cancel();
     gw.stop().await;
