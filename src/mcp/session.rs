@@ -121,7 +121,8 @@ pub(crate) struct Session {
     /// How the client reached it (decides which limits count it and how it is answered).
     pub transport: ClientTransport,
     /// The identity that opened it: only that identity may use it (others get 404), and it
-    /// ends when that identity is revoked, expires or loses the server.
+    /// ends when that identity is revoked, expires (an access token's: unless a newer token
+    /// renewed it, [`Session::renew`]) or loses the server.
     pub identity: Arc<Identity>,
     /// Cancelled when the session ends (DELETE, stream closed, shutdown).
     pub closed: CancellationToken,
@@ -138,6 +139,10 @@ pub(crate) struct Session {
     last_active: AtomicU64,
     /// Calls in flight on it.
     calls: Arc<std::sync::atomic::AtomicUsize>,
+    /// For a session opened with an access token: the latest expiry (Unix ms, 0 for none) of a
+    /// newer token of the same subject, issuer, grants and tenant used on it since (a client
+    /// that refreshed its token keeps its session).
+    renewed_until: AtomicU64,
 }
 
 /// One call in flight on a session; the count drops when it does.
@@ -204,12 +209,40 @@ impl Session {
             listen,
             last_active: AtomicU64::new(crate::store::now_ms().max(0).cast_unsigned()),
             calls: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            renewed_until: AtomicU64::new(0),
         }))
     }
 
     /// Notes that a request used it now.
     pub(crate) fn touch(&self) {
         self.last_active.store(crate::store::now_ms().max(0).cast_unsigned(), Ordering::Relaxed);
+    }
+
+    /// A request on this session came with `by` (the same principal, checked by the caller):
+    /// for an access token of the same issuer configuration, grants and tenant that lasts
+    /// longer than any seen, the session lasts as long. Anything else changes nothing (a token
+    /// with other grants is authorized by its own on each request, but never extends a session
+    /// whose notifications are filtered by the grants it was opened with).
+    pub(crate) fn renew(&self, by: &Identity) {
+        let (Some(mine), Some(theirs)) = (&self.identity.issuer, &by.issuer) else { return };
+        if **mine != **theirs || by.grants != self.identity.grants || by.tenant != self.identity.tenant {
+            return;
+        }
+        let Some(until) = by.expires.and_then(|e| e.duration_since(std::time::UNIX_EPOCH).ok()) else { return };
+        let ms = u64::try_from(until.as_millis()).unwrap_or(u64::MAX);
+        self.renewed_until.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Whether the credential behind it has expired at `now`: the identity that opened it,
+    /// unless a renewal ([`Session::renew`]) lasts longer.
+    pub(crate) fn credential_expired(&self, now: std::time::SystemTime) -> bool {
+        if !self.identity.expired(now) {
+            return false;
+        }
+        let renewed = self.renewed_until.load(Ordering::Relaxed);
+        let now_ms =
+            now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        renewed <= now_ms
     }
 
     /// Whether it has gone unused for `idle` at `now_ms`: no request since, no open stream,

@@ -685,3 +685,33 @@ async fn portcullis_own_token_steps_up_when_the_remote_server_asks_for_more_scop
     upstream.stop().await;
     p.stop.cancel();
 }
+
+/// A client that refreshed its access token keeps its session: a newer token of the same
+/// subject (same scopes) used on the session carries it past the first token's expiry, while
+/// a session nobody renewed ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lives_on_with_the_subject_s_refreshed_token() {
+    let k1 = key("k1");
+    let p = provider(&[&k1]).await;
+    let top = config(&p).replace("      identity_claim: email\n", "      identity_claim: email\n      leeway: 0s\n");
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&top).start().await;
+    let mcp = gw.mcp();
+    let exp = now() + 2;
+    let first = token(&p, &k1, "erin", &mcp, "a:all", json!({"exp": exp, "jti": "first"}));
+    let other = token(&p, &k1, "erin", &mcp, "a:all", json!({"exp": exp, "jti": "other"}));
+    let refreshed = token(&p, &k1, "erin", &mcp, "a:all", json!({"exp": now() + 300, "jti": "refreshed"}));
+    let mut kept = Client::connect_as(&mcp, &first).await;
+    let abandoned = Client::connect_as(&mcp, &other).await;
+    let mut abandoned_stream = abandoned.get_stream().await;
+    // The client refreshes: its next request on the session carries the new token.
+    kept.headers = vec![("authorization".into(), format!("Bearer {refreshed}"))];
+    assert_eq!(kept.all_tools().await.len(), abandoned.all_tools().await.len());
+    // The abandoned session ends when its token does (the sweep that ends it saw both)...
+    tokio::time::timeout(std::time::Duration::from_secs(10), abandoned_stream.ended())
+        .await
+        .expect("the abandoned session outlived its token");
+    // ...and the renewed one carries on.
+    assert_eq!(kept.call_text("a__echo", json!({"text": "still here"})).await, "still here");
+    p.stop.cancel();
+    gw.stop().await;
+}

@@ -105,6 +105,7 @@ fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who) -> Re
                 && s.transport == ClientTransport::Streamable
                 && s.identity.same_principal(&who.identity) =>
         {
+            s.renew(&who.identity);
             Ok(s)
         }
         _ => Err(Rejection::rpc(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found")),

@@ -92,6 +92,7 @@ pub(crate) async fn message(
         let Some(session) = session else {
             return Err(Rejection::rpc(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found"));
         };
+        session.renew(&who.identity);
         let config = who.snapshot.config.clone();
         let body = read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
         let env = parse(&body, entry)?;

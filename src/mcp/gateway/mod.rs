@@ -1018,9 +1018,10 @@ async fn live(up: &Upstream) -> Option<Arc<crate::mcp::upstream::Connection>> {
 /// Whether a config or environment identity behind a session no longer holds: removed,
 /// expired, or its grants or tenant changed by a reload (it was authorized under the old ones).
 fn config_identity_stale(auth: &Authenticator, s: &Session, now: std::time::SystemTime) -> bool {
-    // An access token's session: until the token expires or its issuer leaves the config.
+    // An access token's session: until the token (or a newer one of the subject used on it)
+    // expires, or its issuer leaves the config.
     if let Some(def) = &s.identity.issuer {
-        return s.identity.expired(now) || !auth.issuer_current(def);
+        return s.credential_expired(now) || !auth.issuer_current(def);
     }
     match auth.current(&s.identity.name) {
         None => true,
