@@ -199,6 +199,11 @@ impl TokenSource {
         }
     }
 
+    /// The token in hand, if it has not expired (never a fetch).
+    pub(crate) fn in_hand(&self) -> Option<HeaderValue> {
+        self.usable(true)
+    }
+
     /// The token in hand if it is not due for renewal (or, with `expiring`, if it has not
     /// expired).
     fn usable(&self, expiring: bool) -> Option<HeaderValue> {

@@ -371,7 +371,11 @@ impl HttpLink {
         if matches!(self.mode, Mode::Streamable) {
             let sid = lock(&self.session_id).clone();
             if let Some(sid) = sid {
-                let headers = self.headers_now().await.unwrap_or_else(|_| self.headers.clone());
+                // Only a token in hand: ending a connection never waits for a fetch.
+                let mut headers = self.headers.clone();
+                if let Some(t) = self.credential.as_ref().and_then(|c| c.in_hand()) {
+                    headers.insert(AUTHORIZATION, t);
+                }
                 let _ = self
                     .client
                     .delete(self.url.clone())
