@@ -2,7 +2,7 @@
 //! by side in one run. Starts the bundled demo server over HTTP (the upstream), measures it
 //! directly, then through Portcullis (auth off and on; HTTP upstream and stdio upstream; and a
 //! gateway with an OAuth issuer, called with a static token and with an ES256 access token
-//! whose keys an in-process provider publishes), for
+//! whose keys an in-process provider publishes, in the order static, JWT, JWT, static), for
 //! concurrency 1, 16 and 64 and payloads of 100 B and 64 KiB; then holds idle sessions open
 //! (half legacy SSE streams, half streamable-HTTP sessions with their GET streams) and reports
 //! memory per session. Prints one table.
@@ -84,6 +84,21 @@ struct Cell {
     p90: f64,
     p99: f64,
     errors: u64,
+}
+
+impl Cell {
+    /// Two cells of equal length as one: rates, CPU and percentiles averaged, errors summed.
+    fn mean(a: &Cell, b: &Cell) -> Cell {
+        let avg = |x: f64, y: f64| (x + y) / 2.0;
+        Cell {
+            cpu: avg(a.cpu, b.cpu),
+            rps: avg(a.rps, b.rps),
+            p50: avg(a.p50, b.p50),
+            p90: avg(a.p90, b.p90),
+            p99: avg(a.p99, b.p99),
+            errors: a.errors + b.errors,
+        }
+    }
 }
 
 fn body(id: u64, tool: &str, text: &str) -> String {
@@ -358,11 +373,17 @@ async fn bench() {
                 }
                 let mcp = format!("{base}/mcp");
                 if oauth {
-                    // The same gateway, the same endpoint: a static token, then an access token.
-                    let stat = run_on(&mcp, "h__echo", text, conc, secs, token, pid).await;
-                    print("Portcullis → HTTP, OAuth on, static token", &stat);
+                    // The same gateway, the same endpoint: a static token and an access token,
+                    // in the order static, JWT, JWT, static (half a cell each), so that a drift
+                    // of the machine during the four weighs on both alike.
                     let jwt = access_token(&issuer, &signing, &mcp);
-                    let with_jwt = run_on(&mcp, "h__echo", text, conc, secs, Some(&jwt), pid).await;
+                    let half = secs / 2.0;
+                    let s1 = run_on(&mcp, "h__echo", text, conc, half, token, pid).await;
+                    let j1 = run_on(&mcp, "h__echo", text, conc, half, Some(&jwt), pid).await;
+                    let j2 = run_on(&mcp, "h__echo", text, conc, half, Some(&jwt), pid).await;
+                    let s2 = run_on(&mcp, "h__echo", text, conc, half, token, pid).await;
+                    let (stat, with_jwt) = (Cell::mean(&s1, &s2), Cell::mean(&j1, &j2));
+                    print("Portcullis → HTTP, OAuth on, static token", &stat);
                     print("Portcullis → HTTP, OAuth on, ES256 JWT", &with_jwt);
                     println!(
                         "| (JWT vs static token, same gateway) | {payload_name} | {conc} | {:.3}× rps | | | | | {:+.1} µs/call | |",
