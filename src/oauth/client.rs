@@ -110,9 +110,11 @@ pub(crate) struct TokenSource {
     current: Mutex<Option<Token>>,
     /// The discovered token endpoint, once found.
     endpoint: Mutex<Option<String>>,
-    /// The scopes asked for: the configured ones and those the server asked for since
-    /// (`insufficient_scope`), space-separated.
+    /// The scopes asked for: the configured ones (else those of the server's first challenge)
+    /// and those the server asked for since (`insufficient_scope`), space-separated.
     scope: Mutex<Option<String>>,
+    /// What the server's challenge to a request without a token said (read once).
+    challenge: tokio::sync::OnceCell<Challenge>,
     /// The last failure and when it happened.
     failed: Mutex<Option<(Instant, CredentialError)>>,
     /// When a token was last thrown away for a 401 (at most once per [`RETRY_AFTER`]: a server
@@ -127,6 +129,7 @@ impl TokenSource {
         let http = crate::tls::http_client_builder().timeout(FETCH_TIMEOUT).build().unwrap_or_default();
         TokenSource {
             scope: Mutex::new(grant.scope.clone()),
+            challenge: tokio::sync::OnceCell::new(),
             grant,
             server: server.to_owned(),
             http,
@@ -281,6 +284,13 @@ impl TokenSource {
 
     async fn fetch(&self) -> Result<Token, CredentialError> {
         let url = self.token_endpoint().await?;
+        // No scope configured: the ones the server's challenge names (MCP: clients ask for
+        // what the challenge names).
+        if lock(&self.scope).is_none()
+            && let Some(wanted) = self.challenge().await.scope.clone()
+        {
+            lock(&self.scope).get_or_insert(wanted);
+        }
         let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
         let mut form = format!("grant_type=client_credentials&resource={}", enc(&self.grant.resource));
         if let Some(scope) = lock(&self.scope).as_ref() {
@@ -375,7 +385,7 @@ impl TokenSource {
         let u = reqwest::Url::parse(resource).map_err(|_| CredentialError::Insecure(shown_url(resource)))?;
         let origin = u.origin().ascii_serialization();
         let path = u.path().trim_end_matches('/');
-        let mut candidates: Vec<String> = self.challenged_metadata().await.into_iter().collect();
+        let mut candidates: Vec<String> = self.challenge().await.metadata.iter().cloned().collect();
         candidates.push(format!("{origin}/.well-known/oauth-protected-resource{path}"));
         if !path.is_empty() {
             candidates.push(format!("{origin}/.well-known/oauth-protected-resource"));
@@ -408,16 +418,32 @@ impl TokenSource {
         })))
     }
 
-    /// The `resource_metadata` of the server's challenge to a request without a token (a GET
-    /// of the resource; RFC 9728 §5.1), if it gives one.
-    async fn challenged_metadata(&self) -> Option<String> {
-        let resp = self.http.get(&self.grant.resource).send().await.ok()?;
-        if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
-            return None;
-        }
-        let challenge = resp.headers().get(reqwest::header::WWW_AUTHENTICATE)?.to_str().ok()?;
-        challenge_param(challenge, "resource_metadata")
+    /// The server's challenge to a request without a token (a GET of the resource; RFC 9728
+    /// §5.1), read once.
+    async fn challenge(&self) -> &Challenge {
+        self.challenge
+            .get_or_init(|| async {
+                let Ok(resp) = self.http.get(&self.grant.resource).send().await else { return Challenge::default() };
+                let header = resp.headers().get(reqwest::header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok());
+                match header {
+                    Some(h) if resp.status() == reqwest::StatusCode::UNAUTHORIZED => Challenge {
+                        metadata: challenge_param(h, "resource_metadata"),
+                        scope: challenge_param(h, "scope").filter(|s| !s.trim().is_empty()),
+                    },
+                    _ => Challenge::default(),
+                }
+            })
+            .await
     }
+}
+
+/// What a 401 challenge of the server says.
+#[derive(Default)]
+struct Challenge {
+    /// `resource_metadata`.
+    metadata: Option<String>,
+    /// `scope`.
+    scope: Option<String>,
 }
 
 /// The `scope` of a Bearer challenge whose `error` is `insufficient_scope` (RFC 6750 §3.1). The

@@ -299,12 +299,15 @@ async fn a_remote_server_that_wants_oauth_gets_portcullis_own_token() {
     let front = gateway()
         .remote("up", &upstream.mcp(), &grant("svc-secret"))
         .remote("bad", &upstream.mcp(), &grant("not-the-secret-42"))
+        // No scope configured: the scopes the server's challenge names are asked for.
+        .remote("implicit", &upstream.mcp(), &grant("svc-secret").replace(", scope: \"up:all\"", ""))
         .top(&format!("auth:\n  tokens:\n    user: {{token: {front_token}, role: admin}}\n"))
         .start()
         .await;
     let client = Client::connect_as(&front.mcp(), front_token).await;
     assert_eq!(client.call_text("up__d__echo", json!({"text": "as svc"})).await, "as svc");
-    let records = upstream.audit_until(|r| r.iter().any(|r| r["method"] == "tools/call")).await;
+    assert_eq!(client.call_text("implicit__d__echo", json!({"text": "scoped"})).await, "scoped");
+    let records = upstream.audit_until(|r| r.iter().filter(|r| r["method"] == "tools/call").count() == 2).await;
     let call = records.iter().find(|r| r["method"] == "tools/call").unwrap();
     // Every request the server saw carried Portcullis' token (the client's would be refused),
     // but the discovery's: a GET without any credential, for the challenge (RFC 9728 §5.1).
@@ -322,6 +325,7 @@ async fn a_remote_server_that_wants_oauth_gets_portcullis_own_token() {
     let bad = of("bad").to_string();
     assert!(bad.contains("invalid_client") && !bad.contains("not-the-secret-42"), "{bad}");
     assert_eq!(of("bad")["oauth"]["token"], "none", "{bad}");
+    assert_eq!(of("implicit")["oauth"]["scope"], "up:all");
     let good = of("up");
     assert_eq!(
         (&good["oauth"]["grant"], &good["oauth"]["token"], &good["oauth"]["scope"], &good["oauth"]["last_error"]),
