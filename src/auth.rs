@@ -606,7 +606,7 @@ impl Authenticator {
         let def = &provider.def;
         let names = || self.servers.iter().map(|(s, _)| s.as_str());
         let auds: Arc<[String]> = claims.aud.values().into_iter().map(str::to_owned).collect();
-        if !auds.iter().any(|a| at.accepts(a, self.cfg.oauth.resources, names(), def)) {
+        if !auds.iter().any(|a| at.accepts(a, self.cfg.oauth.resources, names(), &def.audiences)) {
             tracing::debug!(issuer = %def.issuer, "introspected token refused: issued for another audience");
             return None;
         }
@@ -637,6 +637,18 @@ impl Authenticator {
     /// Whether access tokens of identity providers are accepted.
     pub(crate) fn has_issuers(&self) -> bool {
         !self.providers.is_empty()
+    }
+
+    /// Portcullis' own authorization server, when on.
+    pub(crate) fn authorization_server(&self) -> Option<&crate::credentials::AuthorizationServerDef> {
+        self.cfg.oauth.server.as_ref()
+    }
+
+    /// Whether the MCP endpoints are OAuth protected resources (identity providers, or
+    /// Portcullis' own authorization server): their tokens are checked for the endpoint, their
+    /// refusals name the metadata.
+    pub(crate) fn is_protected_resource(&self) -> bool {
+        self.has_issuers() || self.cfg.oauth.server.is_some()
     }
 
     /// The identity providers, in config order.
@@ -770,13 +782,29 @@ impl Authenticator {
                         }
                         Err(AuthError::Invalid)
                     };
-                    if self.cfg.issued_off {
+                    let own_server = self.cfg.oauth.server.is_some();
+                    if self.cfg.issued_off && !own_server {
                         return unknown(&mut introspect);
                     }
                     let Some(store) = self.store.as_ref() else { return unknown(&mut introspect) };
                     let now = crate::store::now_ms();
                     match store.lookup(&d) {
                         Ok(Some(t)) if t.usable(now) => {
+                            // An access token of Portcullis' own authorization server: only
+                            // while that server is on, and only at the resource it was issued
+                            // for. Other issued tokens: only while issued tokens are on.
+                            let allowed = match (&t.client_id, &t.audience) {
+                                (Some(_), Some(aud)) => {
+                                    let names = || self.servers.iter().map(|(s, _)| s.as_str());
+                                    own_server
+                                        && at.is_some_and(|at| at.accepts(aud, self.cfg.oauth.resources, names(), &[]))
+                                }
+                                (Some(_), None) | (None, Some(_)) => false,
+                                (None, None) => !self.cfg.issued_off,
+                            };
+                            if !allowed {
+                                return Err(AuthError::Invalid);
+                            }
                             store.used(&t.id, now);
                             self.store_identity(&t)
                         }
@@ -828,7 +856,8 @@ impl Authenticator {
         let def = identity.issuer.as_ref()?;
         let binding = self.cfg.oauth.resources;
         let names = || self.servers.iter().map(|(s, _)| s.as_str());
-        if identity.expired(SystemTime::now()) || !auds.iter().any(|a| at.accepts(a, binding, names(), def)) {
+        if identity.expired(SystemTime::now()) || !auds.iter().any(|a| at.accepts(a, binding, names(), &def.audiences))
+        {
             return Some(Err(AuthError::Invalid));
         }
         Some(Ok(identity))

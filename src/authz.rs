@@ -13,6 +13,11 @@ use std::collections::BTreeSet;
 pub struct Glob(String);
 
 impl Glob {
+    /// Its pattern text.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// A glob from its pattern text.
     pub(crate) fn new(pattern: &str) -> Self {
         Glob(pattern.to_owned())

@@ -326,6 +326,19 @@ pub struct OAuthConfig {
     pub resources: ResourceBinding,
     /// The config's name separator (scope grants are patterns over aggregated names).
     pub separator: String,
+    /// Portcullis' own authorization server, when on.
+    pub server: Option<AuthorizationServerDef>,
+}
+
+/// Portcullis' own authorization server, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizationServerDef {
+    /// Whether clients may register themselves (RFC 7591).
+    pub registration: bool,
+    /// How long an access token lasts.
+    pub access_ttl: std::time::Duration,
+    /// How long a refresh token lasts unused.
+    pub refresh_ttl: std::time::Duration,
 }
 
 /// Which resource (RFC 8707 audience) a token must name to be accepted at an endpoint.

@@ -511,7 +511,7 @@ async fn admit(
     }
     // With identity providers configured, the endpoint is a protected resource: its tokens
     // are checked for it, and its refusals say where its metadata is.
-    let at = auth.has_issuers().then(|| crate::oauth::Endpoint {
+    let at = auth.is_protected_resource().then(|| crate::oauth::Endpoint {
         base: config.public_base(),
         server: match scope {
             Scope::One(s) => Some(s.clone()),

@@ -44,6 +44,13 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .route("/{name}/mcp", any(mcp_http::handle))
         .route("/health", get(health))
         .route("/.well-known/oauth-protected-resource", get(crate::oauth::metadata::serve))
+        // Portcullis' own authorization server (404 while it is off).
+        .route("/.well-known/oauth-authorization-server", get(crate::oauth::server::metadata))
+        .route("/.well-known/openid-configuration", get(crate::oauth::server::metadata))
+        .route("/register", post(crate::oauth::server::register))
+        .route("/authorize", get(crate::oauth::server::authorize).post(crate::oauth::server::decide))
+        .route("/token", post(crate::oauth::server::token))
+        .route("/revoke", post(crate::oauth::server::revoke))
         .route("/.well-known/oauth-protected-resource/{*path}", get(crate::oauth::metadata::serve))
         .route("/servers", get(crate::admin::servers))
         .route("/servers/{name}", get(crate::admin::server))

@@ -107,8 +107,17 @@ pub struct StoredToken {
     #[serde(serialize_with = "rfc3339_opt")]
     pub overlap_until: Option<i64>,
     /// The id of the first token of its rotation chain: the stable identity its sessions are
-    /// bound to, which a rotation keeps.
+    /// bound to, which a rotation keeps (for an access token of Portcullis' authorization
+    /// server: its refresh family, which a refresh keeps).
     pub lineage: String,
+    /// For an access token of Portcullis' authorization server: the resource (MCP endpoint
+    /// URL) it was issued for; it is accepted only there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// For an access token of Portcullis' authorization server: the OAuth client it was issued
+    /// to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
 }
 
 /// A time in unix ms as RFC 3339 (`2026-12-01T10:00:00.123Z`), as every API shows times.
@@ -355,7 +364,7 @@ pub(crate) fn new_secret() -> Result<String, StoreError> {
     crate::random::id().map(|id| format!("{SECRET_PREFIX}{id}")).map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
-fn new_id() -> Result<String, StoreError> {
+pub(crate) fn new_id() -> Result<String, StoreError> {
     let mut b = [0u8; 9];
     crate::random::fill(&mut b).map_err(|e| StoreError::Unavailable(e.to_string()))?;
     Ok(format!("tok_{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()))
@@ -393,7 +402,82 @@ WITH RECURSIVE chain(id, root) AS (
 )
 UPDATE tokens SET lineage = (SELECT root FROM chain WHERE chain.id = tokens.id) WHERE replaces IS NOT NULL;
 "#,
+    r#"
+ALTER TABLE tokens ADD COLUMN audience TEXT;
+ALTER TABLE tokens ADD COLUMN client_id TEXT;
+CREATE TABLE oauth_clients (
+    client_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    redirect_uris TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE oauth_refresh (
+    digest BLOB PRIMARY KEY,
+    family TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    audience TEXT NOT NULL,
+    login TEXT NOT NULL,
+    name TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    grants TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER,
+    revoked_at INTEGER
+);
+CREATE INDEX oauth_refresh_family ON oauth_refresh(family);
+"#,
 ];
+
+/// An OAuth client of Portcullis' authorization server (registered by RFC 7591).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct OAuthClient {
+    /// Its id (random, given at registration).
+    pub client_id: String,
+    /// The name it gave (shown on the consent page, escaped).
+    pub name: String,
+    /// Where it may be sent back to, compared exactly (loopback: any port).
+    pub redirect_uris: Vec<String>,
+}
+
+/// What a login granted an OAuth client: one refresh family's fixed part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OAuthGrant {
+    /// The refresh family (every token of one login and its refreshes).
+    pub family: String,
+    /// The client.
+    pub client_id: String,
+    /// The resource the tokens are for.
+    pub audience: String,
+    /// The key of the identity that logged in (`config:NAME`, `issued:LINEAGE`).
+    pub login: String,
+    /// That identity's name.
+    pub name: String,
+    /// Its tenant ("" for none).
+    pub tenant: String,
+    /// Its grants at login (never more).
+    pub grants: StoredGrants,
+}
+
+/// A refresh token that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RefreshError {
+    /// Unknown, expired, revoked, or another client's.
+    #[error("invalid refresh token")]
+    Invalid,
+    /// Used before: its whole family is revoked now (RFC 9700 §4.14.2).
+    #[error("refresh token reused; its family is revoked")]
+    Reused,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Tokens issued to an OAuth client: the access token's and the refresh token's secrets.
+pub(crate) struct Issued {
+    pub access_secret: String,
+    pub refresh_secret: String,
+}
 
 /// What Portcullis needs of a token store, whatever the database. SQLite implements it for one
 /// node; a shared database (Postgres, for several replicas) would implement the same, and the
@@ -459,7 +543,7 @@ pub struct SqliteStore {
 }
 
 const COLUMNS: &str = "id, name, tenant, prefix, grants, role, rate, created_at, expires_at, revoked_at, \
-                       last_used_at, replaces, superseded_by, overlap_until, COALESCE(lineage, id)";
+                       last_used_at, replaces, superseded_by, overlap_until, COALESCE(lineage, id), audience, client_id";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredToken> {
     let grants: String = r.get(4)?;
@@ -479,6 +563,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredToken> {
         superseded_by: r.get(12)?,
         overlap_until: r.get(13)?,
         lineage: r.get(14)?,
+        audience: r.get(15)?,
+        client_id: r.get(16)?,
     })
 }
 
@@ -685,6 +771,135 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Registers an OAuth client; refused past `max` clients.
+    pub(crate) fn oauth_add_client(&self, c: &OAuthClient, max: usize, now: i64) -> Result<(), StoreError> {
+        let uris = serde_json::to_string(&c.redirect_uris).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.write(|tx| {
+            let n: i64 = tx.query_row("SELECT COUNT(*) FROM oauth_clients", [], |r| r.get(0))?;
+            if usize::try_from(n).unwrap_or(usize::MAX) >= max {
+                return Err(StoreError::Invalid("too many registered clients".into()));
+            }
+            tx.execute(
+                "INSERT INTO oauth_clients (client_id, name, redirect_uris, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![c.client_id, c.name, uris, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A registered OAuth client.
+    pub(crate) fn oauth_client(&self, client_id: &str) -> Result<Option<OAuthClient>, StoreError> {
+        let conn = lock(&self.conn);
+        let found = conn
+            .query_row(
+                "SELECT client_id, name, redirect_uris FROM oauth_clients WHERE client_id = ?1",
+                params![client_id],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)),
+            )
+            .optional()?;
+        Ok(found.map(|(client_id, name, uris)| OAuthClient {
+            client_id,
+            name,
+            redirect_uris: serde_json::from_str(&uris).unwrap_or_default(),
+        }))
+    }
+
+    /// Issues an access token and a refresh token for `grant` (a login, or a refresh of its
+    /// family), in one transaction.
+    pub(crate) fn oauth_issue(
+        &self,
+        grant: &OAuthGrant,
+        access_ttl: Duration,
+        refresh_ttl: Duration,
+        now: i64,
+    ) -> Result<Issued, StoreError> {
+        let (id, access_secret, refresh_secret) = (new_id()?, new_secret()?, new_secret()?);
+        self.write(|tx| issue_in(tx, grant, &id, &access_secret, &refresh_secret, access_ttl, refresh_ttl, now))?;
+        Ok(Issued { access_secret, refresh_secret })
+    }
+
+    /// Uses a refresh token: marks it used and issues the next pair of its family, if
+    /// `still_valid` says the login behind it still holds. A token used before revokes its whole
+    /// family (access tokens included); so does a login that no longer holds.
+    pub(crate) fn oauth_refresh(
+        &self,
+        refresh_secret: &str,
+        client_id: &str,
+        ttls: (Duration, Duration),
+        now: i64,
+        still_valid: impl FnOnce(&OAuthGrant) -> bool,
+    ) -> Result<Issued, RefreshError> {
+        let (access_ttl, refresh_ttl) = ttls;
+        let digest = crate::credentials::digest(refresh_secret).to_vec();
+        let (id, access_secret, next_secret) = (new_id()?, new_secret()?, new_secret()?);
+        let outcome = self.write(|tx| {
+            let row = tx
+                .query_row(
+                    "SELECT family, client_id, audience, login, name, tenant, grants, expires_at, used_at, revoked_at \
+                     FROM oauth_refresh WHERE digest = ?1",
+                    params![digest],
+                    |r| {
+                        Ok((
+                            OAuthGrant {
+                                family: r.get(0)?,
+                                client_id: r.get(1)?,
+                                audience: r.get(2)?,
+                                login: r.get(3)?,
+                                name: r.get(4)?,
+                                tenant: r.get(5)?,
+                                grants: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
+                            },
+                            r.get::<_, i64>(7)?,
+                            r.get::<_, Option<i64>>(8)?,
+                            r.get::<_, Option<i64>>(9)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((grant, expires_at, used_at, revoked_at)) = row else { return Ok(Err(RefreshError::Invalid)) };
+            if used_at.is_some() {
+                revoke_family_in(tx, &grant.family, now)?;
+                return Ok(Err(RefreshError::Reused));
+            }
+            if revoked_at.is_some() || expires_at <= now || grant.client_id != client_id {
+                return Ok(Err(RefreshError::Invalid));
+            }
+            if !still_valid(&grant) {
+                revoke_family_in(tx, &grant.family, now)?;
+                return Ok(Err(RefreshError::Invalid));
+            }
+            tx.execute("UPDATE oauth_refresh SET used_at = ?1 WHERE digest = ?2", params![now, digest])?;
+            issue_in(tx, &grant, &id, &access_secret, &next_secret, access_ttl, refresh_ttl, now)?;
+            Ok(Ok(()))
+        })?;
+        outcome?;
+        Ok(Issued { access_secret, refresh_secret: next_secret })
+    }
+
+    /// Revokes a refresh family (a code exchanged twice).
+    pub(crate) fn oauth_revoke_family(&self, family: &str, now: i64) -> Result<(), StoreError> {
+        self.write(|tx| revoke_family_in(tx, family, now))
+    }
+
+    /// Revokes what a secret is (RFC 7009): a refresh token's whole family, or one access token
+    /// of the authorization server. Anything else changes nothing.
+    pub(crate) fn oauth_revoke(&self, secret: &str, now: i64) -> Result<(), StoreError> {
+        let digest = crate::credentials::digest(secret).to_vec();
+        self.write(|tx| {
+            let family: Option<String> = tx
+                .query_row("SELECT family FROM oauth_refresh WHERE digest = ?1", params![digest], |r| r.get(0))
+                .optional()?;
+            if let Some(f) = family {
+                return revoke_family_in(tx, &f, now);
+            }
+            tx.execute(
+                "UPDATE tokens SET revoked_at = ?1 WHERE digest = ?2 AND client_id IS NOT NULL AND revoked_at IS NULL",
+                params![now, digest],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Writes the WAL back into the database file.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         lock(&self.conn).execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
@@ -768,6 +983,71 @@ fn revoke_in(tx: &rusqlite::Transaction<'_>, id: &str, now: i64) -> Result<(), S
             return Err(StoreError::Invalid(format!("no token {id}")));
         }
     }
+    Ok(())
+}
+
+/// Inserts an access token and a refresh token of `grant`'s family.
+#[allow(clippy::too_many_arguments, reason = "one insert of each row, with what they are made of")]
+fn issue_in(
+    tx: &rusqlite::Transaction<'_>,
+    grant: &OAuthGrant,
+    id: &str,
+    access_secret: &str,
+    refresh_secret: &str,
+    access_ttl: Duration,
+    refresh_ttl: Duration,
+    now: i64,
+) -> Result<(), StoreError> {
+    let ms = |d: Duration| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let grants = serde_json::to_string(&grant.grants).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    // Unique among live tokens: the family's previous access token lives on until it expires.
+    let name = format!("oauth:{}:{}", grant.name, &id[id.len().saturating_sub(8)..]);
+    tx.execute(
+        "INSERT INTO tokens (id, name, tenant, digest, prefix, grants, role, created_at, expires_at, lineage, audience, \
+         client_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'user', ?7, ?8, ?9, ?10, ?11)",
+        params![
+            id,
+            name,
+            grant.tenant,
+            crate::credentials::digest(access_secret).to_vec(),
+            &access_secret[..8],
+            grants,
+            now,
+            ms(access_ttl),
+            grant.family,
+            grant.audience,
+            grant.client_id
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO oauth_refresh (digest, family, client_id, audience, login, name, tenant, grants, created_at, expires_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            crate::credentials::digest(refresh_secret).to_vec(),
+            grant.family,
+            grant.client_id,
+            grant.audience,
+            grant.login,
+            grant.name,
+            grant.tenant,
+            grants,
+            now,
+            ms(refresh_ttl)
+        ],
+    )?;
+    Ok(())
+}
+
+/// Revokes a refresh family: its refresh tokens and its access tokens.
+fn revoke_family_in(tx: &rusqlite::Transaction<'_>, family: &str, now: i64) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE oauth_refresh SET revoked_at = ?1 WHERE family = ?2 AND revoked_at IS NULL",
+        params![now, family],
+    )?;
+    tx.execute(
+        "UPDATE tokens SET revoked_at = ?1 WHERE lineage = ?2 AND client_id IS NOT NULL AND revoked_at IS NULL",
+        params![now, family],
+    )?;
     Ok(())
 }
 

@@ -28,6 +28,26 @@ pub(crate) struct RawOAuth {
     /// `gateway` (a token for any of this gateway's MCP endpoints is accepted at all of them).
     #[serde(default)]
     pub resources: Option<S>,
+    /// Portcullis' own authorization server, for clients that log in with a browser
+    /// (Claude.ai, ChatGPT, VS Code, Cursor): present to turn it on.
+    #[serde(default)]
+    pub authorization_server: Option<RawAuthorizationServer>,
+}
+
+/// `oauth.authorization_server`.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAuthorizationServer {
+    /// Whether clients may register themselves (RFC 7591 dynamic client registration; default
+    /// true).
+    #[serde(default)]
+    pub registration: Option<bool>,
+    /// How long an access token lasts (default `1h`, at most `24h`).
+    #[serde(default)]
+    pub access_token_ttl: Option<DurationValue>,
+    /// How long a refresh token lasts unused (default `30d`).
+    #[serde(default)]
+    pub refresh_token_ttl: Option<DurationValue>,
 }
 
 /// One identity provider.
@@ -142,7 +162,33 @@ impl Validator<'_> {
         if issuers.iter().filter(|d| d.introspection.is_some()).count() > 1 {
             self.error("oauth.issuers", "at most one issuer may have an introspection endpoint");
         }
-        OAuthConfig { issuers, resources, separator: separator.to_owned() }
+        let server = raw.authorization_server.as_ref().map(|a| self.authorization_server(a));
+        OAuthConfig { issuers, resources, separator: separator.to_owned(), server }
+    }
+
+    fn authorization_server(&mut self, a: &RawAuthorizationServer) -> crate::credentials::AuthorizationServerDef {
+        let path = "oauth.authorization_server";
+        let ttl = |me: &mut Self, name: &str, v: &Option<DurationValue>, default: Duration, max: Duration| {
+            let d = me.duration(&format!("{path}.{name}"), v.as_ref(), default, false);
+            if d.is_zero() || d > max {
+                me.error(format!("{path}.{name}"), format!("must be more than 0 and at most {}s", max.as_secs()));
+            }
+            d
+        };
+        let access_ttl =
+            ttl(self, "access_token_ttl", &a.access_token_ttl, Duration::from_secs(3600), Duration::from_secs(86_400));
+        let refresh_ttl = ttl(
+            self,
+            "refresh_token_ttl",
+            &a.refresh_token_ttl,
+            Duration::from_secs(30 * 86_400),
+            Duration::from_secs(366 * 86_400),
+        );
+        crate::credentials::AuthorizationServerDef {
+            registration: a.registration.unwrap_or(true),
+            access_ttl,
+            refresh_ttl,
+        }
     }
 
     fn issuer(

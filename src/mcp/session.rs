@@ -143,6 +143,9 @@ pub(crate) struct Session {
     /// newer token of the same subject, issuer, grants and tenant used on it since (a client
     /// that refreshed its token keeps its session).
     renewed_until: AtomicU64,
+    /// For a session opened with an issued token: a newer token of the same lineage, grants and
+    /// tenant used on it since (an OAuth client's refreshed access token), whose state decides.
+    renewed_token: Mutex<Option<String>>,
 }
 
 /// One call in flight on a session; the count drops when it does.
@@ -210,6 +213,7 @@ impl Session {
             last_active: AtomicU64::new(crate::store::now_ms().max(0).cast_unsigned()),
             calls: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             renewed_until: AtomicU64::new(0),
+            renewed_token: Mutex::new(None),
         }))
     }
 
@@ -224,6 +228,15 @@ impl Session {
     /// with other grants is authorized by its own on each request, but never extends a session
     /// whose notifications are filtered by the grants it was opened with).
     pub(crate) fn renew(&self, by: &Identity) {
+        if by.grants != self.identity.grants || by.tenant != self.identity.tenant {
+            return;
+        }
+        if let (Some(_), Some(theirs)) = (&self.identity.token_id, &by.token_id) {
+            if self.identity.token_id.as_ref() != Some(theirs) {
+                *lock(&self.renewed_token) = Some(theirs.clone());
+            }
+            return;
+        }
         let (Some(mine), Some(theirs)) = (&self.identity.issuer, &by.issuer) else { return };
         if **mine != **theirs || by.grants != self.identity.grants || by.tenant != self.identity.tenant {
             return;
@@ -231,6 +244,12 @@ impl Session {
         let Some(until) = by.expires.and_then(|e| e.duration_since(std::time::UNIX_EPOCH).ok()) else { return };
         let ms = u64::try_from(until.as_millis()).unwrap_or(u64::MAX);
         self.renewed_until.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// The issued token whose state decides whether the session lives: the newest one used on
+    /// it ([`Session::renew`]), else the one that opened it.
+    pub(crate) fn current_token(&self) -> Option<String> {
+        lock(&self.renewed_token).clone().or_else(|| self.identity.token_id.clone())
     }
 
     /// Whether the credential behind it has expired at `now`: the identity that opened it,

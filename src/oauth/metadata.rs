@@ -26,12 +26,17 @@ pub(crate) async fn serve(State(gw): State<Arc<Gateway>>, path: Option<Path<Stri
         ["servers", name, "mcp" | "sse"] | [name, "mcp" | "sse"] if enabled(name) => Some(*name),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
-    if !auth.has_issuers() {
+    if !auth.is_protected_resource() {
         return StatusCode::NOT_FOUND.into_response();
     }
     let base = config.public_base();
-    let resource = if rest.is_empty() { base } else { format!("{base}/{}", rest.trim_start_matches('/')) };
-    let issuers: Vec<&str> = auth.providers().iter().map(|p| p.def.issuer.as_str()).collect();
+    let resource = if rest.is_empty() { base.clone() } else { format!("{base}/{}", rest.trim_start_matches('/')) };
+    // Portcullis' own authorization server first: the one a client with no other choice uses.
+    let mut issuers: Vec<&str> = Vec::new();
+    if auth.authorization_server().is_some() {
+        issuers.push(&base);
+    }
+    issuers.extend(auth.providers().iter().map(|p| p.def.issuer.as_str()));
     let scopes = auth.scopes_for(server);
     let doc = serde_json::json!({
         "resource": resource,

@@ -13,6 +13,7 @@
 pub(crate) mod client;
 pub(crate) mod jwt;
 pub(crate) mod metadata;
+pub(crate) mod server;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -93,16 +94,17 @@ impl Endpoint {
 }
 
 impl Endpoint {
-    /// Whether one `aud` value is among [`Endpoint::audiences`], without building that list (a
-    /// cached token is checked at every request).
+    /// Whether one `aud` value is among [`Endpoint::audiences`] (`extra` standing for the
+    /// issuer's own extra audiences), without building that list (a cached token is checked at
+    /// every request).
     pub(crate) fn accepts<'a>(
         &self,
         aud: &str,
         binding: ResourceBinding,
         mut servers: impl Iterator<Item = &'a str>,
-        def: &IssuerDef,
+        extra: &[String],
     ) -> bool {
-        if def.audiences.iter().any(|a| a == aud) {
+        if extra.iter().any(|a| a == aud) {
             return true;
         }
         let Some(path) = aud.strip_prefix(self.base.as_str()) else { return false };
@@ -459,7 +461,7 @@ mod tests {
             for binding in [ResourceBinding::Endpoint, ResourceBinding::Gateway] {
                 let list = at.audiences(binding, servers.iter().map(String::as_str), &def);
                 for aud in candidates {
-                    let quick = at.accepts(aud, binding, servers.iter().map(String::as_str), &def);
+                    let quick = at.accepts(aud, binding, servers.iter().map(String::as_str), &def.audiences);
                     assert_eq!(quick, list.iter().any(|a| a == aud), "{aud} at {:?} with {binding:?}", at.server);
                 }
             }

@@ -50,7 +50,7 @@ pub(crate) async fn idp(scopes: &str, group: Option<&str>) -> Idp {
     Idp { issuer, _child: child, _stdout: lines }
 }
 
-fn form(pairs: &[(&str, &str)]) -> String {
+pub(crate) fn form(pairs: &[(&str, &str)]) -> String {
     pairs.iter().map(|(k, v)| format!("{k}={}", urlencoding(v))).collect::<Vec<_>>().join("&")
 }
 
@@ -64,25 +64,25 @@ fn urlencoding(v: &str) -> String {
 }
 
 /// A query parameter of a URL.
-fn param(url: &str, name: &str) -> Option<String> {
+pub(crate) fn param(url: &str, name: &str) -> Option<String> {
     reqwest::Url::parse(url).ok()?.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 /// A browser's part, as small as the provider's pages need: cookies kept by name, redirects
 /// followed by hand so the last one (to the client's redirect URI) is read, not followed.
-struct Browser {
+pub(crate) struct Browser {
     http: reqwest::Client,
     cookies: BTreeMap<String, String>,
 }
 
 impl Browser {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
         Browser { http, cookies: BTreeMap::new() }
     }
 
     /// GET (or POST `body`) `url`; returns the status and the `Location` it names, if any.
-    async fn go(&mut self, url: &str, body: Option<String>) -> (u16, Option<String>, String) {
+    pub(crate) async fn go(&mut self, url: &str, body: Option<String>) -> (u16, Option<String>, String) {
         let mut req = match &body {
             Some(b) => self.http.post(url).header("content-type", "application/x-www-form-urlencoded").body(b.clone()),
             None => self.http.get(url),
@@ -183,7 +183,7 @@ impl Idp {
     }
 }
 
-fn rand_bytes() -> [u8; 32] {
+pub(crate) fn rand_bytes() -> [u8; 32] {
     let mut b = [0u8; 32];
     aws_lc_rs::rand::fill(&mut b).unwrap();
     b
@@ -254,18 +254,23 @@ async fn tokens_of_a_real_provider_through_its_real_grants() {
     gw.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_sdk_s_oauth_client_discovers_everything_from_the_first_401() {
-    let idp = idp("a:all b:echo", None).await;
-    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&config(&idp)).start().await;
+/// Runs the Python SDK's OAuth client fixture against `url` (calling `tool`): what it saw.
+pub(crate) async fn sdk_oauth(url: &str, tool: &str, env: &[(&str, &str)]) -> Value {
     let mut cmd = Command::new(python());
-    cmd.arg(fixture("sdk_oauth.py")).arg(gw.mcp()).arg("a__echo").kill_on_drop(true);
+    cmd.arg(fixture("sdk_oauth.py")).arg(url).arg(tool).envs(env.iter().copied()).kill_on_drop(true);
     let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
         .await
         .expect("the SDK client hung")
         .unwrap();
     assert!(out.status.success(), "SDK OAuth client failed: {}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_s_oauth_client_discovers_everything_from_the_first_401() {
+    let idp = idp("a:all b:echo", None).await;
+    let gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&config(&idp)).start().await;
+    let seen = sdk_oauth(&gw.mcp(), "a__echo", &[]).await;
     // It registered itself (RFC 7591), signed in as `sdk-user` and asked for the scopes the
     // challenge named, for the resource the metadata named.
     assert_eq!(seen["echo"], json!(["hello through oauth"]), "{seen}");

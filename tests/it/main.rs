@@ -4,6 +4,7 @@
 mod admin;
 mod aggregate;
 mod auth;
+mod authserver;
 mod dropin;
 mod eras;
 mod external;

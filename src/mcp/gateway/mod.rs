@@ -153,6 +153,8 @@ pub struct Gateway {
     /// The access tokens of servers with `oauth:`, by server, shared by all its instances (a
     /// `per_session` server's sessions use one token), replaced when the grant changes.
     credentials: Mutex<HashMap<String, Arc<crate::oauth::client::TokenSource>>>,
+    /// Portcullis' authorization server's logins and codes in progress (they outlive reloads).
+    authorization: crate::oauth::server::AuthorizationState,
     me: Weak<Gateway>,
     initializes: AtomicU64,
     discovers: AtomicU64,
@@ -283,6 +285,7 @@ impl Gateway {
             cursors,
             http,
             credentials: Mutex::new(HashMap::new()),
+            authorization: crate::oauth::server::AuthorizationState::default(),
             me: me.clone(),
             initializes: AtomicU64::new(0),
             discovers: AtomicU64::new(0),
@@ -348,7 +351,7 @@ impl Gateway {
         // come from the store (cached until it changes), read off the async threads in one go;
         // a store that cannot answer right now closes nothing.
         let issued: Vec<(String, String)> =
-            sessions.iter().filter_map(|s| s.identity.token_id.clone().map(|t| (s.id.clone(), t))).collect();
+            sessions.iter().filter_map(|s| s.current_token().map(|t| (s.id.clone(), t))).collect();
         if !issued.is_empty() {
             let auth = auth.clone();
             let gone = tokio::task::spawn_blocking(move || {
@@ -723,6 +726,11 @@ impl Gateway {
             .filter(|d| d.enabled && scope.includes(&d.name) && who.grants.reaches(&d.name))
             .cloned()
             .collect()
+    }
+
+    /// The authorization server's logins and codes in progress.
+    pub(crate) fn authorization(&self) -> &crate::oauth::server::AuthorizationState {
+        &self.authorization
     }
 
     /// The token store as this gateway sees it.

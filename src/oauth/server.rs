@@ -1,0 +1,796 @@
+//! Portcullis' own OAuth 2.1 authorization server (`oauth.authorization_server`), for MCP
+//! clients that log in with a browser: metadata (RFC 8414, and the OpenID discovery path),
+//! dynamic client registration (RFC 7591), `/authorize` (authorization code only, PKCE S256
+//! required, RFC 8707 `resource`, RFC 9207 `iss` in every response), `/token`
+//! (`authorization_code`, `refresh_token`) and `/revoke` (RFC 7009). A person logs in by
+//! presenting a Portcullis token once; the client's tokens carry that identity's grants, never
+//! more. Access tokens are issued tokens of the store (kept hashed, listed and revocable with
+//! the others) bound to the resource; refresh tokens rotate on every use, and a reused one
+//! revokes its whole family.
+//!
+//! Invariants: nothing is redirected to a URI that is not registered for the client (an unknown
+//! client or redirect URI gets an error page, never a redirect); every form post needs the
+//! request's CSRF token and the browser cookie the request was started with; a code is single
+//! use, lives [`CODE_LIFETIME`], and is bound to client, redirect URI, PKCE challenge and
+//! resource; every client-supplied string on a page is escaped; pages cannot be framed; the
+//! in-memory state is bounded.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use sha2::Digest;
+
+use crate::gate::json;
+use crate::mcp::gateway::Gateway;
+use crate::sharded::lock;
+use crate::store::{OAuthClient, OAuthGrant, RefreshError, StoredGrants};
+
+/// How long a code may wait for its exchange.
+pub(crate) const CODE_LIFETIME: Duration = Duration::from_secs(60);
+/// How long a started authorization may wait for the person.
+const PENDING_LIFETIME: Duration = Duration::from_secs(10 * 60);
+/// The most authorizations in progress, codes unexchanged, clients registered.
+const MAX_PENDING: usize = 10_000;
+const MAX_CLIENTS: usize = 10_000;
+/// Registrations and token requests one address may make per minute.
+const PER_ADDRESS_PER_MINUTE: u32 = 60;
+/// The cookie that ties an authorization's forms to the browser that started it.
+const COOKIE: &str = "pcs_authz";
+
+/// The state of authorizations in progress (the rest is in the store).
+#[derive(Default)]
+pub(crate) struct AuthorizationState {
+    pending: Mutex<HashMap<String, Pending>>,
+    codes: Mutex<HashMap<[u8; 32], Code>>,
+    per_address: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+/// One authorization request, from its start to the person's answer.
+struct Pending {
+    client: OAuthClient,
+    redirect_uri: String,
+    state: Option<String>,
+    challenge: String,
+    resource: String,
+    /// The digest of the browser cookie it was started with.
+    browser: [u8; 32],
+    csrf: String,
+    login: Option<Login>,
+    expires: Instant,
+}
+
+/// Who logged in, and what they may reach.
+#[derive(Clone)]
+struct Login {
+    key: String,
+    name: String,
+    tenant: String,
+    grants: StoredGrants,
+    servers: Vec<String>,
+}
+
+/// A code given to the client, until it is exchanged (then it names the family it made, so a
+/// second exchange revokes it).
+struct Code {
+    client_id: String,
+    redirect_uri: String,
+    challenge: String,
+    resource: String,
+    login: Login,
+    expires: Instant,
+    used_by: Option<String>,
+}
+
+/// Form or query parameters; None when one is given twice (RFC 6749 §3.1: "MUST NOT be
+/// included more than once"), which is refused rather than guessed at.
+fn params(raw: &[u8]) -> Option<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for (k, v) in form_urlencoded::parse(raw) {
+        if out.insert(k.into_owned(), v.into_owned()).is_some() {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+fn random() -> Result<String, crate::random::NoRandomness> {
+    let mut b = [0u8; 32];
+    crate::random::fill(&mut b)?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
+}
+
+fn sha(v: &str) -> [u8; 32] {
+    sha2::Sha256::digest(v.as_bytes()).into()
+}
+
+/// Escapes text for HTML (the five characters that matter in text and quoted attributes).
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A page: small, no script, unframeable, never cached.
+fn page(status: StatusCode, title: &str, body: &str, cookie: Option<String>) -> Response {
+    let html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
+         <title>{}</title><style>body{{font:16px/1.5 system-ui,sans-serif;max-width:32rem;margin:3rem auto;padding:0 1rem;color:#222}}\
+         h1{{font-size:1.4rem}}.host{{font-size:1.2rem;font-weight:bold;background:#fff3cd;padding:.3rem .5rem}}\
+         input[type=password]{{width:100%;padding:.5rem;font:inherit}}button{{font:inherit;padding:.5rem 1.2rem;margin:.8rem .5rem 0 0}}\
+         .muted{{color:#666;font-size:.9rem}}</style></head><body><h1>{}</h1>{body}\
+         <p class=\"muted\">Portcullis</p></body></html>",
+        esc(title),
+        esc(title)
+    );
+    let mut r = (status, html).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    if let Some(c) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        h.insert(header::SET_COOKIE, c);
+    }
+    r
+}
+
+fn error_page(status: StatusCode, message: &str) -> Response {
+    page(status, "Cannot continue", &format!("<p>{}</p>", esc(message)), None)
+}
+
+/// An OAuth error answer of the token, registration and revocation endpoints.
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    let mut r = json(status, serde_json::json!({"error": error, "error_description": description}).to_string());
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The authorization server of this gateway's config, if on.
+fn enabled(gw: &Gateway) -> Option<(Arc<crate::mcp::gateway::Snapshot>, crate::credentials::AuthorizationServerDef)> {
+    let snap = gw.snapshot();
+    let def = snap.auth.authorization_server()?.clone();
+    Some((snap, def))
+}
+
+/// `GET /.well-known/oauth-authorization-server` and `/.well-known/openid-configuration`.
+pub(crate) async fn metadata(State(gw): State<Arc<Gateway>>) -> Response {
+    let Some((snap, def)) = enabled(&gw) else { return StatusCode::NOT_FOUND.into_response() };
+    let base = snap.config.public_base();
+    let mut doc = serde_json::json!({
+        "issuer": base,
+        "authorization_endpoint": format!("{base}/authorize"),
+        "token_endpoint": format!("{base}/token"),
+        "revocation_endpoint": format!("{base}/revoke"),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": ["authorization_code", "refresh_token"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "revocation_endpoint_auth_methods_supported": ["none"],
+        "authorization_response_iss_parameter_supported": true,
+        "client_id_metadata_document_supported": false,
+        "scopes_supported": [],
+    });
+    if def.registration {
+        doc["registration_endpoint"] = serde_json::Value::String(format!("{base}/register"));
+    }
+    json(StatusCode::OK, doc.to_string())
+}
+
+impl AuthorizationState {
+    /// Counts one request of `client` against [`PER_ADDRESS_PER_MINUTE`]; false past it.
+    fn admit(&self, client: IpAddr) -> bool {
+        let mut m = lock(&self.per_address);
+        let now = Instant::now();
+        if m.len() >= MAX_PENDING {
+            m.retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(60));
+        }
+        let e = m.entry(client).or_insert((now, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(60) {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        e.1 <= PER_ADDRESS_PER_MINUTE
+    }
+}
+
+/// Whether a redirect URI may be registered: https, http on a loopback host (native apps,
+/// RFC 8252 §7.3), or a private-use scheme (RFC 8252 §7.1); never with a fragment.
+fn registrable(uri: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(uri) else { return false };
+    if u.fragment().is_some() {
+        return false;
+    }
+    match u.scheme() {
+        "https" => u.has_host(),
+        "http" => u.host_str().is_some_and(crate::config::is_loopback_host),
+        "javascript" | "data" | "file" | "vbscript" | "about" | "blob" | "ftp" | "ws" | "wss" => false,
+        s => s.contains('.'),
+    }
+}
+
+/// Whether `asked` is one of `registered`: exactly, or, for http on a loopback host, with any
+/// port (RFC 8252 §7.3).
+fn redirect_matches(registered: &[String], asked: &str) -> bool {
+    if registered.iter().any(|r| r == asked) {
+        return true;
+    }
+    let Ok(a) = reqwest::Url::parse(asked) else { return false };
+    if a.scheme() != "http" || !a.host_str().is_some_and(crate::config::is_loopback_host) {
+        return false;
+    }
+    registered.iter().filter_map(|r| reqwest::Url::parse(r).ok()).any(|r| {
+        r.scheme() == "http"
+            && r.host_str() == a.host_str()
+            && r.path() == a.path()
+            && r.query() == a.query()
+            && a.fragment().is_none()
+    })
+}
+
+/// `POST /register` (RFC 7591): public clients only (`token_endpoint_auth_method: none`).
+pub(crate) async fn register(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some((snap, def)) = enabled(&gw) else { return StatusCode::NOT_FOUND.into_response() };
+    if !def.registration {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    if !gw.authorization().admit(snap.auth.client_addr(peer, &headers)) {
+        return oauth_error(StatusCode::TOO_MANY_REQUESTS, "slow_down", "too many requests from this address");
+    }
+    #[derive(serde::Deserialize)]
+    struct Metadata {
+        redirect_uris: Option<Vec<String>>,
+        client_name: Option<String>,
+        grant_types: Option<Vec<String>>,
+        response_types: Option<Vec<String>>,
+    }
+    let bad = |d: &str| oauth_error(StatusCode::BAD_REQUEST, "invalid_client_metadata", d);
+    if body.len() > 64 * 1024 {
+        return bad("the registration is larger than 64 KiB");
+    }
+    let Ok(m) = serde_json::from_slice::<Metadata>(&body) else { return bad("not a JSON client metadata document") };
+    let uris = m.redirect_uris.unwrap_or_default();
+    if uris.is_empty() || uris.len() > 10 {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_redirect_uri", "give one to ten redirect_uris");
+    }
+    if let Some(u) = uris.iter().find(|u| u.len() > 2048 || !registrable(u)) {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_redirect_uri",
+            &format!("{u:?}: https, http on a loopback host, or an app's own scheme"),
+        );
+    }
+    let ok_list = |v: &Option<Vec<String>>, allowed: &[&str]| {
+        v.as_ref().is_none_or(|l| l.iter().all(|g| allowed.contains(&g.as_str())))
+    };
+    if !ok_list(&m.grant_types, &["authorization_code", "refresh_token"]) || !ok_list(&m.response_types, &["code"]) {
+        return bad("only the authorization_code and refresh_token grants and the code response type");
+    }
+    let name: String = m.client_name.unwrap_or_default().chars().filter(|c| !c.is_control()).take(100).collect();
+    let Ok(client_id) = random() else {
+        return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "no randomness");
+    };
+    let client = OAuthClient {
+        client_id,
+        name: if name.is_empty() { "an unnamed client".into() } else { name },
+        redirect_uris: uris,
+    };
+    let now = crate::store::now_ms();
+    let stored =
+        crate::store::SqliteStore::open(gw.store().path()).and_then(|s| s.oauth_add_client(&client, MAX_CLIENTS, now));
+    if let Err(e) = stored {
+        tracing::warn!(error = %e, "client registration failed");
+        return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store cannot take it now");
+    }
+    let mut r = json(
+        StatusCode::CREATED,
+        serde_json::json!({
+            "client_id": client.client_id,
+            "client_id_issued_at": now / 1000,
+            "client_name": client.name,
+            "redirect_uris": client.redirect_uris,
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "none",
+        })
+        .to_string(),
+    );
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The client of a request, from the store.
+fn client_of(gw: &Gateway, id: &str) -> Option<OAuthClient> {
+    crate::store::SqliteStore::open(gw.store().path()).ok()?.oauth_client(id).ok().flatten()
+}
+
+/// Where a response goes back to the client: its redirect URI with the parameters, `state`
+/// and `iss` (RFC 9207).
+fn back(redirect_uri: &str, params: &[(&str, &str)], state: Option<&str>, iss: &str) -> Response {
+    let Ok(mut u) = reqwest::Url::parse(redirect_uri) else {
+        return error_page(StatusCode::BAD_REQUEST, "bad redirect URI");
+    };
+    {
+        let mut q = u.query_pairs_mut();
+        for (k, v) in params {
+            q.append_pair(k, v);
+        }
+        if let Some(s) = state {
+            q.append_pair("state", s);
+        }
+        q.append_pair("iss", iss);
+    }
+    let mut r = StatusCode::FOUND.into_response();
+    if let Ok(v) = HeaderValue::from_str(u.as_str()) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The MCP endpoint a `resource` names, as the server it addresses (None: the aggregated one),
+/// or Err when it is none of this gateway's.
+fn resource_server(config: &crate::config::Config, resource: &str) -> Result<Option<String>, ()> {
+    let base = config.public_base();
+    let Some(path) = resource.strip_prefix(base.as_str()) else { return Err(()) };
+    match path.trim_start_matches('/').split('/').collect::<Vec<_>>().as_slice() {
+        [""] | ["mcp" | "sse"] => Ok(None),
+        ["servers", name, "mcp" | "sse"] | [name, "mcp" | "sse"]
+            if config.server(name).is_some_and(|d| d.enabled) && !path.ends_with('/') =>
+        {
+            Ok(Some((*name).to_owned()))
+        }
+        _ => Err(()),
+    }
+}
+
+/// `GET /authorize`.
+pub(crate) async fn authorize(State(gw): State<Arc<Gateway>>, RawQuery(query): RawQuery) -> Response {
+    let Some((snap, _)) = enabled(&gw) else { return StatusCode::NOT_FOUND.into_response() };
+    let Some(q) = params(query.unwrap_or_default().as_bytes()) else {
+        return error_page(StatusCode::BAD_REQUEST, "A parameter is given twice.");
+    };
+    let config = &snap.config;
+    let iss = config.public_base();
+    // Until the client and its redirect URI are known, nothing is redirected anywhere.
+    let Some(client) = q.get("client_id").and_then(|id| client_of(&gw, id)) else {
+        return error_page(StatusCode::BAD_REQUEST, "This application is not registered here.");
+    };
+    let Some(redirect_uri) = q.get("redirect_uri").filter(|r| redirect_matches(&client.redirect_uris, r)).cloned()
+    else {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "The address this application asked to be sent back to is not one it registered.",
+        );
+    };
+    let state = q.get("state").filter(|s| s.len() <= 1024).cloned();
+    let fail = |error: &str, description: &str| {
+        back(&redirect_uri, &[("error", error), ("error_description", description)], state.as_deref(), &iss)
+    };
+    if q.get("response_type").map(String::as_str) != Some("code") {
+        return fail("unsupported_response_type", "only the code response type");
+    }
+    let Some(challenge) = q.get("code_challenge").filter(|c| (43..=128).contains(&c.len())).cloned() else {
+        return fail("invalid_request", "PKCE is required: code_challenge with code_challenge_method S256");
+    };
+    if q.get("code_challenge_method").map(String::as_str) != Some("S256") {
+        return fail("invalid_request", "PKCE with S256 only");
+    }
+    // RFC 8707: one of this gateway's MCP endpoints (the aggregated one when none is named).
+    let resource = q.get("resource").cloned().unwrap_or_else(|| format!("{iss}/mcp"));
+    if resource_server(config, &resource).is_err() {
+        return fail("invalid_target", "resource is none of this gateway's MCP endpoints");
+    }
+    let (Ok(cookie), Ok(csrf), Ok(id)) = (random(), random(), random()) else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again.");
+    };
+    let pending = Pending {
+        client,
+        redirect_uri,
+        state,
+        challenge,
+        resource,
+        browser: sha(&cookie),
+        csrf: csrf.clone(),
+        login: None,
+        expires: Instant::now() + PENDING_LIFETIME,
+    };
+    {
+        let mut all = lock(&gw.authorization().pending);
+        if all.len() >= MAX_PENDING {
+            let now = Instant::now();
+            all.retain(|_, p| p.expires > now);
+            if all.len() >= MAX_PENDING {
+                return error_page(StatusCode::SERVICE_UNAVAILABLE, "Too many logins in progress; try again later.");
+            }
+        }
+        all.insert(id.clone(), pending);
+    }
+    let secure = if iss.starts_with("https://") { "; Secure" } else { "" };
+    let set_cookie = format!("{COOKIE}={cookie}; Path=/authorize; HttpOnly; SameSite=Lax; Max-Age=600{secure}");
+    login_page(&id, &csrf, None, Some(set_cookie))
+}
+
+fn login_page(id: &str, csrf: &str, problem: Option<&str>, cookie: Option<String>) -> Response {
+    let problem = problem.map(|p| format!("<p role=\"alert\"><strong>{}</strong></p>", esc(p))).unwrap_or_default();
+    let body = format!(
+        "<p>An application wants to use this gateway's MCP servers on your behalf. Sign in with your Portcullis token \
+         (once: the application then gets tokens of its own, with no more than yours).</p>{problem}\
+         <form method=\"post\" action=\"/authorize\"><input type=\"hidden\" name=\"request\" value=\"{}\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"action\" value=\"login\">\
+         <label for=\"token\">Portcullis token</label><input id=\"token\" type=\"password\" name=\"token\" autocomplete=\"off\" required autofocus>\
+         <button type=\"submit\">Sign in</button></form>",
+        esc(id),
+        esc(csrf)
+    );
+    page(
+        if problem.is_empty() { StatusCode::OK } else { StatusCode::UNAUTHORIZED },
+        "Sign in to Portcullis",
+        &body,
+        cookie,
+    )
+}
+
+fn consent_page(id: &str, p: &Pending, login: &Login) -> Response {
+    let host = reqwest::Url::parse(&p.redirect_uri)
+        .ok()
+        .map(|u| match (u.host_str(), u.port()) {
+            (Some(h), Some(port)) => format!("{h}:{port}"),
+            (Some(h), None) => h.to_owned(),
+            (None, _) => u.scheme().to_owned(),
+        })
+        .unwrap_or_default();
+    let servers = if login.servers.is_empty() {
+        "every server you can reach".to_owned()
+    } else {
+        login.servers.iter().map(|s| format!("<code>{}</code>", esc(s))).collect::<Vec<_>>().join(", ")
+    };
+    let body = format!(
+        "<p>Signed in as <strong>{}</strong>.</p><p><strong>{}</strong> asks to use, as you:</p>\
+         <p>{servers} at <code>{}</code></p><p>After you approve, you are sent to</p><p class=\"host\">{}</p>\
+         <p class=\"muted\">Approve only if you started this from that application.</p>\
+         <form method=\"post\" action=\"/authorize\"><input type=\"hidden\" name=\"request\" value=\"{}\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <button type=\"submit\" name=\"action\" value=\"approve\">Approve</button>\
+         <button type=\"submit\" name=\"action\" value=\"deny\">Deny</button></form>",
+        esc(&login.name),
+        esc(&p.client.name),
+        esc(&p.resource),
+        esc(&host),
+        esc(id),
+        esc(&p.csrf)
+    );
+    page(StatusCode::OK, "Allow access?", &body, None)
+}
+
+/// What an identity's grants are as stored lists (None when they reach no server: an empty
+/// list would mean every server).
+fn stored_grants(g: &crate::authz::Grants) -> Option<(StoredGrants, Vec<String>)> {
+    let servers: Vec<String> = match &g.servers {
+        None => Vec::new(),
+        Some(s) if s.is_empty() => return None,
+        Some(s) => s.iter().cloned().collect(),
+    };
+    let list = |p: &crate::authz::Patterns| -> Vec<String> {
+        p.allow.iter().map(|a| a.as_str().to_owned()).chain(p.deny.iter().map(|d| format!("!{}", d.as_str()))).collect()
+    };
+    let stored = StoredGrants {
+        servers: servers.clone(),
+        tools: list(&g.tools),
+        prompts: list(&g.prompts),
+        resources: list(&g.resources),
+    };
+    Some((stored, servers))
+}
+
+/// `POST /authorize`: the login and consent forms.
+pub(crate) async fn decide(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some((snap, _)) = enabled(&gw) else { return StatusCode::NOT_FOUND.into_response() };
+    let Some(form) = params(&body) else { return error_page(StatusCode::BAD_REQUEST, "A field is given twice.") };
+    let iss = snap.config.public_base();
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")).map(str::to_owned));
+    let id = field("request").to_owned();
+    let state = gw.authorization();
+    // The request, its CSRF token and the browser it was started in must all match.
+    let checked = {
+        let mut all = lock(&state.pending);
+        match all.get(&id) {
+            Some(p) if p.expires <= Instant::now() => {
+                all.remove(&id);
+                None
+            }
+            Some(p) => Some(
+                cookie.as_deref().is_some_and(|c| sha(c) == p.browser) && !p.csrf.is_empty() && field("csrf") == p.csrf,
+            ),
+            None => None,
+        }
+    };
+    match checked {
+        None => {
+            return error_page(
+                StatusCode::BAD_REQUEST,
+                "This sign-in has expired or is unknown; start again from the application.",
+            );
+        }
+        Some(false) => return error_page(StatusCode::FORBIDDEN, "This form was not sent by the page it belongs to."),
+        Some(true) => {}
+    }
+    match field("action") {
+        "login" => {
+            let client = snap.auth.client_addr(peer, &headers);
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", field("token").trim())) {
+                h.insert(header::AUTHORIZATION, v);
+            }
+            // Counted by the failure throttle like any other wrong token.
+            let identity = match snap.auth.authenticate(&h, client) {
+                Ok(i) if i.key.as_ref() != "anonymous" && i.role != crate::credentials::Role::Metrics => i,
+                Ok(_) | Err(_) => {
+                    let csrf = lock(&state.pending).get(&id).map(|p| p.csrf.clone()).unwrap_or_default();
+                    return login_page(&id, &csrf, Some("That token is not one that can sign in here."), None);
+                }
+            };
+            let mut all = lock(&state.pending);
+            let Some(p) = all.get_mut(&id) else { return error_page(StatusCode::BAD_REQUEST, "Start again.") };
+            let server = resource_server(&snap.config, &p.resource).ok().flatten();
+            let Some((grants, servers)) = stored_grants(&identity.grants)
+                .filter(|_| server.as_deref().is_none_or(|s| identity.grants.reaches(s)))
+            else {
+                return error_page(
+                    StatusCode::FORBIDDEN,
+                    "Your token does not reach the servers this application asked for.",
+                );
+            };
+            let login = Login {
+                key: identity.key.to_string(),
+                name: identity.name.to_string(),
+                tenant: identity.tenant.clone().unwrap_or_default(),
+                grants,
+                servers,
+            };
+            // A new CSRF token for the next form.
+            if let Ok(c) = random() {
+                p.csrf = c;
+            }
+            p.login = Some(login.clone());
+            consent_page(&id, p, &login)
+        }
+        action @ ("approve" | "deny") => {
+            let Some(p) = lock(&state.pending).remove(&id) else {
+                return error_page(StatusCode::BAD_REQUEST, "Start again.");
+            };
+            let Some(login) = p.login else { return error_page(StatusCode::BAD_REQUEST, "Sign in first.") };
+            if action == "deny" {
+                return back(&p.redirect_uri, &[("error", "access_denied")], p.state.as_deref(), &iss);
+            }
+            let Ok(code) = random() else { return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again.") };
+            {
+                let mut codes = lock(&state.codes);
+                let now = Instant::now();
+                codes.retain(|_, c| c.expires > now);
+                if codes.len() >= MAX_PENDING {
+                    return error_page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Too many logins in progress; try again later.",
+                    );
+                }
+                codes.insert(
+                    sha(&code),
+                    Code {
+                        client_id: p.client.client_id.clone(),
+                        redirect_uri: p.redirect_uri.clone(),
+                        challenge: p.challenge,
+                        resource: p.resource,
+                        login,
+                        expires: now + CODE_LIFETIME,
+                        used_by: None,
+                    },
+                );
+            }
+            back(&p.redirect_uri, &[("code", &code)], p.state.as_deref(), &iss)
+        }
+        _ => error_page(StatusCode::BAD_REQUEST, "Unknown action."),
+    }
+}
+
+/// `POST /token`.
+pub(crate) async fn token(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some((snap, def)) = enabled(&gw) else { return StatusCode::NOT_FOUND.into_response() };
+    let Some(form) = params(&body) else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "a parameter is given twice");
+    };
+    if !gw.authorization().admit(snap.auth.client_addr(peer, &headers)) {
+        return oauth_error(StatusCode::TOO_MANY_REQUESTS, "slow_down", "too many requests from this address");
+    }
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
+    let invalid = |d: &str| oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", d);
+    let store = match crate::store::SqliteStore::open(gw.store().path()) {
+        Ok(s) => s,
+        Err(_) => {
+            return oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "the store cannot answer now",
+            );
+        }
+    };
+    let now = crate::store::now_ms();
+    let issued = match field("grant_type") {
+        "authorization_code" => {
+            let (client_id, verifier) = (field("client_id"), field("code_verifier"));
+            let mut codes = lock(&gw.authorization().codes);
+            let Some(code) = codes.get_mut(&sha(field("code"))) else { return invalid("unknown or expired code") };
+            if let Some(family) = &code.used_by {
+                // A code used twice: whatever it gave is revoked (RFC 6749 §4.1.2).
+                let family = family.clone();
+                drop(codes);
+                let _ = store.oauth_revoke_family(&family, now);
+                let _ = gw.store().poll();
+                return invalid("the code was used before; its tokens are revoked");
+            }
+            let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha(verifier));
+            if code.expires <= Instant::now()
+                || code.client_id != client_id
+                || code.redirect_uri != field("redirect_uri")
+                || !(43..=128).contains(&verifier.len())
+                || challenge != code.challenge
+                || form.get("resource").is_some_and(|r| *r != code.resource)
+            {
+                return invalid("the code, client, redirect URI, code_verifier or resource do not match");
+            }
+            let Ok(family) = crate::store::new_id() else { return invalid("try again") };
+            code.used_by = Some(family.clone());
+            let grant = OAuthGrant {
+                family,
+                client_id: code.client_id.clone(),
+                audience: code.resource.clone(),
+                login: code.login.key.clone(),
+                name: code.login.name.clone(),
+                tenant: code.login.tenant.clone(),
+                grants: code.login.grants.clone(),
+            };
+            drop(codes);
+            store.oauth_issue(&grant, def.access_ttl, def.refresh_ttl, now).map_err(RefreshError::Store)
+        }
+        "refresh_token" => {
+            // The login behind it must still hold: revoking the token a person signed in with
+            // ends what their clients got from it.
+            let auth = snap.auth.clone();
+            let holds = move |g: &OAuthGrant| match g.login.split_once(':') {
+                Some(("config", name)) => {
+                    auth.current(name).is_some_and(|i| *i.key == *g.login && !i.expired(std::time::SystemTime::now()))
+                }
+                Some(("issued", lineage)) => auth.store_token_usable(lineage) == Some(true),
+                _ => false,
+            };
+            store.oauth_refresh(
+                field("refresh_token"),
+                field("client_id"),
+                (def.access_ttl, def.refresh_ttl),
+                now,
+                holds,
+            )
+        }
+        _ => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "authorization_code or refresh_token",
+            );
+        }
+    };
+    // The gateway's view of the store moves at once (a revoked family is refused from now).
+    let _ = gw.store().poll();
+    match issued {
+        Ok(t) => {
+            let mut r = json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "access_token": t.access_secret,
+                    "token_type": "Bearer",
+                    "expires_in": def.access_ttl.as_secs(),
+                    "refresh_token": t.refresh_secret,
+                })
+                .to_string(),
+            );
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(RefreshError::Invalid) => invalid("unknown, expired or revoked refresh token"),
+        Err(RefreshError::Reused) => invalid("the refresh token was used before; its family is revoked"),
+        Err(RefreshError::Store(e)) => {
+            tracing::warn!(error = %e, "token issue failed");
+            oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store cannot answer now")
+        }
+    }
+}
+
+/// `POST /revoke` (RFC 7009): always 200 for a well-formed request.
+pub(crate) async fn revoke(State(gw): State<Arc<Gateway>>, body: axum::body::Bytes) -> Response {
+    if enabled(&gw).is_none() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let Some(form) = params(&body) else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "a parameter is given twice");
+    };
+    let Some(token) = form.get("token").filter(|t| !t.is_empty()) else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "token is required");
+    };
+    let done =
+        crate::store::SqliteStore::open(gw.store().path()).and_then(|s| s.oauth_revoke(token, crate::store::now_ms()));
+    if let Err(e) = done {
+        tracing::warn!(error = %e, "revocation failed");
+        return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store cannot answer now");
+    }
+    let _ = gw.store().poll();
+    StatusCode::OK.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_covers_text_and_attributes() {
+        assert_eq!(esc(r#"<script>"x"&'y'</script>"#), "&lt;script&gt;&quot;x&quot;&amp;&#39;y&#39;&lt;/script&gt;");
+    }
+
+    #[test]
+    fn redirect_uris_are_exact_but_loopback_ports() {
+        let reg = vec!["http://127.0.0.1/callback".to_owned(), "https://app.example/cb".to_owned()];
+        assert!(redirect_matches(&reg, "https://app.example/cb"));
+        assert!(!redirect_matches(&reg, "https://app.example/cb/"));
+        assert!(!redirect_matches(&reg, "https://app.example/cc"));
+        assert!(redirect_matches(&reg, "http://127.0.0.1:53117/callback"));
+        assert!(!redirect_matches(&reg, "http://127.0.0.1:53117/callbacks"));
+        assert!(!redirect_matches(&reg, "http://localhost:53117/callback"), "another host");
+        assert!(registrable("https://claude.ai/api/mcp/auth_callback"));
+        assert!(registrable("http://localhost:3000/cb"));
+        assert!(registrable("com.example.app:/oauth"));
+        assert!(!registrable("http://evil.example/cb"));
+        assert!(!registrable("javascript:alert(1)"));
+        assert!(!registrable("https://app.example/cb#frag"));
+    }
+}
