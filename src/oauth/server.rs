@@ -38,8 +38,10 @@ const PENDING_LIFETIME: Duration = Duration::from_secs(10 * 60);
 /// The most authorizations in progress, codes unexchanged, clients registered.
 const MAX_PENDING: usize = 10_000;
 const MAX_CLIENTS: usize = 10_000;
-/// Registrations and token requests one address may make per minute.
-const PER_ADDRESS_PER_MINUTE: u32 = 60;
+/// Requests one address may make per minute to the registration, authorization and token
+/// endpoints together (generous: a hosted client's many users share its few addresses; the
+/// sign-in itself is also under the failure throttle).
+const PER_ADDRESS_PER_MINUTE: u32 = 300;
 /// The cookie that ties an authorization's forms to the browser that started it.
 const COOKIE: &str = "pcs_authz";
 
@@ -371,8 +373,19 @@ fn resource_server(config: &crate::config::Config, resource: &str) -> Result<Opt
 }
 
 /// `GET /authorize`.
-pub(crate) async fn authorize(State(gw): State<Arc<Gateway>>, RawQuery(query): RawQuery) -> Response {
+pub(crate) async fn authorize(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let Some((snap, _)) = enabled(&gw) else { return StatusCode::NOT_FOUND.into_response() };
+    if !gw.authorization().admit(snap.auth.client_addr(peer, &headers)) {
+        return error_page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many requests from this address; try again in a minute.",
+        );
+    }
     let Some(q) = params(query.unwrap_or_default().as_bytes()) else {
         return error_page(StatusCode::BAD_REQUEST, "A parameter is given twice.");
     };
