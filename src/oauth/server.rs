@@ -127,8 +127,14 @@ fn esc(s: &str) -> String {
     out
 }
 
-/// A page: small, no script, unframeable, never cached.
+/// A page: small, no script, unframeable, never cached. Its forms may post only here, and be
+/// redirected on to `sent_to` (CSP `form-action` covers the redirect after a post: the consent
+/// form's answer goes on to the client).
 fn page(status: StatusCode, title: &str, body: &str, cookie: Option<String>) -> Response {
+    page_to(status, title, body, cookie, None)
+}
+
+fn page_to(status: StatusCode, title: &str, body: &str, cookie: Option<String>, sent_to: Option<&str>) -> Response {
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
          <title>{}</title><style>body{{font:16px/1.5 system-ui,sans-serif;max-width:32rem;margin:3rem auto;padding:0 1rem;color:#222}}\
@@ -142,12 +148,13 @@ fn page(status: StatusCode, title: &str, body: &str, cookie: Option<String>) -> 
     let mut r = (status, html).into_response();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
-        ),
+    let csp = format!(
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'{}; frame-ancestors 'none'",
+        sent_to.map(|s| format!(" {s}")).unwrap_or_default()
     );
+    if let Ok(v) = HeaderValue::from_str(&csp) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
@@ -499,7 +506,12 @@ fn consent_page(id: &str, p: &Pending, login: &Login) -> Response {
         esc(id),
         esc(&p.csrf)
     );
-    page(StatusCode::OK, "Allow access?", &body, None)
+    // The approval (or denial) is redirected to the client: its origin (or its app's scheme).
+    let target = reqwest::Url::parse(&p.redirect_uri).ok().map(|u| match u.scheme() {
+        "http" | "https" => u.origin().ascii_serialization(),
+        scheme => format!("{scheme}:"),
+    });
+    page_to(StatusCode::OK, "Allow access?", &body, None, target.as_deref())
 }
 
 /// What an identity's grants are as stored lists (None when they reach no server: an empty

@@ -339,3 +339,38 @@ async fn the_python_sdk_registers_signs_in_and_calls_through_portcullis_own_serv
     assert_eq!(seen["resource"], gw.mcp());
     gw.stop().await;
 }
+
+/// The same through a real browser: headless Chromium (Debian's, driven by playwright-core)
+/// opens the authorization URL the SDK gives it, signs in with a token and approves; the SDK
+/// gets its tokens at its callback and calls a tool. The pages it saw are saved as screenshots
+/// (`PORTCULLIS_SCREENSHOTS` names where; docs/img holds the ones in the documentation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_signs_in_through_a_real_browser() {
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists(),
+        "Debian's chromium is needed (./scripts/test installs it)"
+    );
+    let gw = gateway().demo("a", &[], "").top(&top("")).start().await;
+    let dir = TempDir::new();
+    let shots = std::env::var("PORTCULLIS_SCREENSHOTS").unwrap_or_else(|_| dir.0.display().to_string());
+    let (node, playwright, login) = (
+        crate::external::node().display().to_string(),
+        crate::external::node_module("playwright-core/index.mjs"),
+        crate::external::fixture("browser_login.mjs"),
+    );
+    let env = [
+        ("PORTCULLIS_LOGIN_TOKEN", ALICE),
+        ("PORTCULLIS_BROWSER_LOGIN", login.as_str()),
+        ("PORTCULLIS_PLAYWRIGHT", playwright.as_str()),
+        ("PORTCULLIS_NODE", node.as_str()),
+        ("PORTCULLIS_SCREENSHOTS", shots.as_str()),
+        ("PORTCULLIS_CALLBACK", "http://127.0.0.1:8976/callback"),
+    ];
+    let seen = crate::idp::sdk_oauth(&gw.mcp(), "a__echo", &env).await;
+    assert_eq!(seen["echo"], json!(["hello through oauth"]), "{seen}");
+    for page in ["signin.png", "consent.png"] {
+        let png = std::fs::read(std::path::Path::new(&shots).join(page)).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "{page}");
+    }
+    gw.stop().await;
+}
