@@ -494,15 +494,12 @@ impl Authenticator {
     /// Whether an issued token's lineage is still usable (for open sessions): the token, or
     /// the token that replaced it by rotation, and so on. None when the store cannot say.
     pub(crate) fn store_token_usable(&self, id: &str) -> Option<bool> {
-        if self.cfg.issued_off {
-            return Some(false);
-        }
         let store = self.store.as_ref()?;
         let now = crate::store::now_ms();
         let mut id = id.to_owned();
         for _ in 0..64 {
             match store.token(&id) {
-                Ok(Some(t)) if t.usable(now) => return Some(true),
+                Ok(Some(t)) if t.usable(now) => return Some(self.stored_kind_on(&t)),
                 Ok(Some(t)) if t.revoked_at.is_none() => match &t.superseded_by {
                     Some(next) => id = next.clone(),
                     None => return Some(false),
@@ -512,6 +509,18 @@ impl Authenticator {
             }
         }
         Some(false)
+    }
+
+    /// Whether this config takes a stored token of its kind (one rule for requests and for the
+    /// sessions the sweep keeps): an access token of Portcullis' authorization server (it
+    /// has a client and an audience) while that server is on; any other issued token while
+    /// issued tokens are on.
+    fn stored_kind_on(&self, t: &crate::store::StoredToken) -> bool {
+        match (&t.client_id, &t.audience) {
+            (Some(_), Some(_)) => self.cfg.oauth.server.is_some(),
+            (None, None) => !self.cfg.issued_off,
+            _ => false,
+        }
     }
 
     /// The client's address: the peer, or when the peer is a trusted proxy, the nearest
@@ -790,19 +799,13 @@ impl Authenticator {
                     let now = crate::store::now_ms();
                     match store.lookup(&d) {
                         Ok(Some(t)) if t.usable(now) => {
-                            // An access token of Portcullis' own authorization server: only
-                            // while that server is on, and only at the resource it was issued
-                            // for. Other issued tokens: only while issued tokens are on.
-                            let allowed = match (&t.client_id, &t.audience) {
-                                (Some(_), Some(aud)) => {
-                                    let names = || self.servers.iter().map(|(s, _)| s.as_str());
-                                    own_server
-                                        && at.is_some_and(|at| at.accepts(aud, self.cfg.oauth.resources, names(), &[]))
-                                }
-                                (Some(_), None) | (None, Some(_)) => false,
-                                (None, None) => !self.cfg.issued_off,
-                            };
-                            if !allowed {
+                            // An access token of Portcullis' own authorization server is
+                            // accepted only at the resource it was issued for.
+                            let names = || self.servers.iter().map(|(s, _)| s.as_str());
+                            let at_its_resource = t.audience.as_deref().is_none_or(|aud| {
+                                at.is_some_and(|at| at.accepts(aud, self.cfg.oauth.resources, names(), &[]))
+                            });
+                            if !self.stored_kind_on(&t) || !at_its_resource {
                                 return Err(AuthError::Invalid);
                             }
                             store.used(&t.id, now);

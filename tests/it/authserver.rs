@@ -374,3 +374,44 @@ async fn the_python_sdk_signs_in_through_a_real_browser() {
     }
     gw.stop().await;
 }
+
+/// Which stored tokens a config takes is one rule for requests and for the sessions the sweep
+/// keeps: with issued tokens turned off, the authorization server's tokens and their sessions
+/// carry on (an issued token's session ends); with the authorization server turned off, its
+/// tokens' sessions end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_kind_of_stored_token_lives_and_ends_with_its_own_switch() {
+    let mut gw = gateway().demo("a", &[], "").top(&top("")).start().await;
+    let mcp = gw.mcp();
+    let store = portcullis::store::SqliteStore::open(&gw.audit.with_file_name("tokens.db")).unwrap();
+    let (_, issued) = store
+        .create(
+            &portcullis::store::NewToken { name: "carol".into(), ..Default::default() },
+            portcullis::store::now_ms(),
+        )
+        .unwrap();
+    let (_, client) = register(&gw, "Client", CALLBACK).await;
+    let client_id = client["client_id"].as_str().unwrap().to_owned();
+    let mut flow = start(&gw, &client_id, CALLBACK, &mcp).await;
+    let code = flow.approve(&gw, ALICE).await;
+    let (_, tokens) = exchange(&gw, &client_id, &code, &flow.verifier).await;
+    let oauth = Client::connect_as(&mcp, tokens["access_token"].as_str().unwrap()).await;
+    let mut oauth_stream = oauth.get_stream().await;
+    let carol = Client::connect_as(&mcp, &issued).await;
+    let mut carol_stream = carol.get_stream().await;
+
+    // Issued tokens off (a reload sweeps before it returns): carol's session ends, the OAuth
+    // client's carries on.
+    let top_issued_off = top("").replacen("auth:\n", "auth:\n  issued_tokens: false\n", 1);
+    gw.reload_top(&top_issued_off).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), carol_stream.ended())
+        .await
+        .expect("carol's session lived on");
+    assert_eq!(oauth.call_text("a__echo", json!({"text": "still"})).await, "still");
+    // The authorization server off: its sessions end too.
+    gw.reload_top(&format!("auth:\n  tokens:\n    alice: {{token: {ALICE}, servers: [a]}}\n")).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), oauth_stream.ended())
+        .await
+        .expect("the OAuth client's session outlived its server");
+    gw.stop().await;
+}
