@@ -505,7 +505,7 @@ pub(crate) fn parse_listen(text: &str) -> Result<SocketAddr, crate::credentials:
 }
 
 pub(crate) use crate::credentials::parse_duration;
-pub(crate) use oauth::is_loopback_host;
+pub(crate) use oauth::{is_loopback_host, is_provider_url};
 
 /// How a server is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]

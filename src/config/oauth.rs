@@ -289,11 +289,19 @@ impl Validator<'_> {
     /// An identity provider's URL: https, or http on a loopback host (a provider on this
     /// machine, a test's).
     pub(super) fn provider_url(&mut self, path: &str, url: &str) {
-        match reqwest::Url::parse(url) {
-            Ok(u) if u.scheme() == "https" && u.has_host() => {}
-            Ok(u) if u.scheme() == "http" && u.host_str().is_some_and(is_loopback_host) => {}
-            _ => self.error(path, format!("{url:?} is not an https URL (http only on a loopback host)")),
+        if !is_provider_url(url) {
+            self.error(path, format!("{url:?} is not an https URL (http only on a loopback host)"));
         }
+    }
+}
+
+/// Whether a URL may be an identity provider's (or any OAuth endpoint Portcullis talks to):
+/// https, or http on a loopback host.
+pub(crate) fn is_provider_url(url: &str) -> bool {
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.scheme() == "https" => u.has_host(),
+        Ok(u) if u.scheme() == "http" => u.host_str().is_some_and(is_loopback_host),
+        _ => false,
     }
 }
 

@@ -228,22 +228,26 @@ impl Session {
     /// with other grants is authorized by its own on each request, but never extends a session
     /// whose notifications are filtered by the grants it was opened with).
     pub(crate) fn renew(&self, by: &Identity) {
-        if by.grants != self.identity.grants || by.tenant != self.identity.tenant {
+        // The common case, on every request of a session: the credential that opened it.
+        if std::ptr::eq(by, &*self.identity) {
             return;
         }
-        if let (Some(_), Some(theirs)) = (&self.identity.token_id, &by.token_id) {
-            if self.identity.token_id.as_ref() != Some(theirs) {
-                *lock(&self.renewed_token) = Some(theirs.clone());
+        let same_authority = || by.grants == self.identity.grants && by.tenant == self.identity.tenant;
+        if let (Some(mine), Some(theirs)) = (&self.identity.token_id, &by.token_id) {
+            if mine != theirs {
+                let mut renewed = lock(&self.renewed_token);
+                if renewed.as_deref() != Some(theirs.as_str()) && same_authority() {
+                    *renewed = Some(theirs.clone());
+                }
             }
             return;
         }
         let (Some(mine), Some(theirs)) = (&self.identity.issuer, &by.issuer) else { return };
-        if **mine != **theirs || by.grants != self.identity.grants || by.tenant != self.identity.tenant {
-            return;
-        }
         let Some(until) = by.expires.and_then(|e| e.duration_since(std::time::UNIX_EPOCH).ok()) else { return };
         let ms = u64::try_from(until.as_millis()).unwrap_or(u64::MAX);
-        self.renewed_until.fetch_max(ms, Ordering::Relaxed);
+        if ms > self.renewed_until.load(Ordering::Relaxed) && **mine == **theirs && same_authority() {
+            self.renewed_until.fetch_max(ms, Ordering::Relaxed);
+        }
     }
 
     /// The issued token whose state decides whether the session lives: the newest one used on

@@ -495,11 +495,7 @@ fn challenge_param(challenge: &str, wanted: &str) -> Option<String> {
 
 /// An https URL, or http on a loopback host.
 fn secure(url: &str) -> Result<(), CredentialError> {
-    match reqwest::Url::parse(url) {
-        Ok(u) if u.scheme() == "https" && u.has_host() => Ok(()),
-        Ok(u) if u.scheme() == "http" && u.host_str().is_some_and(crate::config::is_loopback_host) => Ok(()),
-        _ => Err(CredentialError::Insecure(shown_url(url))),
-    }
+    if crate::config::is_provider_url(url) { Ok(()) } else { Err(CredentialError::Insecure(shown_url(url))) }
 }
 
 #[cfg(test)]

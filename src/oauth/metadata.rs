@@ -20,12 +20,7 @@ pub(crate) async fn serve(State(gw): State<Arc<Gateway>>, path: Option<Path<Stri
     let snap = gw.snapshot();
     let (config, auth) = (&snap.config, &snap.auth);
     let rest = path.map(|Path(p)| p).unwrap_or_default();
-    let enabled = |n: &str| config.server(n).is_some_and(|d| d.enabled);
-    let server = match rest.trim_matches('/').split('/').collect::<Vec<_>>().as_slice() {
-        [""] | ["mcp" | "sse"] => None,
-        ["servers", name, "mcp" | "sse"] | [name, "mcp" | "sse"] if enabled(name) => Some(*name),
-        _ => return StatusCode::NOT_FOUND.into_response(),
-    };
+    let Some(server) = super::endpoint_of(config, &rest) else { return StatusCode::NOT_FOUND.into_response() };
     if !auth.is_protected_resource() {
         return StatusCode::NOT_FOUND.into_response();
     }

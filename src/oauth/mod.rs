@@ -39,6 +39,24 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(60 * 60);
 /// How soon a failed fetch is tried again by the refresher.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
+/// Which MCP endpoint a path after the gateway's base names: `Some(None)` for the aggregated one
+/// (``, `/mcp`, `/sse`), `Some(Some(name))` for an enabled server's (`/servers/NAME/mcp`, its
+/// `/sse`, and MCP Front's `/NAME/mcp`, `/NAME/sse`), None for anything else (a trailing slash
+/// included: clients compare resources strictly).
+pub(crate) fn endpoint_of<'a>(config: &crate::config::Config, path: &'a str) -> Option<Option<&'a str>> {
+    let p = path.strip_prefix('/').unwrap_or(path);
+    if p.ends_with('/') {
+        return None;
+    }
+    match p.split('/').collect::<Vec<_>>().as_slice() {
+        [""] | ["mcp" | "sse"] => Some(None),
+        ["servers", name, "mcp" | "sse"] | [name, "mcp" | "sse"] if config.server(name).is_some_and(|d| d.enabled) => {
+            Some(Some(*name))
+        }
+        _ => None,
+    }
+}
+
 /// The MCP endpoint a request is for, as an OAuth resource (RFC 8707, RFC 9728).
 #[derive(Debug, Clone)]
 pub struct Endpoint {

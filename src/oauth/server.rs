@@ -24,7 +24,6 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use sha2::Digest;
 
 use crate::gate::json;
 use crate::mcp::gateway::Gateway;
@@ -99,16 +98,6 @@ fn params(raw: &[u8]) -> Option<HashMap<String, String>> {
         }
     }
     Some(out)
-}
-
-fn random() -> Result<String, crate::random::NoRandomness> {
-    let mut b = [0u8; 32];
-    crate::random::fill(&mut b)?;
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
-}
-
-fn sha(v: &str) -> [u8; 32] {
-    sha2::Sha256::digest(v.as_bytes()).into()
 }
 
 /// Escapes text for HTML (the five characters that matter in text and quoted attributes).
@@ -302,7 +291,7 @@ pub(crate) async fn register(
         return bad("only the authorization_code and refresh_token grants and the code response type");
     }
     let name: String = m.client_name.unwrap_or_default().chars().filter(|c| !c.is_control()).take(100).collect();
-    let Ok(client_id) = random() else {
+    let Ok(client_id) = crate::random::id() else {
         return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "no randomness");
     };
     let client = OAuthClient {
@@ -363,20 +352,12 @@ fn back(redirect_uri: &str, params: &[(&str, &str)], state: Option<&str>, iss: &
     r
 }
 
-/// The MCP endpoint a `resource` names, as the server it addresses (None: the aggregated one),
-/// or Err when it is none of this gateway's.
-fn resource_server(config: &crate::config::Config, resource: &str) -> Result<Option<String>, ()> {
-    let base = config.public_base();
-    let Some(path) = resource.strip_prefix(base.as_str()) else { return Err(()) };
-    match path.trim_start_matches('/').split('/').collect::<Vec<_>>().as_slice() {
-        [""] | ["mcp" | "sse"] => Ok(None),
-        ["servers", name, "mcp" | "sse"] | [name, "mcp" | "sse"]
-            if config.server(name).is_some_and(|d| d.enabled) && !path.ends_with('/') =>
-        {
-            Ok(Some((*name).to_owned()))
-        }
-        _ => Err(()),
-    }
+/// The MCP endpoint a `resource` names, as the server it addresses (`Some(None)`: the
+/// aggregated one); None when it is none of this gateway's.
+fn resource_server(config: &crate::config::Config, resource: &str) -> Option<Option<String>> {
+    // After the base, nothing or a path: `https://gw:8443/mcp` is not under `https://gw:84`.
+    let path = resource.strip_prefix(config.public_base().as_str()).filter(|p| p.is_empty() || p.starts_with('/'))?;
+    super::endpoint_of(config, path).map(|s| s.map(str::to_owned))
 }
 
 /// `GET /authorize`.
@@ -424,10 +405,10 @@ pub(crate) async fn authorize(
     }
     // RFC 8707: one of this gateway's MCP endpoints (the aggregated one when none is named).
     let resource = q.get("resource").cloned().unwrap_or_else(|| format!("{iss}/mcp"));
-    if resource_server(config, &resource).is_err() {
+    if resource_server(config, &resource).is_none() {
         return fail("invalid_target", "resource is none of this gateway's MCP endpoints");
     }
-    let (Ok(cookie), Ok(csrf), Ok(id)) = (random(), random(), random()) else {
+    let (Ok(cookie), Ok(csrf), Ok(id)) = (crate::random::id(), crate::random::id(), crate::random::id()) else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again.");
     };
     let pending = Pending {
@@ -436,7 +417,7 @@ pub(crate) async fn authorize(
         state,
         challenge,
         resource,
-        browser: sha(&cookie),
+        browser: crate::credentials::digest(&cookie),
         csrf: csrf.clone(),
         login: None,
         expires: Instant::now() + PENDING_LIFETIME,
@@ -562,7 +543,9 @@ pub(crate) async fn decide(
                 None
             }
             Some(p) => Some(
-                cookie.as_deref().is_some_and(|c| sha(c) == p.browser) && !p.csrf.is_empty() && field("csrf") == p.csrf,
+                cookie.as_deref().is_some_and(|c| crate::credentials::digest(c) == p.browser)
+                    && !p.csrf.is_empty()
+                    && field("csrf") == p.csrf,
             ),
             None => None,
         }
@@ -594,7 +577,7 @@ pub(crate) async fn decide(
             };
             let mut all = lock(&state.pending);
             let Some(p) = all.get_mut(&id) else { return error_page(StatusCode::BAD_REQUEST, "Start again.") };
-            let server = resource_server(&snap.config, &p.resource).ok().flatten();
+            let server = resource_server(&snap.config, &p.resource).flatten();
             let Some((grants, servers)) = stored_grants(&identity.grants)
                 .filter(|_| server.as_deref().is_none_or(|s| identity.grants.reaches(s)))
             else {
@@ -611,7 +594,7 @@ pub(crate) async fn decide(
                 servers,
             };
             // A new CSRF token for the next form.
-            if let Ok(c) = random() {
+            if let Ok(c) = crate::random::id() {
                 p.csrf = c;
             }
             p.login = Some(login.clone());
@@ -625,7 +608,9 @@ pub(crate) async fn decide(
             if action == "deny" {
                 return back(&p.redirect_uri, &[("error", "access_denied")], p.state.as_deref(), &iss);
             }
-            let Ok(code) = random() else { return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again.") };
+            let Ok(code) = crate::random::id() else {
+                return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again.");
+            };
             {
                 let mut codes = lock(&state.codes);
                 let now = Instant::now();
@@ -637,7 +622,7 @@ pub(crate) async fn decide(
                     );
                 }
                 codes.insert(
-                    sha(&code),
+                    crate::credentials::digest(&code),
                     Code {
                         client_id: p.client.client_id.clone(),
                         redirect_uri: p.redirect_uri.clone(),
@@ -686,7 +671,9 @@ pub(crate) async fn token(
         "authorization_code" => {
             let (client_id, verifier) = (field("client_id"), field("code_verifier"));
             let mut codes = lock(&gw.authorization().codes);
-            let Some(code) = codes.get_mut(&sha(field("code"))) else { return invalid("unknown or expired code") };
+            let Some(code) = codes.get_mut(&crate::credentials::digest(field("code"))) else {
+                return invalid("unknown or expired code");
+            };
             if let Some(family) = &code.used_by {
                 // A code used twice: whatever it gave is revoked (RFC 6749 §4.1.2).
                 let family = family.clone();
@@ -695,7 +682,8 @@ pub(crate) async fn token(
                 let _ = gw.store().poll();
                 return invalid("the code was used before; its tokens are revoked");
             }
-            let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha(verifier));
+            let challenge =
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::credentials::digest(verifier));
             if code.expires <= Instant::now()
                 || code.client_id != client_id
                 || code.redirect_uri != field("redirect_uri")
@@ -796,6 +784,18 @@ pub(crate) async fn revoke(State(gw): State<Arc<Gateway>>, body: axum::body::Byt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resource_is_one_of_this_gateway_s_endpoints() {
+        let text = "listen: 127.0.0.1:84\npublic_url: https://gw:84\nservers:\n  '43': {command: echo}\n  b: {command: echo}\n";
+        let config = crate::config::parse(text, false, &crate::config::Env::from_pairs([])).unwrap();
+        assert_eq!(resource_server(&config, "https://gw:84/mcp"), Some(None));
+        assert_eq!(resource_server(&config, "https://gw:84"), Some(None));
+        assert_eq!(resource_server(&config, "https://gw:84/servers/b/mcp"), Some(Some("b".into())));
+        assert_eq!(resource_server(&config, "https://gw:8443/mcp"), None, "another port, with a server named 43");
+        assert_eq!(resource_server(&config, "https://gw:84/servers/b/mcp/"), None);
+        assert_eq!(resource_server(&config, "https://gw:84/servers/nope/mcp"), None);
+    }
 
     #[test]
     fn escaping_covers_text_and_attributes() {
