@@ -502,6 +502,51 @@ pub(crate) async fn list_tokens(
     .await
 }
 
+/// `GET /admin/consents`: the consents people gave OAuth clients (a tenant's admin sees its
+/// tenant's).
+pub(crate) async fn list_consents(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    admin(gw, "GET /admin/consents", &headers, peer, async move |gw, who, _| {
+        let own = who.identity.tenant.clone();
+        match open_store(&gw).and_then(|s| s.oauth_consents()) {
+            Ok(all) => {
+                let visible: Vec<&crate::store::Consent> =
+                    all.iter().filter(|c| own.as_deref().is_none_or(|t| t == c.tenant)).collect();
+                json_value(StatusCode::OK, &json!({ "consents": visible }))
+            }
+            Err(e) => store_error(e),
+        }
+    })
+    .await
+}
+
+/// `DELETE /admin/consents/{id}`: withdraws a consent and revokes the tokens it let the client
+/// have (their sessions end at once).
+pub(crate) async fn withdraw_consent(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    admin(gw, "DELETE /admin/consents/{id}", &headers, peer, async move |gw, who, _| {
+        let done =
+            open_store(&gw).and_then(|s| s.oauth_withdraw(&id, who.identity.tenant.as_deref(), crate::store::now_ms()));
+        let c = match done {
+            Ok(c) => c,
+            Err(crate::store::StoreError::Invalid(_)) => {
+                return Err(Rejection::api(StatusCode::NOT_FOUND, "not_found", format!("no consent {id}")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        applied(&gw).await;
+        Ok::<_, Rejection>(json_value(StatusCode::OK, &serde_json::to_value(&c).unwrap_or_default()))
+    })
+    .await
+}
+
 /// `GET /admin/tokens/{id}`.
 pub(crate) async fn get_token(
     State(gw): State<Arc<Gateway>>,

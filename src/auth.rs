@@ -927,7 +927,7 @@ impl Authenticator {
     /// servers), with the role and tenant its groups map to, ending at its expiry. None when its
     /// groups name two tenants, or when `sub` is not a name (visible characters, 1 to 128; a claim that is not one falls
     /// back to `sub`): a claim never puts control characters into a log line or `/stats`.
-    fn token_identity(
+    pub(crate) fn token_identity(
         &self,
         def: &Arc<crate::credentials::IssuerDef>,
         claims: &crate::oauth::jwt::Claims,

@@ -235,6 +235,18 @@ pub enum TokenCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// List the consents people gave OAuth clients of the authorization server.
+    Consents {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Withdraw a consent: its client's tokens from that person's sign-ins are revoked, and the
+    /// person is asked again next time.
+    Withdraw {
+        /// The consent's id (`con_…`).
+        consent: String,
+    },
 }
 
 /// Runs a `token` command; the exit code.
@@ -320,6 +332,32 @@ fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()
         TokenCommand::Revoke { token, tenant } => {
             let t = store.revoke_ref(&token, tenant.as_deref(), now_ms())?;
             println!("revoked {} {}", t.id, printable(&t.name));
+        }
+        TokenCommand::Consents { json } => {
+            for c in store.oauth_consents()? {
+                if json {
+                    println!("{}", crate::store::printable_json(&serde_json::to_string(&c).unwrap_or_default()));
+                } else {
+                    println!(
+                        "{}  {} gave {} ({}) access to {}  since {}",
+                        c.id,
+                        printable(&c.name),
+                        printable(&c.client_name),
+                        printable(&c.client_id),
+                        printable(&c.resource),
+                        fmt_time(Some(c.created_at))
+                    );
+                }
+            }
+        }
+        TokenCommand::Withdraw { consent } => {
+            let c = store.oauth_withdraw(&consent, None, now_ms())?;
+            println!(
+                "withdrew {} ({} for {}); its tokens are revoked",
+                c.id,
+                printable(&c.name),
+                printable(&c.client_name)
+            );
         }
     }
     Ok(())

@@ -339,6 +339,43 @@ pub struct AuthorizationServerDef {
     pub access_ttl: std::time::Duration,
     /// How long a refresh token lasts unused.
     pub refresh_ttl: std::time::Duration,
+    /// Clients registered in the config.
+    pub(crate) clients: Vec<crate::store::OAuthClient>,
+    /// The fetcher of Client ID Metadata Documents, when they are accepted.
+    pub(crate) documents: Option<crate::oauth::cimd::Fetcher>,
+    /// Whether a person may sign in with a Portcullis token.
+    pub token_login: bool,
+    /// The OpenID provider people sign in through.
+    pub provider: Option<LoginProvider>,
+}
+
+/// The operator's OpenID provider, for signing people in to the authorization server.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LoginProvider {
+    /// Its issuer (one of the configured issuers).
+    pub issuer: String,
+    /// Portcullis' client id there.
+    pub client_id: String,
+    /// Its secret (never logged: `Debug` hides it).
+    pub client_secret: Box<str>,
+    /// The scopes asked for.
+    pub scopes: Vec<String>,
+    /// Email domains allowed (lowercase; empty: any).
+    pub allowed_domains: Vec<String>,
+    /// Groups allowed (empty: any).
+    pub allowed_groups: Vec<String>,
+}
+
+impl std::fmt::Debug for LoginProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginProvider")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .field("scopes", &self.scopes)
+            .field("allowed_domains", &self.allowed_domains)
+            .field("allowed_groups", &self.allowed_groups)
+            .finish()
+    }
 }
 
 /// Which resource (RFC 8707 audience) a token must name to be accepted at an endpoint.

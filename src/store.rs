@@ -427,6 +427,20 @@ CREATE TABLE oauth_refresh (
 );
 CREATE INDEX oauth_refresh_family ON oauth_refresh(family);
 "#,
+    r#"
+CREATE TABLE oauth_consents (
+    id TEXT PRIMARY KEY,
+    login TEXT NOT NULL,
+    name TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    client_name TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    used_at INTEGER,
+    UNIQUE (login, client_id, resource)
+);
+"#,
 ];
 
 /// An OAuth client of Portcullis' authorization server (registered by RFC 7591).
@@ -457,6 +471,34 @@ pub(crate) struct OAuthGrant {
     pub tenant: String,
     /// Its grants at login (never more).
     pub grants: StoredGrants,
+}
+
+/// A person's consent to an OAuth client, for one resource: remembered, so the next sign-in
+/// of the same person for the same client and resource is not asked again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Consent {
+    /// Its id (`con_…`).
+    pub id: String,
+    /// The identity that consented (`config:NAME`, `issued:LINEAGE`, `oidc:ISSUER#SUB`).
+    #[serde(skip)]
+    pub login: String,
+    /// That identity's name.
+    pub name: String,
+    /// Its tenant ("" for none).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    /// The client.
+    pub client_id: String,
+    /// Its name as it was shown.
+    pub client_name: String,
+    /// The MCP endpoint it was for.
+    pub resource: String,
+    /// When it was given.
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: i64,
+    /// When it last spared a consent page.
+    #[serde(serialize_with = "rfc3339_opt", skip_serializing_if = "Option::is_none")]
+    pub used_at: Option<i64>,
 }
 
 /// A refresh token that cannot be used.
@@ -898,6 +940,78 @@ impl SqliteStore {
             )?;
             Ok(())
         })
+    }
+
+    /// Whether `login` consented to `client_id` for `resource` (then the consent's last use
+    /// is now).
+    pub(crate) fn oauth_consented(
+        &self,
+        login: &str,
+        client_id: &str,
+        resource: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let n = lock(&self.conn).execute(
+            "UPDATE oauth_consents SET used_at = ?1 WHERE login = ?2 AND client_id = ?3 AND resource = ?4",
+            params![now, login, client_id, resource],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Remembers a consent (one per person, client and resource: a newer one replaces it).
+    pub(crate) fn oauth_consent(&self, c: &Consent) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO oauth_consents (id, login, name, tenant, client_id, client_name, resource, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (login, client_id, resource) DO UPDATE SET \
+                 name = excluded.name, client_name = excluded.client_name, created_at = excluded.created_at",
+                params![c.id, c.login, c.name, c.tenant, c.client_id, c.client_name, c.resource, c.created_at],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Every remembered consent, oldest first.
+    pub(crate) fn oauth_consents(&self) -> Result<Vec<Consent>, StoreError> {
+        let conn = lock(&self.conn);
+        let mut stmt = conn.prepare(
+            "SELECT id, login, name, tenant, client_id, client_name, resource, created_at, used_at \
+             FROM oauth_consents ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Consent {
+                id: r.get(0)?,
+                login: r.get(1)?,
+                name: r.get(2)?,
+                tenant: r.get(3)?,
+                client_id: r.get(4)?,
+                client_name: r.get(5)?,
+                resource: r.get(6)?,
+                created_at: r.get(7)?,
+                used_at: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Withdraws a consent: forgets it and revokes every token family that person's sign-ins
+    /// gave that client for that resource (their sessions end with the next poll).
+    pub(crate) fn oauth_withdraw(&self, id: &str, tenant: Option<&str>, now: i64) -> Result<Consent, StoreError> {
+        let found = self.oauth_consents()?.into_iter().find(|c| c.id == id && tenant.is_none_or(|t| c.tenant == t));
+        let Some(c) = found else { return Err(StoreError::Invalid(format!("no consent {id:?}"))) };
+        self.write(|tx| {
+            tx.execute("DELETE FROM oauth_consents WHERE id = ?1", params![c.id])?;
+            let mut stmt = tx.prepare(
+                "SELECT DISTINCT family FROM oauth_refresh WHERE login = ?1 AND client_id = ?2 AND audience = ?3",
+            )?;
+            let families: Vec<String> =
+                stmt.query_map(params![c.login, c.client_id, c.resource], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            for f in families {
+                revoke_family_in(tx, &f, now)?;
+            }
+            Ok(())
+        })?;
+        Ok(c)
     }
 
     /// Writes the WAL back into the database file.

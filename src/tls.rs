@@ -292,6 +292,17 @@ pub(crate) enum UpstreamTlsError {
     Client(reqwest::Error),
 }
 
+/// A CA bundle: its PEM and the certificates in it (at least one).
+pub(crate) fn read_ca(path: &Path) -> Result<(Vec<u8>, Vec<reqwest::Certificate>), UpstreamTlsError> {
+    let pem =
+        std::fs::read(path).map_err(|source| UpstreamTlsError::Read { field: "ca", path: path.to_owned(), source })?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .ok()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| UpstreamTlsError::NoCa(path.to_owned()))?;
+    Ok((pem, certs))
+}
+
 impl UpstreamTls {
     /// Loads the files and builds the client. `ca` replaces the system's roots for this server;
     /// `cert_key` is a PEM certificate chain and its PEM key (mTLS).
@@ -306,11 +317,7 @@ impl UpstreamTls {
         let mut builder = http_client_builder();
         let ca = match ca {
             Some(path) => {
-                let pem = read("ca", path)?;
-                let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                    .ok()
-                    .filter(|c| !c.is_empty())
-                    .ok_or_else(|| UpstreamTlsError::NoCa(path.to_owned()))?;
+                let (pem, certs) = read_ca(path)?;
                 builder = builder.tls_certs_only(certs);
                 Some(pem)
             }

@@ -48,6 +48,83 @@ pub(crate) struct RawAuthorizationServer {
     /// How long a refresh token lasts unused (default `30d`).
     #[serde(default)]
     pub refresh_token_ttl: Option<DurationValue>,
+    /// Clients registered here ahead of time: client id → its name and redirect URIs. Public
+    /// clients (PKCE, no secret), like every other client of this server.
+    #[serde(default)]
+    pub clients: BTreeMap<String, RawClient>,
+    /// Clients that identify themselves by the https URL of a Client ID Metadata Document
+    /// (ChatGPT, Claude.ai, VS Code): on by default.
+    #[serde(default)]
+    pub client_metadata_documents: Option<RawMetadataDocuments>,
+    /// How a person signs in: with a Portcullis token, through the operator's OpenID provider,
+    /// or both (default: with a token only).
+    #[serde(default)]
+    pub login: Option<RawLogin>,
+}
+
+/// A client registered in the config.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawClient {
+    /// The name shown on the consent page (default: the client id).
+    #[serde(default)]
+    pub name: Option<S>,
+    /// Where it may be sent back to: compared exactly, but for any port of a loopback http URI
+    /// (RFC 8252).
+    pub redirect_uris: Vec<S>,
+}
+
+/// `oauth.authorization_server.client_metadata_documents`.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMetadataDocuments {
+    /// Whether client ids that are https URLs are accepted (default true).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Fetch documents from hosts with private, loopback or link-local addresses too (default
+    /// false: a client id could otherwise make Portcullis reach into its own network).
+    #[serde(default)]
+    pub allow_private_addresses: bool,
+    /// A PEM bundle of the CAs trusted for fetching documents, in place of the system's roots.
+    #[serde(default)]
+    pub ca: Option<S>,
+}
+
+/// `oauth.authorization_server.login`.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLogin {
+    /// Whether a person may sign in by presenting a Portcullis token (default true).
+    #[serde(default)]
+    pub tokens: Option<bool>,
+    /// The operator's OpenID provider, through which people sign in (Portcullis is its
+    /// client). Its issuer must be one of `oauth.issuers`: that entry's keys check the ID token,
+    /// and its identity claim, scopes, roles and tenants say who the person is and what they
+    /// reach.
+    #[serde(default)]
+    pub provider: Option<RawLoginProvider>,
+}
+
+/// The OpenID provider people sign in through.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLoginProvider {
+    /// Its issuer, one of `oauth.issuers`.
+    pub issuer: S,
+    /// Portcullis' client id there (its redirect URI is `PUBLIC_URL/authorize/callback`).
+    pub client_id: S,
+    /// Its client secret (use `${VAR}`), sent with HTTP Basic authentication.
+    pub client_secret: S,
+    /// The scopes asked for (default: `openid email profile` and every scope the issuer's
+    /// `scopes:` maps).
+    #[serde(default)]
+    pub scopes: Vec<S>,
+    /// Only people whose verified `email` is in one of these domains may sign in.
+    #[serde(default)]
+    pub allowed_domains: Vec<S>,
+    /// Only people in one of these groups (the issuer's `groups_claim`) may sign in.
+    #[serde(default)]
+    pub allowed_groups: Vec<S>,
 }
 
 /// One identity provider.
@@ -162,11 +239,15 @@ impl Validator<'_> {
         if issuers.iter().filter(|d| d.introspection.is_some()).count() > 1 {
             self.error("oauth.issuers", "at most one issuer may have an introspection endpoint");
         }
-        let server = raw.authorization_server.as_ref().map(|a| self.authorization_server(a));
+        let server = raw.authorization_server.as_ref().map(|a| self.authorization_server(a, &issuers));
         OAuthConfig { issuers, resources, separator: separator.to_owned(), server }
     }
 
-    fn authorization_server(&mut self, a: &RawAuthorizationServer) -> crate::credentials::AuthorizationServerDef {
+    fn authorization_server(
+        &mut self,
+        a: &RawAuthorizationServer,
+        issuers: &[IssuerDef],
+    ) -> crate::credentials::AuthorizationServerDef {
         let path = "oauth.authorization_server";
         let ttl = |me: &mut Self, name: &str, v: &Option<DurationValue>, default: Duration, max: Duration| {
             let d = me.duration(&format!("{path}.{name}"), v.as_ref(), default, false);
@@ -184,11 +265,106 @@ impl Validator<'_> {
             Duration::from_secs(30 * 86_400),
             Duration::from_secs(366 * 86_400),
         );
+        let mut clients = Vec::new();
+        for (id, c) in &a.clients {
+            let cp = format!("{path}.clients.{id}");
+            if id.is_empty() || id.len() > 200 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                self.error(&cp, "a client id is 1 to 200 visible characters");
+            }
+            if crate::oauth::cimd::is_document_id(id) {
+                self.error(&cp, "an https URL is a metadata document's client id, not one to register here");
+            }
+            let uris: Vec<String> =
+                c.redirect_uris.iter().map(|u| self.subst(&format!("{cp}.redirect_uris"), u)).collect();
+            if uris.is_empty() || uris.len() > 10 {
+                self.error(format!("{cp}.redirect_uris"), "one to ten redirect URIs");
+            }
+            for u in uris.iter().filter(|u| !crate::oauth::server::registrable(u)) {
+                self.error(
+                    format!("{cp}.redirect_uris"),
+                    format!("{u:?}: https, http on a loopback host, or an app's own scheme"),
+                );
+            }
+            clients.push(crate::store::OAuthClient {
+                client_id: id.clone(),
+                name: crate::oauth::server::display_name(Some(c.name.as_deref().unwrap_or(id))),
+                redirect_uris: uris,
+            });
+        }
+        let documents = match a.client_metadata_documents.as_ref() {
+            Some(d) if d.enabled == Some(false) => None,
+            d => {
+                let ca = d
+                    .and_then(|d| d.ca.as_ref())
+                    .map(|p| std::path::PathBuf::from(self.subst(&format!("{path}.client_metadata_documents.ca"), p)));
+                let allow_private = d.is_some_and(|d| d.allow_private_addresses);
+                if allow_private {
+                    self.warn(
+                        format!("{path}.client_metadata_documents.allow_private_addresses"),
+                        "client metadata documents may be fetched from private addresses (testing or an intranet only)",
+                    );
+                }
+                match crate::oauth::cimd::Fetcher::new(allow_private, ca.as_deref()) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        self.error(format!("{path}.client_metadata_documents"), e.to_string());
+                        None
+                    }
+                }
+            }
+        };
+        let login = a.login.as_ref();
+        let token_login = login.and_then(|l| l.tokens).unwrap_or(true);
+        let provider = login.and_then(|l| l.provider.as_ref()).and_then(|p| self.login_provider(path, p, issuers));
+        if !token_login && login.is_none_or(|l| l.provider.is_none()) {
+            self.error(format!("{path}.login"), "no way to sign in: turn on tokens or name a provider");
+        }
         crate::credentials::AuthorizationServerDef {
             registration: a.registration.unwrap_or(true),
             access_ttl,
             refresh_ttl,
+            clients,
+            documents,
+            token_login,
+            provider,
         }
+    }
+
+    fn login_provider(
+        &mut self,
+        path: &str,
+        p: &RawLoginProvider,
+        issuers: &[IssuerDef],
+    ) -> Option<crate::credentials::LoginProvider> {
+        let lp = format!("{path}.login.provider");
+        let issuer = self.subst(&format!("{lp}.issuer"), &p.issuer);
+        let Some(def) = issuers.iter().find(|d| d.issuer == issuer) else {
+            self.error(format!("{lp}.issuer"), format!("{issuer:?} is not one of oauth.issuers"));
+            return None;
+        };
+        let client_id = self.subst(&format!("{lp}.client_id"), &p.client_id);
+        let client_secret = self.subst(&format!("{lp}.client_secret"), &p.client_secret);
+        if client_id.is_empty() || client_secret.is_empty() {
+            self.error(&lp, "client_id and client_secret must not be empty");
+        }
+        let mut scopes: Vec<String> = if p.scopes.is_empty() {
+            ["openid", "email", "profile"].into_iter().map(str::to_owned).chain(def.scopes.keys().cloned()).collect()
+        } else {
+            p.scopes.iter().map(|s| self.subst(&format!("{lp}.scopes"), s)).collect()
+        };
+        if !scopes.iter().any(|s| s == "openid") {
+            scopes.insert(0, "openid".into());
+        }
+        scopes.dedup();
+        let lower = |v: &[S]| v.iter().map(|d| d.trim().to_ascii_lowercase()).collect::<Vec<_>>();
+        Some(crate::credentials::LoginProvider {
+            issuer,
+            client_id,
+            client_secret: client_secret.into(),
+            scopes,
+            allowed_domains: lower(&p.allowed_domains),
+            allowed_groups: p.allowed_groups.clone(),
+        })
     }
 
     fn issuer(
@@ -308,4 +484,49 @@ pub(crate) fn is_provider_url(url: &str) -> bool {
 /// `localhost` or a loopback address.
 pub(crate) fn is_loopback_host(h: &str) -> bool {
     h == "localhost" || h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Env, parse};
+
+    fn errors(authorization_server: &str) -> String {
+        let text = format!(
+            "servers:\n  a: {{command: echo}}\noauth:\n  issuers:\n    - issuer: https://idp.example\n  authorization_server: {authorization_server}\n"
+        );
+        match parse(&text, false, &Env::from_pairs([])) {
+            Ok(_) => String::new(),
+            Err(e) => e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        }
+    }
+
+    #[test]
+    fn the_authorization_server_s_clients_and_sign_ins_are_checked() {
+        assert_eq!(errors("{}"), "");
+        assert_eq!(
+            errors("{login: {tokens: false, provider: {issuer: https://idp.example, client_id: p, client_secret: s}}}"),
+            ""
+        );
+        for (bad, says) in [
+            ("{login: {tokens: false}}", "no way to sign in"),
+            (
+                "{login: {provider: {issuer: https://other.example, client_id: p, client_secret: s}}}",
+                "not one of oauth.issuers",
+            ),
+            (
+                "{login: {provider: {issuer: https://idp.example, client_id: p, client_secret: ''}}}",
+                "must not be empty",
+            ),
+            (
+                "{clients: {'https://app.example/c.json': {redirect_uris: ['https://app.example/cb']}}}",
+                "metadata document",
+            ),
+            ("{clients: {app: {redirect_uris: ['http://evil.example/cb']}}}", "loopback host"),
+            ("{clients: {app: {redirect_uris: []}}}", "one to ten"),
+            ("{client_metadata_documents: {ca: /nonexistent/ca.pem}}", "/nonexistent/ca.pem"),
+        ] {
+            let e = errors(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

@@ -10,7 +10,9 @@
 //! an error is shown without credentials or query; a token in Portcullis' own format is never
 //! introspected.
 
+pub(crate) mod cimd;
 pub(crate) mod client;
+pub(crate) mod federation;
 pub(crate) mod jwt;
 pub(crate) mod metadata;
 pub(crate) mod server;
@@ -328,16 +330,18 @@ pub(crate) struct ServerMetadata {
     pub jwks_uri: Option<String>,
     /// Its token endpoint.
     pub token_endpoint: Option<String>,
+    /// Its authorization endpoint.
+    pub authorization_endpoint: Option<String>,
 }
 
 /// What `pick` takes from `issuer`'s metadata: RFC 8414's path-inserted document first, then
 /// OpenID discovery's appended one; the first document that gives it. A document naming another
 /// issuer is an error (RFC 8414 §3.3). None when no document gives it.
-pub(crate) async fn server_metadata(
+pub(crate) async fn server_metadata<T>(
     http: &reqwest::Client,
     issuer: &str,
-    pick: impl Fn(&ServerMetadata) -> Option<String>,
-) -> Result<Option<String>, FetchError> {
+    pick: impl Fn(&ServerMetadata) -> Option<T>,
+) -> Result<Option<T>, FetchError> {
     let mut last = None;
     for url in metadata_urls(issuer) {
         let body = match get_document(http, &url).await {

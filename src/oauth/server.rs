@@ -47,33 +47,37 @@ const COOKIE: &str = "pcs_authz";
 /// The state of authorizations in progress (the rest is in the store).
 #[derive(Default)]
 pub(crate) struct AuthorizationState {
-    pending: Mutex<HashMap<String, Pending>>,
+    pub(super) pending: Mutex<HashMap<String, Pending>>,
     codes: Mutex<HashMap<[u8; 32], Code>>,
     per_address: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Client ID Metadata Documents fetched.
+    documents: super::cimd::Documents,
 }
 
 /// One authorization request, from its start to the person's answer.
-struct Pending {
-    client: OAuthClient,
-    redirect_uri: String,
-    state: Option<String>,
+pub(super) struct Pending {
+    pub(super) client: OAuthClient,
+    pub(super) redirect_uri: String,
+    pub(super) state: Option<String>,
     challenge: String,
-    resource: String,
+    pub(super) resource: String,
     /// The digest of the browser cookie it was started with.
-    browser: [u8; 32],
-    csrf: String,
+    pub(super) browser: [u8; 32],
+    pub(super) csrf: String,
     login: Option<Login>,
-    expires: Instant,
+    /// A sign-in at the operator's OpenID provider, while it is under way.
+    pub(super) federation: Option<super::federation::Started>,
+    pub(super) expires: Instant,
 }
 
 /// Who logged in, and what they may reach.
 #[derive(Clone)]
-struct Login {
-    key: String,
-    name: String,
-    tenant: String,
-    grants: StoredGrants,
-    servers: Vec<String>,
+pub(super) struct Login {
+    pub(super) key: String,
+    pub(super) name: String,
+    pub(super) tenant: String,
+    pub(super) grants: StoredGrants,
+    pub(super) servers: Vec<String>,
 }
 
 /// A code given to the client, until it is exchanged (then it names the family it made, so a
@@ -101,7 +105,7 @@ fn params(raw: &[u8]) -> Option<HashMap<String, String>> {
 }
 
 /// Escapes text for HTML (the five characters that matter in text and quoted attributes).
-fn esc(s: &str) -> String {
+pub(super) fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -129,7 +133,7 @@ fn page_to(status: StatusCode, title: &str, body: &str, cookie: Option<String>, 
          <title>{}</title><style>body{{font:16px/1.5 system-ui,sans-serif;max-width:32rem;margin:3rem auto;padding:0 1rem;color:#222}}\
          h1{{font-size:1.4rem}}.host{{font-size:1.2rem;font-weight:bold;background:#fff3cd;padding:.3rem .5rem}}\
          input[type=password]{{width:100%;padding:.5rem;font:inherit}}button{{font:inherit;padding:.5rem 1.2rem;margin:.8rem .5rem 0 0}}\
-         .muted{{color:#666;font-size:.9rem}}</style></head><body><h1>{}</h1>{body}\
+         .muted{{color:#666;font-size:.9rem}}a.button{{display:inline-block;padding:.5rem 1.2rem;background:#1f4e8c;color:#fff;text-decoration:none}}</style></head><body><h1>{}</h1>{body}\
          <p class=\"muted\">Portcullis</p></body></html>",
         esc(title),
         esc(title)
@@ -153,7 +157,7 @@ fn page_to(status: StatusCode, title: &str, body: &str, cookie: Option<String>, 
     r
 }
 
-fn error_page(status: StatusCode, message: &str) -> Response {
+pub(super) fn error_page(status: StatusCode, message: &str) -> Response {
     page(status, "Cannot continue", &format!("<p>{}</p>", esc(message)), None)
 }
 
@@ -187,7 +191,7 @@ pub(crate) async fn metadata(State(gw): State<Arc<Gateway>>) -> Response {
         "token_endpoint_auth_methods_supported": ["none"],
         "revocation_endpoint_auth_methods_supported": ["none"],
         "authorization_response_iss_parameter_supported": true,
-        "client_id_metadata_document_supported": false,
+        "client_id_metadata_document_supported": def.documents.is_some(),
         "scopes_supported": [],
     });
     if def.registration {
@@ -215,7 +219,7 @@ impl AuthorizationState {
 
 /// Whether a redirect URI may be registered: https, http on a loopback host (native apps,
 /// RFC 8252 §7.3), or a private-use scheme (RFC 8252 §7.1); never with a fragment.
-fn registrable(uri: &str) -> bool {
+pub(crate) fn registrable(uri: &str) -> bool {
     let Ok(u) = reqwest::Url::parse(uri) else { return false };
     if u.fragment().is_some() {
         return false;
@@ -290,15 +294,11 @@ pub(crate) async fn register(
     if !ok_list(&m.grant_types, &["authorization_code", "refresh_token"]) || !ok_list(&m.response_types, &["code"]) {
         return bad("only the authorization_code and refresh_token grants and the code response type");
     }
-    let name: String = m.client_name.unwrap_or_default().chars().filter(|c| !c.is_control()).take(100).collect();
+    let name = display_name(m.client_name.as_deref());
     let Ok(client_id) = crate::random::id() else {
         return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "no randomness");
     };
-    let client = OAuthClient {
-        client_id,
-        name: if name.is_empty() { "an unnamed client".into() } else { name },
-        redirect_uris: uris,
-    };
+    let client = OAuthClient { client_id, name, redirect_uris: uris };
     let now = crate::store::now_ms();
     let stored =
         crate::store::SqliteStore::open(gw.store().path()).and_then(|s| s.oauth_add_client(&client, MAX_CLIENTS, now));
@@ -323,14 +323,40 @@ pub(crate) async fn register(
     r
 }
 
-/// The client of a request, from the store.
-fn client_of(gw: &Gateway, id: &str) -> Option<OAuthClient> {
-    crate::store::SqliteStore::open(gw.store().path()).ok()?.oauth_client(id).ok().flatten()
+/// A client's name as pages show it: no control characters, at most 100 characters.
+pub(crate) fn display_name(name: Option<&str>) -> String {
+    let name: String = name.unwrap_or_default().chars().filter(|c| !c.is_control()).take(100).collect();
+    if name.trim().is_empty() { "an unnamed client".into() } else { name }
+}
+
+/// The client of a request: registered in the config, described by its metadata document (an
+/// https client id), or registered by RFC 7591, in that order. Why not, as the page says it.
+async fn client_of(
+    gw: &Gateway,
+    def: &crate::credentials::AuthorizationServerDef,
+    id: &str,
+) -> Result<OAuthClient, String> {
+    if let Some(c) = def.clients.iter().find(|c| c.client_id == id) {
+        return Ok(c.clone());
+    }
+    if super::cimd::is_document_id(id) {
+        let Some(fetcher) = &def.documents else {
+            return Err("This gateway does not accept client metadata documents.".into());
+        };
+        return gw.authorization().documents.client(fetcher, id).await.map_err(|e| format!("This application's {e}."));
+    }
+    let store = crate::store::SqliteStore::open(gw.store().path())
+        .map_err(|_| "The gateway cannot look up applications now; try again.".to_owned())?;
+    match store.oauth_client(id) {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => Err("This application is not registered here.".into()),
+        Err(_) => Err("The gateway cannot look up applications now; try again.".into()),
+    }
 }
 
 /// Where a response goes back to the client: its redirect URI with the parameters, `state`
 /// and `iss` (RFC 9207).
-fn back(redirect_uri: &str, params: &[(&str, &str)], state: Option<&str>, iss: &str) -> Response {
+pub(super) fn back(redirect_uri: &str, params: &[(&str, &str)], state: Option<&str>, iss: &str) -> Response {
     let Ok(mut u) = reqwest::Url::parse(redirect_uri) else {
         return error_page(StatusCode::BAD_REQUEST, "bad redirect URI");
     };
@@ -354,7 +380,7 @@ fn back(redirect_uri: &str, params: &[(&str, &str)], state: Option<&str>, iss: &
 
 /// The MCP endpoint a `resource` names, as the server it addresses (`Some(None)`: the
 /// aggregated one); None when it is none of this gateway's.
-fn resource_server(config: &crate::config::Config, resource: &str) -> Option<Option<String>> {
+pub(super) fn resource_server(config: &crate::config::Config, resource: &str) -> Option<Option<String>> {
     // After the base, nothing or a path: `https://gw:8443/mcp` is not under `https://gw:84`.
     let path = resource.strip_prefix(config.public_base().as_str()).filter(|p| p.is_empty() || p.starts_with('/'))?;
     super::endpoint_of(config, path).map(|s| s.map(str::to_owned))
@@ -367,7 +393,7 @@ pub(crate) async fn authorize(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let Some((snap, _)) = enabled(&gw) else { return StatusCode::NOT_FOUND.into_response() };
+    let Some((snap, def)) = enabled(&gw) else { return StatusCode::NOT_FOUND.into_response() };
     if !gw.authorization().admit(snap.auth.client_addr(peer, &headers)) {
         return error_page(
             StatusCode::TOO_MANY_REQUESTS,
@@ -380,8 +406,12 @@ pub(crate) async fn authorize(
     let config = &snap.config;
     let iss = config.public_base();
     // Until the client and its redirect URI are known, nothing is redirected anywhere.
-    let Some(client) = q.get("client_id").and_then(|id| client_of(&gw, id)) else {
-        return error_page(StatusCode::BAD_REQUEST, "This application is not registered here.");
+    let Some(client_id) = q.get("client_id") else {
+        return error_page(StatusCode::BAD_REQUEST, "The application did not say who it is (client_id).");
+    };
+    let client = match client_of(&gw, &def, client_id).await {
+        Ok(c) => c,
+        Err(why) => return error_page(StatusCode::BAD_REQUEST, &why),
     };
     let Some(redirect_uri) = q.get("redirect_uri").filter(|r| redirect_matches(&client.redirect_uris, r)).cloned()
     else {
@@ -420,6 +450,7 @@ pub(crate) async fn authorize(
         browser: crate::credentials::digest(&cookie),
         csrf: csrf.clone(),
         login: None,
+        federation: None,
         expires: Instant::now() + PENDING_LIFETIME,
     };
     {
@@ -435,20 +466,60 @@ pub(crate) async fn authorize(
     }
     let secure = if iss.starts_with("https://") { "; Secure" } else { "" };
     let set_cookie = format!("{COOKIE}={cookie}; Path=/authorize; HttpOnly; SameSite=Lax; Max-Age=600{secure}");
-    login_page(&id, &csrf, None, Some(set_cookie))
+    // With the provider the only way in, the person goes there at once.
+    if !def.token_login
+        && let Some(provider) = &def.provider
+    {
+        let mut r = super::federation::start(&gw, provider, &id).await;
+        if let Ok(v) = HeaderValue::from_str(&set_cookie) {
+            r.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        return r;
+    }
+    login_page(&def, &id, &csrf, None, Some(set_cookie))
 }
 
-fn login_page(id: &str, csrf: &str, problem: Option<&str>, cookie: Option<String>) -> Response {
+fn login_page(
+    def: &crate::credentials::AuthorizationServerDef,
+    id: &str,
+    csrf: &str,
+    problem: Option<&str>,
+    cookie: Option<String>,
+) -> Response {
     let problem = problem.map(|p| format!("<p role=\"alert\"><strong>{}</strong></p>", esc(p))).unwrap_or_default();
+    let federated = def
+        .provider
+        .as_ref()
+        .map(|p| {
+            let host =
+                reqwest::Url::parse(&p.issuer).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+            let query = form_urlencoded::Serializer::new(String::new())
+                .append_pair("request", id)
+                .append_pair("csrf", csrf)
+                .finish();
+            format!(
+                "<p><a class=\"button\" href=\"/authorize/federate?{}\">Sign in with your organization ({})</a></p>",
+                esc(&query),
+                esc(&host)
+            )
+        })
+        .unwrap_or_default();
+    let token_form = if def.token_login {
+        format!(
+            "<form method=\"post\" action=\"/authorize\"><input type=\"hidden\" name=\"request\" value=\"{}\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"action\" value=\"login\">\
+             <label for=\"token\">Portcullis token</label><input id=\"token\" type=\"password\" name=\"token\" autocomplete=\"off\" required autofocus>\
+             <button type=\"submit\">Sign in</button></form>",
+            esc(id),
+            esc(csrf)
+        )
+    } else {
+        String::new()
+    };
+    let how = if def.token_login { "Sign in with your Portcullis token" } else { "Sign in" };
     let body = format!(
-        "<p>An application wants to use this gateway's MCP servers on your behalf. Sign in with your Portcullis token \
-         (once: the application then gets tokens of its own, with no more than yours).</p>{problem}\
-         <form method=\"post\" action=\"/authorize\"><input type=\"hidden\" name=\"request\" value=\"{}\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"action\" value=\"login\">\
-         <label for=\"token\">Portcullis token</label><input id=\"token\" type=\"password\" name=\"token\" autocomplete=\"off\" required autofocus>\
-         <button type=\"submit\">Sign in</button></form>",
-        esc(id),
-        esc(csrf)
+        "<p>An application wants to use this gateway's MCP servers on your behalf. {how} \
+         (once: the application then gets tokens of its own, with no more than yours).</p>{problem}{federated}{token_form}"
     );
     page(
         if problem.is_empty() { StatusCode::OK } else { StatusCode::UNAUTHORIZED },
@@ -467,14 +538,30 @@ fn consent_page(id: &str, p: &Pending, login: &Login) -> Response {
             (None, _) => u.scheme().to_owned(),
         })
         .unwrap_or_default();
+    // The specification asks for a warning when the answer goes to this computer only: any
+    // program on it could be the one listening.
+    let local = reqwest::Url::parse(&p.redirect_uri)
+        .ok()
+        .is_some_and(|u| u.scheme() == "http" && u.host_str().is_some_and(crate::config::is_loopback_host));
+    let local = if local {
+        "<p class=\"muted\"><strong>This address is on your own computer</strong>: approve only if you \
+         started this in an application running here.</p>"
+    } else {
+        ""
+    };
+    let identified = if super::cimd::is_document_id(&p.client.client_id) {
+        format!("<p class=\"muted\">It identifies itself as <code>{}</code>.</p>", esc(&p.client.client_id))
+    } else {
+        String::new()
+    };
     let servers = if login.servers.is_empty() {
         "every server you can reach".to_owned()
     } else {
         login.servers.iter().map(|s| format!("<code>{}</code>", esc(s))).collect::<Vec<_>>().join(", ")
     };
     let body = format!(
-        "<p>Signed in as <strong>{}</strong>.</p><p><strong>{}</strong> asks to use, as you:</p>\
-         <p>{servers} at <code>{}</code></p><p>After you approve, you are sent to</p><p class=\"host\">{}</p>\
+        "<p>Signed in as <strong>{}</strong>.</p><p><strong>{}</strong> asks to use, as you:</p>{identified}\
+         <p>{servers} at <code>{}</code></p><p>After you approve, you are sent to</p><p class=\"host\">{}</p>{local}\
          <p class=\"muted\">Approve only if you started this from that application.</p>\
          <form method=\"post\" action=\"/authorize\"><input type=\"hidden\" name=\"request\" value=\"{}\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
@@ -522,46 +609,17 @@ pub(crate) async fn decide(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let Some((snap, _)) = enabled(&gw) else { return StatusCode::NOT_FOUND.into_response() };
+    let Some((snap, def)) = enabled(&gw) else { return StatusCode::NOT_FOUND.into_response() };
     let Some(form) = params(&body) else { return error_page(StatusCode::BAD_REQUEST, "A field is given twice.") };
     let iss = snap.config.public_base();
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
-    let cookie = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")).map(str::to_owned));
     let id = field("request").to_owned();
     let state = gw.authorization();
-    // The request, its CSRF token and the browser it was started in must all match.
-    let checked = {
-        let mut all = lock(&state.pending);
-        match all.get(&id) {
-            Some(p) if p.expires <= Instant::now() => {
-                all.remove(&id);
-                None
-            }
-            Some(p) => Some(
-                cookie.as_deref().is_some_and(|c| crate::credentials::digest(c) == p.browser)
-                    && !p.csrf.is_empty()
-                    && field("csrf") == p.csrf,
-            ),
-            None => None,
-        }
-    };
-    match checked {
-        None => {
-            return error_page(
-                StatusCode::BAD_REQUEST,
-                "This sign-in has expired or is unknown; start again from the application.",
-            );
-        }
-        Some(false) => return error_page(StatusCode::FORBIDDEN, "This form was not sent by the page it belongs to."),
-        Some(true) => {}
+    if let Err(refused) = state.check(&id, field("csrf"), &headers) {
+        return refused.into_response();
     }
     match field("action") {
-        "login" => {
+        "login" if def.token_login => {
             let client = snap.auth.client_addr(peer, &headers);
             let mut h = HeaderMap::new();
             if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", field("token").trim())) {
@@ -572,71 +630,170 @@ pub(crate) async fn decide(
                 Ok(i) if i.key.as_ref() != "anonymous" && i.role != crate::credentials::Role::Metrics => i,
                 Ok(_) | Err(_) => {
                     let csrf = lock(&state.pending).get(&id).map(|p| p.csrf.clone()).unwrap_or_default();
-                    return login_page(&id, &csrf, Some("That token is not one that can sign in here."), None);
+                    return login_page(&def, &id, &csrf, Some("That token is not one that can sign in here."), None);
                 }
             };
-            let mut all = lock(&state.pending);
-            let Some(p) = all.get_mut(&id) else { return error_page(StatusCode::BAD_REQUEST, "Start again.") };
-            let server = resource_server(&snap.config, &p.resource).flatten();
-            let Some((grants, servers)) = stored_grants(&identity.grants)
-                .filter(|_| server.as_deref().is_none_or(|s| identity.grants.reaches(s)))
-            else {
-                return error_page(
-                    StatusCode::FORBIDDEN,
-                    "Your token does not reach the servers this application asked for.",
-                );
-            };
-            let login = Login {
-                key: identity.key.to_string(),
-                name: identity.name.to_string(),
-                tenant: identity.tenant.clone().unwrap_or_default(),
-                grants,
-                servers,
-            };
-            // A new CSRF token for the next form.
-            if let Ok(c) = crate::random::id() {
-                p.csrf = c;
-            }
-            p.login = Some(login.clone());
-            consent_page(&id, p, &login)
+            signed_in(&gw, &snap, &id, &identity)
         }
         action @ ("approve" | "deny") => {
             let Some(p) = lock(&state.pending).remove(&id) else {
                 return error_page(StatusCode::BAD_REQUEST, "Start again.");
             };
-            let Some(login) = p.login else { return error_page(StatusCode::BAD_REQUEST, "Sign in first.") };
+            let Some(login) = p.login.clone() else { return error_page(StatusCode::BAD_REQUEST, "Sign in first.") };
             if action == "deny" {
                 return back(&p.redirect_uri, &[("error", "access_denied")], p.state.as_deref(), &iss);
             }
-            let Ok(code) = crate::random::id() else {
-                return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again.");
-            };
-            {
-                let mut codes = lock(&state.codes);
-                let now = Instant::now();
-                codes.retain(|_, c| c.expires > now);
-                if codes.len() >= MAX_PENDING {
-                    return error_page(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "Too many logins in progress; try again later.",
-                    );
-                }
-                codes.insert(
-                    crate::credentials::digest(&code),
-                    Code {
-                        client_id: p.client.client_id.clone(),
-                        redirect_uri: p.redirect_uri.clone(),
-                        challenge: p.challenge,
-                        resource: p.resource,
-                        login,
-                        expires: now + CODE_LIFETIME,
-                        used_by: None,
-                    },
-                );
-            }
-            back(&p.redirect_uri, &[("code", &code)], p.state.as_deref(), &iss)
+            remember_consent(&gw, &p, &login);
+            state.issue_code(p, login, &iss)
         }
         _ => error_page(StatusCode::BAD_REQUEST, "Unknown action."),
+    }
+}
+
+/// Why a form (or the provider's callback) is not taken for an authorization.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub(super) enum NotThisForm {
+    /// No such authorization in progress (expired, finished, or never started).
+    #[error("This sign-in has expired or is unknown; start again from the application.")]
+    Unknown,
+    /// Its CSRF token or browser cookie does not match.
+    #[error("This form was not sent by the page it belongs to.")]
+    Forged,
+}
+
+impl IntoResponse for NotThisForm {
+    fn into_response(self) -> Response {
+        let status = match self {
+            NotThisForm::Unknown => StatusCode::BAD_REQUEST,
+            NotThisForm::Forged => StatusCode::FORBIDDEN,
+        };
+        error_page(status, &self.to_string())
+    }
+}
+
+/// The browser cookie of an authorization, from a request's headers.
+fn browser_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")).map(str::to_owned))
+}
+
+impl AuthorizationState {
+    /// Whether a form (or link) belongs to authorization `id`: it is in progress, and the CSRF
+    /// token and the browser cookie it was started with match.
+    pub(super) fn check(&self, id: &str, csrf: &str, headers: &HeaderMap) -> Result<(), NotThisForm> {
+        let cookie = browser_cookie(headers);
+        let mut all = lock(&self.pending);
+        match all.get(id) {
+            Some(p) if p.expires <= Instant::now() => {
+                all.remove(id);
+                Err(NotThisForm::Unknown)
+            }
+            Some(p)
+                if cookie.as_deref().is_some_and(|c| crate::credentials::digest(c) == p.browser)
+                    && !p.csrf.is_empty()
+                    && crate::credentials::digest(csrf) == crate::credentials::digest(&p.csrf) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(NotThisForm::Forged),
+            None => Err(NotThisForm::Unknown),
+        }
+    }
+
+    /// Gives the client its code: the redirect back with it.
+    fn issue_code(&self, p: Pending, login: Login, iss: &str) -> Response {
+        let Ok(code) = crate::random::id() else {
+            return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again.");
+        };
+        {
+            let mut codes = lock(&self.codes);
+            let now = Instant::now();
+            codes.retain(|_, c| c.expires > now);
+            if codes.len() >= MAX_PENDING {
+                return error_page(StatusCode::SERVICE_UNAVAILABLE, "Too many logins in progress; try again later.");
+            }
+            codes.insert(
+                crate::credentials::digest(&code),
+                Code {
+                    client_id: p.client.client_id.clone(),
+                    redirect_uri: p.redirect_uri.clone(),
+                    challenge: p.challenge,
+                    resource: p.resource,
+                    login,
+                    expires: now + CODE_LIFETIME,
+                    used_by: None,
+                },
+            );
+        }
+        back(&p.redirect_uri, &[("code", &code)], p.state.as_deref(), iss)
+    }
+}
+
+/// A person signed in (with a token, or at the provider) for authorization `id`: if they may
+/// reach what the client asked for, the consent page, or straight back to the client with a
+/// code when they consented to this client and resource before.
+pub(super) fn signed_in(
+    gw: &Gateway,
+    snap: &crate::mcp::gateway::Snapshot,
+    id: &str,
+    identity: &crate::auth::Identity,
+) -> Response {
+    let state = gw.authorization();
+    let mut all = lock(&state.pending);
+    let Some(p) = all.get_mut(id) else { return error_page(StatusCode::BAD_REQUEST, "Start again.") };
+    let server = resource_server(&snap.config, &p.resource).flatten();
+    let Some((grants, servers)) =
+        stored_grants(&identity.grants).filter(|_| server.as_deref().is_none_or(|s| identity.grants.reaches(s)))
+    else {
+        all.remove(id);
+        return error_page(StatusCode::FORBIDDEN, "You cannot reach the servers this application asked for.");
+    };
+    let login = Login {
+        key: identity.key.to_string(),
+        name: identity.name.to_string(),
+        tenant: identity.tenant.clone().unwrap_or_default(),
+        grants,
+        servers,
+    };
+    let remembered = crate::store::SqliteStore::open(gw.store().path())
+        .and_then(|s| s.oauth_consented(&login.key, &p.client.client_id, &p.resource, crate::store::now_ms()))
+        .unwrap_or(false);
+    if remembered {
+        let Some(p) = all.remove(id) else { return error_page(StatusCode::BAD_REQUEST, "Start again.") };
+        drop(all);
+        return state.issue_code(p, login, &snap.config.public_base());
+    }
+    // A new CSRF token for the next form.
+    if let Ok(c) = crate::random::id() {
+        p.csrf = c;
+    }
+    p.login = Some(login.clone());
+    consent_page(id, p, &login)
+}
+
+/// Remembers an approval, so that the person is not asked again for this client and resource
+/// (until they or an administrator withdraw it). A store that cannot take it costs only that.
+fn remember_consent(gw: &Gateway, p: &Pending, login: &Login) {
+    let remembered = crate::store::new_id().and_then(|id| {
+        let consent = crate::store::Consent {
+            id: id.replacen("tok_", "con_", 1),
+            login: login.key.clone(),
+            name: login.name.clone(),
+            tenant: login.tenant.clone(),
+            client_id: p.client.client_id.clone(),
+            client_name: p.client.name.clone(),
+            resource: p.resource.clone(),
+            created_at: crate::store::now_ms(),
+            used_at: None,
+        };
+        crate::store::SqliteStore::open(gw.store().path())?.oauth_consent(&consent)
+    });
+    if let Err(e) = remembered {
+        tracing::warn!(error = %e, "the consent could not be remembered");
     }
 }
 
@@ -711,11 +868,16 @@ pub(crate) async fn token(
             // The login behind it must still hold: revoking the token a person signed in with
             // ends what their clients got from it.
             let auth = snap.auth.clone();
+            let provider = def.provider.as_ref().map(|p| p.issuer.clone());
             let holds = move |g: &OAuthGrant| match g.login.split_once(':') {
                 Some(("config", name)) => {
                     auth.current(name).is_some_and(|i| *i.key == *g.login && !i.expired(std::time::SystemTime::now()))
                 }
                 Some(("issued", lineage)) => auth.store_token_usable(lineage) == Some(true),
+                // Signed in at the provider: while it is still the one people sign in through.
+                Some(("oauth", subject)) => provider
+                    .as_deref()
+                    .is_some_and(|issuer| subject.strip_prefix(issuer).is_some_and(|rest| rest.starts_with('#'))),
                 _ => false,
             };
             store.oauth_refresh(

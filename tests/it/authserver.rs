@@ -80,12 +80,28 @@ impl Flow {
         r
     }
 
-    /// Signs in as `token` and approves: the code from the redirect.
+    /// Signs in as `token` and approves (unless this person consented to this client and
+    /// resource before: then the sign-in alone sends them back): the code from the redirect.
     async fn approve(&mut self, gw: &TestGateway, token: &str) -> String {
-        let (status, _, page) = self.post(gw, &[("action", "login"), ("token", token)]).await;
-        assert_eq!(status, 200, "{page}");
+        let (status, location, page) = self.post(gw, &[("action", "login"), ("token", token)]).await;
+        let location = if status == 302 {
+            location
+        } else {
+            assert_eq!(status, 200, "{page}");
+            self.approve_page(gw).await
+        };
+        self.code_from(gw, location)
+    }
+
+    /// Approves on the consent page: where it sends the person.
+    async fn approve_page(&mut self, gw: &TestGateway) -> Option<String> {
         let (status, location, _) = self.post(gw, &[("action", "approve")]).await;
         assert_eq!(status, 302);
+        location
+    }
+
+    /// The code of a redirect to the client, its `state` and `iss` checked.
+    fn code_from(&self, gw: &TestGateway, location: Option<String>) -> String {
         let l = location.unwrap();
         assert!(l.starts_with(CALLBACK), "{l}");
         assert_eq!(param(&l, "state").as_deref(), Some(self.state.as_str()));
@@ -413,5 +429,418 @@ async fn each_kind_of_stored_token_lives_and_ends_with_its_own_switch() {
     tokio::time::timeout(std::time::Duration::from_secs(10), oauth_stream.ended())
         .await
         .expect("the OAuth client's session outlived its server");
+    gw.stop().await;
+}
+
+/// A small HTTPS server on 127.0.0.1 for client metadata documents, with the test CA's
+/// certificate for 127.0.0.1 and localhost: path → (body, `Cache-Control`); counts requests per
+/// path. (Handwritten: one request per connection is all a document fetch needs.)
+struct Documents {
+    port: u16,
+    docs: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (String, String)>>>,
+    hits: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Documents {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Documents {
+    async fn start(dir: &std::path::Path) -> Documents {
+        use rustls::pki_types::pem::PemObject;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(dir.join("server1.pem"))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("server1.key")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let docs: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (String, String)>>> =
+            Default::default();
+        let hits: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>> = Default::default();
+        let (d, h) = (docs.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, d, h) = (acceptor.clone(), d.clone(), h.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head);
+                    let path = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    *h.lock().unwrap().entry(path.clone()).or_default() += 1;
+                    let found = d.lock().unwrap().get(&path).cloned();
+                    let response = match found {
+                        Some((body, cache)) => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncache-control: {cache}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        ),
+                        None => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into(),
+                    };
+                    let _ = tls.write_all(response.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        Documents { port, docs, hits, task }
+    }
+
+    /// Serves `body` at `path`; the document's URL (on 127.0.0.1).
+    fn serve(&self, path: &str, body: &str, cache: &str) -> String {
+        self.docs.lock().unwrap().insert(path.to_owned(), (body.to_owned(), cache.to_owned()));
+        self.url(path)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+/// A client's metadata document: its own URL as `client_id`.
+fn document(url: &str, name: &str, redirect: &str) -> String {
+    json!({"client_id": url, "client_name": name, "redirect_uris": [redirect], "token_endpoint_auth_method": "none"})
+        .to_string()
+}
+
+/// The authorization server accepting documents from loopback, trusting the test CA.
+fn documents_top(ca: &std::path::Path) -> String {
+    top(&format!("client_metadata_documents: {{allow_private_addresses: true, ca: {:?}}}", ca.display().to_string()))
+}
+
+/// `GET /authorize` for a client: the status and the page (or where it redirects).
+async fn authorize_status(gw: &TestGateway, client_id: &str, redirect: &str) -> (u16, Option<String>, String) {
+    let query = form(&[
+        ("response_type", "code"),
+        ("client_id", client_id),
+        ("redirect_uri", redirect),
+        ("code_challenge", "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"),
+        ("code_challenge_method", "S256"),
+    ]);
+    Browser::new().go(&format!("{}/authorize?{query}", gw.url), None).await
+}
+
+/// The Python SDK identifies itself by a Client ID Metadata Document that the test serves on
+/// loopback (no registration), signs in, calls, refreshes and calls again in the same session,
+/// then revokes its refresh token and is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_identifies_itself_by_a_metadata_document() {
+    let dir = TempDir::new();
+    crate::tls::pki(&dir.0);
+    let docs = Documents::start(&dir.0).await;
+    let url = docs.serve(
+        "/sdk/client.json",
+        &document(&docs.url("/sdk/client.json"), "SDK by document", CALLBACK),
+        "max-age=300",
+    );
+    let gw = gateway()
+        .demo("a", &[], "")
+        .top(&documents_top(&dir.0.join("ca.pem")).replace("{client_metadata", "{registration: false, client_metadata"))
+        .start()
+        .await;
+    let (_, asm) =
+        http_json(reqwest::Method::GET, &format!("{}/.well-known/oauth-authorization-server", gw.url), None, None)
+            .await;
+    assert_eq!(asm["client_id_metadata_document_supported"], true, "{asm}");
+    let env = [
+        ("PORTCULLIS_LOGIN_TOKEN", ALICE),
+        ("PORTCULLIS_CLIENT_METADATA_URL", url.as_str()),
+        ("PORTCULLIS_REFRESH", "1"),
+    ];
+    let seen = crate::idp::sdk_oauth(&gw.mcp(), "a__echo", &env).await;
+    assert_eq!(seen["client_id"], json!(url), "{seen}");
+    assert_eq!(seen["echo"], json!(["hello through oauth"]), "{seen}");
+    assert_eq!(
+        (seen["refreshed"].clone(), seen["echo_after_refresh"].clone()),
+        (json!(true), json!(["after refresh"])),
+        "{seen}"
+    );
+    assert_eq!((seen["revoked"].clone(), seen["after_revoke"].clone()), (json!(200), json!("refused")), "{seen}");
+    assert_eq!(docs.hits("/sdk/client.json"), 1, "fetched once, then cached by its max-age");
+    gw.stop().await;
+}
+
+/// The same with dynamic client registration, refresh and revocation included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_registers_refreshes_and_is_refused_once_it_revokes() {
+    let gw = gateway().demo("a", &[], "").top(&top("")).start().await;
+    let env = [("PORTCULLIS_LOGIN_TOKEN", ALICE), ("PORTCULLIS_REFRESH", "1")];
+    let seen = crate::idp::sdk_oauth(&gw.mcp(), "a__echo", &env).await;
+    assert!(seen["client_id"].as_str().is_some_and(|c| !c.starts_with("https://")), "{seen}");
+    assert_eq!(
+        (seen["refreshed"].clone(), seen["echo_after_refresh"].clone()),
+        (json!(true), json!(["after refresh"])),
+        "{seen}"
+    );
+    assert_eq!((seen["revoked"].clone(), seen["after_revoke"].clone()), (json!(200), json!("refused")), "{seen}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_documents_are_fetched_strictly() {
+    let dir = TempDir::new();
+    crate::tls::pki(&dir.0);
+    let docs = Documents::start(&dir.0).await;
+    let good = docs.serve("/good.json", &document(&docs.url("/good.json"), "Good <b>App</b>", CALLBACK), "no-store");
+    let liar = docs.serve("/liar.json", &document("https://claude.ai/oauth/client.json", "Liar", CALLBACK), "");
+    let big = format!(
+        r#"{{"client_id":"{}","client_name":"{}","redirect_uris":["{CALLBACK}"]}}"#,
+        docs.url("/big.json"),
+        "x".repeat(6000)
+    );
+    let big = docs.serve("/big.json", &big, "");
+    let secret = docs.serve(
+        "/secret.json",
+        &json!({"client_id": docs.url("/secret.json"), "client_secret": "s", "redirect_uris": [CALLBACK]}).to_string(),
+        "",
+    );
+    let gw = gateway().demo("a", &[], "").top(&documents_top(&dir.0.join("ca.pem"))).start().await;
+    // A good document: the sign-in page; the consent page names it, escaped, and its URL.
+    let mut flow = start(&gw, &good, CALLBACK, &gw.mcp()).await;
+    let (status, _, consent) = flow.post(&gw, &[("action", "login"), ("token", ALICE)]).await;
+    assert_eq!(status, 200, "{consent}");
+    assert!(consent.contains("Good &lt;b&gt;App&lt;/b&gt;") && consent.contains(&good), "{consent}");
+    let location = flow.approve_page(&gw).await;
+    let code = flow.code_from(&gw, location);
+    let (status, tokens) = exchange(&gw, &good, &code, &flow.verifier).await;
+    assert_eq!(status, 200, "{tokens}");
+    assert_eq!(status_of(&gw.mcp(), tokens["access_token"].as_str().unwrap()).await, 200);
+    // `no-store`: fetched again for the next authorization.
+    let before = docs.hits("/good.json");
+    assert_eq!(authorize_status(&gw, &good, CALLBACK).await.0, 200);
+    assert_eq!(docs.hits("/good.json"), before + 1);
+    // Each refusal is an error page, never a redirect.
+    for (client_id, redirect, says) in [
+        (good.as_str(), "http://127.0.0.1:9/callbacK", "not one it registered"),
+        (liar.as_str(), CALLBACK, "not its URL"),
+        (big.as_str(), CALLBACK, "larger than"),
+        (secret.as_str(), CALLBACK, "secret"),
+        (&docs.url("/absent.json"), CALLBACK, "status 404"),
+        (&format!("https://127.0.0.1:{}/./good.json", docs.port), CALLBACK, "canonical"),
+        (&format!("https://127.0.0.1:{}/", docs.port), CALLBACK, "with a path"),
+    ] {
+        let (status, location, page) = authorize_status(&gw, client_id, redirect).await;
+        assert_eq!((status, location), (400, None), "{client_id}: {page}");
+        assert!(page.contains(says), "{client_id}: {page}");
+    }
+    gw.stop().await;
+
+    // Without allow_private_addresses: a document on loopback is never fetched, by address or
+    // by a name that resolves there.
+    let gw = gateway()
+        .demo("a", &[], "")
+        .top(&top(&format!("client_metadata_documents: {{ca: {:?}}}", dir.0.join("ca.pem").display().to_string())))
+        .start()
+        .await;
+    let before = docs.hits("/good.json");
+    let by_name = good.replace("127.0.0.1", "localhost");
+    docs.serve("/good.json", &document(&by_name, "Good", CALLBACK), "no-store");
+    for client_id in [good.as_str(), by_name.as_str()] {
+        let (status, _, page) = authorize_status(&gw, client_id, CALLBACK).await;
+        assert!(status == 400 && page.contains("private, loopback or link-local"), "{client_id}: {page}");
+    }
+    assert_eq!(docs.hits("/good.json"), before, "nothing was fetched");
+    gw.stop().await;
+
+    // Turned off: not advertised, and a URL client id is refused.
+    let gw = gateway().demo("a", &[], "").top(&top("client_metadata_documents: {enabled: false}")).start().await;
+    let (_, asm) =
+        http_json(reqwest::Method::GET, &format!("{}/.well-known/oauth-authorization-server", gw.url), None, None)
+            .await;
+    assert_eq!(asm["client_id_metadata_document_supported"], false);
+    let (status, _, page) = authorize_status(&gw, &good, CALLBACK).await;
+    assert!(status == 400 && page.contains("does not accept client metadata documents"), "{page}");
+    gw.stop().await;
+}
+
+/// A client registered in the config; consent remembered per person, client and resource,
+/// listed, and withdrawn (which ends what the client got); a client registered by RFC 7591 is
+/// asked about on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consents_are_remembered_listed_and_withdrawn() {
+    let gw = gateway()
+        .demo("a", &[], "")
+        .env("PORTCULLIS_TOKEN", ALICE_ADMIN)
+        .top(&top("clients: {my-app: {name: My App, redirect_uris: ['http://127.0.0.1/callback']}}"))
+        .start()
+        .await;
+    let mcp = gw.mcp();
+    // Any port of a loopback redirect URI (RFC 8252): the registered one has none.
+    let mut flow = start(&gw, "my-app", CALLBACK, &mcp).await;
+    let (status, _, consent) = flow.post(&gw, &[("action", "login"), ("token", ALICE)]).await;
+    assert!(status == 200 && consent.contains("My App"), "{consent}");
+    let location = flow.approve_page(&gw).await;
+    let code = flow.code_from(&gw, location);
+    let (_, tokens) = exchange(&gw, "my-app", &code, &flow.verifier).await;
+    let session = Client::connect_as(&mcp, tokens["access_token"].as_str().unwrap()).await;
+    let mut stream = session.get_stream().await;
+    // The same person, client and resource again: the sign-in alone sends them back.
+    let mut again = start(&gw, "my-app", CALLBACK, &mcp).await;
+    let (status, location, _) = again.post(&gw, &[("action", "login"), ("token", ALICE)]).await;
+    assert_eq!(status, 302, "consent remembered");
+    let code = again.code_from(&gw, location);
+    assert_eq!(exchange(&gw, "my-app", &code, &again.verifier).await.0, 200);
+    // Another resource, or another (dynamically registered) client: asked again.
+    let mut other = start(&gw, "my-app", CALLBACK, &gw.server("a")).await;
+    assert_eq!(other.post(&gw, &[("action", "login"), ("token", ALICE)]).await.0, 200);
+    let (_, registered) = register(&gw, "My App", CALLBACK).await;
+    let mut dcr = start(&gw, registered["client_id"].as_str().unwrap(), CALLBACK, &mcp).await;
+    assert_eq!(dcr.post(&gw, &[("action", "login"), ("token", ALICE)]).await.0, 200);
+
+    // Listed for the administrator (and by the CLI).
+    let (status, listed) =
+        http_json(reqwest::Method::GET, &format!("{}/admin/consents", gw.url), Some(ALICE_ADMIN), None).await;
+    let consents = listed["consents"].as_array().cloned().unwrap_or_default();
+    assert_eq!((status, consents.len()), (200, 1), "{listed}");
+    let c = &consents[0];
+    assert_eq!(
+        (c["name"].as_str(), c["client_id"].as_str(), c["resource"].as_str()),
+        (Some("alice"), Some("my-app"), Some(mcp.as_str()))
+    );
+    let id = c["id"].as_str().unwrap().to_owned();
+    let cfg = gw.audit.with_file_name("cli.yaml");
+    std::fs::write(&cfg, format!("store:\n  path: {:?}\n", gw.audit.with_file_name("tokens.db").display().to_string()))
+        .unwrap();
+    let (ok, out, err) = run_cli(None, &["token", "consents", "--config", cfg.to_str().unwrap()], &[]).await;
+    assert!(ok && out.contains(&id) && out.contains("My App"), "{out}{err}");
+    assert_eq!(
+        http_json(reqwest::Method::GET, &format!("{}/admin/consents", gw.url), Some(ALICE), None).await.0,
+        403,
+        "not for a user"
+    );
+
+    // Withdrawn: the client's session ends, its refresh token is dead, the person is asked again.
+    let (status, _) =
+        http_json(reqwest::Method::DELETE, &format!("{}/admin/consents/{id}", gw.url), Some(ALICE_ADMIN), None).await;
+    assert_eq!(status, 200);
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.ended())
+        .await
+        .expect("the session outlived the consent");
+    assert_eq!(refresh(&gw, "my-app", tokens["refresh_token"].as_str().unwrap()).await.0, 400);
+    let mut asked = start(&gw, "my-app", CALLBACK, &mcp).await;
+    assert_eq!(asked.post(&gw, &[("action", "login"), ("token", ALICE)]).await.0, 200);
+    assert_eq!(
+        http_json(reqwest::Method::DELETE, &format!("{}/admin/consents/{id}", gw.url), Some(ALICE_ADMIN), None).await.0,
+        404
+    );
+    gw.stop().await;
+}
+
+/// The login page's link to the provider, unescaped.
+fn federate_link(page: &str) -> String {
+    let at = page.find("href=\"/authorize/federate?").unwrap() + "href=\"".len();
+    page[at..].split('"').next().unwrap().replace("&amp;", "&")
+}
+
+/// People sign in through a real OpenID provider (oidc-provider) instead of with a token:
+/// Portcullis is its confidential client; the ID token's issuer entry says who they are (its
+/// identity claim) and what they reach (the scopes granted); allowed domains are enforced; with
+/// token sign-in off, the person goes to the provider at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_sign_in_through_the_operator_s_openid_provider() {
+    let idp = crate::idp::idp_with("", None, "mcp").await;
+    let issuer = format!(
+        "oauth:\n  issuers:\n    - issuer: {:?}\n      identity_claim: email\n      scopes:\n        mcp: {{servers: [a]}}\n",
+        idp.issuer
+    );
+    let as_top = |login: &str| {
+        format!(
+            "auth:\n  tokens:\n    alice: {{token: {ALICE}, servers: [a]}}\n{issuer}  authorization_server: {{{login}}}\n"
+        )
+    };
+    let mut gw = gateway().demo("a", &[], "").demo("b", &[], "").top(&as_top("")).start().await;
+    let (rp_id, rp_secret) = idp.register_confidential(&format!("{}/authorize/callback", gw.url)).await;
+    let provider = |extra: &str| {
+        format!(
+            "provider: {{issuer: {:?}, client_id: {rp_id}, client_secret: {rp_secret}, scopes: [openid, email, mcp]{extra}}}",
+            idp.issuer
+        )
+    };
+    gw.reload_top(&as_top(&format!("login: {{{}}}", provider(", allowed_domains: [Example.com]")))).await;
+    let mcp = gw.mcp();
+    let (_, client) = register(&gw, "Federated Client", CALLBACK).await;
+    let client_id = client["client_id"].as_str().unwrap().to_owned();
+
+    // The login page offers both ways; the link goes to the provider and back.
+    let mut flow = start(&gw, &client_id, CALLBACK, &mcp).await;
+    assert!(
+        flow.page.contains("Sign in with your organization") && flow.page.contains("name=\"token\""),
+        "{}",
+        flow.page
+    );
+    let link = federate_link(&flow.page);
+    let back = idp
+        .through(&mut flow.browser, &format!("{}{link}", gw.url), "pat", &format!("{}/authorize/callback", gw.url))
+        .await;
+    let (status, _, consent) = flow.browser.go(&back, None).await;
+    assert_eq!(status, 200, "{consent}");
+    assert!(consent.contains("Signed in as <strong>pat@example.com</strong>"), "{consent}");
+    flow.csrf = hidden(&consent, "csrf");
+    let location = flow.approve_page(&gw).await;
+    let code = flow.code_from(&gw, location);
+    let (status, tokens) = exchange(&gw, &client_id, &code, &flow.verifier).await;
+    assert_eq!(status, 200, "{tokens}");
+    // What the scope `mcp` grants: server a, not b.
+    let session = Client::connect_as(&mcp, tokens["access_token"].as_str().unwrap()).await;
+    let tools = session.all_tools().await;
+    assert!(!tools.is_empty() && tools.iter().all(|t| t.starts_with("a__")), "{tools:?}");
+    assert_eq!(session.call_text("a__echo", json!({"text": "federated"})).await, "federated");
+    assert_eq!(refresh(&gw, &client_id, tokens["refresh_token"].as_str().unwrap()).await.0, 200);
+    // The callback replayed (its state is used up): refused.
+    assert_eq!(flow.browser.go(&back, None).await.0, 400);
+
+    // Someone from another domain is refused, and the client hears nothing.
+    let mut flow = start(&gw, &client_id, CALLBACK, &mcp).await;
+    let link = federate_link(&flow.page);
+    let back = idp
+        .through(
+            &mut flow.browser,
+            &format!("{}{link}", gw.url),
+            "eve@evil.test",
+            &format!("{}/authorize/callback", gw.url),
+        )
+        .await;
+    let (status, location, page) = flow.browser.go(&back, None).await;
+    assert!(status == 403 && location.is_none() && page.contains("not in a domain allowed"), "{page}");
+    // A callback from another browser (no cookie of the sign-in): refused.
+    let mut flow = start(&gw, &client_id, CALLBACK, &mcp).await;
+    let link = federate_link(&flow.page);
+    let back = idp
+        .through(&mut flow.browser, &format!("{}{link}", gw.url), "pat", &format!("{}/authorize/callback", gw.url))
+        .await;
+    assert_eq!(Browser::new().go(&back, None).await.0, 403, "not the browser that started it");
+    assert_eq!(flow.browser.go(&back, None).await.0, 400, "a state is taken once, even by a refused answer");
+
+    // Token sign-in off: straight to the provider.
+    gw.reload_top(&as_top(&format!("login: {{tokens: false, {}}}", provider("")))).await;
+    let (status, location, _) = authorize_status(&gw, &client_id, CALLBACK).await;
+    let l = location.unwrap_or_default();
+    assert!(
+        status == 302 && l.starts_with(&idp.issuer) && param(&l, "code_challenge_method").as_deref() == Some("S256"),
+        "{l}"
+    );
+    assert_eq!(param(&l, "client_id"), Some(rp_id.clone()));
     gw.stop().await;
 }

@@ -28,10 +28,16 @@ const CALLBACK: &str = "http://127.0.0.1:9/callback";
 
 /// Starts the provider with the resource scopes `scopes`; a person's tokens carry `group`.
 pub(crate) async fn idp(scopes: &str, group: Option<&str>) -> Idp {
+    idp_with(scopes, group, "").await
+}
+
+/// The provider, with `login_scopes` granted to sign-ins (for a relying party).
+pub(crate) async fn idp_with(scopes: &str, group: Option<&str>, login_scopes: &str) -> Idp {
     let mut cmd = Command::new(node());
     cmd.arg(fixture("idp.mjs"))
         .arg(node_module("oidc-provider/lib/index.js"))
         .env("IDP_SCOPES", scopes)
+        .env("IDP_LOGIN_SCOPES", login_scopes)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -108,6 +114,46 @@ impl Browser {
 }
 
 impl Idp {
+    /// Registers a confidential client (RFC 7591) with `redirect_uri`: its id and secret.
+    pub(crate) async fn register_confidential(&self, redirect_uri: &str) -> (String, String) {
+        let body = json!({
+            "redirect_uris": [redirect_uri],
+            "grant_types": ["authorization_code"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "client_secret_basic",
+        });
+        let r = reqwest::Client::new()
+            .post(format!("{}/reg", self.issuer))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        let id = v["client_id"].as_str().unwrap_or_else(|| panic!("not registered: {v}")).to_owned();
+        (id, v["client_secret"].as_str().unwrap().to_owned())
+    }
+
+    /// Follows `url` through the provider's sign-in (as `login`) and consent pages until a
+    /// redirect that starts with `until`: that redirect.
+    pub(crate) async fn through(&self, browser: &mut Browser, url: &str, login: &str, until: &str) -> String {
+        let mut next = url.to_owned();
+        let mut body = None;
+        for _ in 0..12 {
+            let (status, location, page) = browser.go(&next, body.take()).await;
+            match location {
+                Some(l) if l.starts_with(until) => return l,
+                Some(l) => next = if l.starts_with('/') { format!("{}{l}", self.issuer) } else { l },
+                None => {
+                    assert_eq!(status, 200, "{page}");
+                    let prompt = if page.contains(r#"name="login""#) { "login" } else { "consent" };
+                    body = Some(form(&[("prompt", prompt), ("login", login), ("password", "any")]));
+                }
+            }
+        }
+        panic!("the provider's pages did not lead to {until}");
+    }
+
     /// An access token for `resource` by the client credentials grant of client `svc`.
     pub(crate) async fn client_credentials(&self, scope: &str, resource: &str) -> String {
         let r = reqwest::Client::new()

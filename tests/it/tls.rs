@@ -42,7 +42,7 @@ fn ca(dir: &Path, name: &str, cn: &str) {
 
 /// A CA, two server certificates for 127.0.0.1/localhost, and client certificates for `alice`
 /// and `mallory`, all under `dir`.
-fn pki(dir: &Path) {
+pub(crate) fn pki(dir: &Path) {
     ca(dir, "ca", "portcullis test CA");
     std::fs::write(
         dir.join("server.ext"),
