@@ -61,6 +61,8 @@ pub(super) struct Pending {
     pub(super) state: Option<String>,
     challenge: String,
     pub(super) resource: String,
+    /// The scopes the client named (shown; what it gets is what the person reaches).
+    scope: Option<String>,
     /// The digest of the browser cookie it was started with.
     pub(super) browser: [u8; 32],
     pub(super) csrf: String,
@@ -447,6 +449,7 @@ pub(crate) async fn authorize(
         state,
         challenge,
         resource,
+        scope: q.get("scope").filter(|s| !s.trim().is_empty() && s.len() <= 1024).cloned(),
         browser: crate::credentials::digest(&cookie),
         csrf: csrf.clone(),
         login: None,
@@ -549,6 +552,16 @@ fn consent_page(id: &str, p: &Pending, login: &Login) -> Response {
     } else {
         ""
     };
+    let scopes = p
+        .scope
+        .as_deref()
+        .map(|s| {
+            format!(
+                "<p class=\"muted\">It asks for the scopes <code>{}</code>: it gets what you may reach, no more.</p>",
+                esc(s)
+            )
+        })
+        .unwrap_or_default();
     let identified = if super::cimd::is_document_id(&p.client.client_id) {
         format!("<p class=\"muted\">It identifies itself as <code>{}</code>.</p>", esc(&p.client.client_id))
     } else {
@@ -561,7 +574,7 @@ fn consent_page(id: &str, p: &Pending, login: &Login) -> Response {
     };
     let body = format!(
         "<p>Signed in as <strong>{}</strong>.</p><p><strong>{}</strong> asks to use, as you:</p>{identified}\
-         <p>{servers} at <code>{}</code></p><p>After you approve, you are sent to</p><p class=\"host\">{}</p>{local}\
+         <p>{servers} at <code>{}</code></p>{scopes}<p>After you approve, you are sent to</p><p class=\"host\">{}</p>{local}\
          <p class=\"muted\">Approve only if you started this from that application.</p>\
          <form method=\"post\" action=\"/authorize\"><input type=\"hidden\" name=\"request\" value=\"{}\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{}\">\

@@ -47,11 +47,16 @@ struct Flow {
 
 /// Starts an authorization for `client_id` at `resource`: the login page.
 async fn start(gw: &TestGateway, client_id: &str, redirect: &str, resource: &str) -> Flow {
+    start_with(gw, client_id, redirect, resource, &[]).await
+}
+
+/// [`start`] with more parameters.
+async fn start_with(gw: &TestGateway, client_id: &str, redirect: &str, resource: &str, more: &[(&str, &str)]) -> Flow {
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     let verifier = b64(&rand_bytes());
     let state = b64(&rand_bytes());
     let challenge = b64(&sha2::Sha256::digest(verifier.as_bytes()));
-    let query = form(&[
+    let mut fields = vec![
         ("response_type", "code"),
         ("client_id", client_id),
         ("redirect_uri", redirect),
@@ -59,7 +64,9 @@ async fn start(gw: &TestGateway, client_id: &str, redirect: &str, resource: &str
         ("code_challenge", &challenge),
         ("code_challenge_method", "S256"),
         ("resource", resource),
-    ]);
+    ];
+    fields.extend_from_slice(more);
+    let query = form(&fields);
     let mut browser = Browser::new();
     let (status, _, page) = browser.go(&format!("{}/authorize?{query}", gw.url), None).await;
     assert_eq!(status, 200, "{page}");
@@ -277,10 +284,11 @@ async fn every_step_refuses_what_it_must() {
         .await;
     assert_eq!(param(&location.unwrap_or_default(), "error").as_deref(), Some("invalid_target"));
 
-    // The client's name is shown escaped.
-    let mut flow = start(&gw, &client_id, CALLBACK, &mcp).await;
+    // The client's name, and the scopes it names, are shown escaped.
+    let mut flow = start_with(&gw, &client_id, CALLBACK, &mcp, &[("scope", "files:read <img src=x>")]).await;
     let (_, _, consent) = flow.post(&gw, &[("action", "login"), ("token", ALICE)]).await;
     assert!(consent.contains("&lt;script&gt;alert(1)&lt;/script&gt;") && !consent.contains("<script>"), "{consent}");
+    assert!(consent.contains("files:read &lt;img src=x&gt;") && !consent.contains("<img"), "{consent}");
     // A consent form without its CSRF token, or from another browser: 403.
     let body = form(&[("request", &flow.request), ("action", "approve")]);
     assert_eq!(flow.browser.go(&format!("{}/authorize", gw.url), Some(body)).await.0, 403);
@@ -356,34 +364,51 @@ async fn the_python_sdk_registers_signs_in_and_calls_through_portcullis_own_serv
     gw.stop().await;
 }
 
-/// The same through a real browser: headless Chromium (Debian's, driven by playwright-core)
-/// opens the authorization URL the SDK gives it, signs in with a token and approves; the SDK
-/// gets its tokens at its callback and calls a tool. The pages it saw are saved as screenshots
-/// (`PORTCULLIS_SCREENSHOTS` names where; docs/img holds the ones in the documentation).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_sdk_signs_in_through_a_real_browser() {
+/// What `sdk_oauth.py` needs to sign in through a real browser: headless Chromium (Debian's,
+/// driven by playwright-core) opens the authorization URL the SDK gives it, signs in with a
+/// token and approves; the pages it saw are saved as screenshots in `shots`.
+fn browser_env(shots: &str) -> Vec<(&'static str, String)> {
     assert!(
         std::path::Path::new("/usr/bin/chromium").exists(),
         "Debian's chromium is needed (./scripts/test installs it)"
     );
+    vec![
+        ("PORTCULLIS_LOGIN_TOKEN", ALICE.to_owned()),
+        ("PORTCULLIS_BROWSER_LOGIN", crate::external::fixture("browser_login.mjs")),
+        ("PORTCULLIS_PLAYWRIGHT", crate::external::node_module("playwright-core/index.mjs")),
+        ("PORTCULLIS_NODE", crate::external::node().display().to_string()),
+        ("PORTCULLIS_SCREENSHOTS", shots.to_owned()),
+        ("PORTCULLIS_CALLBACK", BROWSER_CALLBACK.to_owned()),
+        ("PORTCULLIS_REFRESH", "1".to_owned()),
+    ]
+}
+
+/// Where the browser's sign-ins are sent back to (the browser reads the request; nothing
+/// listens).
+const BROWSER_CALLBACK: &str = "http://127.0.0.1:8976/callback";
+
+/// What the SDK saw after it signed in, called, refreshed, called again in the same session,
+/// revoked its refresh token (RFC 7009) and called once more.
+fn assert_refreshed_then_refused(seen: &Value) {
+    assert_eq!(seen["echo"], json!(["hello through oauth"]), "{seen}");
+    assert_eq!(seen["refreshed"], true, "{seen}");
+    assert_eq!(seen["echo_after_refresh"], json!(["after refresh"]), "{seen}");
+    assert_eq!((seen["revoked"].clone(), seen["after_revoke"].clone()), (json!(200), json!("refused")), "{seen}");
+}
+
+/// The Python SDK registers itself (RFC 7591) and a real browser signs in: the pages it saw
+/// are the documentation's screenshots (`PORTCULLIS_SCREENSHOTS` names where; docs/img holds
+/// the ones in the documentation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_signs_in_through_a_real_browser() {
     let gw = gateway().demo("a", &[], "").top(&top("")).start().await;
     let dir = TempDir::new();
     let shots = std::env::var("PORTCULLIS_SCREENSHOTS").unwrap_or_else(|_| dir.0.display().to_string());
-    let (node, playwright, login) = (
-        crate::external::node().display().to_string(),
-        crate::external::node_module("playwright-core/index.mjs"),
-        crate::external::fixture("browser_login.mjs"),
-    );
-    let env = [
-        ("PORTCULLIS_LOGIN_TOKEN", ALICE),
-        ("PORTCULLIS_BROWSER_LOGIN", login.as_str()),
-        ("PORTCULLIS_PLAYWRIGHT", playwright.as_str()),
-        ("PORTCULLIS_NODE", node.as_str()),
-        ("PORTCULLIS_SCREENSHOTS", shots.as_str()),
-        ("PORTCULLIS_CALLBACK", "http://127.0.0.1:8976/callback"),
-    ];
+    let env = browser_env(&shots);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let seen = crate::idp::sdk_oauth(&gw.mcp(), "a__echo", &env).await;
-    assert_eq!(seen["echo"], json!(["hello through oauth"]), "{seen}");
+    assert!(seen["client_id"].as_str().is_some_and(|c| !c.starts_with("https://")), "registered: {seen}");
+    assert_refreshed_then_refused(&seen);
     for page in ["signin.png", "consent.png"] {
         let png = std::fs::read(std::path::Path::new(&shots).join(page)).unwrap();
         assert!(png.starts_with(b"\x89PNG"), "{page}");
@@ -543,58 +568,28 @@ async fn authorize_status(gw: &TestGateway, client_id: &str, redirect: &str) -> 
 }
 
 /// The Python SDK identifies itself by a Client ID Metadata Document that the test serves on
-/// loopback (no registration), signs in, calls, refreshes and calls again in the same session,
-/// then revokes its refresh token and is refused.
+/// loopback (no registration: it is turned off), and a real browser signs in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_identifies_itself_by_a_metadata_document() {
     let dir = TempDir::new();
     crate::tls::pki(&dir.0);
     let docs = Documents::start(&dir.0).await;
-    let url = docs.serve(
-        "/sdk/client.json",
-        &document(&docs.url("/sdk/client.json"), "SDK by document", CALLBACK),
-        "max-age=300",
-    );
-    let gw = gateway()
-        .demo("a", &[], "")
-        .top(&documents_top(&dir.0.join("ca.pem")).replace("{client_metadata", "{registration: false, client_metadata"))
-        .start()
-        .await;
+    let path = "/sdk/client.json";
+    let url = docs.serve(path, &document(&docs.url(path), "SDK by document", BROWSER_CALLBACK), "max-age=300");
+    let top = documents_top(&dir.0.join("ca.pem")).replace("{client_metadata", "{registration: false, client_metadata");
+    let gw = gateway().demo("a", &[], "").top(&top).start().await;
     let (_, asm) =
         http_json(reqwest::Method::GET, &format!("{}/.well-known/oauth-authorization-server", gw.url), None, None)
             .await;
     assert_eq!(asm["client_id_metadata_document_supported"], true, "{asm}");
-    let env = [
-        ("PORTCULLIS_LOGIN_TOKEN", ALICE),
-        ("PORTCULLIS_CLIENT_METADATA_URL", url.as_str()),
-        ("PORTCULLIS_REFRESH", "1"),
-    ];
+    let shots = TempDir::new();
+    let mut env = browser_env(&shots.0.display().to_string());
+    env.push(("PORTCULLIS_CLIENT_METADATA_URL", url.clone()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let seen = crate::idp::sdk_oauth(&gw.mcp(), "a__echo", &env).await;
     assert_eq!(seen["client_id"], json!(url), "{seen}");
-    assert_eq!(seen["echo"], json!(["hello through oauth"]), "{seen}");
-    assert_eq!(
-        (seen["refreshed"].clone(), seen["echo_after_refresh"].clone()),
-        (json!(true), json!(["after refresh"])),
-        "{seen}"
-    );
-    assert_eq!((seen["revoked"].clone(), seen["after_revoke"].clone()), (json!(200), json!("refused")), "{seen}");
-    assert_eq!(docs.hits("/sdk/client.json"), 1, "fetched once, then cached by its max-age");
-    gw.stop().await;
-}
-
-/// The same with dynamic client registration, refresh and revocation included.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_sdk_registers_refreshes_and_is_refused_once_it_revokes() {
-    let gw = gateway().demo("a", &[], "").top(&top("")).start().await;
-    let env = [("PORTCULLIS_LOGIN_TOKEN", ALICE), ("PORTCULLIS_REFRESH", "1")];
-    let seen = crate::idp::sdk_oauth(&gw.mcp(), "a__echo", &env).await;
-    assert!(seen["client_id"].as_str().is_some_and(|c| !c.starts_with("https://")), "{seen}");
-    assert_eq!(
-        (seen["refreshed"].clone(), seen["echo_after_refresh"].clone()),
-        (json!(true), json!(["after refresh"])),
-        "{seen}"
-    );
-    assert_eq!((seen["revoked"].clone(), seen["after_revoke"].clone()), (json!(200), json!("refused")), "{seen}");
+    assert_refreshed_then_refused(&seen);
+    assert_eq!(docs.hits(path), 1, "fetched once, then cached by its max-age");
     gw.stop().await;
 }
 
