@@ -314,8 +314,9 @@ fn client_of_document(client_id: &str, body: &[u8]) -> Result<OAuthClient, Docum
     })
 }
 
-/// A fetch's outcome and until when it is kept.
-type Cached = (Result<OAuthClient, DocumentError>, Instant);
+/// A fetch's outcome, until when it is kept, and the settings of the fetcher that made it (a
+/// reload that changes them does not keep what the old ones let in).
+type Cached = (Result<OAuthClient, DocumentError>, Instant, Fetcher);
 
 /// Documents fetched, and failures, until they expire.
 #[derive(Default)]
@@ -326,8 +327,9 @@ pub(crate) struct Documents {
 impl Documents {
     /// The client `client_id` names: from the cache while it lasts, else fetched now.
     pub(crate) async fn client(&self, fetcher: &Fetcher, client_id: &str) -> Result<OAuthClient, DocumentError> {
-        if let Some((found, until)) = lock(&self.cached).get(client_id)
+        if let Some((found, until, by)) = lock(&self.cached).get(client_id)
             && *until > Instant::now()
+            && by == fetcher
         {
             return found.clone();
         }
@@ -342,12 +344,12 @@ impl Documents {
             let mut cached = lock(&self.cached);
             let now = Instant::now();
             if cached.len() >= MAX_CACHED {
-                cached.retain(|_, (_, until)| *until > now);
+                cached.retain(|_, (_, until, _)| *until > now);
                 if cached.len() >= MAX_CACHED {
                     cached.clear();
                 }
             }
-            cached.insert(client_id.to_owned(), (found.clone(), now + keep));
+            cached.insert(client_id.to_owned(), (found.clone(), now + keep, fetcher.clone()));
         }
         found
     }

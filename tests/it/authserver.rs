@@ -611,7 +611,7 @@ async fn metadata_documents_are_fetched_strictly() {
         &json!({"client_id": docs.url("/secret.json"), "client_secret": "s", "redirect_uris": [CALLBACK]}).to_string(),
         "",
     );
-    let gw = gateway().demo("a", &[], "").top(&documents_top(&dir.0.join("ca.pem"))).start().await;
+    let mut gw = gateway().demo("a", &[], "").top(&documents_top(&dir.0.join("ca.pem"))).start().await;
     // A good document: the sign-in page; the consent page names it, escaped, and its URL.
     let mut flow = start(&gw, &good, CALLBACK, &gw.mcp()).await;
     let (status, _, consent) = flow.post(&gw, &[("action", "login"), ("token", ALICE)]).await;
@@ -640,15 +640,21 @@ async fn metadata_documents_are_fetched_strictly() {
         assert_eq!((status, location), (400, None), "{client_id}: {page}");
         assert!(page.contains(says), "{client_id}: {page}");
     }
+    // A document cached while private addresses were allowed is not kept past a reload that
+    // forbids them.
+    let cached = docs.serve("/cached.json", &document(&docs.url("/cached.json"), "Cached", CALLBACK), "max-age=300");
+    assert_eq!(authorize_status(&gw, &cached, CALLBACK).await.0, 200);
+    assert_eq!(authorize_status(&gw, &cached, CALLBACK).await.0, 200);
+    assert_eq!(docs.hits("/cached.json"), 1, "cached by its max-age");
+    let ca_only = top(&format!("client_metadata_documents: {{ca: {:?}}}", dir.0.join("ca.pem").display().to_string()));
+    gw.reload_top(&ca_only).await;
+    let (status, _, page) = authorize_status(&gw, &cached, CALLBACK).await;
+    assert!(status == 400 && page.contains("private"), "{page}");
     gw.stop().await;
 
     // Without allow_private_addresses: a document on loopback is never fetched, by address or
     // by a name that resolves there.
-    let gw = gateway()
-        .demo("a", &[], "")
-        .top(&top(&format!("client_metadata_documents: {{ca: {:?}}}", dir.0.join("ca.pem").display().to_string())))
-        .start()
-        .await;
+    let gw = gateway().demo("a", &[], "").top(&ca_only).start().await;
     let before = docs.hits("/good.json");
     let by_name = good.replace("127.0.0.1", "localhost");
     docs.serve("/good.json", &document(&by_name, "Good", CALLBACK), "no-store");
