@@ -74,6 +74,30 @@ pub enum Command {
         #[arg(long = "as")]
         as_identity: Option<String>,
     },
+    /// Sign in to a remote server whose `oauth:` has the authorization_code grant: prints the
+    /// URL to open (and opens a browser where there is one), takes the browser's return on
+    /// 127.0.0.1, and keeps the tokens in the vault for the gateway.
+    Login {
+        /// The server's name.
+        server: String,
+        /// Config file (default: ./portcullis.yaml, then ./portcullis.json).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Do not try to open a browser (print the URL only).
+        #[arg(long)]
+        no_browser: bool,
+        /// How long to wait for the browser's return.
+        #[arg(long, default_value = "5m")]
+        timeout: String,
+    },
+    /// Forget a remote server's signed-in account (the gateway stops using it within a second).
+    Logout {
+        /// The server's name.
+        server: String,
+        /// Config file (default: ./portcullis.yaml, then ./portcullis.json).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Manage issued tokens (the store a running gateway reads: `portcullis.db` beside the config).
     Token {
         /// Config file (default: ./portcullis.yaml, then ./portcullis.json).
@@ -118,6 +142,66 @@ pub enum Command {
 }
 
 /// Loads the config named on the command line, or the default file, or the built-in demo.
+/// What the vault says of a server's shared account: `logged in`, `needs login`, `not logged in`.
+fn login_state(config: &Config, server: &str) -> String {
+    let store = config.store().0;
+    if !store.exists() {
+        return format!("not logged in: run `portcullis login {server}`");
+    }
+    match crate::store::SqliteStore::open(&store).and_then(|s| s.upstream_account(server, "")) {
+        Ok(Some(a)) if a.state == "needs_login" => format!("needs login: run `portcullis login {server}`"),
+        Ok(Some(a)) => format!("logged in at {}", config::shown_url(&a.issuer)),
+        Ok(None) => format!("not logged in: run `portcullis login {server}`"),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// `portcullis login SERVER`; the exit code.
+pub fn login(config: Option<PathBuf>, server: &str, no_browser: bool, timeout: &str) -> i32 {
+    let run = || -> anyhow::Result<String> {
+        let config = load_config(config)?;
+        let timeout = crate::store::parse_span(timeout).map_err(anyhow::Error::msg)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let opts = crate::oauth::login::LoginOptions { open_browser: !no_browser, timeout };
+        Ok(rt.block_on(crate::oauth::login::login(&config, server, opts))?)
+    };
+    match run() {
+        Ok(done) => {
+            println!("{done}");
+            0
+        }
+        Err(e) => {
+            eprintln!("portcullis login: {e:#}");
+            1
+        }
+    }
+}
+
+/// `portcullis logout SERVER`; the exit code.
+pub fn logout(config: Option<PathBuf>, server: &str) -> i32 {
+    let run = || -> anyhow::Result<bool> {
+        let config = load_config(config)?;
+        if config.server(server).is_none() {
+            anyhow::bail!("no server {server:?}");
+        }
+        Ok(crate::store::SqliteStore::open(&config.store().0)?.upstream_forget(server, "")?)
+    };
+    match run() {
+        Ok(true) => {
+            println!("logged out of {server}");
+            0
+        }
+        Ok(false) => {
+            println!("{server} had no account signed in");
+            0
+        }
+        Err(e) => {
+            eprintln!("portcullis logout: {e:#}");
+            1
+        }
+    }
+}
+
 pub fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
     match path.or_else(config::default_path) {
         Some(p) => Ok(config::load(&p)?),
@@ -152,7 +236,15 @@ pub fn check(path: Option<PathBuf>) -> i32 {
                     Transport::Stdio { command, args, .. } => format!("stdio: {command} {}", args.join(" ")),
                     Transport::Http { url, mode, tls, oauth, .. } => {
                         let tls = tls.as_ref().map_or(String::new(), |t| format!(" ({})", t.summary()));
-                        let oauth = if oauth.is_some() { " (its own access token: client credentials)" } else { "" };
+                        let oauth = match oauth.as_ref().map(|g| g.flow) {
+                            None => String::new(),
+                            Some(crate::oauth::client::Flow::ClientCredentials) => {
+                                " (its own access token: client credentials)".into()
+                            }
+                            Some(crate::oauth::client::Flow::AuthorizationCode { .. }) => {
+                                format!(" (a person's account: {})", login_state(&c, &s.name))
+                            }
+                        };
                         format!("{} {}{tls}{oauth}", format!("{mode:?}").to_lowercase(), config::shown_url(url))
                     }
                 };

@@ -35,3 +35,4 @@ pub mod server;
 mod sharded;
 pub mod store;
 pub(crate) mod tls;
+pub mod vault;

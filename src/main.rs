@@ -30,6 +30,10 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token { config, action } => std::process::exit(cli::token(config, action)),
+        Command::Login { server, config, no_browser, timeout } => {
+            std::process::exit(cli::login(config, &server, no_browser, &timeout))
+        }
+        Command::Logout { server, config } => std::process::exit(cli::logout(config, &server)),
         Command::Serve {
             config,
             listen,

@@ -49,6 +49,7 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .route("/.well-known/openid-configuration", get(crate::oauth::server::metadata))
         .route("/register", post(crate::oauth::server::register))
         .route("/authorize", get(crate::oauth::server::authorize).post(crate::oauth::server::decide))
+        .route("/oauth/upstream/{server}/client.json", get(crate::oauth::login::serve_document))
         .route("/authorize/federate", get(crate::oauth::federation::federate))
         .route("/authorize/callback", get(crate::oauth::federation::callback))
         .route("/token", post(crate::oauth::server::token))

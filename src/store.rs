@@ -441,7 +441,86 @@ CREATE TABLE oauth_consents (
     UNIQUE (login, client_id, resource)
 );
 "#,
+    r#"
+CREATE TABLE upstream_accounts (
+    server TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    name TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    token_endpoint TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    expires_at INTEGER,
+    scope TEXT,
+    state TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (server, subject)
+);
+CREATE TABLE upstream_clients (
+    server TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    sealed_secret BLOB,
+    registered_at INTEGER NOT NULL,
+    PRIMARY KEY (server, issuer)
+);
+"#,
 ];
+
+/// A person's (or the shared) account at a remote server's authorization server: its tokens
+/// sealed by the vault ([`crate::vault`]), never in clear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UpstreamAccount {
+    /// The server (its name in the config).
+    pub server: String,
+    /// Whose: "" for the server's shared account, else the identity's key.
+    pub subject: String,
+    /// The identity's name ("" for the shared account).
+    pub name: String,
+    /// The authorization server that issued the tokens.
+    pub issuer: String,
+    /// Where they are refreshed.
+    pub token_endpoint: String,
+    /// The client id they were issued to.
+    pub client_id: String,
+    /// The access and refresh tokens, sealed for this row ([`UpstreamAccount::row`]).
+    pub sealed: Vec<u8>,
+    /// When the access token expires (Unix ms), if said.
+    pub expires_at: Option<i64>,
+    /// The scopes granted.
+    pub scope: Option<String>,
+    /// `active`, or `needs_login` after a refresh the authorization server refused.
+    pub state: String,
+    /// When it last changed.
+    pub updated_at: i64,
+}
+
+impl UpstreamAccount {
+    /// What the sealed tokens are bound to: the row and who issued them to whom.
+    pub(crate) fn row(server: &str, subject: &str, issuer: &str, client_id: &str) -> String {
+        format!("account\0{server}\0{subject}\0{issuer}\0{client_id}")
+    }
+}
+
+/// A client registration Portcullis made at a remote server's authorization server (RFC 7591).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UpstreamClient {
+    /// The server.
+    pub server: String,
+    /// The authorization server.
+    pub issuer: String,
+    /// The client id it gave.
+    pub client_id: String,
+    /// Its secret, sealed for this row, when it gave one.
+    pub sealed_secret: Option<Vec<u8>>,
+}
+
+impl UpstreamClient {
+    /// What the sealed secret is bound to.
+    pub(crate) fn row(server: &str, issuer: &str, client_id: &str) -> String {
+        format!("client\0{server}\0{issuer}\0{client_id}")
+    }
+}
 
 /// An OAuth client of Portcullis' authorization server (registered by RFC 7591).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1014,6 +1093,101 @@ impl SqliteStore {
         Ok(c)
     }
 
+    /// The account of `subject` at `server`.
+    pub(crate) fn upstream_account(&self, server: &str, subject: &str) -> Result<Option<UpstreamAccount>, StoreError> {
+        Ok(lock(&self.conn)
+            .query_row(
+                "SELECT server, subject, name, issuer, token_endpoint, client_id, sealed, expires_at, scope, state, updated_at \
+                 FROM upstream_accounts WHERE server = ?1 AND subject = ?2",
+                params![server, subject],
+                account_row,
+            )
+            .optional()?)
+    }
+
+    /// Saves an account (replacing the one of the same server and subject).
+    pub(crate) fn upstream_save(&self, a: &UpstreamAccount) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO upstream_accounts (server, subject, name, issuer, token_endpoint, client_id, sealed, \
+                 expires_at, scope, state, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    a.server,
+                    a.subject,
+                    a.name,
+                    a.issuer,
+                    a.token_endpoint,
+                    a.client_id,
+                    a.sealed,
+                    a.expires_at,
+                    a.scope,
+                    a.state,
+                    a.updated_at
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Marks an account as needing a new login (its refresh was refused), unless it changed
+    /// since `seen` (a login meanwhile). Whether it was marked.
+    pub(crate) fn upstream_needs_login(
+        &self,
+        server: &str,
+        subject: &str,
+        seen: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE upstream_accounts SET state = 'needs_login', updated_at = ?1 \
+                 WHERE server = ?2 AND subject = ?3 AND updated_at = ?4",
+                params![now, server, subject, seen],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Forgets an account. Whether there was one.
+    pub(crate) fn upstream_forget(&self, server: &str, subject: &str) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            Ok(tx.execute(
+                "DELETE FROM upstream_accounts WHERE server = ?1 AND subject = ?2",
+                params![server, subject],
+            )? > 0)
+        })
+    }
+
+    /// The registration Portcullis made for `server` at `issuer`.
+    pub(crate) fn upstream_client(&self, server: &str, issuer: &str) -> Result<Option<UpstreamClient>, StoreError> {
+        Ok(lock(&self.conn)
+            .query_row(
+                "SELECT server, issuer, client_id, sealed_secret FROM upstream_clients WHERE server = ?1 AND issuer = ?2",
+                params![server, issuer],
+                |r| {
+                    Ok(UpstreamClient {
+                        server: r.get(0)?,
+                        issuer: r.get(1)?,
+                        client_id: r.get(2)?,
+                        sealed_secret: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Remembers a registration.
+    pub(crate) fn upstream_save_client(&self, c: &UpstreamClient, now: i64) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO upstream_clients (server, issuer, client_id, sealed_secret, registered_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![c.server, c.issuer, c.client_id, c.sealed_secret, now],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Writes the WAL back into the database file.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         lock(&self.conn).execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
@@ -1163,6 +1337,22 @@ fn revoke_family_in(tx: &rusqlite::Transaction<'_>, family: &str, now: i64) -> R
         params![now, family],
     )?;
     Ok(())
+}
+
+fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UpstreamAccount> {
+    Ok(UpstreamAccount {
+        server: r.get(0)?,
+        subject: r.get(1)?,
+        name: r.get(2)?,
+        issuer: r.get(3)?,
+        token_endpoint: r.get(4)?,
+        client_id: r.get(5)?,
+        sealed: r.get(6)?,
+        expires_at: r.get(7)?,
+        scope: r.get(8)?,
+        state: r.get(9)?,
+        updated_at: r.get(10)?,
+    })
 }
 
 fn tenant_suffix(tenant: &str) -> String {

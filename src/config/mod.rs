@@ -355,12 +355,24 @@ pub(crate) struct RawUpstreamTls {
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawUpstreamOAuth {
-    /// The grant: `client_credentials` (a machine account of Portcullis' own).
+    /// The grant: `client_credentials` (a machine account of Portcullis' own) or
+    /// `authorization_code` (a person's account, signed in with `portcullis login SERVER`; its
+    /// tokens are kept in the store encrypted with `PORTCULLIS_SECRET_KEY`).
     pub grant: S,
-    /// Portcullis' client id at the server's authorization server.
-    pub client_id: S,
-    /// Its client secret, e.g. `${UPSTREAM_CLIENT_SECRET}`.
-    pub client_secret: S,
+    /// Portcullis' client id at the server's authorization server (required for
+    /// `client_credentials`; for `authorization_code`, default: a Client ID Metadata Document
+    /// Portcullis serves when the server accepts one and `public_url` is https, else dynamic
+    /// registration).
+    #[serde(default)]
+    pub client_id: Option<S>,
+    /// Its client secret, e.g. `${UPSTREAM_CLIENT_SECRET}` (required for `client_credentials`;
+    /// none for a public client).
+    #[serde(default)]
+    pub client_secret: Option<S>,
+    /// The loopback port `portcullis login` listens on for the browser's return (default
+    /// 3000: its redirect URI is `http://127.0.0.1:PORT/callback`).
+    #[serde(default)]
+    pub callback_port: Option<u16>,
     /// The scopes to ask for, space-separated (default: none named).
     #[serde(default)]
     pub scope: Option<S>,
@@ -534,7 +546,7 @@ pub enum Transport {
         /// TLS of its own (None: the system's roots, verification on).
         tls: Option<crate::tls::UpstreamTls>,
         /// Access tokens of Portcullis' own for it.
-        oauth: Option<crate::oauth::client::ClientCredentials>,
+        oauth: Option<crate::oauth::client::UpstreamGrant>,
     },
 }
 
@@ -610,6 +622,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Servers, in name order.
     pub servers: Vec<Arc<ServerDef>>,
+    /// The token vault's keys (`PORTCULLIS_SECRET_KEY`), when set.
+    pub vault: Option<crate::vault::KeyRing>,
     /// Credentials, grants, tenants and limits.
     pub auth: crate::credentials::AuthConfig,
     /// Where audit records go, as configured (see [`Config::audit_target`]).
@@ -831,7 +845,19 @@ fn parse_named(text: &str, json: bool, file: Option<&Path>, env: &Env) -> Result
             return Err(errors);
         }
     };
-    let validator = Validator { env, errors, warnings, base: file.and_then(Path::parent).map(Path::to_path_buf) };
+    // The vault's keys are the environment's (a `.env` beside the config counts), never the file's.
+    let vault = match env.get(crate::vault::KEY_VAR).filter(|k| !k.trim().is_empty()) {
+        Some(key) => match crate::vault::KeyRing::new(key, env.get(crate::vault::PREVIOUS_VAR)) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                errors.push(ConfigError { file: None, path: String::new(), line: None, message: e });
+                None
+            }
+        },
+        None => None,
+    };
+    let validator =
+        Validator { env, vault, errors, warnings, base: file.and_then(Path::parent).map(Path::to_path_buf) };
     let place = |list: &mut Vec<ConfigError>| {
         for e in list.iter_mut() {
             if e.line.is_none() && e.file.is_none() {
@@ -859,6 +885,8 @@ fn first_line(s: &str) -> String {
 
 struct Validator<'a> {
     env: &'a Env,
+    /// The token vault's keys, from the environment (`PORTCULLIS_SECRET_KEY`).
+    vault: Option<crate::vault::KeyRing>,
     errors: Vec<ConfigError>,
     warnings: Vec<ConfigError>,
     /// The directory of the config file, for relative paths in it (`envFile`, `catalog_path`).
@@ -966,6 +994,7 @@ impl Validator<'_> {
             limits,
             store_path,
             source: None,
+            vault: self.vault,
             warnings: self.warnings,
         })
     }
@@ -1373,24 +1402,51 @@ impl Validator<'_> {
         url: &str,
         o: &RawUpstreamOAuth,
         headers: &[(String, String)],
-    ) -> Option<crate::oauth::client::ClientCredentials> {
+    ) -> Option<crate::oauth::client::UpstreamGrant> {
         let field = format!("{base}.oauth");
-        if o.grant.as_str() != "client_credentials" {
-            self.error(
-                format!("{field}.grant"),
-                format!("{:?}: the grant Portcullis uses towards a server is client_credentials", o.grant.as_str()),
-            );
-            return None;
+        let flow = match o.grant.as_str() {
+            "client_credentials" => crate::oauth::client::Flow::ClientCredentials,
+            "authorization_code" => {
+                if self.vault.is_none() {
+                    self.error(
+                        format!("{field}.grant"),
+                        format!(
+                            "authorization_code keeps a person's tokens in the store, encrypted: set {} ({}+ characters)",
+                            crate::vault::KEY_VAR,
+                            crate::vault::MIN_KEY_LEN
+                        ),
+                    );
+                }
+                crate::oauth::client::Flow::AuthorizationCode { callback_port: o.callback_port.unwrap_or(3000) }
+            }
+            other => {
+                self.error(
+                    format!("{field}.grant"),
+                    format!("{other:?}: the grants towards a server are client_credentials and authorization_code"),
+                );
+                return None;
+            }
+        };
+        if o.callback_port.is_some() && flow == crate::oauth::client::Flow::ClientCredentials {
+            self.error(format!("{field}.callback_port"), "only for the authorization_code grant");
         }
         if headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("authorization")) {
             self.error(&field, "an `Authorization` header and `oauth` cannot both say what to send");
             return None;
         }
         let get = |me: &mut Self, name: &str, v: &S| me.subst(&format!("{field}.{name}"), v);
-        let client_id = get(self, "client_id", &o.client_id);
-        let client_secret = get(self, "client_secret", &o.client_secret);
-        if client_id.is_empty() || client_secret.is_empty() {
-            self.error(&field, "`client_id` and `client_secret` must not be empty");
+        let client_id = o.client_id.as_ref().map(|v| get(self, "client_id", v)).unwrap_or_default();
+        let client_secret = o.client_secret.as_ref().map(|v| get(self, "client_secret", v)).unwrap_or_default();
+        match flow {
+            crate::oauth::client::Flow::ClientCredentials if client_id.is_empty() || client_secret.is_empty() => {
+                self.error(&field, "`client_id` and `client_secret` must not be empty");
+            }
+            crate::oauth::client::Flow::AuthorizationCode { .. }
+                if client_id.is_empty() && !client_secret.is_empty() =>
+            {
+                self.error(&field, "a `client_secret` needs its `client_id`");
+            }
+            _ => {}
         }
         let opt = |me: &mut Self, name: &str, v: &Option<S>| v.as_ref().map(|v| get(me, name, v));
         let scope = opt(self, "scope", &o.scope).filter(|s| !s.trim().is_empty());
@@ -1402,7 +1458,8 @@ impl Validator<'_> {
                 self.provider_url(&format!("{field}.{name}"), v);
             }
         }
-        Some(crate::oauth::client::ClientCredentials {
+        Some(crate::oauth::client::UpstreamGrant {
+            flow,
             client_id,
             client_secret,
             scope,
@@ -1519,7 +1576,15 @@ servers:
         );
         assert!(!format!("{g:?}").contains("t0k"), "the secret stays out of Debug");
         for (yaml, says) in [
-            ("    oauth: {grant: authorization_code, client_id: p, client_secret: s}\n", "client_credentials"),
+            (
+                "    oauth: {grant: password, client_id: p, client_secret: s}\n",
+                "client_credentials and authorization_code",
+            ),
+            ("    oauth: {grant: authorization_code}\n", "PORTCULLIS_SECRET_KEY"),
+            (
+                "    oauth: {grant: client_credentials, client_id: p, client_secret: s, callback_port: 3001}\n",
+                "only for",
+            ),
             (
                 "    headers: {Authorization: \"Bearer x\"}\n    oauth: {grant: client_credentials, client_id: p, client_secret: s}\n",
                 "cannot both",
@@ -1534,6 +1599,17 @@ servers:
             let errs = parse(&text, false, &env()).unwrap_err();
             assert!(errs.iter().any(|e| e.to_string().contains(says)), "{yaml}: {errs:?}");
         }
+        // A person's account: the vault's key from the environment; a secret needs its id.
+        let keyed = Env::from_pairs([("PORTCULLIS_SECRET_KEY", "k-0123456789abcdef0123456789abcdef")]);
+        let code = "servers:\n  r:\n    url: https://r.example/mcp\n    oauth: {grant: authorization_code}\n";
+        let c = parse(code, false, &keyed).unwrap();
+        assert!(c.vault.is_some());
+        let Transport::Http { oauth: Some(g), .. } = &c.server("r").unwrap().transport else { panic!() };
+        assert_eq!(g.flow, crate::oauth::client::Flow::AuthorizationCode { callback_port: 3000 });
+        let secret_alone = code.replace("authorization_code}", "authorization_code, client_secret: s}");
+        assert!(parse(&secret_alone, false, &keyed).is_err());
+        let short = Env::from_pairs([("PORTCULLIS_SECRET_KEY", "short")]);
+        assert!(parse(code, false, &short).unwrap_err().iter().any(|e| e.message.contains("at least 32")));
         let stdio = "servers:\n  s:\n    command: echo\n    oauth: {grant: client_credentials, client_id: p, client_secret: s}\n";
         assert!(
             parse(stdio, false, &env()).unwrap_err().iter().any(|e| e.to_string().contains("only to `url` servers"))

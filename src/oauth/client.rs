@@ -28,12 +28,27 @@ const RENEW_BEFORE: Duration = Duration::from_secs(60);
 /// The most one fetch may take, discovery included (each request has [`FETCH_TIMEOUT`]).
 const FETCH_TOTAL: Duration = Duration::from_secs(20);
 
-/// The client credentials grant towards one remote server, as the config gives it.
+/// How Portcullis gets its access tokens for a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// A machine account of Portcullis' own (RFC 6749 §4.4).
+    ClientCredentials,
+    /// A person's account, signed in once with `portcullis login` (authorization code with
+    /// PKCE), then refreshed; its tokens live in the vault.
+    AuthorizationCode {
+        /// The loopback port `portcullis login` takes the browser's return on.
+        callback_port: u16,
+    },
+}
+
+/// The OAuth grant towards one remote server, as the config gives it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ClientCredentials {
-    /// Portcullis' client id at the server's authorization server.
+pub struct UpstreamGrant {
+    /// Which grant.
+    pub flow: Flow,
+    /// Portcullis' client id at the server's authorization server (empty: registered at login).
     pub client_id: String,
-    /// Its secret (sent with HTTP Basic, RFC 6749 §2.3.1).
+    /// Its secret (sent with HTTP Basic, RFC 6749 §2.3.1; empty for a public client).
     pub client_secret: String,
     /// The scopes asked for (None: none named; the authorization server's default).
     pub scope: Option<String>,
@@ -45,9 +60,10 @@ pub struct ClientCredentials {
     pub resource: String,
 }
 
-impl std::fmt::Debug for ClientCredentials {
+impl std::fmt::Debug for UpstreamGrant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientCredentials")
+        f.debug_struct("UpstreamGrant")
+            .field("flow", &self.flow)
             .field("client_id", &self.client_id)
             .field("client_secret", &"(hidden)")
             .field("scope", &self.scope)
@@ -89,6 +105,36 @@ pub enum CredentialError {
     /// The answer is not a bearer token response (RFC 6749 §5.1).
     #[error("token endpoint {0}: not a bearer token response")]
     Malformed(String),
+    /// A person's account is needed: none was signed in, or its refresh was refused.
+    #[error("needs login ({reason}): run `portcullis login {server}`")]
+    NeedsLogin {
+        /// The server.
+        server: String,
+        /// Why.
+        reason: String,
+    },
+    /// The vault cannot give the account's tokens (the store, or a key that does not open them).
+    #[error("the token vault: {0}")]
+    Vault(String),
+}
+
+/// Where a server's account tokens are kept: the store, and the keys that seal them.
+#[derive(Clone)]
+pub(crate) struct Vault {
+    /// The store's file.
+    pub store: std::path::PathBuf,
+    /// The keys.
+    pub keys: crate::vault::KeyRing,
+}
+
+/// An account's tokens as sealed in the vault.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct AccountTokens {
+    /// The access token.
+    pub access_token: String,
+    /// The refresh token, when one was given.
+    #[serde(default)]
+    pub refresh_token: Option<String>,
 }
 
 /// A token in hand.
@@ -103,7 +149,15 @@ struct Token {
 
 /// The access tokens of one remote server: see the module documentation.
 pub(crate) struct TokenSource {
-    grant: ClientCredentials,
+    grant: UpstreamGrant,
+    /// The vault of an `authorization_code` grant.
+    vault: Option<Vault>,
+    /// Whose account ("" for the server's shared one).
+    subject: String,
+    /// The last token the server refused (a 401): never taken from the vault again; refreshed.
+    refused_token: Mutex<Option<HeaderValue>>,
+    /// Refreshes made (for `/servers`).
+    refreshes: std::sync::atomic::AtomicU64,
     /// The server's name, for the log.
     server: String,
     http: reqwest::Client,
@@ -125,9 +179,13 @@ pub(crate) struct TokenSource {
 }
 
 impl TokenSource {
-    pub(crate) fn new(grant: ClientCredentials, server: &str) -> TokenSource {
+    pub(crate) fn new(grant: UpstreamGrant, server: &str, vault: Option<Vault>) -> TokenSource {
         let http = crate::tls::http_client_builder().timeout(FETCH_TIMEOUT).build().unwrap_or_default();
         TokenSource {
+            vault,
+            subject: String::new(),
+            refused_token: Mutex::new(None),
+            refreshes: std::sync::atomic::AtomicU64::new(0),
             scope: Mutex::new(grant.scope.clone()),
             challenge: tokio::sync::OnceCell::new(),
             grant,
@@ -142,7 +200,7 @@ impl TokenSource {
     }
 
     /// The grant it was made for.
-    pub(crate) fn grant(&self) -> &ClientCredentials {
+    pub(crate) fn grant(&self) -> &UpstreamGrant {
         &self.grant
     }
 
@@ -155,13 +213,38 @@ impl TokenSource {
             Some(t) if t.expires_at.is_some_and(|e| now >= e) => "expired",
             Some(_) => "valid",
         };
-        let failed = lock(&self.failed).as_ref().map(|(_, e)| e.to_string());
-        serde_json::json!({
-            "grant": "client_credentials",
+        let failed = lock(&self.failed).as_ref().map(|(_, e)| e.clone());
+        let grant = match self.grant.flow {
+            Flow::ClientCredentials => "client_credentials",
+            Flow::AuthorizationCode { .. } => "authorization_code",
+        };
+        let mut v = serde_json::json!({
+            "grant": grant,
             "token": token,
             "scope": lock(&self.scope).clone(),
-            "last_error": failed,
-        })
+            "last_error": failed.as_ref().map(ToString::to_string),
+        });
+        if let Flow::AuthorizationCode { .. } = self.grant.flow {
+            let login = match (&failed, token) {
+                (Some(CredentialError::NeedsLogin { .. }), _) => "needs_login",
+                (_, "valid") => "logged_in",
+                _ => "unknown",
+            };
+            v["login"] = serde_json::Value::String(login.into());
+            v["refreshes"] = self.refreshes.load(std::sync::atomic::Ordering::Relaxed).into();
+        }
+        v
+    }
+
+    /// The store changed (a login, a logout, another process' refresh): an account's token is
+    /// read from the vault again at the next request, and a failure is not waited out.
+    pub(crate) fn vault_changed(&self) -> bool {
+        if let Flow::AuthorizationCode { .. } = self.grant.flow {
+            *lock(&self.current) = None;
+            *lock(&self.failed) = None;
+            return true;
+        }
+        false
     }
 
     /// The `Authorization` value to send now: the token in hand, or a new one.
@@ -260,6 +343,7 @@ impl TokenSource {
     /// thrown away for a 401 less than [`RETRY_AFTER`] ago (false: a new token would fare no
     /// better).
     pub(crate) fn refused(&self, used: &HeaderValue) -> bool {
+        *lock(&self.refused_token) = Some(used.clone());
         let mut current = lock(&self.current);
         // Already replaced, or thrown away by another caller (whose fetch this one will share).
         if current.as_ref().is_none_or(|t| t.header != *used) {
@@ -283,6 +367,145 @@ impl TokenSource {
     }
 
     async fn fetch(&self) -> Result<Token, CredentialError> {
+        match self.grant.flow {
+            Flow::ClientCredentials => self.fetch_client_credentials().await,
+            Flow::AuthorizationCode { .. } => self.fetch_account().await,
+        }
+    }
+
+    fn needs_login(&self, reason: &str) -> CredentialError {
+        CredentialError::NeedsLogin { server: self.server.clone(), reason: reason.to_owned() }
+    }
+
+    /// The account's token from the vault, refreshed when it is due (or was refused): a refresh
+    /// the authorization server refuses marks the account `needs_login`.
+    async fn fetch_account(&self) -> Result<Token, CredentialError> {
+        let vault = self.vault.clone().ok_or_else(|| CredentialError::Vault("no key".into()))?;
+        let (server, subject) = (self.server.clone(), self.subject.clone());
+        let store = vault.store.clone();
+        let (account, client) = tokio::task::spawn_blocking(move || {
+            let s = crate::store::SqliteStore::open(&store)?;
+            let a = s.upstream_account(&server, &subject)?;
+            let c = match &a {
+                Some(a) => s.upstream_client(&server, &a.issuer)?,
+                None => None,
+            };
+            Ok::<_, crate::store::StoreError>((a, c))
+        })
+        .await
+        .map_err(|e| CredentialError::Vault(e.to_string()))?
+        .map_err(|e| CredentialError::Vault(e.to_string()))?;
+        let Some(account) = account else { return Err(self.needs_login("no account signed in")) };
+        if account.state == "needs_login" {
+            return Err(self.needs_login("the authorization server refused the last refresh"));
+        }
+        let row =
+            crate::store::UpstreamAccount::row(&account.server, &account.subject, &account.issuer, &account.client_id);
+        let plain = vault.keys.open(&row, &account.sealed).map_err(|e| CredentialError::Vault(e.to_string()))?;
+        let tokens: AccountTokens = serde_json::from_slice(&plain)
+            .map_err(|_| CredentialError::Vault("an account that does not read".into()))?;
+        let now = crate::store::now_ms();
+        let mut header = HeaderValue::from_str(&format!("Bearer {}", tokens.access_token))
+            .map_err(|_| CredentialError::Vault("an access token that is not a header value".into()))?;
+        header.set_sensitive(true);
+        let refused = lock(&self.refused_token).as_ref() == Some(&header);
+        // Due for renewal as a fetched token is: 60 s before it expires, or at four fifths of
+        // a shorter life (it was issued when the account was last written).
+        let ms = |d: i64| Duration::from_millis(u64::try_from(d).unwrap_or(0));
+        let timing = account.expires_at.map(|e| {
+            let life = ms(e - account.updated_at);
+            let threshold = life.saturating_sub(RENEW_BEFORE).max(life * 4 / 5);
+            let renew =
+                ms(account.updated_at.saturating_add(i64::try_from(threshold.as_millis()).unwrap_or(i64::MAX)) - now);
+            (renew, ms(e - now))
+        });
+        if !refused && timing.is_none_or(|(renew, _)| !renew.is_zero()) {
+            let started = Instant::now();
+            return Ok(match timing {
+                Some((renew, left)) => {
+                    Token { header, renew_at: Some(started + renew), expires_at: Some(started + left) }
+                }
+                None => Token { header, renew_at: None, expires_at: None },
+            });
+        }
+        let Some(refresh) = tokens.refresh_token.clone() else {
+            return Err(self.needs_login("the access token expired and there is no refresh token"));
+        };
+        // The client's secret: the config's, or the one its registration gave.
+        let secret = if !self.grant.client_secret.is_empty() {
+            Some(self.grant.client_secret.clone())
+        } else {
+            match client.as_ref().and_then(|c| c.sealed_secret.as_ref().map(|s| (c, s))) {
+                Some((c, sealed)) => {
+                    let row = crate::store::UpstreamClient::row(&c.server, &c.issuer, &c.client_id);
+                    let plain = vault.keys.open(&row, sealed).map_err(|e| CredentialError::Vault(e.to_string()))?;
+                    Some(
+                        String::from_utf8(plain)
+                            .map_err(|_| CredentialError::Vault("a secret that does not read".into()))?,
+                    )
+                }
+                None => None,
+            }
+        };
+        let mut form = vec![("grant_type", "refresh_token".to_owned()), ("refresh_token", refresh.clone())];
+        form.push(("resource", self.grant.resource.clone()));
+        let answer =
+            token_request(&self.http, &account.token_endpoint, &account.client_id, secret.as_deref(), form).await;
+        let answer = match answer {
+            Ok(a) => a,
+            Err(CredentialError::Refused { code, status, url }) => {
+                if matches!(code.as_deref(), Some("invalid_grant")) || status == 401 {
+                    // Refused for good: a person must sign in again (unless one just did).
+                    let (store, server, subject, seen) =
+                        (vault.store.clone(), account.server.clone(), account.subject.clone(), account.updated_at);
+                    let marked = tokio::task::spawn_blocking(move || {
+                        crate::store::SqliteStore::open(&store)?.upstream_needs_login(
+                            &server,
+                            &subject,
+                            seen,
+                            crate::store::now_ms(),
+                        )
+                    })
+                    .await;
+                    if !matches!(marked, Ok(Ok(_))) {
+                        tracing::warn!(server = %self.server, "could not mark the account as needing a login");
+                    }
+                    return Err(self.needs_login(&format!(
+                        "the authorization server refused the refresh ({})",
+                        code.as_deref().unwrap_or("no error code")
+                    )));
+                }
+                return Err(CredentialError::Refused { code, status, url });
+            }
+            Err(e) => return Err(e),
+        };
+        let started = Instant::now();
+        let expires_at = answer.expires_in.map(|s| now + i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX));
+        let next = AccountTokens {
+            access_token: answer.access_token.clone(),
+            refresh_token: answer.refresh_token.clone().or(Some(refresh)),
+        };
+        let plain = serde_json::to_vec(&next).map_err(|e| CredentialError::Vault(e.to_string()))?;
+        let sealed = vault.keys.seal(&row, &plain).map_err(|e| CredentialError::Vault(e.to_string()))?;
+        let saved = crate::store::UpstreamAccount {
+            sealed,
+            expires_at,
+            scope: answer.scope.clone().or(account.scope.clone()),
+            state: "active".into(),
+            updated_at: crate::store::now_ms(),
+            ..account
+        };
+        let store = vault.store.clone();
+        tokio::task::spawn_blocking(move || crate::store::SqliteStore::open(&store)?.upstream_save(&saved))
+            .await
+            .map_err(|e| CredentialError::Vault(e.to_string()))?
+            .map_err(|e| CredentialError::Vault(e.to_string()))?;
+        self.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(server = %self.server, "the upstream account's access token was refreshed");
+        Ok(answer.token(started))
+    }
+
+    async fn fetch_client_credentials(&self) -> Result<Token, CredentialError> {
         let url = self.token_endpoint().await?;
         // No scope configured: the ones the server's challenge names (MCP: clients ask for
         // what the challenge names).
@@ -291,60 +514,14 @@ impl TokenSource {
         {
             lock(&self.scope).get_or_insert(wanted);
         }
-        let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
-        let mut form = format!("grant_type=client_credentials&resource={}", enc(&self.grant.resource));
-        if let Some(scope) = lock(&self.scope).as_ref() {
-            form.push_str(&format!("&scope={}", enc(scope)));
+        let mut form = vec![("grant_type", "client_credentials".to_owned()), ("resource", self.grant.resource.clone())];
+        if let Some(scope) = lock(&self.scope).clone() {
+            form.push(("scope", scope));
         }
-        let unreachable = |reason: String| CredentialError::Unreachable { url: shown_url(&url), reason };
         let started = Instant::now();
-        let resp = self
-            .http
-            .post(&url)
-            // RFC 6749 §2.3.1: the credentials are form-encoded before they are joined.
-            .basic_auth(enc(&self.grant.client_id), Some(enc(&self.grant.client_secret)))
-            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(form)
-            .send()
-            .await
-            .map_err(|e| unreachable(e.without_url().to_string()))?;
-        let status = resp.status();
-        let body = read_body(resp, &url).await.map_err(|e| match e {
-            super::FetchError::Http { reason, .. } => unreachable(reason),
-            _ => CredentialError::Malformed(shown_url(&url)),
-        })?;
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            access_token: Option<String>,
-            token_type: Option<String>,
-            expires_in: Option<u64>,
-            error: Option<String>,
-        }
-        let answer = serde_json::from_slice::<Answer>(&body).ok();
-        if !status.is_success() {
-            // Only a code of the standard's shape is repeated: never free text from the server.
-            let code = answer
-                .and_then(|a| a.error)
-                .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
-            return Err(CredentialError::Refused { url: shown_url(&url), status: status.as_u16(), code });
-        }
-        let malformed = || CredentialError::Malformed(shown_url(&url));
-        let answer = answer.ok_or_else(malformed)?;
-        let token = answer.access_token.filter(|t| !t.is_empty()).ok_or_else(malformed)?;
-        if !answer.token_type.is_some_and(|t| t.eq_ignore_ascii_case("bearer")) {
-            return Err(malformed());
-        }
-        let mut header = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| malformed())?;
-        header.set_sensitive(true);
-        let (renew_at, expires_at) = match answer.expires_in.map(Duration::from_secs) {
-            Some(life) => {
-                let early = life.saturating_sub(RENEW_BEFORE).max(life * 4 / 5);
-                (Some(started + early), Some(started + life))
-            }
-            None => (None, None),
-        };
-        Ok(Token { header, renew_at, expires_at })
+        let answer =
+            token_request(&self.http, &url, &self.grant.client_id, Some(&self.grant.client_secret), form).await?;
+        Ok(answer.token(started))
     }
 
     /// The configured token endpoint, or the one found (once) from the configured issuer's
@@ -418,6 +595,31 @@ impl TokenSource {
         })))
     }
 
+    /// The authorization server of the grant (the configured issuer, else the one the
+    /// server's protected resource metadata names) and its metadata, for a login.
+    pub(crate) async fn discover(&self) -> Result<(String, super::ServerMetadata), CredentialError> {
+        let issuer = match &self.grant.issuer {
+            Some(i) => i.clone(),
+            None => self.authorization_server().await?,
+        };
+        let m = server_metadata(&self.http, &issuer, |m| Some(m.clone()))
+            .await
+            .map_err(|e| CredentialError::Discovery(e.to_string()))?
+            .ok_or_else(|| CredentialError::Discovery(format!("no metadata for {}", shown_url(&issuer))))?;
+        for u in [&m.authorization_endpoint, &m.token_endpoint, &m.registration_endpoint].into_iter().flatten() {
+            secure(u)?;
+        }
+        Ok((issuer, m))
+    }
+
+    /// The scopes to ask for: the configured ones, else those of the server's challenge.
+    pub(crate) async fn scope_to_ask(&self) -> Option<String> {
+        if let Some(s) = lock(&self.scope).clone() {
+            return Some(s);
+        }
+        self.challenge().await.scope.clone()
+    }
+
     /// The server's challenge to a request without a token (a GET of the resource; RFC 9728
     /// §5.1), read once.
     async fn challenge(&self) -> &Challenge {
@@ -435,6 +637,102 @@ impl TokenSource {
             })
             .await
     }
+}
+
+/// A bearer token response (RFC 6749 §5.1), checked.
+pub(crate) struct TokenAnswer {
+    /// The access token.
+    pub access_token: String,
+    /// Its lifetime in seconds, if said.
+    pub expires_in: Option<u64>,
+    /// A refresh token, if given.
+    pub refresh_token: Option<String>,
+    /// The scopes granted, if said.
+    pub scope: Option<String>,
+}
+
+impl TokenAnswer {
+    /// The token in hand it makes, fetched at `started`.
+    fn token(&self, started: Instant) -> Token {
+        let mut header = HeaderValue::from_str(&format!("Bearer {}", self.access_token))
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
+        header.set_sensitive(true);
+        let (renew_at, expires_at) = match self.expires_in.map(Duration::from_secs) {
+            Some(life) => {
+                let early = life.saturating_sub(RENEW_BEFORE).max(life * 4 / 5);
+                (Some(started + early), Some(started + life))
+            }
+            None => (None, None),
+        };
+        Token { header, renew_at, expires_at }
+    }
+}
+
+/// One token request: the form, with the client authenticated by HTTP Basic when it has a
+/// secret (form-encoded first, RFC 6749 §2.3.1), else by its `client_id` in the form. Errors
+/// name the endpoint, the status and the OAuth `error` code only.
+pub(crate) async fn token_request(
+    http: &reqwest::Client,
+    url: &str,
+    client_id: &str,
+    secret: Option<&str>,
+    mut form: Vec<(&str, String)>,
+) -> Result<TokenAnswer, CredentialError> {
+    let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+    let mut req = http
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(reqwest::header::ACCEPT, "application/json");
+    match secret.filter(|s| !s.is_empty()) {
+        Some(secret) => req = req.basic_auth(enc(client_id), Some(enc(secret))),
+        None => form.push(("client_id", client_id.to_owned())),
+    }
+    let body = {
+        let mut b = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &form {
+            b.append_pair(k, v);
+        }
+        b.finish()
+    };
+    let unreachable = |reason: String| CredentialError::Unreachable { url: shown_url(url), reason };
+    let resp = req.body(body).send().await.map_err(|e| unreachable(e.without_url().to_string()))?;
+    let status = resp.status();
+    let body = read_body(resp, url).await.map_err(|e| match e {
+        super::FetchError::Http { reason, .. } => unreachable(reason),
+        _ => CredentialError::Malformed(shown_url(url)),
+    })?;
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        access_token: Option<String>,
+        token_type: Option<String>,
+        expires_in: Option<u64>,
+        refresh_token: Option<String>,
+        scope: Option<String>,
+        error: Option<String>,
+    }
+    let answer = serde_json::from_slice::<Answer>(&body).ok();
+    if !status.is_success() {
+        // Only a code of the standard's shape is repeated: never free text from the server.
+        let code = answer
+            .and_then(|a| a.error)
+            .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+        return Err(CredentialError::Refused { url: shown_url(url), status: status.as_u16(), code });
+    }
+    let malformed = || CredentialError::Malformed(shown_url(url));
+    let answer = answer.ok_or_else(malformed)?;
+    let access_token = answer
+        .access_token
+        .filter(|t| !t.is_empty() && HeaderValue::from_str(&format!("Bearer {t}")).is_ok())
+        .ok_or_else(malformed)?;
+    if !answer.token_type.is_some_and(|t| t.eq_ignore_ascii_case("bearer")) {
+        return Err(malformed());
+    }
+    Ok(TokenAnswer {
+        access_token,
+        expires_in: answer.expires_in,
+        refresh_token: answer.refresh_token.filter(|t| !t.is_empty()),
+        scope: answer.scope,
+    })
 }
 
 /// What a 401 challenge of the server says.
@@ -540,7 +838,8 @@ mod tests {
 
     fn source(url: &str) -> TokenSource {
         TokenSource::new(
-            ClientCredentials {
+            UpstreamGrant {
+                flow: Flow::ClientCredentials,
                 client_id: "portcullis".into(),
                 client_secret: "s3cret".into(),
                 scope: Some("mcp".into()),
@@ -549,7 +848,20 @@ mod tests {
                 resource: "https://mcp.example/mcp".into(),
             },
             "t",
+            None,
         )
+    }
+
+    /// Fifty callers that each saw the server refuse `used`, then ask for a token at once.
+    async fn fifty_refused(s: &Arc<TokenSource>, used: &HeaderValue) -> Vec<HeaderValue> {
+        futures_util::future::join_all((0..50).map(|_| {
+            let (s, used) = (s.clone(), used.clone());
+            async move {
+                assert!(s.refused(&used));
+                s.bearer().await.unwrap()
+            }
+        }))
+        .await
     }
 
     #[tokio::test]
@@ -565,14 +877,7 @@ mod tests {
         assert!(all.iter().all(|h| h == "Bearer token-1" && h.is_sensitive()));
         // The server refused token-1: fifty callers that saw the refusal cause one fetch.
         let used = all[0].clone();
-        let again = futures_util::future::join_all((0..50).map(|_| {
-            let (s, used) = (s.clone(), used.clone());
-            async move {
-                assert!(s.refused(&used));
-                s.bearer().await.unwrap()
-            }
-        }))
-        .await;
+        let again = fifty_refused(&s, &used).await;
         assert!(again.iter().all(|h| h == "Bearer token-2"), "{again:?}");
         assert_eq!(count.load(Ordering::SeqCst), 2);
         // A refusal of the old token, reported late, does not throw the new one away.
@@ -651,7 +956,8 @@ mod tests {
 
     fn discovering(resource: String) -> TokenSource {
         TokenSource::new(
-            ClientCredentials {
+            UpstreamGrant {
+                flow: Flow::ClientCredentials,
                 client_id: "p".into(),
                 client_secret: "s".into(),
                 scope: None,
@@ -660,6 +966,7 @@ mod tests {
                 resource,
             },
             "t",
+            None,
         )
     }
 
@@ -670,6 +977,130 @@ mod tests {
         let base = protected("/elsewhere").await;
         let e = discovering(format!("{base}/mcp")).bearer().await.unwrap_err();
         assert!(matches!(&e, CredentialError::Discovery(m) if m.contains("another resource")), "{e}");
+    }
+
+    /// A token endpoint for refresh tokens: `r{N}` gives `a{N+1}`/`r{N+1}`; with `ok` false,
+    /// 400 `invalid_grant`. Counts its answers.
+    async fn refresher(ok: bool) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::post(move |body: String| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let form: std::collections::HashMap<String, String> =
+                        form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+                    assert_eq!(form["grant_type"], "refresh_token");
+                    assert_eq!(form["client_id"], "pcs", "a public client names itself");
+                    let n: u32 = form["refresh_token"].trim_start_matches('r').parse().unwrap();
+                    if ok {
+                        let next = n + 1;
+                        (
+                            axum::http::StatusCode::OK,
+                            format!(
+                                r#"{{"access_token":"a{next}","refresh_token":"r{next}","token_type":"Bearer","expires_in":3600}}"#
+                            ),
+                        )
+                    } else {
+                        (axum::http::StatusCode::BAD_REQUEST, r#"{"error":"invalid_grant"}"#.into())
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, count)
+    }
+
+    /// A vault in a fresh store holding the shared account of server `t` with `a1`/`r1`,
+    /// issued `age_ms` ago for `life_ms`.
+    fn account_source(token_endpoint: &str, life_ms: i64, age_ms: i64) -> (TokenSource, Vault) {
+        let dir = std::env::temp_dir().join(format!("pcs-vault-{}", crate::random::id().unwrap()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = crate::vault::KeyRing::new("a-test-key-0123456789abcdef0123456789", None).unwrap();
+        let vault = Vault { store: dir.join("tokens.db"), keys: keys.clone() };
+        let row = crate::store::UpstreamAccount::row("t", "", "https://as.example", "pcs");
+        let plain = serde_json::to_vec(&AccountTokens { access_token: "a1".into(), refresh_token: Some("r1".into()) });
+        let now = crate::store::now_ms() - age_ms;
+        let account = crate::store::UpstreamAccount {
+            server: "t".into(),
+            subject: String::new(),
+            name: String::new(),
+            issuer: "https://as.example".into(),
+            token_endpoint: token_endpoint.into(),
+            client_id: "pcs".into(),
+            sealed: keys.seal(&row, &plain.unwrap()).unwrap(),
+            expires_at: Some(now + life_ms),
+            scope: None,
+            state: "active".into(),
+            updated_at: now,
+        };
+        crate::store::SqliteStore::open(&vault.store).unwrap().upstream_save(&account).unwrap();
+        let grant = UpstreamGrant {
+            flow: Flow::AuthorizationCode { callback_port: 3000 },
+            client_id: String::new(),
+            client_secret: String::new(),
+            scope: None,
+            token_endpoint: None,
+            issuer: None,
+            resource: "https://mcp.example/mcp".into(),
+        };
+        (TokenSource::new(grant, "t", Some(vault.clone())), vault)
+    }
+
+    #[tokio::test]
+    async fn an_account_is_refreshed_once_for_fifty_callers_after_a_refusal_and_sealed_again() {
+        let (url, count) = refresher(true).await;
+        let (s, vault) = account_source(&url, 3_600_000, 0);
+        let s = Arc::new(s);
+        let first = s.bearer().await.unwrap();
+        assert_eq!((first.to_str().unwrap(), count.load(Ordering::SeqCst)), ("Bearer a1", 0), "from the vault");
+        let all = fifty_refused(&s, &first).await;
+        assert!(all.iter().all(|h| h == "Bearer a2"), "{all:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 1, "one refresh for fifty callers");
+        // The vault holds the new pair, sealed; another reader (a restart) takes it as it is.
+        let a = crate::store::SqliteStore::open(&vault.store).unwrap().upstream_account("t", "").unwrap().unwrap();
+        let row = crate::store::UpstreamAccount::row("t", "", "https://as.example", "pcs");
+        let t: AccountTokens = serde_json::from_slice(&vault.keys.open(&row, &a.sealed).unwrap()).unwrap();
+        assert_eq!((t.access_token.as_str(), t.refresh_token.as_deref()), ("a2", Some("r2")));
+        assert!(!a.sealed.windows(2).any(|w| w == b"a2" || w == b"r2"), "sealed, not in clear");
+        assert!(s.vault_changed());
+        assert_eq!(s.bearer().await.unwrap(), "Bearer a2");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_account_due_for_renewal_is_refreshed_and_a_refused_refresh_needs_a_login() {
+        let (url, count) = refresher(true).await;
+        // Ten seconds of life: used as it is for eight, then refreshed; expired: refreshed.
+        let (fresh, _) = account_source(&url, 10_000, 1_000);
+        assert_eq!(fresh.bearer().await.unwrap(), "Bearer a1");
+        let (due, _) = account_source(&url, 10_000, 9_000);
+        assert_eq!(due.bearer().await.unwrap(), "Bearer a2", "past four fifths of its life");
+        let (expired, _) = account_source(&url, 10_000, 20_000);
+        assert_eq!(expired.bearer().await.unwrap(), "Bearer a2", "expired in the vault");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+
+        let (url, count) = refresher(false).await;
+        let (s, vault) = account_source(&url, 10_000, 20_000);
+        let e = s.bearer().await.unwrap_err();
+        assert!(matches!(&e, CredentialError::NeedsLogin { .. }), "{e}");
+        assert!(e.to_string().contains("portcullis login t") && e.to_string().contains("invalid_grant"), "{e}");
+        let a = crate::store::SqliteStore::open(&vault.store).unwrap().upstream_account("t", "").unwrap().unwrap();
+        assert_eq!(a.state, "needs_login");
+        // Asked again (even past the back-off): the vault says so, the endpoint is not asked.
+        s.vault_changed();
+        assert!(matches!(s.bearer().await, Err(CredentialError::NeedsLogin { .. })));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        assert_eq!(s.state()["login"], "needs_login");
+        // No account at all.
+        crate::store::SqliteStore::open(&vault.store).unwrap().upstream_forget("t", "").unwrap();
+        s.vault_changed();
+        let e = s.bearer().await.unwrap_err();
+        assert!(e.to_string().contains("no account"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub(crate) mod cimd;
 pub(crate) mod client;
 pub(crate) mod federation;
 pub(crate) mod jwt;
+pub(crate) mod login;
 pub(crate) mod metadata;
 pub(crate) mod server;
 
@@ -322,7 +323,7 @@ impl Provider {
 }
 
 /// What Portcullis reads of an authorization server's metadata (RFC 8414, OpenID Discovery).
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, Clone, serde::Deserialize)]
 pub(crate) struct ServerMetadata {
     /// The issuer it describes.
     pub issuer: Option<String>,
@@ -332,6 +333,15 @@ pub(crate) struct ServerMetadata {
     pub token_endpoint: Option<String>,
     /// Its authorization endpoint.
     pub authorization_endpoint: Option<String>,
+    /// Its dynamic client registration endpoint (RFC 7591).
+    #[serde(default)]
+    pub registration_endpoint: Option<String>,
+    /// Whether it takes Client ID Metadata Documents.
+    #[serde(default)]
+    pub client_id_metadata_document_supported: Option<bool>,
+    /// The PKCE methods it supports.
+    #[serde(default)]
+    pub code_challenge_methods_supported: Option<Vec<String>>,
 }
 
 /// What `pick` takes from `issuer`'s metadata: RFC 8414's path-inserted document first, then

@@ -33,7 +33,13 @@ pub(crate) async fn idp(scopes: &str, group: Option<&str>) -> Idp {
 
 /// The provider, with `login_scopes` granted to sign-ins (for a relying party).
 pub(crate) async fn idp_with(scopes: &str, group: Option<&str>, login_scopes: &str) -> Idp {
+    idp_env(scopes, group, login_scopes, &[]).await
+}
+
+/// The provider with more of its settings (`IDP_ACCESS_TTL`, …).
+pub(crate) async fn idp_env(scopes: &str, group: Option<&str>, login_scopes: &str, env: &[(&str, &str)]) -> Idp {
     let mut cmd = Command::new(node());
+    cmd.envs(env.iter().copied());
     cmd.arg(fixture("idp.mjs"))
         .arg(node_module("oidc-provider/lib/index.js"))
         .env("IDP_SCOPES", scopes)

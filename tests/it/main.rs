@@ -11,6 +11,7 @@ mod external;
 mod failclosed;
 mod hotpath;
 mod idp;
+mod login;
 mod oauth;
 mod operating;
 mod process;

@@ -334,8 +334,20 @@ impl Gateway {
     pub async fn sweep_sessions(&self) {
         // The store is SQLite: read it off the async threads.
         let store = self.store.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.poll()).await {
-            tracing::warn!(error = %e, "token store unavailable");
+        match tokio::task::spawn_blocking(move || store.poll()).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "token store unavailable"),
+            // A login, logout or refresh elsewhere: accounts are read from the vault again.
+            Ok(Ok(true)) => {
+                let accounts = {
+                    let all = lock(&self.credentials);
+                    all.values().filter(|c| c.vault_changed()).count()
+                };
+                // A login, logout or refresh is a change of the gateway's state (`/servers`).
+                if accounts > 0 {
+                    self.changed();
+                }
+            }
+            _ => {}
         }
         let auth = self.authenticator();
         // stdio has no tokens to revoke: the launching process is the client.
@@ -487,7 +499,15 @@ impl Gateway {
         if let Some(c) = all.get(&def.name).filter(|c| c.grant() == grant) {
             return Some(c.clone());
         }
-        let c = Arc::new(crate::oauth::client::TokenSource::new(grant.clone(), &def.name));
+        let vault = match grant.flow {
+            crate::oauth::client::Flow::AuthorizationCode { .. } => self
+                .config()
+                .vault
+                .clone()
+                .map(|keys| crate::oauth::client::Vault { store: self.store.path().to_owned(), keys }),
+            crate::oauth::client::Flow::ClientCredentials => None,
+        };
+        let c = Arc::new(crate::oauth::client::TokenSource::new(grant.clone(), &def.name, vault));
         all.insert(def.name.clone(), c.clone());
         Some(c)
     }

@@ -1,0 +1,169 @@
+//! A person's account at a remote server: `portcullis login SERVER` against a real OpenID
+//! provider (oidc-provider), the browser step driven over HTTP; the gateway then reaches the
+//! server as that person, refreshes the token before it expires, and stops at `logout`. The
+//! tokens are in the store only sealed.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::idp::{Browser, idp_env};
+use crate::support::*;
+
+const KEY: &str = "a-vault-key-for-the-login-test-0123456789";
+
+/// A port for the login's callback outside the ephemeral range (where every other test's
+/// listeners are), free when chosen.
+fn callback_port() -> u16 {
+    (20_000..30_000)
+        .map(|p| p + (std::process::id() % 5000) as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .unwrap()
+}
+
+/// Where the front gateway keeps its config for the CLI: its servers, and the store it uses.
+fn cli_config(front: &TestGateway, yaml: &str) -> std::path::PathBuf {
+    let path = front.audit.with_file_name("front.yaml");
+    let store = front.audit.with_file_name("tokens.db");
+    std::fs::write(&path, format!("{yaml}store:\n  path: {:?}\n", store.display().to_string())).unwrap();
+    path
+}
+
+async fn servers(front: &TestGateway) -> Value {
+    http_json(reqwest::Method::GET, &format!("{}/servers", front.url), None, None).await.1
+}
+
+fn oauth_of(servers: &Value, name: &str) -> Value {
+    servers["servers"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["oauth"].clone()
+}
+
+/// Whether any file under `dir` holds something shaped like a JWT (`eyJ….eyJ…`) in clear.
+fn clear_jwt_in(dir: &std::path::Path) -> Option<String> {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        let mut rest = text.as_ref();
+        while let Some(at) = rest.find("eyJ") {
+            let tail = &rest[at + 3..];
+            let run = tail.bytes().take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_').count();
+            if run >= 10 && tail[run..].starts_with(".eyJ") {
+                return Some(path.display().to_string());
+            }
+            rest = tail;
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portcullis_login_signs_a_person_in_and_the_gateway_refreshes_their_token() {
+    // Access tokens of five seconds: the gateway renews them at four.
+    let idp = idp_env("mcp:tools", None, "", &[("IDP_ACCESS_TTL", "5")]).await;
+    let upstream = gateway()
+        .demo("d", &[], "")
+        .top(&format!("oauth:\n  issuers:\n    - issuer: {:?}\n      scopes:\n        mcp:tools: {{}}\n", idp.issuer))
+        .start()
+        .await;
+    let port = callback_port();
+    let entry = format!("oauth: {{grant: authorization_code, callback_port: {port}}}");
+    let builder = gateway().remote("up", &upstream.mcp(), &entry).env("PORTCULLIS_SECRET_KEY", KEY);
+    let yaml = builder.yaml();
+    let front = builder.start().await;
+    let config = cli_config(&front, &yaml);
+    let client = Client::connect(&front.mcp()).await;
+
+    // Nobody signed in yet: calls say what to do, and so do /servers and `check`.
+    let a = client.call("up__d__echo", json!({"text": "x"})).await;
+    assert!(a.response["error"].to_string().contains("portcullis login up"), "{}", a.response);
+    assert_eq!(oauth_of(&servers(&front).await, "up")["grant"], "authorization_code");
+    let env = [("PORTCULLIS_SECRET_KEY", KEY)];
+    let (ok, out, err) = run_cli(None, &["check", "--config", config.to_str().unwrap()], &env).await;
+    assert!(ok && out.contains("not logged in"), "{out}{err}");
+
+    // `portcullis login up`: discovery from the server's 401, dynamic registration, the URL
+    // printed; the person signs in at the provider; the browser comes back to the CLI.
+    let mut login = tokio::process::Command::new(BIN)
+        .args(["login", "up", "--no-browser", "--timeout", "60s", "--config", config.to_str().unwrap()])
+        .env("PORTCULLIS_SECRET_KEY", KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(login.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap();
+        let line = line.expect("the login ended before it printed a URL");
+        if let Some(u) = line.trim().strip_prefix("http") {
+            break format!("http{u}");
+        }
+    };
+    let callback = format!("http://127.0.0.1:{port}/callback");
+    assert_eq!(crate::idp::param(&url, "code_challenge_method").as_deref(), Some("S256"));
+    assert_eq!(crate::idp::param(&url, "resource").as_deref(), Some(upstream.mcp().as_str()));
+    assert_eq!(crate::idp::param(&url, "scope").as_deref(), Some("mcp:tools"), "the challenge's scope");
+    let back = idp.through(&mut Browser::new(), &url, "pat", &callback).await;
+    let done = reqwest::get(&back).await.unwrap();
+    assert_eq!(done.status(), 200);
+    let rest: Vec<String> = {
+        let mut v = Vec::new();
+        while let Ok(Ok(Some(l))) = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+            v.push(l);
+        }
+        v
+    };
+    let status = tokio::time::timeout(Duration::from_secs(30), login.wait()).await.unwrap().unwrap();
+    assert!(status.success() && rest.join("\n").contains("logged in to up"), "{rest:?}");
+
+    // The gateway reads the vault within a second and reaches the server as pat.
+    let text = front
+        .until(Duration::from_secs(15), || {
+            let client = client.clone();
+            async move {
+                let a = client.call("up__d__echo", json!({"text": "as pat"})).await;
+                a.response["result"]["content"][0]["text"].as_str().map(str::to_owned)
+            }
+        })
+        .await;
+    assert_eq!(text, "as pat");
+    let records = upstream.audit_until(|r| r.iter().any(|r| r["method"] == "tools/call")).await;
+    let call = records.iter().find(|r| r["method"] == "tools/call").unwrap();
+    assert_eq!(call["identity"], "pat", "{call}");
+    let state = oauth_of(&servers(&front).await, "up");
+    assert_eq!((state["login"].as_str(), state["token"].as_str()), (Some("logged_in"), Some("valid")), "{state}");
+    let (ok, out, _) = run_cli(None, &["check", "--config", config.to_str().unwrap()], &env).await;
+    assert!(ok && out.contains("logged in at"), "{out}");
+
+    // Renewed before it expires (a refresh, not a new login), and calls carry on.
+    front
+        .until(Duration::from_secs(20), || {
+            let front = &front;
+            async move { (oauth_of(&servers(front).await, "up")["refreshes"].as_u64() >= Some(1)).then_some(()) }
+        })
+        .await;
+    assert_eq!(client.call_text("up__d__echo", json!({"text": "refreshed"})).await, "refreshed");
+    // Nothing in the store, the audit files or the logs' neighbours is a token in clear.
+    let dir = front.audit.parent().unwrap().to_owned();
+    assert_eq!(clear_jwt_in(&dir), None);
+
+    // `portcullis logout up`: the gateway stops using the account.
+    let (ok, out, err) = run_cli(None, &["logout", "up", "--config", config.to_str().unwrap()], &env).await;
+    assert!(ok && out.contains("logged out of up"), "{out}{err}");
+    let refused = front
+        .until(Duration::from_secs(15), || {
+            let client = client.clone();
+            async move {
+                // A fresh session: the old upstream connection may still hold its last token.
+                let a = client.call("up__d__echo", json!({"text": "after logout"})).await;
+                let e = a.response["error"].to_string();
+                e.contains("portcullis login up").then_some(e)
+            }
+        })
+        .await;
+    assert!(refused.contains("needs login"), "{refused}");
+    front.stop().await;
+    upstream.stop().await;
+}
