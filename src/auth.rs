@@ -104,6 +104,24 @@ impl Identity {
         })
     }
 
+    /// A user identity named `name` with key `key` (unit tests of what keys identities).
+    #[cfg(test)]
+    pub(crate) fn named_for_tests(name: &str, key: &str) -> Identity {
+        Identity {
+            name: name.into(),
+            role: Role::User,
+            tenant: None,
+            grants: Grants::all(),
+            expires: None,
+            token_id: None,
+            key: key.into(),
+            issuer: None,
+            scopes: Box::default(),
+            rate: None,
+            bucket: Arc::default(),
+        }
+    }
+
     /// Whether a session opened by `other` may be used by this identity.
     pub(crate) fn same_principal(&self, other: &Identity) -> bool {
         self.key == other.key

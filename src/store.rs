@@ -1271,6 +1271,13 @@ fn revoke_in(tx: &rusqlite::Transaction<'_>, id: &str, now: i64) -> Result<(), S
             return Err(StoreError::Invalid(format!("no token {id}")));
         }
     }
+    // The identity is gone once no token of its lineage lives: its upstream accounts go too.
+    tx.execute(
+        "DELETE FROM upstream_accounts WHERE subject = (SELECT 'issued:' || COALESCE(lineage, id) FROM tokens WHERE id = ?1) \
+         AND NOT EXISTS (SELECT 1 FROM tokens t, tokens me WHERE me.id = ?1 \
+             AND COALESCE(t.lineage, t.id) = COALESCE(me.lineage, me.id) AND t.revoked_at IS NULL)",
+        params![id],
+    )?;
     Ok(())
 }
 
@@ -1561,6 +1568,37 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.db");
         (SqliteStore::open(&path).unwrap(), dir)
+    }
+
+    #[test]
+    fn revoking_an_identity_removes_its_upstream_accounts_once_its_lineage_is_gone() {
+        let (s, dir) = store();
+        let t0 = 1_000_000;
+        let (bob, _) = s.create(&NewToken { name: "bob".into(), ..Default::default() }, t0).unwrap();
+        let (rotated, _) = s.rotate(&bob.id, Duration::from_secs(60), t0 + 1).unwrap();
+        let account = |subject: &str| UpstreamAccount {
+            server: "up".into(),
+            subject: subject.into(),
+            name: "bob".into(),
+            issuer: "https://as".into(),
+            token_endpoint: "https://as/token".into(),
+            client_id: "c".into(),
+            sealed: vec![1, 2, 3],
+            expires_at: None,
+            scope: None,
+            state: "active".into(),
+            updated_at: t0,
+        };
+        let subject = format!("issued:{}", bob.id);
+        s.upstream_save(&account(&subject)).unwrap();
+        s.upstream_save(&account("config:alice")).unwrap();
+        // The first secret of the lineage revoked: the rotated one lives, so does the account.
+        s.revoke(&bob.id, t0 + 2).unwrap();
+        assert!(s.upstream_account("up", &subject).unwrap().is_some());
+        s.revoke(&rotated.id, t0 + 3).unwrap();
+        assert!(s.upstream_account("up", &subject).unwrap().is_none(), "the identity is gone");
+        assert!(s.upstream_account("up", "config:alice").unwrap().is_some(), "others' stay");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! a key from the environment (`PORTCULLIS_SECRET_KEY`). Each sealed value names the key that
 //! sealed it, so keys rotate without losing anything: values sealed by a previous key
 //! (`PORTCULLIS_SECRET_KEY_PREVIOUS`, comma-separated) still open, and every write seals with
-//! the current one (`portcullis vault rekey` re-seals everything at once).
+//! the current one.
 //!
 //! Invariants: a sealed value is bound to its row (the associated data names it: a value moved
 //! to another row does not open); every nonce is 96 random bits from the OS; a key is never
@@ -139,6 +139,17 @@ impl KeyRing {
         let plain =
             key.aead()?.open_in_place(nonce, Aad::from(row.as_bytes()), &mut buf).map_err(|_| VaultError::Corrupt)?;
         Ok(plain.to_vec())
+    }
+
+    /// A key for another purpose (signing link tickets, say), derived from the current key:
+    /// it changes when the key does.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        Sha256::new()
+            .chain_update(b"portcullis derived key\0")
+            .chain_update(purpose)
+            .chain_update(self.current.bytes)
+            .finalize()
+            .into()
     }
 
     /// Whether a sealed value was sealed by the current key.

@@ -326,6 +326,11 @@ pub(crate) struct RawServer {
     /// that keep per-client state or ask clients things (sampling, elicitation, roots).
     #[serde(default)]
     pub share: Option<S>,
+    /// `shared` (default): everyone reaches the server with the one account of its `oauth:`.
+    /// `per_user`: each identity links its own account (`oauth: {grant: authorization_code}`)
+    /// and reaches the server as itself; an identity without one is given the link.
+    #[serde(default)]
+    pub credentials: Option<S>,
     /// MCP Front: names of the tokens allowed to reach this server.
     #[serde(default, rename = "authTokens")]
     pub auth_tokens: Vec<S>,
@@ -599,6 +604,8 @@ pub struct ServerDef {
     pub enabled: bool,
     /// Sharing mode.
     pub share: Share,
+    /// Each identity reaches it with its own linked account (`credentials: per_user`).
+    pub per_user: bool,
     /// MCP Front token names allowed to reach it (empty: no restriction from this list).
     pub auth_tokens: Vec<String>,
 }
@@ -1232,6 +1239,30 @@ impl Validator<'_> {
                 Share::Shared
             }
         };
+        let per_user = match s.credentials.as_deref() {
+            None | Some("shared") => false,
+            Some("per_user" | "per-user") => {
+                let code = matches!(
+                    &transport,
+                    Some(Transport::Http { oauth: Some(g), .. })
+                        if matches!(g.flow, crate::oauth::client::Flow::AuthorizationCode { .. })
+                );
+                if !code && transport.is_some() {
+                    self.error(
+                        format!("{base}.credentials"),
+                        "per_user needs `oauth: {grant: authorization_code}`: each identity links an account there",
+                    );
+                }
+                true
+            }
+            Some(other) => {
+                self.error(format!("{base}.credentials"), format!("unknown value {other:?} (shared, per_user)"));
+                false
+            }
+        };
+        // Each identity's account means each identity's connection: per session (or, for a
+        // stateless caller, per identity), never one shared by everyone.
+        let share = if per_user { Share::PerSession } else { share };
         if self.errors.len() > before {
             return None;
         }
@@ -1242,6 +1273,7 @@ impl Validator<'_> {
             sse_idle_timeout,
             enabled: s.enabled.unwrap_or(true) && !s.disabled.unwrap_or(false),
             share,
+            per_user,
             auth_tokens: s.auth_tokens.clone(),
         })
     }
@@ -1608,6 +1640,12 @@ servers:
         assert_eq!(g.flow, crate::oauth::client::Flow::AuthorizationCode { callback_port: 3000 });
         let secret_alone = code.replace("authorization_code}", "authorization_code, client_secret: s}");
         assert!(parse(&secret_alone, false, &keyed).is_err());
+        let per_user = code.replace("    oauth:", "    credentials: per_user\n    oauth:");
+        let c = parse(&per_user, false, &keyed).unwrap();
+        let def = c.server("r").unwrap();
+        assert!(def.per_user && def.share == Share::PerSession, "each identity its own connection");
+        let cc = "servers:\n  r:\n    url: https://r.example/mcp\n    credentials: per_user\n    oauth: {grant: client_credentials, client_id: p, client_secret: s}\n";
+        assert!(parse(cc, false, &keyed).unwrap_err().iter().any(|e| e.message.contains("per_user needs")));
         let short = Env::from_pairs([("PORTCULLIS_SECRET_KEY", "short")]);
         assert!(parse(code, false, &short).unwrap_err().iter().any(|e| e.message.contains("at least 32")));
         let stdio = "servers:\n  s:\n    command: echo\n    oauth: {grant: client_credentials, client_id: p, client_secret: s}\n";

@@ -199,6 +199,21 @@ impl TokenSource {
         }
     }
 
+    /// The same source for `subject`'s account ("" for the server's own).
+    pub(crate) fn for_subject(mut self, subject: &str) -> Self {
+        subject.clone_into(&mut self.subject);
+        self
+    }
+
+    /// Whether an account is there to use (a token in hand, or one the vault gives): false only
+    /// when the vault says nobody is signed in or the account needs a new login.
+    pub(crate) async fn has_account(&self) -> bool {
+        if self.in_hand().is_some() {
+            return true;
+        }
+        !matches!(self.bearer().await, Err(CredentialError::NeedsLogin { .. }))
+    }
+
     /// The grant it was made for.
     pub(crate) fn grant(&self) -> &UpstreamGrant {
         &self.grant

@@ -57,14 +57,12 @@ pub(crate) fn document_url(config: &Config, server: &str) -> Option<String> {
 
 /// The metadata document of `server`'s client: its own URL as `client_id`, the login callback.
 fn document(config: &Config, server: &str) -> Option<serde_json::Value> {
-    let def = config.server(server)?;
-    let Transport::Http { oauth: Some(grant), .. } = &def.transport else { return None };
-    let Flow::AuthorizationCode { callback_port } = grant.flow else { return None };
+    let (_, callback_port) = code_grant(config, server).ok()?;
     let url = document_url(config, server)?;
     Some(serde_json::json!({
         "client_id": url,
         "client_name": format!("{} (Portcullis)", config.name),
-        "redirect_uris": [callback_uri(callback_port)],
+        "redirect_uris": [callback_uri(callback_port), link_callback(config)],
         "grant_types": ["authorization_code", "refresh_token"],
         "response_types": ["code"],
         "token_endpoint_auth_method": "none",
@@ -100,8 +98,32 @@ pub(crate) struct LoginOptions {
     pub(crate) timeout: Duration,
 }
 
-/// Runs the login of `server`; what to tell the person at the end.
-pub(crate) async fn login(config: &Config, server: &str, opts: LoginOptions) -> Result<String, LoginError> {
+/// A login under way: what its answer is checked and exchanged with.
+pub(crate) struct Begun {
+    /// Where to send the person.
+    pub url: String,
+    /// The `state` sent.
+    pub state: String,
+    verifier: String,
+    pub(crate) issuer: String,
+    token_endpoint: String,
+    client_id: String,
+    secret: Option<String>,
+    redirect_uri: String,
+    resource: String,
+}
+
+impl std::fmt::Debug for Begun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Begun").field("issuer", &self.issuer).field("client_id", &self.client_id).finish()
+    }
+}
+
+/// The grant of a server that a person logs in to.
+pub(crate) fn code_grant<'a>(
+    config: &'a Config,
+    server: &str,
+) -> Result<(&'a super::client::UpstreamGrant, u16), LoginError> {
     let def = config.server(server).ok_or_else(|| LoginError::Config(format!("no server {server:?}")))?;
     let Transport::Http { oauth: Some(grant), .. } = &def.transport else {
         return Err(LoginError::Config(format!("{server} has no `oauth:` with the authorization_code grant")));
@@ -109,11 +131,23 @@ pub(crate) async fn login(config: &Config, server: &str, opts: LoginOptions) -> 
     let Flow::AuthorizationCode { callback_port } = grant.flow else {
         return Err(LoginError::Config(format!("{server} uses the client credentials grant: nobody logs in")));
     };
+    Ok((grant, callback_port))
+}
+
+/// The redirect URI of a person linking their own account in a browser (`credentials:
+/// per_user`).
+pub(crate) fn link_callback(config: &Config) -> String {
+    format!("{}/link/callback", config.public_base())
+}
+
+/// Starts a login of `server` whose answer comes to `redirect_uri`: discovery, the client, and
+/// the URL with PKCE and `state`.
+pub(crate) async fn begin(config: &Config, server: &str, redirect_uri: &str) -> Result<Begun, LoginError> {
+    let (grant, callback_port) = code_grant(config, server)?;
     let keys = config
         .vault
         .clone()
         .ok_or_else(|| LoginError::Config(format!("{} is not set: the vault has no key", crate::vault::KEY_VAR)))?;
-    let store_path = config.store().0;
     let source = TokenSource::new(grant.clone(), server, None);
     let (issuer, meta) = source.discover().await?;
     let authorize = meta
@@ -127,42 +161,59 @@ pub(crate) async fn login(config: &Config, server: &str, opts: LoginOptions) -> 
     if meta.code_challenge_methods_supported.as_ref().is_some_and(|m| !m.iter().any(|m| m == "S256")) {
         return Err(LoginError::Config("the authorization server does not support PKCE with S256".into()));
     }
-    let redirect_uri = callback_uri(callback_port);
-    // Bound before the URL is shown: a browser that is quick finds it listening.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", callback_port))
-        .await
-        .map_err(|e| LoginError::Port { port: callback_port, reason: e.to_string() })?;
-    let (client_id, secret) = client(config, server, grant, &issuer, &meta, &redirect_uri, &keys, &store_path).await?;
+    // One registration serves both ways in: the CLI's loopback callback and the link page's.
+    let redirects = [callback_uri(callback_port), link_callback(config)];
+    let (client_id, secret) =
+        client(config, server, grant, &issuer, &meta, &redirects, &keys, &config.store().0).await?;
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     let rand = || crate::random::id().map_err(|e| LoginError::Vault(e.to_string()));
     let (verifier, state) = (rand()?, rand()?);
     let challenge = b64(&crate::credentials::digest(&verifier));
     let mut url = reqwest::Url::parse(&authorize)
         .map_err(|_| CredentialError::Discovery("the authorization endpoint is not a URL".into()))?;
+    let scope = source.scope_to_ask().await;
     {
         let mut q = url.query_pairs_mut();
         q.append_pair("response_type", "code")
             .append_pair("client_id", &client_id)
-            .append_pair("redirect_uri", &redirect_uri)
+            .append_pair("redirect_uri", redirect_uri)
             .append_pair("state", &state)
             .append_pair("code_challenge", &challenge)
             .append_pair("code_challenge_method", "S256")
             .append_pair("resource", &grant.resource);
-        if let Some(scope) = source.scope_to_ask().await {
-            q.append_pair("scope", &scope);
+        if let Some(scope) = &scope {
+            q.append_pair("scope", scope);
         }
     }
-    println!("To sign in to {server}, open this URL in a browser:\n\n  {url}\n");
-    if opts.open_browser {
-        open_browser(url.as_str());
-    }
-    let answer = tokio::time::timeout(opts.timeout, callback(listener)).await.map_err(|_| {
-        LoginError::Browser(format!("nobody came back within {}s; run the login again", opts.timeout.as_secs()))
-    })??;
-    if answer.get("state").map(String::as_str) != Some(state.as_str()) {
+    Ok(Begun {
+        url: url.to_string(),
+        state,
+        verifier,
+        issuer,
+        token_endpoint,
+        client_id,
+        secret,
+        redirect_uri: redirect_uri.to_owned(),
+        resource: grant.resource.clone(),
+    })
+}
+
+/// Checks the answer to a login and keeps its tokens in the vault as `subject`'s account
+/// (`name` shown for it; "" for the shared one). Whether a refresh token came with them.
+pub(crate) async fn finish(
+    config: &Config,
+    server: &str,
+    begun: Begun,
+    answer: &std::collections::HashMap<String, String>,
+    subject: &str,
+    name: &str,
+) -> Result<bool, LoginError> {
+    let keys = config.vault.clone().ok_or_else(|| LoginError::Config("the vault has no key".into()))?;
+    let same = |a: &str, b: &str| crate::credentials::digest(a) == crate::credentials::digest(b);
+    if !answer.get("state").is_some_and(|s| same(s, &begun.state)) {
         return Err(LoginError::Browser("the answer is not for this login (its state differs)".into()));
     }
-    if answer.get("iss").is_some_and(|i| *i != issuer) {
+    if answer.get("iss").is_some_and(|i| *i != begun.issuer) {
         return Err(LoginError::Browser("the answer came from another authorization server (iss)".into()));
     }
     if let Some(e) = answer.get("error") {
@@ -174,34 +225,58 @@ pub(crate) async fn login(config: &Config, server: &str, opts: LoginOptions) -> 
     let form = vec![
         ("grant_type", "authorization_code".to_owned()),
         ("code", code.clone()),
-        ("redirect_uri", redirect_uri.clone()),
-        ("code_verifier", verifier),
-        ("resource", grant.resource.clone()),
+        ("redirect_uri", begun.redirect_uri.clone()),
+        ("code_verifier", begun.verifier.clone()),
+        ("resource", begun.resource.clone()),
     ];
-    let t = token_request(&http, &token_endpoint, &client_id, secret.as_deref(), form).await?;
+    let t = token_request(&http, &begun.token_endpoint, &begun.client_id, begun.secret.as_deref(), form).await?;
     let now = crate::store::now_ms();
-    let row = crate::store::UpstreamAccount::row(server, "", &issuer, &client_id);
+    let row = crate::store::UpstreamAccount::row(server, subject, &begun.issuer, &begun.client_id);
+    let refresh = t.refresh_token.is_some();
     let tokens = AccountTokens { access_token: t.access_token, refresh_token: t.refresh_token };
     let plain = serde_json::to_vec(&tokens).map_err(|e| LoginError::Vault(e.to_string()))?;
     let sealed = keys.seal(&row, &plain).map_err(|e| LoginError::Vault(e.to_string()))?;
     let account = crate::store::UpstreamAccount {
         server: server.to_owned(),
-        subject: String::new(),
-        name: String::new(),
-        issuer: issuer.clone(),
-        token_endpoint,
-        client_id,
+        subject: subject.to_owned(),
+        name: name.to_owned(),
+        issuer: begun.issuer,
+        token_endpoint: begun.token_endpoint,
+        client_id: begun.client_id,
         sealed,
         expires_at: t.expires_in.map(|s| now + i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)),
         scope: t.scope,
         state: "active".into(),
         updated_at: now,
     };
-    crate::store::SqliteStore::open(&store_path)
-        .and_then(|s| s.upstream_save(&account))
-        .map_err(|e| LoginError::Vault(e.to_string()))?;
-    let refresh =
-        if tokens.refresh_token.is_some() { "it is refreshed from now on" } else { "no refresh token was given" };
+    let store = config.store().0;
+    tokio::task::spawn_blocking(move || {
+        crate::store::SqliteStore::open(&store).and_then(|s| s.upstream_save(&account))
+    })
+    .await
+    .map_err(|e| LoginError::Vault(e.to_string()))?
+    .map_err(|e| LoginError::Vault(e.to_string()))?;
+    Ok(refresh)
+}
+
+/// Runs the login of `server` from the command line; what to tell the person at the end.
+pub(crate) async fn login(config: &Config, server: &str, opts: LoginOptions) -> Result<String, LoginError> {
+    let (_, callback_port) = code_grant(config, server)?;
+    // Bound before the URL is shown: a browser that is quick finds it listening.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", callback_port))
+        .await
+        .map_err(|e| LoginError::Port { port: callback_port, reason: e.to_string() })?;
+    let begun = begin(config, server, &callback_uri(callback_port)).await?;
+    println!("To sign in to {server}, open this URL in a browser:\n\n  {}\n", begun.url);
+    if opts.open_browser {
+        open_browser(&begun.url);
+    }
+    let answer = tokio::time::timeout(opts.timeout, callback(listener)).await.map_err(|_| {
+        LoginError::Browser(format!("nobody came back within {}s; run the login again", opts.timeout.as_secs()))
+    })??;
+    let issuer = begun.issuer.clone();
+    let refresh = finish(config, server, begun, &answer, "", "").await?;
+    let refresh = if refresh { "it is refreshed from now on" } else { "no refresh token was given" };
     Ok(format!("logged in to {server} at {} ({refresh})", crate::config::shown_url(&issuer)))
 }
 
@@ -214,7 +289,7 @@ async fn client(
     grant: &super::client::UpstreamGrant,
     issuer: &str,
     meta: &super::ServerMetadata,
-    redirect_uri: &str,
+    redirect_uris: &[String],
     keys: &crate::vault::KeyRing,
     store_path: &std::path::Path,
 ) -> Result<(String, Option<String>), LoginError> {
@@ -248,7 +323,7 @@ async fn client(
     let http = crate::tls::http_client_builder().timeout(super::FETCH_TIMEOUT).build().unwrap_or_default();
     let body = serde_json::json!({
         "client_name": format!("{} (Portcullis)", config.name),
-        "redirect_uris": [redirect_uri],
+        "redirect_uris": redirect_uris,
         "grant_types": ["authorization_code", "refresh_token"],
         "response_types": ["code"],
         "token_endpoint_auth_method": "none",

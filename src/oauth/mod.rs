@@ -10,6 +10,7 @@
 //! an error is shown without credentials or query; a token in Portcullis' own format is never
 //! introspected.
 
+pub(crate) mod accounts;
 pub(crate) mod cimd;
 pub(crate) mod client;
 pub(crate) mod federation;

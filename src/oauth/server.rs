@@ -159,6 +159,11 @@ fn page_to(status: StatusCode, title: &str, body: &str, cookie: Option<String>, 
     r
 }
 
+/// A plain page with `body`.
+pub(super) fn page_ok(title: &str, body: &str) -> Response {
+    page(StatusCode::OK, title, body, None)
+}
+
 pub(super) fn error_page(status: StatusCode, message: &str) -> Response {
     page(status, "Cannot continue", &format!("<p>{}</p>", esc(message)), None)
 }

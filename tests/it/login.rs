@@ -167,3 +167,108 @@ async fn portcullis_login_signs_a_person_in_and_the_gateway_refreshes_their_toke
     front.stop().await;
     upstream.stop().await;
 }
+
+const ALICE: &str = "alice-front-token-0123456789ab";
+const BOB: &str = "bob-front-token-0123456789abcd";
+const CAROL: &str = "carol-front-token-0123456789ab";
+
+/// Follows a link URL through the provider's pages as `login`, back to the gateway: the page
+/// the gateway shows at the end.
+async fn link(idp: &crate::idp::Idp, front: &TestGateway, url: &str, login: &str) -> (u16, String) {
+    let mut browser = Browser::new();
+    let (status, location, page) = browser.go(url, None).await;
+    assert_eq!(status, 302, "{page}");
+    let back = idp.through(&mut browser, &location.unwrap(), login, &format!("{}/link/callback", front.url)).await;
+    let (status, _, page) = browser.go(&back, None).await;
+    (status, page)
+}
+
+/// Who the upstream saw on its tools/calls, in order.
+async fn upstream_callers(upstream: &TestGateway, n: usize) -> Vec<String> {
+    let records = upstream.audit_until(|r| r.iter().filter(|r| r["method"] == "tools/call").count() >= n).await;
+    records
+        .iter()
+        .filter(|r| r["method"] == "tools/call")
+        .map(|r| r["identity"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_identity_links_its_own_account_and_reaches_the_server_as_itself() {
+    let idp = idp_env("mcp:tools", None, "", &[]).await;
+    let upstream = gateway()
+        .demo("d", &[], "")
+        .top(&format!("oauth:\n  issuers:\n    - issuer: {:?}\n      scopes:\n        mcp:tools: {{}}\n", idp.issuer))
+        .start()
+        .await;
+    let front = gateway()
+        .remote("up", &upstream.mcp(), "oauth: {grant: authorization_code}\ncredentials: per_user")
+        .demo("local", &[], "")
+        .env("PORTCULLIS_SECRET_KEY", KEY)
+        .top(&format!("auth:\n  tokens:\n    alice: {ALICE}\n    bob: {BOB}\n    carol: {CAROL}\n"))
+        .start()
+        .await;
+
+    // Alice's client is older (2025-06-18): an error that carries the link.
+    let mut alice = Client::new(&front.mcp()).bearer(ALICE);
+    alice.initialize_with("2025-06-18", json!({})).await;
+    let a = alice.call("up__d__echo", json!({"text": "x"})).await;
+    assert_eq!(a.response["error"]["code"], -32010, "{}", a.response);
+    let url = a.response["error"]["data"]["link"].as_str().unwrap().to_owned();
+    assert!(url.starts_with(&format!("{}/link/up?ticket=", front.url)), "{url}");
+    // Not linked yet: the server's tools are left out of her list; the others are there.
+    let tools = alice.all_tools().await;
+    assert!(
+        tools.iter().all(|t| !t.starts_with("up__")) && tools.iter().any(|t| t.starts_with("local__")),
+        "{tools:?}"
+    );
+    // A ticket for another server, or altered, is refused.
+    let elsewhere = url.replace("/link/up?", "/link/local?");
+    assert_eq!(Browser::new().go(&elsewhere, None).await.0, 403);
+    let altered = format!("{}x", &url[..url.len() - 1]);
+    assert_eq!(Browser::new().go(&altered, None).await.0, 403);
+    let (status, page) = link(&idp, &front, &url, "alice-up").await;
+    assert!(status == 200 && page.contains("linked"), "{page}");
+    assert_eq!(alice.call_text("up__d__echo", json!({"text": "as alice"})).await, "as alice");
+    assert!(alice.all_tools().await.iter().any(|t| t == "up__d__echo"));
+
+    // Bob's client takes URL elicitations (2025-11-25): the link comes as one.
+    let mut bob = Client::new(&front.mcp()).bearer(BOB);
+    bob.initialize_with("2025-11-25", json!({"elicitation": {"url": {}}})).await;
+    let b = bob.call("up__d__echo", json!({"text": "x"})).await;
+    assert_eq!(b.response["error"]["code"], -32042, "{}", b.response);
+    let e = &b.response["error"]["data"]["elicitations"][0];
+    assert_eq!(e["mode"], "url");
+    assert!(e["elicitationId"].is_string(), "{e}");
+    let (status, _) = link(&idp, &front, e["url"].as_str().unwrap(), "bob-up").await;
+    assert_eq!(status, 200);
+    assert_eq!(bob.call_text("up__d__echo", json!({"text": "as bob"})).await, "as bob");
+    // A stateless (2026-07-28) request of Bob's reaches the server as Bob too.
+    let modern = Client::modern(&front.mcp()).bearer(BOB);
+    assert_eq!(modern.call_text("up__d__echo", json!({"text": "stateless bob"})).await, "stateless bob");
+    // Two identities, two upstream users; Alice's account never served Bob.
+    assert_eq!(upstream_callers(&upstream, 3).await, ["alice-up", "bob-up", "bob-up"]);
+
+    // Each sees their own accounts; Alice unlinks hers and is asked again; Bob carries on.
+    let (status, mine) = http_json(reqwest::Method::GET, &format!("{}/accounts", front.url), Some(ALICE), None).await;
+    assert_eq!(
+        (status, mine["accounts"][0]["server"].as_str(), mine["accounts"][0]["state"].as_str()),
+        (200, Some("up"), Some("linked")),
+        "{mine}"
+    );
+    let (_, carols) = http_json(reqwest::Method::GET, &format!("{}/accounts", front.url), Some(CAROL), None).await;
+    assert_eq!(carols["accounts"][0]["state"], "not_linked", "{carols}");
+    assert!(carols["accounts"][0]["link"].as_str().is_some_and(|l| l.contains("/link/up?ticket=")));
+    let (status, _) =
+        http_json(reqwest::Method::DELETE, &format!("{}/accounts/up", front.url), Some(ALICE), None).await;
+    assert_eq!(status, 200);
+    let a = alice.call("up__d__echo", json!({"text": "x"})).await;
+    assert_eq!(a.response["error"]["code"], -32010, "{}", a.response);
+    assert_eq!(bob.call_text("up__d__echo", json!({"text": "still bob"})).await, "still bob");
+    let (status, _) =
+        http_json(reqwest::Method::DELETE, &format!("{}/accounts/up", front.url), Some(ALICE), None).await;
+    assert_eq!(status, 404);
+    assert_eq!(clear_jwt_in(front.audit.parent().unwrap()), None);
+    front.stop().await;
+    upstream.stop().await;
+}

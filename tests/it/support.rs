@@ -333,9 +333,14 @@ impl Client {
     }
 
     async fn initialize(&mut self, version: &str) {
+        self.initialize_with(version, json!({"sampling": {}})).await;
+    }
+
+    /// `initialize` declaring `capabilities`, then `initialized`.
+    pub(crate) async fn initialize_with(&mut self, version: &str, capabilities: Value) {
         let c = self;
         let resp = c
-            .post(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":version,"capabilities":{"sampling":{}},"clientInfo":{"name":"it","version":"1"}}}))
+            .post(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":version,"capabilities":capabilities,"clientInfo":{"name":"it","version":"1"}}}))
             .await;
         assert_eq!(resp.status(), 200);
         c.session = resp.headers().get("mcp-session-id").map(|v| v.to_str().unwrap().to_owned());

@@ -155,6 +155,11 @@ pub struct Gateway {
     credentials: Mutex<HashMap<String, Arc<crate::oauth::client::TokenSource>>>,
     /// Portcullis' authorization server's logins and codes in progress (they outlive reloads).
     authorization: crate::oauth::server::AuthorizationState,
+    /// Per-user accounts being linked.
+    links: crate::oauth::accounts::Links,
+    /// Instances of `per_user` servers for stateless callers, by identity and server (a session
+    /// caller's are its own, in `per_session`).
+    per_identity: Mutex<HashMap<IdentityServer, Arc<Upstream>>>,
     me: Weak<Gateway>,
     initializes: AtomicU64,
     discovers: AtomicU64,
@@ -255,6 +260,9 @@ pub enum StartError {
     },
 }
 
+/// An identity's key and a server's name.
+type IdentityServer = (Arc<str>, String);
+
 impl Gateway {
     /// Opens the config's token store, builds the gateway and starts every enabled shared
     /// server. Refuses when the store exists but cannot be read, or when there is no randomness.
@@ -286,6 +294,8 @@ impl Gateway {
             http,
             credentials: Mutex::new(HashMap::new()),
             authorization: crate::oauth::server::AuthorizationState::default(),
+            links: crate::oauth::accounts::Links::default(),
+            per_identity: Mutex::new(HashMap::new()),
             me: me.clone(),
             initializes: AtomicU64::new(0),
             discovers: AtomicU64::new(0),
@@ -491,12 +501,19 @@ impl Gateway {
     /// The token source of a server with `oauth:` (the one its instances share, or a new one
     /// when the grant changed).
     fn credential(&self, def: &ServerDef) -> Option<Arc<crate::oauth::client::TokenSource>> {
+        self.credential_of(def, "")
+    }
+
+    /// The token source of `subject`'s account at a server ("" for the server's own): a
+    /// `per_user` server's identities each have their own.
+    fn credential_of(&self, def: &ServerDef, subject: &str) -> Option<Arc<crate::oauth::client::TokenSource>> {
+        let key = if subject.is_empty() { def.name.clone() } else { format!("{}\0{subject}", def.name) };
         let crate::config::Transport::Http { oauth: Some(grant), .. } = &def.transport else {
-            lock(&self.credentials).remove(&def.name);
+            lock(&self.credentials).remove(&key);
             return None;
         };
         let mut all = lock(&self.credentials);
-        if let Some(c) = all.get(&def.name).filter(|c| c.grant() == grant) {
+        if let Some(c) = all.get(&key).filter(|c| c.grant() == grant) {
             return Some(c.clone());
         }
         let vault = match grant.flow {
@@ -507,8 +524,8 @@ impl Gateway {
                 .map(|keys| crate::oauth::client::Vault { store: self.store.path().to_owned(), keys }),
             crate::oauth::client::Flow::ClientCredentials => None,
         };
-        let c = Arc::new(crate::oauth::client::TokenSource::new(grant.clone(), &def.name, vault));
-        all.insert(def.name.clone(), c.clone());
+        let c = Arc::new(crate::oauth::client::TokenSource::new(grant.clone(), &def.name, vault).for_subject(subject));
+        all.insert(key, c.clone());
         Some(c)
     }
 
@@ -705,11 +722,36 @@ impl Gateway {
         }
     }
 
-    /// The instance serving `server` for this caller: its own for `per_session` servers.
-    fn instance(&self, config: &Config, server: &str, caller: &Caller) -> Option<Arc<Upstream>> {
+    /// The instance serving `server` for this caller: its own for `per_session` servers (with
+    /// the caller's own account for `per_user` ones).
+    fn instance(&self, config: &Config, server: &str, caller: &Caller, who: &Identity) -> Option<Arc<Upstream>> {
         let def = config.server(server)?;
         if !def.enabled {
             return None;
+        }
+        if def.per_user {
+            let credential = self.credential_of(def, &who.key);
+            if let Some(session) = caller.session.as_ref().filter(|s| s.transport != session::ClientTransport::Listen) {
+                let mut shard = lock(self.per_session.shard(&session.key));
+                let instances = shard.entry(session.key).or_default();
+                if let Some(up) = instances.get(server) {
+                    return Some(up.clone());
+                }
+                let owner = Some(Arc::downgrade(session));
+                let up = Upstream::start(def.clone(), self.hub(), owner, self.http.clone(), credential);
+                instances.insert(server.to_owned(), up.clone());
+                return Some(up);
+            }
+            let mut all = lock(&self.per_identity);
+            let key = (who.key.clone(), server.to_owned());
+            if let Some(up) = all.get(&key).filter(|u| u.def == *def) {
+                return Some(up.clone());
+            }
+            let up = Upstream::start(def.clone(), self.hub(), None, self.http.clone(), credential);
+            if let Some(old) = all.insert(key, up.clone()) {
+                old.stop_now();
+            }
+            return Some(up);
         }
         if def.share == Share::PerSession {
             if let Some(session) = caller.session.as_ref().filter(|s| s.transport != session::ClientTransport::Listen) {
@@ -746,6 +788,35 @@ impl Gateway {
             .filter(|d| d.enabled && scope.includes(&d.name) && who.grants.reaches(&d.name))
             .cloned()
             .collect()
+    }
+
+    /// Per-user accounts being linked.
+    pub(crate) fn links(&self) -> &crate::oauth::accounts::Links {
+        &self.links
+    }
+
+    /// An account was linked or unlinked here: the vault is read again now (as a change made
+    /// elsewhere would be within a second).
+    pub(crate) async fn accounts_changed(&self) {
+        self.sweep_sessions().await;
+    }
+
+    /// Whether `who` must link an account before reaching `server`: the answer that gives it the
+    /// link (a URL elicitation when the client declared it), else None.
+    pub(crate) async fn account_needed(&self, config: &Config, server: &str, ctx: &Ctx) -> Option<Reply> {
+        let def = config.server(server).filter(|d| d.per_user)?;
+        let credential = self.credential_of(def, &ctx.who.identity.key)?;
+        if credential.has_account().await {
+            return None;
+        }
+        let session_era = ctx.protocol_version < crate::mcp::version::ProtocolVersion::V2026_07_28;
+        let url_mode = ctx.protocol_version >= crate::mcp::version::ProtocolVersion::V2025_11_25
+            && ctx.caller.session.as_ref().is_some_and(|s| {
+                serde_json::from_str::<serde_json::Value>(&s.capabilities())
+                    .ok()
+                    .is_some_and(|c| c["elicitation"]["url"].is_object())
+            });
+        Some(crate::oauth::accounts::link_required(config, server, &ctx.who.identity, url_mode, session_era))
     }
 
     /// The authorization server's logins and codes in progress.
@@ -846,7 +917,7 @@ impl Gateway {
         let own_info =
             format!(r#"{{"name":{},"version":"{}"}}"#, jsonrpc::quote(&config.name), env!("CARGO_PKG_VERSION"));
         if let Scope::One(name) = scope {
-            if let Some(up) = self.instance(config, name, caller) {
+            if let Some(up) = self.instance(config, name, caller, who) {
                 let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
                 if let Ok(conn) = up.ready_by(deadline).await {
                     return (

@@ -26,7 +26,11 @@ impl Gateway {
             return Reply::error(code::INVALID_PARAMS, "Invalid cursor");
         };
         let calls = entries.iter().map(|(server, upstream_cursor)| async move {
-            let up = self.instance(config, server, &ctx.caller)?;
+            // A per-user server the caller has not linked yet: left out until it does.
+            if self.account_needed(config, server, ctx).await.is_some() {
+                return None;
+            }
+            let up = self.instance(config, server, &ctx.caller, &ctx.who.identity)?;
             live(&up).await?;
             let params = upstream_cursor.as_ref().map(|c| format!(r#"{{"cursor":{}}}"#, jsonrpc::quote(c)));
             let params = params.map(jsonrpc::raw);
@@ -71,7 +75,10 @@ impl Gateway {
         kind: ListKind,
         name: &str,
     ) -> Reply {
-        let Some(up) = self.instance(config, name, &ctx.caller) else {
+        if let Some(link) = self.account_needed(config, name, ctx).await {
+            return link;
+        }
+        let Some(up) = self.instance(config, name, &ctx.caller, &ctx.who.identity) else {
             return Reply::error(code::UPSTREAM_ERROR, &format!("server {name} is not available"));
         };
         match up.call(req.method, req.params, &[], &ctx.caller, req.id).await {
@@ -165,7 +172,7 @@ impl Gateway {
 
     pub(super) async fn refresh_resource_index(&self, config: &Config, ctx: &Ctx) {
         for def in self.servers_in_scope(config, &ctx.scope, &ctx.who.identity) {
-            let Some(up) = self.instance(config, &def.name, &ctx.caller) else { continue };
+            let Some(up) = self.instance(config, &def.name, &ctx.caller, &ctx.who.identity) else { continue };
             if up.connection().is_none() {
                 continue;
             }
@@ -216,7 +223,10 @@ impl Gateway {
             routed.refuse_item(ctx, config, kind, &server, &inner, &format!("refused: {what} not granted"));
             return unknown();
         }
-        let Some(up) = self.instance(config, &server, &ctx.caller) else { return unknown() };
+        if let Some(link) = self.account_needed(config, &server, ctx).await {
+            return link;
+        }
+        let Some(up) = self.instance(config, &server, &ctx.caller, &ctx.who.identity) else { return unknown() };
         let quoted = jsonrpc::quote(&inner);
         let edits: &[(&str, &str)] = if edit { &[("name", &quoted)] } else { &[] };
         match up.call(req.method, Some(params), edits, &ctx.caller, req.id).await {
@@ -246,7 +256,10 @@ impl Gateway {
             routed.refuse_item(ctx, config, GrantKind::Resource, &server, &own, "refused: resource not granted");
             return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
         }
-        let Some(up) = self.instance(config, &server, &ctx.caller) else {
+        if let Some(link) = self.account_needed(config, &server, ctx).await {
+            return link;
+        }
+        let Some(up) = self.instance(config, &server, &ctx.caller, &ctx.who.identity) else {
             return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
         };
         match req.method {
@@ -362,7 +375,7 @@ impl Gateway {
             routed.refuse(&server, "completion", "refused: reference not granted");
             return Reply::error(code::INVALID_PARAMS, "Unknown completion reference");
         }
-        let Some(up) = self.instance(config, &server, &ctx.caller) else {
+        let Some(up) = self.instance(config, &server, &ctx.caller, &ctx.who.identity) else {
             return Reply::error(code::INVALID_PARAMS, "Unknown completion reference");
         };
         let edit_list: Vec<(&str, &str)> = edits.as_deref().map(|e| vec![("ref", e)]).unwrap_or_default();
@@ -390,7 +403,7 @@ impl Gateway {
         let mut updates = Vec::new();
         for def in self.servers_in_scope(config, &ctx.scope, &ctx.who.identity) {
             if def.share == Share::PerSession {
-                if let Some(up) = self.instance(config, &def.name, &ctx.caller) {
+                if let Some(up) = self.instance(config, &def.name, &ctx.caller, &ctx.who.identity) {
                     updates.push((up, rank));
                 }
             } else if let Some(up) = self.upstream(&def.name) {

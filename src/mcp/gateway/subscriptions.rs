@@ -102,7 +102,7 @@ impl Gateway {
                 routed.refuse(&server, &own, "refused: resource not granted");
                 continue;
             }
-            let Some(up) = self.instance(config, &server, &caller) else { continue };
+            let Some(up) = self.instance(config, &server, &caller, &ctx.who.identity) else { continue };
             if !self.subscribe(&server, &up, &session, &own, &caller, None).await.is_error {
                 honoured.push(uri);
             }
