@@ -236,13 +236,19 @@ pub fn check(path: Option<PathBuf>) -> i32 {
                     Transport::Stdio { command, args, .. } => format!("stdio: {command} {}", args.join(" ")),
                     Transport::Http { url, mode, tls, oauth, .. } => {
                         let tls = tls.as_ref().map_or(String::new(), |t| format!(" ({})", t.summary()));
-                        let oauth = match oauth.as_ref().map(|g| g.flow) {
+                        let oauth = match oauth.as_ref().map(|g| g.flow.clone()) {
                             None => String::new(),
                             Some(crate::oauth::client::Flow::ClientCredentials) => {
                                 " (its own access token: client credentials)".into()
                             }
+                            Some(crate::oauth::client::Flow::AuthorizationCode { .. }) if s.per_user => {
+                                " (each user's own account, linked from a client)".into()
+                            }
                             Some(crate::oauth::client::Flow::AuthorizationCode { .. }) => {
                                 format!(" (a person's account: {})", login_state(&c, &s.name))
+                            }
+                            Some(crate::oauth::client::Flow::TokenExchange { .. }) => {
+                                " (the caller's token exchanged for one of its own: RFC 8693)".into()
                             }
                         };
                         format!("{} {}{tls}{oauth}", format!("{mode:?}").to_lowercase(), config::shown_url(url))

@@ -566,7 +566,9 @@ async fn admit(
     if let Err(e) = auth.check_rate(&identity, client) {
         return Err(refuse(entry, e));
     }
-    Ok(Who { snapshot: snapshot.clone(), identity, client })
+    let subject_token =
+        identity.issuer.as_ref().and_then(|_| crate::auth::presented_credential(headers).ok()).map(Arc::from);
+    Ok(Who { snapshot: snapshot.clone(), identity, client, subject_token })
 }
 
 #[cfg(test)]

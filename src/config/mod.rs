@@ -360,9 +360,11 @@ pub(crate) struct RawUpstreamTls {
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawUpstreamOAuth {
-    /// The grant: `client_credentials` (a machine account of Portcullis' own) or
+    /// The grant: `client_credentials` (a machine account of Portcullis' own),
     /// `authorization_code` (a person's account, signed in with `portcullis login SERVER`; its
-    /// tokens are kept in the store encrypted with `PORTCULLIS_SECRET_KEY`).
+    /// tokens are kept in the store encrypted with `PORTCULLIS_SECRET_KEY`), or
+    /// `token_exchange` (the caller's access token from an identity provider the server trusts
+    /// too, exchanged at that provider for one audienced to the server: RFC 8693).
     pub grant: S,
     /// Portcullis' client id at the server's authorization server (required for
     /// `client_credentials`; for `authorization_code`, default: a Client ID Metadata Document
@@ -378,6 +380,10 @@ pub(crate) struct RawUpstreamOAuth {
     /// 3000: its redirect URI is `http://127.0.0.1:PORT/callback`).
     #[serde(default)]
     pub callback_port: Option<u16>,
+    /// For `token_exchange`: the `audience` to ask for besides the `resource` (RFC 8693), when
+    /// the provider names its resources so.
+    #[serde(default)]
+    pub audience: Option<S>,
     /// The scopes to ask for, space-separated (default: none named).
     #[serde(default)]
     pub scope: Option<S>,
@@ -1239,7 +1245,13 @@ impl Validator<'_> {
                 Share::Shared
             }
         };
+        let exchange = matches!(
+            &transport,
+            Some(Transport::Http { oauth: Some(g), .. }) if matches!(g.flow, crate::oauth::client::Flow::TokenExchange { .. })
+        );
         let per_user = match s.credentials.as_deref() {
+            // A token exchange is each caller's own token: per user by nature.
+            _ if exchange => true,
             None | Some("shared") => false,
             Some("per_user" | "per-user") => {
                 let code = matches!(
@@ -1451,14 +1463,22 @@ impl Validator<'_> {
                 }
                 crate::oauth::client::Flow::AuthorizationCode { callback_port: o.callback_port.unwrap_or(3000) }
             }
+            "token_exchange" => crate::oauth::client::Flow::TokenExchange {
+                audience: o.audience.as_ref().map(|a| self.subst(&format!("{field}.audience"), a)),
+            },
             other => {
                 self.error(
                     format!("{field}.grant"),
-                    format!("{other:?}: the grants towards a server are client_credentials and authorization_code"),
+                    format!(
+                        "{other:?}: the grants towards a server are client_credentials, authorization_code and token_exchange"
+                    ),
                 );
                 return None;
             }
         };
+        if o.audience.is_some() && !matches!(flow, crate::oauth::client::Flow::TokenExchange { .. }) {
+            self.error(format!("{field}.audience"), "only for the token_exchange grant");
+        }
         if o.callback_port.is_some() && flow == crate::oauth::client::Flow::ClientCredentials {
             self.error(format!("{field}.callback_port"), "only for the authorization_code grant");
         }
@@ -1470,7 +1490,9 @@ impl Validator<'_> {
         let client_id = o.client_id.as_ref().map(|v| get(self, "client_id", v)).unwrap_or_default();
         let client_secret = o.client_secret.as_ref().map(|v| get(self, "client_secret", v)).unwrap_or_default();
         match flow {
-            crate::oauth::client::Flow::ClientCredentials if client_id.is_empty() || client_secret.is_empty() => {
+            crate::oauth::client::Flow::ClientCredentials | crate::oauth::client::Flow::TokenExchange { .. }
+                if client_id.is_empty() || client_secret.is_empty() =>
+            {
                 self.error(&field, "`client_id` and `client_secret` must not be empty");
             }
             crate::oauth::client::Flow::AuthorizationCode { .. }
@@ -1608,9 +1630,11 @@ servers:
         );
         assert!(!format!("{g:?}").contains("t0k"), "the secret stays out of Debug");
         for (yaml, says) in [
+            ("    oauth: {grant: password, client_id: p, client_secret: s}\n", "authorization_code and token_exchange"),
+            ("    oauth: {grant: token_exchange, client_id: x}\n", "must not be empty"),
             (
-                "    oauth: {grant: password, client_id: p, client_secret: s}\n",
-                "client_credentials and authorization_code",
+                "    oauth: {grant: client_credentials, client_id: p, client_secret: s, audience: a}\n",
+                "only for the token_exchange",
             ),
             ("    oauth: {grant: authorization_code}\n", "PORTCULLIS_SECRET_KEY"),
             (

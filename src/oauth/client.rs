@@ -29,7 +29,7 @@ const RENEW_BEFORE: Duration = Duration::from_secs(60);
 const FETCH_TOTAL: Duration = Duration::from_secs(20);
 
 /// How Portcullis gets its access tokens for a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Flow {
     /// A machine account of Portcullis' own (RFC 6749 §4.4).
     ClientCredentials,
@@ -38,6 +38,12 @@ pub enum Flow {
     AuthorizationCode {
         /// The loopback port `portcullis login` takes the browser's return on.
         callback_port: u16,
+    },
+    /// The caller's own access token (from a provider the server trusts too) exchanged for one
+    /// audienced to the server (RFC 8693, on behalf of the caller).
+    TokenExchange {
+        /// The `audience` asked for, when the provider wants one besides the `resource`.
+        audience: Option<String>,
     },
 }
 
@@ -158,6 +164,8 @@ pub(crate) struct TokenSource {
     refused_token: Mutex<Option<HeaderValue>>,
     /// Refreshes made (for `/servers`).
     refreshes: std::sync::atomic::AtomicU64,
+    /// The caller's access token a token exchange starts from (the latest it presented).
+    subject_token: Mutex<Option<std::sync::Arc<str>>>,
     /// The server's name, for the log.
     server: String,
     http: reqwest::Client,
@@ -186,6 +194,7 @@ impl TokenSource {
             subject: String::new(),
             refused_token: Mutex::new(None),
             refreshes: std::sync::atomic::AtomicU64::new(0),
+            subject_token: Mutex::new(None),
             scope: Mutex::new(grant.scope.clone()),
             challenge: tokio::sync::OnceCell::new(),
             grant,
@@ -214,6 +223,19 @@ impl TokenSource {
         !matches!(self.bearer().await, Err(CredentialError::NeedsLogin { .. }))
     }
 
+    /// Offers the caller's access token for a token exchange: a token other than the last one
+    /// (the client renewed it) is exchanged afresh.
+    pub(crate) fn offer(&self, token: &std::sync::Arc<str>) {
+        let mut current = lock(&self.subject_token);
+        if current.as_ref().is_some_and(|t| t == token) {
+            return;
+        }
+        *current = Some(token.clone());
+        drop(current);
+        *lock(&self.current) = None;
+        *lock(&self.failed) = None;
+    }
+
     /// The grant it was made for.
     pub(crate) fn grant(&self) -> &UpstreamGrant {
         &self.grant
@@ -232,6 +254,7 @@ impl TokenSource {
         let grant = match self.grant.flow {
             Flow::ClientCredentials => "client_credentials",
             Flow::AuthorizationCode { .. } => "authorization_code",
+            Flow::TokenExchange { .. } => "token_exchange",
         };
         let mut v = serde_json::json!({
             "grant": grant,
@@ -239,7 +262,7 @@ impl TokenSource {
             "scope": lock(&self.scope).clone(),
             "last_error": failed.as_ref().map(ToString::to_string),
         });
-        if let Flow::AuthorizationCode { .. } = self.grant.flow {
+        if let Flow::AuthorizationCode { .. } = &self.grant.flow {
             let login = match (&failed, token) {
                 (Some(CredentialError::NeedsLogin { .. }), _) => "needs_login",
                 (_, "valid") => "logged_in",
@@ -254,7 +277,7 @@ impl TokenSource {
     /// The store changed (a login, a logout, another process' refresh): an account's token is
     /// read from the vault again at the next request, and a failure is not waited out.
     pub(crate) fn vault_changed(&self) -> bool {
-        if let Flow::AuthorizationCode { .. } = self.grant.flow {
+        if let Flow::AuthorizationCode { .. } = &self.grant.flow {
             *lock(&self.current) = None;
             *lock(&self.failed) = None;
             return true;
@@ -382,9 +405,10 @@ impl TokenSource {
     }
 
     async fn fetch(&self) -> Result<Token, CredentialError> {
-        match self.grant.flow {
+        match &self.grant.flow {
             Flow::ClientCredentials => self.fetch_client_credentials().await,
             Flow::AuthorizationCode { .. } => self.fetch_account().await,
+            Flow::TokenExchange { audience } => self.fetch_exchange(audience.as_deref()).await,
         }
     }
 
@@ -517,6 +541,35 @@ impl TokenSource {
             .map_err(|e| CredentialError::Vault(e.to_string()))?;
         self.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(server = %self.server, "the upstream account's access token was refreshed");
+        Ok(answer.token(started))
+    }
+
+    /// The caller's token exchanged for one for the server (RFC 8693 §2.1): the caller's token
+    /// goes to the provider only, never to the server.
+    async fn fetch_exchange(&self, audience: Option<&str>) -> Result<Token, CredentialError> {
+        let Some(subject) = lock(&self.subject_token).clone() else {
+            return Err(CredentialError::NeedsLogin {
+                server: self.server.clone(),
+                reason: "a token exchange needs the caller's access token from the identity provider".into(),
+            });
+        };
+        let url = self.token_endpoint().await?;
+        let mut form = vec![
+            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange".to_owned()),
+            ("subject_token", subject.to_string()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token".to_owned()),
+            ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token".to_owned()),
+            ("resource", self.grant.resource.clone()),
+        ];
+        if let Some(a) = audience {
+            form.push(("audience", a.to_owned()));
+        }
+        if let Some(scope) = lock(&self.scope).clone() {
+            form.push(("scope", scope));
+        }
+        let started = Instant::now();
+        let answer =
+            token_request(&self.http, &url, &self.grant.client_id, Some(&self.grant.client_secret), form).await?;
         Ok(answer.token(started))
     }
 

@@ -392,3 +392,41 @@ async fn a_remote_server_that_wants_oauth_gets_portcullis_own_token() {
     front.stop().await;
     upstream.stop().await;
 }
+
+/// Token exchange (RFC 8693): the caller's access token from the provider is exchanged there
+/// for one audienced to the remote server, on the caller's behalf; the server sees the caller,
+/// never the caller's own token; an identity the provider did not vouch for gets a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_s_token_is_exchanged_for_one_of_the_server_s_own() {
+    let idp = idp("mcp:tools front:use", None).await;
+    let upstream = gateway()
+        .demo("d", &[], "")
+        .top(&format!("oauth:\n  issuers:\n    - issuer: {:?}\n      scopes:\n        mcp:tools: {{}}\n", idp.issuer))
+        .start()
+        .await;
+    let local = "local-static-token-0123456789abc";
+    let front = gateway()
+        .remote("up", &upstream.mcp(), "oauth: {grant: token_exchange, client_id: xchg, client_secret: xchg-secret}")
+        .top(&format!(
+            "auth:\n  tokens:\n    local: {local}\noauth:\n  issuers:\n    - issuer: {:?}\n      scopes:\n        front:use: {{}}\n",
+            idp.issuer
+        ))
+        .start()
+        .await;
+    let token = idp.authorization_code("pat", "front:use", &front.mcp()).await;
+    let client = Client::connect_as(&front.mcp(), &token).await;
+    assert_eq!(client.call_text("up__d__echo", json!({"text": "exchanged"})).await, "exchanged");
+    let records = upstream.audit_until(|r| r.iter().any(|r| r["method"] == "tools/call")).await;
+    let call = records.iter().find(|r| r["method"] == "tools/call").unwrap();
+    assert_eq!(call["identity"], "pat", "{call}");
+    // Nothing but the exchanged token (and the discovery's bare GET) reached the server: the
+    // caller's own token, audienced to the front, would have been refused there.
+    let discovery = |r: &Value| r["method"] == "GET" && r["outcome"] == "refused: missing credential";
+    assert!(records.iter().all(|r| r["identity"] == "pat" || discovery(r)), "{records:?}");
+    // A caller with a static token has nothing to exchange.
+    let other = Client::connect_as(&front.mcp(), local).await;
+    let a = other.call("up__d__echo", json!({"text": "x"})).await;
+    assert!(a.response["error"]["message"].as_str().is_some_and(|m| m.contains("identity provider")), "{}", a.response);
+    front.stop().await;
+    upstream.stop().await;
+}

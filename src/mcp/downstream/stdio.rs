@@ -46,7 +46,12 @@ impl Client {
     /// from the next message on.
     fn ctx(&self, snapshot: &Arc<Snapshot>, caller: Caller, version: ProtocolVersion) -> Ctx {
         let snapshot = snapshot.clone();
-        let who = Who { snapshot, identity: self.identity.clone(), client: IpAddr::V4(Ipv4Addr::LOCALHOST) };
+        let who = Who {
+            snapshot,
+            identity: self.identity.clone(),
+            client: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            subject_token: None,
+        };
         who.ctx(self.scope.clone(), caller, version)
     }
 

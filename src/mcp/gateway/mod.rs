@@ -68,6 +68,9 @@ pub(crate) struct Who {
     pub identity: Arc<Identity>,
     /// The client's address (after `trusted_proxies`).
     pub client: std::net::IpAddr,
+    /// The identity provider's access token the caller presented (only for such an identity):
+    /// what a token exchange towards a server starts from. It goes to that provider only.
+    pub subject_token: Option<Arc<str>>,
 }
 
 impl Who {
@@ -522,7 +525,7 @@ impl Gateway {
                 .vault
                 .clone()
                 .map(|keys| crate::oauth::client::Vault { store: self.store.path().to_owned(), keys }),
-            crate::oauth::client::Flow::ClientCredentials => None,
+            crate::oauth::client::Flow::ClientCredentials | crate::oauth::client::Flow::TokenExchange { .. } => None,
         };
         let c = Arc::new(crate::oauth::client::TokenSource::new(grant.clone(), &def.name, vault).for_subject(subject));
         all.insert(key, c.clone());
@@ -806,6 +809,18 @@ impl Gateway {
     pub(crate) async fn account_needed(&self, config: &Config, server: &str, ctx: &Ctx) -> Option<Reply> {
         let def = config.server(server).filter(|d| d.per_user)?;
         let credential = self.credential_of(def, &ctx.who.identity.key)?;
+        if let crate::oauth::client::Flow::TokenExchange { .. } = credential.grant().flow {
+            return match &ctx.who.subject_token {
+                Some(t) => {
+                    credential.offer(t);
+                    None
+                }
+                None => Some(Reply::error(
+                    crate::oauth::accounts::ACCOUNT_REQUIRED,
+                    &format!("{server} is reached with your identity provider's access token: sign in with it"),
+                )),
+            };
+        }
         if credential.has_account().await {
             return None;
         }
