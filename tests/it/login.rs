@@ -272,3 +272,109 @@ async fn each_identity_links_its_own_account_and_reaches_the_server_as_itself() 
     front.stop().await;
     upstream.stop().await;
 }
+
+/// Registration by Portcullis' own Client ID Metadata Document: the server's authorization
+/// server (here Portcullis' own, on the upstream, taking documents from loopback with the test
+/// CA) fetches `PUBLIC_URL/oauth/upstream/up/client.json` from the front gateway over https; the
+/// person signs in there with a token; nothing was registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_registers_by_portcullis_own_metadata_document() {
+    let dir = TempDir::new();
+    crate::tls::pki(&dir.0);
+    let path = |f: &str| dir.0.join(f).display().to_string();
+    let person = "upstream-person-token-0123456789";
+    let upstream = gateway()
+        .demo("d", &[], "")
+        .top(&format!(
+            "auth:\n  tokens:\n    pat: {person}\noauth:\n  authorization_server: {{registration: false, client_metadata_documents: {{allow_private_addresses: true, ca: {:?}}}}}\n",
+            path("ca.pem")
+        ))
+        .start()
+        .await;
+    let port = callback_port();
+    let tls = format!("tls:\n  cert: {:?}\n  key: {:?}\n", path("live.pem"), path("live.key"));
+    let entry = format!("oauth: {{grant: authorization_code, callback_port: {port}}}");
+    let mut front =
+        gateway().remote("up", &upstream.mcp(), &entry).env("PORTCULLIS_SECRET_KEY", KEY).top(&tls).start().await;
+    let base = front.url.replace("http://", "https://");
+    let top = format!("public_url: {base}\n{tls}");
+    front.reload_top(&top).await;
+    let https = {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.0.join("ca.pem")).unwrap()).unwrap();
+        reqwest::Client::builder().tls_certs_only([ca]).build().unwrap()
+    };
+    let doc = https.get(format!("{base}/oauth/upstream/up/client.json")).send().await.unwrap();
+    let doc: Value = serde_json::from_str(&doc.text().await.unwrap()).unwrap();
+    assert_eq!(doc["client_id"], format!("{base}/oauth/upstream/up/client.json"));
+    assert_eq!(doc["redirect_uris"][0], format!("http://127.0.0.1:{port}/callback"));
+    assert_eq!(doc["token_endpoint_auth_method"], "none");
+    let yaml = gateway().remote("up", &upstream.mcp(), &entry).top(&top).yaml();
+    let config = cli_config(&front, &yaml);
+
+    let mut login = tokio::process::Command::new(BIN)
+        .args(["login", "up", "--no-browser", "--timeout", "60s", "--config", config.to_str().unwrap()])
+        .env("PORTCULLIS_SECRET_KEY", KEY)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(login.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap();
+        if let Some(u) = line.expect("the login ended early").trim().strip_prefix("http") {
+            break format!("http{u}");
+        }
+    };
+    assert_eq!(crate::idp::param(&url, "client_id"), Some(doc["client_id"].as_str().unwrap().to_owned()));
+    // The person, on the upstream's own pages: sign in with a token, approve.
+    let hidden = |page: &str, name: &str| {
+        let marker = format!("name=\"{name}\" value=\"");
+        let at = page.find(&marker).unwrap_or_else(|| panic!("no {name}: {page}")) + marker.len();
+        page[at..].split('"').next().unwrap().to_owned()
+    };
+    let mut browser = Browser::new();
+    let (status, _, page) = browser.go(&url, None).await;
+    assert_eq!(status, 200, "the upstream took the document: {page}");
+    let post = |page: &str, action: &str, token: Option<&str>| {
+        let mut f =
+            vec![("request", hidden(page, "request")), ("csrf", hidden(page, "csrf")), ("action", action.to_owned())];
+        if let Some(t) = token {
+            f.push(("token", t.to_owned()));
+        }
+        f.iter()
+            .map(|(k, v)| format!("{k}={}", form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()))
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    let authorize = format!("{}/authorize", upstream.url);
+    let (_, _, consent) = browser.go(&authorize, Some(post(&page, "login", Some(person)))).await;
+    assert!(consent.contains(doc["client_name"].as_str().unwrap()) || consent.contains("Portcullis"), "{consent}");
+    let (status, location, _) = browser.go(&authorize, Some(post(&consent, "approve", None))).await;
+    assert_eq!(status, 302);
+    let back = location.unwrap();
+    assert!(back.starts_with(&format!("http://127.0.0.1:{port}/callback")), "{back}");
+    assert_eq!(reqwest::get(&back).await.unwrap().status(), 200);
+    let status = tokio::time::timeout(Duration::from_secs(30), login.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+
+    // The front reaches the upstream as pat.
+    let mut client = Client::new(&format!("{base}/mcp"));
+    client.http = https.clone();
+    client.initialize_with("2025-11-25", json!({})).await;
+    let text = front
+        .until(Duration::from_secs(15), || {
+            let client = client.clone();
+            async move {
+                let a = client.call("up__d__echo", json!({"text": "by document"})).await;
+                a.response["result"]["content"][0]["text"].as_str().map(str::to_owned)
+            }
+        })
+        .await;
+    assert_eq!(text, "by document");
+    let records = upstream.audit_until(|r| r.iter().any(|r| r["method"] == "tools/call")).await;
+    // The upstream's own token for pat (its authorization server names them `oauth:pat:…`).
+    let identity = records.iter().find(|r| r["method"] == "tools/call").unwrap()["identity"].clone();
+    assert!(identity.as_str().is_some_and(|i| i.starts_with("oauth:pat:")), "{identity}");
+    front.stop().await;
+    upstream.stop().await;
+}
