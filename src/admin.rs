@@ -171,8 +171,29 @@ async fn describe(gw: &Gateway, def: &Arc<ServerDef>) -> Value {
         "tools": tools,
         "prompts": prompts,
         "resources": resources,
-        "oauth": up.as_ref().and_then(|u| u.credential_state()),
+        "oauth": if def.per_user { per_user_state(gw, def).await } else { up.as_ref().and_then(|u| u.credential_state()) },
     })
+}
+
+/// What `/servers` says of a `per_user` server's accounts: the grant and how many identities
+/// linked one (never who, nor any token).
+async fn per_user_state(gw: &Gateway, def: &ServerDef) -> Option<Value> {
+    let crate::config::Transport::Http { oauth: Some(grant), .. } = &def.transport else { return None };
+    let grant = match grant.flow {
+        crate::oauth::client::Flow::TokenExchange { .. } => {
+            return Some(json!({"grant": "token_exchange", "credentials": "per_user"}));
+        }
+        _ => "authorization_code",
+    };
+    let (store, name) = (gw.store().path().to_owned(), def.name.clone());
+    let counted =
+        tokio::task::spawn_blocking(move || crate::store::SqliteStore::open(&store)?.upstream_account_counts(&name))
+            .await;
+    let (linked, needs_login) = match counted {
+        Ok(Ok(c)) => (Some(c.0), Some(c.1)),
+        _ => (None, None),
+    };
+    Some(json!({"grant": grant, "credentials": "per_user", "linked": linked, "needs_login": needs_login}))
 }
 
 /// `GET /servers`.

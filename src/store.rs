@@ -1105,6 +1105,16 @@ impl SqliteStore {
             .optional()?)
     }
 
+    /// How many identities' accounts a server has: (active, needing a login).
+    pub(crate) fn upstream_account_counts(&self, server: &str) -> Result<(u64, u64), StoreError> {
+        Ok(lock(&self.conn).query_row(
+            "SELECT COALESCE(SUM(state != 'needs_login'), 0), COALESCE(SUM(state = 'needs_login'), 0) \
+             FROM upstream_accounts WHERE server = ?1 AND subject != ''",
+            params![server],
+            |r| Ok((r.get::<_, i64>(0)?.unsigned_abs(), r.get::<_, i64>(1)?.unsigned_abs())),
+        )?)
+    }
+
     /// Saves an account (replacing the one of the same server and subject).
     pub(crate) fn upstream_save(&self, a: &UpstreamAccount) -> Result<(), StoreError> {
         self.write(|tx| {

@@ -117,6 +117,9 @@ async fn portcullis_login_signs_a_person_in_and_the_gateway_refreshes_their_toke
     };
     let status = tokio::time::timeout(Duration::from_secs(30), login.wait()).await.unwrap().unwrap();
     assert!(status.success() && rest.join("\n").contains("logged in to up"), "{rest:?}");
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut login.stderr.take().unwrap(), &mut err).await.unwrap();
+    assert!(!format!("{url}{rest:?}{err}").contains("eyJ"), "the login printed a token: {rest:?} {err}");
 
     // The gateway reads the vault within a second and reaches the server as pat.
     let text = front
@@ -171,6 +174,7 @@ async fn portcullis_login_signs_a_person_in_and_the_gateway_refreshes_their_toke
 const ALICE: &str = "alice-front-token-0123456789ab";
 const BOB: &str = "bob-front-token-0123456789abcd";
 const CAROL: &str = "carol-front-token-0123456789ab";
+const ADMIN: &str = "admin-front-token-0123456789ab";
 
 /// Follows a link URL through the provider's pages as `login`, back to the gateway: the page
 /// the gateway shows at the end.
@@ -205,7 +209,9 @@ async fn each_identity_links_its_own_account_and_reaches_the_server_as_itself() 
         .remote("up", &upstream.mcp(), "oauth: {grant: authorization_code}\ncredentials: per_user")
         .demo("local", &[], "")
         .env("PORTCULLIS_SECRET_KEY", KEY)
-        .top(&format!("auth:\n  tokens:\n    alice: {ALICE}\n    bob: {BOB}\n    carol: {CAROL}\n"))
+        .top(&format!(
+            "auth:\n  tokens:\n    alice: {ALICE}\n    bob: {BOB}\n    carol: {CAROL}\n    admin: {{token: {ADMIN}, role: admin}}\n"
+        ))
         .start()
         .await;
 
@@ -259,6 +265,9 @@ async fn each_identity_links_its_own_account_and_reaches_the_server_as_itself() 
     let (_, carols) = http_json(reqwest::Method::GET, &format!("{}/accounts", front.url), Some(CAROL), None).await;
     assert_eq!(carols["accounts"][0]["state"], "not_linked", "{carols}");
     assert!(carols["accounts"][0]["link"].as_str().is_some_and(|l| l.contains("/link/up?ticket=")));
+    let (_, servers) = http_json(reqwest::Method::GET, &format!("{}/servers", front.url), Some(ADMIN), None).await;
+    let state = oauth_of(&servers, "up");
+    assert_eq!((state["credentials"].as_str(), state["linked"].as_u64()), (Some("per_user"), Some(2)), "{state}");
     let (status, _) =
         http_json(reqwest::Method::DELETE, &format!("{}/accounts/up", front.url), Some(ALICE), None).await;
     assert_eq!(status, 200);
