@@ -61,7 +61,10 @@ fn clear_jwt_in(dir: &std::path::Path) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn portcullis_login_signs_a_person_in_and_the_gateway_refreshes_their_token() {
     // Access tokens of five seconds: the gateway renews them at four.
-    let idp = idp_env("mcp:tools", None, "", &[("IDP_ACCESS_TTL", "5")]).await;
+    let refuse = TempDir::new();
+    let refuse_flag = refuse.0.join("refuse-refresh");
+    let flag = refuse_flag.display().to_string();
+    let idp = idp_env("mcp:tools", None, "", &[("IDP_ACCESS_TTL", "5"), ("IDP_REFUSE_REFRESH", &flag)]).await;
     let upstream = gateway()
         .demo("d", &[], "")
         .top(&format!("oauth:\n  issuers:\n    - issuer: {:?}\n      scopes:\n        mcp:tools: {{}}\n", idp.issuer))
@@ -151,6 +154,30 @@ async fn portcullis_login_signs_a_person_in_and_the_gateway_refreshes_their_toke
     // Nothing in the store, the audit files or the logs' neighbours is a token in clear.
     let dir = front.audit.parent().unwrap().to_owned();
     assert_eq!(clear_jwt_in(&dir), None);
+
+    // The provider refuses the next refresh (a revoked grant): the account needs a login, and
+    // calls say so at once, without a retry loop.
+    std::fs::write(&refuse_flag, "").unwrap();
+    front
+        .until(Duration::from_secs(20), || {
+            let front = &front;
+            async move { (oauth_of(&servers(front).await, "up")["login"] == "needs_login").then_some(()) }
+        })
+        .await;
+    // (The access token in hand may serve until the vault's state reaches the gateway.)
+    let e = front
+        .until(Duration::from_secs(15), || {
+            let client = client.clone();
+            async move {
+                let a = client.call("up__d__echo", json!({"text": "x"})).await;
+                Some(a.response["error"].to_string()).filter(|e| e.contains("needs login"))
+            }
+        })
+        .await;
+    assert!(e.contains("refused") && e.contains("portcullis login up"), "{e}");
+    let (_, out, _) = run_cli(None, &["check", "--config", config.to_str().unwrap()], &env).await;
+    assert!(out.contains("needs login"), "{out}");
+    std::fs::remove_file(&refuse_flag).unwrap();
 
     // `portcullis logout up`: the gateway stops using the account.
     let (ok, out, err) = run_cli(None, &["logout", "up", "--config", config.to_str().unwrap()], &env).await;
