@@ -6,8 +6,9 @@
 //! that identity and server; `/accounts` lists and unlinks them.
 //!
 //! Invariants: a link URL is a ticket signed with a key derived from the vault's, naming the
-//! server and the identity, that expires within [`TICKET_LIFETIME`] (so only the identity the
-//! gateway authenticated can link an account to itself); the callback is taken once, for the
+//! server and the identity, that expires within [`TICKET_LIFETIME`] and works once (so only
+//! the identity the gateway authenticated can link an account to itself, and a leaked link
+//! cannot tie another upstream account to it later); the callback is taken once, for the
 //! `state` sent, in the browser that started it (a cookie); one identity's account is never used
 //! for another (the token source is keyed by server and identity, and the vault row by both).
 
@@ -38,6 +39,9 @@ const COOKIE: &str = "pcs_link";
 #[derive(Default)]
 pub(crate) struct Links {
     pending: Mutex<HashMap<String, Pending>>,
+    /// Tickets used, until they expire: a link works once (a leaked one cannot tie somebody
+    /// else's upstream account to the identity later).
+    used: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
 struct Pending {
@@ -53,15 +57,11 @@ fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
-fn mac(key: &[u8; 32], payload: &[u8]) -> Vec<u8> {
-    let mut m = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable_key());
+/// The MAC of a ticket's payload (None only if the MAC refused the key, which HMAC never does).
+fn mac(key: &[u8; 32], payload: &[u8]) -> Option<Vec<u8>> {
+    let mut m = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).ok()?;
     m.update(payload);
-    m.finalize().into_bytes().to_vec()
-}
-
-/// HMAC takes keys of any length: this is never reached.
-fn unreachable_key() -> hmac::Hmac<sha2::Sha256> {
-    <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&[0u8; 32]).unwrap_or_else(|_| unreachable_key())
+    Some(m.finalize().into_bytes().to_vec())
 }
 
 /// The link URL for `identity` to link its account at `server`.
@@ -73,7 +73,7 @@ pub(crate) fn link_url(
     let keys = config.vault.as_ref()?;
     let until = SystemTime::now().checked_add(TICKET_LIFETIME)?.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
     let payload = serde_json::json!({"s": server, "k": &*identity.key, "n": &*identity.name, "e": until}).to_string();
-    let sig = mac(&keys.derive("link ticket"), payload.as_bytes());
+    let sig = mac(&keys.derive("link ticket"), payload.as_bytes())?;
     Some(format!(
         "{}/link/{}?ticket={}.{}",
         config.public_base(),
@@ -153,6 +153,15 @@ pub(crate) async fn start(
     let Some((subject, name)) = q.get("ticket").and_then(|t| ticket(&config, &server, t)) else {
         return error_page(StatusCode::FORBIDDEN, "This link is not valid, or has expired: ask the application again.");
     };
+    {
+        let digest = crate::credentials::digest(q.get("ticket").map(String::as_str).unwrap_or_default());
+        let mut used = lock(&gw.links().used);
+        let now = Instant::now();
+        used.retain(|_, until| *until > now);
+        if used.len() >= MAX_PENDING || used.insert(digest, now + TICKET_LIFETIME).is_some() {
+            return error_page(StatusCode::FORBIDDEN, "This link was used already: ask the application again.");
+        }
+    }
     if !config.server(&server).is_some_and(|d| d.per_user) {
         return error_page(StatusCode::NOT_FOUND, "No such server takes linked accounts here.");
     }

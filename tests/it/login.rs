@@ -262,6 +262,7 @@ async fn each_identity_links_its_own_account_and_reaches_the_server_as_itself() 
     assert_eq!(Browser::new().go(&altered, None).await.0, 403);
     let (status, page) = link(&idp, &front, &url, "alice-up").await;
     assert!(status == 200 && page.contains("linked"), "{page}");
+    assert_eq!(Browser::new().go(&url, None).await.0, 403, "a link works once");
     assert_eq!(alice.call_text("up__d__echo", json!({"text": "as alice"})).await, "as alice");
     assert!(alice.all_tools().await.iter().any(|t| t == "up__d__echo"));
 
