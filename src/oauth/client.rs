@@ -564,12 +564,17 @@ impl TokenSource {
         if let Some(a) = audience {
             form.push(("audience", a.to_owned()));
         }
+        self.request_with_scope(&url, form).await
+    }
+
+    /// A token request of Portcullis' own client (id and secret), with the scopes asked for.
+    async fn request_with_scope(&self, url: &str, mut form: Vec<(&str, String)>) -> Result<Token, CredentialError> {
         if let Some(scope) = lock(&self.scope).clone() {
             form.push(("scope", scope));
         }
         let started = Instant::now();
         let answer =
-            token_request(&self.http, &url, &self.grant.client_id, Some(&self.grant.client_secret), form).await?;
+            token_request(&self.http, url, &self.grant.client_id, Some(&self.grant.client_secret), form).await?;
         Ok(answer.token(started))
     }
 
@@ -582,14 +587,8 @@ impl TokenSource {
         {
             lock(&self.scope).get_or_insert(wanted);
         }
-        let mut form = vec![("grant_type", "client_credentials".to_owned()), ("resource", self.grant.resource.clone())];
-        if let Some(scope) = lock(&self.scope).clone() {
-            form.push(("scope", scope));
-        }
-        let started = Instant::now();
-        let answer =
-            token_request(&self.http, &url, &self.grant.client_id, Some(&self.grant.client_secret), form).await?;
-        Ok(answer.token(started))
+        let form = vec![("grant_type", "client_credentials".to_owned()), ("resource", self.grant.resource.clone())];
+        self.request_with_scope(&url, form).await
     }
 
     /// The configured token endpoint, or the one found (once) from the configured issuer's

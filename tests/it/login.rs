@@ -31,6 +31,20 @@ fn cli_config(front: &TestGateway, yaml: &str) -> std::path::PathBuf {
     path
 }
 
+/// `up__d__echo` of `text`, once the server is reached (the gateway reads the vault at the
+/// next store change and reconnects).
+async fn echo_once_up(front: &TestGateway, client: &Client, text: &str) -> String {
+    front
+        .until(Duration::from_secs(15), || {
+            let client = client.clone();
+            async move {
+                let a = client.call("up__d__echo", json!({"text": text})).await;
+                a.response["result"]["content"][0]["text"].as_str().map(str::to_owned)
+            }
+        })
+        .await
+}
+
 async fn servers(front: &TestGateway) -> Value {
     http_json(reqwest::Method::GET, &format!("{}/servers", front.url), None, None).await.1
 }
@@ -125,16 +139,7 @@ async fn portcullis_login_signs_a_person_in_and_the_gateway_refreshes_their_toke
     assert!(!format!("{url}{rest:?}{err}").contains("eyJ"), "the login printed a token: {rest:?} {err}");
 
     // The gateway reads the vault within a second and reaches the server as pat.
-    let text = front
-        .until(Duration::from_secs(15), || {
-            let client = client.clone();
-            async move {
-                let a = client.call("up__d__echo", json!({"text": "as pat"})).await;
-                a.response["result"]["content"][0]["text"].as_str().map(str::to_owned)
-            }
-        })
-        .await;
-    assert_eq!(text, "as pat");
+    assert_eq!(echo_once_up(&front, &client, "as pat").await, "as pat");
     let records = upstream.audit_until(|r| r.iter().any(|r| r["method"] == "tools/call")).await;
     let call = records.iter().find(|r| r["method"] == "tools/call").unwrap();
     assert_eq!(call["identity"], "pat", "{call}");
@@ -398,16 +403,7 @@ async fn a_login_registers_by_portcullis_own_metadata_document() {
     let mut client = Client::new(&format!("{base}/mcp"));
     client.http = https.clone();
     client.initialize_with("2025-11-25", json!({})).await;
-    let text = front
-        .until(Duration::from_secs(15), || {
-            let client = client.clone();
-            async move {
-                let a = client.call("up__d__echo", json!({"text": "by document"})).await;
-                a.response["result"]["content"][0]["text"].as_str().map(str::to_owned)
-            }
-        })
-        .await;
-    assert_eq!(text, "by document");
+    assert_eq!(echo_once_up(&front, &client, "by document").await, "by document");
     let records = upstream.audit_until(|r| r.iter().any(|r| r["method"] == "tools/call")).await;
     // The upstream's own token for pat (its authorization server names them `oauth:pat:…`).
     let identity = records.iter().find(|r| r["method"] == "tools/call").unwrap()["identity"].clone();
