@@ -1158,6 +1158,25 @@ impl SqliteStore {
         })
     }
 
+    /// Marks an account as needing a new login for wider scopes: `scope` is what that login
+    /// must ask for.
+    pub(crate) fn upstream_wants_scope(
+        &self,
+        server: &str,
+        subject: &str,
+        scope: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE upstream_accounts SET state = 'needs_login', scope = ?1, updated_at = ?2 \
+                 WHERE server = ?3 AND subject = ?4",
+                params![scope, now, server, subject],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Forgets an account. Whether there was one.
     pub(crate) fn upstream_forget(&self, server: &str, subject: &str) -> Result<bool, StoreError> {
         self.write(|tx| {

@@ -165,7 +165,7 @@ pub(crate) async fn start(
     if !config.server(&server).is_some_and(|d| d.per_user) {
         return error_page(StatusCode::NOT_FOUND, "No such server takes linked accounts here.");
     }
-    let begun = match super::login::begin(&config, &server, &super::login::link_callback(&config)).await {
+    let begun = match super::login::begin(&config, &server, &subject, &super::login::link_callback(&config)).await {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(server = %server, error = %e, "a link could not start");

@@ -367,9 +367,24 @@ impl TokenSource {
                 }
                 let joined = all.join(" ");
                 tracing::info!(server = %self.server, scope = %joined, "the upstream asks for more scopes");
-                *scope = Some(joined);
+                *scope = Some(joined.clone());
                 drop(scope);
                 self.forget(used);
+                if let (Flow::AuthorizationCode { .. }, Some(vault)) = (&self.grant.flow, &self.vault) {
+                    // A person's consent covers the scopes it gave: more need a new login, which
+                    // asks for these (the vault remembers them for it).
+                    let reason = format!("the server asks for more scopes ({joined}): sign in again");
+                    *lock(&self.failed) = Some((Instant::now(), self.needs_login(&reason)));
+                    let (store, server, subject) = (vault.store.clone(), self.server.clone(), self.subject.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let marked = crate::store::SqliteStore::open(&store)
+                            .and_then(|s| s.upstream_wants_scope(&server, &subject, &joined, crate::store::now_ms()));
+                        if let Err(e) = marked {
+                            tracing::warn!(server = %server, error = %e, "could not mark the account as needing a login");
+                        }
+                    });
+                    return false;
+                }
                 true
             }
             _ => false,

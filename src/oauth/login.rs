@@ -142,7 +142,12 @@ pub(crate) fn link_callback(config: &Config) -> String {
 
 /// Starts a login of `server` whose answer comes to `redirect_uri`: discovery, the client, and
 /// the URL with PKCE and `state`.
-pub(crate) async fn begin(config: &Config, server: &str, redirect_uri: &str) -> Result<Begun, LoginError> {
+pub(crate) async fn begin(
+    config: &Config,
+    server: &str,
+    subject: &str,
+    redirect_uri: &str,
+) -> Result<Begun, LoginError> {
     let (grant, callback_port) = code_grant(config, server)?;
     let keys = config
         .vault
@@ -171,7 +176,22 @@ pub(crate) async fn begin(config: &Config, server: &str, redirect_uri: &str) -> 
     let challenge = b64(&crate::credentials::digest(&verifier));
     let mut url = reqwest::Url::parse(&authorize)
         .map_err(|_| CredentialError::Discovery("the authorization endpoint is not a URL".into()))?;
-    let scope = source.scope_to_ask().await;
+    // The scopes: configured or challenged, and those a server asked this account for since
+    // (a step-up left them in the vault).
+    let wanted = crate::store::SqliteStore::open(&config.store().0)
+        .and_then(|s| s.upstream_account(server, subject))
+        .ok()
+        .flatten()
+        .filter(|a| a.state == "needs_login")
+        .and_then(|a| a.scope);
+    let scope = match (source.scope_to_ask().await, wanted) {
+        (Some(a), Some(b)) => {
+            let mut all: Vec<&str> = a.split_whitespace().collect();
+            all.extend(b.split_whitespace().filter(|s| !a.split_whitespace().any(|x| x == *s)));
+            Some(all.join(" "))
+        }
+        (a, b) => a.or(b),
+    };
     {
         let mut q = url.query_pairs_mut();
         q.append_pair("response_type", "code")
@@ -266,7 +286,7 @@ pub(crate) async fn login(config: &Config, server: &str, opts: LoginOptions) -> 
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", callback_port))
         .await
         .map_err(|e| LoginError::Port { port: callback_port, reason: e.to_string() })?;
-    let begun = begin(config, server, &callback_uri(callback_port)).await?;
+    let begun = begin(config, server, "", &callback_uri(callback_port)).await?;
     println!("To sign in to {server}, open this URL in a browser:\n\n  {}\n", begun.url);
     if opts.open_browser {
         open_browser(&begun.url);

@@ -411,3 +411,88 @@ async fn a_login_registers_by_portcullis_own_metadata_document() {
     front.stop().await;
     upstream.stop().await;
 }
+
+/// Runs `portcullis login up` with `config` and returns the URL it printed, and the process.
+async fn start_login(config: &std::path::Path) -> (tokio::process::Child, String) {
+    let mut login = tokio::process::Command::new(BIN)
+        .args(["login", "up", "--no-browser", "--timeout", "60s", "--config", config.to_str().unwrap()])
+        .env("PORTCULLIS_SECRET_KEY", KEY)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(login.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap();
+        if let Some(u) = line.expect("the login ended early").trim().strip_prefix("http") {
+            break format!("http{u}");
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (login, url)
+}
+
+/// A server that asks a person's account for more scopes (403 `insufficient_scope`): the
+/// account needs a new login, which asks for them, and then the call goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_asking_for_more_scopes_gets_a_login_that_asks_for_them() {
+    let idp = idp_env("basic more", None, "", &[]).await;
+    let upstream = gateway()
+        .demo("d", &[], "")
+        .top(&format!(
+            "oauth:\n  issuers:\n    - issuer: {:?}\n      scopes:\n        basic: {{servers: [d], tools: [d__echo]}}\n        more: {{servers: [d]}}\n",
+            idp.issuer
+        ))
+        .start()
+        .await;
+    let port = callback_port();
+    let entry = format!("oauth: {{grant: authorization_code, callback_port: {port}, scope: basic}}");
+    let builder = gateway().remote("up", &upstream.mcp(), &entry).env("PORTCULLIS_SECRET_KEY", KEY);
+    let yaml = builder.yaml();
+    let front = builder.start().await;
+    let config = cli_config(&front, &yaml);
+    let callback = format!("http://127.0.0.1:{port}/callback");
+    let sign_in = |url: String| {
+        let (idp, callback) = (&idp, callback.clone());
+        async move {
+            let back = idp.through(&mut Browser::new(), &url, "pat", &callback).await;
+            assert_eq!(reqwest::get(&back).await.unwrap().status(), 200);
+        }
+    };
+    let (mut login, url) = start_login(&config).await;
+    assert_eq!(crate::idp::param(&url, "scope").as_deref(), Some("basic"));
+    sign_in(url).await;
+    assert!(login.wait().await.unwrap().success());
+    let client = Client::connect(&front.mcp()).await;
+    assert_eq!(echo_once_up(&front, &client, "basic").await, "basic");
+    // `add` needs `more`: the server steps up; the account needs a login for it.
+    let a = client.call("up__d__add", json!({"a": 1, "b": 2})).await;
+    assert!(a.response["error"].is_object() || a.response["result"]["isError"] == true, "{}", a.response);
+    let e = front
+        .until(Duration::from_secs(15), || {
+            let client = client.clone();
+            async move {
+                let a = client.call("up__d__echo", json!({"text": "x"})).await;
+                Some(a.response["error"].to_string()).filter(|e| e.contains("more scopes"))
+            }
+        })
+        .await;
+    assert!(e.contains("portcullis login up"), "{e}");
+    let (mut login, url) = start_login(&config).await;
+    let scope = crate::idp::param(&url, "scope").unwrap_or_default();
+    assert!(scope.split(' ').any(|s| s == "more") && scope.split(' ').any(|s| s == "basic"), "{scope}");
+    sign_in(url).await;
+    assert!(login.wait().await.unwrap().success());
+    let sum = front
+        .until(Duration::from_secs(15), || {
+            let client = client.clone();
+            async move {
+                let a = client.call("up__d__add", json!({"a": 1, "b": 2})).await;
+                a.response["result"]["content"][0]["text"].as_str().map(str::to_owned)
+            }
+        })
+        .await;
+    assert_eq!(sum, "3");
+    front.stop().await;
+    upstream.stop().await;
+}

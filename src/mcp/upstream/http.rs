@@ -579,7 +579,11 @@ impl HttpLink {
         }
         let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
         // A stateless server answers JSON-RPC errors with 4xx and a JSON body: deliver those as is.
-        let stateless_json_error = matches!(self.mode, Mode::Stateless) && !is_sse;
+        // An authorization refusal (401, 403) is the HTTP layer's, not a JSON-RPC answer: it
+        // fails the call (delivered as a message it would match no request, and the call would
+        // wait out its deadline).
+        let auth_refusal = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+        let stateless_json_error = matches!(self.mode, Mode::Stateless) && !is_sse && !auth_refusal;
         if !status.is_success() && !stateless_json_error {
             let body = read_limited(resp).await.unwrap_or_default();
             // The 400 "No valid session ID provided" that SDK servers answer after a restart is
