@@ -194,3 +194,51 @@ async fn a_modern_disconnect_cancels_upstream_and_a_session_disconnect_does_not(
     wait_in_flight(&watcher, "d", 1).await;
     gw.stop().await;
 }
+
+/// A remote server whose JSON answer to a call is not a JSON-RPC response (`{"ok":true}`), or
+/// that refuses with a page that is not JSON-RPC: the call fails at once with a clear error
+/// (it used to wait out its five-minute deadline, the body matching no request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_answer_that_answers_nothing_fails_the_call_at_once() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(|body: String| async move {
+            let msg: Value = serde_json::from_str(&body).unwrap_or_default();
+            let id = msg["id"].clone();
+            let json = |v: Value| {
+                let mut r = axum::response::IntoResponse::into_response(v.to_string());
+                r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                r.headers_mut().insert("mcp-session-id", "s1".parse().unwrap());
+                r
+            };
+            match msg["method"].as_str().unwrap_or_default() {
+                "initialize" => json(json!({"jsonrpc": "2.0", "id": id, "result": {
+                    "protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+                    "serverInfo": {"name": "odd", "version": "1"}}})),
+                "tools/list" => json(json!({"jsonrpc": "2.0", "id": id, "result": {"tools": [
+                    {"name": "nothing", "inputSchema": {"type": "object"}},
+                    {"name": "refused", "inputSchema": {"type": "object"}}]}})),
+                "tools/call" if msg["params"]["name"] == "nothing" => json(json!({"ok": true})),
+                "tools/call" => {
+                    let mut r = axum::response::IntoResponse::into_response("<html>denied</html>");
+                    *r.status_mut() = axum::http::StatusCode::FORBIDDEN;
+                    r
+                }
+                _ => axum::response::IntoResponse::into_response(axum::http::StatusCode::ACCEPTED),
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let gw = gateway().remote("odd", &url, "transport: streamable_http").start().await;
+    let client = Client::connect(&gw.mcp()).await;
+    for (tool, says) in [("odd__nothing", "does not answer"), ("odd__refused", "403")] {
+        let a = tokio::time::timeout(Duration::from_secs(10), client.call(tool, json!({})))
+            .await
+            .expect("the call waited for an answer that was never coming");
+        let e = a.response["error"]["message"].as_str().unwrap_or_default().to_owned();
+        assert!(e.contains(says), "{tool}: {}", a.response);
+    }
+    gw.stop().await;
+}

@@ -578,14 +578,14 @@ impl HttpLink {
             return;
         }
         let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
-        // A stateless server answers JSON-RPC errors with 4xx and a JSON body: deliver those as is.
-        // An authorization refusal (401, 403) is the HTTP layer's, not a JSON-RPC answer: it
-        // fails the call (delivered as a message it would match no request, and the call would
-        // wait out its deadline).
-        let auth_refusal = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
-        let stateless_json_error = matches!(self.mode, Mode::Stateless) && !is_sse && !auth_refusal;
-        if !status.is_success() && !stateless_json_error {
+        if !status.is_success() {
             let body = read_limited(resp).await.unwrap_or_default();
+            // A stateless server answers JSON-RPC errors with 4xx and a JSON-RPC body: deliver
+            // those as they are. Any other refusal (an authorization server's 401 or 403, a
+            // proxy's page) is the HTTP layer's, and fails the call with its status.
+            if matches!(self.mode, Mode::Stateless) && !is_sse && Envelope::parse(&body).is_ok() {
+                return self.deliver_json(body, id);
+            }
             // The 400 "No valid session ID provided" that SDK servers answer after a restart is
             // the 404's kin.
             if has_session
@@ -642,6 +642,10 @@ impl HttpLink {
         } else {
             up.on_message(body, id);
         }
+        // A JSON body is the whole answer to the request: if it did not answer it (not a
+        // JSON-RPC message, another id, notifications only), the call fails now rather than
+        // waiting out its deadline (a no-op when it was answered).
+        self.fail(id, TransportError::BadJson("the response does not answer the request".into()));
     }
 
     /// Reads an SSE stream, delivering messages. Returns the last event id and retry delay when
