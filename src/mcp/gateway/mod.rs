@@ -728,59 +728,50 @@ impl Gateway {
     /// The instance serving `server` for this caller: its own for `per_session` servers (with
     /// the caller's own account for `per_user` ones).
     fn instance(&self, config: &Config, server: &str, caller: &Caller, who: &Identity) -> Option<Arc<Upstream>> {
-        let def = config.server(server)?;
+        self.instance_of(config.server(server)?, caller, who)
+    }
+
+    /// [`Gateway::instance`] for a server already looked up.
+    fn instance_of(&self, def: &Arc<ServerDef>, caller: &Caller, who: &Identity) -> Option<Arc<Upstream>> {
+        let server = def.name.as_str();
         if !def.enabled {
             return None;
         }
-        if def.per_user {
-            let credential = self.credential_of(def, &who.key);
-            if let Some(session) = caller.session.as_ref().filter(|s| s.transport != session::ClientTransport::Listen) {
-                let mut shard = lock(self.per_session.shard(&session.key));
-                let instances = shard.entry(session.key).or_default();
-                if let Some(up) = instances.get(server) {
-                    return Some(up.clone());
-                }
-                let owner = Some(Arc::downgrade(session));
-                let up = Upstream::start(def.clone(), self.hub(), owner, self.http.clone(), credential);
-                instances.insert(server.to_owned(), up.clone());
-                return Some(up);
+        if def.share != Share::PerSession {
+            return self.upstream(server);
+        }
+        // A `per_user` server's instances carry their identity's own account.
+        let credential = || if def.per_user { self.credential_of(def, &who.key) } else { self.credential(def) };
+        if let Some(session) = caller.session.as_ref().filter(|s| s.transport != session::ClientTransport::Listen) {
+            // Looked up and started under one lock: two first calls start one instance.
+            let mut shard = lock(self.per_session.shard(&session.key));
+            let instances = shard.entry(session.key).or_default();
+            if let Some(up) = instances.get(server) {
+                return Some(up.clone());
             }
+            let owner = Some(Arc::downgrade(session));
+            let up = Upstream::start(def.clone(), self.hub(), owner, self.http.clone(), credential());
+            instances.insert(server.to_owned(), up.clone());
+            return Some(up);
+        }
+        if def.per_user {
+            // A stateless caller of a per-user server: one instance per identity.
             let mut all = lock(&self.per_identity);
             let key = (who.key.clone(), server.to_owned());
             if let Some(up) = all.get(&key).filter(|u| u.def == *def) {
                 return Some(up.clone());
             }
-            let up = Upstream::start(def.clone(), self.hub(), None, self.http.clone(), credential);
+            let up = Upstream::start(def.clone(), self.hub(), None, self.http.clone(), credential());
             if let Some(old) = all.insert(key, up.clone()) {
                 old.stop_now();
             }
             return Some(up);
         }
-        if def.share == Share::PerSession {
-            if let Some(session) = caller.session.as_ref().filter(|s| s.transport != session::ClientTransport::Listen) {
-                // Looked up and started under one lock: two first calls start one instance.
-                let mut shard = lock(self.per_session.shard(&session.key));
-                let instances = shard.entry(session.key).or_default();
-                if let Some(up) = instances.get(server) {
-                    return Some(up.clone());
-                }
-                let up = Upstream::start(
-                    def.clone(),
-                    self.hub(),
-                    Some(Arc::downgrade(session)),
-                    self.http.clone(),
-                    self.credential(def),
-                );
-                instances.insert(server.to_owned(), up.clone());
-                return Some(up);
-            }
-            // Stateless callers have no session to own an instance: one instance serves them all.
-            if let Some(up) = self.upstream(server) {
-                return Some(up);
-            }
-            return Some(self.start_shared(def.clone()));
+        // Stateless callers have no session to own an instance: one instance serves them all.
+        if let Some(up) = self.upstream(server) {
+            return Some(up);
         }
-        self.upstream(server)
+        Some(self.start_shared(def.clone()))
     }
 
     /// The enabled servers in a scope that an identity may reach.
@@ -806,8 +797,11 @@ impl Gateway {
 
     /// Whether `who` must link an account before reaching `server`: the answer that gives it the
     /// link (a URL elicitation when the client declared it), else None.
-    pub(crate) async fn account_needed(&self, config: &Config, server: &str, ctx: &Ctx) -> Option<Reply> {
-        let def = config.server(server).filter(|d| d.per_user)?;
+    pub(crate) async fn account_needed(&self, config: &Config, def: &ServerDef, ctx: &Ctx) -> Option<Reply> {
+        if !def.per_user {
+            return None;
+        }
+        let server = def.name.as_str();
         let credential = self.credential_of(def, &ctx.who.identity.key)?;
         if let crate::oauth::client::Flow::TokenExchange { .. } = credential.grant().flow {
             return match &ctx.who.subject_token {

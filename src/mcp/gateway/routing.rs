@@ -26,11 +26,12 @@ impl Gateway {
             return Reply::error(code::INVALID_PARAMS, "Invalid cursor");
         };
         let calls = entries.iter().map(|(server, upstream_cursor)| async move {
+            let def = config.server(server)?;
             // A per-user server the caller has not linked yet: left out until it does.
-            if self.account_needed(config, server, ctx).await.is_some() {
+            if self.account_needed(config, def, ctx).await.is_some() {
                 return None;
             }
-            let up = self.instance(config, server, &ctx.caller, &ctx.who.identity)?;
+            let up = self.instance_of(def, &ctx.caller, &ctx.who.identity)?;
             live(&up).await?;
             let params = upstream_cursor.as_ref().map(|c| format!(r#"{{"cursor":{}}}"#, jsonrpc::quote(c)));
             let params = params.map(jsonrpc::raw);
@@ -75,12 +76,12 @@ impl Gateway {
         kind: ListKind,
         name: &str,
     ) -> Reply {
-        if let Some(link) = self.account_needed(config, name, ctx).await {
+        let unavailable = || Reply::error(code::UPSTREAM_ERROR, &format!("server {name} is not available"));
+        let Some(def) = config.server(name) else { return unavailable() };
+        if let Some(link) = self.account_needed(config, def, ctx).await {
             return link;
         }
-        let Some(up) = self.instance(config, name, &ctx.caller, &ctx.who.identity) else {
-            return Reply::error(code::UPSTREAM_ERROR, &format!("server {name} is not available"));
-        };
+        let Some(up) = self.instance_of(def, &ctx.caller, &ctx.who.identity) else { return unavailable() };
         match up.call(req.method, req.params, &[], &ctx.caller, req.id).await {
             Ok(r) => {
                 if kind == ListKind::Resources || kind == ListKind::Templates {
@@ -223,10 +224,11 @@ impl Gateway {
             routed.refuse_item(ctx, config, kind, &server, &inner, &format!("refused: {what} not granted"));
             return unknown();
         }
-        if let Some(link) = self.account_needed(config, &server, ctx).await {
+        let Some(def) = config.server(&server) else { return unknown() };
+        if let Some(link) = self.account_needed(config, def, ctx).await {
             return link;
         }
-        let Some(up) = self.instance(config, &server, &ctx.caller, &ctx.who.identity) else { return unknown() };
+        let Some(up) = self.instance_of(def, &ctx.caller, &ctx.who.identity) else { return unknown() };
         let quoted = jsonrpc::quote(&inner);
         let edits: &[(&str, &str)] = if edit { &[("name", &quoted)] } else { &[] };
         match up.call(req.method, Some(params), edits, &ctx.caller, req.id).await {
@@ -256,12 +258,12 @@ impl Gateway {
             routed.refuse_item(ctx, config, GrantKind::Resource, &server, &own, "refused: resource not granted");
             return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
         }
-        if let Some(link) = self.account_needed(config, &server, ctx).await {
+        let not_found = || Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
+        let Some(def) = config.server(&server) else { return not_found() };
+        if let Some(link) = self.account_needed(config, def, ctx).await {
             return link;
         }
-        let Some(up) = self.instance(config, &server, &ctx.caller, &ctx.who.identity) else {
-            return Reply::error(code::RESOURCE_NOT_FOUND, &format!("Resource not found: {uri}"));
-        };
+        let Some(up) = self.instance_of(def, &ctx.caller, &ctx.who.identity) else { return not_found() };
         match req.method {
             "resources/subscribe" => {
                 let Some(session) = &ctx.caller.session else {
