@@ -888,6 +888,32 @@ mod tests {
     /// A token endpoint on 127.0.0.1 that counts its answers: `ok` gives `token-N` valid for
     /// `life` seconds, else 401 `invalid_client`.
     async fn endpoint(life: u64, ok: bool) -> (String, Arc<AtomicUsize>) {
+        counting_endpoint(move |body: String, n: usize| async move {
+            assert!(body.starts_with("grant_type=client_credentials&resource="), "{body}");
+            // A little latency, so concurrent callers overlap the fetch.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if ok {
+                (
+                    axum::http::StatusCode::OK,
+                    format!(r#"{{"access_token":"token-{n}","token_type":"Bearer","expires_in":{life}}}"#),
+                )
+            } else {
+                (
+                    axum::http::StatusCode::UNAUTHORIZED,
+                    r#"{"error":"invalid_client","error_description":"secret s3cret is wrong"}"#.into(),
+                )
+            }
+        })
+        .await
+    }
+
+    /// A token endpoint on 127.0.0.1 answering with `answer(body, n)` for its n-th request (from
+    /// 1); its URL and the count of requests.
+    async fn counting_endpoint<F, Fut>(answer: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(String, usize) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = (axum::http::StatusCode, String)> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/token", listener.local_addr().unwrap());
         let count = Arc::new(AtomicUsize::new(0));
@@ -896,22 +922,7 @@ mod tests {
             "/token",
             axum::routing::post(move |body: String| {
                 let n = c.fetch_add(1, Ordering::SeqCst) + 1;
-                async move {
-                    assert!(body.starts_with("grant_type=client_credentials&resource="), "{body}");
-                    // A little latency, so concurrent callers overlap the fetch.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    if ok {
-                        (
-                            axum::http::StatusCode::OK,
-                            format!(r#"{{"access_token":"token-{n}","token_type":"Bearer","expires_in":{life}}}"#),
-                        )
-                    } else {
-                        (
-                            axum::http::StatusCode::UNAUTHORIZED,
-                            r#"{"error":"invalid_client","error_description":"secret s3cret is wrong"}"#.into(),
-                        )
-                    }
-                }
+                answer(body, n)
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -1064,37 +1075,26 @@ mod tests {
     /// A token endpoint for refresh tokens: `r{N}` gives `a{N+1}`/`r{N+1}`; with `ok` false,
     /// 400 `invalid_grant`. Counts its answers.
     async fn refresher(ok: bool) -> (String, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/token", listener.local_addr().unwrap());
-        let count = Arc::new(AtomicUsize::new(0));
-        let c = count.clone();
-        let app = axum::Router::new().route(
-            "/token",
-            axum::routing::post(move |body: String| {
-                c.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    let form: std::collections::HashMap<String, String> =
-                        form_urlencoded::parse(body.as_bytes()).into_owned().collect();
-                    assert_eq!(form["grant_type"], "refresh_token");
-                    assert_eq!(form["client_id"], "pcs", "a public client names itself");
-                    let n: u32 = form["refresh_token"].trim_start_matches('r').parse().unwrap();
-                    if ok {
-                        let next = n + 1;
-                        (
-                            axum::http::StatusCode::OK,
-                            format!(
-                                r#"{{"access_token":"a{next}","refresh_token":"r{next}","token_type":"Bearer","expires_in":3600}}"#
-                            ),
-                        )
-                    } else {
-                        (axum::http::StatusCode::BAD_REQUEST, r#"{"error":"invalid_grant"}"#.into())
-                    }
-                }
-            }),
-        );
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (url, count)
+        counting_endpoint(move |body: String, _| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let form: std::collections::HashMap<String, String> =
+                form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+            assert_eq!(form["grant_type"], "refresh_token");
+            assert_eq!(form["client_id"], "pcs", "a public client names itself");
+            let n: u32 = form["refresh_token"].trim_start_matches('r').parse().unwrap();
+            if ok {
+                let next = n + 1;
+                (
+                    axum::http::StatusCode::OK,
+                    format!(
+                        r#"{{"access_token":"a{next}","refresh_token":"r{next}","token_type":"Bearer","expires_in":3600}}"#
+                    ),
+                )
+            } else {
+                (axum::http::StatusCode::BAD_REQUEST, r#"{"error":"invalid_grant"}"#.into())
+            }
+        })
+        .await
     }
 
     /// A vault in a fresh store holding the shared account of server `t` with `a1`/`r1`,

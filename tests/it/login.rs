@@ -353,20 +353,7 @@ async fn a_login_registers_by_portcullis_own_metadata_document() {
     let yaml = gateway().remote("up", &upstream.mcp(), &entry).top(&top).yaml();
     let config = cli_config(&front, &yaml);
 
-    let mut login = tokio::process::Command::new(BIN)
-        .args(["login", "up", "--no-browser", "--timeout", "60s", "--config", config.to_str().unwrap()])
-        .env("PORTCULLIS_SECRET_KEY", KEY)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(login.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap();
-        if let Some(u) = line.expect("the login ended early").trim().strip_prefix("http") {
-            break format!("http{u}");
-        }
-    };
+    let (mut login, url) = start_login(&config).await;
     assert_eq!(crate::idp::param(&url, "client_id"), Some(doc["client_id"].as_str().unwrap().to_owned()));
     // The person, on the upstream's own pages: sign in with a token, approve.
     let hidden = |page: &str, name: &str| {
