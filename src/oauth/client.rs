@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::HeaderValue;
 
-use super::{FETCH_TIMEOUT, get_document, read_body, server_metadata};
+use super::{get_document, read_body, server_metadata};
 use crate::config::shown_url;
 use crate::sharded::lock;
 
@@ -188,7 +188,7 @@ pub(crate) struct TokenSource {
 
 impl TokenSource {
     pub(crate) fn new(grant: UpstreamGrant, server: &str, vault: Option<Vault>) -> TokenSource {
-        let http = crate::tls::http_client_builder().timeout(FETCH_TIMEOUT).build().unwrap_or_default();
+        let http = super::http_client();
         TokenSource {
             vault,
             subject: String::new(),

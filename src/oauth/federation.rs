@@ -50,10 +50,6 @@ enum FederationError {
     NotAllowed(&'static str),
 }
 
-fn http() -> reqwest::Client {
-    crate::tls::http_client_builder().timeout(super::FETCH_TIMEOUT).build().unwrap_or_default()
-}
-
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
@@ -61,7 +57,7 @@ fn b64(bytes: &[u8]) -> String {
 /// Sends the person of authorization `id` to the provider: the redirect to its authorization
 /// endpoint (found in its metadata), with what the callback will check recorded.
 pub(super) async fn start(gw: &Gateway, provider: &LoginProvider, id: &str) -> Response {
-    let found = super::server_metadata(&http(), &provider.issuer, |m| {
+    let found = super::server_metadata(&super::http_client(), &provider.issuer, |m| {
         Some((m.authorization_endpoint.clone()?, m.token_endpoint.clone()?))
     })
     .await;
@@ -207,7 +203,7 @@ async fn person(
         .append_pair("redirect_uri", &callback_uri(gw))
         .append_pair("code_verifier", &started.verifier)
         .finish();
-    let resp = http()
+    let resp = super::http_client()
         .post(&started.token_endpoint)
         // RFC 6749 §2.3.1: the credentials are form-encoded before they are joined.
         .basic_auth(enc(&provider.client_id), Some(enc(&provider.client_secret)))

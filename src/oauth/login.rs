@@ -241,7 +241,7 @@ pub(crate) async fn finish(
         return Err(LoginError::Browser(format!("the authorization server refused the login ({code})")));
     }
     let code = answer.get("code").ok_or_else(|| LoginError::Browser("the answer carries no code".into()))?;
-    let http = crate::tls::http_client_builder().timeout(super::FETCH_TIMEOUT).build().unwrap_or_default();
+    let http = super::http_client();
     let form = vec![
         ("grant_type", "authorization_code".to_owned()),
         ("code", code.clone()),
@@ -340,7 +340,7 @@ async fn client(
              public_url) nor a registration: set oauth.client_id"
         )));
     };
-    let http = crate::tls::http_client_builder().timeout(super::FETCH_TIMEOUT).build().unwrap_or_default();
+    let http = super::http_client();
     let body = serde_json::json!({
         "client_name": format!("{} (Portcullis)", config.name),
         "redirect_uris": redirect_uris,

@@ -43,6 +43,13 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(60 * 60);
 /// How soon a failed fetch is tried again by the refresher.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
+/// The HTTP client every OAuth exchange of Portcullis' uses (providers' documents and keys,
+/// token, registration and exchange endpoints): no redirects, a 5 s connect and a
+/// [`FETCH_TIMEOUT`] overall timeout.
+pub(crate) fn http_client() -> reqwest::Client {
+    crate::tls::http_client_builder().timeout(FETCH_TIMEOUT).build().unwrap_or_default()
+}
+
 /// Which MCP endpoint a path after the gateway's base names: `Some(None)` for the aggregated one
 /// (``, `/mcp`, `/sse`), `Some(Some(name))` for an enabled server's (`/servers/NAME/mcp`, its
 /// `/sse`, and MCP Front's `/NAME/mcp`, `/NAME/sse`), None for anything else (a trailing slash
@@ -192,11 +199,7 @@ pub(crate) struct Provider {
 impl Provider {
     /// A provider with no keys yet; [`Provider::start`] fetches them.
     pub(crate) fn new(def: Arc<IssuerDef>) -> Arc<Provider> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(FETCH_TIMEOUT)
-            .build()
-            .unwrap_or_default();
+        let http = http_client();
         Arc::new(Provider {
             def,
             keys: ArcSwap::from_pointee(jwt::KeySet::default()),
