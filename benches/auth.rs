@@ -103,9 +103,9 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("pcs-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap_or_default();
-    let db = dir.join("tokens.db");
+    let db = portcullis::store::StoreLocation::File(dir.join("tokens.db"));
     let issued: Vec<String> = {
-        let store = portcullis::store::SqliteStore::open(&db).unwrap_or_else(|e| panic!("{e}"));
+        let store = portcullis::store::Store::open(&db).unwrap_or_else(|e| panic!("{e}"));
         (0..1000)
             .map(|i| {
                 let new = portcullis::store::NewToken { name: format!("issued-{i}"), ..Default::default() };
@@ -144,7 +144,7 @@ fn main() {
     let hit = medians(&[issued_set], &auth, client)[0];
     println!("{:<24} {hit:>12.1}", "issued token, cache hit");
     // A miss is one indexed lookup in SQLite.
-    let store = portcullis::store::SqliteStore::open(&db).unwrap_or_else(|e| panic!("{e}"));
+    let store = portcullis::store::Store::open(&db).unwrap_or_else(|e| panic!("{e}"));
     let digests: Vec<[u8; 32]> = issued[..256].iter().map(|t| digest(t)).collect();
     let mut samples = Vec::new();
     for _ in 0..31 {

@@ -185,10 +185,9 @@ async fn per_user_state(gw: &Gateway, def: &ServerDef) -> Option<Value> {
         }
         _ => "authorization_code",
     };
-    let (store, name) = (gw.store().path().to_owned(), def.name.clone());
+    let (store, name) = (gw.store().location().clone(), def.name.clone());
     let counted =
-        tokio::task::spawn_blocking(move || crate::store::SqliteStore::open(&store)?.upstream_account_counts(&name))
-            .await;
+        tokio::task::spawn_blocking(move || crate::store::Store::open(&store)?.upstream_account_counts(&name)).await;
     let (linked, needs_login) = match counted {
         Ok(Ok(c)) => (Some(c.0), Some(c.1)),
         _ => (None, None),
@@ -409,8 +408,8 @@ fn token_json(t: &crate::store::StoredToken, secret: Option<&str>) -> Value {
 }
 
 /// Opens the store the gateway reads (creating it on first use).
-fn open_store(gw: &Gateway) -> Result<crate::store::SqliteStore, crate::store::StoreError> {
-    crate::store::SqliteStore::open(gw.store().path())
+fn open_store(gw: &Gateway) -> Result<crate::store::Store, crate::store::StoreError> {
+    gw.store().writable()
 }
 
 /// The token `id` when the caller manages it; 404 (as unknown) when it does not.

@@ -148,7 +148,7 @@ fn login_state(config: &Config, server: &str) -> String {
     if !store.exists() {
         return format!("not logged in: run `portcullis login {server}`");
     }
-    match crate::store::SqliteStore::open(&store).and_then(|s| s.upstream_account(server, "")) {
+    match crate::store::Store::open(&store).and_then(|s| s.upstream_account(server, "")) {
         Ok(Some(a)) if a.state == "needs_login" => format!("needs login: run `portcullis login {server}`"),
         Ok(Some(a)) => format!("logged in at {}", config::shown_url(&a.issuer)),
         Ok(None) => format!("not logged in: run `portcullis login {server}`"),
@@ -184,7 +184,7 @@ pub fn logout(config: Option<PathBuf>, server: &str) -> i32 {
         if config.server(server).is_none() {
             anyhow::bail!("no server {server:?}");
         }
-        Ok(crate::store::SqliteStore::open(&config.store().0)?.upstream_forget(server, "")?)
+        Ok(crate::store::Store::open(&config.store().0)?.upstream_forget(server, "")?)
     };
     match run() {
         Ok(true) => {
@@ -363,7 +363,7 @@ fn fmt_time(ms: Option<i64>) -> String {
 }
 
 fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()> {
-    use crate::store::{SqliteStore, TokenRequest, now_ms, printable};
+    use crate::store::{Store, TokenRequest, now_ms, printable};
     let config = match config.or_else(config::default_path) {
         Some(p) => config::load_lenient(&p)?,
         None => load_config(None)?,
@@ -374,8 +374,8 @@ fn run_token(config: Option<PathBuf>, action: TokenCommand) -> anyhow::Result<()
         (Some(src), false) => format!("the default beside {}", src.display()),
         (None, _) => "no config file: the default in the working directory".into(),
     };
-    eprintln!("token store: {} ({whence})", path.display());
-    let store = SqliteStore::open(&path)?;
+    eprintln!("token store: {path} ({whence})");
+    let store = Store::open(&path)?;
     let show = |t: &crate::store::StoredToken, secret: Option<&str>, json: bool| {
         if json {
             let mut v = serde_json::to_value(t).unwrap_or_default();
@@ -585,10 +585,8 @@ fn auth_summary(config: &Config, store: &crate::store::StoreView, open: bool) ->
     }
     match store.live_count() {
         _ if config.auth.issued_off => parts.push("issued tokens off".into()),
-        Ok(n) => {
-            parts.push(format!("{n} live issued token{} in {}", if n == 1 { "" } else { "s" }, store.path().display()))
-        }
-        Err(e) => parts.push(format!("issued tokens in {} (unreadable: {e})", store.path().display())),
+        Ok(n) => parts.push(format!("{n} live issued token{} in {}", if n == 1 { "" } else { "s" }, store.location())),
+        Err(e) => parts.push(format!("issued tokens in {} (unreadable: {e})", store.location())),
     }
     if config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
         parts.push("client certificates".into());
@@ -643,7 +641,7 @@ pub async fn serve(mut config: Config, opts: ServeOptions) -> anyhow::Result<()>
     let (store_path, named) = config.store();
     // A store that exists but cannot be read never means "no credentials": refuse to start.
     let store = crate::store::StoreView::open(store_path.clone(), named)
-        .with_context(|| format!("refusing to start: cannot use the token store {}", store_path.display()))?;
+        .with_context(|| format!("refusing to start: cannot use the token store {store_path}"))?;
     let auth_line = startup_check(&mut config, &opts, &store)?;
     let panic_after = opts.panic_after.clone();
     for w in &config.warnings {

@@ -104,8 +104,9 @@ async fn edge(
     next.run(req).await
 }
 
-/// `GET /health` (open): 503 only while starting or draining, so one dead upstream does not take
-/// the gateway out of a load balancer.
+/// `GET /health` (open): 503 while starting or draining, or while the token store cannot be read
+/// (requests would get 503 too: a load balancer should send them elsewhere), never for one dead
+/// upstream, which does not take the gateway out of a load balancer.
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     let mut up = 0;
     let mut down = 0;
@@ -123,8 +124,11 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
             _ => down += 1,
         }
     }
+    let store = gw.store().state() == crate::store::StoreState::Unavailable;
     let (status, code) = if gw.is_draining() {
         ("draining", StatusCode::SERVICE_UNAVAILABLE)
+    } else if store {
+        ("store_unavailable", StatusCode::SERVICE_UNAVAILABLE)
     } else if starting {
         ("starting", StatusCode::SERVICE_UNAVAILABLE)
     } else if down == 0 {
@@ -132,7 +136,8 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     } else {
         ("degraded", StatusCode::OK)
     };
-    json(code, format!(r#"{{"status":"{status}","servers":{{"up":{up},"down":{down}}}}}"#))
+    let store = if store { "unavailable" } else { "ok" };
+    json(code, format!(r#"{{"status":"{status}","store":"{store}","servers":{{"up":{up},"down":{down}}}}}"#))
 }
 
 async fn not_found() -> Response {

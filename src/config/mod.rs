@@ -133,7 +133,8 @@ pub(crate) struct RawConfig {
     /// says `X-Forwarded-Proto: https`.
     #[serde(default)]
     pub require_https: Option<bool>,
-    /// The token store: `{path}` (default `portcullis.db` beside the config file).
+    /// The token store: an SQLite file (`{path}`, or the path alone; default `portcullis.db`
+    /// beside the config file), or a PostgreSQL URL (`postgres://…`) that replicas share.
     #[serde(default)]
     pub store: Option<RawStore>,
     /// Bounds on what one client can hold open: connections, sessions, streams, calls.
@@ -224,12 +225,18 @@ impl Default for Limits {
     }
 }
 
-/// `store:`.
+/// `store:`: a path or URL alone, or `{path}`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawStore {
-    /// The SQLite file for issued tokens (created on first use).
-    pub path: S,
+#[serde(untagged)]
+pub(crate) enum RawStore {
+    /// An SQLite file, or a `postgres://user:password@host:port/database` URL (libpq's
+    /// parameters, `options` and `connect_timeout` among them).
+    At(S),
+    /// `{path}`.
+    Path {
+        /// The SQLite file (created on first use), or a PostgreSQL URL.
+        path: S,
+    },
 }
 
 /// `tls:`.
@@ -647,8 +654,8 @@ pub struct Config {
     pub require_https: bool,
     /// Bounds on connections, sessions, streams and calls.
     pub limits: Limits,
-    /// The token store file named in the config (None: the default beside the config file).
-    pub store_path: Option<PathBuf>,
+    /// The token store named in the config (None: the default file beside the config file).
+    pub store_at: Option<crate::store::StoreLocation>,
     /// Open MCP Gateway's catalog file, when `catalog_path` names one (watched with the config).
     pub catalog: Option<PathBuf>,
     /// The file this came from (None for the built-in demo).
@@ -667,21 +674,17 @@ impl Config {
         }
     }
 
-    /// The token store file and whether the config named it: the named path, else
+    /// The token store and whether the config named it: the named file or database, else
     /// `portcullis.db` beside the config file (or in the working directory without one).
-    pub fn store(&self) -> (PathBuf, bool) {
-        match &self.store_path {
-            Some(p) => {
-                let p = match (&self.source, p.is_relative()) {
-                    (Some(src), true) => src.parent().map_or_else(|| p.clone(), |d| d.join(p)),
-                    _ => p.clone(),
-                };
-                (p, true)
+    pub fn store(&self) -> (crate::store::StoreLocation, bool) {
+        use crate::store::StoreLocation;
+        let dir = || self.source.as_ref().and_then(|s| s.parent()).map(Path::to_path_buf).unwrap_or_default();
+        match &self.store_at {
+            Some(StoreLocation::File(p)) if p.is_relative() && self.source.is_some() => {
+                (StoreLocation::File(dir().join(p)), true)
             }
-            None => {
-                let dir = self.source.as_ref().and_then(|s| s.parent()).map(Path::to_path_buf).unwrap_or_default();
-                (dir.join("portcullis.db"), false)
-            }
+            Some(at) => (at.clone(), true),
+            None => (StoreLocation::File(dir().join("portcullis.db")), false),
         }
     }
 
@@ -691,10 +694,18 @@ impl Config {
         match &self.audit_file {
             AuditTo::Stderr => None,
             AuditTo::File(p) => Some(p.clone()),
-            AuditTo::Default => {
-                let (store, _) = self.store();
-                Some(store.with_file_name(DEFAULT_AUDIT_FILE))
-            }
+            AuditTo::Default => match self.store().0.file() {
+                Some(store) => Some(store.with_file_name(DEFAULT_AUDIT_FILE)),
+                // A shared database: beside the config file (each replica keeps its own).
+                None => Some(
+                    self.source
+                        .as_ref()
+                        .and_then(|s| s.parent())
+                        .map(Path::to_path_buf)
+                        .unwrap_or_default()
+                        .join(DEFAULT_AUDIT_FILE),
+                ),
+            },
         }
     }
 
@@ -977,12 +988,13 @@ impl Validator<'_> {
             }
         }
         let audit_file = self.audit(raw.audit);
-        let store_path = raw.store.map(|st| {
-            let p = self.subst("store.path", &st.path);
+        let store_at = raw.store.map(|st| {
+            let (RawStore::At(p) | RawStore::Path { path: p }) = st;
+            let p = self.subst("store", &p);
             if env::has_unset(&p) {
-                self.error("store.path", "names an environment variable that is not set");
+                self.error("store", "names an environment variable that is not set");
             }
-            PathBuf::from(p)
+            crate::store::StoreLocation::parse(&p)
         });
         let tls = raw.tls.map(|t| self.tls(&t));
         let limits = self.limits(raw.limits.as_ref());
@@ -1005,7 +1017,7 @@ impl Validator<'_> {
             tls,
             require_https: raw.require_https.unwrap_or(false),
             limits,
-            store_path,
+            store_at,
             source: None,
             vault: self.vault,
             warnings: self.warnings,

@@ -267,10 +267,10 @@ pub(crate) async fn list(
             .filter(|d| d.per_user && d.enabled && who.identity.grants.reaches(&d.name))
             .map(|d| d.name.clone())
             .collect();
-        let store = g.store().path().to_owned();
+        let store = g.store().location().clone();
         let subject = who.identity.key.to_string();
         let rows = tokio::task::spawn_blocking(move || {
-            let s = crate::store::SqliteStore::open(&store)?;
+            let s = crate::store::Store::open(&store)?;
             servers.into_iter().map(|name| Ok((name.clone(), s.upstream_account(&name, &subject)?))).collect::<Result<Vec<_>, crate::store::StoreError>>()
         })
         .await;
@@ -309,13 +309,12 @@ pub(crate) async fn unlink(
         &headers,
         peer,
         async move |who, _| {
-            let store = g.store().path().to_owned();
+            let store = g.store().location().clone();
             let subject = who.identity.key.to_string();
             let s = server.clone();
-            let gone = tokio::task::spawn_blocking(move || {
-                crate::store::SqliteStore::open(&store)?.upstream_forget(&s, &subject)
-            })
-            .await;
+            let gone =
+                tokio::task::spawn_blocking(move || crate::store::Store::open(&store)?.upstream_forget(&s, &subject))
+                    .await;
             match gone {
                 Ok(Ok(true)) => {
                     g.accounts_changed().await;

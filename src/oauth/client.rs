@@ -128,7 +128,7 @@ pub enum CredentialError {
 #[derive(Clone)]
 pub(crate) struct Vault {
     /// The store's file.
-    pub store: std::path::PathBuf,
+    pub store: crate::store::StoreLocation,
     /// The keys.
     pub keys: crate::vault::KeyRing,
 }
@@ -377,7 +377,7 @@ impl TokenSource {
                     *lock(&self.failed) = Some((Instant::now(), self.needs_login(&reason)));
                     let (store, server, subject) = (vault.store.clone(), self.server.clone(), self.subject.clone());
                     tokio::task::spawn_blocking(move || {
-                        let marked = crate::store::SqliteStore::open(&store)
+                        let marked = crate::store::Store::open(&store)
                             .and_then(|s| s.upstream_wants_scope(&server, &subject, &joined, crate::store::now_ms()));
                         if let Err(e) = marked {
                             tracing::warn!(server = %server, error = %e, "could not mark the account as needing a login");
@@ -438,7 +438,7 @@ impl TokenSource {
         let (server, subject) = (self.server.clone(), self.subject.clone());
         let store = vault.store.clone();
         let (account, client) = tokio::task::spawn_blocking(move || {
-            let s = crate::store::SqliteStore::open(&store)?;
+            let s = crate::store::Store::open(&store)?;
             let a = s.upstream_account(&server, &subject)?;
             let c = match &a {
                 Some(a) => s.upstream_client(&server, &a.issuer)?,
@@ -513,7 +513,7 @@ impl TokenSource {
                     let (store, server, subject, seen) =
                         (vault.store.clone(), account.server.clone(), account.subject.clone(), account.updated_at);
                     let marked = tokio::task::spawn_blocking(move || {
-                        crate::store::SqliteStore::open(&store)?.upstream_needs_login(
+                        crate::store::Store::open(&store)?.upstream_needs_login(
                             &server,
                             &subject,
                             seen,
@@ -550,7 +550,7 @@ impl TokenSource {
             ..account
         };
         let store = vault.store.clone();
-        tokio::task::spawn_blocking(move || crate::store::SqliteStore::open(&store)?.upstream_save(&saved))
+        tokio::task::spawn_blocking(move || crate::store::Store::open(&store)?.upstream_save(&saved))
             .await
             .map_err(|e| CredentialError::Vault(e.to_string()))?
             .map_err(|e| CredentialError::Vault(e.to_string()))?;
@@ -1103,7 +1103,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pcs-vault-{}", crate::random::id().unwrap()));
         std::fs::create_dir_all(&dir).unwrap();
         let keys = crate::vault::KeyRing::new("a-test-key-0123456789abcdef0123456789", None).unwrap();
-        let vault = Vault { store: dir.join("tokens.db"), keys: keys.clone() };
+        let vault = Vault { store: crate::store::StoreLocation::File(dir.join("tokens.db")), keys: keys.clone() };
         let row = crate::store::UpstreamAccount::row("t", "", "https://as.example", "pcs");
         let plain = serde_json::to_vec(&AccountTokens { access_token: "a1".into(), refresh_token: Some("r1".into()) });
         let now = crate::store::now_ms() - age_ms;
@@ -1120,7 +1120,7 @@ mod tests {
             state: "active".into(),
             updated_at: now,
         };
-        crate::store::SqliteStore::open(&vault.store).unwrap().upstream_save(&account).unwrap();
+        crate::store::Store::open(&vault.store).unwrap().upstream_save(&account).unwrap();
         let grant = UpstreamGrant {
             flow: Flow::AuthorizationCode { callback_port: 3000 },
             client_id: String::new(),
@@ -1144,7 +1144,7 @@ mod tests {
         assert!(all.iter().all(|h| h == "Bearer a2"), "{all:?}");
         assert_eq!(count.load(Ordering::SeqCst), 1, "one refresh for fifty callers");
         // The vault holds the new pair, sealed; another reader (a restart) takes it as it is.
-        let a = crate::store::SqliteStore::open(&vault.store).unwrap().upstream_account("t", "").unwrap().unwrap();
+        let a = crate::store::Store::open(&vault.store).unwrap().upstream_account("t", "").unwrap().unwrap();
         let row = crate::store::UpstreamAccount::row("t", "", "https://as.example", "pcs");
         let t: AccountTokens = serde_json::from_slice(&vault.keys.open(&row, &a.sealed).unwrap()).unwrap();
         assert_eq!((t.access_token.as_str(), t.refresh_token.as_deref()), ("a2", Some("r2")));
@@ -1171,7 +1171,7 @@ mod tests {
         let e = s.bearer().await.unwrap_err();
         assert!(matches!(&e, CredentialError::NeedsLogin { .. }), "{e}");
         assert!(e.to_string().contains("portcullis login t") && e.to_string().contains("invalid_grant"), "{e}");
-        let a = crate::store::SqliteStore::open(&vault.store).unwrap().upstream_account("t", "").unwrap().unwrap();
+        let a = crate::store::Store::open(&vault.store).unwrap().upstream_account("t", "").unwrap().unwrap();
         assert_eq!(a.state, "needs_login");
         // Asked again (even past the back-off): the vault says so, the endpoint is not asked.
         s.vault_changed();
@@ -1179,7 +1179,7 @@ mod tests {
         assert_eq!(count.load(Ordering::SeqCst), 1);
         assert_eq!(s.state()["login"], "needs_login");
         // No account at all.
-        crate::store::SqliteStore::open(&vault.store).unwrap().upstream_forget("t", "").unwrap();
+        crate::store::Store::open(&vault.store).unwrap().upstream_forget("t", "").unwrap();
         s.vault_changed();
         let e = s.bearer().await.unwrap_err();
         assert!(e.to_string().contains("no account"), "{e}");

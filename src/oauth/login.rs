@@ -178,7 +178,7 @@ pub(crate) async fn begin(
         .map_err(|_| CredentialError::Discovery("the authorization endpoint is not a URL".into()))?;
     // The scopes: configured or challenged, and those a server asked this account for since
     // (a step-up left them in the vault).
-    let wanted = crate::store::SqliteStore::open(&config.store().0)
+    let wanted = crate::store::Store::open(&config.store().0)
         .and_then(|s| s.upstream_account(server, subject))
         .ok()
         .flatten()
@@ -270,12 +270,10 @@ pub(crate) async fn finish(
         updated_at: now,
     };
     let store = config.store().0;
-    tokio::task::spawn_blocking(move || {
-        crate::store::SqliteStore::open(&store).and_then(|s| s.upstream_save(&account))
-    })
-    .await
-    .map_err(|e| LoginError::Vault(e.to_string()))?
-    .map_err(|e| LoginError::Vault(e.to_string()))?;
+    tokio::task::spawn_blocking(move || crate::store::Store::open(&store).and_then(|s| s.upstream_save(&account)))
+        .await
+        .map_err(|e| LoginError::Vault(e.to_string()))?
+        .map_err(|e| LoginError::Vault(e.to_string()))?;
     Ok(refresh)
 }
 
@@ -311,13 +309,13 @@ async fn client(
     meta: &super::ServerMetadata,
     redirect_uris: &[String],
     keys: &crate::vault::KeyRing,
-    store_path: &std::path::Path,
+    store_path: &crate::store::StoreLocation,
 ) -> Result<(String, Option<String>), LoginError> {
     if !grant.client_id.is_empty() {
         return Ok((grant.client_id.clone(), Some(grant.client_secret.clone()).filter(|s| !s.is_empty())));
     }
     let vault = |e: crate::store::StoreError| LoginError::Vault(e.to_string());
-    let store = crate::store::SqliteStore::open(store_path).map_err(vault)?;
+    let store = crate::store::Store::open(store_path).map_err(vault)?;
     if let Some(c) = store.upstream_client(server, issuer).map_err(vault)? {
         let secret = match &c.sealed_secret {
             Some(s) => {

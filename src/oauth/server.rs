@@ -307,8 +307,7 @@ pub(crate) async fn register(
     };
     let client = OAuthClient { client_id, name, redirect_uris: uris };
     let now = crate::store::now_ms();
-    let stored =
-        crate::store::SqliteStore::open(gw.store().path()).and_then(|s| s.oauth_add_client(&client, MAX_CLIENTS, now));
+    let stored = gw.store().writable().and_then(|s| s.oauth_add_client(&client, MAX_CLIENTS, now));
     if let Err(e) = stored {
         tracing::warn!(error = %e, "client registration failed");
         return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store cannot take it now");
@@ -352,8 +351,8 @@ async fn client_of(
         };
         return gw.authorization().documents.client(fetcher, id).await.map_err(|e| format!("This application's {e}."));
     }
-    let store = crate::store::SqliteStore::open(gw.store().path())
-        .map_err(|_| "The gateway cannot look up applications now; try again.".to_owned())?;
+    let store =
+        gw.store().writable().map_err(|_| "The gateway cannot look up applications now; try again.".to_owned())?;
     match store.oauth_client(id) {
         Ok(Some(c)) => Ok(c),
         Ok(None) => Err("This application is not registered here.".into()),
@@ -777,7 +776,9 @@ pub(super) fn signed_in(
         grants,
         servers,
     };
-    let remembered = crate::store::SqliteStore::open(gw.store().path())
+    let remembered = gw
+        .store()
+        .writable()
         .and_then(|s| s.oauth_consented(&login.key, &p.client.client_id, &p.resource, crate::store::now_ms()))
         .unwrap_or(false);
     if remembered {
@@ -808,7 +809,7 @@ fn remember_consent(gw: &Gateway, p: &Pending, login: &Login) {
             created_at: crate::store::now_ms(),
             used_at: None,
         };
-        crate::store::SqliteStore::open(gw.store().path())?.oauth_consent(&consent)
+        gw.store().writable()?.oauth_consent(&consent)
     });
     if let Err(e) = remembered {
         tracing::warn!(error = %e, "the consent could not be remembered");
@@ -831,7 +832,7 @@ pub(crate) async fn token(
     }
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
     let invalid = |d: &str| oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", d);
-    let store = match crate::store::SqliteStore::open(gw.store().path()) {
+    let store = match gw.store().writable() {
         Ok(s) => s,
         Err(_) => {
             return oauth_error(
@@ -951,8 +952,7 @@ pub(crate) async fn revoke(State(gw): State<Arc<Gateway>>, body: axum::body::Byt
     let Some(token) = form.get("token").filter(|t| !t.is_empty()) else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "token is required");
     };
-    let done =
-        crate::store::SqliteStore::open(gw.store().path()).and_then(|s| s.oauth_revoke(token, crate::store::now_ms()));
+    let done = gw.store().writable().and_then(|s| s.oauth_revoke(token, crate::store::now_ms()));
     if let Err(e) = done {
         tracing::warn!(error = %e, "revocation failed");
         return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store cannot answer now");

@@ -74,7 +74,7 @@ async fn stopping_one_server_leaves_the_other_serving() {
     events.next_method("notifications/tools/list_changed").await;
     assert!(!client.all_tools().await.iter().any(|t| t.starts_with("a__")));
     let (_, health) = get(&format!("{}/health", gw.url), None).await;
-    assert_eq!(health, json!({"status":"degraded","servers":{"up":1,"down":1}}));
+    assert_eq!(health, json!({"status":"degraded","store":"ok","servers":{"up":1,"down":1}}));
     assert_eq!(post(&format!("{}/servers/a/stop", gw.url), ROOT, "").await.0, 409);
 
     // Start and restart: a serves again, under a new pid after the restart.

@@ -338,7 +338,9 @@ async fn revoking_the_login_token_ends_what_the_client_got_from_it() {
     let gw = gateway().demo("a", &[], "").env("PORTCULLIS_TOKEN", ALICE_ADMIN).top(&top("")).start().await;
     let mcp = gw.mcp();
     // Alice signs in with an issued token.
-    let store = portcullis::store::SqliteStore::open(&gw.audit.with_file_name("tokens.db")).unwrap();
+    let store =
+        portcullis::store::Store::open(&portcullis::store::StoreLocation::File(gw.audit.with_file_name("tokens.db")))
+            .unwrap();
     let (issued, secret) = store
         .create(&portcullis::store::NewToken { name: "bob".into(), ..Default::default() }, portcullis::store::now_ms())
         .unwrap();
@@ -424,7 +426,9 @@ async fn the_python_sdk_signs_in_through_a_real_browser() {
 async fn each_kind_of_stored_token_lives_and_ends_with_its_own_switch() {
     let mut gw = gateway().demo("a", &[], "").top(&top("")).start().await;
     let mcp = gw.mcp();
-    let store = portcullis::store::SqliteStore::open(&gw.audit.with_file_name("tokens.db")).unwrap();
+    let store =
+        portcullis::store::Store::open(&portcullis::store::StoreLocation::File(gw.audit.with_file_name("tokens.db")))
+            .unwrap();
     let (_, issued) = store
         .create(
             &portcullis::store::NewToken { name: "carol".into(), ..Default::default() },

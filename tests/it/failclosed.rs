@@ -90,7 +90,7 @@ async fn a_token_store_that_cannot_answer_never_means_no_credentials() {
     let secret: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let secret = secret["secret"].as_str().unwrap().to_owned();
     let db = dir.0.join("portcullis.db");
-    portcullis::store::SqliteStore::open(&db).unwrap().checkpoint().unwrap();
+    portcullis::store::Store::open(&portcullis::store::StoreLocation::File(db.clone())).unwrap().checkpoint().unwrap();
 
     // Running, then the store breaks underneath: 503 with and without a token.
     let mut served = Served::start(&cfg, &[]).await;
@@ -164,7 +164,7 @@ async fn the_startup_check_knows_the_store_and_says_how_requests_are_authenticat
     let path = portcullis::config::load(&cfg).unwrap().store().0;
 
     // One issued token: a credential source like any other.
-    let (_, secret) = portcullis::store::SqliteStore::open(&path)
+    let (_, secret) = portcullis::store::Store::open(&path)
         .unwrap()
         .create(&portcullis::store::NewToken { name: "svc".into(), ..Default::default() }, portcullis::store::now_ms())
         .unwrap();
@@ -497,7 +497,7 @@ async fn the_management_api_refuses_what_it_cannot_keep_or_print() {
 
     // A row stored with control characters (from before names were checked) prints escaped.
     let db = gw.audit.with_file_name("tokens.db");
-    let store = portcullis::store::SqliteStore::open(&db).unwrap();
+    let store = portcullis::store::Store::open(&portcullis::store::StoreLocation::File(db.clone())).unwrap();
     let new = portcullis::store::NewToken { name: "old\u{1b}[2Jname\u{202e}".into(), ..Default::default() };
     store.create(&new, portcullis::store::now_ms()).unwrap();
     let cfg = gw.audit.with_file_name("portcullis.yaml");

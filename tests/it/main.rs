@@ -16,6 +16,7 @@ mod oauth;
 mod operating;
 mod process;
 mod protocol;
+mod replicas;
 mod secrets;
 mod support;
 mod tls;

@@ -193,7 +193,8 @@ async fn concurrent_writers_stay_consistent_and_no_secret_reaches_the_files() {
         }
     };
     scan(&files(&dir.0));
-    let store = portcullis::store::SqliteStore::open(&dir.0.join("portcullis.db")).unwrap();
+    let store =
+        portcullis::store::Store::open(&portcullis::store::StoreLocation::File(dir.0.join("portcullis.db"))).unwrap();
     store.checkpoint().unwrap();
     scan(&files(&dir.0));
 }

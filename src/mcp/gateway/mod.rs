@@ -253,10 +253,10 @@ pub enum StartError {
     #[error(transparent)]
     Randomness(#[from] crate::random::NoRandomness),
     /// The token store exists (or is named) but cannot be opened or read.
-    #[error("cannot use the token store {}: {source}", path.display())]
+    #[error("cannot use the token store {path}: {source}")]
     Store {
-        /// The store file.
-        path: std::path::PathBuf,
+        /// The store (shown without secrets).
+        path: crate::store::StoreLocation,
         /// Why.
         #[source]
         source: crate::store::StoreError,
@@ -319,12 +319,17 @@ impl Gateway {
         }
         // Revocation, expiry and lost grants end the identity's sessions and streams.
         let weak = Arc::downgrade(&gw);
+        let announced = gw.store.announcements();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             let mut flushed = tokio::time::Instant::now();
             let mut pruned = tokio::time::Instant::now();
             loop {
-                tick.tick().await;
+                // A change another replica announces is acted on at once; polling is the net.
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = announced.notified() => {}
+                }
                 let Some(gw) = weak.upgrade() else { return };
                 gw.sweep_sessions().await;
                 if pruned.elapsed() >= PRUNE_EVERY {
@@ -345,7 +350,8 @@ impl Gateway {
     /// Ends every session whose identity no longer holds: revoked (gone from the credential
     /// table), expired, or no longer reaching the session's server.
     pub async fn sweep_sessions(&self) {
-        // The store is SQLite: read it off the async threads.
+        // The store is synchronous (SQLite, or PostgreSQL on its own threads): read it off the
+        // async threads.
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.poll()).await {
             Ok(Err(e)) => tracing::warn!(error = %e, "token store unavailable"),
@@ -524,7 +530,7 @@ impl Gateway {
                 .config()
                 .vault
                 .clone()
-                .map(|keys| crate::oauth::client::Vault { store: self.store.path().to_owned(), keys }),
+                .map(|keys| crate::oauth::client::Vault { store: self.store.location().clone(), keys }),
             crate::oauth::client::Flow::ClientCredentials | crate::oauth::client::Flow::TokenExchange { .. } => None,
         };
         let c = Arc::new(crate::oauth::client::TokenSource::new(grant.clone(), &def.name, vault).for_subject(subject));

@@ -1,0 +1,291 @@
+//! Replicas: `portcullis serve` processes sharing one PostgreSQL database (a schema of the
+//! test's own in `PORTCULLIS_TEST_POSTGRES`, default `postgres://127.0.0.1:5432/test`), behind
+//! Debian's HAProxy in round-robin with no affinity.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::{Client, Served, TempDir, gateway, run_cli};
+
+/// A schema of its own in the test database, dropped afterwards.
+pub(crate) struct PgSchema {
+    pub url: String,
+    admin: String,
+    name: String,
+}
+
+fn test_database() -> String {
+    std::env::var("PORTCULLIS_TEST_POSTGRES").unwrap_or_else(|_| "postgres://127.0.0.1:5432/test".into())
+}
+
+/// Runs `f` with a connection to the test database (on a thread of its own: the synchronous
+/// client cannot run on the test's runtime).
+fn with_admin(url: &str, sql: String) {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap_or_else(|e| {
+            panic!("PostgreSQL is not reachable at {url} ({e}): start it or point PORTCULLIS_TEST_POSTGRES at one")
+        });
+        c.batch_execute(&sql).unwrap();
+    })
+    .join()
+    .unwrap();
+}
+
+impl PgSchema {
+    pub(crate) fn new(database: &str) -> PgSchema {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!("pcs_it_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let admin = test_database();
+        with_admin(&admin, format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"));
+        let sep = if database.contains('?') { '&' } else { '?' };
+        PgSchema { url: format!("{database}{sep}options=-csearch_path%3D{name}"), admin, name }
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        with_admin(&self.admin, format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+    }
+}
+
+/// A TCP relay in front of PostgreSQL that the test can cut (every relayed connection reset,
+/// new ones refused) and restore: a database restart as the gateway sees it.
+struct PgLink {
+    port: u16,
+    up: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl PgLink {
+    async fn start() -> PgLink {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let target = test_database();
+        let target = target.trim_start_matches("postgres://").split('/').next().unwrap().to_owned();
+        let link_up = up.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !link_up.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cuts = cuts.clone();
+                // Only a cut after this connection ends it.
+                cuts.borrow_and_update();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        // Both ends closed, as a stopped server closes them.
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        PgLink { port, up, cut }
+    }
+
+    fn database(&self) -> String {
+        let db = test_database();
+        let (_, path) = db.trim_start_matches("postgres://").split_once('/').unwrap();
+        format!("postgres://127.0.0.1:{}/{path}", self.port)
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// HAProxy in front of `backends`, round-robin, no affinity, with health checks.
+struct Balancer {
+    /// Killed when dropped.
+    _child: tokio::process::Child,
+    url: String,
+    _dir: TempDir,
+}
+
+impl Balancer {
+    async fn start(backends: &[String]) -> Balancer {
+        let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("HAProxy is not installed: scripts/test installs Debian's haproxy as root");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = TempDir::new();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                format!("    server r{i} {} check inter 100ms fall 1 rise 1\n", b.trim_start_matches("http://"))
+            })
+            .collect();
+        let cfg = format!(
+            "global\n    maxconn 512\ndefaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    \
+             timeout server 30s\n    retries 3\n    option redispatch\n\
+             frontend f\n    bind 127.0.0.1:{port}\n    default_backend b\n\
+             backend b\n    balance roundrobin\n    option httpchk GET /health\n{servers}"
+        );
+        let path = dir.0.join("haproxy.cfg");
+        std::fs::write(&path, cfg).unwrap();
+        let child = tokio::process::Command::new(haproxy)
+            .args(["-db", "-f", path.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // Ready when it accepts (a refused connect is the only answer until then).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "HAProxy did not start listening");
+            tokio::task::yield_now().await;
+        }
+        Balancer { _child: child, url: format!("http://127.0.0.1:{port}"), _dir: dir }
+    }
+}
+
+/// A config for replica `i` on `store`: one stdio demo server, its own audit file.
+fn replica_config(dir: &TempDir, i: usize, store: &str) -> std::path::PathBuf {
+    let yaml = gateway().demo("d", &[], "").yaml();
+    let path = dir.0.join(format!("replica{i}.yaml"));
+    let audit = dir.0.join(format!("audit{i}.jsonl"));
+    std::fs::write(&path, format!("{yaml}store: {store:?}\naudit:\n  file: {:?}\n", audit.display().to_string()))
+        .unwrap();
+    path
+}
+
+/// A replica's base URL.
+struct Base(String);
+
+/// `portcullis token create` against the shared store: the token's id and secret.
+async fn issue(cfg: &std::path::Path, name: &str, role: &str) -> (String, String) {
+    let (ok, out, err) = run_cli(
+        None,
+        &["token", "create", "--name", name, "--role", role, "--json", "--config", cfg.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(!err.contains("password") && err.contains("postgres://"), "the store is named, without secrets: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    (v["id"].as_str().unwrap().to_owned(), v["secret"].as_str().unwrap().to_owned())
+}
+
+/// The status of one stateless call of `d__echo` at `url` with `token`.
+async fn call_status(url: &str, token: &str) -> u16 {
+    Client::modern(&format!("{url}/mcp")).bearer(token).call("d__echo", json!({"text": "x"})).await.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_behind_a_balancer_share_tokens_and_a_revocation_reaches_all_within_a_second() {
+    let schema = PgSchema::new(&test_database());
+    let dir = TempDir::new();
+    let cfgs: Vec<_> = (0..3).map(|i| replica_config(&dir, i, &schema.url)).collect();
+    let (_, admin) = issue(&cfgs[0], "ops", "admin").await;
+    let (alice_id, alice) = issue(&cfgs[1], "alice", "user").await;
+    let mut replicas = Vec::new();
+    for cfg in &cfgs {
+        replicas.push(Served::start(cfg, &[]).await);
+    }
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.trim_end_matches("/mcp").to_owned()).collect();
+    let lb = Balancer::start(&urls).await;
+
+    // Stateless calls through the balancer land on every replica (each has its own child).
+    let client = Client::modern(&format!("{}/mcp", lb.url)).bearer(&alice);
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let stats: Value = serde_json::from_str(&client.call_text("d__stats", json!({})).await).unwrap();
+        pids.insert(stats["pid"].as_u64().unwrap());
+    }
+    assert_eq!(pids.len(), 3, "round-robin reaches all three: {pids:?}");
+    assert_eq!(call_status(&lb.url, "pcs_not-a-token-at-all-000000000000000000000000").await, 401);
+
+    // Revoked through one replica: refused by all three within a second.
+    let revoked = reqwest::Client::new()
+        .delete(format!("{}/admin/tokens/{alice_id}", urls[0]))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let at = Instant::now();
+    for url in &urls {
+        while call_status(url, &alice).await != 401 {
+            assert!(at.elapsed() < Duration::from_secs(1), "{url} still accepts a token revoked elsewhere");
+        }
+    }
+    let took = at.elapsed();
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // A replica killed mid-run: nothing hangs, and the calls after it all succeed.
+    let (_, bob) = issue(&cfgs[2], "bob", "user").await;
+    let client = Client::modern(&format!("{}/mcp", lb.url)).bearer(&bob);
+    let mut outcomes = Vec::new();
+    for i in 0..120 {
+        if i == 40 {
+            replicas[2].child.start_kill().unwrap();
+            replicas[2].child.wait().await.unwrap();
+        }
+        let started = Instant::now();
+        let a = tokio::time::timeout(Duration::from_secs(5), client.call("d__echo", json!({"text": "y"})))
+            .await
+            .expect("no call hangs");
+        outcomes.push((a.status, started.elapsed()));
+    }
+    assert!(outcomes[..40].iter().all(|(s, _)| *s == 200), "{outcomes:?}");
+    assert!(outcomes[60..].iter().all(|(s, _)| *s == 200), "every later call succeeds: {outcomes:?}");
+    drop(lb);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_database_means_503_until_it_is_back_and_nothing_is_lost() {
+    let link = PgLink::start().await;
+    let schema = PgSchema::new(&link.database());
+    let dir = TempDir::new();
+    let cfg = replica_config(&dir, 0, &schema.url);
+    let (_, alice) = issue(&cfg, "alice", "user").await;
+    let served = Served::start(&cfg, &[]).await;
+    let replica = Base(served.url.trim_end_matches("/mcp").to_owned());
+    assert_eq!(call_status(&replica.0, &alice).await, 200);
+    let health = |url: String| async move {
+        let r = reqwest::get(format!("{url}/health")).await.unwrap();
+        (r.status().as_u16(), serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap())
+    };
+    assert_eq!(health(replica.0.clone()).await.0, 200);
+
+    link.cut();
+    // Within the next poll the replica can no longer confirm anyone: 503, never 200 or 401.
+    let at = Instant::now();
+    loop {
+        match call_status(&replica.0, &alice).await {
+            503 => break,
+            200 => assert!(at.elapsed() < Duration::from_secs(2), "still serving without its store"),
+            other => panic!("{other} while the store is gone"),
+        }
+    }
+    let (status, body) = health(replica.0.clone()).await;
+    assert_eq!((status, body["store"].as_str()), (503, Some("unavailable")), "{body}");
+
+    link.restore();
+    let at = Instant::now();
+    while call_status(&replica.0, &alice).await != 200 {
+        assert!(at.elapsed() < Duration::from_secs(15), "no recovery");
+    }
+    assert_eq!(health(replica.0.clone()).await.0, 200);
+}
