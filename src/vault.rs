@@ -99,6 +99,29 @@ impl KeyRing {
         Ok(KeyRing { current, previous })
     }
 
+    /// A ring of one random key, known to this process only (what seals session ids when no
+    /// `PORTCULLIS_SECRET_KEY` is set: they open on this replica alone).
+    pub(crate) fn random() -> Result<KeyRing, crate::random::NoRandomness> {
+        Ok(KeyRing { current: Key::from_value(&crate::random::id()?), previous: Vec::new() })
+    }
+
+    /// The same ring for another purpose: every key (current and previous) replaced by one
+    /// derived from it and `purpose`, under the same id, so values sealed for one purpose never
+    /// open for another and a rotation rotates both.
+    pub(crate) fn for_purpose(&self, purpose: &str) -> KeyRing {
+        let derive = |k: &Key| Key {
+            id: k.id.clone(),
+            bytes: Sha256::new()
+                .chain_update(b"portcullis purpose key\0")
+                .chain_update(purpose)
+                .chain_update(b"\0")
+                .chain_update(k.bytes)
+                .finalize()
+                .into(),
+        };
+        KeyRing { current: derive(&self.current), previous: self.previous.iter().map(derive).collect() }
+    }
+
     /// The current key's id.
     pub fn current_id(&self) -> &str {
         &self.current.id
@@ -193,5 +216,18 @@ mod tests {
         assert!(KeyRing::new("short", None).is_err());
         assert!(KeyRing::new(K2, Some("short")).is_err());
         assert!(!format!("{rotated:?}").contains("key-0123"), "{rotated:?}");
+    }
+
+    #[test]
+    fn a_ring_for_a_purpose_opens_only_its_own_and_rotates_with_the_ring() {
+        let (a, b) = ("purpose-key-a-0123456789abcdef0123456789", "purpose-key-b-0123456789abcdef0123456789");
+        let old = KeyRing::new(a, None).unwrap();
+        let sealed = old.for_purpose("one").seal("row", b"x").unwrap();
+        assert_eq!(old.for_purpose("one").open("row", &sealed).unwrap(), b"x");
+        assert!(old.for_purpose("two").open("row", &sealed).is_err());
+        assert!(old.open("row", &sealed).is_err());
+        let rotated = KeyRing::new(b, Some(a)).unwrap();
+        assert_eq!(rotated.for_purpose("one").open("row", &sealed).unwrap(), b"x");
+        assert!(KeyRing::new(b, None).unwrap().for_purpose("one").open("row", &sealed).is_err());
     }
 }

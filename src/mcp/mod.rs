@@ -6,6 +6,7 @@ pub mod jsonrpc;
 pub(crate) mod lines;
 pub mod lists;
 pub(crate) mod resources;
+pub(crate) mod sealed;
 pub(crate) mod session;
 pub mod sse;
 pub mod upstream;

@@ -1,8 +1,9 @@
 //! Downstream client sessions and the per-request caller context.
 //!
 //! A [`Session`] exists for session-based clients (2025 era, legacy SSE); stateless 2026-07-28
-//! requests run with a [`Caller`] that has no session. Invariants: session ids are 256-bit
-//! values from the OS random source (no fallback); a message for a client goes on exactly one
+//! requests run with a [`Caller`] that has no session. Invariants: session ids are unguessable:
+//! a session-era id is sealed ([`crate::mcp::sealed`], with a 256-bit nonce), the others are
+//! 256-bit values, all from the OS random source (no fallback); a message for a client goes on exactly one
 //! stream (the request's own stream when it relates to a request, else the session's standalone
 //! stream); routes for server-to-client requests are removed when answered or when the session
 //! closes.
@@ -174,7 +175,18 @@ impl Session {
         transport: ClientTransport,
         identity: Arc<Identity>,
     ) -> Result<Arc<Self>, NoRandomness> {
-        Self::build(scope, protocol_version, transport, identity, None)
+        Ok(Self::build(crate::random::id()?, scope, protocol_version, transport, identity, None))
+    }
+
+    /// A session with a given id (a sealed one, [`crate::mcp::sealed`]).
+    pub(crate) fn with_id(
+        id: String,
+        scope: Scope,
+        protocol_version: ProtocolVersion,
+        transport: ClientTransport,
+        identity: Arc<Identity>,
+    ) -> Arc<Self> {
+        Self::build(id, scope, protocol_version, transport, identity, None)
     }
 
     /// The session behind one `subscriptions/listen` stream.
@@ -184,19 +196,20 @@ impl Session {
         identity: Arc<Identity>,
         filter: ListenFilter,
     ) -> Result<Arc<Self>, NoRandomness> {
-        Self::build(scope, protocol_version, ClientTransport::Listen, identity, Some(filter))
+        Ok(Self::build(crate::random::id()?, scope, protocol_version, ClientTransport::Listen, identity, Some(filter)))
     }
 
     fn build(
+        id: String,
         scope: Scope,
         protocol_version: ProtocolVersion,
         transport: ClientTransport,
         identity: Arc<Identity>,
         listen: Option<ListenFilter>,
-    ) -> Result<Arc<Self>, NoRandomness> {
-        Ok(Arc::new(Session {
+    ) -> Arc<Self> {
+        Arc::new(Session {
             identity,
-            id: crate::random::id()?,
+            id,
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             scope,
             protocol_version,
@@ -214,7 +227,7 @@ impl Session {
             calls: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             renewed_until: AtomicU64::new(0),
             renewed_token: Mutex::new(None),
-        }))
+        })
     }
 
     /// Notes that a request used it now.

@@ -1151,6 +1151,39 @@ impl Store {
         })
     }
 
+    /// Records that sessions ended for good (by their ids' digests), until `expires_at`; the
+    /// records past their time go. A change: every replica ends the session it holds.
+    pub(crate) fn session_delete(&self, digests: &[[u8; 32]], expires_at: i64, now: i64) -> Result<(), StoreError> {
+        let digests = digests.to_vec();
+        self.write(move |tx| {
+            tx.exec("DELETE FROM deleted_sessions WHERE expires_at <= ?1", args![now])?;
+            for digest in &digests {
+                tx.exec(
+                    "INSERT INTO deleted_sessions (digest, deleted_at, expires_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (digest) DO NOTHING",
+                    args![digest, now, expires_at],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The digests of sessions deleted at or after `since` (Unix ms).
+    pub(crate) fn sessions_deleted_since(&self, since: i64) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.read(move |tx| {
+            tx.rows("SELECT digest FROM deleted_sessions WHERE deleted_at >= ?1", args![since])?
+                .iter()
+                .map(|r| r.blob(0).map(|b| <[u8; 32]>::try_from(b.as_slice()).unwrap_or_default()))
+                .collect()
+        })
+    }
+
+    /// Whether a client deleted the session whose id has this digest.
+    pub(crate) fn session_deleted(&self, digest: &[u8; 32]) -> Result<bool, StoreError> {
+        let digest = *digest;
+        self.read(move |tx| Ok(tx.row("SELECT 1 FROM deleted_sessions WHERE digest = ?1", args![&digest])?.is_some()))
+    }
+
     /// Writes SQLite's WAL back into the database file (nothing on PostgreSQL).
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         self.backend.checkpoint()
@@ -1866,6 +1899,23 @@ mod tests {
             s.touch(&[(t.id.clone(), 40)]).unwrap();
             assert_eq!(s.get(&t.id).unwrap().last_used_at, Some(50));
             assert_eq!(s.version().unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn sessions_ended_for_good_are_told_to_every_reader_until_they_expire() {
+        for s in stores() {
+            let (a, b) = ([1u8; 32], [2u8; 32]);
+            let v = s.version().unwrap();
+            s.session_delete(&[a], 10_000, 1_000).unwrap();
+            assert!(s.version().unwrap() > v, "a change, announced");
+            s.session_delete(&[a, b], 20_000, 2_000).unwrap();
+            assert!(s.session_deleted(&a).unwrap() && s.session_deleted(&b).unwrap());
+            assert!(!s.session_deleted(&[3u8; 32]).unwrap());
+            assert_eq!(s.sessions_deleted_since(1_500).unwrap(), vec![b]);
+            // Past their time they go (with the next write).
+            s.session_delete(&[], 0, 15_000).unwrap();
+            assert!(!s.session_deleted(&a).unwrap() && s.session_deleted(&b).unwrap());
         }
     }
 }

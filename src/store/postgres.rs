@@ -377,9 +377,10 @@ impl ToSql for Arg<'_> {
     postgres::types::to_sql_checked!();
 }
 
-/// The schema, in PostgreSQL's types (64-bit integers, `BYTEA`): SQLite's five migrations as
-/// one. A later change is a new entry here and one in SQLite's list.
-const MIGRATIONS: &[&str] = &[r#"
+/// The schema, in PostgreSQL's types (64-bit integers, `BYTEA`): SQLite's first five migrations
+/// as one, then one entry for each later one of SQLite's list.
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tokens (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -458,7 +459,16 @@ CREATE TABLE upstream_clients (
     registered_at BIGINT NOT NULL,
     PRIMARY KEY (server, issuer)
 );
-"#];
+"#,
+    r#"
+CREATE TABLE deleted_sessions (
+    digest BYTEA PRIMARY KEY,
+    deleted_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX deleted_sessions_at ON deleted_sessions(deleted_at);
+"#,
+];
 
 #[cfg(test)]
 mod tests {

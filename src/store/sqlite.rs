@@ -235,4 +235,12 @@ CREATE TABLE upstream_clients (
     PRIMARY KEY (server, issuer)
 );
 "#,
+    r#"
+CREATE TABLE deleted_sessions (
+    digest BLOB PRIMARY KEY,
+    deleted_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX deleted_sessions_at ON deleted_sessions(deleted_at);
+"#,
 ];

@@ -41,18 +41,30 @@ pub(crate) fn fixture(name: &str) -> String {
 }
 
 /// Runs the Python SDK client fixture and returns what it printed.
-async fn sdk_client(url: &str, mode: &str, prefix: &str, sample: bool) -> Value {
+pub(crate) async fn sdk_client(url: &str, mode: &str, prefix: &str, sample: bool) -> Value {
     let out = sdk_client_run(url, mode, prefix, sample, None).await;
     assert!(out.status.success(), "SDK client failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-async fn sdk_client_run(
+pub(crate) async fn sdk_client_run(
     url: &str,
     mode: &str,
     prefix: &str,
     sample: bool,
     token: Option<&str>,
+) -> std::process::Output {
+    sdk_client_calls(url, mode, prefix, sample, token, 0).await
+}
+
+/// The SDK client fixture with `calls` more calls on its session.
+pub(crate) async fn sdk_client_calls(
+    url: &str,
+    mode: &str,
+    prefix: &str,
+    sample: bool,
+    token: Option<&str>,
+    calls: u32,
 ) -> std::process::Output {
     let mut cmd = Command::new(python());
     cmd.arg(fixture("sdk_client.py")).args([url, mode, prefix]);
@@ -62,7 +74,7 @@ async fn sdk_client_run(
     if let Some(t) = token {
         cmd.env("PORTCULLIS_TEST_TOKEN", t);
     }
-    cmd.env("PORTCULLIS_BIN", BIN);
+    cmd.env("PORTCULLIS_BIN", BIN).env("PORTCULLIS_TEST_CALLS", calls.to_string());
     tokio::time::timeout(std::time::Duration::from_secs(60), cmd.kill_on_drop(true).output())
         .await
         .expect("the SDK client hung")

@@ -289,3 +289,82 @@ async fn a_lost_database_means_503_until_it_is_back_and_nothing_is_lost() {
     }
     assert_eq!(health(replica.0.clone()).await.0, 200);
 }
+
+const KEY_A: &str = "replica-key-a-0123456789abcdef0123456789";
+const KEY_B: &str = "replica-key-b-0123456789abcdef0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_era_clients_move_between_replicas_on_sealed_ids() {
+    let schema = PgSchema::new(&test_database());
+    let dir = TempDir::new();
+    let cfgs: Vec<_> = (0..5).map(|i| replica_config(&dir, i, &schema.url)).collect();
+    let (_, alice) = issue(&cfgs[0], "alice", "user").await;
+    let same_key = [("PORTCULLIS_SECRET_KEY", KEY_A)];
+    let mut replicas = Vec::new();
+    for cfg in &cfgs[..3] {
+        replicas.push(Served::start(cfg, &same_key).await);
+    }
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.trim_end_matches("/mcp").to_owned()).collect();
+    let lb = Balancer::start(&urls).await;
+
+    // One session, every request on whichever replica: all three serve it.
+    let client = Client::connect_as(&format!("{}/mcp", lb.url), &alice).await;
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let stats: Value = serde_json::from_str(&client.call_text("d__stats", json!({})).await).unwrap();
+        pids.insert(stats["pid"].as_u64().unwrap());
+    }
+    assert_eq!(pids.len(), 3, "one session served by all three: {pids:?}");
+
+    // The official SDK in both eras, 200 calls each, through the balancer.
+    for mode in ["legacy", "auto"] {
+        let out =
+            crate::external::sdk_client_calls(&format!("{}/mcp", lb.url), mode, "d__", false, Some(&alice), 200).await;
+        assert!(out.status.success(), "{mode}: {}", String::from_utf8_lossy(&out.stderr));
+        let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(seen["calls_ok"], 200, "{mode}: {seen}");
+    }
+
+    // Rotation: a replica with a new key and the old one as previous opens the id; one whose
+    // ring no longer holds the old key does not; a changed id opens nowhere.
+    let rotating =
+        Served::start(&cfgs[3], &[("PORTCULLIS_SECRET_KEY", KEY_B), ("PORTCULLIS_SECRET_KEY_PREVIOUS", KEY_A)]).await;
+    let retired = Served::start(&cfgs[4], &[("PORTCULLIS_SECRET_KEY", KEY_B)]).await;
+    let on = |url: &str| {
+        let mut c = Client::new(url).bearer(&alice);
+        c.session = client.session.clone();
+        c.version = client.version.clone();
+        c
+    };
+    assert_eq!(on(&rotating.url).call("d__echo", json!({"text": "r"})).await.status, 200);
+    assert_eq!(on(&retired.url).call("d__echo", json!({"text": "r"})).await.status, 404);
+    let mut tampered = on(&rotating.url);
+    let id = tampered.session.clone().unwrap();
+    let mid = id.len() / 2;
+    let flipped = if &id[mid..=mid] == "A" { "B" } else { "A" };
+    tampered.session = Some(format!("{}{flipped}{}", &id[..mid], &id[mid + 1..]));
+    assert_eq!(tampered.call("d__echo", json!({"text": "t"})).await.status, 404);
+    // Another principal presenting the id: 404, as unknown.
+    let (_, bob) = issue(&cfgs[0], "bob", "user").await;
+    let mut stolen = Client::new(&format!("{}/mcp", urls[1])).bearer(&bob);
+    stolen.session = client.session.clone();
+    stolen.version = client.version.clone();
+    assert_eq!(stolen.call("d__echo", json!({"text": "s"})).await.status, 404);
+
+    // Deleted through one replica: no replica opens it again.
+    let deleted = on(&rotating.url).request_builder(&json!({})).build().unwrap();
+    let mut delete = reqwest::Request::new(reqwest::Method::DELETE, deleted.url().clone());
+    *delete.headers_mut() = deleted.headers().clone();
+    assert_eq!(reqwest::Client::new().execute(delete).await.unwrap().status(), 204);
+    // Within a second, like a revocation (the store announces it; the replicas holding it end it).
+    let at = Instant::now();
+    for url in &urls {
+        loop {
+            match on(&format!("{url}/mcp")).call("d__echo", json!({"text": "d"})).await.status {
+                404 => break,
+                200 => assert!(at.elapsed() < Duration::from_secs(1), "{url} still serves a deleted session"),
+                other => panic!("{other}"),
+            }
+        }
+    }
+}

@@ -72,7 +72,8 @@ pub(crate) async fn handle(
             Method::GET => get_stream(gw.clone(), scope, headers, &who).await,
             Method::DELETE if stateless_header => Ok(method_not_allowed()),
             Method::DELETE => {
-                let s = session_of(&gw, &scope, headers, &who)?;
+                let s = session_of(&gw, &scope, headers, &who).await?;
+                gw.forget_session_ids(std::slice::from_ref(&s.id)).await;
                 gw.end_session_as(&s.id, gateway::EndCause::Deleted).await;
                 Ok(StatusCode::NO_CONTENT.into_response())
             }
@@ -88,9 +89,10 @@ fn method_not_allowed() -> Response {
     r
 }
 
-/// The session a request names. A session of another identity is answered exactly like an
-/// unknown one (404): an id alone never authenticates.
-fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who) -> Result<Arc<Session>, Rejection> {
+/// The session a request names: held here, or reopened from its sealed id (a session another
+/// replica opened, or this one before a restart). A session of another identity is answered
+/// exactly like an unknown one (404): an id alone never authenticates.
+async fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who) -> Result<Arc<Session>, Rejection> {
     let Some(id) = header_str(headers, "mcp-session-id") else {
         return Err(Rejection::rpc(
             StatusCode::BAD_REQUEST,
@@ -99,7 +101,11 @@ fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who) -> Re
             "Bad Request: Mcp-Session-Id header is required",
         ));
     };
-    match gw.session(id) {
+    let found = match gw.session(id) {
+        Some(s) => Some(s),
+        None => gw.reopen_session(id, scope, &who.identity, &who.snapshot.config.limits).await,
+    };
+    match found {
         Some(s)
             if s.scope == *scope
                 && s.transport == ClientTransport::Streamable
@@ -121,7 +127,7 @@ async fn get_stream(gw: Arc<Gateway>, scope: Scope, headers: &HeaderMap, who: &W
             "Not Acceptable: use Accept: text/event-stream",
         ));
     }
-    let session = session_of(&gw, &scope, headers, who)?;
+    let session = session_of(&gw, &scope, headers, who).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     session.attach_stream(tx);
     Ok(sse_response(stream_with_keepalive(rx, session.closed.clone()), None))
@@ -235,7 +241,7 @@ async fn post(
     if env.kind == Kind::Request && env.method() == "initialize" {
         return Ok(initialize(gw, scope, &env, &who).await);
     }
-    let session = session_of(&gw, &scope, headers, &who)?;
+    let session = session_of(&gw, &scope, headers, &who).await?;
     let caller =
         Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
     let ctx = who.ctx(scope, caller, session.protocol_version);
@@ -285,11 +291,22 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Wh
         );
     };
     let version = ProtocolVersion::negotiate(Some(&requested));
-    let session = match Session::new(scope.clone(), version, ClientTransport::Streamable, who.identity.clone()) {
-        Ok(s) => s,
-        Err(e) => return no_randomness(env.id.map(RawValue::get), &e),
+    let caps = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities"));
+    let id = match gw.seal_session_id(&who.identity, &scope, version, caps.map(RawValue::get)) {
+        Ok(id) => id,
+        Err(crate::vault::VaultError::NoRandomness(e)) => return no_randomness(env.id.map(RawValue::get), &e),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot seal a session id");
+            return rpc_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                env.id.map(RawValue::get),
+                code::INTERNAL_ERROR,
+                "cannot open a session now",
+            );
+        }
     };
-    if let Some(caps) = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities")) {
+    let session = Session::with_id(id, scope.clone(), version, ClientTransport::Streamable, who.identity.clone());
+    if let Some(caps) = caps {
         session.set_capabilities(caps.get());
     }
     // Registered (within the limits) before anything is started for it: a refused session
@@ -606,7 +623,7 @@ async fn batch(
     if version_header.as_deref().is_some_and(is_stateless_version) {
         return Err(invalid());
     }
-    let session = match session_of(&gw, &scope, headers, who) {
+    let session = match session_of(&gw, &scope, headers, who).await {
         Ok(s) if s.protocol_version.allows_batches() => s,
         Ok(_) => return Err(invalid()),
         Err(_) if !headers.contains_key("mcp-session-id") => return Err(invalid()),

@@ -176,6 +176,14 @@ pub struct Gateway {
     ended: [AtomicU64; EndCause::ALL.len()],
     /// Bumped whenever something a watcher can see changes (see [`Gateway::changes`]).
     changes: tokio::sync::watch::Sender<u64>,
+    /// Seals session ids when the config has no vault key (`PORTCULLIS_SECRET_KEY`): ids then
+    /// open on this process only.
+    own_ring: crate::vault::KeyRing,
+    /// Ids of sessions their clients deleted here (digest, and when the id would expire anyway):
+    /// never opened again. Other replicas learn them from the store.
+    deleted: Mutex<HashMap<[u8; 32], i64>>,
+    /// When the store was last asked which sessions were deleted elsewhere (Unix ms).
+    deleted_checked: std::sync::atomic::AtomicI64,
 }
 
 /// Why a session ended (the `cause` label of `portcullis_sessions_ended_total`).
@@ -279,6 +287,7 @@ impl Gateway {
     /// Like [`Gateway::start`], with a store view already opened.
     pub(crate) fn start_with(config: Config, store: Arc<crate::store::StoreView>) -> Result<Arc<Self>, StartError> {
         let cursors = lists::CursorKey::new(crate::random::key()?);
+        let own_ring = crate::vault::KeyRing::random()?;
         let authenticator = authenticator_for(&config, Some(store.clone()));
         authenticator.start_providers();
         let audit = crate::audit::Audit::start(config.audit_target()).unwrap_or_else(|e| {
@@ -309,6 +318,9 @@ impl Gateway {
             held: Sharded::new(),
             ended: std::array::from_fn(|_| AtomicU64::new(0)),
             changes: tokio::sync::watch::Sender::new(0),
+            own_ring,
+            deleted: Mutex::new(HashMap::new()),
+            deleted_checked: std::sync::atomic::AtomicI64::new(crate::store::now_ms()),
         });
         let config = gw.config();
         gw.configure_metrics(&config);
@@ -365,6 +377,7 @@ impl Gateway {
                 if accounts > 0 {
                     self.changed();
                 }
+                self.end_sessions_deleted_elsewhere().await;
             }
             _ => {}
         }
@@ -404,6 +417,10 @@ impl Gateway {
             .filter(|s| s.transport == session::ClientTransport::Streamable && s.idle(now, idle))
             .map(|s| s.id.clone())
             .collect();
+        // Over everywhere, like a deleted one: no replica reopens it (its client initializes).
+        if !unused.is_empty() {
+            self.forget_session_ids(&unused).await;
+        }
         for id in unused {
             self.end_session_as(&id, EndCause::Idle).await;
         }
@@ -622,6 +639,145 @@ impl Gateway {
     /// Looks a session up by id.
     pub(crate) fn session(&self, id: &str) -> Option<Arc<Session>> {
         lock(self.sessions.shard(id)).get(id).cloned()
+    }
+
+    /// The ring session ids are sealed with: the vault's (shared by replicas with the same
+    /// `PORTCULLIS_SECRET_KEY`), else this process's own.
+    pub(crate) fn session_ring(&self) -> crate::vault::KeyRing {
+        match &self.config().vault {
+            Some(vault) => vault.for_purpose("mcp-session-id"),
+            None => self.own_ring.clone(),
+        }
+    }
+
+    /// A new session-era session's id: sealed, carrying what any replica needs to serve it.
+    pub(crate) fn seal_session_id(
+        &self,
+        identity: &crate::auth::Identity,
+        scope: &session::Scope,
+        version: crate::mcp::version::ProtocolVersion,
+        capabilities: Option<&str>,
+    ) -> Result<String, crate::vault::VaultError> {
+        let tenant = identity.tenant.as_deref().unwrap_or_default();
+        let now = crate::store::now_ms();
+        let sealed = crate::mcp::sealed::Sealed::new(&identity.key, tenant, scope, version, capabilities, now)?;
+        sealed.seal(&self.session_ring())
+    }
+
+    /// A session this replica does not hold, opened from its sealed id: for `identity` at
+    /// `scope`, never one its client deleted (here or, by the store, on another replica).
+    /// None is answered as an unknown session (404).
+    pub(crate) async fn reopen_session(
+        &self,
+        id: &str,
+        scope: &session::Scope,
+        identity: &Arc<crate::auth::Identity>,
+        limits: &crate::config::Limits,
+    ) -> Option<Arc<Session>> {
+        let now = crate::store::now_ms();
+        let sealed = match crate::mcp::sealed::Sealed::open(&self.session_ring(), id, &identity.key, scope, now) {
+            Ok(s) if s.tenant == identity.tenant.as_deref().unwrap_or_default() => s,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::debug!(reason = %e, "a session id that does not open");
+                return None;
+            }
+        };
+        let version = sealed.protocol_version()?;
+        let digest = crate::credentials::digest(id);
+        if lock(&self.deleted).contains_key(&digest) {
+            return None;
+        }
+        let store = self.store.clone();
+        let deleted = tokio::task::spawn_blocking(move || match store.handle() {
+            Ok(Some(s)) => s.session_deleted(&digest),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        })
+        .await;
+        match deleted {
+            Ok(Ok(false)) => {}
+            // Deleted, or a store that cannot say: not reopened (the client initializes again).
+            _ => return None,
+        }
+        let s = Session::with_id(
+            id.to_owned(),
+            scope.clone(),
+            version,
+            session::ClientTransport::Streamable,
+            identity.clone(),
+        );
+        s.set_capabilities(&sealed.capabilities);
+        // Two requests racing to reopen it: the first one's session serves both.
+        if let Some(existing) = self.session(id) {
+            return Some(existing);
+        }
+        self.add_session(s.clone(), limits).ok()?;
+        tracing::debug!("reopened a session sealed elsewhere");
+        Some(s)
+    }
+
+    /// Ends the sessions held here whose clients deleted them through another replica (read
+    /// from the store when it changed; a margin covers replicas' clocks).
+    async fn end_sessions_deleted_elsewhere(&self) {
+        const MARGIN_MS: i64 = 60_000;
+        let now = crate::store::now_ms();
+        let since = self.deleted_checked.swap(now, Ordering::Relaxed).saturating_sub(MARGIN_MS);
+        let store = self.store.clone();
+        let found = tokio::task::spawn_blocking(move || match store.handle() {
+            Ok(Some(s)) => s.sessions_deleted_since(since),
+            Ok(None) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        })
+        .await;
+        let Ok(Ok(digests)) = found else { return };
+        if digests.is_empty() {
+            return;
+        }
+        let gone: std::collections::HashSet<[u8; 32]> = digests.into_iter().collect();
+        let ended: Vec<String> = self
+            .sessions()
+            .into_iter()
+            .filter(|s| s.transport == session::ClientTransport::Streamable)
+            .filter(|s| gone.contains(&crate::credentials::digest(&s.id)))
+            .map(|s| s.id.clone())
+            .collect();
+        {
+            let until = now.saturating_add(crate::mcp::sealed::LIFETIME_MS);
+            let mut deleted = lock(&self.deleted);
+            for d in gone {
+                deleted.entry(d).or_insert(until);
+            }
+        }
+        for id in ended {
+            self.end_session_as(&id, EndCause::Deleted).await;
+        }
+    }
+
+    /// Remembers that sessions ended for good (deleted by their clients, or idle): their ids
+    /// never open again, here or (through the store) on any replica, until they would have
+    /// expired anyway.
+    pub(crate) async fn forget_session_ids(&self, ids: &[String]) {
+        let digests: Vec<[u8; 32]> = ids.iter().map(|id| crate::credentials::digest(id)).collect();
+        let until = crate::store::now_ms().saturating_add(crate::mcp::sealed::LIFETIME_MS);
+        {
+            let mut deleted = lock(&self.deleted);
+            let now = crate::store::now_ms();
+            deleted.retain(|_, u| *u > now);
+            for d in &digests {
+                deleted.insert(*d, until);
+            }
+        }
+        let store = self.store.clone();
+        let written = tokio::task::spawn_blocking(move || match store.handle() {
+            Ok(Some(s)) => s.session_delete(&digests, until, crate::store::now_ms()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::warn!("could not record a deleted session in the store: other replicas may reopen it");
+        }
     }
 
     /// Number of open sessions.
