@@ -300,15 +300,20 @@ async fn bench() {
     // same demo server over stdio (pinned to the other core).
     // An identity provider for the OAuth rows: discovery and one ES256 key, in this process.
     let (issuer, signing) = provider().await;
-    let start_gateway = |auth: bool, oauth: bool| {
-        let cfg = dir.join(match (auth, oauth) {
-            (_, true) => "oauth.yaml",
-            (true, false) => "auth.yaml",
-            (false, false) => "open.yaml",
+    // With PCS_BENCH_POSTGRES (a URL, e.g. with `options=-csearch_path%3Dbench`), the issued-token
+    // row is run a second time against a gateway whose store is that database.
+    let postgres = std::env::var("PCS_BENCH_POSTGRES").ok();
+    let config_file = |auth: bool, oauth: bool, store: Option<&str>| {
+        let cfg = dir.join(match (auth, oauth, store) {
+            (_, _, Some(_)) => "postgres.yaml",
+            (_, true, None) => "oauth.yaml",
+            (true, false, None) => "auth.yaml",
+            (false, false, None) => "open.yaml",
         });
+        let sqlite = dir.join("tokens.db").display().to_string();
         let mut yaml = format!(
-            "servers:\n  h:\n    url: {upstream_url:?}\n  s:\n    command: taskset\n    args: [\"-c\", {other_cpu:?}, {BIN:?}, demo-server, --fixtures]\nstore:\n  path: {:?}\naudit:\n  file: {:?}\nlimits:\n  max_sessions: 100000\n  max_sessions_per_identity: 100000\n  max_sse_streams_per_identity: 100000\n  max_connections: 100000\n",
-            dir.join("tokens.db").display().to_string(),
+            "servers:\n  h:\n    url: {upstream_url:?}\n  s:\n    command: taskset\n    args: [\"-c\", {other_cpu:?}, {BIN:?}, demo-server, --fixtures]\nstore: {:?}\naudit:\n  file: {:?}\nlimits:\n  max_sessions: 100000\n  max_sessions_per_identity: 100000\n  max_sse_streams_per_identity: 100000\n  max_connections: 100000\n",
+            store.unwrap_or(&sqlite),
             dir.join("audit.jsonl").display().to_string()
         );
         if auth {
@@ -320,6 +325,9 @@ async fn bench() {
             ));
         }
         std::fs::write(&cfg, yaml).expect("config");
+        cfg
+    };
+    let start_config = |cfg: &std::path::Path| {
         let mut cmd = pinned(&gw_cpu);
         cmd.args(["serve", "--config", cfg.to_str().unwrap_or_default(), "--listen", "127.0.0.1:0", "--workers", "1"])
             .env("RUST_LOG", "warn,portcullis::cli=info")
@@ -327,6 +335,16 @@ async fn bench() {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         cmd.spawn().expect("portcullis")
+    };
+    let start_gateway = |auth: bool, oauth: bool| start_config(&config_file(auth, oauth, None));
+    // A token issued into a config's store (by the CLI, as an operator would).
+    let issue = |cfg: &std::path::Path, name: &str| {
+        let out = std::process::Command::new(BIN)
+            .args(["token", "create", "--name", name, "--json", "--config", cfg.to_str().unwrap_or_default()])
+            .output()
+            .expect("token create");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["secret"].as_str().unwrap_or_default().to_owned()
     };
 
     let small = "x".repeat(100);
@@ -397,6 +415,24 @@ async fn bench() {
                 if auth && !oauth {
                     let stdio = run_on(&mcp, "s__echo", text, conc, secs, token, pid).await;
                     print("Portcullis → stdio, auth on", &stdio);
+                    let issued = issue(&config_file(true, false, None), &format!("bench-{conc}-{}", text.len()));
+                    let cell = run_on(&mcp, "h__echo", text, conc, secs, Some(&issued), pid).await;
+                    print("Portcullis → HTTP, issued token, SQLite store", &cell);
+                    if let Some(url) = &postgres {
+                        let cfg = config_file(true, false, Some(url));
+                        let issued = issue(&cfg, &format!("bench-{conc}-{}-{}", text.len(), std::process::id()));
+                        let mut pg = start_config(&cfg);
+                        let pg_pid = pg.id().unwrap_or(0);
+                        let pg_mcp = listen_url(&mut pg).await;
+                        for _ in 0..100 {
+                            let c = run(&pg_mcp, "h__echo", "warm", 1, 0.05, Some(&issued)).await;
+                            if c.errors == 0 && c.rps > 0.0 {
+                                break;
+                            }
+                        }
+                        let cell = run_on(&pg_mcp, "h__echo", text, conc, secs, Some(&issued), pg_pid).await;
+                        print("Portcullis → HTTP, issued token, PostgreSQL store", &cell);
+                    }
                 }
                 peak = peak.max(rss_kib(pid, "VmHWM:"));
                 drop(gw);

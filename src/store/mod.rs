@@ -1487,17 +1487,26 @@ impl StoreView {
     /// that cannot answer is [`StoreState::Unavailable`] until a later poll succeeds, and its
     /// caches are dropped, so nothing it said before is trusted meanwhile.
     pub(crate) fn poll(&self) -> Result<bool, StoreError> {
-        use std::sync::atomic::Ordering::Relaxed;
         let polled = self.poll_once();
         if polled.is_err() {
-            self.state.store(STATE_UNAVAILABLE, Relaxed);
-            self.version.store(-1, Relaxed);
-            self.by_digest.clear();
-            lock(&self.by_id).clear();
-            // A handle on a file that broke is dropped: the next poll opens it afresh.
-            *lock(&self.store) = None;
+            self.fail();
         }
         polled
+    }
+
+    /// Trusts nothing the store said before: [`StoreState::Unavailable`] and no cached answer,
+    /// until a poll succeeds (a poll that failed, or one that did not answer in time).
+    pub(crate) fn fail(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.state.store(STATE_UNAVAILABLE, Relaxed);
+        self.version.store(-1, Relaxed);
+        self.by_digest.clear();
+        lock(&self.by_id).clear();
+        // A handle on a file that broke is dropped: the next poll opens it afresh. A database's
+        // pool stays: its connections reconnect by themselves.
+        if self.at.file().is_some() {
+            *lock(&self.store) = None;
+        }
     }
 
     fn poll_once(&self) -> Result<bool, StoreError> {

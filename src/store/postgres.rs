@@ -31,10 +31,11 @@ use crate::sharded::lock;
 const POOL_SIZE: usize = 4;
 /// Transactions waiting for a connection before a caller is refused at once.
 const QUEUE: usize = 1024;
-/// The longest a caller waits for its transaction (then the store is unavailable to it).
-const WAIT: Duration = Duration::from_secs(10);
+/// The longest a caller waits for its transaction (then the store is unavailable to it): short,
+/// since a request waits on it (a database that does not answer is one that cannot confirm).
+const WAIT: Duration = Duration::from_secs(2);
 /// The connect timeout when the URL sets none.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The notification channel every write announces itself on.
 pub(crate) const CHANNEL: &str = "portcullis_changes";
 /// Key of the advisory lock migrations hold.

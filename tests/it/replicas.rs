@@ -53,11 +53,13 @@ impl Drop for PgSchema {
     }
 }
 
-/// A TCP relay in front of PostgreSQL that the test can cut (every relayed connection reset,
-/// new ones refused) and restore: a database restart as the gateway sees it.
+/// A TCP relay in front of PostgreSQL that the test can cut (every relayed connection closed,
+/// new ones refused: a database restart as the gateway sees it), freeze (nothing answers, nothing
+/// closes: a partition) and restore.
 struct PgLink {
     port: u16,
     up: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
     cut: tokio::sync::watch::Sender<u64>,
 }
 
@@ -66,10 +68,11 @@ impl PgLink {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
+        let frozen = Arc::new(AtomicBool::new(false));
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
         let target = test_database();
         let target = target.trim_start_matches("postgres://").split('/').next().unwrap().to_owned();
-        let link_up = up.clone();
+        let (link_up, link_frozen) = (up.clone(), frozen.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !link_up.load(Ordering::SeqCst) {
@@ -80,7 +83,13 @@ impl PgLink {
                 // Only a cut after this connection ends it.
                 cuts.borrow_and_update();
                 let target = target.clone();
+                let frozen = link_frozen.clone();
                 tokio::spawn(async move {
+                    if frozen.load(Ordering::SeqCst) {
+                        // Held open, never answered, until the next cut or restore.
+                        let _ = cuts.changed().await;
+                        return;
+                    }
                     let Ok(mut outbound) = TcpStream::connect(&target).await else { return };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
@@ -90,7 +99,7 @@ impl PgLink {
                 });
             }
         });
-        PgLink { port, up, cut }
+        PgLink { port, up, frozen, cut }
     }
 
     fn database(&self) -> String {
@@ -104,8 +113,17 @@ impl PgLink {
         self.cut.send_modify(|n| *n += 1);
     }
 
+    /// A partition: the relayed connections end, and every new one is held open and never
+    /// answered (a connect that hangs, as to a host that drops packets).
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
     fn restore(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
         self.up.store(true, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
     }
 }
 
@@ -288,6 +306,23 @@ async fn a_lost_database_means_503_until_it_is_back_and_nothing_is_lost() {
         assert!(at.elapsed() < Duration::from_secs(15), "no recovery");
     }
     assert_eq!(health(replica.0.clone()).await.0, 200);
+
+    // A partition (nothing answers, nothing refuses): 503 within the poll's deadline too, not
+    // after the connect timeout, and back when it heals.
+    link.freeze();
+    let at = Instant::now();
+    loop {
+        match call_status(&replica.0, &alice).await {
+            503 => break,
+            200 => assert!(at.elapsed() < Duration::from_millis(1500), "still serving across a partition"),
+            other => panic!("{other} across a partition"),
+        }
+    }
+    link.restore();
+    let at = Instant::now();
+    while call_status(&replica.0, &alice).await != 200 {
+        assert!(at.elapsed() < Duration::from_secs(15), "no recovery after the partition");
+    }
 }
 
 const KEY_A: &str = "replica-key-a-0123456789abcdef0123456789";

@@ -365,7 +365,14 @@ impl Gateway {
         // The store is synchronous (SQLite, or PostgreSQL on its own threads): read it off the
         // async threads.
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.poll()).await {
+        let polled = tokio::time::timeout(POLL_DEADLINE, tokio::task::spawn_blocking(move || store.poll())).await;
+        let polled = polled.unwrap_or_else(|_| {
+            // A store that does not answer in time cannot confirm anything meanwhile (a
+            // partition): fail closed now rather than trust the caches for the whole wait.
+            self.store.fail();
+            Ok(Err(crate::store::StoreError::Unavailable("no answer to the change poll in time".into())))
+        });
+        match polled {
             Ok(Err(e)) => tracing::warn!(error = %e, "token store unavailable"),
             // A login, logout or refresh elsewhere: accounts are read from the vault again.
             Ok(Ok(true)) => {
@@ -1308,6 +1315,8 @@ const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often sessions are checked against the credential table.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// The longest the change poll may take before the store is treated as unavailable.
+const POLL_DEADLINE: std::time::Duration = std::time::Duration::from_millis(750);
 // A revoked, expired or narrowed credential's sessions end within a second (ARCHITECTURE.md).
 const _: () = assert!(SWEEP_EVERY.as_millis() <= 1000);
 
