@@ -297,6 +297,11 @@ pub(crate) async fn metrics(
             let n = sessions.iter().filter(|s| s.transport == t).count();
             let _ = writeln!(out, "portcullis_sessions{{transport=\"{label}\"}} {n}");
         }
+        let _ =
+            writeln!(out, "# HELP portcullis_store_up Whether the token store answered its last poll (1) or not (0).");
+        let _ = writeln!(out, "# TYPE portcullis_store_up gauge");
+        let up = gw.store().state() != crate::store::StoreState::Unavailable;
+        let _ = writeln!(out, "portcullis_store_up {}", u8::from(up));
         let _ = writeln!(out, "# HELP portcullis_sessions_ended_total Client sessions ended, by cause.");
         let _ = writeln!(out, "# TYPE portcullis_sessions_ended_total counter");
         for (cause, n) in gw.sessions_ended() {

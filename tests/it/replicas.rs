@@ -277,6 +277,10 @@ async fn a_lost_database_means_503_until_it_is_back_and_nothing_is_lost() {
     let schema = PgSchema::new(&link.database());
     let dir = TempDir::new();
     let cfg = replica_config(&dir, 0, &schema.url);
+    // A config token for the metrics: confirmed by the config, not the store.
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("auth:\n  tokens:\n    prom: {token: prom-token-0123456789abcdef, role: metrics}\n");
+    std::fs::write(&cfg, text).unwrap();
     let (_, alice) = issue(&cfg, "alice", "user").await;
     let served = Served::start(&cfg, &[]).await;
     let replica = Base(served.url.trim_end_matches("/mcp").to_owned());
@@ -299,13 +303,23 @@ async fn a_lost_database_means_503_until_it_is_back_and_nothing_is_lost() {
     }
     let (status, body) = health(replica.0.clone()).await;
     assert_eq!((status, body["store"].as_str()), (503, Some("unavailable")), "{body}");
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", replica.0))
+        .bearer_auth("prom-token-0123456789abcdef")
+        .send()
+        .await
+        .unwrap();
+    assert!(metrics.text().await.unwrap().contains("portcullis_store_up 0"));
 
     link.restore();
     let at = Instant::now();
     while call_status(&replica.0, &alice).await != 200 {
         assert!(at.elapsed() < Duration::from_secs(15), "no recovery");
     }
-    assert_eq!(health(replica.0.clone()).await.0, 200);
+    // `/health` follows at the next poll.
+    while health(replica.0.clone()).await.0 != 200 {
+        assert!(at.elapsed() < Duration::from_secs(16), "/health did not recover");
+    }
 
     // A partition (nothing answers, nothing refuses): 503 within the poll's deadline too, not
     // after the connect timeout, and back when it heals.
@@ -314,7 +328,7 @@ async fn a_lost_database_means_503_until_it_is_back_and_nothing_is_lost() {
     loop {
         match call_status(&replica.0, &alice).await {
             503 => break,
-            200 => assert!(at.elapsed() < Duration::from_millis(1500), "still serving across a partition"),
+            200 => assert!(at.elapsed() < Duration::from_secs(2), "still serving across a partition"),
             other => panic!("{other} across a partition"),
         }
     }
