@@ -185,12 +185,10 @@ async fn per_user_state(gw: &Gateway, def: &ServerDef) -> Option<Value> {
         }
         _ => "authorization_code",
     };
-    let (store, name) = (gw.store().location().clone(), def.name.clone());
-    let counted =
-        tokio::task::spawn_blocking(move || crate::store::Store::open(&store)?.upstream_account_counts(&name)).await;
-    let (linked, needs_login) = match counted {
-        Ok(Ok(c)) => (Some(c.0), Some(c.1)),
-        _ => (None, None),
+    let name = def.name.clone();
+    let (linked, needs_login) = match gw.with_store((0, 0), move |s| s.upstream_account_counts(&name)).await {
+        Ok(c) => (Some(c.0), Some(c.1)),
+        Err(_) => (None, None),
     };
     Some(json!({"grant": grant, "credentials": "per_user", "linked": linked, "needs_login": needs_login}))
 }

@@ -179,8 +179,9 @@ pub struct Gateway {
     /// Seals session ids when the config has no vault key (`PORTCULLIS_SECRET_KEY`): ids then
     /// open on this process only.
     own_ring: crate::vault::KeyRing,
-    /// Ids of sessions their clients deleted here (digest, and when the id would expire anyway):
-    /// never opened again. Other replicas learn them from the store.
+    /// Ids of sessions ended for good (deleted by their clients or idle, here or on another
+    /// replica), by digest, with when the id would expire anyway: never opened again. At most
+    /// [`MAX_REMEMBERED`]; the store holds them all.
     deleted: Mutex<HashMap<[u8; 32], i64>>,
     /// When the store was last asked which sessions were deleted elsewhere (Unix ms).
     deleted_checked: std::sync::atomic::AtomicI64,
@@ -617,11 +618,24 @@ impl Gateway {
     /// Registers a new session, within `limits` (the request's own snapshot's): per principal
     /// (sessions; legacy SSE streams separately) and in total. A stdio session (the one local
     /// client) is not counted.
-    pub(crate) fn add_session(&self, s: Arc<Session>, limits: &crate::config::Limits) -> Result<(), SessionLimit> {
-        if s.transport != session::ClientTransport::Stdio {
-            if self.sessions.len() >= limits.max_sessions {
-                return Err(SessionLimit::Gateway(limits.max_sessions));
-            }
+    /// Registers a session within the limits. An id already registered keeps its session (two
+    /// requests reopening one sealed id at once): that one is returned, and nothing is counted
+    /// twice.
+    pub(crate) fn add_session(
+        &self,
+        s: Arc<Session>,
+        limits: &crate::config::Limits,
+    ) -> Result<Arc<Session>, SessionLimit> {
+        let stdio = s.transport == session::ClientTransport::Stdio;
+        // Counted before the shard is locked: counting locks every shard.
+        if !stdio && self.sessions.len() >= limits.max_sessions {
+            return Err(SessionLimit::Gateway(limits.max_sessions));
+        }
+        let mut shard = lock(self.sessions.shard(&s.id));
+        if let Some(existing) = shard.get(&s.id) {
+            return Ok(existing.clone());
+        }
+        if !stdio {
             let mut held = lock(self.held.shard(&s.identity.key));
             let h = held.entry(s.identity.key.clone()).or_insert((0, 0));
             if h.0 >= limits.max_sessions_per_identity {
@@ -633,9 +647,10 @@ impl Gateway {
             h.0 += 1;
             h.1 += usize::from(s.transport == session::ClientTransport::Sse);
         }
-        lock(self.sessions.shard(&s.id)).insert(s.id.clone(), s);
+        shard.insert(s.id.clone(), s.clone());
+        drop(shard);
         self.changed();
-        Ok(())
+        Ok(s)
     }
 
     /// Sessions ended since start, by cause.
@@ -695,15 +710,8 @@ impl Gateway {
         if lock(&self.deleted).contains_key(&digest) {
             return None;
         }
-        let store = self.store.clone();
-        let deleted = tokio::task::spawn_blocking(move || match store.handle() {
-            Ok(Some(s)) => s.session_deleted(&digest),
-            Ok(None) => Ok(false),
-            Err(e) => Err(e),
-        })
-        .await;
-        match deleted {
-            Ok(Ok(false)) => {}
+        match self.with_store(false, move |s| s.session_deleted(&digest)).await {
+            Ok(false) => {}
             // Deleted, or a store that cannot say: not reopened (the client initializes again).
             _ => return None,
         }
@@ -716,12 +724,42 @@ impl Gateway {
         );
         s.set_capabilities(&sealed.capabilities);
         // Two requests racing to reopen it: the first one's session serves both.
-        if let Some(existing) = self.session(id) {
-            return Some(existing);
-        }
-        self.add_session(s.clone(), limits).ok()?;
+        let s = self.add_session(s, limits).ok()?;
         tracing::debug!("reopened a session sealed elsewhere");
         Some(s)
+    }
+
+    /// Runs `f` on the token store off the async threads; `absent` when there is no store to
+    /// open (no file yet).
+    pub(crate) async fn with_store<T: Send + 'static>(
+        &self,
+        absent: T,
+        f: impl FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, crate::store::StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || match store.handle()? {
+            Some(s) => f(&s),
+            None => Ok(absent),
+        })
+        .await
+        .unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(e.to_string())))
+    }
+
+    /// Notes ids that never open again here, until `until`; past [`MAX_REMEMBERED`] the ones
+    /// closest to expiring are forgotten first (the store still holds them).
+    fn remember_ended(&self, digests: impl IntoIterator<Item = [u8; 32]>, until: i64) {
+        let mut ended = lock(&self.deleted);
+        let now = crate::store::now_ms();
+        ended.retain(|_, u| *u > now);
+        for d in digests {
+            ended.entry(d).or_insert(until);
+        }
+        if ended.len() > MAX_REMEMBERED {
+            let mut by_expiry: Vec<i64> = ended.values().copied().collect();
+            by_expiry.sort_unstable();
+            let cut = by_expiry[ended.len() - MAX_REMEMBERED];
+            ended.retain(|_, u| *u >= cut);
+        }
     }
 
     /// Ends the sessions held here whose clients deleted them through another replica (read
@@ -729,15 +767,10 @@ impl Gateway {
     async fn end_sessions_deleted_elsewhere(&self) {
         const MARGIN_MS: i64 = 60_000;
         let now = crate::store::now_ms();
-        let since = self.deleted_checked.swap(now, Ordering::Relaxed).saturating_sub(MARGIN_MS);
-        let store = self.store.clone();
-        let found = tokio::task::spawn_blocking(move || match store.handle() {
-            Ok(Some(s)) => s.sessions_deleted_since(since),
-            Ok(None) => Ok(Vec::new()),
-            Err(e) => Err(e),
-        })
-        .await;
-        let Ok(Ok(digests)) = found else { return };
+        let since = self.deleted_checked.load(Ordering::Relaxed).saturating_sub(MARGIN_MS);
+        // Moved on only once read: a store that could not answer is asked again next time.
+        let Ok(digests) = self.with_store(Vec::new(), move |s| s.sessions_deleted_since(since)).await else { return };
+        self.deleted_checked.store(now, Ordering::Relaxed);
         if digests.is_empty() {
             return;
         }
@@ -749,13 +782,7 @@ impl Gateway {
             .filter(|s| gone.contains(&crate::credentials::digest(&s.id)))
             .map(|s| s.id.clone())
             .collect();
-        {
-            let until = now.saturating_add(crate::mcp::sealed::LIFETIME_MS);
-            let mut deleted = lock(&self.deleted);
-            for d in gone {
-                deleted.entry(d).or_insert(until);
-            }
-        }
+        self.remember_ended(gone, now.saturating_add(crate::mcp::sealed::LIFETIME_MS));
         for id in ended {
             self.end_session_as(&id, EndCause::Deleted).await;
         }
@@ -767,22 +794,9 @@ impl Gateway {
     pub(crate) async fn forget_session_ids(&self, ids: &[String]) {
         let digests: Vec<[u8; 32]> = ids.iter().map(|id| crate::credentials::digest(id)).collect();
         let until = crate::store::now_ms().saturating_add(crate::mcp::sealed::LIFETIME_MS);
-        {
-            let mut deleted = lock(&self.deleted);
-            let now = crate::store::now_ms();
-            deleted.retain(|_, u| *u > now);
-            for d in &digests {
-                deleted.insert(*d, until);
-            }
-        }
-        let store = self.store.clone();
-        let written = tokio::task::spawn_blocking(move || match store.handle() {
-            Ok(Some(s)) => s.session_delete(&digests, until, crate::store::now_ms()),
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        })
-        .await;
-        if !matches!(written, Ok(Ok(()))) {
+        self.remember_ended(digests.iter().copied(), until);
+        let written = self.with_store((), move |s| s.session_delete(&digests, until, crate::store::now_ms())).await;
+        if written.is_err() {
             tracing::warn!("could not record a deleted session in the store: other replicas may reopen it");
         }
     }
@@ -1315,6 +1329,8 @@ const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often sessions are checked against the credential table.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// The most ended session ids a gateway remembers itself (the store remembers them all).
+const MAX_REMEMBERED: usize = 100_000;
 /// The longest the change poll may take before the store is treated as unavailable.
 const POLL_DEADLINE: std::time::Duration = std::time::Duration::from_millis(750);
 // A revoked, expired or narrowed credential's sessions end within a second (ARCHITECTURE.md).
