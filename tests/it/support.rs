@@ -392,7 +392,7 @@ impl Client {
         self.request_builder(&body).send().await.unwrap()
     }
 
-    fn add_meta(&self, mut params: Value) -> Value {
+    pub(crate) fn add_meta(&self, mut params: Value) -> Value {
         if self.modern {
             let meta = params.as_object_mut().unwrap().entry("_meta").or_insert_with(|| json!({}));
             meta["io.modelcontextprotocol/protocolVersion"] = json!(self.version);
