@@ -114,6 +114,20 @@ async fn run(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, t
 }
 
 /// [`run`], also measuring the CPU time process `pid` spends during the measured period.
+/// Where a half-cell runs: the MCP URL, the token, the gateway's pid.
+type Target<'a> = (&'a str, Option<&'a str>, u32);
+
+/// Two targets in one cell's time, half each, in the order A, B, B, A, so that a drift of the
+/// machine during the four weighs on both alike: the mean of each.
+async fn interleaved(a: Target<'_>, b: Target<'_>, text: &str, conc: usize, secs: f64) -> (Cell, Cell) {
+    let half = secs / 2.0;
+    let a1 = run_on(a.0, "h__echo", text, conc, half, a.1, a.2).await;
+    let b1 = run_on(b.0, "h__echo", text, conc, half, b.1, b.2).await;
+    let b2 = run_on(b.0, "h__echo", text, conc, half, b.1, b.2).await;
+    let a2 = run_on(a.0, "h__echo", text, conc, half, a.1, a.2).await;
+    (Cell::mean(&a1, &a2), Cell::mean(&b1, &b2))
+}
+
 async fn run_on(
     url: &str,
     tool: &str,
@@ -327,6 +341,21 @@ async fn bench() {
         std::fs::write(&cfg, yaml).expect("config");
         cfg
     };
+    // With PCS_BENCH_REDIS as well (a URL), the shared mode against one replica alone.
+    let redis = std::env::var("PCS_BENCH_REDIS").ok();
+    let sqlite = dir.join("tokens.db").display().to_string();
+    let limited_config = |store: &str, state: Option<&str>| {
+        let cfg = dir.join(if state.is_some() { "shared.yaml" } else { "alone.yaml" });
+        let mut yaml = format!(
+            "servers:\n  h:\n    url: {upstream_url:?}\nstore: {store:?}\naudit:\n  file: {:?}\nlimits:\n  max_sessions: 100000\n  max_sessions_per_identity: 100000\n  max_connections: 100000\nrate_limit:\n  per_identity: 6000000/min\n",
+            dir.join("audit.jsonl").display().to_string()
+        );
+        if let Some(url) = state {
+            yaml.push_str(&format!("state:\n  url: {url:?}\n  prefix: \"pcs-bench-{}:\"\n", std::process::id()));
+        }
+        std::fs::write(&cfg, yaml).expect("config");
+        cfg
+    };
     let start_config = |cfg: &std::path::Path| {
         let mut cmd = pinned(&gw_cpu);
         cmd.args(["serve", "--config", cfg.to_str().unwrap_or_default(), "--listen", "127.0.0.1:0", "--workers", "1"])
@@ -373,6 +402,14 @@ async fn bench() {
                     c.p50 - direct.p50
                 );
             };
+            // One cell against another measured beside it: throughput ratio, CPU difference.
+            let compare = |what: &str, c: &Cell, base: &Cell| {
+                println!(
+                    "| ({what}) | {payload_name} | {conc} | {:.3}× rps | | | | | {:+.1} µs/call | |",
+                    c.rps / base.rps,
+                    c.cpu - base.cpu
+                );
+            };
             print("direct (HTTP upstream)", &direct);
             let relay = run_on(&relay_url, "echo", text, conc, secs, None, relay_pid).await;
             print("byte relay → HTTP (floor)", &relay);
@@ -395,19 +432,11 @@ async fn bench() {
                     // in the order static, JWT, JWT, static (half a cell each), so that a drift
                     // of the machine during the four weighs on both alike.
                     let jwt = access_token(&issuer, &signing, &mcp);
-                    let half = secs / 2.0;
-                    let s1 = run_on(&mcp, "h__echo", text, conc, half, token, pid).await;
-                    let j1 = run_on(&mcp, "h__echo", text, conc, half, Some(&jwt), pid).await;
-                    let j2 = run_on(&mcp, "h__echo", text, conc, half, Some(&jwt), pid).await;
-                    let s2 = run_on(&mcp, "h__echo", text, conc, half, token, pid).await;
-                    let (stat, with_jwt) = (Cell::mean(&s1, &s2), Cell::mean(&j1, &j2));
+                    let (stat, with_jwt) =
+                        interleaved((&mcp, token, pid), (&mcp, Some(&jwt), pid), text, conc, secs).await;
                     print("Portcullis → HTTP, OAuth on, static token", &stat);
                     print("Portcullis → HTTP, OAuth on, ES256 JWT", &with_jwt);
-                    println!(
-                        "| (JWT vs static token, same gateway) | {payload_name} | {conc} | {:.3}× rps | | | | | {:+.1} µs/call | |",
-                        with_jwt.rps / stat.rps,
-                        with_jwt.cpu - stat.cpu
-                    );
+                    compare("JWT vs static token, same gateway", &with_jwt, &stat);
                 } else {
                     let http = run_on(&mcp, "h__echo", text, conc, secs, token, pid).await;
                     print(&format!("Portcullis → HTTP, auth {}", if auth { "on" } else { "off" }), &http);
@@ -432,6 +461,41 @@ async fn bench() {
                         }
                         let cell = run_on(&pg_mcp, "h__echo", text, conc, secs, Some(&issued), pg_pid).await;
                         print("Portcullis → HTTP, issued token, PostgreSQL store", &cell);
+                        if let Some(redis) = &redis {
+                            // One replica as it runs alone (SQLite, its own rate bucket) against
+                            // one as it runs among replicas (PostgreSQL, the bucket in Redis),
+                            // both with the same per-identity limit, high enough never to
+                            // refuse: half a cell each, alone, shared, shared, alone.
+                            let alone_cfg = limited_config(&sqlite, None);
+                            let shared_cfg = limited_config(url, Some(redis));
+                            let alone_token = issue(&alone_cfg, &format!("alone-{conc}-{}", text.len()));
+                            let shared_token =
+                                issue(&shared_cfg, &format!("shared-{conc}-{}-{}", text.len(), std::process::id()));
+                            let mut alone = start_config(&alone_cfg);
+                            let mut shared = start_config(&shared_cfg);
+                            let (alone_pid, shared_pid) = (alone.id().unwrap_or(0), shared.id().unwrap_or(0));
+                            let alone_mcp = listen_url(&mut alone).await;
+                            let shared_mcp = listen_url(&mut shared).await;
+                            for (m, t) in [(&alone_mcp, &alone_token), (&shared_mcp, &shared_token)] {
+                                for _ in 0..100 {
+                                    let c = run(m, "h__echo", "warm", 1, 0.05, Some(t)).await;
+                                    if c.errors == 0 && c.rps > 0.0 {
+                                        break;
+                                    }
+                                }
+                            }
+                            let (a, sh) = interleaved(
+                                (&alone_mcp, Some(&alone_token), alone_pid),
+                                (&shared_mcp, Some(&shared_token), shared_pid),
+                                text,
+                                conc,
+                                secs,
+                            )
+                            .await;
+                            print("Portcullis → HTTP, issued token, rate limit, SQLite (one replica alone)", &a);
+                            print("Portcullis → HTTP, issued token, rate limit, PostgreSQL + Redis (shared)", &sh);
+                            compare("shared vs alone, same run", &sh, &a);
+                        }
                     }
                 }
                 peak = peak.max(rss_kib(pid, "VmHWM:"));

@@ -300,6 +300,14 @@ pub(crate) async fn metrics(
         let _ = writeln!(out, "# TYPE portcullis_store_up gauge");
         let up = gw.store().state() != crate::store::StoreState::Unavailable;
         let _ = writeln!(out, "portcullis_store_up {}", u8::from(up));
+        if let Some(state) = gw.shared_state() {
+            let _ = writeln!(
+                out,
+                "# HELP portcullis_state_up Whether the shared state (Redis) answers (1) or limits count per replica (0)."
+            );
+            let _ = writeln!(out, "# TYPE portcullis_state_up gauge");
+            let _ = writeln!(out, "portcullis_state_up {}", u8::from(state.is_up()));
+        }
         let _ = writeln!(out, "# HELP portcullis_sessions_ended_total Client sessions ended, by cause.");
         let _ = writeln!(out, "# TYPE portcullis_sessions_ended_total counter");
         for (cause, n) in gw.sessions_ended() {

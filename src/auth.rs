@@ -54,6 +54,11 @@ impl Bucket {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / per_sec))
         }
     }
+
+    /// Puts back a token taken for a request another limit refused.
+    fn give_back(&mut self, rate: Rate) {
+        self.tokens = (self.tokens + 1.0).min(f64::from(rate.count));
+    }
 }
 
 /// Who is asking.
@@ -424,8 +429,10 @@ pub struct Authenticator {
     /// identity of the subject is cached).
     subjects: Sharded<Arc<str>, Arc<Mutex<Option<Bucket>>>>,
     failure_limit: FailureLimit,
-    failures: Sharded<IpAddr, Failures>,
+    failures: Arc<Sharded<IpAddr, Failures>>,
     trusted: Vec<Cidr>,
+    /// The limits held across replicas, when the config names a shared state.
+    shared: Option<crate::limits::SharedLimits>,
 }
 
 impl Authenticator {
@@ -464,8 +471,22 @@ impl Authenticator {
             addresses: Sharded::new(),
             subjects: Sharded::new(),
             failure_limit: cfg.failures,
-            failures: Sharded::new(),
+            failures: Arc::new(Sharded::new()),
             trusted: cfg.trusted_proxies.clone(),
+            shared: None,
+        }
+    }
+
+    /// Holds the rate limits and the failure throttle across the replicas sharing `state`.
+    pub(crate) fn sharing(mut self, state: Option<Arc<crate::state::SharedState>>) -> Self {
+        self.shared = state.map(crate::limits::SharedLimits::new);
+        self
+    }
+
+    /// Returns the tokens of shared-limit leases gone idle (a few times a second).
+    pub(crate) fn release_idle_leases(&self) {
+        if let Some(shared) = &self.shared {
+            shared.release_idle();
         }
     }
 
@@ -1052,31 +1073,68 @@ impl Authenticator {
             f.blocked_until = Some(now + limit.block);
             return Some(AuthError::Throttled(limit.block));
         }
+        drop(map);
+        if let Some(shared) = &self.shared {
+            // Counted on every replica too; a block made anywhere holds here from the next
+            // failure on.
+            let failures = self.failures.clone();
+            shared.report_failure(client, limit, move |left| {
+                let until = Instant::now() + left;
+                let mut map = lock(failures.shard(&client));
+                let f = map.entry(client).or_insert(Failures { count: 0, since: Instant::now(), blocked_until: None });
+                if f.blocked_until.is_none_or(|u| u < until) {
+                    f.blocked_until = Some(until);
+                }
+            });
+        }
         None
     }
 
-    /// Applies the per-address and per-identity rates.
-    pub fn check_rate(&self, identity: &Identity, client: IpAddr) -> Result<(), AuthError> {
+    /// Applies the per-address and per-identity rates: this replica's count, then, with a
+    /// shared state, the count across replicas (which Redis being away leaves to this one).
+    pub async fn check_rate(&self, identity: &Identity, client: IpAddr) -> Result<(), AuthError> {
         let now = Instant::now();
         if let Some(rate) = self.per_address {
-            let mut map = lock(self.addresses.shard(&client));
-            if map.len() >= ADDRESS_STATE_PER_SHARD && !map.contains_key(&client) {
-                map.retain(|_, b| !bucket_refilled(b, rate, now));
-                if map.len() >= ADDRESS_STATE_PER_SHARD {
-                    // Forget the fullest bucket: the address that lost least by it.
-                    let victim = map.iter().max_by(|a, b| a.1.tokens.total_cmp(&b.1.tokens)).map(|(k, _)| *k);
-                    if let Some(v) = victim {
-                        map.remove(&v);
+            {
+                let mut map = lock(self.addresses.shard(&client));
+                if map.len() >= ADDRESS_STATE_PER_SHARD && !map.contains_key(&client) {
+                    map.retain(|_, b| !bucket_refilled(b, rate, now));
+                    if map.len() >= ADDRESS_STATE_PER_SHARD {
+                        // Forget the fullest bucket: the address that lost least by it.
+                        let victim = map.iter().max_by(|a, b| a.1.tokens.total_cmp(&b.1.tokens)).map(|(k, _)| *k);
+                        if let Some(v) = victim {
+                            map.remove(&v);
+                        }
                     }
                 }
+                map.entry(client)
+                    .or_insert_with(|| Bucket::full(rate))
+                    .take(rate, now)
+                    .map_err(AuthError::RateLimited)?;
             }
-            map.entry(client).or_insert_with(|| Bucket::full(rate)).take(rate, now).map_err(AuthError::RateLimited)?;
+            if let Some(shared) = &self.shared
+                && let Some(Err(wait)) = shared.take(crate::limits::LimitKey::Address(client), rate).await
+            {
+                if let Some(b) = lock(self.addresses.shard(&client)).get_mut(&client) {
+                    b.give_back(rate);
+                }
+                return Err(AuthError::RateLimited(wait));
+            }
         }
         if let Some(rate) = identity.rate {
             lock(&identity.bucket)
                 .get_or_insert_with(|| Bucket::full(rate))
                 .take(rate, now)
                 .map_err(AuthError::RateLimited)?;
+            if let Some(shared) = &self.shared
+                && let Some(Err(wait)) =
+                    shared.take(crate::limits::LimitKey::Identity(identity.key.clone()), rate).await
+            {
+                if let Some(b) = lock(&identity.bucket).as_mut() {
+                    b.give_back(rate);
+                }
+                return Err(AuthError::RateLimited(wait));
+            }
         }
         Ok(())
     }

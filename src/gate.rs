@@ -563,7 +563,7 @@ async fn admit(
             return Err(refuse(entry, AuthError::Forbidden(format!("this token may not reach server {name}"))));
         }
     }
-    if let Err(e) = auth.check_rate(&identity, client) {
+    if let Err(e) = auth.check_rate(&identity, client).await {
         return Err(refuse(entry, e));
     }
     let subject_token =

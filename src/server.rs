@@ -106,7 +106,8 @@ async fn edge(
 
 /// `GET /health` (open): 503 while starting or draining, or while the token store cannot be read
 /// (requests would get 503 too: a load balancer should send them elsewhere), never for one dead
-/// upstream, which does not take the gateway out of a load balancer.
+/// upstream, which does not take the gateway out of a load balancer; `degraded` (200) while a
+/// shared state (Redis) cannot be reached.
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     let mut up = 0;
     let mut down = 0;
@@ -125,19 +126,27 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
         }
     }
     let store = gw.store().state() == crate::store::StoreState::Unavailable;
+    // A lost shared state leaves requests working (limits count per replica): degraded, not
+    // out of the balancer, or one Redis would take every replica down with it.
+    let state = gw.shared_state().map(|s| s.is_up());
     let (status, code) = if gw.is_draining() {
         ("draining", StatusCode::SERVICE_UNAVAILABLE)
     } else if store {
         ("store_unavailable", StatusCode::SERVICE_UNAVAILABLE)
     } else if starting {
         ("starting", StatusCode::SERVICE_UNAVAILABLE)
-    } else if down == 0 {
+    } else if down == 0 && state != Some(false) {
         ("ok", StatusCode::OK)
     } else {
         ("degraded", StatusCode::OK)
     };
     let store = if store { "unavailable" } else { "ok" };
-    json(code, format!(r#"{{"status":"{status}","store":"{store}","servers":{{"up":{up},"down":{down}}}}}"#))
+    let state = match state {
+        None => "",
+        Some(true) => r#","state":"ok""#,
+        Some(false) => r#","state":"unavailable""#,
+    };
+    json(code, format!(r#"{{"status":"{status}","store":"{store}"{state},"servers":{{"up":{up},"down":{down}}}}}"#))
 }
 
 async fn not_found() -> Response {

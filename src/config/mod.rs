@@ -137,6 +137,11 @@ pub(crate) struct RawConfig {
     /// beside the config file), or a PostgreSQL URL (`postgres://…`) that replicas share.
     #[serde(default)]
     pub store: Option<RawStore>,
+    /// What replicas share at once (`redis://…`, or `{url, prefix}`): rate limits and the
+    /// failure throttle hold across every replica that names the same Redis. Without it each
+    /// replica counts alone.
+    #[serde(default)]
+    pub state: Option<RawState>,
     /// Bounds on what one client can hold open: connections, sessions, streams, calls.
     #[serde(default)]
     pub limits: Option<RawLimits>,
@@ -236,6 +241,23 @@ pub(crate) enum RawStore {
     Path {
         /// The SQLite file (created on first use), or a PostgreSQL URL.
         path: S,
+    },
+}
+
+/// `state:`: a Redis URL alone, or `{url, prefix}`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub(crate) enum RawState {
+    /// `redis://[user:password@]host[:port][/database]`.
+    At(S),
+    /// `{url, prefix}`.
+    Full {
+        /// `redis://[user:password@]host[:port][/database]`.
+        url: S,
+        /// Prefix of every key and channel (default `portcullis:`), so deployments can share
+        /// one Redis.
+        #[serde(default)]
+        prefix: Option<S>,
     },
 }
 
@@ -656,6 +678,8 @@ pub struct Config {
     pub limits: Limits,
     /// The token store named in the config (None: the default file beside the config file).
     pub store_at: Option<crate::store::StoreLocation>,
+    /// The Redis replicas share (None: each replica counts its limits alone).
+    pub state_at: Option<crate::state::StateLocation>,
     /// Open MCP Gateway's catalog file, when `catalog_path` names one (watched with the config).
     pub catalog: Option<PathBuf>,
     /// The file this came from (None for the built-in demo).
@@ -996,6 +1020,7 @@ impl Validator<'_> {
             }
             crate::store::StoreLocation::parse(&p)
         });
+        let state_at = raw.state.and_then(|st| self.state(st));
         let tls = raw.tls.map(|t| self.tls(&t));
         let limits = self.limits(raw.limits.as_ref());
         if !self.errors.is_empty() {
@@ -1018,6 +1043,7 @@ impl Validator<'_> {
             require_https: raw.require_https.unwrap_or(false),
             limits,
             store_at,
+            state_at,
             source: None,
             vault: self.vault,
             warnings: self.warnings,
@@ -1103,6 +1129,30 @@ impl Validator<'_> {
             Some(p) => AuditTo::File(p),
             None => AuditTo::Default,
         }
+    }
+
+    /// `state:`: a Redis URL the client can read (TLS to Redis is not built in).
+    fn state(&mut self, raw: RawState) -> Option<crate::state::StateLocation> {
+        let (url, prefix) = match raw {
+            RawState::At(u) => (u, None),
+            RawState::Full { url, prefix } => (url, prefix),
+        };
+        let url = self.subst("state", &url);
+        if env::has_unset(&url) {
+            self.error("state", "names an environment variable that is not set");
+            return None;
+        }
+        if !url.starts_with("redis://") {
+            self.error("state", "must be a redis:// URL (rediss:// and sockets are not supported)");
+            return None;
+        }
+        if let Err(e) = redis::Client::open(url.as_str()) {
+            // The client's message can quote the URL; say what is wrong without it.
+            self.error("state", format!("is not a Redis URL the client can read ({:?})", e.kind()));
+            return None;
+        }
+        let prefix = prefix.map_or_else(|| "portcullis:".to_owned(), |p| self.subst("state.prefix", &p));
+        Some(crate::state::StateLocation { url, prefix })
     }
 
     /// `tls:`, with its files loaded once to prove they make a configuration.

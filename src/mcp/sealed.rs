@@ -118,6 +118,18 @@ impl Sealed {
         Ok(sealed)
     }
 
+    /// The endpoint an id was sealed for, when it opens under `ring` (its principal and expiry
+    /// are checked by [`Sealed::open`], which must follow).
+    pub(crate) fn scope_of(ring: &KeyRing, id: &str) -> Option<Scope> {
+        if id.len() > MAX_ID_LEN {
+            return None;
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(id).ok()?;
+        let plain = ring.open(PURPOSE, &raw).ok()?;
+        let sealed: Sealed = serde_json::from_slice(&plain).ok()?;
+        Some(if sealed.scope == "*" { Scope::All } else { Scope::One(sealed.scope) })
+    }
+
     /// The protocol version it negotiated (a session-era one).
     pub(crate) fn protocol_version(&self) -> Option<ProtocolVersion> {
         ProtocolVersion::parse(&self.version).filter(|v| v.is_handshake())

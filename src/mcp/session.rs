@@ -2,8 +2,8 @@
 //!
 //! A [`Session`] exists for session-based clients (2025 era, legacy SSE); stateless 2026-07-28
 //! requests run with a [`Caller`] that has no session. Invariants: session ids are unguessable:
-//! a session-era id is sealed ([`crate::mcp::sealed`], with a 256-bit nonce), the others are
-//! 256-bit values, all from the OS random source (no fallback); a message for a client goes on exactly one
+//! a session-era or legacy SSE id is sealed ([`crate::mcp::sealed`], with a 256-bit nonce),
+//! the others are 256-bit values, all from the OS random source (no fallback); a message for a client goes on exactly one
 //! stream (the request's own stream when it relates to a request, else the session's standalone
 //! stream); routes for server-to-client requests are removed when answered or when the session
 //! closes.
@@ -147,6 +147,15 @@ pub(crate) struct Session {
     /// For a session opened with an issued token: a newer token of the same lineage, grants and
     /// tenant used on it since (an OAuth client's refreshed access token), whose state decides.
     renewed_token: Mutex<Option<String>>,
+    /// With a shared state: the channel on which messages for its stream reach the replica
+    /// holding the stream, wherever they were produced.
+    relay: std::sync::OnceLock<Relay>,
+}
+
+/// A session's channel in the shared state ([`crate::state`]).
+struct Relay {
+    state: Arc<crate::state::SharedState>,
+    channel: String,
 }
 
 /// One call in flight on a session; the count drops when it does.
@@ -227,7 +236,17 @@ impl Session {
             calls: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             renewed_until: AtomicU64::new(0),
             renewed_token: Mutex::new(None),
+            relay: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Carries its stream's messages across replicas through `state`: produced on a replica
+    /// without its stream, they are published on the session's channel (named by a digest of
+    /// its id), which the replica holding the stream hears.
+    pub(crate) fn relay_through(&self, state: &Arc<crate::state::SharedState>) {
+        let digest = crate::credentials::digest(&self.id);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let _ = self.relay.set(Relay { state: state.clone(), channel: state.key(format_args!("session:{hex}")) });
     }
 
     /// Notes that a request used it now.
@@ -335,9 +354,40 @@ impl Session {
         self.log_level().is_none_or(|min| rank >= min)
     }
 
-    /// Attaches the standalone stream (GET or legacy SSE), replacing an earlier one.
-    pub(crate) fn attach_stream(&self, tx: mpsc::Sender<Bytes>) {
-        *lock(&self.stream) = Some(tx);
+    /// Attaches the standalone stream (GET or legacy SSE), replacing an earlier one; with a
+    /// relay, what other replicas publish for the session goes on it too, while it is open,
+    /// from when the returned signal is answered (Redis confirmed the subscription).
+    pub(crate) fn attach_stream(&self, tx: mpsc::Sender<Bytes>) -> Option<oneshot::Receiver<()>> {
+        *lock(&self.stream) = Some(tx.clone());
+        let mut ready = None;
+        if let Some(relay) = self.relay.get() {
+            let mut heard = relay.state.subscribe(relay.channel.clone());
+            ready = heard.ready.take();
+            let closed = self.closed.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        msg = heard.rx.recv() => {
+                            let Some(msg) = msg else { return };
+                            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(msg) {
+                                return;
+                            }
+                        }
+                        () = tx.closed() => return,
+                        () = closed.cancelled() => return,
+                    }
+                }
+            });
+        }
+        ready
+    }
+
+    /// Attaches the standalone stream, and with a relay waits (at most the shared state's
+    /// deadline) until messages other replicas publish for it are heard.
+    pub(crate) async fn attach_stream_heard(&self, tx: mpsc::Sender<Bytes>) {
+        if let Some(ready) = self.attach_stream(tx) {
+            let _ = tokio::time::timeout(crate::state::DEADLINE, ready).await;
+        }
     }
 
     /// Whether a standalone stream is attached and open.
@@ -345,12 +395,14 @@ impl Session {
         lock(&self.stream).as_ref().is_some_and(|s| !s.is_closed())
     }
 
-    /// Sends a message on the standalone stream; false when there is none or it is full.
+    /// Sends a message on the standalone stream: here when it is here, else (with a relay) to
+    /// the replica holding it; false when there is none or it is full.
     pub(crate) fn send(&self, msg: Bytes) -> bool {
-        let tx = lock(&self.stream).clone();
-        match tx {
-            Some(tx) => tx.try_send(msg).is_ok(),
-            None => false,
+        let tx = lock(&self.stream).clone().filter(|tx| !tx.is_closed());
+        match (tx, self.relay.get()) {
+            (Some(tx), _) => tx.try_send(msg).is_ok(),
+            (None, Some(relay)) => relay.state.publish(relay.channel.clone(), msg),
+            (None, None) => false,
         }
     }
 

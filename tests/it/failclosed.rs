@@ -231,7 +231,7 @@ async fn per_address_state_stays_bounded() {
         let ip = std::net::IpAddr::V6(std::net::Ipv6Addr::from(u128::from(i) << 64 | 1));
         let _ = auth.authenticate(&wrong, ip);
         if let Ok(identity) = auth.authenticate(&right, ip) {
-            let _ = auth.check_rate(&identity, ip);
+            let _ = auth.check_rate(&identity, ip).await;
         }
     }
     let (failures, buckets) = auth.address_state_len();

@@ -53,25 +53,30 @@ impl Drop for PgSchema {
     }
 }
 
-/// A TCP relay in front of PostgreSQL that the test can cut (every relayed connection closed,
-/// new ones refused: a database restart as the gateway sees it), freeze (nothing answers, nothing
-/// closes: a partition) and restore.
-struct PgLink {
+/// A TCP relay in front of a service (PostgreSQL, Redis) that the test can cut (every relayed
+/// connection closed, new ones refused: a restart as the gateway sees it), freeze (nothing
+/// answers, nothing closes: a partition) and restore.
+struct Link {
     port: u16,
     up: Arc<AtomicBool>,
     frozen: Arc<AtomicBool>,
     cut: tokio::sync::watch::Sender<u64>,
 }
 
-impl PgLink {
-    async fn start() -> PgLink {
+impl Link {
+    /// A relay to the test database.
+    async fn postgres() -> Link {
+        let target = test_database();
+        Link::start(target.trim_start_matches("postgres://").split('/').next().unwrap().to_owned()).await
+    }
+
+    /// A relay to `target` (`host:port`).
+    async fn start(target: String) -> Link {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
         let frozen = Arc::new(AtomicBool::new(false));
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
-        let target = test_database();
-        let target = target.trim_start_matches("postgres://").split('/').next().unwrap().to_owned();
         let (link_up, link_frozen) = (up.clone(), frozen.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
@@ -99,7 +104,7 @@ impl PgLink {
                 });
             }
         });
-        PgLink { port, up, frozen, cut }
+        Link { port, up, frozen, cut }
     }
 
     fn database(&self) -> String {
@@ -277,7 +282,7 @@ async fn three_replicas_behind_a_balancer_share_tokens_and_a_revocation_reaches_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_database_means_503_until_it_is_back_and_nothing_is_lost() {
-    let link = PgLink::start().await;
+    let link = Link::postgres().await;
     let schema = PgSchema::new(&link.database());
     let dir = TempDir::new();
     let cfg = replica_config(&dir, 0, &schema.url);
@@ -418,6 +423,217 @@ async fn session_era_clients_move_between_replicas_on_sealed_ids() {
                 200 => assert!(at.elapsed() < Duration::from_secs(1), "{url} still serves a deleted session"),
                 other => panic!("{other}"),
             }
+        }
+    }
+}
+
+/// The Redis the tests use (`PORTCULLIS_TEST_REDIS`, default `redis://127.0.0.1:6379/0`): its
+/// `host:port` and database path.
+fn test_redis() -> (String, String) {
+    let url = std::env::var("PORTCULLIS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    let rest = url.trim_start_matches("redis://");
+    let (host, db) = rest.split_once('/').unwrap_or((rest, "0"));
+    assert!(
+        std::net::TcpStream::connect(host).is_ok(),
+        "Redis is not reachable at {url}: start it or point PORTCULLIS_TEST_REDIS at one"
+    );
+    (host.to_owned(), db.to_owned())
+}
+
+/// `/health` of a replica: status and body.
+async fn health_of(url: &str) -> (u16, Value) {
+    let r = reqwest::get(format!("{url}/health")).await.unwrap();
+    (r.status().as_u16(), serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap())
+}
+
+/// Waits until `/health` of every replica says the shared state is `want`.
+async fn await_state(urls: &[String], want: &str, within: Duration) {
+    let at = Instant::now();
+    for url in urls {
+        loop {
+            let (status, body) = health_of(url).await;
+            if body["state"] == want {
+                assert_eq!(status, 200, "a lost Redis never takes a replica out of the balancer: {body}");
+                break;
+            }
+            assert!(at.elapsed() < within, "{url}: state is not {want}: {body}");
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_hold_one_rate_limit_and_one_failure_throttle_through_redis() {
+    let (redis, db) = test_redis();
+    let link = Link::start(redis).await;
+    let dir = TempDir::new();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let prefix = format!("pcs-it-{}-{nanos}:", std::process::id());
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        let cfg = replica_config(&dir, i, dir.0.join(format!("replica{i}.db")).to_str().unwrap());
+        let mut text = std::fs::read_to_string(&cfg).unwrap();
+        text.push_str(&format!(
+            "state:\n  url: redis://127.0.0.1:{}/{db}\n  prefix: {prefix:?}\n\
+             auth:\n  max_failures_per_minute: 6\n  tokens:\n    \
+             alice: {{token: alice-token-0123456789abcdef, rate: 30/min}}\n    \
+             bob: bob-token-0123456789abcdef\n    \
+             carol: {{token: carol-token-0123456789abcdef, rate: 4/min}}\n    \
+             prom: {{token: prom-token-0123456789abcdef, role: metrics}}\n",
+            link.port
+        ));
+        std::fs::write(&cfg, text).unwrap();
+        replicas.push(Served::start(&cfg, &[]).await);
+    }
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.trim_end_matches("/mcp").to_owned()).collect();
+    await_state(&urls, "ok", Duration::from_secs(10)).await;
+    let lb = Balancer::start(&urls).await;
+
+    // 60 calls through the balancer, 20 on each replica: alone, each would admit all 20; held
+    // across the three, 30 pass (plus what refills meanwhile: one per 2 s).
+    let started = Instant::now();
+    let mut admitted = 0u32;
+    let mut refused = 0u32;
+    for _ in 0..60 {
+        match call_status(&lb.url, "alice-token-0123456789abcdef").await {
+            200 => admitted += 1,
+            429 => refused += 1,
+            other => panic!("{other}"),
+        }
+    }
+    let refilled = u32::try_from(started.elapsed().as_secs() / 2).unwrap() + 1;
+    eprintln!("rate limit 30/min across 3 replicas: {admitted} of 60 admitted in {:?}", started.elapsed());
+    assert!((30..=30 + refilled).contains(&admitted), "{admitted} admitted, {refused} refused");
+
+    // Wrong credentials, spread over the three: 6 failures allowed in all (each replica may let
+    // one more through before it learns of a block made elsewhere), then 429.
+    let mut failures_before_block = 0;
+    for _ in 0..15 {
+        match call_status(&lb.url, "bad-token-0123456789abcdef000").await {
+            401 => failures_before_block += 1,
+            429 => break,
+            other => panic!("{other}"),
+        }
+    }
+    eprintln!("failure throttle of 6 across 3 replicas: {failures_before_block} failures before 429");
+    assert!((6..=9).contains(&failures_before_block), "{failures_before_block}");
+
+    // Redis goes away: every replica carries on (authentication never depends on it), limits
+    // count per replica, `/health` says degraded (200) and the metric says 0.
+    link.cut();
+    await_state(&urls, "unavailable", Duration::from_secs(5)).await;
+    for url in &urls {
+        assert_eq!(health_of(url).await.1["status"], "degraded");
+        assert_eq!(call_status(url, "bob-token-0123456789abcdef").await, 200);
+        let metrics = reqwest::Client::new()
+            .get(format!("{url}/metrics"))
+            .bearer_auth("prom-token-0123456789abcdef")
+            .send()
+            .await
+            .unwrap();
+        assert!(metrics.text().await.unwrap().contains("portcullis_state_up 0"));
+    }
+    // Each replica counts alone meanwhile: carol's 4/min is 4 on each of the three.
+    let mut alone = 0;
+    for _ in 0..15 {
+        if call_status(&lb.url, "carol-token-0123456789abcdef").await == 200 {
+            alone += 1;
+        }
+    }
+    assert_eq!(alone, 12, "per replica while Redis is away");
+    // The block each replica learnt holds while Redis is away.
+    assert_eq!(call_status(&lb.url, "another-bad-token-0123456789ab").await, 429);
+
+    // Back: shared again, and the bucket it kept still holds alice to her limit.
+    link.restore();
+    await_state(&urls, "ok", Duration::from_secs(10)).await;
+    for url in &urls {
+        assert_eq!(health_of(url).await.1["status"], "ok");
+    }
+    let mut after = 0;
+    for _ in 0..6 {
+        if call_status(&lb.url, "alice-token-0123456789abcdef").await == 200 {
+            after += 1;
+        }
+    }
+    let refilled = u32::try_from(started.elapsed().as_secs() / 2).unwrap() + 1;
+    assert!(admitted + after <= 30 + refilled, "{admitted} + {after} admitted in {:?}", started.elapsed());
+    drop(lb);
+}
+
+/// Three replicas sharing a database, a session key and a Redis (under a prefix of the test's
+/// own); alice is a config token.
+async fn sharing_replicas(dir: &TempDir, schema: &PgSchema) -> (Vec<Served>, Vec<String>) {
+    let (redis, db) = test_redis();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let prefix = format!("pcs-it-{}-{nanos}:", std::process::id());
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        let cfg = replica_config(dir, i, &schema.url);
+        let mut text = std::fs::read_to_string(&cfg).unwrap();
+        text.push_str(&format!(
+            "state:\n  url: redis://{redis}/{db}\n  prefix: {prefix:?}\n\
+             auth:\n  tokens:\n    alice: alice-token-0123456789abcdef\n"
+        ));
+        std::fs::write(&cfg, text).unwrap();
+        replicas.push(Served::start(&cfg, &[("PORTCULLIS_SECRET_KEY", KEY_A)]).await);
+    }
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.trim_end_matches("/mcp").to_owned()).collect();
+    await_state(&urls, "ok", Duration::from_secs(10)).await;
+    (replicas, urls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_stream_hears_what_other_replicas_produce_for_it_in_both_transports() {
+    let schema = PgSchema::new(&test_database());
+    let dir = TempDir::new();
+    let (_replicas, urls) = sharing_replicas(&dir, &schema).await;
+    let alice = "alice-token-0123456789abcdef";
+    let within = Duration::from_secs(5);
+
+    // Session-era: the GET stream on replica 0; subscriptions and the updates that follow
+    // them made on replicas 1 and 2 (each replica's own child tells its own subscribers).
+    let client = Client::connect_as(&format!("{}/mcp", urls[0]), alice).await;
+    let mut events = client.get_stream().await;
+    for (n, url) in urls.iter().enumerate().skip(1) {
+        let mut there = Client::new(&format!("{url}/mcp")).bearer(alice);
+        there.session = client.session.clone();
+        there.version = client.version.clone();
+        let sub = there.request(json!(10 + n), "resources/subscribe", json!({"uri": "demo://info"})).await;
+        assert_eq!(sub.status, 200, "{:?}", sub.response);
+        assert_eq!(there.call_text("d__touch", json!({"uri": "demo://info"})).await, "told 1");
+        let updated = tokio::time::timeout(within, events.next_method("notifications/resources/updated"))
+            .await
+            .unwrap_or_else(|_| panic!("the stream on replica 0 did not hear replica {n}"));
+        assert_eq!(updated["params"]["uri"], "demo://info");
+    }
+
+    // Legacy SSE: the stream on replica 0, POSTs on every replica, every answer on the stream.
+    let (mut sse, endpoint) = crate::protocol::open_sse(&format!("{}/sse", urls[0]), Some(alice)).await;
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
+    assert_eq!(crate::support::post_as(&format!("{}{endpoint}", urls[1]), alice, &init).await.status(), 202);
+    let answer = tokio::time::timeout(within, sse.next()).await.expect("initialize answered through replica 1");
+    assert_eq!(answer["result"]["protocolVersion"], "2024-11-05");
+    for round in 0..6u64 {
+        let url = &urls[usize::try_from(round).unwrap() % 3];
+        let call = json!({"jsonrpc":"2.0","id":round + 1,"method":"tools/call","params":{"name":"d__echo","arguments":{"text":format!("r{round}")}}});
+        assert_eq!(crate::support::post_as(&format!("{url}{endpoint}"), alice, &call).await.status(), 202);
+        let answer = tokio::time::timeout(within, sse.next()).await.expect("answered on the stream");
+        assert_eq!(answer["id"], round + 1);
+        assert_eq!(answer["result"]["content"][0]["text"], format!("r{round}"));
+    }
+    // Another identity's POST is refused wherever it lands, as an unknown id.
+    let bad = crate::support::post_as(&format!("{}{endpoint}", urls[2]), "nobody-0123456789abcdef", &init).await;
+    assert_eq!(bad.status(), 401);
+    // The stream closed: the session is over on every replica within a second, the ones that
+    // served its POSTs too.
+    drop(sse);
+    let call =
+        json!({"jsonrpc":"2.0","id":99,"method":"tools/call","params":{"name":"d__echo","arguments":{"text":"late"}}});
+    let at = Instant::now();
+    for url in &urls {
+        while crate::support::post_as(&format!("{url}{endpoint}"), alice, &call).await.status() != 404 {
+            assert!(at.elapsed() < Duration::from_secs(1), "{url} still serves a legacy session whose stream closed");
         }
     }
 }

@@ -103,7 +103,9 @@ async fn session_of(gw: &Gateway, scope: &Scope, headers: &HeaderMap, who: &Who)
     };
     let found = match gw.session(id) {
         Some(s) => Some(s),
-        None => gw.reopen_session(id, scope, &who.identity, &who.snapshot.config.limits).await,
+        None => {
+            gw.reopen_session(id, scope, &who.identity, &who.snapshot.config.limits, ClientTransport::Streamable).await
+        }
     };
     match found {
         Some(s)
@@ -129,7 +131,7 @@ async fn get_stream(gw: Arc<Gateway>, scope: Scope, headers: &HeaderMap, who: &W
     }
     let session = session_of(&gw, &scope, headers, who).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    session.attach_stream(tx);
+    session.attach_stream_heard(tx).await;
     Ok(sse_response(stream_with_keepalive(rx, session.closed.clone()), None))
 }
 
@@ -292,7 +294,13 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Wh
     };
     let version = ProtocolVersion::negotiate(Some(&requested));
     let caps = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities"));
-    let id = match gw.seal_session_id(&who.identity, &scope, version, caps.map(RawValue::get)) {
+    let id = match gw.seal_session_id(
+        &who.identity,
+        &scope,
+        version,
+        caps.map(RawValue::get),
+        ClientTransport::Streamable,
+    ) {
         Ok(id) => id,
         Err(crate::vault::VaultError::NoRandomness(e)) => return no_randomness(env.id.map(RawValue::get), &e),
         Err(e) => {
@@ -469,7 +477,11 @@ impl Drop for EndSession {
     fn drop(&mut self) {
         let (gw, id) = (self.gw.clone(), std::mem::take(&mut self.id));
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { gw.end_session_as(&id, gateway::EndCause::Closed).await });
+            rt.spawn(async move {
+                // Over for good: its sealed id opens on no replica again.
+                gw.forget_session_ids(std::slice::from_ref(&id)).await;
+                gw.end_session_as(&id, gateway::EndCause::Closed).await
+            });
         }
     }
 }

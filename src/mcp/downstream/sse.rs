@@ -2,8 +2,10 @@
 //! a stream whose first event names `POST /messages/?session_id=…`; messages POSTed there are
 //! answered 202 and their responses arrive on the stream.
 //!
-//! Invariants: the session id is 256 random bits, bound to the identity that opened the stream
-//! (another identity's POST gets 404, exactly like an unknown id); closing the stream ends the
+//! Invariants: the session id is sealed ([`crate::mcp::sealed`], under a purpose of its own, so
+//! it never opens as a session-era id) and bound to the identity that opened the stream
+//! (another identity's POST gets 404, exactly like an unknown id), so a POST may land on any
+//! replica: answers go to the stream through the shared state; closing the stream ends the
 //! session and cancels its calls still in flight upstream; one JSON-RPC message per POST (an
 //! array is 400, -32600); every POST is authenticated and audited when its answer is sent.
 
@@ -38,15 +40,24 @@ pub(crate) async fn open(
     headers: HeaderMap,
 ) -> Response {
     guarded(&gw.clone(), &scope.clone(), "GET", &headers, peer, async move |who, _: &mut Entry| {
-        let session = match Session::new(scope, SSE_VERSION, ClientTransport::Sse, who.identity.clone()) {
+        let id = match gw.seal_session_id(&who.identity, &scope, SSE_VERSION, None, ClientTransport::Sse) {
+            Ok(id) => id,
+            Err(crate::vault::VaultError::NoRandomness(e)) => return no_randomness(None, &e),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot seal a session id");
+                let body = r#"{"error":"internal","message":"cannot open a session now"}"#;
+                return (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "application/json")], body)
+                    .into_response();
+            }
+        };
+        let session = Session::with_id(id, scope, SSE_VERSION, ClientTransport::Sse, who.identity.clone());
+        let session = match gw.add_session(session, &who.snapshot.config.limits) {
             Ok(s) => s,
-            Err(e) => return no_randomness(None, &e),
+            Err(e) => return session_limit(None, &e),
         };
         let (tx, rx) = mpsc::channel::<Bytes>(256);
-        session.attach_stream(tx);
-        if let Err(e) = gw.add_session(session.clone(), &who.snapshot.config.limits) {
-            return session_limit(None, &e);
-        }
+        // Heard from every replica before the client learns where to POST.
+        session.attach_stream_heard(tx).await;
         let endpoint = format!("/messages/?session_id={}", session.id);
         let end = EndSession::new(gw.clone(), session.id.clone());
         let first = futures_util::stream::once(async move { Ok(sse::named("endpoint", &endpoint)) });
@@ -80,15 +91,25 @@ pub(crate) async fn message(
     // `/servers/NAME/sse` is that server's resource), so a token is accepted here only where it
     // could have opened the session. The session is looked up again, for this identity, behind
     // the gate: an id that is unknown, or of another identity, is 404 there.
-    let scope = session_id
-        .as_deref()
-        .and_then(|id| gw.session(id))
-        .filter(|s| s.transport == ClientTransport::Sse)
-        .map_or(Scope::All, |s| s.scope.clone());
-    guarded(&gw.clone(), &scope, "POST", &headers, peer, async move |who, entry| {
-        let session = session_id
-            .and_then(|id| gw.session(&id))
-            .filter(|s| s.transport == ClientTransport::Sse && s.identity.same_principal(&who.identity));
+    let held = session_id.as_deref().and_then(|id| gw.session(id)).filter(|s| s.transport == ClientTransport::Sse);
+    let scope = match &held {
+        Some(s) => s.scope.clone(),
+        // Opened on another replica: the endpoint it was opened at is in its sealed id.
+        None => session_id.as_deref().and_then(|id| gw.sealed_sse_scope(id)).unwrap_or(Scope::All),
+    };
+    guarded(&gw.clone(), &scope.clone(), "POST", &headers, peer, async move |who, entry| {
+        let session = match session_id {
+            Some(id) => match gw.session(&id) {
+                Some(s) => Some(s),
+                None => {
+                    let limits = &who.snapshot.config.limits;
+                    gw.reopen_session(&id, &scope, &who.identity, limits, ClientTransport::Sse).await
+                }
+            },
+            None => None,
+        };
+        let session =
+            session.filter(|s| s.transport == ClientTransport::Sse && s.identity.same_principal(&who.identity));
         let Some(session) = session else {
             return Err(Rejection::rpc(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found"));
         };

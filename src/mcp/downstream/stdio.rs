@@ -158,7 +158,7 @@ pub(crate) async fn serve(gw: Arc<Gateway>, scope: Scope, identity: Arc<Identity
     let session =
         Session::new(scope.clone(), ProtocolVersion::LATEST_SESSION, ClientTransport::Stdio, identity.clone())
             .map_err(std::io::Error::other)?;
-    session.attach_stream(tx.clone());
+    let _ = session.attach_stream(tx.clone());
     gw.add_session(session.clone(), &gw.config().limits).map_err(std::io::Error::other)?;
     let client = Client { gw: gw.clone(), scope, identity, session: session.clone(), tx };
     let mut lines = Lines::new(tokio::io::stdin(), gw.config().max_body_bytes);

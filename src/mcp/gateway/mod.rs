@@ -170,6 +170,8 @@ pub struct Gateway {
     metrics: crate::metrics::Metrics,
     draining: std::sync::atomic::AtomicBool,
     store: Arc<crate::store::StoreView>,
+    /// The Redis replicas share (`state:`), fixed at start.
+    shared_state: Option<Arc<crate::state::SharedState>>,
     /// Per principal: (sessions, legacy SSE streams) open, for the limits.
     held: Sharded<Arc<str>, (usize, usize)>,
     /// Sessions ended, by [`EndCause`].
@@ -270,6 +272,15 @@ pub enum StartError {
         #[source]
         source: crate::store::StoreError,
     },
+    /// The shared state's URL cannot be used.
+    #[error("cannot use the shared state {at}: {source}")]
+    State {
+        /// The state (shown without secrets).
+        at: crate::state::StateLocation,
+        /// Why.
+        #[source]
+        source: crate::state::StateError,
+    },
 }
 
 /// An identity's key and a server's name.
@@ -289,7 +300,13 @@ impl Gateway {
     pub(crate) fn start_with(config: Config, store: Arc<crate::store::StoreView>) -> Result<Arc<Self>, StartError> {
         let cursors = lists::CursorKey::new(crate::random::key()?);
         let own_ring = crate::vault::KeyRing::random()?;
-        let authenticator = authenticator_for(&config, Some(store.clone()));
+        let shared_state = match &config.state_at {
+            Some(at) => Some(
+                crate::state::SharedState::start(at).map_err(|source| StartError::State { at: at.clone(), source })?,
+            ),
+            None => None,
+        };
+        let authenticator = authenticator_for(&config, Some(store.clone()), shared_state.clone());
         authenticator.start_providers();
         let audit = crate::audit::Audit::start(config.audit_target()).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot open the audit file; audit records go to stderr");
@@ -315,6 +332,7 @@ impl Gateway {
             audit,
             metrics: crate::metrics::Metrics::default(),
             store,
+            shared_state,
             draining: std::sync::atomic::AtomicBool::new(false),
             held: Sharded::new(),
             ended: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -345,6 +363,7 @@ impl Gateway {
                 }
                 let Some(gw) = weak.upgrade() else { return };
                 gw.sweep_sessions().await;
+                gw.authenticator().release_idle_leases();
                 if pruned.elapsed() >= PRUNE_EVERY {
                     pruned = tokio::time::Instant::now();
                     gw.authenticator().prune();
@@ -499,7 +518,12 @@ impl Gateway {
         for t in old.auth.tokens.iter().filter(|t| t.source == crate::credentials::TokenSource::Generated) {
             config.auth.tokens.push(t.clone());
         }
-        let mut authenticator = authenticator_for(&config, Some(self.store.clone()));
+        if config.state_at != old.state_at {
+            tracing::warn!(
+                "the shared state (state:) changed in the config: the one the gateway started with stays until a restart"
+            );
+        }
+        let mut authenticator = authenticator_for(&config, Some(self.store.clone()), self.shared_state.clone());
         authenticator.adopt_providers(&self.authenticator());
         authenticator.start_providers();
         let config = Arc::new(config);
@@ -647,6 +671,11 @@ impl Gateway {
             h.0 += 1;
             h.1 += usize::from(s.transport == session::ClientTransport::Sse);
         }
+        if let Some(state) = &self.shared_state
+            && matches!(s.transport, session::ClientTransport::Streamable | session::ClientTransport::Sse)
+        {
+            s.relay_through(state);
+        }
         shard.insert(s.id.clone(), s.clone());
         drop(shard);
         self.changed();
@@ -665,25 +694,39 @@ impl Gateway {
 
     /// The ring session ids are sealed with: the vault's (shared by replicas with the same
     /// `PORTCULLIS_SECRET_KEY`), else this process's own.
-    pub(crate) fn session_ring(&self) -> crate::vault::KeyRing {
+    pub(crate) fn session_ring(&self, transport: session::ClientTransport) -> crate::vault::KeyRing {
+        // A legacy SSE id never opens as a session-era one, nor the other way round.
+        let purpose = match transport {
+            session::ClientTransport::Sse => "mcp-sse-session-id",
+            _ => "mcp-session-id",
+        };
         match &self.config().vault {
-            Some(vault) => vault.for_purpose("mcp-session-id"),
-            None => self.own_ring.clone(),
+            Some(vault) => vault.for_purpose(purpose),
+            None if purpose == "mcp-session-id" => self.own_ring.clone(),
+            None => self.own_ring.for_purpose(purpose),
         }
     }
 
-    /// A new session-era session's id: sealed, carrying what any replica needs to serve it.
+    /// A new session's id (session-era, or legacy SSE with `transport`): sealed, carrying
+    /// what any replica needs to serve it.
     pub(crate) fn seal_session_id(
         &self,
         identity: &crate::auth::Identity,
         scope: &session::Scope,
         version: crate::mcp::version::ProtocolVersion,
         capabilities: Option<&str>,
+        transport: session::ClientTransport,
     ) -> Result<String, crate::vault::VaultError> {
         let tenant = identity.tenant.as_deref().unwrap_or_default();
         let now = crate::store::now_ms();
         let sealed = crate::mcp::sealed::Sealed::new(&identity.key, tenant, scope, version, capabilities, now)?;
-        sealed.seal(&self.session_ring())
+        sealed.seal(&self.session_ring(transport))
+    }
+
+    /// The endpoint a legacy SSE id this replica does not hold was opened at, from the id
+    /// itself (None: not an id of this gateway's keys). Says nothing about who may use it.
+    pub(crate) fn sealed_sse_scope(&self, id: &str) -> Option<session::Scope> {
+        crate::mcp::sealed::Sealed::scope_of(&self.session_ring(session::ClientTransport::Sse), id)
     }
 
     /// A session this replica does not hold, opened from its sealed id: for `identity` at
@@ -695,9 +738,11 @@ impl Gateway {
         scope: &session::Scope,
         identity: &Arc<crate::auth::Identity>,
         limits: &crate::config::Limits,
+        transport: session::ClientTransport,
     ) -> Option<Arc<Session>> {
         let now = crate::store::now_ms();
-        let sealed = match crate::mcp::sealed::Sealed::open(&self.session_ring(), id, &identity.key, scope, now) {
+        let ring = self.session_ring(transport);
+        let sealed = match crate::mcp::sealed::Sealed::open(&ring, id, &identity.key, scope, now) {
             Ok(s) if s.tenant == identity.tenant.as_deref().unwrap_or_default() => s,
             Ok(_) => return None,
             Err(e) => {
@@ -715,13 +760,7 @@ impl Gateway {
             // Deleted, or a store that cannot say: not reopened (the client initializes again).
             _ => return None,
         }
-        let s = Session::with_id(
-            id.to_owned(),
-            scope.clone(),
-            version,
-            session::ClientTransport::Streamable,
-            identity.clone(),
-        );
+        let s = Session::with_id(id.to_owned(), scope.clone(), version, transport, identity.clone());
         s.set_capabilities(&sealed.capabilities);
         // Two requests racing to reopen it: the first one's session serves both.
         let s = self.add_session(s, limits).ok()?;
@@ -778,7 +817,7 @@ impl Gateway {
         let ended: Vec<String> = self
             .sessions()
             .into_iter()
-            .filter(|s| s.transport == session::ClientTransport::Streamable)
+            .filter(|s| matches!(s.transport, session::ClientTransport::Streamable | session::ClientTransport::Sse))
             .filter(|s| gone.contains(&crate::credentials::digest(&s.id)))
             .map(|s| s.id.clone())
             .collect();
@@ -1019,6 +1058,11 @@ impl Gateway {
     /// The token store as this gateway sees it.
     pub(crate) fn store(&self) -> &Arc<crate::store::StoreView> {
         &self.store
+    }
+
+    /// The shared state, when the config names one.
+    pub(crate) fn shared_state(&self) -> Option<&Arc<crate::state::SharedState>> {
+        self.shared_state.as_ref()
     }
 
     /// The credential table of the current config.
@@ -1337,10 +1381,14 @@ const POLL_DEADLINE: std::time::Duration = std::time::Duration::from_millis(750)
 const _: () = assert!(SWEEP_EVERY.as_millis() <= 1000);
 
 /// The credential table for a config (each token's grants narrowed by tenants and `authTokens`).
-pub(crate) fn authenticator_for(config: &Config, store: Option<Arc<crate::store::StoreView>>) -> Authenticator {
+pub(crate) fn authenticator_for(
+    config: &Config,
+    store: Option<Arc<crate::store::StoreView>>,
+    state: Option<Arc<crate::state::SharedState>>,
+) -> Authenticator {
     let servers: Vec<(String, Vec<String>)> =
         config.servers.iter().map(|s| (s.name.clone(), s.auth_tokens.clone())).collect();
-    Authenticator::new(&config.auth, &servers, store)
+    Authenticator::new(&config.auth, &servers, store).sharing(state)
 }
 
 impl Hub for Gateway {

@@ -86,7 +86,7 @@ impl Gateway {
             Session::listener(ctx.scope.clone(), ctx.protocol_version, ctx.who.identity.clone(), filter.clone())
                 .map_err(|e| Reply::error(code::INTERNAL_ERROR, &e.to_string()))?;
         let (tx, rx) = mpsc::channel(256);
-        session.attach_stream(tx);
+        let _ = session.attach_stream(tx);
         self.add_session(session.clone(), &ctx.who.snapshot.config.limits)
             .map_err(|e| Reply::error(code::LIMIT_REACHED, &e.to_string()))?;
         let caller =
