@@ -134,6 +134,9 @@ pub(crate) struct SharedState {
     /// Who hears each subscribed channel here (an id per subscription, so a replaced one's end
     /// does not remove its successor).
     heard: std::sync::Mutex<std::collections::HashMap<String, (u64, tokio::sync::mpsc::Sender<bytes::Bytes>)>>,
+    /// This process among the replicas (20 random bits, never 0): server-to-client request ids
+    /// it gives carry it, so an answer that lands elsewhere is sent back here.
+    tag: u64,
     /// Subscribe (true) or unsubscribe a channel on the listening connection, and whom to
     /// tell once Redis confirmed.
     listen: tokio::sync::mpsc::UnboundedSender<ListenChange>,
@@ -173,7 +176,11 @@ impl SharedState {
         let client = redis::Client::open(at.url.as_str()).map_err(|e| StateError::Unavailable(e.to_string()))?;
         let (publish, published) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
         let (listen, listens) = tokio::sync::mpsc::unbounded_channel();
+        let tag = crate::random::key()
+            .map(|k| (u64::from(k[0]) << 12 | u64::from(k[1]) << 4 | u64::from(k[2] >> 4)).max(1))
+            .map_err(|e| StateError::Unavailable(e.to_string()))?;
         let state = Arc::new(SharedState {
+            tag,
             publish,
             heard: std::sync::Mutex::default(),
             listen,
@@ -197,6 +204,16 @@ impl SharedState {
     /// Whether Redis answered its last call.
     pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// This process's tag among the replicas.
+    pub(crate) fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// The channel on which the replica with `tag` hears answers to the requests it asked.
+    pub(crate) fn answers_channel(&self, tag: u64) -> String {
+        self.key(format_args!("answers:{tag:x}"))
     }
 
     /// Records whether Redis answers.

@@ -246,7 +246,25 @@ impl Session {
     pub(crate) fn relay_through(&self, state: &Arc<crate::state::SharedState>) {
         let digest = crate::credentials::digest(&self.id);
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        let _ = self.relay.set(Relay { state: state.clone(), channel: state.key(format_args!("session:{hex}")) });
+        if self.relay.set(Relay { state: state.clone(), channel: state.key(format_args!("session:{hex}")) }).is_ok() {
+            // Ids of server-to-client requests asked here carry this replica's tag.
+            self.next_client_id.store(state.tag() << 32 | 1, Ordering::Relaxed);
+        }
+    }
+
+    /// An answer to server-to-client request `n` that this replica did not ask: sent to the
+    /// replica whose tag `n` carries (true), when there is a relay and it is another's.
+    pub(crate) fn answer_elsewhere(&self, n: u64, msg: &[u8]) -> bool {
+        let Some(relay) = self.relay.get() else { return false };
+        let tag = n >> 32;
+        if tag == 0 || tag == relay.state.tag() {
+            return false;
+        }
+        let mut payload = Vec::with_capacity(self.id.len() + 1 + msg.len());
+        payload.extend_from_slice(self.id.as_bytes());
+        payload.push(b'\n');
+        payload.extend_from_slice(msg);
+        relay.state.publish(relay.state.answers_channel(tag), Bytes::from(payload))
     }
 
     /// Notes that a request used it now.

@@ -584,7 +584,7 @@ async fn sharing_replicas(dir: &TempDir, schema: &PgSchema) -> (Vec<Served>, Vec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sessions_stream_hears_what_other_replicas_produce_for_it_in_both_transports() {
+async fn a_sessions_stream_hears_what_other_replicas_produce_for_it_and_answers_find_their_way_back() {
     let schema = PgSchema::new(&test_database());
     let dir = TempDir::new();
     let (_replicas, urls) = sharing_replicas(&dir, &schema).await;
@@ -607,6 +607,28 @@ async fn a_sessions_stream_hears_what_other_replicas_produce_for_it_in_both_tran
             .unwrap_or_else(|_| panic!("the stream on replica 0 did not hear replica {n}"));
         assert_eq!(updated["params"]["uri"], "demo://info");
     }
+
+    // A server-to-client request asked by replica 1's child for a call whose POST takes only
+    // JSON: it goes out on the GET stream (replica 0); its answer, POSTed to replica 2, finds
+    // its way back to replica 1, and the call completes.
+    let mut on1 = Client::new(&format!("{}/mcp", urls[1])).bearer(alice);
+    on1.session = client.session.clone();
+    on1.version = client.version.clone();
+    let body = json!({"jsonrpc":"2.0","id":"s1","method":"tools/call","params":{"name":"d__sample","arguments":{"prompt":"far"}}});
+    let mut req = on1.request_builder(&body).build().unwrap();
+    req.headers_mut().insert("accept", "application/json".parse().unwrap());
+    let call = tokio::spawn(async move { reqwest::Client::new().execute(req).await.unwrap().text().await.unwrap() });
+    let asked = tokio::time::timeout(within, events.next_method("sampling/createMessage"))
+        .await
+        .expect("the request asked on replica 1 reaches the stream on replica 0");
+    let mut on2 = Client::new(&format!("{}/mcp", urls[2])).bearer(alice);
+    on2.session = client.session.clone();
+    on2.version = client.version.clone();
+    let answer = json!({"jsonrpc":"2.0","id":asked["id"],"result":{"role":"assistant","content":{"type":"text","text":"from afar"},"model":"m"}});
+    assert_eq!(on2.post(answer).await.status(), 202);
+    let done: Value =
+        serde_json::from_str(&tokio::time::timeout(within, call).await.expect("the call completes").unwrap()).unwrap();
+    assert_eq!(done["result"]["content"][0]["text"], "sampled: from afar", "{done}");
 
     // Legacy SSE: the stream on replica 0, POSTs on every replica, every answer on the stream.
     let (mut sse, endpoint) = crate::protocol::open_sse(&format!("{}/sse", urls[0]), Some(alice)).await;

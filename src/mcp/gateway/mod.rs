@@ -343,6 +343,9 @@ impl Gateway {
         });
         let config = gw.config();
         gw.configure_metrics(&config);
+        if let Some(state) = &gw.shared_state {
+            gw.hear_answers(state);
+        }
         for def in &config.servers {
             if def.share == Share::Shared {
                 gw.start_shared(def.clone());
@@ -1318,13 +1321,43 @@ impl Gateway {
         let Some(session) = &ctx.caller.session else { return };
         let Some(id) = env.id.map(|i| i.get().trim_matches('"')) else { return };
         let Some(n) = id.strip_prefix("pcs-").and_then(|n| n.parse().ok()) else { return };
+        if !Self::answer(session, n, env) {
+            // Asked by another replica (its tag is in the id): the answer goes back there.
+            session.answer_elsewhere(n, jsonrpc::with_id(env, &format!("\"pcs-{n}\"")).as_bytes());
+        }
+    }
+
+    /// Routes an answer to the request `n` a session's client was asked here; false when there
+    /// is no such request here.
+    fn answer(session: &Session, n: u64, env: &Envelope<'_>) -> bool {
         match session.take_client_request(n) {
             Some(ClientRequestRoute::Upstream { upstream, upstream_id }) => upstream.answer(&upstream_id, env),
             Some(ClientRequestRoute::Local(tx)) => {
                 let _ = tx.send(Bytes::from(jsonrpc::with_id(env, "0")));
             }
-            None => {}
+            None => return false,
         }
+        true
+    }
+
+    /// Hears the answers other replicas received to requests asked here (`session id` LF
+    /// `message`), while the gateway lives.
+    fn hear_answers(self: &Arc<Self>, state: &Arc<crate::state::SharedState>) {
+        let mut heard = state.subscribe(state.answers_channel(state.tag()));
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(payload) = heard.rx.recv().await {
+                let Some(gw) = weak.upgrade() else { return };
+                let Some(cut) = payload.iter().position(|b| *b == b'\n') else { continue };
+                let (id, msg) = (&payload[..cut], &payload[cut + 1..]);
+                let Some(session) = std::str::from_utf8(id).ok().and_then(|id| gw.session(id)) else { continue };
+                let Ok(env) = Envelope::parse(msg) else { continue };
+                let n = env.id.and_then(|i| i.get().trim_matches('"').strip_prefix("pcs-")?.parse().ok());
+                if let Some(n) = n {
+                    Self::answer(&session, n, &env);
+                }
+            }
+        });
     }
 
     fn broadcast(&self, server: &str, method: &str, msg: &Bytes, filter: impl Fn(&Session) -> bool) {
