@@ -563,7 +563,7 @@ async fn three_replicas_hold_one_rate_limit_and_one_failure_throttle_through_red
 
 /// Three replicas sharing a database, a session key and a Redis (under a prefix of the test's
 /// own); alice is a config token.
-async fn sharing_replicas(dir: &TempDir, schema: &PgSchema) -> (Vec<Served>, Vec<String>) {
+async fn sharing_replicas(dir: &TempDir, schema: &PgSchema, extra: &str) -> (Vec<Served>, Vec<String>) {
     let (redis, db) = test_redis();
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let prefix = format!("pcs-it-{}-{nanos}:", std::process::id());
@@ -573,7 +573,8 @@ async fn sharing_replicas(dir: &TempDir, schema: &PgSchema) -> (Vec<Served>, Vec
         let mut text = std::fs::read_to_string(&cfg).unwrap();
         text.push_str(&format!(
             "state:\n  url: redis://{redis}/{db}\n  prefix: {prefix:?}\n\
-             auth:\n  tokens:\n    alice: alice-token-0123456789abcdef\n"
+             auth:\n  tokens:\n    alice: alice-token-0123456789abcdef\n    \
+             prom: {{token: prom-token-0123456789abcdef, role: metrics}}\n{extra}"
         ));
         std::fs::write(&cfg, text).unwrap();
         replicas.push(Served::start(&cfg, &[("PORTCULLIS_SECRET_KEY", KEY_A)]).await);
@@ -587,7 +588,7 @@ async fn sharing_replicas(dir: &TempDir, schema: &PgSchema) -> (Vec<Served>, Vec
 async fn a_sessions_stream_hears_what_other_replicas_produce_for_it_and_answers_find_their_way_back() {
     let schema = PgSchema::new(&test_database());
     let dir = TempDir::new();
-    let (_replicas, urls) = sharing_replicas(&dir, &schema).await;
+    let (_replicas, urls) = sharing_replicas(&dir, &schema, "").await;
     let alice = "alice-token-0123456789abcdef";
     let within = Duration::from_secs(5);
 
@@ -658,4 +659,45 @@ async fn a_sessions_stream_hears_what_other_replicas_produce_for_it_and_answers_
             assert!(at.elapsed() < Duration::from_secs(1), "{url} still serves a legacy session whose stream closed");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_idle_on_one_replica_lives_on_where_it_is_used() {
+    let schema = PgSchema::new(&test_database());
+    let dir = TempDir::new();
+    let limits = "limits:\n  session_idle_timeout: 1s\n";
+    let (_replicas, urls) = sharing_replicas(&dir, &schema, limits).await;
+    let alice = "alice-token-0123456789abcdef";
+    // Opened on replica 0, with its stream there; one call on replica 1, then none.
+    let client = Client::connect_as(&format!("{}/mcp", urls[0]), alice).await;
+    let mut events = client.get_stream().await;
+    let mut on1 = Client::new(&format!("{}/mcp", urls[1])).bearer(alice);
+    on1.session = client.session.clone();
+    on1.version = client.version.clone();
+    assert_eq!(on1.call_text("d__echo", json!({"text": "once"})).await, "once");
+    // Replica 1 ends its copy as idle (its metric says so) ...
+    let at = Instant::now();
+    loop {
+        let m = reqwest::Client::new()
+            .get(format!("{}/metrics", urls[1]))
+            .bearer_auth("prom-token-0123456789abcdef")
+            .send()
+            .await
+            .unwrap();
+        if m.text().await.unwrap().contains("portcullis_sessions_ended_total{cause=\"idle\"} 1") {
+            break;
+        }
+        assert!(at.elapsed() < Duration::from_secs(5), "replica 1 never ended its idle copy");
+        tokio::task::yield_now().await;
+    }
+    // ... which ends nothing elsewhere: the stream on replica 0 still hears, and replica 1
+    // serves the session again on its next request.
+    assert_eq!(client.call_text("d__echo", json!({"text": "still"})).await, "still");
+    let sub = on1.request(json!(7), "resources/subscribe", json!({"uri": "demo://info"})).await;
+    assert_eq!(sub.status, 200, "{:?}", sub.response);
+    assert_eq!(on1.call_text("d__touch", json!({"uri": "demo://info"})).await, "told 1");
+    let updated = tokio::time::timeout(Duration::from_secs(5), events.next_method("notifications/resources/updated"))
+        .await
+        .expect("the stream on replica 0 outlived replica 1's idle copy");
+    assert_eq!(updated["params"]["uri"], "demo://info");
 }

@@ -447,8 +447,11 @@ impl Gateway {
             .filter(|s| s.transport == session::ClientTransport::Streamable && s.idle(now, idle))
             .map(|s| s.id.clone())
             .collect();
-        // Over everywhere, like a deleted one: no replica reopens it (its client initializes).
-        if !unused.is_empty() {
+        // Alone (no shared state), over for good, like a deleted one: no replica reopens it (its
+        // client initializes). Among replicas sharing a state, idle here says nothing of the
+        // others (its stream may be open on one, its calls going to another): it ends here
+        // only, and its sealed id's expiry bounds its life.
+        if !unused.is_empty() && self.shared_state.is_none() {
             self.forget_session_ids(&unused).await;
         }
         for id in unused {
