@@ -173,7 +173,9 @@ impl SharedState {
     /// Connects in the background (requests go on per replica until it is reached). An error
     /// only for a URL the Redis client cannot read.
     pub(crate) fn start(at: &StateLocation) -> Result<Arc<Self>, StateError> {
-        let client = redis::Client::open(at.url.as_str()).map_err(|e| StateError::Unavailable(e.to_string()))?;
+        // The kind only: the client's message can quote the URL.
+        let client =
+            redis::Client::open(at.url.as_str()).map_err(|e| StateError::Unavailable(format!("{:?}", e.kind())))?;
         let (publish, published) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
         let (listen, listens) = tokio::sync::mpsc::unbounded_channel();
         let tag = crate::random::key()
@@ -312,6 +314,26 @@ impl SharedState {
     /// the queue is full (the message is dropped, as on a full stream).
     pub(crate) fn publish(&self, channel: String, msg: bytes::Bytes) -> bool {
         self.is_up() && self.publish.try_send((channel, msg)).is_ok()
+    }
+
+    /// How many connections hear `channel` now (`PUBSUB NUMSUB`): whether a stream is held.
+    pub(crate) async fn listeners(&self, channel: &str) -> Result<u64, StateError> {
+        let mut conn = self.connection()?;
+        let mut cmd = redis::cmd("PUBSUB");
+        cmd.arg("NUMSUB").arg(channel);
+        let asked = cmd.query_async::<(String, u64)>(&mut conn);
+        match tokio::time::timeout(DEADLINE, asked).await {
+            Ok(Ok((_, n))) => Ok(n),
+            Ok(Err(e)) => {
+                let why = e.to_string();
+                self.lose(&why);
+                Err(StateError::Unavailable(why))
+            }
+            Err(_) => {
+                self.lose("no answer in time");
+                Err(StateError::Unavailable("no answer in time".into()))
+            }
+        }
     }
 
     /// Hears `channel` here until the subscription is dropped (a later subscription to the

@@ -252,6 +252,15 @@ impl Session {
         }
     }
 
+    /// Whether a replica holds its stream and hears its channel now (false without a relay, or
+    /// when the shared state cannot say).
+    pub(crate) async fn stream_held_somewhere(&self) -> bool {
+        match self.relay.get() {
+            Some(relay) => relay.state.listeners(&relay.channel).await.is_ok_and(|n| n > 0),
+            None => false,
+        }
+    }
+
     /// An answer to server-to-client request `n` that this replica did not ask: sent to the
     /// replica whose tag `n` carries (true), when there is a relay and it is another's.
     pub(crate) fn answer_elsewhere(&self, n: u64, msg: &[u8]) -> bool {

@@ -103,7 +103,17 @@ pub(crate) async fn message(
                 Some(s) => Some(s),
                 None => {
                     let limits = &who.snapshot.config.limits;
-                    gw.reopen_session(&id, &scope, &who.identity, limits, ClientTransport::Sse).await
+                    let s = gw.reopen_session(&id, &scope, &who.identity, limits, ClientTransport::Sse).await;
+                    match s {
+                        // Its answers go to its stream: only while a replica holds it (never a
+                        // 202 whose answer nobody hears, as after a restart or without Redis).
+                        Some(s) if s.stream_held_somewhere().await => Some(s),
+                        Some(s) => {
+                            gw.end_session_as(&s.id, crate::mcp::gateway::EndCause::Closed).await;
+                            None
+                        }
+                        None => None,
+                    }
                 }
             },
             None => None,
