@@ -508,9 +508,16 @@ pub(crate) struct Caller {
     pub asks: Option<mpsc::Sender<Ask>>,
     /// The request's `Mcp-Param-*` headers, forwarded to a 2026-07-28 upstream as they are.
     pub forward: Option<ForwardHeaders>,
+    /// A stateless caller's identity key (a call it parks resumes for it alone).
+    pub principal: Option<Arc<str>>,
 }
 
 impl Caller {
+    /// A request of `session`, with no stream of its own.
+    pub(crate) fn in_session(session: &Arc<Session>) -> Self {
+        Caller { session: Some(session.clone()), ..Caller::default() }
+    }
+
     /// The session key, or 0 for stateless callers.
     pub(crate) fn key(&self) -> u64 {
         self.session.as_ref().map_or(0, |s| s.key)

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
-fn sampling_answer(req: &Value) -> Value {
+pub(crate) fn sampling_answer(req: &Value) -> Value {
     assert_eq!(req["method"], "sampling/createMessage");
     let prompt = req["params"]["messages"][0]["content"]["text"].as_str().unwrap();
     json!({"role":"assistant","content":{"type":"text","text":format!("answer to {prompt}")},"model":"m"})

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::eras::sampling_answer;
 use crate::support::{Client, Served, TempDir, gateway, run_cli};
 
 /// A schema of its own in the test database, dropped afterwards.
@@ -700,4 +701,49 @@ async fn a_session_idle_on_one_replica_lives_on_where_it_is_used() {
         .await
         .expect("the stream on replica 0 outlived replica 1's idle copy");
     assert_eq!(updated["params"]["uri"], "demo://info");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_stateless_call_resumes_on_any_replica_for_its_caller_only() {
+    let schema = PgSchema::new(&test_database());
+    let dir = TempDir::new();
+    let (mut replicas, urls) = sharing_replicas(&dir, &schema, "    bob: bob-token-0123456789abcdef\n").await;
+    let on = |i: usize, token: &str| Client::modern(&format!("{}/mcp", urls[i])).bearer(token);
+    let (alice, bob) = ("alice-token-0123456789abcdef", "bob-token-0123456789abcdef");
+    let retry = |state: &str, answers: Value| json!({"name":"d__sample","arguments":{"prompt":"p2"},"requestState":state,"inputResponses":answers});
+
+    // Parked on replica 0: replica 0's child asked for a sample.
+    let first = on(0, alice).call("d__sample", json!({"prompt":"p2"})).await;
+    let r = &first.response["result"];
+    assert_eq!(r["resultType"], "input_required", "{:?}", first.response);
+    let (key, ask) = r["inputRequests"].as_object().unwrap().iter().next().unwrap();
+    let answers = json!({ key.as_str(): sampling_answer(ask) });
+    let state = r["requestState"].as_str().unwrap().to_owned();
+
+    // Another principal's retry, on another replica, is told it is unknown, and the call stays
+    // parked for its own caller; an unknown state is refused at once.
+    let stolen = on(1, bob).request(json!(2), "tools/call", retry(&state, answers.clone())).await;
+    assert_eq!(stolen.response["error"]["code"], -32602, "{:?}", stolen.response);
+    let made_up = format!("{state}x");
+    let bogus = on(2, alice).request(json!(3), "tools/call", retry(&made_up, answers.clone())).await;
+    assert_eq!(bogus.response["error"]["code"], -32602, "{:?}", bogus.response);
+
+    // Its caller's retry on replica 1 resumes it on replica 0, and the result comes back.
+    let resumed = on(1, alice).request(json!(4), "tools/call", retry(&state, answers.clone())).await;
+    assert_eq!(resumed.response["result"]["content"][0]["text"], "sampled: answer to p2", "{:?}", resumed.response);
+    // The state is single-use, wherever it is retried.
+    for i in 0..3 {
+        let again = on(i, alice).request(json!(5), "tools/call", retry(&state, answers.clone())).await;
+        assert_eq!(again.response["error"]["code"], -32602, "replica {i}: {:?}", again.response);
+    }
+
+    // A call parked on a replica that is gone: the retry elsewhere is refused at once.
+    let parked = on(2, alice).call("d__sample", json!({"prompt":"p2"})).await;
+    let state = parked.response["result"]["requestState"].as_str().unwrap().to_owned();
+    replicas[2].child.start_kill().unwrap();
+    replicas[2].child.wait().await.unwrap();
+    let started = Instant::now();
+    let orphan = on(0, alice).request(json!(6), "tools/call", retry(&state, answers.clone())).await;
+    assert_eq!(orphan.response["error"]["code"], -32602, "{:?}", orphan.response);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
 }

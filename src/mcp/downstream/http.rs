@@ -244,8 +244,7 @@ async fn post(
         return Ok(initialize(gw, scope, &env, &who).await);
     }
     let session = session_of(&gw, &scope, headers, &who).await?;
-    let caller =
-        Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
+    let caller = Caller::in_session(&session);
     let ctx = who.ctx(scope, caller, session.protocol_version);
     if env.kind != Kind::Request {
         // A notification or a client's response: delivered at once, answered 202.
@@ -323,8 +322,7 @@ async fn initialize(gw: Arc<Gateway>, scope: Scope, env: &Envelope<'_>, who: &Wh
     if let Err(e) = gw.add_session(session.clone(), &who.snapshot.config.limits) {
         return session_limit(env.id.map(RawValue::get), &e);
     }
-    let caller =
-        Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
+    let caller = Caller::in_session(&session);
     let result = gw.initialize_result(&who.snapshot.config, &scope, version, &caller, &who.identity).await;
     let id = env.id.map_or("null", RawValue::get);
     let msg = jsonrpc::result_response(id, &result);
@@ -398,8 +396,14 @@ async fn stateless_post(
             jsonrpc::error_response(id, code::UNSUPPORTED_VERSION, "Unsupported protocol version", Some(&data)),
         );
     };
-    let caller =
-        Caller { session: None, related: None, cancel_on_drop: true, asks: None, forward: param_headers(headers) };
+    let caller = Caller {
+        session: None,
+        related: None,
+        cancel_on_drop: true,
+        asks: None,
+        forward: param_headers(headers),
+        principal: None,
+    };
     let ctx = who.ctx(scope, caller, version);
     if env.method() == "subscriptions/listen" {
         return listen(gw, ctx, env, entry).await;
@@ -648,8 +652,7 @@ async fn batch(
     }
     entry.per_element();
     let entry = &*entry;
-    let caller =
-        Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
+    let caller = Caller::in_session(&session);
     let futs = items.iter().map(|item| {
         let gw = gw.clone();
         let ctx = who.clone().ctx(scope.clone(), caller.clone(), session.protocol_version);

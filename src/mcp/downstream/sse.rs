@@ -127,7 +127,7 @@ pub(crate) async fn message(
         let config = who.snapshot.config.clone();
         let body = read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
         let env = parse(&body, entry)?;
-        let caller = Caller { session: Some(session.clone()), ..Caller::default() };
+        let caller = Caller::in_session(&session);
         if env.kind == Kind::Request && env.method() == "initialize" {
             let requested =
                 env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("protocolVersion"));

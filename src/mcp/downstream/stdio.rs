@@ -56,7 +56,7 @@ impl Client {
     }
 
     fn in_session(&self) -> Caller {
-        Caller { session: Some(self.session.clone()), ..Caller::default() }
+        Caller::in_session(&self.session)
     }
 
     async fn send(&self, msg: String) {

@@ -75,7 +75,10 @@ pub(crate) struct Who {
 
 impl Who {
     /// This caller's context for one request.
-    pub(crate) fn ctx(self, scope: Scope, caller: Caller, protocol_version: ProtocolVersion) -> Ctx {
+    pub(crate) fn ctx(self, scope: Scope, mut caller: Caller, protocol_version: ProtocolVersion) -> Ctx {
+        if caller.session.is_none() {
+            caller.principal = Some(self.identity.key.clone());
+        }
         Ctx { who: self, scope, caller, protocol_version }
     }
 }
@@ -160,6 +163,8 @@ pub struct Gateway {
     authorization: crate::oauth::server::AuthorizationState,
     /// Per-user accounts being linked.
     links: crate::oauth::accounts::Links,
+    /// Stateless calls parked here, and retries relayed to the replicas holding theirs.
+    parking: Arc<crate::mcp::upstream::Parking>,
     /// Instances of `per_user` servers for stateless callers, by identity and server (a session
     /// caller's are its own, in `per_session`).
     per_identity: Mutex<HashMap<IdentityServer, Arc<Upstream>>>,
@@ -325,6 +330,7 @@ impl Gateway {
             credentials: Mutex::new(HashMap::new()),
             authorization: crate::oauth::server::AuthorizationState::default(),
             links: crate::oauth::accounts::Links::default(),
+            parking: Arc::default(),
             per_identity: Mutex::new(HashMap::new()),
             me: me.clone(),
             initializes: AtomicU64::new(0),
@@ -345,6 +351,7 @@ impl Gateway {
         gw.configure_metrics(&config);
         if let Some(state) = &gw.shared_state {
             gw.hear_answers(state);
+            gw.parking.relay_through(state);
         }
         for def in &config.servers {
             if def.share == Share::Shared {
@@ -1430,6 +1437,10 @@ pub(crate) fn authenticator_for(
 impl Hub for Gateway {
     fn status_changed(&self) {
         self.changed();
+    }
+
+    fn parking(&self) -> &crate::mcp::upstream::Parking {
+        &self.parking
     }
 
     fn list_changed(&self, server: &str, method: &str) {

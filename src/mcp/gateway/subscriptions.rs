@@ -89,8 +89,7 @@ impl Gateway {
         let _ = session.attach_stream(tx);
         self.add_session(session.clone(), &ctx.who.snapshot.config.limits)
             .map_err(|e| Reply::error(code::LIMIT_REACHED, &e.to_string()))?;
-        let caller =
-            Caller { session: Some(session.clone()), related: None, cancel_on_drop: false, asks: None, forward: None };
+        let caller = Caller::in_session(&session);
         let config = &ctx.who.snapshot.config;
         let mut honoured = Vec::new();
         for uri in uris {

@@ -18,6 +18,7 @@
 mod error;
 pub(crate) mod http;
 pub(crate) mod input_requests;
+mod parking;
 pub mod stdio;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -38,6 +39,7 @@ use crate::sharded::lock;
 pub(crate) use error::{Down, TransportError, UpstreamError};
 
 use super::version::ProtocolVersion;
+pub(crate) use parking::Parking;
 
 /// The protocol version Portcullis offers upstream in `initialize`.
 pub(crate) const UPSTREAM_HANDSHAKE_VERSION: &str = ProtocolVersion::LATEST_SESSION.as_str();
@@ -254,6 +256,8 @@ pub(crate) trait Hub: Send + Sync {
     fn resource_updated(&self, server: &str, params: &RawValue);
     /// An instance's status changed (the hub tells whoever waits for a change of state).
     fn status_changed(&self);
+    /// Where stateless calls parked on an `InputRequiredResult` are found from any replica.
+    fn parking(&self) -> &Parking;
 }
 
 struct Pending {
@@ -867,39 +871,83 @@ impl Upstream {
             let state = state.strip_prefix(PARKED_PREFIX)?.to_owned();
             Some((state, o.get("inputResponses").map(|r| r.get().to_owned())))
         });
-        if let Some((state, responses)) = resume {
-            let Some(mut parked) = lock(&self.parked).remove(&state) else {
-                return Ok(Reply::error(code::INVALID_PARAMS, "requestState is unknown or has expired"));
+        if let Some((token, responses)) = resume {
+            let Some(hub) = self.hub.upgrade() else { return Ok(parking::unknown()) };
+            let home = token.split_once('.').and_then(|(tag, _)| u64::from_str_radix(tag, 16).ok());
+            let parking = hub.parking();
+            return match home {
+                Some(tag) if tag == parking.tag() => self.resume(&token, method, responses.as_deref(), caller).await,
+                Some(tag) => {
+                    let retry = parking::Retry {
+                        token: &token,
+                        server: &self.def.name,
+                        method,
+                        principal: caller.principal.as_deref(),
+                        responses: responses.as_deref(),
+                    };
+                    Ok(parking.resume_elsewhere(tag, retry, self.def.timeout).await)
+                }
+                None => Ok(parking::unknown()),
             };
-            if parked.method != method {
-                return Ok(Reply::error(code::INVALID_PARAMS, "requestState belongs to another request"));
-            }
-            let answers = responses.as_deref().and_then(|r| serde_json::from_str::<HashMap<String, &RawValue>>(r).ok());
-            for (key, upstream_id) in std::mem::take(&mut parked.asked) {
-                let msg = match answers.as_ref().and_then(|a| a.get(&key)) {
-                    Some(result) => jsonrpc::result_response(&upstream_id, result.get()),
-                    None => jsonrpc::error_response(
-                        Some(&upstream_id),
-                        code::INVALID_PARAMS,
-                        "the client sent no answer for this request",
-                        None,
-                    ),
-                };
-                let _ = parked.conn.link.send(Bytes::from(msg), None);
-            }
-            let mut resumed = caller.clone();
-            resumed.asks = Some(parked.asks_tx.clone());
-            if let Some(p) = lock(&self.pending).get_mut(&parked.id) {
-                p.caller = resumed;
-            }
-            return self.wait_stateless(parked).await;
         }
         let deadline = Instant::now() + self.def.timeout;
         let (asks_tx, asks_rx) = mpsc::channel(8);
         let mut asking = caller.clone();
         asking.asks = Some(asks_tx.clone());
         let (conn, id, rx) = self.start_call(method, params, edits, &asking, down_id, deadline).await?;
-        let parked = Parked { conn, id, rx, asks_tx, asks_rx, asked: Vec::new(), method: method.to_owned(), deadline };
+        let parked = Parked {
+            conn,
+            id,
+            rx,
+            asks_tx,
+            asks_rx,
+            asked: Vec::new(),
+            method: method.to_owned(),
+            principal: caller.principal.clone(),
+            deadline,
+        };
+        self.wait_stateless(parked).await
+    }
+
+    /// Resumes the call parked here under `token` with the client's answers: for the principal
+    /// and method it was parked for only (for anyone else it stays parked).
+    pub(super) async fn resume(
+        self: &Arc<Self>,
+        token: &str,
+        method: &str,
+        responses: Option<&str>,
+        caller: &Caller,
+    ) -> Result<Reply, UpstreamError> {
+        let mut parked = {
+            let mut all = lock(&self.parked);
+            match all.get(token) {
+                Some(p) if p.method == method && p.principal == caller.principal => {}
+                _ => return Ok(parking::unknown()),
+            }
+            let Some(parked) = all.remove(token) else { return Ok(parking::unknown()) };
+            parked
+        };
+        if let Some(hub) = self.hub.upgrade() {
+            hub.parking().unparked(token);
+        }
+        let answers = responses.and_then(|r| serde_json::from_str::<HashMap<String, &RawValue>>(r).ok());
+        for (key, upstream_id) in std::mem::take(&mut parked.asked) {
+            let msg = match answers.as_ref().and_then(|a| a.get(&key)) {
+                Some(result) => jsonrpc::result_response(&upstream_id, result.get()),
+                None => jsonrpc::error_response(
+                    Some(&upstream_id),
+                    code::INVALID_PARAMS,
+                    "the client sent no answer for this request",
+                    None,
+                ),
+            };
+            let _ = parked.conn.link.send(Bytes::from(msg), None);
+        }
+        let mut resumed = caller.clone();
+        resumed.asks = Some(parked.asks_tx.clone());
+        if let Some(p) = lock(&self.pending).get_mut(&parked.id) {
+            p.caller = resumed;
+        }
         self.wait_stateless(parked).await
     }
 
@@ -948,17 +996,26 @@ impl Upstream {
                         return Err(UpstreamError::Unavailable { server: self.def.name.clone(), reason: e.into() });
                     }
                 };
+                // The token names the replica holding the call (0 when there are no others).
+                let hub = self.hub.upgrade();
+                let token = format!("{:x}.{token}", hub.as_ref().map_or(0, |h| h.parking().tag()));
                 let result = format!(
                     r#"{{"resultType":"input_required","inputRequests":{requests},"requestState":{}}}"#,
                     jsonrpc::quote(&format!("{PARKED_PREFIX}{token}"))
                 );
                 lock(&self.parked).insert(token.clone(), p);
+                if let Some(hub) = &hub {
+                    hub.parking().parked(&token, self);
+                }
                 // An unanswered park ends at the call's deadline, cancelled upstream.
                 let weak = Arc::downgrade(self);
                 tokio::spawn(async move {
                     tokio::time::sleep_until(deadline).await;
                     let Some(up) = weak.upgrade() else { return };
                     let expired = lock(&up.parked).remove(&token);
+                    if let Some(hub) = up.hub.upgrade() {
+                        hub.parking().unparked(&token);
+                    }
                     if let Some(p) = expired {
                         lock(&up.pending).remove(&p.id);
                         send_cancel(&p.conn, p.id, Some("the client did not answer in time"));
@@ -1248,6 +1305,8 @@ struct Parked {
     /// Keys of the `inputRequests` sent, with the upstream's request ids.
     asked: Vec<(String, Box<str>)>,
     method: String,
+    /// Who it was called by (only they may resume it).
+    principal: Option<Arc<str>>,
     deadline: Instant,
 }
 
