@@ -11,11 +11,14 @@
 //! cannot tie another upstream account to it later); the callback is taken once, for the
 //! `state` sent, in the browser that started it (a cookie); one identity's account is never used
 //! for another (the token source is keyed by server and identity, and the vault row by both).
+//! A link in progress and the tickets used are held in the store (sealed, see
+//! `server::seal_held`: a link carries the upstream client's secret), so the callback may reach
+//! any replica.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -26,31 +29,33 @@ use hmac::{KeyInit, Mac};
 use super::login::Begun;
 use super::server::{error_page, esc};
 use crate::mcp::gateway::Gateway;
-use crate::sharded::lock;
 
 /// How long a link URL works.
 pub(crate) const TICKET_LIFETIME: Duration = Duration::from_secs(15 * 60);
-/// The most links in progress.
-const MAX_PENDING: usize = 10_000;
+/// How long a link started may wait for the person.
+const LINK_LIFETIME: Duration = Duration::from_secs(10 * 60);
+
+/// Unix ms `after` from now.
+fn in_ms(after: Duration) -> i64 {
+    crate::store::now_ms().saturating_add(after.as_millis().try_into().unwrap_or(i64::MAX))
+}
 /// The cookie that ties a link's callback to the browser that started it.
 const COOKIE: &str = "pcs_link";
 
-/// Links in progress.
-#[derive(Default)]
-pub(crate) struct Links {
-    pending: Mutex<HashMap<String, Pending>>,
-    /// Tickets used, until they expire: a link works once (a leaked one cannot tie somebody
-    /// else's upstream account to the identity later).
-    used: Mutex<HashMap<[u8; 32], Instant>>,
-}
+/// The store's kinds of held rows: a ticket used, until it expires (a link works once: a
+/// leaked one cannot tie somebody else's upstream account to the identity later), and a link in
+/// progress, by its `state`'s digest.
+const TICKET_USED: &str = "link-ticket";
+const LINK: &str = "link";
 
+/// A link in progress.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Pending {
     server: String,
     subject: String,
     name: String,
     begun: Begun,
     browser: [u8; 32],
-    expires: Instant,
 }
 
 fn b64(b: &[u8]) -> String {
@@ -153,14 +158,13 @@ pub(crate) async fn start(
     let Some((subject, name)) = q.get("ticket").and_then(|t| ticket(&config, &server, t)) else {
         return error_page(StatusCode::FORBIDDEN, "This link is not valid, or has expired: ask the application again.");
     };
-    {
-        let digest = crate::credentials::digest(q.get("ticket").map(String::as_str).unwrap_or_default());
-        let mut used = lock(&gw.links().used);
-        let now = Instant::now();
-        used.retain(|_, until| *until > now);
-        if used.len() >= MAX_PENDING || used.insert(digest, now + TICKET_LIFETIME).is_some() {
+    let digest = crate::credentials::digest(q.get("ticket").map(String::as_str).unwrap_or_default());
+    match super::server::hold(&gw, TICKET_USED, &digest, "", in_ms(TICKET_LIFETIME), false) {
+        Ok(true) => {}
+        Ok(false) => {
             return error_page(StatusCode::FORBIDDEN, "This link was used already: ask the application again.");
         }
+        Err(e) => return e.into_response(),
     }
     if !config.server(&server).is_some_and(|d| d.per_user) {
         return error_page(StatusCode::NOT_FOUND, "No such server takes linked accounts here.");
@@ -174,24 +178,16 @@ pub(crate) async fn start(
     };
     let Ok(cookie) = crate::random::id() else { return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again.") };
     let url = begun.url.clone();
-    {
-        let mut all = lock(&gw.links().pending);
-        let now = Instant::now();
-        all.retain(|_, p| p.expires > now);
-        if all.len() >= MAX_PENDING {
-            return error_page(StatusCode::SERVICE_UNAVAILABLE, "Too many links in progress; try again later.");
-        }
-        all.insert(
-            begun.state.clone(),
-            Pending {
-                server,
-                subject,
-                name,
-                begun,
-                browser: crate::credentials::digest(&cookie),
-                expires: now + Duration::from_secs(10 * 60),
-            },
-        );
+    let key = crate::credentials::digest(&begun.state);
+    let pending = Pending { server, subject, name, begun, browser: crate::credentials::digest(&cookie) };
+    let data = match super::server::seal_held(&gw, LINK, &pending) {
+        Ok(d) => d,
+        Err(e) => return e.into_response(),
+    };
+    match super::server::hold(&gw, LINK, &key, &data, in_ms(LINK_LIFETIME), false) {
+        Ok(true) => {}
+        Ok(false) => return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again."),
+        Err(e) => return e.into_response(),
     }
     let secure = if config.public_base().starts_with("https://") { "; Secure" } else { "" };
     let mut r = StatusCode::FOUND.into_response();
@@ -212,16 +208,26 @@ pub(crate) async fn start(
 pub(crate) async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
     let config = gw.config();
     let q: HashMap<String, String> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes()).into_owned().collect();
-    let Some(p) = q.get("state").and_then(|s| lock(&gw.links().pending).remove(s)) else {
-        return error_page(StatusCode::BAD_REQUEST, "This link has expired or was used: ask the application again.");
+    let gone = || error_page(StatusCode::BAD_REQUEST, "This link has expired or was used: ask the application again.");
+    let Some(state) = q.get("state") else { return gone() };
+    // Taken once, on whichever replica the answer reaches.
+    let taken = gw
+        .store()
+        .writable()
+        .and_then(|s| s.held_take(LINK, &crate::credentials::digest(state), crate::store::now_ms()));
+    let data = match taken {
+        Ok(Some(d)) => d,
+        Ok(None) => return gone(),
+        Err(e) => return super::server::HeldError::from(e).into_response(),
     };
+    let Some(p) = super::server::open_held::<Pending>(&gw, LINK, &data) else { return gone() };
     let cookie = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")).map(str::to_owned));
-    if p.expires <= Instant::now() || cookie.is_none_or(|c| crate::credentials::digest(&c) != p.browser) {
+    if cookie.is_none_or(|c| crate::credentials::digest(&c) != p.browser) {
         return error_page(StatusCode::FORBIDDEN, "This answer does not belong to the browser that started the link.");
     }
     match super::login::finish(&config, &p.server, p.begun, &q, &p.subject, &p.name).await {

@@ -19,12 +19,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
-use super::server::{back, error_page, signed_in};
+use super::server::{
+    FEDERATION, HeldError, Pending, back, check, error_page, hold, in_browser, open_held, seal_held, signed_in,
+};
 use crate::credentials::LoginProvider;
 use crate::mcp::gateway::Gateway;
-use crate::sharded::lock;
 
-/// A sign-in at the provider, while it is under way.
+/// A sign-in at the provider, while it is under way (held with its authorization in the store).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct Started {
     /// The `state` sent to the provider.
     state: String,
@@ -56,7 +58,7 @@ fn b64(bytes: &[u8]) -> String {
 
 /// Sends the person of authorization `id` to the provider: the redirect to its authorization
 /// endpoint (found in its metadata), with what the callback will check recorded.
-pub(super) async fn start(gw: &Gateway, provider: &LoginProvider, id: &str) -> Response {
+pub(super) async fn start(gw: &Gateway, provider: &LoginProvider, id: &str, mut p: Pending) -> Response {
     let found = super::server_metadata(&super::http_client(), &provider.issuer, |m| {
         Some((m.authorization_endpoint.clone()?, m.token_endpoint.clone()?))
     })
@@ -85,10 +87,16 @@ pub(super) async fn start(gw: &Gateway, provider: &LoginProvider, id: &str) -> R
         .append_pair("nonce", &nonce)
         .append_pair("code_challenge", &challenge)
         .append_pair("code_challenge_method", "S256");
-    {
-        let mut all = lock(&gw.authorization().pending);
-        let Some(p) = all.get_mut(id) else { return error_page(StatusCode::BAD_REQUEST, "Start again.") };
-        p.federation = Some(Started { state, verifier, nonce, token_endpoint });
+    // The callback finds the authorization by its `state`, on whichever replica it lands.
+    let found = crate::credentials::digest(&state);
+    let expires = p.expires;
+    p.federation = Some(Started { state, verifier, nonce, token_endpoint });
+    let kept =
+        p.keep(gw, id).and_then(|()| hold(gw, FEDERATION, &found, &seal_held(gw, FEDERATION, &id)?, expires, false));
+    match kept {
+        Ok(true) => {}
+        Ok(false) => return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again."),
+        Err(e) => return e.into_response(),
     }
     let mut r = StatusCode::FOUND.into_response();
     if let Ok(v) = axum::http::HeaderValue::from_str(url.as_str()) {
@@ -115,11 +123,10 @@ pub(crate) async fn federate(State(gw): State<Arc<Gateway>>, headers: HeaderMap,
     };
     let q = query(raw);
     let id = q.get("request").cloned().unwrap_or_default();
-    if let Err(refused) = gw.authorization().check(&id, q.get("csrf").map(String::as_str).unwrap_or_default(), &headers)
-    {
-        return refused.into_response();
+    match check(&gw, &id, q.get("csrf").map(String::as_str).unwrap_or_default(), &headers) {
+        Ok(p) => start(&gw, &provider, &id, p).await,
+        Err(refused) => refused.into_response(),
     }
-    start(&gw, &provider, &id).await
 }
 
 /// `GET /authorize/callback`: the provider sends the person back.
@@ -130,26 +137,31 @@ pub(crate) async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap,
     };
     let q = query(raw);
     let given = q.get("state").map(String::as_str).unwrap_or_default();
-    let state = gw.authorization();
+    let unknown = || {
+        error_page(StatusCode::BAD_REQUEST, "This sign-in has expired or is unknown; start again from the application.")
+    };
     // The authorization this answer belongs to, its sign-in taken (a state works once).
-    let found = {
-        let mut all = lock(&state.pending);
-        all.iter_mut().find_map(|(id, p)| {
-            let matches = p.federation.as_ref().is_some_and(|f| {
-                !given.is_empty() && crate::credentials::digest(&f.state) == crate::credentials::digest(given)
-            });
-            matches.then(|| (id.clone(), p.csrf.clone(), p.federation.take()))
-        })
+    let taken = gw
+        .store()
+        .writable()
+        .and_then(|s| s.held_take(FEDERATION, &crate::credentials::digest(given), crate::store::now_ms()));
+    let id = match taken {
+        Ok(Some(data)) if !given.is_empty() => match open_held::<String>(&gw, FEDERATION, &data) {
+            Some(id) => id,
+            None => return unknown(),
+        },
+        Ok(_) => return unknown(),
+        Err(e) => return HeldError::from(e).into_response(),
     };
-    let Some((id, csrf, Some(started))) = found else {
-        return error_page(
-            StatusCode::BAD_REQUEST,
-            "This sign-in has expired or is unknown; start again from the application.",
-        );
+    let mut p = match in_browser(&gw, &id, &headers) {
+        Ok(p) => p,
+        Err(refused) => return refused.into_response(),
     };
-    if let Err(refused) = state.check(&id, &csrf, &headers) {
-        return refused.into_response();
-    }
+    let Some(started) =
+        p.federation.take().filter(|f| crate::credentials::digest(&f.state) == crate::credentials::digest(given))
+    else {
+        return unknown();
+    };
     if q.get("iss").is_some_and(|iss| *iss != provider.issuer) {
         return error_page(StatusCode::BAD_REQUEST, "The answer came from another provider than the one asked.");
     }
@@ -157,8 +169,10 @@ pub(crate) async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap,
     if let Some(error) = q.get("error") {
         tracing::info!(error = %crate::store::printable(error), "the sign-in provider refused the sign-in");
         // The person refused (or the provider did): the client hears it as a denial.
-        let Some(p) = lock(&state.pending).remove(&id) else {
-            return error_page(StatusCode::BAD_REQUEST, "Start again.");
+        let p = match Pending::take(&gw, &id) {
+            Ok(Some(p)) => p,
+            Ok(None) => return error_page(StatusCode::BAD_REQUEST, "Start again."),
+            Err(e) => return e.into_response(),
         };
         return back(&p.redirect_uri, &[("error", "access_denied")], p.state.as_deref(), &iss);
     }
@@ -172,7 +186,7 @@ pub(crate) async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap,
                 }
                 _ => tracing::info!(issuer = %provider.issuer, error = %e, "federated sign-in refused"),
             }
-            lock(&state.pending).remove(&id);
+            let _ = Pending::take(&gw, &id);
             let status = match e {
                 FederationError::Provider(_) => StatusCode::BAD_GATEWAY,
                 FederationError::Unverified | FederationError::NotAllowed(_) => StatusCode::FORBIDDEN,
@@ -180,7 +194,7 @@ pub(crate) async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap,
             return error_page(status, &format!("{}.", capitalized(&e.to_string())));
         }
     };
-    signed_in(&gw, &snap, &id, &identity)
+    signed_in(&gw, &snap, &id, p, &identity)
 }
 
 fn capitalized(s: &str) -> String {

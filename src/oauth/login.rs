@@ -98,7 +98,9 @@ pub(crate) struct LoginOptions {
     pub(crate) timeout: Duration,
 }
 
-/// A login under way: what its answer is checked and exchanged with.
+/// A login under way: what its answer is checked and exchanged with (a link's is held in the
+/// store sealed with the vault key: it carries the client secret).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct Begun {
     /// Where to send the person.
     pub url: String,

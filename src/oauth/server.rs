@@ -12,8 +12,10 @@
 //! client or redirect URI gets an error page, never a redirect); every form post needs the
 //! request's CSRF token and the browser cookie the request was started with; a code is single
 //! use, lives [`CODE_LIFETIME`], and is bound to client, redirect URI, PKCE challenge and
-//! resource; every client-supplied string on a page is escaped; pages cannot be framed; the
-//! in-memory state is bounded.
+//! resource; every client-supplied string on a page is escaped; pages cannot be framed; what an
+//! authorization in progress and an unexchanged code are is kept in the store (bounded, so a
+//! browser's next request and the client's exchange may reach any replica; a code and a form's
+//! approval are taken by exactly one of them), and a store that cannot answer gets 503.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -35,7 +37,7 @@ pub(crate) const CODE_LIFETIME: Duration = Duration::from_secs(60);
 /// How long a started authorization may wait for the person.
 const PENDING_LIFETIME: Duration = Duration::from_secs(10 * 60);
 /// The most authorizations in progress, codes unexchanged, clients registered.
-const MAX_PENDING: usize = 10_000;
+const MAX_HELD: i64 = 10_000;
 const MAX_CLIENTS: usize = 10_000;
 /// Requests one address may make per minute to the registration, authorization and token
 /// endpoints together (generous: a hosted client's many users share its few addresses; the
@@ -44,17 +46,18 @@ const PER_ADDRESS_PER_MINUTE: u32 = 300;
 /// The cookie that ties an authorization's forms to the browser that started it.
 const COOKIE: &str = "pcs_authz";
 
-/// The state of authorizations in progress (the rest is in the store).
+/// What the authorization server keeps in memory: the per-address count (per replica) and the
+/// metadata documents fetched. Authorizations in progress and codes are in the store.
 #[derive(Default)]
 pub(crate) struct AuthorizationState {
-    pub(super) pending: Mutex<HashMap<String, Pending>>,
-    codes: Mutex<HashMap<[u8; 32], Code>>,
     per_address: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Client ID Metadata Documents fetched.
     documents: super::cimd::Documents,
 }
 
-/// One authorization request, from its start to the person's answer.
+/// One authorization request, from its start to the person's answer (held in the store as
+/// JSON, under the digest of its id).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Pending {
     pub(super) client: OAuthClient,
     pub(super) redirect_uri: String,
@@ -69,11 +72,12 @@ pub(super) struct Pending {
     login: Option<Login>,
     /// A sign-in at the operator's OpenID provider, while it is under way.
     pub(super) federation: Option<super::federation::Started>,
-    pub(super) expires: Instant,
+    /// Unix ms.
+    pub(super) expires: i64,
 }
 
 /// Who logged in, and what they may reach.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Login {
     pub(super) key: String,
     pub(super) name: String,
@@ -83,15 +87,103 @@ pub(super) struct Login {
 }
 
 /// A code given to the client, until it is exchanged (then it names the family it made, so a
-/// second exchange revokes it).
+/// second exchange revokes it); held in the store as JSON, under the code's digest.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Code {
     client_id: String,
     redirect_uri: String,
     challenge: String,
     resource: String,
     login: Login,
-    expires: Instant,
     used_by: Option<String>,
+}
+
+/// The store's kinds of held rows: an authorization in progress (by its id's digest), a code
+/// (by its digest), a sign-in at the provider (by its `state`'s digest: the authorization id).
+const AUTHORIZATION: &str = "authorization";
+const CODE: &str = "code";
+pub(super) const FEDERATION: &str = "federation";
+
+/// Why an authorization in progress could not be read or kept.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum HeldError {
+    /// The store did not answer (503).
+    #[error("the store cannot answer now")]
+    Store(#[from] crate::store::StoreError),
+    /// Too many authorizations in progress (503).
+    #[error("too many sign-ins in progress")]
+    Full,
+}
+
+impl IntoResponse for HeldError {
+    fn into_response(self) -> Response {
+        if let HeldError::Store(e) = &self {
+            tracing::warn!(error = %e, "an authorization in progress could not be read or kept");
+        }
+        let message = match self {
+            HeldError::Store(_) => "The gateway cannot continue this sign-in now; try again.",
+            HeldError::Full => "Too many logins in progress; try again later.",
+        };
+        error_page(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+}
+
+/// Keeps `data` in the store under (`kind`, `key`) until `expires` (Unix ms), replacing what
+/// was there when `replace`: whether it is kept (false: a row was there, left as it was).
+pub(super) fn hold(
+    gw: &Gateway,
+    kind: &'static str,
+    key: &[u8; 32],
+    data: &str,
+    expires: i64,
+    replace: bool,
+) -> Result<bool, HeldError> {
+    let now = crate::store::now_ms();
+    match gw.store().writable()?.held_put(kind, key, data, expires, MAX_HELD, now, replace)? {
+        crate::store::Put::Kept => Ok(true),
+        crate::store::Put::There => Ok(false),
+        crate::store::Put::Full => Err(HeldError::Full),
+    }
+}
+
+/// `value` sealed for the store as a held row of `kind` (what is held carries form tokens,
+/// PKCE verifiers and client secrets: the store never sees them in the clear). Sealed under
+/// the vault key when there is one (every replica opens it), else this process's own.
+pub(super) fn seal_held(gw: &Gateway, kind: &str, value: &impl serde::Serialize) -> Result<String, HeldError> {
+    let invalid = |e: String| HeldError::Store(crate::store::StoreError::Invalid(e));
+    let plain = serde_json::to_vec(value).map_err(|e| invalid(e.to_string()))?;
+    let sealed = gw.ring_for("held row").seal(kind, &plain).map_err(|e| invalid(e.to_string()))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(sealed))
+}
+
+/// A held row of `kind` opened (None when it does not open: another key, or tampered).
+pub(super) fn open_held<T: serde::de::DeserializeOwned>(gw: &Gateway, kind: &str, data: &str) -> Option<T> {
+    let sealed = base64::engine::general_purpose::STANDARD.decode(data).ok()?;
+    let plain = gw.ring_for("held row").open(kind, &sealed).ok()?;
+    serde_json::from_slice(&plain).ok()
+}
+
+impl Pending {
+    /// Keeps it under `id` (replacing what was there).
+    pub(super) fn keep(&self, gw: &Gateway, id: &str) -> Result<(), HeldError> {
+        let data = seal_held(gw, AUTHORIZATION, self)?;
+        let key = crate::credentials::digest(id);
+        hold(gw, AUTHORIZATION, &key, &data, self.expires, true).map(drop)
+    }
+
+    /// The authorization in progress `id`, unless it expired.
+    pub(super) fn find(gw: &Gateway, id: &str) -> Result<Option<Pending>, HeldError> {
+        let key = crate::credentials::digest(id);
+        let data = gw.store().writable()?.held_get(AUTHORIZATION, &key, crate::store::now_ms())?;
+        Ok(data.and_then(|d| open_held(gw, AUTHORIZATION, &d)))
+    }
+
+    /// Takes the authorization in progress `id`: to one taker only, on any replica.
+    pub(super) fn take(gw: &Gateway, id: &str) -> Result<Option<Pending>, HeldError> {
+        let key = crate::credentials::digest(id);
+        let data = gw.store().writable()?.held_take(AUTHORIZATION, &key, crate::store::now_ms())?;
+        Ok(data.and_then(|d| open_held(gw, AUTHORIZATION, &d)))
+    }
 }
 
 /// Form or query parameters; None when one is given twice (RFC 6749 §3.1: "MUST NOT be
@@ -212,7 +304,7 @@ impl AuthorizationState {
     fn admit(&self, client: IpAddr) -> bool {
         let mut m = lock(&self.per_address);
         let now = Instant::now();
-        if m.len() >= MAX_PENDING {
+        if m.len() >= 10_000 {
             m.retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(60));
         }
         let e = m.entry(client).or_insert((now, 0));
@@ -458,18 +550,10 @@ pub(crate) async fn authorize(
         csrf: csrf.clone(),
         login: None,
         federation: None,
-        expires: Instant::now() + PENDING_LIFETIME,
+        expires: crate::store::now_ms().saturating_add(PENDING_LIFETIME.as_millis().try_into().unwrap_or(i64::MAX)),
     };
-    {
-        let mut all = lock(&gw.authorization().pending);
-        if all.len() >= MAX_PENDING {
-            let now = Instant::now();
-            all.retain(|_, p| p.expires > now);
-            if all.len() >= MAX_PENDING {
-                return error_page(StatusCode::SERVICE_UNAVAILABLE, "Too many logins in progress; try again later.");
-            }
-        }
-        all.insert(id.clone(), pending);
+    if let Err(e) = pending.keep(&gw, &id) {
+        return e.into_response();
     }
     let secure = if iss.starts_with("https://") { "; Secure" } else { "" };
     let set_cookie = format!("{COOKIE}={cookie}; Path=/authorize; HttpOnly; SameSite=Lax; Max-Age=600{secure}");
@@ -477,7 +561,7 @@ pub(crate) async fn authorize(
     if !def.token_login
         && let Some(provider) = &def.provider
     {
-        let mut r = super::federation::start(&gw, provider, &id).await;
+        let mut r = super::federation::start(&gw, provider, &id, pending).await;
         if let Ok(v) = HeaderValue::from_str(&set_cookie) {
             r.headers_mut().insert(header::SET_COOKIE, v);
         }
@@ -631,10 +715,10 @@ pub(crate) async fn decide(
     let iss = snap.config.public_base();
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
     let id = field("request").to_owned();
-    let state = gw.authorization();
-    if let Err(refused) = state.check(&id, field("csrf"), &headers) {
-        return refused.into_response();
-    }
+    let p = match check(&gw, &id, field("csrf"), &headers) {
+        Ok(p) => p,
+        Err(refused) => return refused.into_response(),
+    };
     match field("action") {
         "login" if def.token_login => {
             let client = snap.auth.client_addr(peer, &headers);
@@ -646,29 +730,31 @@ pub(crate) async fn decide(
             let identity = match snap.auth.authenticate(&h, client) {
                 Ok(i) if i.key.as_ref() != "anonymous" && i.role != crate::credentials::Role::Metrics => i,
                 Ok(_) | Err(_) => {
-                    let csrf = lock(&state.pending).get(&id).map(|p| p.csrf.clone()).unwrap_or_default();
-                    return login_page(&def, &id, &csrf, Some("That token is not one that can sign in here."), None);
+                    return login_page(&def, &id, &p.csrf, Some("That token is not one that can sign in here."), None);
                 }
             };
-            signed_in(&gw, &snap, &id, &identity)
+            signed_in(&gw, &snap, &id, p, &identity)
         }
         action @ ("approve" | "deny") => {
-            let Some(p) = lock(&state.pending).remove(&id) else {
-                return error_page(StatusCode::BAD_REQUEST, "Start again.");
+            // One answer per authorization, whichever replica the forms reach.
+            let p = match Pending::take(&gw, &id) {
+                Ok(Some(p)) => p,
+                Ok(None) => return error_page(StatusCode::BAD_REQUEST, "Start again."),
+                Err(e) => return e.into_response(),
             };
             let Some(login) = p.login.clone() else { return error_page(StatusCode::BAD_REQUEST, "Sign in first.") };
             if action == "deny" {
                 return back(&p.redirect_uri, &[("error", "access_denied")], p.state.as_deref(), &iss);
             }
             remember_consent(&gw, &p, &login);
-            state.issue_code(p, login, &iss)
+            issue_code(&gw, p, login, &iss)
         }
         _ => error_page(StatusCode::BAD_REQUEST, "Unknown action."),
     }
 }
 
 /// Why a form (or the provider's callback) is not taken for an authorization.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub(super) enum NotThisForm {
     /// No such authorization in progress (expired, finished, or never started).
     #[error("This sign-in has expired or is unknown; start again from the application.")]
@@ -676,6 +762,9 @@ pub(super) enum NotThisForm {
     /// Its CSRF token or browser cookie does not match.
     #[error("This form was not sent by the page it belongs to.")]
     Forged,
+    /// The store could not say.
+    #[error(transparent)]
+    Held(#[from] HeldError),
 }
 
 impl IntoResponse for NotThisForm {
@@ -683,6 +772,7 @@ impl IntoResponse for NotThisForm {
         let status = match self {
             NotThisForm::Unknown => StatusCode::BAD_REQUEST,
             NotThisForm::Forged => StatusCode::FORBIDDEN,
+            NotThisForm::Held(e) => return e.into_response(),
         };
         error_page(status, &self.to_string())
     }
@@ -698,55 +788,51 @@ fn browser_cookie(headers: &HeaderMap) -> Option<String> {
         .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")).map(str::to_owned))
 }
 
-impl AuthorizationState {
-    /// Whether a form (or link) belongs to authorization `id`: it is in progress, and the CSRF
-    /// token and the browser cookie it was started with match.
-    pub(super) fn check(&self, id: &str, csrf: &str, headers: &HeaderMap) -> Result<(), NotThisForm> {
-        let cookie = browser_cookie(headers);
-        let mut all = lock(&self.pending);
-        match all.get(id) {
-            Some(p) if p.expires <= Instant::now() => {
-                all.remove(id);
-                Err(NotThisForm::Unknown)
-            }
-            Some(p)
-                if cookie.as_deref().is_some_and(|c| crate::credentials::digest(c) == p.browser)
-                    && !p.csrf.is_empty()
-                    && crate::credentials::digest(csrf) == crate::credentials::digest(&p.csrf) =>
-            {
-                Ok(())
-            }
-            Some(_) => Err(NotThisForm::Forged),
-            None => Err(NotThisForm::Unknown),
-        }
+/// The authorization in progress `id`, if the request comes from the browser that started it
+/// (its cookie).
+pub(super) fn in_browser(gw: &Gateway, id: &str, headers: &HeaderMap) -> Result<Pending, NotThisForm> {
+    let p = Pending::find(gw, id)?.ok_or(NotThisForm::Unknown)?;
+    let cookie = browser_cookie(headers);
+    if cookie.as_deref().is_some_and(|c| crate::credentials::digest(c) == p.browser) {
+        Ok(p)
+    } else {
+        Err(NotThisForm::Forged)
     }
+}
 
-    /// Gives the client its code: the redirect back with it.
-    fn issue_code(&self, p: Pending, login: Login, iss: &str) -> Response {
-        let Ok(code) = crate::random::id() else {
-            return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again.");
-        };
-        {
-            let mut codes = lock(&self.codes);
-            let now = Instant::now();
-            codes.retain(|_, c| c.expires > now);
-            if codes.len() >= MAX_PENDING {
-                return error_page(StatusCode::SERVICE_UNAVAILABLE, "Too many logins in progress; try again later.");
-            }
-            codes.insert(
-                crate::credentials::digest(&code),
-                Code {
-                    client_id: p.client.client_id.clone(),
-                    redirect_uri: p.redirect_uri.clone(),
-                    challenge: p.challenge,
-                    resource: p.resource,
-                    login,
-                    expires: now + CODE_LIFETIME,
-                    used_by: None,
-                },
-            );
-        }
-        back(&p.redirect_uri, &[("code", &code)], p.state.as_deref(), iss)
+/// The authorization in progress a form (or link) belongs to: `id`, from the browser that
+/// started it, with the CSRF token of its last page.
+pub(super) fn check(gw: &Gateway, id: &str, csrf: &str, headers: &HeaderMap) -> Result<Pending, NotThisForm> {
+    let p = in_browser(gw, id, headers)?;
+    if !p.csrf.is_empty() && crate::credentials::digest(csrf) == crate::credentials::digest(&p.csrf) {
+        Ok(p)
+    } else {
+        Err(NotThisForm::Forged)
+    }
+}
+
+/// Gives the client its code: the redirect back with it.
+fn issue_code(gw: &Gateway, p: Pending, login: Login, iss: &str) -> Response {
+    let Ok(code) = crate::random::id() else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again.");
+    };
+    let held = Code {
+        client_id: p.client.client_id.clone(),
+        redirect_uri: p.redirect_uri.clone(),
+        challenge: p.challenge,
+        resource: p.resource,
+        login,
+        used_by: None,
+    };
+    let now = crate::store::now_ms();
+    let expires = now.saturating_add(CODE_LIFETIME.as_millis().try_into().unwrap_or(i64::MAX));
+    let kept = seal_held(gw, CODE, &held)
+        .and_then(|data| hold(gw, CODE, &crate::credentials::digest(&code), &data, expires, false));
+    match kept {
+        Ok(true) => back(&p.redirect_uri, &[("code", &code)], p.state.as_deref(), iss),
+        // Another code under the same digest: 256 random bits make it never happen.
+        Ok(false) => error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again."),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -757,16 +843,14 @@ pub(super) fn signed_in(
     gw: &Gateway,
     snap: &crate::mcp::gateway::Snapshot,
     id: &str,
+    mut p: Pending,
     identity: &crate::auth::Identity,
 ) -> Response {
-    let state = gw.authorization();
-    let mut all = lock(&state.pending);
-    let Some(p) = all.get_mut(id) else { return error_page(StatusCode::BAD_REQUEST, "Start again.") };
     let server = resource_server(&snap.config, &p.resource).flatten();
     let Some((grants, servers)) =
         stored_grants(&identity.grants).filter(|_| server.as_deref().is_none_or(|s| identity.grants.reaches(s)))
     else {
-        all.remove(id);
+        let _ = Pending::take(gw, id);
         return error_page(StatusCode::FORBIDDEN, "You cannot reach the servers this application asked for.");
     };
     let login = Login {
@@ -782,16 +866,22 @@ pub(super) fn signed_in(
         .and_then(|s| s.oauth_consented(&login.key, &p.client.client_id, &p.resource, crate::store::now_ms()))
         .unwrap_or(false);
     if remembered {
-        let Some(p) = all.remove(id) else { return error_page(StatusCode::BAD_REQUEST, "Start again.") };
-        drop(all);
-        return state.issue_code(p, login, &snap.config.public_base());
+        let p = match Pending::take(gw, id) {
+            Ok(Some(p)) => p,
+            Ok(None) => return error_page(StatusCode::BAD_REQUEST, "Start again."),
+            Err(e) => return e.into_response(),
+        };
+        return issue_code(gw, p, login, &snap.config.public_base());
     }
     // A new CSRF token for the next form.
     if let Ok(c) = crate::random::id() {
         p.csrf = c;
     }
     p.login = Some(login.clone());
-    consent_page(id, p, &login)
+    if let Err(e) = p.keep(gw, id) {
+        return e.into_response();
+    }
+    consent_page(id, &p, &login)
 }
 
 /// Remembers an approval, so that the person is not asked again for this client and resource
@@ -846,22 +936,26 @@ pub(crate) async fn token(
     let issued = match field("grant_type") {
         "authorization_code" => {
             let (client_id, verifier) = (field("client_id"), field("code_verifier"));
-            let mut codes = lock(&gw.authorization().codes);
-            let Some(code) = codes.get_mut(&crate::credentials::digest(field("code"))) else {
+            let key = crate::credentials::digest(field("code"));
+            let unavailable = || {
+                oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store cannot answer now")
+            };
+            let Ok(found) = store.held_get(CODE, &key, now) else { return unavailable() };
+            let Some((held, code)) = found.and_then(|d| open_held::<Code>(&gw, CODE, &d).map(|c| (d, c))) else {
                 return invalid("unknown or expired code");
             };
-            if let Some(family) = &code.used_by {
+            let reused = |family: &str| {
                 // A code used twice: whatever it gave is revoked (RFC 6749 §4.1.2).
-                let family = family.clone();
-                drop(codes);
-                let _ = store.oauth_revoke_family(&family, now);
+                let _ = store.oauth_revoke_family(family, now);
                 let _ = gw.store().poll();
-                return invalid("the code was used before; its tokens are revoked");
+                invalid("the code was used before; its tokens are revoked")
+            };
+            if let Some(family) = &code.used_by {
+                return reused(family);
             }
             let challenge =
                 base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::credentials::digest(verifier));
-            if code.expires <= Instant::now()
-                || code.client_id != client_id
+            if code.client_id != client_id
                 || code.redirect_uri != field("redirect_uri")
                 || !(43..=128).contains(&verifier.len())
                 || challenge != code.challenge
@@ -870,7 +964,24 @@ pub(crate) async fn token(
                 return invalid("the code, client, redirect URI, code_verifier or resource do not match");
             }
             let Ok(family) = crate::store::new_id() else { return invalid("try again") };
-            code.used_by = Some(family.clone());
+            let mut used = code;
+            used.used_by = Some(family.clone());
+            let Ok(marked) = seal_held(&gw, CODE, &used) else { return unavailable() };
+            // Of exchanges racing on any replicas, the one whose mark lands wins; the others
+            // find the code used, and revoke what the winner got.
+            match store.held_swap(CODE, &key, &held, &marked) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let winner = store.held_get(CODE, &key, now).ok().flatten();
+                    let winner = winner.and_then(|d| open_held::<Code>(&gw, CODE, &d)).and_then(|c| c.used_by);
+                    return match winner {
+                        Some(family) => reused(&family),
+                        None => invalid("unknown or expired code"),
+                    };
+                }
+                Err(_) => return unavailable(),
+            }
+            let code = used;
             let grant = OAuthGrant {
                 family,
                 client_id: code.client_id.clone(),
@@ -880,7 +991,6 @@ pub(crate) async fn token(
                 tenant: code.login.tenant.clone(),
                 grants: code.login.grants.clone(),
             };
-            drop(codes);
             store.oauth_issue(&grant, def.access_ttl, def.refresh_ttl, now).map_err(RefreshError::Store)
         }
         "refresh_token" => {

@@ -1,10 +1,12 @@
 //! The token store: issued tokens (held hashed), the authorization server's clients, refresh
-//! families and consents, and the upstream token vault. One SQLite file (WAL) for one node,
+//! families and consents, the upstream token vault, and the short-lived rows a browser sign-in
+//! continues from on any replica (`held`: by the digest of their key, sealed by their callers,
+//! gone when they expire). One SQLite file (WAL) for one node,
 //! shared with the `token` subcommands in another process; PostgreSQL for replicas. The logic
 //! is written once ([`Store`]) over the SQL both databases read alike ([`sql`]).
 //!
-//! Invariants: the store holds SHA-256 digests and a short display prefix, never a secret;
-//! every change happens in one write transaction that first bumps a version counter (ordering
+//! Invariants: the store holds SHA-256 digests and a short display prefix, never a secret (the
+//! vault's and the held rows' values are sealed before they reach it); every change happens in one write transaction that first bumps a version counter (ordering
 //! writers, on SQLite by `BEGIN IMMEDIATE`, on PostgreSQL by the counter's row lock); running
 //! gateways poll the counter (and on PostgreSQL are told at commit) to drop caches and close
 //! revoked tokens' streams; a name is unique among a tenant's tokens that are neither
@@ -426,6 +428,17 @@ impl UpstreamClient {
     pub(crate) fn row(server: &str, issuer: &str, client_id: &str) -> String {
         format!("client\0{server}\0{issuer}\0{client_id}")
     }
+}
+
+/// What [`Store::held_put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Put {
+    /// The data is kept.
+    Kept,
+    /// A row was there already and is left as it was.
+    There,
+    /// Too many rows of the kind: nothing kept.
+    Full,
 }
 
 /// An OAuth client of Portcullis' authorization server (registered by RFC 7591).
@@ -1184,6 +1197,91 @@ impl Store {
         self.read(move |tx| Ok(tx.row("SELECT 1 FROM deleted_sessions WHERE digest = ?1", args![&digest])?.is_some()))
     }
 
+    /// Keeps `data` under (`kind`, `key`) until `expires_at`: what a browser's next request (on
+    /// any replica) continues from. What was there is replaced when `replace`, else it stays
+    /// and the answer is [`Put::There`] (of adders racing on any replicas, one gets
+    /// [`Put::Kept`]). Expired rows of every kind go first; [`Put::Full`] (nothing kept) when
+    /// `max` live rows of the kind are held. Not a change: nobody's view of the store moves.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn held_put(
+        &self,
+        kind: &'static str,
+        key: &[u8; 32],
+        data: &str,
+        expires_at: i64,
+        max: i64,
+        now: i64,
+        replace: bool,
+    ) -> Result<Put, StoreError> {
+        let (key, data) = (*key, data.to_owned());
+        self.transact(true, move |tx| {
+            tx.exec("DELETE FROM held WHERE expires_at <= ?1", args![now])?;
+            let there = tx.row("SELECT 1 FROM held WHERE kind = ?1 AND key = ?2", args![kind, &key])?.is_some();
+            if there && !replace {
+                return Ok(Put::There);
+            }
+            if !there && tx.int("SELECT COUNT(*) FROM held WHERE kind = ?1", args![kind])? >= max {
+                return Ok(Put::Full);
+            }
+            let conflict = if replace {
+                "DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at"
+            } else {
+                "DO NOTHING"
+            };
+            let n = tx.exec(
+                &format!(
+                    "INSERT INTO held (kind, key, data, expires_at) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (kind, key) {conflict}"
+                ),
+                args![kind, &key, &data, expires_at],
+            )?;
+            Ok(if n == 1 { Put::Kept } else { Put::There })
+        })
+    }
+
+    /// What is held under (`kind`, `key`), unless it expired.
+    pub(crate) fn held_get(&self, kind: &'static str, key: &[u8; 32], now: i64) -> Result<Option<String>, StoreError> {
+        let key = *key;
+        self.read(move |tx| {
+            tx.row("SELECT data FROM held WHERE kind = ?1 AND key = ?2 AND expires_at > ?3", args![kind, &key, now])?
+                .map(|r| r.text(0))
+                .transpose()
+        })
+    }
+
+    /// Takes what is held under (`kind`, `key`): its data, to exactly one taker (of any number
+    /// on any replica), unless it expired.
+    pub(crate) fn held_take(&self, kind: &'static str, key: &[u8; 32], now: i64) -> Result<Option<String>, StoreError> {
+        let key = *key;
+        self.transact(true, move |tx| {
+            let found = tx
+                .row("SELECT data FROM held WHERE kind = ?1 AND key = ?2 AND expires_at > ?3", args![kind, &key, now])?
+                .map(|r| r.text(0))
+                .transpose()?;
+            // Only the taker whose delete removed the row has it.
+            let taken = tx.exec("DELETE FROM held WHERE kind = ?1 AND key = ?2", args![kind, &key])? == 1;
+            Ok(found.filter(|_| taken))
+        })
+    }
+
+    /// Replaces the data under (`kind`, `key`) with `new` if it is still `old`: whether this
+    /// caller's replacement is the one made (of any number racing on any replica).
+    pub(crate) fn held_swap(
+        &self,
+        kind: &'static str,
+        key: &[u8; 32],
+        old: &str,
+        new: &str,
+    ) -> Result<bool, StoreError> {
+        let (key, old, new) = (*key, old.to_owned(), new.to_owned());
+        self.transact(true, move |tx| {
+            Ok(tx.exec(
+                "UPDATE held SET data = ?1 WHERE kind = ?2 AND key = ?3 AND data = ?4",
+                args![&new, kind, &key, &old],
+            )? == 1)
+        })
+    }
+
     /// Writes SQLite's WAL back into the database file (nothing on PostgreSQL).
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         self.backend.checkpoint()
@@ -1819,6 +1917,52 @@ mod tests {
             });
             // One wins; the others find it used and revoke the family (a reuse).
             assert_eq!(outcomes.iter().filter(|ok| **ok).count(), 1, "{outcomes:?}");
+        }
+    }
+
+    #[test]
+    fn held_rows_are_capped_expire_and_go_to_one_taker_and_one_swapper() {
+        for s in stores() {
+            let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+            let put =
+                |kind, key, data, expires, now, replace| s.held_put(kind, key, data, expires, 2, now, replace).unwrap();
+            assert_eq!(put("k", &a, "one", 5000, 1000, true), Put::Kept);
+            assert_eq!(put("k", &b, "two", 5000, 1000, false), Put::Kept);
+            assert_eq!(put("k", &c, "three", 5000, 1000, true), Put::Full, "the cap");
+            assert_eq!(put("k", &a, "one again", 5000, 1000, true), Put::Kept, "a replacement is no new row");
+            assert_eq!(put("k", &a, "not this", 5000, 1000, false), Put::There, "an add leaves it");
+            assert_eq!(put("other", &c, "x", 5000, 1000, true), Put::Kept, "caps are per kind");
+            assert_eq!(s.held_get("k", &a, 1000).unwrap().as_deref(), Some("one again"));
+            assert_eq!(s.held_get("k", &a, 5000).unwrap(), None, "expired");
+            assert_eq!(s.held_get("other", &a, 1000).unwrap(), None, "kinds are apart");
+
+            let taken: Vec<Option<String>> = std::thread::scope(|scope| {
+                let runs: Vec<_> = (0..4).map(|_| scope.spawn(|| s.store.held_take("k", &b, 1000).unwrap())).collect();
+                runs.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            assert_eq!(taken.iter().flatten().collect::<Vec<_>>(), vec!["two"], "{taken:?}");
+
+            let swapped: Vec<bool> = std::thread::scope(|scope| {
+                let runs: Vec<_> = (0..4)
+                    .map(|i| {
+                        let store = &s.store;
+                        scope.spawn(move || store.held_swap("k", &a, "one again", &format!("used by {i}")).unwrap())
+                    })
+                    .collect();
+                runs.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            assert_eq!(swapped.iter().filter(|w| **w).count(), 1, "{swapped:?}");
+            assert!(s.held_get("k", &a, 1000).unwrap().is_some_and(|d| d.starts_with("used by ")));
+            // Past their time, rows make room.
+            assert_eq!(put("k", &c, "three", 9000, 6000, false), Put::Kept);
+            // Of adders racing, one keeps its row.
+            let added: Vec<Put> = std::thread::scope(|scope| {
+                let runs: Vec<_> = (0..4)
+                    .map(|_| scope.spawn(|| s.store.held_put("add", &a, "mine", 9000, 10, 6000, false).unwrap()))
+                    .collect();
+                runs.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            assert_eq!(added.iter().filter(|p| **p == Put::Kept).count(), 1, "{added:?}");
         }
     }
 

@@ -469,6 +469,16 @@ CREATE TABLE deleted_sessions (
 );
 CREATE INDEX deleted_sessions_at ON deleted_sessions(deleted_at);
 "#,
+    r#"
+CREATE TABLE held (
+    kind TEXT NOT NULL,
+    key BYTEA NOT NULL,
+    data TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX held_expires ON held(expires_at);
+"#,
 ];
 
 #[cfg(test)]

@@ -243,4 +243,14 @@ CREATE TABLE deleted_sessions (
 );
 CREATE INDEX deleted_sessions_at ON deleted_sessions(deleted_at);
 "#,
+    r#"
+CREATE TABLE held (
+    kind TEXT NOT NULL,
+    key BLOB NOT NULL,
+    data TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX held_expires ON held(expires_at);
+"#,
 ];

@@ -10,7 +10,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use sha2::Digest;
 
-const ALICE: &str = "alice-login-token-0123456789abc";
+pub(crate) const ALICE: &str = "alice-login-token-0123456789abc";
 const CALLBACK: &str = "http://127.0.0.1:9/callback";
 
 fn top(extra: &str) -> String {
@@ -369,7 +369,7 @@ async fn the_python_sdk_registers_signs_in_and_calls_through_portcullis_own_serv
 /// What `sdk_oauth.py` needs to sign in through a real browser: headless Chromium (Debian's,
 /// driven by playwright-core) opens the authorization URL the SDK gives it, signs in with a
 /// token and approves; the pages it saw are saved as screenshots in `shots`.
-fn browser_env(shots: &str) -> Vec<(&'static str, String)> {
+pub(crate) fn browser_env(shots: &str) -> Vec<(&'static str, String)> {
     assert!(
         std::path::Path::new("/usr/bin/chromium").exists(),
         "Debian's chromium is needed (./scripts/test installs it)"
@@ -391,7 +391,7 @@ const BROWSER_CALLBACK: &str = "http://127.0.0.1:8976/callback";
 
 /// What the SDK saw after it signed in, called, refreshed, called again in the same session,
 /// revoked its refresh token (RFC 7009) and called once more.
-fn assert_refreshed_then_refused(seen: &Value) {
+pub(crate) fn assert_refreshed_then_refused(seen: &Value) {
     assert_eq!(seen["echo"], json!(["hello through oauth"]), "{seen}");
     assert_eq!(seen["refreshed"], true, "{seen}");
     assert_eq!(seen["echo_after_refresh"], json!(["after refresh"]), "{seen}");

@@ -143,14 +143,15 @@ struct Balancer {
 
 impl Balancer {
     async fn start(backends: &[String]) -> Balancer {
+        Self::start_on(free_port(), backends).await
+    }
+
+    /// On a port chosen before (the replicas' `public_url` names it).
+    async fn start_on(port: u16, backends: &[String]) -> Balancer {
         let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .expect("HAProxy is not installed: scripts/test installs Debian's haproxy as root");
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
         let dir = TempDir::new();
         let servers: String = backends
             .iter()
@@ -182,6 +183,12 @@ impl Balancer {
         }
         Balancer { _child: child, url: format!("http://127.0.0.1:{port}"), _dir: dir }
     }
+}
+
+/// A port free on 127.0.0.1 now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
 }
 
 /// A config for replica `i` on `store`: one stdio demo server, its own audit file.
@@ -453,7 +460,8 @@ async fn await_state(urls: &[String], want: &str, within: Duration) {
     for url in urls {
         loop {
             let (status, body) = health_of(url).await;
-            if body["state"] == want {
+            // A replica still starting its servers says so (503) whatever the state is.
+            if body["state"] == want && body["status"] != "starting" {
                 assert_eq!(status, 200, "a lost Redis never takes a replica out of the balancer: {body}");
                 break;
             }
@@ -746,4 +754,27 @@ async fn a_parked_stateless_call_resumes_on_any_replica_for_its_caller_only() {
     let orphan = on(0, alice).request(json!(6), "tools/call", retry(&state, answers.clone())).await;
     assert_eq!(orphan.response["error"]["code"], -32602, "{:?}", orphan.response);
     assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+}
+
+/// The official Python SDK signs in through a real browser against Portcullis' own
+/// authorization server on three replicas behind round-robin HAProxy: the authorization
+/// started on one replica is signed in to and approved on others, its code exchanged on
+/// another, and the calls, the refresh and the revocation land anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_sign_in_goes_through_any_replica() {
+    let schema = PgSchema::new(&test_database());
+    let dir = TempDir::new();
+    let port = free_port();
+    let extra = format!(
+        "    walker: {}\noauth:\n  authorization_server: {{}}\npublic_url: http://127.0.0.1:{port}\n",
+        crate::authserver::ALICE
+    );
+    let (_replicas, urls) = sharing_replicas(&dir, &schema, &extra).await;
+    let lb = Balancer::start_on(port, &urls).await;
+    let shots = TempDir::new();
+    let env = crate::authserver::browser_env(&shots.0.display().to_string());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let seen = crate::idp::sdk_oauth(&format!("{}/mcp", lb.url), "d__echo", &env).await;
+    crate::authserver::assert_refreshed_then_refused(&seen);
+    assert_eq!(seen["resource"], format!("{}/mcp", lb.url));
 }

@@ -161,8 +161,6 @@ pub struct Gateway {
     credentials: Mutex<HashMap<String, Arc<crate::oauth::client::TokenSource>>>,
     /// Portcullis' authorization server's logins and codes in progress (they outlive reloads).
     authorization: crate::oauth::server::AuthorizationState,
-    /// Per-user accounts being linked.
-    links: crate::oauth::accounts::Links,
     /// Stateless calls parked here, and retries relayed to the replicas holding theirs.
     parking: Arc<crate::mcp::upstream::Parking>,
     /// Instances of `per_user` servers for stateless callers, by identity and server (a session
@@ -329,7 +327,6 @@ impl Gateway {
             http,
             credentials: Mutex::new(HashMap::new()),
             authorization: crate::oauth::server::AuthorizationState::default(),
-            links: crate::oauth::accounts::Links::default(),
             parking: Arc::default(),
             per_identity: Mutex::new(HashMap::new()),
             me: me.clone(),
@@ -714,8 +711,16 @@ impl Gateway {
             _ => "mcp-session-id",
         };
         match &self.config().vault {
-            Some(vault) => vault.for_purpose(purpose),
             None if purpose == "mcp-session-id" => self.own_ring.clone(),
+            _ => self.ring_for(purpose),
+        }
+    }
+
+    /// A ring for `purpose`, derived from the vault's (shared by replicas with the same
+    /// `PORTCULLIS_SECRET_KEY`), else from this process's own.
+    pub(crate) fn ring_for(&self, purpose: &str) -> crate::vault::KeyRing {
+        match &self.config().vault {
+            Some(vault) => vault.for_purpose(purpose),
             None => self.own_ring.for_purpose(purpose),
         }
     }
@@ -1017,11 +1022,6 @@ impl Gateway {
             .filter(|d| d.enabled && scope.includes(&d.name) && who.grants.reaches(&d.name))
             .cloned()
             .collect()
-    }
-
-    /// Per-user accounts being linked.
-    pub(crate) fn links(&self) -> &crate::oauth::accounts::Links {
-        &self.links
     }
 
     /// An account was linked or unlinked here: the vault is read again now (as a change made
