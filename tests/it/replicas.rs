@@ -232,7 +232,7 @@ async fn three_replicas_behind_a_balancer_share_tokens_and_a_revocation_reaches_
     let (alice_id, alice) = issue(&cfgs[1], "alice", "user").await;
     let mut replicas = Vec::new();
     for cfg in &cfgs {
-        replicas.push(Served::start(cfg, &[]).await);
+        replicas.push(Served::start(cfg, &[("PORTCULLIS_SECRET_KEY", KEY_A)]).await);
     }
     let urls: Vec<String> = replicas.iter().map(|r| r.url.trim_end_matches("/mcp").to_owned()).collect();
     let lb = Balancer::start(&urls).await;
@@ -264,15 +264,40 @@ async fn three_replicas_behind_a_balancer_share_tokens_and_a_revocation_reaches_
     let took = at.elapsed();
     assert!(took < Duration::from_secs(1), "{took:?}");
 
-    // A replica killed mid-run: nothing hangs, and the calls after it all succeed.
+    // A replica killed mid-run: the call in flight on it fails at once, nothing hangs, the
+    // calls after it all succeed, and a session-era session carries on on the others.
     let (_, bob) = issue(&cfgs[2], "bob", "user").await;
     let client = Client::modern(&format!("{}/mcp", lb.url)).bearer(&bob);
+    let session = Client::connect_as(&format!("{}/mcp", lb.url), &bob).await;
+    for n in 0..6 {
+        assert_eq!(session.call_text("d__echo", json!({"text": format!("s{n}")})).await, format!("s{n}"));
+    }
+    // Three long calls through the balancer: one on each replica.
+    let sleeping: Vec<_> = (0..3)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let params = client.add_meta(json!({"name": "d__sleep", "arguments": {"ms": 20_000}}));
+                let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params});
+                client.request_builder(&body).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+            })
+        })
+        .collect();
+    // Replica 2's child answers once its sleep is in flight.
+    let on_two = Client::modern(&format!("{}/mcp", urls[2])).bearer(&bob);
+    on_two.call_text("d__stats", json!({"until_in_flight": 1})).await;
+    let killed = Instant::now();
+    replicas[2].child.start_kill().unwrap();
+    replicas[2].child.wait().await.unwrap();
+    let (done, _, others) = futures_util::future::select_all(sleeping).await;
+    let failed = done.unwrap();
+    assert_ne!(failed, 200, "the call in flight on the killed replica fails");
+    assert!(killed.elapsed() < Duration::from_secs(3), "and at once: {:?}", killed.elapsed());
+    for other in others {
+        other.abort();
+    }
     let mut outcomes = Vec::new();
     for i in 0..120 {
-        if i == 40 {
-            replicas[2].child.start_kill().unwrap();
-            replicas[2].child.wait().await.unwrap();
-        }
         let started = Instant::now();
         // A call in flight on the killed replica may fail as a transport error (the balancer
         // closes the connection): counted as a failure (0), never a hang.
@@ -283,8 +308,11 @@ async fn three_replicas_behind_a_balancer_share_tokens_and_a_revocation_reaches_
             .expect("no call hangs");
         outcomes.push((sent.map_or(0, |r| r.status().as_u16()), started.elapsed()));
     }
-    assert!(outcomes[..40].iter().all(|(s, _)| *s == 200), "{outcomes:?}");
-    assert!(outcomes[60..].iter().all(|(s, _)| *s == 200), "every later call succeeds: {outcomes:?}");
+    assert!(outcomes[20..].iter().all(|(s, _)| *s == 200), "every later call succeeds: {outcomes:?}");
+    for n in 0..30 {
+        let text = format!("after {n}");
+        assert_eq!(session.call_text("d__echo", json!({"text": &text})).await, text, "the session carries on");
+    }
     drop(lb);
 }
 
@@ -574,6 +602,11 @@ async fn three_replicas_hold_one_rate_limit_and_one_failure_throttle_through_red
 /// own); alice is a config token.
 async fn sharing_replicas(dir: &TempDir, schema: &PgSchema, extra: &str) -> (Vec<Served>, Vec<String>) {
     let (redis, db) = test_redis();
+    sharing_replicas_on(dir, schema, extra, &format!("{redis}/{db}")).await
+}
+
+/// [`sharing_replicas`] on the Redis at `redis` (`host:port/db`).
+async fn sharing_replicas_on(dir: &TempDir, schema: &PgSchema, extra: &str, redis: &str) -> (Vec<Served>, Vec<String>) {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let prefix = format!("pcs-it-{}-{nanos}:", std::process::id());
     let mut replicas = Vec::new();
@@ -581,7 +614,7 @@ async fn sharing_replicas(dir: &TempDir, schema: &PgSchema, extra: &str) -> (Vec
         let cfg = replica_config(dir, i, &schema.url);
         let mut text = std::fs::read_to_string(&cfg).unwrap();
         text.push_str(&format!(
-            "state:\n  url: redis://{redis}/{db}\n  prefix: {prefix:?}\n\
+            "state:\n  url: redis://{redis}\n  prefix: {prefix:?}\n\
              auth:\n  tokens:\n    alice: alice-token-0123456789abcdef\n    \
              prom: {{token: prom-token-0123456789abcdef, role: metrics}}\n{extra}"
         ));
@@ -777,4 +810,101 @@ async fn a_browser_sign_in_goes_through_any_replica() {
     let seen = crate::idp::sdk_oauth(&format!("{}/mcp", lb.url), "d__echo", &env).await;
     crate::authserver::assert_refreshed_then_refused(&seen);
     assert_eq!(seen["resource"], format!("{}/mcp", lb.url));
+}
+
+/// A Redis of the test's own (Debian's `redis-server`, nothing kept on disk), so it can be
+/// really stopped and started again on the same port.
+struct OwnRedis {
+    child: Option<tokio::process::Child>,
+    port: u16,
+}
+
+impl OwnRedis {
+    async fn start() -> OwnRedis {
+        let mut r = OwnRedis { child: None, port: free_port() };
+        r.run().await;
+        r
+    }
+
+    async fn run(&mut self) {
+        let server = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("redis-server is not installed (Debian's redis-server package)");
+        let port = self.port.to_string();
+        let child = tokio::process::Command::new(server)
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start listening");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Stops it (SIGTERM, as a service manager does) and waits until it has exited.
+    async fn stop(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().unwrap().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        child.wait().await.unwrap();
+    }
+}
+
+/// Redis really stopped and started again: nothing fails meanwhile (authentication never
+/// depends on it; limits count per replica; /health degraded), and once it is back the limits
+/// are shared again and a session's stream hears other replicas again (the subscriptions are
+/// made anew on the new server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_and_started_again() {
+    let schema = PgSchema::new(&test_database());
+    let dir = TempDir::new();
+    let mut redis = OwnRedis::start().await;
+    let extra = "    carol: {token: carol-token-0123456789abcdef, rate: 6/min}\n";
+    let (_replicas, urls) = sharing_replicas_on(&dir, &schema, extra, &format!("127.0.0.1:{}/0", redis.port)).await;
+    let alice = "alice-token-0123456789abcdef";
+    let carol = "carol-token-0123456789abcdef";
+    let within = Duration::from_secs(5);
+    let client = Client::connect_as(&format!("{}/mcp", urls[0]), alice).await;
+    let mut events = client.get_stream().await;
+    let mut there = Client::new(&format!("{}/mcp", urls[1])).bearer(alice);
+    there.session = client.session.clone();
+    there.version = client.version.clone();
+    let sub = there.request(json!(2), "resources/subscribe", json!({"uri": "demo://info"})).await;
+    assert_eq!(sub.status, 200, "{:?}", sub.response);
+
+    redis.stop().await;
+    await_state(&urls, "unavailable", within).await;
+    for url in &urls {
+        assert_eq!(call_status(url, alice).await, 200, "{url}: authentication does not depend on Redis");
+        assert_eq!(call_status(url, "pcs_not-a-token-at-all-000000000000000000000000").await, 401);
+    }
+
+    redis.run().await;
+    await_state(&urls, "ok", within).await;
+    // A replica's stream subscriptions come back with it: an update made on replica 1 reaches
+    // the stream on replica 0 (asked again until it does: a message published before replica
+    // 0 has subscribed again is lost, as documented).
+    let deadline = Instant::now() + within;
+    loop {
+        assert_eq!(there.call_text("d__touch", json!({"uri": "demo://info"})).await, "told 1");
+        let heard =
+            tokio::time::timeout(Duration::from_millis(250), events.next_method("notifications/resources/updated"));
+        if heard.await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stream on replica 0 never heard replica 1 again");
+    }
+    // One limit again across the three: 6/min admits 6 of 12 calls, wherever they land.
+    let mut admitted = 0;
+    for i in 0..12 {
+        if call_status(&urls[i % 3], carol).await == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 6, "one bucket across the replicas after the restart");
 }
