@@ -908,3 +908,144 @@ async fn redis_stopped_and_started_again() {
     }
     assert_eq!(admitted, 6, "one bucket across the replicas after the restart");
 }
+
+/// A PostgreSQL server of the test's own (Debian's binaries, a cluster in a temporary
+/// directory, fsync off), so it can be really stopped and started again on the same port.
+struct OwnPostgres {
+    child: Option<tokio::process::Child>,
+    port: u16,
+    bin: std::path::PathBuf,
+    dir: TempDir,
+}
+
+impl OwnPostgres {
+    async fn start() -> OwnPostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|p| p.join("initdb").exists())
+            .expect("PostgreSQL's server binaries are not installed (Debian's postgresql package)");
+        let dir = TempDir::new();
+        let mut pg = OwnPostgres { child: None, port: free_port(), bin, dir };
+        // PostgreSQL refuses to run as root: as the package's postgres user then.
+        if Self::as_root() {
+            let ok = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(&pg.dir.0).status();
+            assert!(ok.unwrap().success());
+        }
+        let data = pg.dir.0.join("data");
+        let init = pg
+            .command("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .unwrap();
+        assert!(init.success(), "initdb failed");
+        pg.run().await;
+        pg
+    }
+
+    fn as_root() -> bool {
+        std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    }
+
+    fn command(&self, program: &str) -> tokio::process::Command {
+        let path = self.bin.join(program);
+        if Self::as_root() {
+            let mut c = tokio::process::Command::new("setpriv");
+            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"]).arg(path);
+            c
+        } else {
+            tokio::process::Command::new(path)
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    async fn run(&mut self) {
+        let port = self.port.to_string();
+        let child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(self.dir.0.join("data"))
+            .args(["-p", &port, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-k"])
+            .arg(&self.dir.0)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // Ready when it answers a query (it accepts connections a moment before).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = self.command("pg_isready").args(["-h", "127.0.0.1", "-p", &port, "-q"]).status().await;
+            if ready.is_ok_and(|s| s.success()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "PostgreSQL did not start");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// A fast shutdown (SIGINT, what `pg_ctl stop -m fast` sends), waited for.
+    async fn stop(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().unwrap().to_string();
+        std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        child.wait().await.unwrap();
+    }
+}
+
+/// PostgreSQL really stopped and started again under a replica: 503 meanwhile (never 200 on
+/// what it can no longer confirm, never 401), then recovery, with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_and_started_again() {
+    let mut pg = OwnPostgres::start().await;
+    let dir = TempDir::new();
+    let cfg = replica_config(&dir, 0, &pg.url());
+    let (_, alice) = issue(&cfg, "alice", "user").await;
+    let (bob_id, bob) = issue(&cfg, "bob", "user").await;
+    let served = Served::start(&cfg, &[]).await;
+    let replica = served.url.trim_end_matches("/mcp").to_owned();
+    let (admin_id, admin) = issue(&cfg, "ops", "admin").await;
+    assert_eq!(call_status(&replica, &alice).await, 200);
+    let revoked =
+        reqwest::Client::new().delete(format!("{replica}/admin/tokens/{bob_id}")).bearer_auth(&admin).send().await;
+    assert_eq!(revoked.unwrap().status(), 200);
+    assert_eq!(call_status(&replica, &bob).await, 401);
+
+    pg.stop().await;
+    let at = Instant::now();
+    loop {
+        match call_status(&replica, &alice).await {
+            503 => break,
+            200 => assert!(at.elapsed() < Duration::from_secs(2), "still serving without its store"),
+            other => panic!("{other} while the store is gone"),
+        }
+    }
+    // `/health` follows at the next poll.
+    while health_of(&replica).await.0 != 503 {
+        assert!(at.elapsed() < Duration::from_secs(2), "/health still 200 without the store");
+    }
+
+    pg.run().await;
+    let at = Instant::now();
+    while call_status(&replica, &alice).await != 200 {
+        assert!(at.elapsed() < Duration::from_secs(15), "no recovery");
+    }
+    // Nothing lost: the tokens issued and the revocation made before the restart.
+    assert_eq!(call_status(&replica, &bob).await, 401, "the revocation survived");
+    let listed = reqwest::Client::new().get(format!("{replica}/admin/tokens")).bearer_auth(&admin).send().await;
+    let listed: Value = serde_json::from_str(&listed.unwrap().text().await.unwrap()).unwrap();
+    let text = listed.to_string();
+    assert!(text.contains(&admin_id) && text.contains(&bob_id), "{listed}");
+    while health_of(&replica).await.0 != 200 {
+        assert!(at.elapsed() < Duration::from_secs(16), "/health did not recover");
+    }
+}
