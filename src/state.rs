@@ -134,7 +134,7 @@ pub(crate) struct SharedState {
     /// Who hears each subscribed channel here (an id per subscription, so a replaced one's end
     /// does not remove its successor).
     heard: std::sync::Mutex<std::collections::HashMap<String, (u64, tokio::sync::mpsc::Sender<bytes::Bytes>)>>,
-    /// This process among the replicas (20 random bits, never 0): server-to-client request ids
+    /// This process among the replicas (32 random bits, never 0): server-to-client request ids
     /// it gives carry it, so an answer that lands elsewhere is sent back here.
     tag: u64,
     /// Subscribe (true) or unsubscribe a channel on the listening connection, and whom to
@@ -179,7 +179,7 @@ impl SharedState {
         let (publish, published) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
         let (listen, listens) = tokio::sync::mpsc::unbounded_channel();
         let tag = crate::random::key()
-            .map(|k| (u64::from(k[0]) << 12 | u64::from(k[1]) << 4 | u64::from(k[2] >> 4)).max(1))
+            .map(|k| u64::from(u32::from_be_bytes([k[0], k[1], k[2], k[3]])).max(1))
             .map_err(|e| StateError::Unavailable(e.to_string()))?;
         let state = Arc::new(SharedState {
             tag,
