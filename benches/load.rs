@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+#[path = "load/wire.rs"]
+mod wire;
+
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 const TOKEN: &str = "bench-token-0123456789abcdefghij";
 
@@ -79,6 +82,12 @@ fn cpu_ns(pid: u32) -> u64 {
 struct Cell {
     /// CPU µs per completed call of the measured server (0 when not measured).
     cpu: f64,
+    /// CPU µs per completed call of the load generator (this process).
+    gen_cpu: f64,
+    /// CPU µs per completed call of the upstream behind it (0 when not measured).
+    up_cpu: f64,
+    /// How busy the measured server's core was (its CPU time over the cell's time).
+    busy: f64,
     rps: f64,
     p50: f64,
     p90: f64,
@@ -92,6 +101,9 @@ impl Cell {
         let avg = |x: f64, y: f64| (x + y) / 2.0;
         Cell {
             cpu: avg(a.cpu, b.cpu),
+            gen_cpu: avg(a.gen_cpu, b.gen_cpu),
+            up_cpu: avg(a.up_cpu, b.up_cpu),
+            busy: avg(a.busy, b.busy),
             rps: avg(a.rps, b.rps),
             p50: avg(a.p50, b.p50),
             p90: avg(a.p90, b.p90),
@@ -101,21 +113,15 @@ impl Cell {
     }
 }
 
-fn body(id: u64, tool: &str, text: &str) -> String {
-    serde_json::json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{
-        "name": tool, "arguments": {"text": text},
-        "_meta": {"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}})
-    .to_string()
-}
-
 /// `concurrency` workers calling `tool` for `secs` seconds (after a short warm-up).
 async fn run(url: &str, tool: &str, text: &str, concurrency: usize, secs: f64, token: Option<&str>) -> Cell {
-    run_on(url, tool, text, concurrency, secs, token, 0).await
+    run_on(url, tool, text, concurrency, secs, token, (0, 0)).await
 }
 
 /// [`run`], also measuring the CPU time process `pid` spends during the measured period.
-/// Where a half-cell runs: the MCP URL, the token, the gateway's pid.
-type Target<'a> = (&'a str, Option<&'a str>, u32);
+/// Where a half-cell runs: the MCP URL, the token, the measured server's and its upstream's
+/// pids.
+type Target<'a> = (&'a str, Option<&'a str>, (u32, u32));
 
 /// Two targets in one cell's time, half each, in the order A, B, B, A, so that a drift of the
 /// machine during the four weighs on both alike: the mean of each.
@@ -135,37 +141,38 @@ async fn run_on(
     concurrency: usize,
     secs: f64,
     token: Option<&str>,
-    pid: u32,
+    (pid, up_pid): (u32, u32),
 ) -> Cell {
-    let bearer = token.map(|t| format!("Bearer {t}"));
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().expect("client");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..concurrency {
-        let (client, url, tool, text, bearer) =
-            (client.clone(), url.to_owned(), tool.to_owned(), text.to_owned(), bearer.clone());
+        let request = wire::Prepared::call(url, tool, text, token, w as u64 + 1);
+        let min_len = text.len();
         let (stop, measuring, errors) = (stop.clone(), measuring.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            let mut samples = Vec::new();
-            let mut n = 0u64;
+            let mut samples = Vec::with_capacity(1 << 16);
+            let mut conn: Option<wire::Conn> = None;
             while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let mut req = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("accept", "application/json, text/event-stream")
-                    .header("mcp-protocol-version", "2026-07-28")
-                    .header("mcp-method", "tools/call")
-                    .header("mcp-name", &tool);
-                if let Some(b) = &bearer {
-                    req = req.header("authorization", b);
-                }
+                let c = match conn.as_mut() {
+                    Some(c) => c,
+                    None => match wire::Conn::open(request.addr).await {
+                        Ok(c) => conn.insert(c),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    },
+                };
                 let start = Instant::now();
-                let ok = match req.body(body(n + (w as u64) * 1_000_000_000, &tool, &text)).send().await {
-                    Ok(r) if r.status().is_success() => r.bytes().await.map(|b| b.len() > text.len()).unwrap_or(false),
-                    _ => false,
+                let ok = match c.exchange(&request.bytes).await {
+                    Ok((status, len)) => status == 200 && len > min_len,
+                    Err(_) => {
+                        conn = None;
+                        false
+                    }
                 };
                 if measuring.load(Ordering::Relaxed) {
                     if ok {
@@ -180,12 +187,15 @@ async fn run_on(
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     measuring.store(true, Ordering::Relaxed);
-    let cpu_before = if pid != 0 { cpu_ns(pid) } else { 0 };
+    let me = std::process::id();
+    let cpu = |pid: u32| if pid != 0 { cpu_ns(pid) } else { 0 };
+    let (before, gen_before, up_before) = (cpu(pid), cpu(me), cpu(up_pid));
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu_used = if pid != 0 { cpu_ns(pid).saturating_sub(cpu_before) } else { 0 };
+    let used = |pid: u32, before: u64| cpu(pid).saturating_sub(before) as f64;
+    let (cpu_used, gen_used, up_used) = (used(pid, before), used(me, gen_before), used(up_pid, up_before));
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     for t in tasks {
@@ -193,8 +203,12 @@ async fn run_on(
     }
     all.sort_by(f64::total_cmp);
     let q = |p: f64| all.get(((all.len() as f64) * p) as usize).copied().unwrap_or(f64::NAN);
+    let calls = all.len().max(1) as f64;
     Cell {
-        cpu: cpu_used as f64 / 1e3 / (all.len().max(1) as f64),
+        cpu: cpu_used / 1e3 / calls,
+        gen_cpu: gen_used / 1e3 / calls,
+        up_cpu: up_used / 1e3 / calls,
+        busy: cpu_used / 1e9 / elapsed,
         rps: all.len() as f64 / elapsed,
         p50: q(0.5),
         p90: q(0.9),
@@ -235,35 +249,46 @@ fn access_token(issuer: &str, key: &jsonwebtoken::EncodingKey, resource: &str) -
     jsonwebtoken::encode(&h, &claims, key).expect("sign")
 }
 
-/// The floor any gateway process on the path pays: a byte relay (one thread, no parsing) that
-/// copies each client connection to its own upstream connection and back. The bench runs it as
-/// a child of its own executable (`--relay HOST:PORT`), pinned where Portcullis runs.
-async fn relay(upstream: String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    eprintln!("listening on http://{}/mcp", listener.local_addr().expect("addr"));
-    while let Ok((mut client, _)) = listener.accept().await {
-        let upstream = upstream.clone();
-        tokio::spawn(async move {
-            let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else { return };
-            let _ = (client.set_nodelay(true), up.set_nodelay(true));
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
-        });
+/// HAProxy from Debian's package in TCP mode with one thread, pinned to `cpus`, relaying to
+/// `upstream` (`host:port`): its child, MCP URL and pid; None when it is not installed
+/// (`scripts/bench` installs it).
+async fn haproxy(cpus: &str, upstream: &str, dir: &std::path::Path) -> Option<(Child, String, u32)> {
+    let bin = ["/usr/sbin/haproxy", "/usr/bin/haproxy"].into_iter().find(|p| std::path::Path::new(p).exists())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let cfg = dir.join("haproxy.cfg");
+    let text = format!(
+        "global\n    nbthread 1\n    maxconn 4096\ndefaults\n    mode tcp\n    timeout connect 2s\n    \
+         timeout client 120s\n    timeout server 120s\nfrontend f\n    bind 127.0.0.1:{port}\n    \
+         default_backend b\nbackend b\n    server u {upstream}\n"
+    );
+    std::fs::write(&cfg, text).ok()?;
+    let mut c = Command::new("taskset");
+    c.args(["-c", if cpus.is_empty() { "0-63" } else { cpus }, bin, "-db", "-f"]).arg(&cfg);
+    let child = c.stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true).spawn().ok()?;
+    let pid = child.id().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Some((child, format!("http://127.0.0.1:{port}/mcp"), pid))
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--relay") {
-        let upstream = args.get(i + 1).cloned().expect("--relay HOST:PORT");
+    if args.iter().any(|a| a == "--upstream") {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        return rt.block_on(relay(upstream));
+        return rt.block_on(wire::serve_upstream());
     }
     // `cargo test --all-targets` runs bench targets too (without `--bench`): skip there.
     if !args.iter().any(|a| a == "--bench") {
         println!("benchmark skipped: run it with `cargo bench`");
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    // One thread: the load generator shares its core with the upstream.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(bench());
 }
 
@@ -280,35 +305,29 @@ async fn bench() {
     let payloads = env_or("PCS_BENCH_PAYLOADS", "small,large".to_owned());
 
     // The upstream Portcullis calls, on the other core; and the same server for the direct
-    // figures, on the core Portcullis would use.
-    let demo = |cpus: &str| {
-        pinned(cpus)
-            .args(["demo-server", "--fixtures", "--http", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("demo server")
-    };
-    let mut upstream = demo(&other_cpu);
-    let upstream_url = listen_url(&mut upstream).await;
-    let mut direct_upstream = demo(&gw_cpu);
-    let direct_pid = direct_upstream.id().unwrap_or(0);
-    let direct_url = listen_url(&mut direct_upstream).await;
-    let upstream_addr = upstream_url.trim_start_matches("http://").trim_end_matches("/mcp").to_owned();
-    let mut relay = {
+    // figures, on the core Portcullis would use: the benchmark's own fast upstream (see
+    // `wire`), so that no row is bound by a slow upstream.
+    let own = |cpus: &str, args: &[&str]| {
         let exe = std::env::current_exe().expect("own path");
-        let mut c = if gw_cpu.is_empty() {
+        let mut c = if cpus.is_empty() {
             Command::new(exe)
         } else {
             let mut c = Command::new("taskset");
-            c.args(["-c", &gw_cpu]).arg(exe);
+            c.args(["-c", cpus]).arg(exe);
             c
         };
-        c.args(["--relay", &upstream_addr]).stderr(Stdio::piped()).kill_on_drop(true).spawn().expect("relay")
+        c.args(args).stderr(Stdio::piped()).kill_on_drop(true).spawn().expect("bench child")
     };
-    let relay_pid = relay.id().unwrap_or(0);
-    let relay_url = listen_url(&mut relay).await;
+    let mut upstream = own(&other_cpu, &["--upstream"]);
+    let up_pid = upstream.id().unwrap_or(0);
+    let upstream_url = listen_url(&mut upstream).await;
+    let mut direct_upstream = own(&gw_cpu, &["--upstream"]);
+    let direct_pid = direct_upstream.id().unwrap_or(0);
+    let direct_url = listen_url(&mut direct_upstream).await;
+    let upstream_addr = upstream_url.trim_start_matches("http://").trim_end_matches("/mcp").to_owned();
+    // The floor any process on the path pays: HAProxy relaying TCP, one thread, where
+    // Portcullis runs.
+    let haproxy = haproxy(&gw_cpu, &upstream_addr, &dir).await;
 
     // Portcullis: one worker thread on its own core, fronting the upstream over HTTP and the
     // same demo server over stdio (pinned to the other core).
@@ -324,7 +343,8 @@ async fn bench() {
             (true, false, None) => "auth.yaml",
             (false, false, None) => "open.yaml",
         });
-        let sqlite = dir.join("tokens.db").display().to_string();
+        // Tokens issued into a store turn authentication on: the open gateway has one of its own.
+        let sqlite = dir.join(if auth { "tokens.db" } else { "open.db" }).display().to_string();
         let mut yaml = format!(
             "servers:\n  h:\n    url: {upstream_url:?}\n  s:\n    command: taskset\n    args: [\"-c\", {other_cpu:?}, {BIN:?}, demo-server, --fixtures]\nstore: {:?}\naudit:\n  file: {:?}\nlimits:\n  max_sessions: 100000\n  max_sessions_per_identity: 100000\n  max_sse_streams_per_identity: 100000\n  max_connections: 100000\n",
             store.unwrap_or(&sqlite),
@@ -382,22 +402,27 @@ async fn bench() {
         "Portcullis load benchmark: {secs} s per cell, gateway on cpu {gw_cpu} with 1 worker, the rest on cpu {other_cpu}"
     );
     println!();
-    println!("| path | payload | conc | req/s | p50 µs | p90 µs | p99 µs | errors | CPU µs/call | vs direct |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| path | payload | conc | req/s | p50 µs | p90 µs | p99 µs | errors | CPU µs/call | its core | load gen µs/call | upstream µs/call | vs direct |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut peak = 0u64;
     let sizes = [("100 B", &small, "small"), ("64 KiB", &large, "large")];
     for (payload_name, text, _) in sizes.into_iter().filter(|(_, _, k)| payloads.contains(k)) {
         for &conc in &concs {
-            let direct = run_on(&direct_url, "echo", text, conc, secs, None, direct_pid).await;
+            let direct = run_on(&direct_url, "echo", text, conc, secs, None, (direct_pid, 0)).await;
             let print = |name: &str, c: &Cell| {
                 println!(
-                    "| {name} | {payload_name} | {conc} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.2}× rps, {:+.0} µs p50 |",
+                    "| {name} | {payload_name} | {conc} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.0} % | {:.1} | {} | {:.2}× rps, {:+.0} µs p50 |",
                     c.rps,
                     c.p50,
                     c.p90,
                     c.p99,
                     c.errors,
                     c.cpu,
+                    c.busy * 100.0,
+                    c.gen_cpu,
+                    if c.up_cpu > 0.0 { format!("{:.1}", c.up_cpu) } else { "–".to_owned() },
                     c.rps / direct.rps,
                     c.p50 - direct.p50
                 );
@@ -405,14 +430,16 @@ async fn bench() {
             // One cell against another measured beside it: throughput ratio, CPU difference.
             let compare = |what: &str, c: &Cell, base: &Cell| {
                 println!(
-                    "| ({what}) | {payload_name} | {conc} | {:.3}× rps | | | | | {:+.1} µs/call | |",
+                    "| ({what}) | {payload_name} | {conc} | {:.3}× rps | | | | | {:+.1} µs/call | | | | |",
                     c.rps / base.rps,
                     c.cpu - base.cpu
                 );
             };
             print("direct (HTTP upstream)", &direct);
-            let relay = run_on(&relay_url, "echo", text, conc, secs, None, relay_pid).await;
-            print("byte relay → HTTP (floor)", &relay);
+            if let Some((_, relay_url, relay_pid)) = &haproxy {
+                let relay = run_on(relay_url, "echo", text, conc, secs, None, (*relay_pid, up_pid)).await;
+                print("HAProxy, TCP, 1 thread → HTTP (floor)", &relay);
+            }
             for (auth, oauth) in [(false, false), (true, false), (true, true)] {
                 let mut gw = start_gateway(auth, oauth);
                 let pid = gw.id().unwrap_or(0);
@@ -433,19 +460,20 @@ async fn bench() {
                     // of the machine during the four weighs on both alike.
                     let jwt = access_token(&issuer, &signing, &mcp);
                     let (stat, with_jwt) =
-                        interleaved((&mcp, token, pid), (&mcp, Some(&jwt), pid), text, conc, secs).await;
+                        interleaved((&mcp, token, (pid, up_pid)), (&mcp, Some(&jwt), (pid, up_pid)), text, conc, secs)
+                            .await;
                     print("Portcullis → HTTP, OAuth on, static token", &stat);
                     print("Portcullis → HTTP, OAuth on, ES256 JWT", &with_jwt);
                     compare("JWT vs static token, same gateway", &with_jwt, &stat);
                 } else {
-                    let http = run_on(&mcp, "h__echo", text, conc, secs, token, pid).await;
+                    let http = run_on(&mcp, "h__echo", text, conc, secs, token, (pid, up_pid)).await;
                     print(&format!("Portcullis → HTTP, auth {}", if auth { "on" } else { "off" }), &http);
                 }
                 if auth && !oauth {
-                    let stdio = run_on(&mcp, "s__echo", text, conc, secs, token, pid).await;
+                    let stdio = run_on(&mcp, "s__echo", text, conc, secs, token, (pid, 0)).await;
                     print("Portcullis → stdio, auth on", &stdio);
                     let issued = issue(&config_file(true, false, None), &format!("bench-{conc}-{}", text.len()));
-                    let cell = run_on(&mcp, "h__echo", text, conc, secs, Some(&issued), pid).await;
+                    let cell = run_on(&mcp, "h__echo", text, conc, secs, Some(&issued), (pid, up_pid)).await;
                     print("Portcullis → HTTP, issued token, SQLite store", &cell);
                     if let Some(url) = &postgres {
                         let cfg = config_file(true, false, Some(url));
@@ -459,7 +487,7 @@ async fn bench() {
                                 break;
                             }
                         }
-                        let cell = run_on(&pg_mcp, "h__echo", text, conc, secs, Some(&issued), pg_pid).await;
+                        let cell = run_on(&pg_mcp, "h__echo", text, conc, secs, Some(&issued), (pg_pid, up_pid)).await;
                         print("Portcullis → HTTP, issued token, PostgreSQL store", &cell);
                         if let Some(redis) = &redis {
                             // One replica as it runs alone (SQLite, its own rate bucket) against
@@ -485,8 +513,8 @@ async fn bench() {
                                 }
                             }
                             let (a, sh) = interleaved(
-                                (&alone_mcp, Some(&alone_token), alone_pid),
-                                (&shared_mcp, Some(&shared_token), shared_pid),
+                                (&alone_mcp, Some(&alone_token), (alone_pid, up_pid)),
+                                (&shared_mcp, Some(&shared_token), (shared_pid, up_pid)),
                                 text,
                                 conc,
                                 secs,
