@@ -282,6 +282,21 @@ fn main() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         return rt.block_on(wire::serve_upstream());
     }
+    // For profiling one process: `--drive URL TOOL CONCURRENCY SECONDS [TOKEN]` loads it as a
+    // cell does and prints the cell's figures.
+    if let Some(i) = args.iter().position(|a| a == "--drive") {
+        let arg = |k: usize| args.get(i + k).cloned().expect("--drive URL TOOL CONCURRENCY SECONDS [TOKEN]");
+        let (url, tool) = (arg(1), arg(2));
+        let (conc, secs): (usize, f64) = (arg(3).parse().expect("concurrency"), arg(4).parse().expect("seconds"));
+        let token = args.get(i + 5).cloned();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let c = rt.block_on(run(&url, &tool, &"x".repeat(100), conc, secs, token.as_deref()));
+        println!(
+            "{:.0} req/s, p50 {:.0} µs, {} errors, load generator {:.1} µs/call",
+            c.rps, c.p50, c.errors, c.gen_cpu
+        );
+        return;
+    }
     // `cargo test --all-targets` runs bench targets too (without `--bench`): skip there.
     if !args.iter().any(|a| a == "--bench") {
         println!("benchmark skipped: run it with `cargo bench`");

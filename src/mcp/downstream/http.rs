@@ -577,9 +577,7 @@ async fn answer(
             }
             let status = if stateless { stateless_status(&reply) } else { StatusCode::OK };
             later.finish(status);
-            let chunks = reply.to_chunks(&id);
-            let body = Body::from_stream(futures_util::stream::iter(chunks.into_iter().map(Ok::<_, Infallible>)));
-            json(status, body)
+            json(status, Body::new(Parts::of(reply.to_chunks(&id))))
         }
         first = rx.recv() => {
             let Some(first) = first else {
@@ -682,6 +680,52 @@ async fn batch(
         return Ok(StatusCode::ACCEPTED.into_response());
     }
     Ok(json(StatusCode::OK, format!("[{}]", answers.join(","))))
+}
+
+/// A response body of parts already in memory: not copied into one buffer, and of known
+/// length, so it goes out with `Content-Length` in one write with the head (a stream of parts
+/// went out chunked, its last chunk in a write, and a wake-up of the client, of its own).
+struct Parts {
+    parts: [Bytes; 3],
+    next: usize,
+}
+
+impl Parts {
+    fn of(parts: [Bytes; 3]) -> Self {
+        Parts { parts, next: 0 }
+    }
+
+    fn remaining(&self) -> u64 {
+        self.parts.get(self.next..).unwrap_or_default().iter().map(|b| b.len() as u64).sum()
+    }
+}
+
+impl hyper::body::Body for Parts {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        while let Some(part) = this.parts.get_mut(this.next) {
+            this.next += 1;
+            let part = std::mem::take(part);
+            if !part.is_empty() {
+                return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(part))));
+            }
+        }
+        std::task::Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining() == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.remaining())
+    }
 }
 
 #[cfg(test)]
