@@ -318,12 +318,30 @@ impl SharedState {
 
     /// How many connections hear `channel` now (`PUBSUB NUMSUB`): whether a stream is held.
     pub(crate) async fn listeners(&self, channel: &str) -> Result<u64, StateError> {
-        let mut conn = self.connection()?;
         let mut cmd = redis::cmd("PUBSUB");
         cmd.arg("NUMSUB").arg(channel);
-        let asked = cmd.query_async::<(String, u64)>(&mut conn);
-        match tokio::time::timeout(DEADLINE, asked).await {
-            Ok(Ok((_, n))) => Ok(n),
+        self.query::<(String, u64)>(&cmd).await.map(|(_, n)| n)
+    }
+
+    /// Keeps `value` under `key` for `ttl`.
+    pub(crate) async fn remember(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StateError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value).arg("PX").arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        self.query::<()>(&cmd).await
+    }
+
+    /// What is kept under `key`, if anything.
+    pub(crate) async fn recall(&self, key: &str) -> Result<Option<String>, StateError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        self.query::<Option<String>>(&cmd).await
+    }
+
+    /// Runs one command with the deadline; a failure marks the connection lost.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StateError> {
+        let mut conn = self.connection()?;
+        match tokio::time::timeout(DEADLINE, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 let why = e.to_string();
                 self.lose(&why);
@@ -475,7 +493,7 @@ async fn keep_connected(state: Weak<SharedState>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The Redis the tests use (`PORTCULLIS_TEST_REDIS`, `off` to skip), under a prefix of

@@ -153,6 +153,9 @@ pub(crate) struct Session {
 }
 
 /// A session's channel in the shared state ([`crate::state`]).
+/// How long a legacy SSE session's capabilities stay in the shared state (its id's lifetime).
+const SHARED_CAPABILITIES_FOR: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 struct Relay {
     state: Arc<crate::state::SharedState>,
     channel: String,
@@ -249,6 +252,31 @@ impl Session {
         if self.relay.set(Relay { state: state.clone(), channel: state.key(format_args!("session:{hex}")) }).is_ok() {
             // Ids of server-to-client requests asked here carry this replica's tag.
             self.next_client_id.store(state.tag() << 32 | 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Tells the other replicas the capabilities its client declared at `initialize` (a legacy
+    /// SSE id is made before it, so it cannot carry them): kept in the shared state for the
+    /// id's lifetime, under the session's channel name.
+    pub(crate) async fn share_capabilities(&self, raw: &str) {
+        if let Some(relay) = self.relay.get()
+            && let Err(e) = relay.state.remember(&format!("{}:caps", relay.channel), raw, SHARED_CAPABILITIES_FOR).await
+        {
+            tracing::debug!(error = %e, "a session's capabilities could not be shared");
+        }
+    }
+
+    /// The capabilities another replica learnt at the client's `initialize`, when none are
+    /// known here (none stay none: less is allowed, never more).
+    pub(crate) async fn learn_capabilities(&self) {
+        if lock(&self.capabilities).is_some() {
+            return;
+        }
+        let Some(relay) = self.relay.get() else { return };
+        if let Ok(Some(caps)) = relay.state.recall(&format!("{}:caps", relay.channel)).await
+            && serde_json::from_str::<&serde_json::value::RawValue>(&caps).is_ok()
+        {
+            self.set_capabilities(&caps);
         }
     }
 
@@ -532,5 +560,39 @@ impl Caller {
             return true;
         }
         self.session.as_ref().is_some_and(|s| s.send(msg))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two replicas' copies of one legacy SSE session: the capabilities the client declared
+    /// on one are learnt by the other; a copy that knows some keeps its own.
+    #[tokio::test]
+    async fn a_legacy_sse_session_s_capabilities_reach_the_other_replicas() {
+        let Some(state) = crate::state::tests::test_state().await else { return };
+        let copy = || {
+            let s = Session::with_id(
+                "sse-session-id".into(),
+                Scope::All,
+                ProtocolVersion::V2024_11_05,
+                ClientTransport::Sse,
+                Identity::anonymous(),
+            );
+            s.relay_through(&state);
+            s
+        };
+        let (took_initialize, holds_stream, knows_own) = (copy(), copy(), copy());
+        holds_stream.learn_capabilities().await;
+        assert_eq!(holds_stream.capabilities(), "{}", "nothing declared yet");
+        knows_own.set_capabilities(r#"{"roots":{}}"#);
+        let declared = r#"{"sampling":{},"elicitation":{"url":{}}}"#;
+        took_initialize.set_capabilities(declared);
+        took_initialize.share_capabilities(declared).await;
+        holds_stream.learn_capabilities().await;
+        assert_eq!(holds_stream.capabilities(), declared);
+        knows_own.learn_capabilities().await;
+        assert_eq!(knows_own.capabilities(), r#"{"roots":{}}"#);
     }
 }

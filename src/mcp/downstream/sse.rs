@@ -133,12 +133,15 @@ pub(crate) async fn message(
                 env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get_str("protocolVersion"));
             if let Some(caps) = env.params.and_then(|p| RawObject::parse(p).ok()).and_then(|o| o.get("capabilities")) {
                 session.set_capabilities(caps.get());
+                session.share_capabilities(caps.get()).await;
             }
             let version = ProtocolVersion::negotiate(requested.as_deref());
             let result = gw.initialize_result(&config, &session.scope, version, &caller, &who.identity).await;
             session.send(Bytes::from(jsonrpc::result_response(env.id.map_or("null", RawValue::get), &result)));
             return Ok(StatusCode::ACCEPTED.into_response());
         }
+        // The initialize may have been taken by another replica.
+        session.learn_capabilities().await;
         let ctx = who.ctx(session.scope.clone(), caller, session.protocol_version);
         if env.kind != Kind::Request {
             gw.handle(&ctx, &env, entry.routed()).await;

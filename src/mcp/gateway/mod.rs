@@ -779,7 +779,11 @@ impl Gateway {
             _ => return None,
         }
         let s = Session::with_id(id.to_owned(), scope.clone(), version, transport, identity.clone());
-        s.set_capabilities(&sealed.capabilities);
+        // A legacy SSE id is sealed before the client's initialize: its capabilities are
+        // learnt from the shared state instead (`Session::learn_capabilities`).
+        if transport != session::ClientTransport::Sse {
+            s.set_capabilities(&sealed.capabilities);
+        }
         // Two requests racing to reopen it: the first one's session serves both.
         let s = self.add_session(s, limits).ok()?;
         tracing::debug!("reopened a session sealed elsewhere");
