@@ -258,17 +258,44 @@ fn worker(queue: &Mutex<Receiver<Work>>, config: &postgres::Config) {
             }
         }
         let Some((client, statements)) = conn.as_mut() else { continue };
-        let outcome = transact(client, statements, work.task);
-        if outcome.is_err() && client.is_closed() {
+        let outcome = match transact(client, statements, work.task) {
+            Ok(()) => Ok(()),
+            // BEGIN failed on a connection the server has closed (it restarted): nothing ran,
+            // so the transaction is tried once more on a new connection.
+            Err((_, Some(task))) if client.is_closed() => match config.connect(NoTls) {
+                Ok(c) => {
+                    let (client, statements) = conn.insert((c, HashMap::new()));
+                    transact(client, statements, task).map_err(|(e, _)| e)
+                }
+                Err(e) => {
+                    conn = None;
+                    Err(StoreError::from(e))
+                }
+            },
+            Err((e, _)) => Err(e),
+        };
+        if outcome.is_err() && conn.as_ref().is_some_and(|(c, _)| c.is_closed()) {
             conn = None;
         }
         let _ = work.done.send(outcome);
     }
 }
 
-fn transact(client: &mut Client, statements: &mut HashMap<String, Statement>, task: Task) -> Result<(), StoreError> {
-    let tx = client.transaction()?;
-    let mut tx = PgTx { tx, statements };
+/// Runs one task in a transaction. When BEGIN itself fails the task is handed back (it has not
+/// run).
+fn transact(
+    client: &mut Client,
+    statements: &mut HashMap<String, Statement>,
+    task: Task,
+) -> Result<(), (StoreError, Option<Task>)> {
+    let tx = match client.transaction() {
+        Ok(tx) => tx,
+        Err(e) => return Err((StoreError::from(e), Some(task))),
+    };
+    transact_in(PgTx { tx, statements }, task).map_err(|e| (e, None))
+}
+
+fn transact_in(mut tx: PgTx<'_>, task: Task) -> Result<(), StoreError> {
     match task {
         Task::Logic { write, job } => {
             job(&mut tx)?;
