@@ -280,13 +280,27 @@ impl Session {
         }
     }
 
+    /// Whether it relays through a shared state.
+    pub(crate) fn relayed(&self) -> bool {
+        self.relay.get().is_some()
+    }
+
+    /// Whether its stream is held here (and still open).
+    pub(crate) fn holds_stream(&self) -> bool {
+        lock(&self.stream).as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+
     /// Whether a replica holds its stream and hears its channel now (false without a relay, or
     /// when the shared state cannot say).
     pub(crate) async fn stream_held_somewhere(&self) -> bool {
-        match self.relay.get() {
-            Some(relay) => relay.state.listeners(&relay.channel).await.is_ok_and(|n| n > 0),
-            None => false,
-        }
+        self.stream_holders().await.is_some_and(|n| n > 0)
+    }
+
+    /// How many replicas hear its channel now (None without a relay, or when the shared state
+    /// cannot say).
+    pub(crate) async fn stream_holders(&self) -> Option<u64> {
+        let relay = self.relay.get()?;
+        relay.state.listeners(&relay.channel).await.ok()
     }
 
     /// An answer to server-to-client request `n` that this replica did not ask: sent to the

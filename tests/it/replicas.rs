@@ -630,7 +630,7 @@ async fn sharing_replicas_on(dir: &TempDir, schema: &PgSchema, extra: &str, redi
 async fn a_sessions_stream_hears_what_other_replicas_produce_for_it_and_answers_find_their_way_back() {
     let schema = PgSchema::new(&test_database());
     let dir = TempDir::new();
-    let (_replicas, urls) = sharing_replicas(&dir, &schema, "").await;
+    let (mut replicas, urls) = sharing_replicas(&dir, &schema, "").await;
     let alice = "alice-token-0123456789abcdef";
     let within = Duration::from_secs(5);
 
@@ -699,6 +699,23 @@ async fn a_sessions_stream_hears_what_other_replicas_produce_for_it_and_answers_
     for url in &urls {
         while crate::support::post_as(&format!("{url}{endpoint}"), alice, &call).await.status() != 404 {
             assert!(at.elapsed() < Duration::from_secs(1), "{url} still serves a legacy session whose stream closed");
+        }
+    }
+
+    // The replica holding a stream killed: it never says the stream closed, and the others,
+    // which served the session's POSTs, answer 404 from then on, not a 202 nobody hears.
+    let (mut sse, endpoint) = crate::protocol::open_sse(&format!("{}/sse", urls[2]), Some(alice)).await;
+    for url in &urls[..2] {
+        assert_eq!(crate::support::post_as(&format!("{url}{endpoint}"), alice, &init).await.status(), 202);
+        let answer = tokio::time::timeout(within, sse.next()).await.expect("answered on the stream");
+        assert_eq!(answer["result"]["protocolVersion"], "2024-11-05");
+    }
+    replicas[2].child.start_kill().unwrap();
+    replicas[2].child.wait().await.unwrap();
+    let at = Instant::now();
+    for url in &urls[..2] {
+        while crate::support::post_as(&format!("{url}{endpoint}"), alice, &call).await.status() != 404 {
+            assert!(at.elapsed() < Duration::from_secs(2), "{url} still takes POSTs for a stream on a killed replica");
         }
     }
 }

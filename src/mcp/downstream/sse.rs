@@ -100,6 +100,16 @@ pub(crate) async fn message(
     guarded(&gw.clone(), &scope.clone(), "POST", &headers, peer, async move |who, entry| {
         let session = match session_id {
             Some(id) => match gw.session(&id) {
+                // Its stream on another replica: only while that replica holds it (one that
+                // was killed never said the stream closed). When Redis cannot say, it goes on.
+                Some(s) if !s.holds_stream() && s.transport == ClientTransport::Sse && s.relayed() => {
+                    if s.stream_holders().await == Some(0) {
+                        gw.end_session_as(&s.id, crate::mcp::gateway::EndCause::Closed).await;
+                        None
+                    } else {
+                        Some(s)
+                    }
+                }
                 Some(s) => Some(s),
                 None => {
                     let limits = &who.snapshot.config.limits;
