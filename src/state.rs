@@ -256,18 +256,18 @@ impl SharedState {
     /// Runs one script call with the deadline; a failure marks the connection lost.
     async fn invoke<T: redis::FromRedisValue>(&self, inv: redis::ScriptInvocation<'_>) -> Result<T, StateError> {
         let mut conn = self.connection()?;
-        match tokio::time::timeout(DEADLINE, inv.invoke_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                let why = e.to_string();
-                self.lose(&why);
-                Err(StateError::Unavailable(why))
-            }
-            Err(_) => {
-                self.lose("no answer in time");
-                Err(StateError::Unavailable("no answer in time".into()))
-            }
-        }
+        self.bounded(inv.invoke_async::<T>(&mut conn)).await
+    }
+
+    /// Waits for one call's answer within [`DEADLINE`]; a failure marks the connection lost.
+    async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StateError> {
+        let why = match tokio::time::timeout(DEADLINE, call).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer in time".to_owned(),
+        };
+        self.lose(&why);
+        Err(StateError::Unavailable(why))
     }
 
     /// Takes up to `want` tokens from the shared bucket `key` of `rate`.
@@ -340,18 +340,7 @@ impl SharedState {
     /// Runs one command with the deadline; a failure marks the connection lost.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StateError> {
         let mut conn = self.connection()?;
-        match tokio::time::timeout(DEADLINE, cmd.query_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                let why = e.to_string();
-                self.lose(&why);
-                Err(StateError::Unavailable(why))
-            }
-            Err(_) => {
-                self.lose("no answer in time");
-                Err(StateError::Unavailable("no answer in time".into()))
-            }
-        }
+        self.bounded(cmd.query_async::<T>(&mut conn)).await
     }
 
     /// Hears `channel` here until the subscription is dropped (a later subscription to the

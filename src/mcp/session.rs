@@ -152,10 +152,10 @@ pub(crate) struct Session {
     relay: std::sync::OnceLock<Relay>,
 }
 
-/// A session's channel in the shared state ([`crate::state`]).
 /// How long a legacy SSE session's capabilities stay in the shared state (its id's lifetime).
 const SHARED_CAPABILITIES_FOR: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// A session's channel in the shared state ([`crate::state`]).
 struct Relay {
     state: Arc<crate::state::SharedState>,
     channel: String,
@@ -288,12 +288,6 @@ impl Session {
     /// Whether its stream is held here (and still open).
     pub(crate) fn holds_stream(&self) -> bool {
         lock(&self.stream).as_ref().is_some_and(|tx| !tx.is_closed())
-    }
-
-    /// Whether a replica holds its stream and hears its channel now (false without a relay, or
-    /// when the shared state cannot say).
-    pub(crate) async fn stream_held_somewhere(&self) -> bool {
-        self.stream_holders().await.is_some_and(|n| n > 0)
     }
 
     /// How many replicas hear its channel now (None without a relay, or when the shared state

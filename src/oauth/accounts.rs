@@ -11,9 +11,8 @@
 //! cannot tie another upstream account to it later); the callback is taken once, for the
 //! `state` sent, in the browser that started it (a cookie); one identity's account is never used
 //! for another (the token source is keyed by server and identity, and the vault row by both).
-//! A link in progress and the tickets used are held in the store (sealed, see
-//! `server::seal_held`: a link carries the upstream client's secret), so the callback may reach
-//! any replica.
+//! A link in progress and the tickets used are held in the store (sealed, see `server::hold`:
+//! a link carries the upstream client's secret), so the callback may reach any replica.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,7 +26,7 @@ use base64::Engine;
 use hmac::{KeyInit, Mac};
 
 use super::login::Begun;
-use super::server::{error_page, esc};
+use super::server::{error_page, esc, expires_in};
 use crate::mcp::gateway::Gateway;
 
 /// How long a link URL works.
@@ -35,10 +34,6 @@ pub(crate) const TICKET_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// How long a link started may wait for the person.
 const LINK_LIFETIME: Duration = Duration::from_secs(10 * 60);
 
-/// Unix ms `after` from now.
-fn in_ms(after: Duration) -> i64 {
-    crate::store::now_ms().saturating_add(after.as_millis().try_into().unwrap_or(i64::MAX))
-}
 /// The cookie that ties a link's callback to the browser that started it.
 const COOKIE: &str = "pcs_link";
 
@@ -159,7 +154,7 @@ pub(crate) async fn start(
         return error_page(StatusCode::FORBIDDEN, "This link is not valid, or has expired: ask the application again.");
     };
     let digest = crate::credentials::digest(q.get("ticket").map(String::as_str).unwrap_or_default());
-    match super::server::hold(&gw, TICKET_USED, &digest, "", in_ms(TICKET_LIFETIME), false) {
+    match super::server::hold(&gw, TICKET_USED, &digest, &(), expires_in(TICKET_LIFETIME), false) {
         Ok(true) => {}
         Ok(false) => {
             return error_page(StatusCode::FORBIDDEN, "This link was used already: ask the application again.");
@@ -180,11 +175,7 @@ pub(crate) async fn start(
     let url = begun.url.clone();
     let key = crate::credentials::digest(&begun.state);
     let pending = Pending { server, subject, name, begun, browser: crate::credentials::digest(&cookie) };
-    let data = match super::server::seal_held(&gw, LINK, &pending) {
-        Ok(d) => d,
-        Err(e) => return e.into_response(),
-    };
-    match super::server::hold(&gw, LINK, &key, &data, in_ms(LINK_LIFETIME), false) {
+    match super::server::hold(&gw, LINK, &key, &pending, expires_in(LINK_LIFETIME), false) {
         Ok(true) => {}
         Ok(false) => return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again."),
         Err(e) => return e.into_response(),
@@ -211,16 +202,11 @@ pub(crate) async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap,
     let gone = || error_page(StatusCode::BAD_REQUEST, "This link has expired or was used: ask the application again.");
     let Some(state) = q.get("state") else { return gone() };
     // Taken once, on whichever replica the answer reaches.
-    let taken = gw
-        .store()
-        .writable()
-        .and_then(|s| s.held_take(LINK, &crate::credentials::digest(state), crate::store::now_ms()));
-    let data = match taken {
-        Ok(Some(d)) => d,
+    let p = match super::server::held::<Pending>(&gw, LINK, &crate::credentials::digest(state), true) {
+        Ok(Some(p)) => p,
         Ok(None) => return gone(),
-        Err(e) => return super::server::HeldError::from(e).into_response(),
+        Err(e) => return e.into_response(),
     };
-    let Some(p) = super::server::open_held::<Pending>(&gw, LINK, &data) else { return gone() };
     let cookie = headers
         .get_all(header::COOKIE)
         .iter()

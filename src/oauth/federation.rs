@@ -19,9 +19,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
-use super::server::{
-    FEDERATION, HeldError, Pending, back, check, error_page, hold, in_browser, open_held, seal_held, signed_in,
-};
+use super::server::{FEDERATION, Pending, back, check, error_page, held, hold, in_browser, signed_in};
 use crate::credentials::LoginProvider;
 use crate::mcp::gateway::Gateway;
 
@@ -91,8 +89,7 @@ pub(super) async fn start(gw: &Gateway, provider: &LoginProvider, id: &str, mut 
     let found = crate::credentials::digest(&state);
     let expires = p.expires;
     p.federation = Some(Started { state, verifier, nonce, token_endpoint });
-    let kept =
-        p.keep(gw, id).and_then(|()| hold(gw, FEDERATION, &found, &seal_held(gw, FEDERATION, &id)?, expires, false));
+    let kept = p.keep(gw, id).and_then(|()| hold(gw, FEDERATION, &found, &id, expires, false));
     match kept {
         Ok(true) => {}
         Ok(false) => return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again."),
@@ -140,18 +137,14 @@ pub(crate) async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap,
     let unknown = || {
         error_page(StatusCode::BAD_REQUEST, "This sign-in has expired or is unknown; start again from the application.")
     };
+    if given.is_empty() {
+        return unknown();
+    }
     // The authorization this answer belongs to, its sign-in taken (a state works once).
-    let taken = gw
-        .store()
-        .writable()
-        .and_then(|s| s.held_take(FEDERATION, &crate::credentials::digest(given), crate::store::now_ms()));
-    let id = match taken {
-        Ok(Some(data)) if !given.is_empty() => match open_held::<String>(&gw, FEDERATION, &data) {
-            Some(id) => id,
-            None => return unknown(),
-        },
-        Ok(_) => return unknown(),
-        Err(e) => return HeldError::from(e).into_response(),
+    let id = match held::<String>(&gw, FEDERATION, &crate::credentials::digest(given), true) {
+        Ok(Some(id)) => id,
+        Ok(None) => return unknown(),
+        Err(e) => return e.into_response(),
     };
     let mut p = match in_browser(&gw, &id, &headers) {
         Ok(p) => p,

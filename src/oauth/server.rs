@@ -128,28 +128,49 @@ impl IntoResponse for HeldError {
     }
 }
 
-/// Keeps `data` in the store under (`kind`, `key`) until `expires` (Unix ms), replacing what
-/// was there when `replace`: whether it is kept (false: a row was there, left as it was).
+/// Unix ms `after` from now.
+pub(super) fn expires_in(after: Duration) -> i64 {
+    crate::store::now_ms().saturating_add(after.as_millis().try_into().unwrap_or(i64::MAX))
+}
+
+/// Keeps `value`, sealed ([`seal_held`]), in the store under (`kind`, `key`) until `expires`
+/// (Unix ms), replacing what was there when `replace`: whether it is kept (false: a row was
+/// there, left as it was).
 pub(super) fn hold(
     gw: &Gateway,
     kind: &'static str,
     key: &[u8; 32],
-    data: &str,
+    value: &impl serde::Serialize,
     expires: i64,
     replace: bool,
 ) -> Result<bool, HeldError> {
+    let data = seal_held(gw, kind, value)?;
     let now = crate::store::now_ms();
-    match gw.store().writable()?.held_put(kind, key, data, expires, MAX_HELD, now, replace)? {
+    match gw.store().writable()?.held_put(kind, key, &data, expires, MAX_HELD, now, replace)? {
         crate::store::Put::Kept => Ok(true),
         crate::store::Put::There => Ok(false),
         crate::store::Put::Full => Err(HeldError::Full),
     }
 }
 
+/// What is held under (`kind`, `key`), opened; None when nothing is, it expired, or it does not
+/// open. Taken (to one taker only, on any replica) when `take`.
+pub(super) fn held<T: serde::de::DeserializeOwned>(
+    gw: &Gateway,
+    kind: &'static str,
+    key: &[u8; 32],
+    take: bool,
+) -> Result<Option<T>, HeldError> {
+    let store = gw.store().writable()?;
+    let now = crate::store::now_ms();
+    let data = if take { store.held_take(kind, key, now)? } else { store.held_get(kind, key, now)? };
+    Ok(data.and_then(|d| open_held(gw, kind, &d)))
+}
+
 /// `value` sealed for the store as a held row of `kind` (what is held carries form tokens,
 /// PKCE verifiers and client secrets: the store never sees them in the clear). Sealed under
 /// the vault key when there is one (every replica opens it), else this process's own.
-pub(super) fn seal_held(gw: &Gateway, kind: &str, value: &impl serde::Serialize) -> Result<String, HeldError> {
+fn seal_held(gw: &Gateway, kind: &str, value: &impl serde::Serialize) -> Result<String, HeldError> {
     let invalid = |e: String| HeldError::Store(crate::store::StoreError::Invalid(e));
     let plain = serde_json::to_vec(value).map_err(|e| invalid(e.to_string()))?;
     let sealed = gw.ring_for("held row").seal(kind, &plain).map_err(|e| invalid(e.to_string()))?;
@@ -157,7 +178,7 @@ pub(super) fn seal_held(gw: &Gateway, kind: &str, value: &impl serde::Serialize)
 }
 
 /// A held row of `kind` opened (None when it does not open: another key, or tampered).
-pub(super) fn open_held<T: serde::de::DeserializeOwned>(gw: &Gateway, kind: &str, data: &str) -> Option<T> {
+fn open_held<T: serde::de::DeserializeOwned>(gw: &Gateway, kind: &str, data: &str) -> Option<T> {
     let sealed = base64::engine::general_purpose::STANDARD.decode(data).ok()?;
     let plain = gw.ring_for("held row").open(kind, &sealed).ok()?;
     serde_json::from_slice(&plain).ok()
@@ -166,23 +187,17 @@ pub(super) fn open_held<T: serde::de::DeserializeOwned>(gw: &Gateway, kind: &str
 impl Pending {
     /// Keeps it under `id` (replacing what was there).
     pub(super) fn keep(&self, gw: &Gateway, id: &str) -> Result<(), HeldError> {
-        let data = seal_held(gw, AUTHORIZATION, self)?;
-        let key = crate::credentials::digest(id);
-        hold(gw, AUTHORIZATION, &key, &data, self.expires, true).map(drop)
+        hold(gw, AUTHORIZATION, &crate::credentials::digest(id), self, self.expires, true).map(drop)
     }
 
     /// The authorization in progress `id`, unless it expired.
     pub(super) fn find(gw: &Gateway, id: &str) -> Result<Option<Pending>, HeldError> {
-        let key = crate::credentials::digest(id);
-        let data = gw.store().writable()?.held_get(AUTHORIZATION, &key, crate::store::now_ms())?;
-        Ok(data.and_then(|d| open_held(gw, AUTHORIZATION, &d)))
+        held(gw, AUTHORIZATION, &crate::credentials::digest(id), false)
     }
 
     /// Takes the authorization in progress `id`: to one taker only, on any replica.
     pub(super) fn take(gw: &Gateway, id: &str) -> Result<Option<Pending>, HeldError> {
-        let key = crate::credentials::digest(id);
-        let data = gw.store().writable()?.held_take(AUTHORIZATION, &key, crate::store::now_ms())?;
-        Ok(data.and_then(|d| open_held(gw, AUTHORIZATION, &d)))
+        held(gw, AUTHORIZATION, &crate::credentials::digest(id), true)
     }
 }
 
@@ -550,7 +565,7 @@ pub(crate) async fn authorize(
         csrf: csrf.clone(),
         login: None,
         federation: None,
-        expires: crate::store::now_ms().saturating_add(PENDING_LIFETIME.as_millis().try_into().unwrap_or(i64::MAX)),
+        expires: expires_in(PENDING_LIFETIME),
     };
     if let Err(e) = pending.keep(&gw, &id) {
         return e.into_response();
@@ -824,11 +839,7 @@ fn issue_code(gw: &Gateway, p: Pending, login: Login, iss: &str) -> Response {
         login,
         used_by: None,
     };
-    let now = crate::store::now_ms();
-    let expires = now.saturating_add(CODE_LIFETIME.as_millis().try_into().unwrap_or(i64::MAX));
-    let kept = seal_held(gw, CODE, &held)
-        .and_then(|data| hold(gw, CODE, &crate::credentials::digest(&code), &data, expires, false));
-    match kept {
+    match hold(gw, CODE, &crate::credentials::digest(&code), &held, expires_in(CODE_LIFETIME), false) {
         Ok(true) => back(&p.redirect_uri, &[("code", &code)], p.state.as_deref(), iss),
         // Another code under the same digest: 256 random bits make it never happen.
         Ok(false) => error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again."),

@@ -175,14 +175,26 @@ impl Balancer {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        // Ready when it accepts (a refused connect is the only answer until then).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(Instant::now() < deadline, "HAProxy did not start listening");
-            tokio::task::yield_now().await;
-        }
+        accepting(port, "HAProxy").await;
         Balancer { _child: child, url: format!("http://127.0.0.1:{port}"), _dir: dir }
     }
+}
+
+/// Waits until something accepts on 127.0.0.1:`port` (a refused connect is the only answer
+/// until then), at most 10 s.
+async fn accepting(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start listening");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Sends `signal` (`kill`'s spelling) to a child and waits until it has exited.
+async fn signalled(mut child: tokio::process::Child, signal: &str) {
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill").args([signal, &pid]).status().unwrap();
+    child.wait().await.unwrap();
 }
 
 /// A port free on 127.0.0.1 now.
@@ -856,19 +868,12 @@ impl OwnRedis {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start listening");
-            tokio::task::yield_now().await;
-        }
+        accepting(self.port, "redis-server").await;
     }
 
     /// Stops it (SIGTERM, as a service manager does) and waits until it has exited.
     async fn stop(&mut self) {
-        let mut child = self.child.take().unwrap();
-        let pid = child.id().unwrap().to_string();
-        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        child.wait().await.unwrap();
+        signalled(self.child.take().unwrap(), "-TERM").await;
     }
 }
 
@@ -1012,10 +1017,7 @@ impl OwnPostgres {
 
     /// A fast shutdown (SIGINT, what `pg_ctl stop -m fast` sends), waited for.
     async fn stop(&mut self) {
-        let mut child = self.child.take().unwrap();
-        let pid = child.id().unwrap().to_string();
-        std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
-        child.wait().await.unwrap();
+        signalled(self.child.take().unwrap(), "-INT").await;
     }
 }
 

@@ -396,14 +396,7 @@ async fn stateless_post(
             jsonrpc::error_response(id, code::UNSUPPORTED_VERSION, "Unsupported protocol version", Some(&data)),
         );
     };
-    let caller = Caller {
-        session: None,
-        related: None,
-        cancel_on_drop: true,
-        asks: None,
-        forward: param_headers(headers),
-        principal: None,
-    };
+    let caller = Caller { cancel_on_drop: true, forward: param_headers(headers), ..Caller::default() };
     let ctx = who.ctx(scope, caller, version);
     if env.method() == "subscriptions/listen" {
         return listen(gw, ctx, env, entry).await;

@@ -98,41 +98,37 @@ pub(crate) async fn message(
         None => session_id.as_deref().and_then(|id| gw.sealed_sse_scope(id)).unwrap_or(Scope::All),
     };
     guarded(&gw.clone(), &scope.clone(), "POST", &headers, peer, async move |who, entry| {
-        let session = match session_id {
-            Some(id) => match gw.session(&id) {
-                // Its stream on another replica: only while that replica holds it (one that
-                // was killed never said the stream closed). When Redis cannot say, it goes on.
-                Some(s) if !s.holds_stream() && s.transport == ClientTransport::Sse && s.relayed() => {
-                    if s.stream_holders().await == Some(0) {
-                        gw.end_session_as(&s.id, crate::mcp::gateway::EndCause::Closed).await;
-                        None
-                    } else {
-                        Some(s)
-                    }
-                }
-                Some(s) => Some(s),
+        // The session, and whether it was reopened here from its sealed id just now.
+        let found = match &session_id {
+            Some(id) => match gw.session(id) {
+                Some(s) => Some((s, false)),
                 None => {
                     let limits = &who.snapshot.config.limits;
-                    let s = gw.reopen_session(&id, &scope, &who.identity, limits, ClientTransport::Sse).await;
-                    match s {
-                        // Its answers go to its stream: only while a replica holds it (never a
-                        // 202 whose answer nobody hears, as after a restart or without Redis).
-                        Some(s) if s.stream_held_somewhere().await => Some(s),
-                        Some(s) => {
-                            gw.end_session_as(&s.id, crate::mcp::gateway::EndCause::Closed).await;
-                            None
-                        }
-                        None => None,
-                    }
+                    let s = gw.reopen_session(id, &scope, &who.identity, limits, ClientTransport::Sse).await;
+                    s.map(|s| (s, true))
                 }
             },
             None => None,
         };
-        let session =
-            session.filter(|s| s.transport == ClientTransport::Sse && s.identity.same_principal(&who.identity));
-        let Some(session) = session else {
+        let found =
+            found.filter(|(s, _)| s.transport == ClientTransport::Sse && s.identity.same_principal(&who.identity));
+        let Some((session, reopened)) = found else {
             return Err(Rejection::rpc(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found"));
         };
+        // Its answers go to its stream: only while a replica holds it, never a 202 whose answer
+        // nobody hears (after a restart, without Redis, or when the replica holding it was
+        // killed and never said it closed). When Redis cannot say, a session served here
+        // before goes on; one reopened just now does not.
+        if !session.holds_stream() {
+            let held = match session.stream_holders().await {
+                Some(n) => n > 0,
+                None => !reopened && session.relayed(),
+            };
+            if !held {
+                gw.end_session_as(&session.id, crate::mcp::gateway::EndCause::Closed).await;
+                return Err(Rejection::rpc(StatusCode::NOT_FOUND, None, code::INVALID_REQUEST, "Session not found"));
+            }
+        }
         session.renew(&who.identity);
         let config = who.snapshot.config.clone();
         let body = read_single(body, config.max_body_bytes, config.limits.body_read_timeout).await?;
