@@ -39,13 +39,19 @@ fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
 }
 
 /// A child on given cores (when `taskset` exists and a core list is set).
+/// The Portcullis binary measured: the one this bench was built with, or `PCS_BENCH_BIN` (an
+/// earlier build, so that a before and an after are measured in one run).
+fn bin() -> String {
+    std::env::var("PCS_BENCH_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
+
 fn pinned(cpus: &str) -> Command {
     if !cpus.is_empty() && std::process::Command::new("taskset").arg("-V").output().is_ok() {
         let mut c = Command::new("taskset");
-        c.args(["-c", cpus, BIN]);
+        c.args(["-c", cpus]).arg(bin());
         c
     } else {
-        Command::new(BIN)
+        Command::new(bin())
     }
 }
 
@@ -249,17 +255,20 @@ fn access_token(issuer: &str, key: &jsonwebtoken::EncodingKey, resource: &str) -
     jsonwebtoken::encode(&h, &claims, key).expect("sign")
 }
 
-/// HAProxy from Debian's package in TCP mode with one thread, pinned to `cpus`, relaying to
-/// `upstream` (`host:port`): its child, MCP URL and pid; None when it is not installed
-/// (`scripts/bench` installs it).
-async fn haproxy(cpus: &str, upstream: &str, dir: &std::path::Path) -> Option<(Child, String, u32)> {
+/// HAProxy from Debian's package with one thread, pinned to `cpus`, relaying to `upstream`
+/// (`host:port`): its child, MCP URL and pid; None when it is not installed (`scripts/bench`
+/// installs it). `mode` is `tcp` (a byte relay: the floor for any process on the path) or
+/// `http` (it parses every request and response and keeps server connections for reuse: the
+/// floor for any process that reads HTTP, before it does anything with what it read).
+async fn haproxy(cpus: &str, upstream: &str, dir: &std::path::Path, mode: &str) -> Option<(Child, String, u32)> {
     let bin = ["/usr/sbin/haproxy", "/usr/bin/haproxy"].into_iter().find(|p| std::path::Path::new(p).exists())?;
     let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-    let cfg = dir.join("haproxy.cfg");
+    let cfg = dir.join(format!("haproxy-{mode}.cfg"));
+    let reuse = if mode == "http" { "    http-reuse always\n" } else { "" };
     let text = format!(
-        "global\n    nbthread 1\n    maxconn 4096\ndefaults\n    mode tcp\n    timeout connect 2s\n    \
+        "global\n    nbthread 1\n    maxconn 4096\ndefaults\n    mode {mode}\n    timeout connect 2s\n    \
          timeout client 120s\n    timeout server 120s\nfrontend f\n    bind 127.0.0.1:{port}\n    \
-         default_backend b\nbackend b\n    server u {upstream}\n"
+         default_backend b\nbackend b\n{reuse}    server u {upstream}\n"
     );
     std::fs::write(&cfg, text).ok()?;
     let mut c = Command::new("taskset");
@@ -342,7 +351,9 @@ async fn bench() {
     let upstream_addr = upstream_url.trim_start_matches("http://").trim_end_matches("/mcp").to_owned();
     // The floor any process on the path pays: HAProxy relaying TCP, one thread, where
     // Portcullis runs.
-    let haproxy = haproxy(&gw_cpu, &upstream_addr, &dir).await;
+    let haproxy_tcp = haproxy(&gw_cpu, &upstream_addr, &dir, "tcp").await;
+    // The floor for a process that parses HTTP on both sides: HAProxy in HTTP mode.
+    let haproxy_http = haproxy(&gw_cpu, &upstream_addr, &dir, "http").await;
 
     // Portcullis: one worker thread on its own core, fronting the upstream over HTTP and the
     // same demo server over stdio (pinned to the other core).
@@ -403,7 +414,7 @@ async fn bench() {
     let start_gateway = |auth: bool, oauth: bool| start_config(&config_file(auth, oauth, None));
     // A token issued into a config's store (by the CLI, as an operator would).
     let issue = |cfg: &std::path::Path, name: &str| {
-        let out = std::process::Command::new(BIN)
+        let out = std::process::Command::new(bin())
             .args(["token", "create", "--name", name, "--json", "--config", cfg.to_str().unwrap_or_default()])
             .output()
             .expect("token create");
@@ -451,9 +462,13 @@ async fn bench() {
                 );
             };
             print("direct (HTTP upstream)", &direct);
-            if let Some((_, relay_url, relay_pid)) = &haproxy {
+            if let Some((_, relay_url, relay_pid)) = &haproxy_tcp {
                 let relay = run_on(relay_url, "echo", text, conc, secs, None, (*relay_pid, up_pid)).await;
                 print("HAProxy, TCP, 1 thread → HTTP (floor)", &relay);
+            }
+            if let Some((_, relay_url, relay_pid)) = &haproxy_http {
+                let relay = run_on(relay_url, "echo", text, conc, secs, None, (*relay_pid, up_pid)).await;
+                print("HAProxy, HTTP, 1 thread → HTTP", &relay);
             }
             for (auth, oauth) in [(false, false), (true, false), (true, true)] {
                 let mut gw = start_gateway(auth, oauth);

@@ -39,7 +39,8 @@ pub enum Command {
         /// Listen address, overriding the config's `listen`.
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// Worker threads (default: one per core).
+        /// Worker threads (default: one per core this process may use). With one, the
+        /// current-thread scheduler runs everything on the main thread.
         #[arg(long)]
         workers: Option<usize>,
         /// Log format on stderr.

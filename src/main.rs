@@ -49,10 +49,18 @@ fn run() -> anyhow::Result<()> {
                 portcullis::random::fail_from_now_on();
             }
             let config = cli::load_config(config)?;
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = workers {
-                rt.worker_threads(n.max(1));
-            }
+            // One worker (asked for, or all this process may use: one core, a CPU quota of
+            // one) runs the current-thread scheduler, which runs a woken task without the
+            // work-stealing queues, their atomics and the wake-ups of idle workers: 0.68× the
+            // CPU per proxied call of a one-worker multi-thread runtime (docs/performance.md).
+            let n = workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let mut rt = if n <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n);
+                b
+            };
             let rt = rt.enable_all().build()?;
             let opts =
                 cli::ServeOptions { listen, panic_after: test_panic_after, generate_token, allow_unauthenticated };

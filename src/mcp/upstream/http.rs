@@ -104,7 +104,11 @@ pub(crate) struct HttpLink {
     /// The POST target through hyper's client, for an `http://` URL.
     plain: Option<(PlainClient, hyper::Uri)>,
     url: Url,
+    /// The configured headers.
     headers: HeaderMap,
+    /// What every POST carries: the configured headers, `Content-Type`, `Accept` and, for a
+    /// 2026-07-28 server, `Mcp-Protocol-Version`.
+    post_headers: HeaderMap,
     mode: Mode,
     session_id: Mutex<Option<HeaderValue>>,
     protocol_version: Mutex<Option<HeaderValue>>,
@@ -115,6 +119,23 @@ pub(crate) struct HttpLink {
     name: String,
     /// Access tokens of Portcullis' own for this server (`oauth:`), sent on every request.
     credential: Option<Arc<crate::oauth::client::TokenSource>>,
+}
+
+/// `Mcp-Method`, `Mcp-Name` and `Mcp-Protocol-Version`.
+const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
+const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
+
+/// The headers of every POST in `mode`: `configured`, then ours.
+fn post_headers(configured: &HeaderMap, mode: &Mode) -> HeaderMap {
+    let mut headers = configured.clone();
+    headers.reserve(6);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
+    if matches!(mode, Mode::Stateless) {
+        headers.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static(ProtocolVersion::STATELESS.as_str()));
+    }
+    headers
 }
 
 fn static_headers(headers: &[(String, String)]) -> HeaderMap {
@@ -161,6 +182,7 @@ pub(crate) async fn connect(up: &Arc<Upstream>) -> Result<Opened, TransportError
         plain,
         url: url.clone(),
         headers: headers.clone(),
+        post_headers: post_headers(&headers, &mode),
         mode,
         session_id: Mutex::new(None),
         protocol_version: Mutex::new(None),
@@ -203,7 +225,7 @@ fn client_meta() -> String {
 }
 
 /// The members of [`client_meta`], as (key, raw JSON value).
-fn client_meta_members() -> &'static [(&'static str, String)] {
+pub(super) fn client_meta_members() -> &'static [(&'static str, String)] {
     static MEMBERS: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
     MEMBERS.get_or_init(|| {
         vec![
@@ -401,18 +423,21 @@ impl HttpLink {
 
     /// Sends a message; `forward` are the caller's `Mcp-Param-*` headers, passed on to a
     /// 2026-07-28 server (intermediaries must forward what they do not interpret).
+    /// `named`, for a 2026-07-28 server, are the request's `Mcp-Method` and `Mcp-Name` and say
+    /// that `msg` carries its `_meta` already; without them the message is read for both.
     pub(crate) fn send(
         self: &Arc<Self>,
         msg: Bytes,
         id: Option<u64>,
         forward: Option<ForwardHeaders>,
+        named: Option<Named>,
     ) -> Result<(), TransportError> {
         if self.closed.is_cancelled() {
             return Err(TransportError::ConnectionClosed);
         }
         let this = self.clone();
         let run = async move {
-            this.post(msg, id, forward).await;
+            this.post(msg, id, forward, named).await;
             if let Some(id) = id {
                 lock(&this.tasks).remove(&id);
             }
@@ -439,19 +464,28 @@ impl HttpLink {
     }
 
     /// The headers and body of the POST carrying `msg`: the configured headers, then ours.
-    fn request(&self, msg: Bytes, forward: Option<ForwardHeaders>) -> Result<(HeaderMap, Bytes), TransportError> {
-        let mut headers = self.headers.clone();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
+    fn request(
+        &self,
+        msg: Bytes,
+        forward: Option<ForwardHeaders>,
+        named: Option<Named>,
+    ) -> Result<(HeaderMap, Bytes), TransportError> {
+        // The configured headers and the fixed ones of this mode, made once at connect.
+        let mut headers = self.post_headers.clone();
         // Names the header, never its value (a mirrored argument may be sensitive).
         let value = |k: &str, v: &str| HeaderValue::from_str(v).map_err(|_| TransportError::HeaderValue(k.to_owned()));
         match self.mode {
             Mode::Stateless => {
-                let (msg, method, name) = for_stateless(&msg)?;
-                headers.insert("mcp-protocol-version", HeaderValue::from_static(ProtocolVersion::STATELESS.as_str()));
-                headers.insert("mcp-method", value("Mcp-Method", &method)?);
-                if let Some(name) = name {
-                    headers.insert("mcp-name", value("Mcp-Name", &name)?);
+                let (msg, named) = match named {
+                    Some(n) => (msg, n),
+                    None => {
+                        let (msg, method, name) = for_stateless(&msg)?;
+                        (msg, Named::new(&method, name.as_deref())?)
+                    }
+                };
+                headers.insert(MCP_METHOD, named.method);
+                if let Some(name) = named.name {
+                    headers.insert(MCP_NAME, name);
                 }
                 for (k, v) in forward.iter().flat_map(|f| f.iter()) {
                     if let Ok(name) = HeaderName::from_bytes(k.as_bytes()) {
@@ -465,7 +499,7 @@ impl HttpLink {
                     headers.insert("mcp-session-id", sid);
                 }
                 if let Some(v) = lock(&self.protocol_version).clone() {
-                    headers.insert("mcp-protocol-version", v);
+                    headers.insert(MCP_PROTOCOL_VERSION, v);
                 }
                 Ok((headers, msg))
             }
@@ -541,8 +575,14 @@ impl HttpLink {
         }
     }
 
-    async fn post(self: &Arc<Self>, msg: Bytes, id: Option<u64>, forward: Option<ForwardHeaders>) {
-        let (mut headers, body) = match self.request(msg, forward) {
+    async fn post(
+        self: &Arc<Self>,
+        msg: Bytes,
+        id: Option<u64>,
+        forward: Option<ForwardHeaders>,
+        named: Option<Named>,
+    ) {
+        let (mut headers, body) = match self.request(msg, forward, named) {
             Ok(r) => r,
             Err(e) => return self.fail(id, e),
         };
@@ -813,10 +853,39 @@ impl HttpLink {
     }
 }
 
-/// Adds the 2026-07-28 per-request `_meta` fields and returns the body with its `Mcp-Method`
-/// and `Mcp-Name` header values.
 pub(crate) use crate::mcp::session::ForwardHeaders;
 
+/// The member of a 2026-07-28 request's params whose value its `Mcp-Name` header carries.
+pub(super) fn name_key(method: &str) -> Option<&'static str> {
+    match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    }
+}
+
+/// A 2026-07-28 request's `Mcp-Method` and `Mcp-Name` header values, made where the request
+/// was (so the link does not parse it again).
+pub(crate) struct Named {
+    method: HeaderValue,
+    name: Option<HeaderValue>,
+}
+
+impl Named {
+    /// The headers for `method` and the value of its [`name_key`] member; an error names the
+    /// header that cannot carry its value (never the value: a mirrored argument may be
+    /// sensitive).
+    pub(super) fn new(method: &str, name: Option<&str>) -> Result<Self, TransportError> {
+        let value = |k: &str, v: &str| HeaderValue::from_str(v).map_err(|_| TransportError::HeaderValue(k.to_owned()));
+        Ok(Named {
+            method: value("Mcp-Method", method)?,
+            name: name.map(|n| value("Mcp-Name", &encode_header_value(n))).transpose()?,
+        })
+    }
+}
+
+/// Adds the 2026-07-28 per-request `_meta` fields and returns the body with its `Mcp-Method`
+/// and `Mcp-Name` header values: for what a link sends besides calls (notifications, answers).
 fn for_stateless(msg: &[u8]) -> Result<(Bytes, String, Option<String>), TransportError> {
     let env = Envelope::parse(msg).map_err(|e| TransportError::Unsendable(e.to_string()))?;
     let method = env.method().to_owned();
@@ -827,12 +896,7 @@ fn for_stateless(msg: &[u8]) -> Result<(Bytes, String, Option<String>), Transpor
         Some(p) => {
             let obj = RawObject::parse(p)
                 .map_err(|e| TransportError::Unsendable(format!("params must be an object: {e}")))?;
-            let name_key = match method.as_str() {
-                "tools/call" | "prompts/get" => Some("name"),
-                "resources/read" => Some("uri"),
-                _ => None,
-            };
-            let name = name_key.and_then(|k| obj.get_str(k));
+            let name = name_key(&method).and_then(|k| obj.get_str(k));
             let merged_meta = match obj.get("_meta").map(RawObject::parse) {
                 Some(Ok(m)) => {
                     // The caller's own capabilities and client info stand; the version is ours.
@@ -853,7 +917,6 @@ fn for_stateless(msg: &[u8]) -> Result<(Bytes, String, Option<String>), Transpor
         Kind::Request => jsonrpc::request(env.id.map_or("null", |i| i.get()), &method, Some(&params)),
         _ => jsonrpc::notification(&method, Some(&params)),
     };
-    let name = name.map(|n| encode_header_value(&n));
     Ok((Bytes::from(out), method, name))
 }
 

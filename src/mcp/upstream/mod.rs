@@ -193,18 +193,24 @@ enum Link {
 
 impl Link {
     fn send(&self, msg: Bytes, id: Option<u64>) -> Result<(), TransportError> {
-        self.send_forwarding(msg, id, None)
+        match self {
+            Link::Stdio(l) => l.send(msg),
+            Link::Http(l) => l.send(msg, id, None, None),
+        }
     }
 
-    fn send_forwarding(
+    /// Sends a call: `forward` are the caller's `Mcp-Param-*` headers and `named` its
+    /// `Mcp-Method` and `Mcp-Name`, both for a 2026-07-28 server.
+    fn send_call(
         &self,
         msg: Bytes,
-        id: Option<u64>,
+        id: u64,
         forward: Option<session::ForwardHeaders>,
+        named: Option<http::Named>,
     ) -> Result<(), TransportError> {
         match self {
             Link::Stdio(l) => l.send(msg),
-            Link::Http(l) => l.send(msg, id, forward),
+            Link::Http(l) => l.send(msg, Some(id), forward, named),
         }
     }
 
@@ -828,16 +834,27 @@ impl Upstream {
             meta_adds.push((LOG_LEVEL_META, &level));
             meta_adds.push((CAPABILITIES_META, &caps));
         }
-        let strip_era = caller.session.is_none() && !conn.info.protocol_version.is_stateless();
-        let (params, progress_token) = rewrite_params(params, edits, &id_text, &meta_adds, strip_era)
-            .map_err(|source| UpstreamError::Transport { server: self.def.name.clone(), source })?;
+        let stateless = conn.info.protocol_version.is_stateless();
+        // A 2026-07-28 upstream's request is made whole here, `_meta` and the name its
+        // `Mcp-Name` header carries included, so the link sends it without parsing it again.
+        let rewrite = Rewrite {
+            edits,
+            id_text: &id_text,
+            meta_adds: &meta_adds,
+            meta_defaults: if stateless { http::client_meta_members() } else { &[] },
+            strip_era: caller.session.is_none() && !stateless,
+            name_key: if stateless { http::name_key(method) } else { None },
+        };
+        let transport = |source| UpstreamError::Transport { server: self.def.name.clone(), source };
+        let Rewritten { params, progress_token, name } = rewrite_params(params, &rewrite).map_err(transport)?;
+        let named = if stateless { Some(http::Named::new(method, name.as_deref()).map_err(transport)?) } else { None };
         let msg = jsonrpc::request(&id_text, method, params.as_deref());
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, Pending { reply: tx, caller: caller.clone(), progress_token });
         if let (Some(s), Some(d)) = (&caller.session, down_id) {
             s.track(d, self.clone(), id);
         }
-        if let Err(e) = conn.link.send_forwarding(Bytes::from(msg), Some(id), caller.forward.clone()) {
+        if let Err(e) = conn.link.send_call(Bytes::from(msg), id, caller.forward.clone(), named) {
             lock(&self.pending).remove(&id);
             if let (Some(s), Some(d)) = (&caller.session, down_id) {
                 s.untrack(d);
@@ -1376,29 +1393,72 @@ const ERA_META_KEYS: [&str; 4] = [
     LOG_LEVEL_META,
 ];
 
-/// Applies member edits, swaps `_meta.progressToken` for the upstream id, adds `meta_adds` to
-/// `_meta` and, with `strip_era`, drops its [`ERA_META_KEYS`]. Returns the params to send and
-/// the caller's original token.
-fn rewrite_params(
-    params: Option<&RawValue>,
-    edits: &[(&str, &str)],
-    id_text: &str,
-    meta_adds: &[(&str, &str)],
+/// How [`rewrite_params`] rewrites a request's params for its connection.
+#[derive(Default)]
+struct Rewrite<'a> {
+    /// Top-level members replaced (raw JSON values).
+    edits: &'a [(&'a str, &'a str)],
+    /// The upstream request id, which replaces `_meta.progressToken`.
+    id_text: &'a str,
+    /// Members set in `_meta`.
+    meta_adds: &'a [(&'a str, &'a str)],
+    /// Members added to `_meta` unless it (or `meta_adds`) has them, except a protocol version,
+    /// which is always set: a 2026-07-28 upstream's per-request client description.
+    meta_defaults: &'a [(&'static str, String)],
+    /// Drop the [`ERA_META_KEYS`] from `_meta`.
     strip_era: bool,
-) -> Result<(Option<String>, Option<Box<RawValue>>), TransportError> {
-    let Some(params) = params else {
-        if meta_adds.is_empty() {
-            return Ok((None, None));
-        }
-        return Ok((Some(format!(r#"{{"_meta":{}}}"#, RawObject::default().to_json_with(meta_adds))), None));
+    /// The member whose string value (after the edits) is returned as the request's name.
+    name_key: Option<&'a str>,
+}
+
+/// What [`rewrite_params`] made.
+#[derive(Debug)]
+struct Rewritten {
+    /// The params to send.
+    params: Option<String>,
+    /// The caller's own `_meta.progressToken`.
+    progress_token: Option<Box<RawValue>>,
+    /// The string value of [`Rewrite::name_key`].
+    name: Option<String>,
+}
+
+/// Applies member edits, swaps `_meta.progressToken` for the upstream id, sets `meta_adds`
+/// and `meta_defaults` in `_meta` and, with `strip_era`, drops its [`ERA_META_KEYS`]: the
+/// params are parsed once, and only when something changes.
+fn rewrite_params(params: Option<&RawValue>, r: &Rewrite<'_>) -> Result<Rewritten, TransportError> {
+    let defaults = |meta: &RawObject| -> Vec<(&str, &str)> {
+        r.meta_defaults
+            .iter()
+            .filter(|(k, _)| {
+                k.ends_with("/protocolVersion") || (meta.get(k).is_none() && !r.meta_adds.iter().any(|(a, _)| a == k))
+            })
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect()
     };
-    let strip_era = strip_era && params.get().contains("io.modelcontextprotocol/");
-    let needs_meta = !meta_adds.is_empty() || strip_era || params.get().contains("progressToken");
-    if edits.is_empty() && !needs_meta {
-        return Ok((Some(params.get().to_owned()), None));
+    let Some(params) = params else {
+        if r.meta_adds.is_empty() && r.meta_defaults.is_empty() {
+            return Ok(Rewritten { params: None, progress_token: None, name: None });
+        }
+        let mut meta: Vec<(&str, &str)> = r.meta_adds.to_vec();
+        meta.extend(defaults(&RawObject::default()));
+        let params = format!(r#"{{"_meta":{}}}"#, RawObject::default().to_json_with(&meta));
+        return Ok(Rewritten { params: Some(params), progress_token: None, name: None });
+    };
+    let strip_era = r.strip_era && params.get().contains("io.modelcontextprotocol/");
+    let needs_meta =
+        !r.meta_adds.is_empty() || !r.meta_defaults.is_empty() || strip_era || params.get().contains("progressToken");
+    if r.edits.is_empty() && !needs_meta && r.name_key.is_none() {
+        return Ok(Rewritten { params: Some(params.get().to_owned()), progress_token: None, name: None });
     }
     let obj =
         RawObject::parse(params).map_err(|e| TransportError::Unsendable(format!("params must be an object: {e}")))?;
+    let name = r.name_key.and_then(|k| match r.edits.iter().find(|(e, _)| *e == k) {
+        Some((_, v)) => serde_json::from_str::<String>(v).ok(),
+        None => obj.get_str(k),
+    });
+    if r.edits.is_empty() && !needs_meta {
+        return Ok(Rewritten { params: Some(params.get().to_owned()), progress_token: None, name });
+    }
     let mut token = None;
     let mut meta_json = None;
     if needs_meta {
@@ -1414,20 +1474,21 @@ fn rewrite_params(
                 meta_json = Some(meta_obj.to_json_with(&[]));
             }
         }
-        let mut meta_edits: Vec<(&str, &str)> = meta_adds.to_vec();
+        let mut meta_edits: Vec<(&str, &str)> = r.meta_adds.to_vec();
+        meta_edits.extend(defaults(&meta_obj));
         if let Some(t) = meta_obj.get("progressToken") {
             token = Some(t.to_owned());
-            meta_edits.push(("progressToken", id_text));
+            meta_edits.push(("progressToken", r.id_text));
         }
         if !meta_edits.is_empty() {
             meta_json = Some(meta_obj.to_json_with(&meta_edits));
         }
     }
-    let mut all: Vec<(&str, &str)> = edits.to_vec();
+    let mut all: Vec<(&str, &str)> = r.edits.to_vec();
     if let Some(m) = &meta_json {
         all.push(("_meta", m));
     }
-    Ok((Some(obj.to_json_with(&all)), token))
+    Ok(Rewritten { params: Some(obj.to_json_with(&all)), progress_token: token, name })
 }
 
 fn parse_init(result: &str) -> Result<ServerInfo, TransportError> {
@@ -1502,13 +1563,50 @@ mod tests {
     #[test]
     fn progress_token_is_swapped() {
         let p = jsonrpc::raw(r#"{"name":"x__y","_meta":{"progressToken":"abc","other":1},"arguments":{}}"#.into());
-        let (out, token) = rewrite_params(Some(&p), &[("name", "\"y\"")], "42", &[], false).unwrap();
-        assert_eq!(out.unwrap(), r#"{"name":"y","_meta":{"progressToken":42,"other":1},"arguments":{}}"#);
-        assert_eq!(token.unwrap().get(), "\"abc\"");
+        let edit = Rewrite { edits: &[("name", "\"y\"")], id_text: "42", ..Default::default() };
+        let out = rewrite_params(Some(&p), &edit).unwrap();
+        assert_eq!(out.params.unwrap(), r#"{"name":"y","_meta":{"progressToken":42,"other":1},"arguments":{}}"#);
+        assert_eq!(out.progress_token.unwrap().get(), "\"abc\"");
         let plain = jsonrpc::raw(r#"{"a":1}"#.into());
-        let (out, token) = rewrite_params(Some(&plain), &[], "1", &[], false).unwrap();
-        assert_eq!(out.unwrap(), r#"{"a":1}"#);
-        assert!(token.is_none());
+        let out = rewrite_params(Some(&plain), &Rewrite { id_text: "1", ..Default::default() }).unwrap();
+        assert_eq!(out.params.unwrap(), r#"{"a":1}"#);
+        assert!(out.progress_token.is_none());
+    }
+
+    #[test]
+    fn a_stateless_upstreams_request_is_made_whole_in_one_pass() {
+        let defaults = http::client_meta_members();
+        let stateless = |edits, meta_adds| Rewrite {
+            edits,
+            id_text: "9",
+            meta_adds,
+            meta_defaults: defaults,
+            name_key: Some("name"),
+            ..Default::default()
+        };
+        // The caller's own capabilities and client info stand; the version is ours; the name
+        // is the edited one.
+        let p = jsonrpc::raw(
+            r#"{"name":"h__t","_meta":{"io.modelcontextprotocol/protocolVersion":"2099-01-01","io.modelcontextprotocol/clientCapabilities":{"x":{}}}}"#.into(),
+        );
+        let out = rewrite_params(Some(&p), &stateless(&[("name", "\"t\"")], &[])).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out.params.unwrap()).unwrap();
+        assert_eq!(v["name"], "t");
+        assert_eq!(v["_meta"]["io.modelcontextprotocol/protocolVersion"], "2026-07-28");
+        assert_eq!(v["_meta"]["io.modelcontextprotocol/clientCapabilities"], serde_json::json!({"x":{}}));
+        assert_eq!(v["_meta"]["io.modelcontextprotocol/clientInfo"]["name"], "portcullis");
+        assert_eq!(out.name.as_deref(), Some("t"));
+        // A session caller's capabilities (a meta add) win over the defaults; no params at all
+        // still get the client's description.
+        let caps = [(CAPABILITIES_META, r#"{"sampling":{}}"#)];
+        let out = rewrite_params(Some(&jsonrpc::raw(r#"{"name":"t"}"#.into())), &stateless(&[], &caps)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out.params.unwrap()).unwrap();
+        assert_eq!(v["_meta"][CAPABILITIES_META], serde_json::json!({"sampling":{}}));
+        assert_eq!(out.name.as_deref(), Some("t"));
+        let out = rewrite_params(None, &stateless(&[], &[])).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out.params.unwrap()).unwrap();
+        assert_eq!(v["_meta"]["io.modelcontextprotocol/protocolVersion"], "2026-07-28");
+        assert_eq!(v["_meta"][CAPABILITIES_META], serde_json::json!({}));
     }
 
     #[test]
@@ -1516,10 +1614,10 @@ mod tests {
         let p = jsonrpc::raw(
             r#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"progressToken":7,"x":1}}"#.into(),
         );
-        let (out, token) = rewrite_params(Some(&p), &[], "3", &[], true).unwrap();
-        assert_eq!(out.unwrap(), r#"{"name":"t","_meta":{"progressToken":3,"x":1}}"#);
-        assert_eq!(token.unwrap().get(), "7");
-        let (out, _) = rewrite_params(Some(&p), &[], "3", &[], false).unwrap();
-        assert!(out.unwrap().contains("protocolVersion"));
+        let out = rewrite_params(Some(&p), &Rewrite { id_text: "3", strip_era: true, ..Default::default() }).unwrap();
+        assert_eq!(out.params.unwrap(), r#"{"name":"t","_meta":{"progressToken":3,"x":1}}"#);
+        assert_eq!(out.progress_token.unwrap().get(), "7");
+        let out = rewrite_params(Some(&p), &Rewrite { id_text: "3", ..Default::default() }).unwrap();
+        assert!(out.params.unwrap().contains("protocolVersion"));
     }
 }
