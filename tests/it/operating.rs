@@ -54,13 +54,22 @@ async fn the_token_cli_says_where_and_what() {
 }
 
 /// On SIGTERM, `/health` answers 503 `draining` for `limits.drain_period` while requests are
-/// still served; then Portcullis stops.
+/// still served; then Portcullis stops. Both schedulers: the multi-thread default and one
+/// worker's current-thread one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_before_it_stops() {
+    drains_before_it_stops(&[]).await;
+    drains_before_it_stops(&["--workers", "1"]).await;
+}
+
+async fn drains_before_it_stops(args: &[&str]) {
     let dir = TempDir::new();
     let cfg = dir.0.join("portcullis.yaml");
     std::fs::write(&cfg, gateway().demo("a", &[], "").top("limits:\n  drain_period: 30s\n").yaml()).unwrap();
-    let mut served = Served::start(&cfg, &[]).await;
+    let mut served = Served::start_with(&cfg, &[], args).await;
+    // Both eras answer.
+    let modern = Client::modern(&served.url);
+    assert_eq!(modern.call_text("a__echo", serde_json::json!({"text": "stateless"})).await, "stateless");
     let base = served.url.trim_end_matches("/mcp").to_owned();
     let health = || {
         let url = format!("{base}/health");

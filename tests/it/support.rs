@@ -688,10 +688,13 @@ pub(crate) struct Served {
 
 impl Served {
     pub(crate) async fn start(config: &std::path::Path, env: &[(&str, &str)]) -> Served {
+        Self::start_with(config, env, &[]).await
+    }
+
+    /// [`Served::start`] with more arguments for `serve` (e.g. `--workers 1`).
+    pub(crate) async fn start_with(config: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> Served {
         let mut cmd = Command::new(BIN);
-        // One worker: the current-thread scheduler (a single-core deployment's, and the
-        // benchmark's). The tests that start `serve` themselves run the multi-thread one.
-        cmd.args(["serve", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0", "--workers", "1"]);
+        cmd.args(["serve", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"]).args(args);
         cmd.env_remove("PORTCULLIS_TOKEN").env_remove("PORTCULLIS_TOKENS");
         for (k, v) in env {
             cmd.env(k, v);
