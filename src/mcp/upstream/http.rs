@@ -224,8 +224,19 @@ fn client_meta() -> String {
     RawObject::default().to_json_with(&members)
 }
 
+/// The members of [`client_meta`] a request's `_meta` gets: the protocol version always (it is
+/// ours), the others unless `meta` has them or `set` sets them (the caller's own capabilities
+/// and client info stand).
+pub(super) fn client_meta_for<'a>(meta: &RawObject<'_>, set: &[(&str, &str)]) -> Vec<(&'static str, &'a str)> {
+    client_meta_members()
+        .iter()
+        .filter(|(k, _)| k.ends_with("/protocolVersion") || (meta.get(k).is_none() && !set.iter().any(|(s, _)| s == k)))
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect()
+}
+
 /// The members of [`client_meta`], as (key, raw JSON value).
-pub(super) fn client_meta_members() -> &'static [(&'static str, String)] {
+fn client_meta_members() -> &'static [(&'static str, String)] {
     static MEMBERS: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
     MEMBERS.get_or_init(|| {
         vec![
@@ -876,10 +887,13 @@ impl Named {
     /// header that cannot carry its value (never the value: a mirrored argument may be
     /// sensitive).
     pub(super) fn new(method: &str, name: Option<&str>) -> Result<Self, TransportError> {
-        let value = |k: &str, v: &str| HeaderValue::from_str(v).map_err(|_| TransportError::HeaderValue(k.to_owned()));
+        let refused = |k: &str| TransportError::HeaderValue(k.to_owned());
         Ok(Named {
-            method: value("Mcp-Method", method)?,
-            name: name.map(|n| value("Mcp-Name", &encode_header_value(n))).transpose()?,
+            method: HeaderValue::from_str(method).map_err(|_| refused("Mcp-Method"))?,
+            // The encoded text becomes the value without another copy.
+            name: name
+                .map(|n| HeaderValue::try_from(encode_header_value(n)).map_err(|_| refused("Mcp-Name")))
+                .transpose()?,
         })
     }
 }
@@ -898,15 +912,7 @@ fn for_stateless(msg: &[u8]) -> Result<(Bytes, String, Option<String>), Transpor
                 .map_err(|e| TransportError::Unsendable(format!("params must be an object: {e}")))?;
             let name = name_key(&method).and_then(|k| obj.get_str(k));
             let merged_meta = match obj.get("_meta").map(RawObject::parse) {
-                Some(Ok(m)) => {
-                    // The caller's own capabilities and client info stand; the version is ours.
-                    let refs: Vec<(&str, &str)> = client_meta_members()
-                        .iter()
-                        .filter(|(k, _)| k.ends_with("/protocolVersion") || m.get(k).is_none())
-                        .map(|(k, v)| (*k, v.as_str()))
-                        .collect();
-                    m.to_json_with(&refs)
-                }
+                Some(Ok(m)) => m.to_json_with(&client_meta_for(&m, &[])),
                 _ => client_meta(),
             };
             (obj.to_json_with(&[("_meta", &merged_meta)]), name)

@@ -841,7 +841,7 @@ impl Upstream {
             edits,
             id_text: &id_text,
             meta_adds: &meta_adds,
-            meta_defaults: if stateless { http::client_meta_members() } else { &[] },
+            client_meta: stateless,
             strip_era: caller.session.is_none() && !stateless,
             name_key: if stateless { http::name_key(method) } else { None },
         };
@@ -1402,9 +1402,9 @@ struct Rewrite<'a> {
     id_text: &'a str,
     /// Members set in `_meta`.
     meta_adds: &'a [(&'a str, &'a str)],
-    /// Members added to `_meta` unless it (or `meta_adds`) has them, except a protocol version,
-    /// which is always set: a 2026-07-28 upstream's per-request client description.
-    meta_defaults: &'a [(&'static str, String)],
+    /// Add the client's description a 2026-07-28 upstream needs in every request's `_meta`
+    /// ([`http::client_meta_for`]).
+    client_meta: bool,
     /// Drop the [`ERA_META_KEYS`] from `_meta`.
     strip_era: bool,
     /// The member whose string value (after the edits) is returned as the request's name.
@@ -1426,17 +1426,9 @@ struct Rewritten {
 /// and `meta_defaults` in `_meta` and, with `strip_era`, drops its [`ERA_META_KEYS`]: the
 /// params are parsed once, and only when something changes.
 fn rewrite_params(params: Option<&RawValue>, r: &Rewrite<'_>) -> Result<Rewritten, TransportError> {
-    let defaults = |meta: &RawObject| -> Vec<(&str, &str)> {
-        r.meta_defaults
-            .iter()
-            .filter(|(k, _)| {
-                k.ends_with("/protocolVersion") || (meta.get(k).is_none() && !r.meta_adds.iter().any(|(a, _)| a == k))
-            })
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect()
-    };
+    let defaults = |meta: &RawObject| if r.client_meta { http::client_meta_for(meta, r.meta_adds) } else { Vec::new() };
     let Some(params) = params else {
-        if r.meta_adds.is_empty() && r.meta_defaults.is_empty() {
+        if r.meta_adds.is_empty() && !r.client_meta {
             return Ok(Rewritten { params: None, progress_token: None, name: None });
         }
         let mut meta: Vec<(&str, &str)> = r.meta_adds.to_vec();
@@ -1445,8 +1437,7 @@ fn rewrite_params(params: Option<&RawValue>, r: &Rewrite<'_>) -> Result<Rewritte
         return Ok(Rewritten { params: Some(params), progress_token: None, name: None });
     };
     let strip_era = r.strip_era && params.get().contains("io.modelcontextprotocol/");
-    let needs_meta =
-        !r.meta_adds.is_empty() || !r.meta_defaults.is_empty() || strip_era || params.get().contains("progressToken");
+    let needs_meta = !r.meta_adds.is_empty() || r.client_meta || strip_era || params.get().contains("progressToken");
     if r.edits.is_empty() && !needs_meta && r.name_key.is_none() {
         return Ok(Rewritten { params: Some(params.get().to_owned()), progress_token: None, name: None });
     }
@@ -1575,12 +1566,11 @@ mod tests {
 
     #[test]
     fn a_stateless_upstreams_request_is_made_whole_in_one_pass() {
-        let defaults = http::client_meta_members();
         let stateless = |edits, meta_adds| Rewrite {
             edits,
             id_text: "9",
             meta_adds,
-            meta_defaults: defaults,
+            client_meta: true,
             name_key: Some("name"),
             ..Default::default()
         };
